@@ -1,0 +1,239 @@
+"""DependencyGraph: which channels of which layers must be removed together."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .slots import UnionFind
+from .trace import ForwardFn, TraceResult, trace
+
+
+@dataclasses.dataclass
+class Member:
+    """One place a group's channels live: a layer's input or output channels, or a parameter dim.
+
+    ``positions[j]`` is a position along that dim and ``channels[j]`` the group channel stored
+    there. A flatten makes several positions carry one channel; a concat makes a layer's input a
+    member of several groups, each owning a range of its positions.
+    """
+
+    name: str
+    kind: str  # "out", "in", "same" (a layer whose output channel i is input channel i), "param"
+    dim: int  # the parameter's dim for "param"; -1 otherwise
+    length: int  # size of the member's whole channel dim
+    positions: torch.Tensor
+    channels: torch.Tensor
+
+    def describe(self) -> str:
+        n = len(self.positions)
+        span = "all" if n == self.length else f"{n}/{self.length} positions"
+        per = n // max(1, len(torch.unique(self.channels)))
+        rep = f", {per} per channel" if per > 1 else ""
+        where = f"{self.name}.{self.kind}" if self.kind != "param" else f"{self.name}[dim {self.dim}]"
+        return f"{where} ({span}{rep})"
+
+
+@dataclasses.dataclass
+class Group:
+    """A set of coupled channels: removing channel j removes it from every member at once.
+
+    ``size`` is the number of channels; ``protected[j]`` is True for channels that must stay
+    (model outputs, ops CleanAI cannot follow, inputs without channel ids), with a reason in
+    ``reasons``. ``constraints`` describes ties imposed by grouped layers and reshapes.
+    """
+
+    id: int
+    size: int
+    members: List[Member]
+    protected: torch.Tensor
+    reasons: Dict[str, int]
+    constraints: List[str]
+
+    @property
+    def producers(self) -> List[str]:
+        """Names of the layers that create this group's channels."""
+        return [m.name for m in self.members if m.kind == "out" and m.name in self._producers]
+
+    _producers: frozenset = frozenset()
+
+    @property
+    def prunable(self) -> int:
+        """How many channels may be removed (all but protected ones)."""
+        return int((~self.protected).sum())
+
+    def __repr__(self) -> str:
+        lines = [f"Group {self.id}: {self.size} channels"
+                 + (f", {int(self.protected.sum())} protected" if bool(self.protected.any()) else "")]
+        for m in self.members:
+            lines.append("  " + m.describe())
+        for c in self.constraints:
+            lines.append("  tie: " + c)
+        for reason, n in self.reasons.items():
+            lines.append(f"  protected {n}: {reason}")
+        return "\n".join(lines)
+
+
+class DependencyGraph:
+    """The channel dependencies of a model, traced once through autograd.
+
+    Args:
+        model: any ``nn.Module``; it is run once and left exactly as it was.
+        example_inputs: a tensor, a tuple (passed positionally) or a dict (passed as keywords).
+        forward_fn: optional ``forward_fn(model, example_inputs) -> outputs`` for models that
+            need a custom call.
+
+    ``graph.groups`` lists the :class:`Group` objects; ``graph.group_of(layer)`` finds the
+    groups a layer belongs to; ``print(graph)`` shows them; ``graph.to_dot()`` draws the layers.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any,
+                 forward_fn: Optional[ForwardFn] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model_name = type(model).__name__
+        self.example_inputs = example_inputs
+        self.forward_fn = forward_fn
+        self._result = trace(model, example_inputs, forward_fn)
+        self.modules: Dict[str, nn.Module] = self._result.modules
+        self.edges = self._result.edges
+        self.groups: List[Group] = _build_groups(self._result)
+        self.signature = module_signature(model)
+
+    def group_of(self, layer: Union[str, nn.Module]) -> List[Group]:
+        """Groups that hold ``layer``'s channels (by qualified name or module object)."""
+        name = layer if isinstance(layer, str) else next(
+            (n for n, m in self.modules.items() if m is layer), None)
+        if name is None or (name not in self.modules and not any(
+                m.name == name for g in self.groups for m in g.members)):
+            raise KeyError(f"{layer!r} is not a layer that CleanAI traced in {self.model_name}")
+        return [g for g in self.groups if any(m.name == name for m in g.members)]
+
+    def check(self) -> None:
+        """Raise ``AssertionError`` unless every member agrees with its group's channel count."""
+        for g in self.groups:
+            assert len(g.protected) == g.size
+            for m in g.members:
+                assert len(m.positions) == len(m.channels)
+                assert int(m.positions.max()) < m.length and int(m.positions.min()) >= 0
+                assert int(m.channels.max()) < g.size
+                counts = torch.bincount(m.channels, minlength=g.size)
+                assert bool((counts == counts[counts > 0][0]).all() | (counts == 0).all()), \
+                    f"{m.name}: uneven repeats"
+
+    def __repr__(self) -> str:
+        n_prot = sum(int(g.protected.sum()) for g in self.groups)
+        head = (f"DependencyGraph({self.model_name}: {len(self.modules)} layers, "
+                f"{len(self.groups)} groups, {sum(g.size for g in self.groups)} channels, "
+                f"{n_prot} protected)")
+        return "\n".join([head] + [repr(g) for g in self.groups])
+
+    def to_dot(self) -> str:
+        """The layer graph as Graphviz DOT text; nodes show each layer's output group."""
+        out_group = {}
+        for g in self.groups:
+            for m in g.members:
+                if m.kind == "out":
+                    out_group.setdefault(m.name, g.id)
+        lines = ["digraph cleanai {", "  rankdir=TB;", "  node [shape=box, fontsize=10];"]
+        names = list(self.modules) + sorted({s for s, _ in self.edges if s not in self.modules})
+        for name in names:
+            mod = self.modules.get(name)
+            kind = type(mod).__name__ if mod is not None else "Parameter"
+            label = f"{name}\\n{kind}"
+            if name in out_group:
+                label += f"\\ngroup {out_group[name]}"
+            lines.append(f'  "{name}" [label="{label}"];')
+        for a, b in self.edges:
+            lines.append(f'  "{a}" -> "{b}";')
+        lines.append("}")
+        return "\n".join(lines)
+
+
+def module_signature(model: nn.Module) -> Dict[str, tuple]:
+    """Shapes of every parameter and buffer: a cheap fingerprint to detect a changed model."""
+    return {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+def _build_groups(r: TraceResult) -> List[Group]:
+    uf = r.uf
+    canon = uf.canonical
+    outs = {n: canon(ids) for n, ids in r.module_out.items()}
+    ins = {n: canon(ids) for n, ids in r.module_in.items()}
+    params = {n: canon(s.ids) for n, s in r.params.items()}
+
+    # groups: units linked by a shared producer
+    link = UnionFind()
+    unit_index: Dict[int, int] = {}
+
+    def idx(u: int) -> int:
+        if u not in unit_index:
+            unit_index[u] = len(unit_index)
+            link.new(1)
+        return unit_index[u]
+
+    order: List[int] = []
+    for name in r.producers:
+        units = outs[name].tolist()
+        first = idx(units[0])
+        for u in units:
+            i = idx(u)
+            if i == len(order):
+                order.append(u)
+            link.union(first, i)
+
+    comp: Dict[int, List[int]] = {}
+    for u in order:
+        comp.setdefault(link.find(unit_index[u]), []).append(u)
+    unit_group: Dict[int, tuple] = {}
+    groups: List[Group] = []
+    for gi, units in enumerate(comp.values()):
+        for ci, u in enumerate(units):
+            unit_group[u] = (gi, ci)
+        groups.append(Group(gi, len(units), [], torch.zeros(len(units), dtype=torch.bool), {}, []))
+
+    def add_member(name: str, kind: str, dim: int, ids: torch.Tensor) -> None:
+        per: Dict[int, tuple] = {}
+        for pos, u in enumerate(ids.tolist()):
+            hit = unit_group.get(u)
+            if hit is not None:
+                lst = per.setdefault(hit[0], ([], []))
+                lst[0].append(pos)
+                lst[1].append(hit[1])
+        for gi, (pos, ch) in per.items():
+            groups[gi].members.append(Member(name, kind, dim, len(ids), torch.tensor(pos),
+                                             torch.tensor(ch)))
+
+    for name in r.modules:
+        if name in outs and name in ins and r.module_out[name] is r.module_in[name]:
+            add_member(name, "same", -1, outs[name])
+            continue
+        if name in outs:
+            add_member(name, "out", -1, outs[name])
+        if name in ins:
+            add_member(name, "in", -1, ins[name])
+    for name, ids in params.items():
+        add_member(name, "param", r.params[name].dim, ids)
+
+    reasons: Dict[int, str] = {}
+    for i, why in r.protected.items():
+        reasons.setdefault(uf.find(i), why)
+    for ids in r.output_ids:
+        for u in canon(ids).tolist():
+            reasons[u] = "model output"
+    for u, why in reasons.items():
+        hit = unit_group.get(u)
+        if hit is not None:
+            g = groups[hit[0]]
+            g.protected[hit[1]] = True
+            g.reasons[why] = g.reasons.get(why, 0) + 1
+    for i, text in r.notes:
+        hit = unit_group.get(uf.find(i))
+        if hit is not None and text not in groups[hit[0]].constraints:
+            groups[hit[0]].constraints.append(text)
+    producers = frozenset(r.producers)
+    for g in groups:
+        g._producers = producers
+    return groups

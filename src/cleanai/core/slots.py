@@ -1,0 +1,112 @@
+"""Channel slots: integer ids for channels, tied together with a union-find.
+
+Every channel the tracer meets gets an id. Ops that say "channel i here is channel i there" tie
+two ids together; the connected sets are the removable units. A tensor is described by a
+:class:`Slots` value: the one dim that carries channel ids, and the id of each position on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+Shape = Tuple[int, ...]
+
+
+class UnionFind:
+    """Union-find over integer ids, with path halving and union by size."""
+
+    def __init__(self) -> None:
+        self.parent: List[int] = []
+        self.size: List[int] = []
+
+    def new(self, n: int) -> torch.Tensor:
+        """Create ``n`` fresh ids and return them as a 1-D LongTensor."""
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.size.extend([1] * n)
+        return torch.arange(start, start + n, dtype=torch.long)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+
+    def union_all(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Union ``a[i]`` with ``b[i]`` for every i (tensors of equal length)."""
+        if a is b or torch.equal(a, b):
+            return
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x != y:
+                self.union(x, y)
+
+    def canonical(self, ids: torch.Tensor) -> torch.Tensor:
+        """Replace every id by its representative."""
+        return torch.tensor([self.find(i) for i in ids.reshape(-1).tolist()],
+                            dtype=torch.long).reshape(ids.shape)
+
+
+@dataclass(frozen=True)
+class Slots:
+    """The channel ids a tensor carries: ``ids[j]`` is the id of position j along ``dim``.
+
+    ``dim`` is non-negative and ``len(ids) == shape[dim]`` of the tensor it describes.
+    A tensor that carries no channel ids is described by ``None`` instead.
+    """
+
+    dim: int
+    ids: torch.Tensor
+
+    def moved(self, dim: int) -> "Slots":
+        return Slots(dim, self.ids)
+
+
+def reshape_blocks(a: Shape, b: Shape) -> List[Tuple[int, int, int, int]]:
+    """Split a reshape from shape ``a`` to shape ``b`` into blocks of equal element count.
+
+    Returns ``(i0, i1, j0, j1)``: input dims ``a[i0:i1]`` hold the same elements as output dims
+    ``b[j0:j1]``. Returns an empty list when the shapes do not reshape into one another.
+    """
+    if _prod(a) != _prod(b) or _prod(a) == 0:
+        return []
+    blocks = []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        i0, j0 = i, j
+        pa = pb = 1
+        if i < len(a):
+            pa *= a[i]
+            i += 1
+        if j < len(b):
+            pb *= b[j]
+            j += 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                pb *= b[j]
+                j += 1
+            else:
+                return []
+        blocks.append((i0, i, j0, j))
+    return blocks
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out

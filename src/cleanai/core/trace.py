@@ -1,0 +1,412 @@
+"""Trace a model once: forward hooks on known layers, one walk over the autograd graph.
+
+Known layers (those with a :class:`~cleanai.pruner.layers.LayerPruner`) are opaque: the walk
+jumps from their outputs to their inputs. Everything else is followed op by op through
+``grad_fn.next_functions``, with an explicit stack, and channel ids are pushed forward through
+:mod:`cleanai.core.ops`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
+from .ops import OP_HANDLERS, OpCall
+from .slots import Slots, UnionFind
+
+logger = logging.getLogger(__name__)
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class TraceError(RuntimeError):
+    """The model could not be run on the example inputs."""
+
+
+@dataclasses.dataclass(eq=False)
+class ModuleCall:
+    """One call of a known layer during the trace."""
+
+    name: str
+    module: nn.Module
+    pruner: LayerPruner
+    input_key: Optional[Tuple[Any, int]]
+    input_shape: Optional[Tuple[int, ...]]
+    outputs: List[Tuple[Tuple[Any, int], Tuple[int, ...]]]
+
+
+@dataclasses.dataclass
+class TraceResult:
+    """What the trace found: the channel ids of every layer dim and of bare parameters."""
+
+    uf: UnionFind
+    protected: Dict[int, str]
+    module_in: Dict[str, torch.Tensor]
+    module_out: Dict[str, torch.Tensor]
+    producers: List[str]
+    params: Dict[str, Slots]
+    output_ids: List[torch.Tensor]
+    notes: List[Tuple[int, str]]
+    edges: List[Tuple[str, str]]
+    modules: Dict[str, nn.Module]
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists, dicts and dataclasses (e.g. ``ModelOutput``)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            yield o
+        elif isinstance(o, dict):
+            stack.extend(reversed(list(o.values())))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(reversed(o))
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            stack.extend(reversed([getattr(o, f.name) for f in dataclasses.fields(o)]))
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def run_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn] = None) -> Any:
+    """Call the model the way its inputs ask: a dict as keywords, a tuple as positionals."""
+    if forward_fn is not None:
+        return forward_fn(model, inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore train/eval flags, ``requires_grad`` flags, buffers and the RNG on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        torch.set_rng_state(rng)
+
+
+class _Tracer:
+    """Holds the union-find and the protected ids while channel ids are propagated."""
+
+    def __init__(self) -> None:
+        self.uf = UnionFind()
+        self.protected: Dict[int, str] = {}
+        self.notes: List[Tuple[int, str]] = []
+        self.unknown: Dict[str, List[str]] = {}
+
+    def fresh(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
+        ids = self.uf.new(n)
+        if fixed_reason:
+            for i in ids.tolist():
+                self.protected.setdefault(i, fixed_reason)
+        return ids
+
+    def protect(self, x, reason: str) -> None:
+        if x is None:
+            return
+        ids = x.ids if isinstance(x, Slots) else x
+        for i in ids.tolist():
+            self.protected.setdefault(i, reason)
+
+    def tie_blocks(self, ids: torch.Tensor, blocks: int, what: str) -> None:
+        """Tie position j of every block to position j of the first (equal-size blocks)."""
+        if blocks <= 1 or len(ids) % blocks:
+            return
+        rows = ids.reshape(blocks, -1)
+        for r in rows[1:]:
+            self.uf.union_all(rows[0], r)
+        self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
+
+
+def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None) -> TraceResult:
+    """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc)."""
+    known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
+    skip_prefixes: List[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        pruner = get_layer_pruner(m)
+        if pruner is not None:
+            known[m] = (name, pruner)
+            skip_prefixes.append(name + "." if name else "")
+    names_of_params = {id(p): n for n, p in model.named_parameters()}
+    owned = {id(p) for m in known for p in m.parameters()}
+
+    calls: List[ModuleCall] = []
+    intervals: List[Tuple[int, int, str]] = []
+    probe = torch.zeros((), requires_grad=True)
+
+    def seq() -> int:
+        return (probe * 1.0).grad_fn._sequence_nr()
+
+    open_calls: Dict[int, Tuple[int, str]] = {}
+
+    def pre_hook(name):
+        def hook(module, args):
+            open_calls[id(module)] = (seq(), name)
+        return hook
+
+    def post_hook(name):
+        def hook(module, args, output):
+            start = open_calls.pop(id(module), (0, name))[0]
+            intervals.append((start, seq(), name))
+        return hook
+
+    def call_hook(name, pruner):
+        def hook(module, args, kwargs, output):
+            x = next(iter_tensors((args, kwargs)), None)
+            in_key = _key(x)
+            outs = []
+            for t in iter_tensors(output):
+                k = _key(t)
+                if k is not None and k != in_key:
+                    outs.append((k, tuple(t.shape)))
+            calls.append(ModuleCall(name, module, pruner, in_key,
+                                    None if x is None else tuple(x.shape), outs))
+        return hook
+
+    handles = []
+    with preserved_state(model):
+        try:
+            for name, m in model.named_modules():
+                handles.append(m.register_forward_pre_hook(pre_hook(name)))
+                handles.append(m.register_forward_hook(post_hook(name)))
+            for m, (name, pruner) in known.items():
+                handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
+            for p in model.parameters():
+                if p.is_floating_point():
+                    p.requires_grad_(True)
+            inputs = map_tensors(example_inputs, _as_leaf)
+            with torch.enable_grad():
+                try:
+                    output = run_forward(model, inputs, forward_fn)
+                except Exception as exc:  # the user's forward: report it with the model's name
+                    raise TraceError(
+                        f"{type(model).__name__} failed on the example inputs "
+                        f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+        finally:
+            for h in handles:
+                h.remove()
+        return _propagate(model, calls, output, known, names_of_params, owned, intervals)
+
+
+def _as_leaf(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.detach().clone().requires_grad_(True)
+    return t
+
+
+def _key(t: Optional[torch.Tensor]):
+    if t is None or t.grad_fn is None:
+        return None
+    return (t.grad_fn, t.output_nr)
+
+
+def _describe(inputs: Any) -> str:
+    shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in iter_tensors(inputs)]
+    return ", ".join(shapes) or "no tensors"
+
+
+def _propagate(model, calls, output, known, names_of_params, owned, intervals) -> TraceResult:
+    ctx = _Tracer()
+    by_out: Dict[Tuple[Any, int], ModuleCall] = {}
+    for c in calls:
+        for k, _ in c.outputs:
+            by_out[k] = c
+
+    def producer(key):
+        return by_out.get(key, key[0])
+
+    def children(p):
+        if isinstance(p, ModuleCall):
+            return [producer(p.input_key)] if p.input_key is not None else []
+        return [producer((fn, nr)) for fn, nr in p.next_functions if fn is not None]
+
+    roots = [producer(k) for k in (_key(t) for t in iter_tensors(output)) if k is not None]
+    order = []
+    visited = set()
+    stack = [(r, False) for r in reversed(roots)]
+    while stack:
+        p, done = stack.pop()
+        if done:
+            order.append(p)
+            continue
+        if p in visited:
+            continue
+        visited.add(p)
+        stack.append((p, True))
+        for c in children(p):
+            if c not in visited:
+                stack.append((c, False))
+
+    slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
+    sources: Dict[Tuple[Any, int], frozenset] = {}
+    module_in: Dict[str, torch.Tensor] = {}
+    module_out: Dict[str, torch.Tensor] = {}
+    producers: List[str] = []
+    params: Dict[str, Slots] = {}
+    edges = set()
+    empty = frozenset()
+
+    for p in order:
+        if isinstance(p, ModuleCall):
+            x = slots.get(p.input_key) if p.input_key is not None else None
+            for src in sources.get(p.input_key, empty):
+                edges.add((src, p.name))
+            outs = _module_call(ctx, p, x, module_in, module_out, producers)
+            for (k, _), s in zip(p.outputs, outs):
+                slots[k] = s
+                sources[k] = frozenset((p.name,))
+            continue
+        name = p.name()
+        if name.endswith("AccumulateGrad"):
+            var = p.variable
+            s = None
+            if id(var) in names_of_params and id(var) not in owned:
+                pname = names_of_params[id(var)]
+                if pname not in params:
+                    dims = [d for d in range(var.dim()) if var.shape[d] > 1]
+                    if dims:
+                        params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]))
+                s = params.get(pname)
+                sources[(p, 0)] = frozenset((pname,))
+            slots[(p, 0)] = s
+            continue
+        in_keys = [(fn, nr) if fn is not None else None for fn, nr in p.next_functions]
+        ins = [slots.get(k) if k is not None else None for k in in_keys]
+        in_shapes = [_shape(k, by_out) if k is not None else None for k in in_keys]
+        out_shapes = [tuple(m.shape) for m in p._input_metadata]
+        handler = OP_HANDLERS.get(name)
+        if handler is None:
+            if any(x is not None for x in ins):
+                where = _innermost(intervals, p._sequence_nr())
+                ctx.unknown.setdefault(name, []).append(where)
+                for x in ins:
+                    ctx.protect(x, f"unknown op {name} in {where or 'the model'}")
+            outs = [None] * len(out_shapes)
+        else:
+            outs = handler(ctx, OpCall(p, ins, in_shapes, out_shapes))
+        for nr, s in enumerate(outs):
+            if s is not None and (s.dim >= len(out_shapes[nr]) or
+                                  out_shapes[nr][s.dim] != len(s.ids)):
+                # a handler's answer does not fit the tensor: never guess, protect
+                logger.warning("channel ids of %s do not match its output %s; protecting them",
+                               name, out_shapes[nr])
+                ctx.protect(s, f"{name} could not be followed")
+                for x in ins:
+                    ctx.protect(x, f"{name} could not be followed")
+                outs[nr] = None
+        src = frozenset().union(*(sources.get(k, empty) for k in in_keys if k is not None))
+        for nr, s in enumerate(outs):
+            slots[(p, nr)] = s
+            sources[(p, nr)] = src
+
+    output_ids = []
+    for t in iter_tensors(output):
+        s = slots.get(_key(t)) if _key(t) is not None else None
+        if s is not None:
+            output_ids.append(s.ids)
+    for op, wheres in ctx.unknown.items():
+        places = sorted({w for w in wheres if w})
+        shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
+        warnings.warn(f"CleanAI does not know the channel semantics of {op} "
+                      f"(in {shown or 'the top-level forward'}); the channels it touches are "
+                      f"protected and will not be pruned.", stacklevel=3)
+    return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
+                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()})
+
+
+def _shape(key, by_out) -> Optional[Tuple[int, ...]]:
+    c = by_out.get(key)
+    if c is not None:
+        return next(s for k, s in c.outputs if k == key)
+    fn, nr = key
+    try:
+        return tuple(fn._input_metadata[nr].shape)
+    except (IndexError, RuntimeError):
+        return None
+
+
+def _innermost(intervals, s: int) -> str:
+    best = None
+    for start, end, name in intervals:
+        if start <= s <= end and (best is None or end - start < best[1] - best[0]):
+            best = (start, end, name)
+    return best[2] if best else ""
+
+
+def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, module_out,
+                 producers) -> List[Optional[Slots]]:
+    m, pr, name = call.module, call.pruner, call.name
+    n_out = len(call.outputs)
+    if isinstance(pr, UnsupportedLayer):
+        ctx.protect(x, f"input of {type(m).__name__} {name}, which CleanAI cannot prune yet")
+        ctx.unknown.setdefault(type(m).__name__, []).append(name)
+        return [None] * n_out
+    n_in = pr.in_channels(m)
+    same = pr.coupling(m) == "same"
+    in_ids = None
+    if n_in is not None:
+        in_ids = module_in.get(name)
+        if in_ids is None:
+            in_ids = module_in[name] = ctx.fresh(n_in)
+            ctx.tie_blocks(in_ids, pr.blocks(m), f"{type(m).__name__} {name} (in)")
+        in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
+        if x is not None and x.dim == in_dim and len(x.ids) == n_in:
+            ctx.uf.union_all(x.ids, in_ids)
+        else:
+            ctx.protect(x, f"input of {name} does not carry its channels on dim {in_dim}")
+            ctx.protect(in_ids, f"input of {name} has no channel ids")
+    elif same and n_out:
+        return [x] + [None] * (n_out - 1)
+    n_o = pr.out_channels(m)
+    if n_o is None or not n_out:
+        return [None] * n_out
+    out_ids = module_out.get(name)
+    if out_ids is None:
+        if same and in_ids is not None:
+            k = pr.repeat(m)
+            out_ids = in_ids if k == 1 else in_ids.repeat_interleave(k)
+        else:
+            out_ids = ctx.fresh(n_o)
+            ctx.tie_blocks(out_ids, pr.blocks(m), f"{type(m).__name__} {name} (out)")
+            producers.append(name)
+        module_out[name] = out_ids
+    key, shape = call.outputs[0]
+    out_dim = pr.out_dim(m, len(shape))
+    if shape[out_dim] != n_o:
+        ctx.protect(out_ids, f"output of {name} does not carry its channels on dim {out_dim}")
+        return [None] * n_out
+    return [Slots(out_dim, out_ids)] + [None] * (n_out - 1)

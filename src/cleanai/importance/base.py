@@ -1,0 +1,102 @@
+"""The importance interface: a score per channel of a group."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..core.graph import Group, Member
+from ..core.layers import get_layer_pruner
+
+NORMALIZERS = ("mean", "max", "sum", "rank", "zscore", None)
+
+
+class Importance:
+    """Scores the channels of a group; low scores are pruned first.
+
+    Subclasses implement ``__call__(group, model) -> Tensor[group.size]`` (float, on CPU).
+    Scores are compared within a group, and across groups when pruning globally, so return
+    them normalised (see :func:`normalize`).
+
+    Example, a custom importance that prefers channels with large biases::
+
+        class BiasImportance(cleanai.importance.Importance):
+            def __call__(self, group, model):
+                scores = torch.zeros(group.size)
+                for member, tensor, dim in member_weights(group, model, sides=("out",)):
+                    if tensor.dim() == 1:
+                        scores += channel_sums(member, tensor.detach().abs(), group.size)
+                return normalize(scores, "mean")
+    """
+
+    #: True when the scores need :meth:`StructuredPruner.calibrate` to run first.
+    requires_data: bool = False
+
+    def __call__(self, group: Group, model: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def normalize(scores: torch.Tensor, how: Optional[str]) -> torch.Tensor:
+    """Put a group's scores on a common scale: divide by their mean, max or sum, replace them
+    by their rank in [0, 1], or standardise them (``"zscore"``); ``None`` leaves them."""
+    scores = scores.float()
+    if how is None:
+        return scores
+    if how == "mean":
+        return scores / scores.mean().clamp_min(1e-12)
+    if how == "max":
+        return scores / scores.max().clamp_min(1e-12)
+    if how == "sum":
+        return scores / scores.sum().clamp_min(1e-12)
+    if how == "rank":
+        ranks = torch.empty_like(scores)
+        ranks[scores.argsort()] = torch.arange(len(scores), dtype=scores.dtype)
+        return ranks / max(1, len(scores) - 1)
+    if how == "zscore":
+        return (scores - scores.mean()) / scores.std(unbiased=False).clamp_min(1e-12)
+    raise ValueError(f"unknown normalizer {how!r}; choose one of {NORMALIZERS}")
+
+
+def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "param")
+                   ) -> List[Tuple[Member, torch.Tensor, int]]:
+    """Every weight tensor that holds a group channel, with the dim its channels are on.
+
+    Producer rows for ``out`` members, consumer columns for ``in`` members, scales for
+    ``same`` members (norm layers) and the traced dim for bare parameters.
+    """
+    out = []
+    for m in group.members:
+        if m.kind not in sides:
+            continue
+        if m.kind == "param":
+            out.append((m, model.get_parameter(m.name), m.dim))
+            continue
+        module = model.get_submodule(m.name)
+        pruner = get_layer_pruner(module)
+        if pruner is None:
+            continue
+        if m.kind == "in" and pruner.coupling(module) == "same":
+            continue  # a depthwise conv's weights are counted on its output side
+        side = "out" if m.kind == "same" else m.kind
+        for tensor, dim in pruner.weights(module, side):
+            out.append((m, tensor, dim))
+    return out
+
+
+def slice_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
+    """``sum |w|^p`` of each slice of ``tensor`` along ``dim`` (a 1-D CPU tensor)."""
+    w = tensor.detach().float().movedim(dim, 0)
+    return w.abs().pow(p).reshape(w.shape[0], -1).sum(1).cpu()
+
+
+def channel_sums(member: Member, per_slice: torch.Tensor, size: int) -> torch.Tensor:
+    """Add up per-slice values (from :func:`slice_norms`) into the member's group channels.
+
+    A grouped layer stores fewer slices than channels (``in_channels / groups`` columns);
+    position j then reads slice ``j % n``.
+    """
+    pos = member.positions
+    if per_slice.numel() != member.length:
+        pos = pos % per_slice.numel()
+    return torch.zeros(size).index_add_(0, member.channels, per_slice[pos])

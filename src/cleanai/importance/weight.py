@@ -1,0 +1,69 @@
+"""Data-free importances: weight magnitude and random."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..core.graph import Group
+from .base import Importance, channel_sums, member_weights, normalize, slice_norms
+
+
+class WeightImportance(Importance):
+    """``||W_c||_p`` over every weight that holds channel c: producer rows, consumer columns and
+    norm scales of the whole group, then normalised within the group.
+
+    Args:
+        p: the norm's order.
+        normalizer: ``"mean"`` (default), ``"max"``, ``"sum"``, ``"rank"``, ``"zscore"`` or None.
+    """
+
+    def __init__(self, p: float = 2, normalizer: Optional[str] = "mean") -> None:
+        if p <= 0:
+            raise ValueError(f"p must be positive, got {p}")
+        normalize(torch.ones(2), normalizer)  # validates the name now, not at pruning time
+        self.p = p
+        self.normalizer = normalizer
+        self._cache: dict = {}
+
+    def raw(self, group: Group, model: nn.Module) -> torch.Tensor:
+        """Unnormalised ``||W_c||_p`` per group channel."""
+        total = torch.zeros(group.size)
+        for member, tensor, dim in member_weights(group, model):
+            total += channel_sums(member, self._slice_norms(tensor, dim), group.size)
+        return total.pow(1.0 / self.p)
+
+    def _slice_norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        # a layer read by many groups (a DenseNet concat consumer) is reduced once; the key
+        # changes whenever the tensor is sliced or updated in place
+        key = (id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape), dim)
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            hit = self._cache[key] = slice_norms(tensor, dim, self.p)
+        return hit
+
+    def __call__(self, group: Group, model: nn.Module) -> torch.Tensor:
+        return normalize(self.raw(group, model), self.normalizer)
+
+    def __repr__(self) -> str:
+        return f"WeightImportance(p={self.p}, normalizer={self.normalizer!r})"
+
+
+class RandomImportance(Importance):
+    """Uniform random scores: a baseline. ``seed`` makes the draw reproducible."""
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, group: Group, model: nn.Module) -> torch.Tensor:
+        return torch.rand(group.size, generator=self.generator)
+
+    def __repr__(self) -> str:
+        return "RandomImportance()"

@@ -1,0 +1,8 @@
+"""Layer pruners, plans and the pruner itself."""
+from .apply import PruningError, replay
+from ..core.layers import LayerPruner, get_layer_pruner, register_layer_pruner
+from .plan import PruningPlan
+from .structured import StructuredPruner, infer_example_inputs, linear_schedule
+
+__all__ = ["LayerPruner", "get_layer_pruner", "register_layer_pruner", "PruningError",
+           "PruningPlan", "StructuredPruner", "infer_example_inputs", "linear_schedule", "replay"]

@@ -1,0 +1,200 @@
+"""Applying a plan: validate, slice every affected tensor, roll back on any failure."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph, module_signature
+from ..core.trace import preserved_state, run_forward
+from ..core.layers import _keep, get_layer_pruner
+
+Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
+
+
+class PruningError(RuntimeError):
+    """A plan could not be applied; the model is left exactly as it was."""
+
+
+def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> None:
+    """Reject a plan that names unknown groups, bad indices, protected channels or empties a group."""
+    by_id = {g.id: g for g in graph.groups}
+    for gid, idx in removals.items():
+        g = by_id.get(gid)
+        if g is None:
+            raise PruningError(f"the plan names group {gid}, which the graph does not have")
+        if idx.numel() == 0:
+            continue
+        if idx.min() < 0 or idx.max() >= g.size:
+            raise PruningError(f"group {gid} has {g.size} channels; the plan removes index "
+                               f"{int(idx.max() if idx.max() >= g.size else idx.min())}")
+        if len(torch.unique(idx)) != len(idx):
+            raise PruningError(f"the plan removes a channel of group {gid} twice")
+        if bool(g.protected[idx].any()):
+            raise PruningError(f"the plan removes protected channels of group {gid} "
+                               f"({', '.join(g.reasons)})")
+        if len(idx) >= g.size:
+            raise PruningError(f"the plan removes all {g.size} channels of group {gid}")
+
+
+def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
+    """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone."""
+    removed: Dict[Key, torch.Tensor] = {}
+    lengths: Dict[Key, int] = {}
+    for g in graph.groups:
+        idx = removals.get(g.id)
+        if idx is None or idx.numel() == 0:
+            continue
+        for m in g.members:
+            pos = m.positions[torch.isin(m.channels, idx)]
+            kinds = ("in", "out") if m.kind == "same" else (m.kind,)
+            for kind in kinds:
+                key = (m.name, kind, m.dim)
+                lengths[key] = m.length
+                mask = removed.setdefault(key, torch.zeros(m.length, dtype=torch.bool))
+                mask[pos] = True
+    return {k: torch.nonzero(~mask).flatten() for k, mask in removed.items()}
+
+
+def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
+    """Slice layers and parameters in place. Not atomic by itself: see :func:`atomic`."""
+    per_layer: Dict[str, Dict[str, torch.Tensor]] = {}
+    for (name, kind, dim), keep in keeps.items():
+        if kind != "param":
+            per_layer.setdefault(name, {})[kind] = keep
+            continue
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name)
+        pruner = get_layer_pruner(owner, inherited=True)
+        if pruner is not None and get_layer_pruner(owner) is None and \
+                pruner.coupling(owner) == "same":
+            # a norm subclass with its own forward: its pruner also updates its attributes
+            per_layer[owner_name] = {"in": keep, "out": keep}
+        else:
+            _keep(model.get_parameter(name), dim, keep)
+    for name, sides in per_layer.items():
+        module = model.get_submodule(name)
+        pruner = get_layer_pruner(module, inherited=True)
+        if pruner is None:
+            raise PruningError(f"no layer pruner for {type(module).__name__} {name}")
+        pruner.prune(module, sides.get("in"), sides.get("out"))
+
+
+class atomic:
+    """Context manager: on an exception, every listed module gets back its tensors (same
+    objects, same data, same grads), its parameter/buffer slots and its attributes."""
+
+    def __init__(self, modules: List[nn.Module]) -> None:
+        self.saved = []
+        for m in modules:
+            tensors = [(t, t.data, t.grad if isinstance(t, nn.Parameter) else None)
+                       for t in list(m._parameters.values()) + list(m._buffers.values())
+                       if t is not None]
+            attrs = {k: v for k, v in m.__dict__.items()}
+            self.saved.append((m, tensors, dict(m._parameters), dict(m._buffers), attrs))
+
+    def __enter__(self) -> "atomic":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.restore()
+        return False
+
+    def restore(self) -> None:
+        for m, tensors, params, buffers, attrs in self.saved:
+            for t, data, grad in tensors:
+                t.data = data
+                if isinstance(t, nn.Parameter):
+                    t.grad = grad
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for k in list(m.__dict__):
+                if k not in attrs:
+                    del m.__dict__[k]
+            m.__dict__.update(attrs)
+
+
+def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn.Module]:
+    out = {}
+    for name, kind, _ in keeps:
+        if kind == "param":
+            owner = name.rpartition(".")[0]
+            m = model.get_submodule(owner) if owner else model
+        else:
+            m = model.get_submodule(name)
+        out[id(m)] = m
+    return list(out.values())
+
+
+def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                   check_forward: bool = True) -> List[Dict[str, Any]]:
+    """Validate and apply, all or nothing; then renumber the graph. Returns the history layers."""
+    if module_signature(model) != graph.signature:
+        raise PruningError("the model changed since its dependency graph was built (parameter "
+                           "shapes differ); build a new graph or pruner for it")
+    validate_removals(graph, removals)
+    keeps = layer_keeps(graph, removals)
+    with atomic(touched_modules(model, keeps)) as guard:
+        slice_model(model, keeps)
+        if check_forward:
+            try:
+                with preserved_state(model), torch.no_grad():
+                    run_forward(model, graph.example_inputs, graph.forward_fn)
+            except Exception as exc:
+                guard.restore()
+                raise PruningError(
+                    f"{type(model).__name__} no longer runs after pruning "
+                    f"({type(exc).__name__}: {exc}); the model was restored. A layer probably "
+                    f"reads a channel count it stores itself: register a LayerPruner for it or "
+                    f"list it in ignored_layers.") from exc
+    renumber(graph, removals, keeps)
+    graph.signature = module_signature(model)
+    return [{"name": n, "kind": k, "dim": d, "keep": keep.tolist()} for (n, k, d), keep in keeps.items()]
+
+
+def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+             keeps: Dict[Key, torch.Tensor]) -> None:
+    """Update the graph's groups to the pruned model, so it needs no new trace."""
+    remaps: Dict[Key, torch.Tensor] = {}
+    for g in graph.groups:
+        idx = removals.get(g.id)
+        kept = torch.ones(g.size, dtype=torch.bool)
+        if idx is not None and idx.numel():
+            kept[idx] = False
+        new_index = torch.cumsum(kept, 0) - 1
+        for m in g.members:
+            key = (m.name, "out" if m.kind == "same" else m.kind, m.dim)
+            keep = keeps.get(key)
+            if keep is None:
+                continue
+            remap = remaps.get(key)
+            if remap is None:
+                remap = remaps[key] = torch.full((m.length,), -1, dtype=torch.long)
+                remap[keep] = torch.arange(len(keep))
+            stay = kept[m.channels]
+            m.positions = remap[m.positions[stay]]
+            m.channels = new_index[m.channels[stay]]
+            m.length = len(keeps[key])
+        g.size = int(kept.sum())
+        g.protected = g.protected[kept]
+
+
+def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
+    """Re-apply one recorded step (``history[i]["layers"]``) to a model of the original
+    architecture, atomically."""
+    keeps: Dict[Key, torch.Tensor] = {}
+    for entry in layers:
+        keeps[(entry["name"], entry["kind"], int(entry["dim"]))] = torch.tensor(
+            entry["keep"], dtype=torch.long)
+    with atomic(touched_modules(model, keeps)):
+        slice_model(model, keeps)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy, for previewing a plan's impact without touching the model."""
+    return copy.deepcopy(model)

@@ -1,0 +1,80 @@
+"""PruningPlan: which channels leave each group, inspectable before anything changes."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..core.graph import DependencyGraph
+from .apply import copy_model, layer_keeps, slice_model, validate_removals
+
+
+@dataclasses.dataclass
+class PruningPlan:
+    """For each group id, the (current) channel indices to remove.
+
+    Build one with :meth:`StructuredPruner.plan` or by hand; apply it with
+    :meth:`StructuredPruner.apply`. ``summary()`` prints it, ``impact()`` previews its effect.
+    """
+
+    graph: DependencyGraph
+    removals: Dict[int, torch.Tensor]
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        self.removals = {int(g): torch.as_tensor(idx, dtype=torch.long).flatten().sort().values
+                         for g, idx in self.removals.items()}
+
+    @property
+    def num_removed(self) -> int:
+        """Channels removed over all groups."""
+        return sum(len(idx) for idx in self.removals.values())
+
+    def validate(self) -> None:
+        """Raise :class:`PruningError` if the plan cannot be applied to its graph."""
+        validate_removals(self.graph, self.removals)
+
+    def layer_changes(self) -> List[Dict[str, Any]]:
+        """Per layer dim: ``{"name", "kind", "before", "after"}`` channel counts."""
+        keeps = layer_keeps(self.graph, self.removals)
+        lengths = {}
+        for g in self.graph.groups:
+            for m in g.members:
+                for kind in (("in", "out") if m.kind == "same" else (m.kind,)):
+                    lengths[(m.name, kind, m.dim)] = m.length
+        return [{"name": n, "kind": k if k != "param" else f"param dim {d}",
+                 "before": lengths[(n, k, d)], "after": len(keep)}
+                for (n, k, d), keep in keeps.items()]
+
+    def summary(self) -> str:
+        """A table: one row per group that loses channels."""
+        by_id = {g.id: g for g in self.graph.groups}
+        rows = [("group", "first layer", "channels", "removed")]
+        for gid, idx in sorted(self.removals.items()):
+            if not len(idx):
+                continue
+            g = by_id[gid]
+            first = next((m.name for m in g.members if m.kind == "out"), g.members[0].name)
+            rows.append((str(gid), first, f"{g.size} -> {g.size - len(idx)}", str(len(idx))))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"PruningPlan(step {self.step}: {self.num_removed} channels from "
+                 f"{len(rows) - 1} groups)"]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def impact(self, model: torch.nn.Module, example_inputs: Any = None) -> Dict[str, int]:
+        """Params and MACs before and after the plan, measured on a copy of ``model``."""
+        from ..utils.counting import count_macs, count_params
+
+        self.validate()
+        inputs = self.graph.example_inputs if example_inputs is None else example_inputs
+        after = copy_model(model)
+        slice_model(after, layer_keeps(self.graph, self.removals))
+        fn = self.graph.forward_fn
+        return {"params_before": count_params(model), "params_after": count_params(after),
+                "macs_before": count_macs(model, inputs, fn), "macs_after": count_macs(after, inputs, fn)}

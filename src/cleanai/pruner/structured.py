@@ -1,0 +1,263 @@
+"""StructuredPruner: turns importance scores into plans and applies them, step by step."""
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph, Group
+from ..core.trace import ForwardFn
+from ..importance import Importance, WeightImportance
+from .apply import PruningError, apply_removals
+from .plan import PruningPlan
+
+logger = logging.getLogger(__name__)
+
+LayerRef = Union[str, nn.Module]
+Schedule = Callable[[int, int, float], float]
+
+
+def linear_schedule(step: int, steps: int, ratio: float) -> float:
+    """The ratio reached after ``step`` of ``steps`` steps: ``ratio * step / steps``."""
+    return ratio * step / steps
+
+
+class StructuredPruner:
+    """Removes whole channels from ``model``, coupled channels together.
+
+    Args:
+        model: the model to prune, in place.
+        example_inputs: inputs for one forward pass (tensor, tuple or dict). Inferred from the
+            first layer when omitted: Conv2d -> ``1 x C x 224 x 224``, Conv1d -> ``1 x C x 256``,
+            Linear -> ``1 x in_features``, Embedding -> 16 token ids.
+        importance: scores channels (default :class:`~cleanai.importance.WeightImportance`).
+        pruning_ratio: fraction of each group's channels to remove, in [0, 1).
+        layer_pruning_ratios: ``{layer: ratio}`` overrides; keys are modules or qualified names,
+            a container applies to every layer inside it (the most specific key wins).
+        ignored_layers: modules or names whose output channels are kept.
+        global_pruning: rank normalised scores across all groups instead of within each.
+        max_pruning_ratio: no group loses more than this fraction (and never all channels).
+        iterative_steps: reach the ratio in this many steps; ratios are relative to the
+            original width.
+        iterative_schedule: ``schedule(step, steps, ratio) -> ratio after step`` (linear).
+        round_to: kept channel counts become multiples of this.
+        forward_fn: ``forward_fn(model, example_inputs)`` for models that need a custom call.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any = None,
+                 importance: Optional[Importance] = None, pruning_ratio: float = 0.5,
+                 layer_pruning_ratios: Optional[Mapping[LayerRef, float]] = None,
+                 ignored_layers: Optional[Iterable[LayerRef]] = None,
+                 global_pruning: bool = False, max_pruning_ratio: float = 1.0,
+                 iterative_steps: int = 1, iterative_schedule: Optional[Schedule] = None,
+                 round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_ratio("pruning_ratio", pruning_ratio)
+        if not 0 < max_pruning_ratio <= 1:
+            raise ValueError(f"max_pruning_ratio must be in (0, 1], got {max_pruning_ratio}")
+        if not isinstance(iterative_steps, int) or iterative_steps < 1:
+            raise ValueError(f"iterative_steps must be a positive int, got {iterative_steps!r}")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+        if importance is not None and not callable(importance):
+            raise TypeError("importance must be callable: importance(group, model) -> scores")
+        names = _LayerNames(model)
+        self.layer_ratios: Dict[str, float] = {}
+        for key, ratio in (layer_pruning_ratios or {}).items():
+            name = names.resolve(key, "layer_pruning_ratios")
+            _check_ratio(f"layer_pruning_ratios[{name!r}]", ratio)
+            self.layer_ratios[name] = float(ratio)
+        self.ignored = [names.resolve(k, "ignored_layers") for k in (ignored_layers or [])]
+
+        self.model = model
+        self.example_inputs = example_inputs if example_inputs is not None else infer_example_inputs(model)
+        self.importance = importance if importance is not None else WeightImportance()
+        self.pruning_ratio = float(pruning_ratio)
+        self.global_pruning = global_pruning
+        self.max_pruning_ratio = max_pruning_ratio
+        self.iterative_steps = iterative_steps
+        self.schedule = iterative_schedule or linear_schedule
+        self.round_to = round_to
+        self.graph = DependencyGraph(model, self.example_inputs, forward_fn)
+        self.original_size = {g.id: g.size for g in self.graph.groups}
+        self.current_step = 0
+        self.history: List[Dict[str, Any]] = []
+
+    # --- policy ------------------------------------------------------------------------
+
+    def group_ratio(self, group: Group) -> Optional[float]:
+        """The target ratio for ``group``, or ``None`` when it is ignored."""
+        layers = [m.name for m in group.members if m.kind in ("out", "same")]
+        if any(_inside(layer, ig) for layer in layers for ig in self.ignored):
+            return None
+        best, depth = self.pruning_ratio, -1
+        for key, ratio in self.layer_ratios.items():
+            for layer in layers:
+                if _inside(layer, key) and (len(key) > depth or (len(key) == depth and ratio > best)):
+                    best, depth = ratio, len(key)
+        return best
+
+    def _target_removed(self, group: Group, ratio: float) -> int:
+        """Channels the group should have lost, in total, once ``ratio`` is reached."""
+        size0 = self.original_size[group.id]
+        n = math.floor(size0 * ratio + 1e-9)
+        n = min(n, math.floor(size0 * self.max_pruning_ratio + 1e-9), size0 - 1)
+        if self.round_to and n > 0:
+            per = _positions_per_channel(group)
+            unit = self.round_to // math.gcd(self.round_to, per)
+            keep = size0 - n
+            keep = max(unit, int(round(keep / unit)) * unit) if size0 >= unit else size0
+            n = max(0, min(size0 - keep, size0 - 1))
+        return n
+
+    def plan(self) -> PruningPlan:
+        """The plan for the next step; nothing changes until :meth:`apply`."""
+        step = self.current_step + 1
+        if step > self.iterative_steps:
+            raise RuntimeError(f"all {self.iterative_steps} pruning steps are done; "
+                               f"build a new StructuredPruner to prune further")
+        if self.importance.requires_data and not getattr(self.importance, "ready", True):
+            raise RuntimeError(f"{type(self.importance).__name__} needs activation statistics: "
+                               f"call pruner.calibrate(data) before planning")
+        scores: Dict[int, torch.Tensor] = {}
+        quota: Dict[int, int] = {}
+        pool: List[int] = []
+        for g in self.graph.groups:
+            ratio = self.group_ratio(g)
+            if ratio is None or g.prunable == 0 or g.size <= 1:
+                continue
+            r = self.schedule(step, self.iterative_steps, ratio)
+            already = self.original_size[g.id] - g.size
+            n = min(self._target_removed(g, r) - already, g.prunable, g.size - 1)
+            if n <= 0:
+                continue
+            s = self.importance(g, self.model).detach().float().cpu()
+            if s.shape != (g.size,):
+                raise ValueError(f"{type(self.importance).__name__} returned shape "
+                                 f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
+            scores[g.id] = s.masked_fill(g.protected, float("inf"))
+            quota[g.id] = n
+            if self.global_pruning and not any(_inside(m.name, k) for m in g.members
+                                               for k in self.layer_ratios):
+                pool.append(g.id)
+        removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
+                    if gid not in pool}
+        removals.update(self._global(pool, scores, quota))
+        return PruningPlan(self.graph, removals, step)
+
+    def _global(self, pool: List[int], scores: Dict[int, torch.Tensor],
+                quota: Dict[int, int]) -> Dict[int, torch.Tensor]:
+        """Remove the lowest scores across ``pool`` groups, as many as their quotas add up to,
+        with no group going past its own cap."""
+        if not pool:
+            return {}
+        total = sum(quota[g] for g in pool)
+        cap = {}
+        for gid in pool:
+            g = next(x for x in self.graph.groups if x.id == gid)
+            cap[gid] = min(g.prunable, g.size - 1,
+                           math.floor(self.original_size[gid] * self.max_pruning_ratio)
+                           - (self.original_size[gid] - g.size))
+        flat = torch.cat([scores[g] for g in pool])
+        owner = torch.cat([torch.full((len(scores[g]),), i) for i, g in enumerate(pool)])
+        local = torch.cat([torch.arange(len(scores[g])) for g in pool])
+        taken: Dict[int, List[int]] = {g: [] for g in pool}
+        n = 0
+        for i in flat.argsort(stable=True).tolist():
+            if n >= total or not math.isfinite(float(flat[i])):
+                break
+            gid = pool[int(owner[i])]
+            if len(taken[gid]) < cap[gid]:
+                taken[gid].append(int(local[i]))
+                n += 1
+        return {g: torch.tensor(idx, dtype=torch.long) for g, idx in taken.items() if idx}
+
+    # --- actions -----------------------------------------------------------------------
+
+    def apply(self, plan: PruningPlan) -> None:
+        """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`."""
+        if plan.graph is not self.graph:
+            raise PruningError("this plan was made for another pruner's graph")
+        layers = apply_removals(self.model, self.graph, plan.removals)
+        self.current_step = max(self.current_step, plan.step)
+        self.history.append({"step": plan.step, "layers": layers})
+        logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
+                    plan.num_removed)
+
+    def step(self) -> PruningPlan:
+        """Plan and apply the next step; returns the applied plan."""
+        plan = self.plan()
+        self.apply(plan)
+        return plan
+
+    def prune(self) -> nn.Module:
+        """Run every remaining step and return the (same, now smaller) model."""
+        while self.current_step < self.iterative_steps:
+            self.step()
+        return self.model
+
+
+def _check_ratio(name: str, ratio: Any) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
+
+
+def _inside(layer: str, key: str) -> bool:
+    return key == "" or layer == key or layer.startswith(key + ".")
+
+
+def _positions_per_channel(group: Group) -> int:
+    for m in group.members:
+        if m.kind == "out":
+            return max(1, len(m.positions) // max(1, len(torch.unique(m.channels))))
+    return 1
+
+
+class _LayerNames:
+    """Resolves modules and qualified names given by the user, with helpful errors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.by_module = {m: n for n, m in model.named_modules()}
+        self.names = [n for n in self.by_module.values() if n]
+        self.model_name = type(model).__name__
+
+    def resolve(self, key: LayerRef, what: str) -> str:
+        if isinstance(key, nn.Module):
+            if key not in self.by_module:
+                raise ValueError(f"{what}: the {type(key).__name__} given is not a submodule "
+                                 f"of this {self.model_name}")
+            return self.by_module[key]
+        if not isinstance(key, str):
+            raise TypeError(f"{what}: keys must be modules or qualified names, got {key!r}")
+        if key not in self.names:
+            close = difflib.get_close_matches(key, self.names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"{what}: {self.model_name} has no layer named {key!r}{hint}")
+        return key
+
+
+def infer_example_inputs(model: nn.Module) -> torch.Tensor:
+    """A batch-1 input shaped for the model's first layer (see :class:`StructuredPruner`)."""
+    for name, m in model.named_modules():
+        p = next(m.parameters(recurse=False), None)
+        kw = {"dtype": p.dtype if p is not None and p.is_floating_point() else torch.float32,
+              "device": p.device if p is not None else "cpu"}
+        if isinstance(m, nn.Conv2d):
+            return torch.randn(1, m.in_channels, 224, 224, **kw)
+        if isinstance(m, nn.Conv1d):
+            return torch.randn(1, m.in_channels, 256, **kw)
+        if isinstance(m, nn.Conv3d):
+            return torch.randn(1, m.in_channels, 16, 112, 112, **kw)
+        if isinstance(m, nn.Linear):
+            return torch.randn(1, m.in_features, **kw)
+        if isinstance(m, nn.Embedding):
+            return torch.randint(0, m.num_embeddings, (1, 16), device=kw["device"])
+        if p is not None:
+            break
+    raise ValueError(f"cannot infer example inputs for {type(model).__name__} from its first "
+                     f"layer; pass example_inputs=... (a tensor, tuple or dict for one forward)")

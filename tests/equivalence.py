@@ -1,0 +1,46 @@
+"""The zero-weight equivalence check: a channel whose every consumer ignores it can be removed
+without changing the model's output. Checks every index map (concat, split, flatten, residual)."""
+import torch
+from torch import nn
+
+from cleanai.core.layers import get_layer_pruner
+from cleanai.pruner.apply import layer_keeps
+
+
+@torch.no_grad()
+def zero_consumers(model: nn.Module, plan) -> None:
+    """Zero the input weights of every consumer for the channels ``plan`` removes."""
+    for (name, kind, dim), keep in layer_keeps(plan.graph, plan.removals).items():
+        if kind != "in":
+            continue
+        module = model.get_submodule(name)
+        pruner = get_layer_pruner(module)
+        if pruner.coupling(module) == "same":
+            continue  # a depthwise conv: its output channel is removed too
+        removed = torch.ones(pruner.in_channels(module), dtype=torch.bool)
+        removed[keep] = False
+        groups = getattr(module, "groups", 1)
+        for tensor, d in pruner.weights(module, "in"):
+            if groups > 1 and tensor.shape[d] != len(removed):  # [out, in/groups, ...]
+                per_in = tensor.shape[d]
+                rows = tensor.shape[1 - d] // groups
+                for p in torch.nonzero(removed).flatten().tolist():
+                    b, local = divmod(p, per_in)
+                    tensor.narrow(1 - d, b * rows, rows).select(d, local).zero_()
+            else:
+                tensor.index_fill_(d, torch.nonzero(removed).flatten(), 0.0)
+
+
+def check_equivalence(model: nn.Module, pruner, x, atol: float = 1e-5) -> None:
+    """Plan with ``pruner``, zero the consumers, record the output, prune, compare."""
+    model.eval()
+    plan = pruner.plan()
+    assert plan.num_removed > 0
+    zero_consumers(model, plan)
+    with torch.no_grad():
+        before = model(x)
+    pruner.apply(plan)
+    with torch.no_grad():
+        after = model(x)
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, atol=atol, rtol=1e-4)
