@@ -1,5 +1,5 @@
 """CleanAI: structured pruning for PyTorch."""
-from . import importance
+from . import importance, utils
 from .core import DependencyGraph, Group, Member, TraceError
 from .pruner import (LayerPruner, PruningError, PruningPlan, StructuredPruner,
                      register_layer_pruner, replay)
@@ -7,5 +7,5 @@ from .pruner import (LayerPruner, PruningError, PruningPlan, StructuredPruner,
 __version__ = "0.1.0"
 
 __all__ = ["DependencyGraph", "Group", "Member", "TraceError", "LayerPruner", "PruningError",
-           "PruningPlan", "StructuredPruner", "register_layer_pruner", "replay", "importance",
+           "PruningPlan", "StructuredPruner", "register_layer_pruner", "replay", "importance", "utils",
            "__version__"]

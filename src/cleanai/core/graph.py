@@ -11,7 +11,7 @@ from .slots import UnionFind
 from .trace import ForwardFn, TraceResult, trace
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Member:
     """One place a group's channels live: a layer's input or output channels, or a parameter dim.
 
@@ -36,7 +36,7 @@ class Member:
         return f"{where} ({span}{rep})"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Group:
     """A set of coupled channels: removing channel j removes it from every member at once.
 
@@ -51,13 +51,6 @@ class Group:
     protected: torch.Tensor
     reasons: Dict[str, int]
     constraints: List[str]
-
-    @property
-    def producers(self) -> List[str]:
-        """Names of the layers that create this group's channels."""
-        return [m.name for m in self.members if m.kind == "out" and m.name in self._producers]
-
-    _producers: frozenset = frozenset()
 
     @property
     def prunable(self) -> int:
@@ -233,7 +226,4 @@ def _build_groups(r: TraceResult) -> List[Group]:
         hit = unit_group.get(uf.find(i))
         if hit is not None and text not in groups[hit[0]].constraints:
             groups[hit[0]].constraints.append(text)
-    producers = frozenset(r.producers)
-    for g in groups:
-        g._producers = producers
     return groups

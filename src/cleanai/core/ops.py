@@ -176,17 +176,26 @@ _SAVED_OPERANDS = ("self", "other")
            "XlogyBackward0")
 def _elementwise(ctx, call: OpCall):
     shapes = list(call.in_shapes)
+    made_at_run_time = [False] * len(shapes)
     for i, s in enumerate(shapes):
         if s is None and i < len(_SAVED_OPERANDS):
-            t = call.saved(_SAVED_OPERANDS[i])
+            try:
+                t = call.saved(_SAVED_OPERANDS[i])
+            except RuntimeError:  # not saved for backward
+                t = None
             if isinstance(t, torch.Tensor):
                 shapes[i] = tuple(t.shape)
-    return [broadcast(ctx, call.name(), call.ins, shapes, call.out_shapes[0])]
+                made_at_run_time[i] = not ctx.is_model_state(t)
+    return [broadcast(ctx, call.name(), call.ins, shapes, call.out_shapes[0], made_at_run_time)]
 
 
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
-              out: Shape) -> Optional[Slots]:
-    """Slots of an element-wise result: operands tracked on the same output dim are tied."""
+              out: Shape, made_at_run_time: Optional[Sequence[bool]] = None) -> Optional[Slots]:
+    """Slots of an element-wise result: operands tracked on the same output dim are tied.
+
+    An operand without channel ids that spans the channel dim pins those channels, unless it
+    was made during the forward (a dropout mask): such a tensor follows the input's shape.
+    """
     out_nd = len(out)
     tracked = []
     for x, s in zip(ins, shapes):
@@ -208,8 +217,8 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     first = tracked[0][1]
     for _, x in tracked[1:]:
         ctx.uf.union_all(first.ids, x.ids)
-    for x, s in zip(ins, shapes):
-        if x is not None:
+    for i, (x, s) in enumerate(zip(ins, shapes)):
+        if x is not None or (made_at_run_time and made_at_run_time[i]):
             continue
         if s is None:
             if len(ins) > 1:

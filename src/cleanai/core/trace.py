@@ -120,7 +120,9 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.storages = {t.untyped_storage().data_ptr()
+                         for t in list(model.parameters()) + list(model.buffers())}
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
@@ -132,6 +134,10 @@ class _Tracer:
             for i in ids.tolist():
                 self.protected.setdefault(i, fixed_reason)
         return ids
+
+    def is_model_state(self, t: torch.Tensor) -> bool:
+        """True when ``t`` shares memory with one of the model's parameters or buffers."""
+        return t.untyped_storage().data_ptr() in self.storages
 
     def protect(self, x, reason: str) -> None:
         if x is None:
@@ -153,39 +159,65 @@ class _Tracer:
 def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None) -> TraceResult:
     """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc)."""
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
-    skip_prefixes: List[str] = []
+    inside_known = set()  # names of known layers and of everything inside them
     for name, m in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
+        if name and name.rpartition(".")[0] in inside_known:
+            inside_known.add(name)
             continue
         pruner = get_layer_pruner(m)
         if pruner is not None:
             known[m] = (name, pruner)
-            skip_prefixes.append(name + "." if name else "")
+            inside_known.add(name)
     names_of_params = {id(p): n for n, p in model.named_parameters()}
     owned = {id(p) for m in known for p in m.parameters()}
 
+    with preserved_state(model):
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        inputs = map_tensors(example_inputs, _as_leaf)
+        try:
+            # train mode first: branches that only run in training (auxiliary heads) are seen
+            calls, intervals, output = _record(model, inputs, forward_fn, known, train=True)
+        except Exception as first:
+            try:
+                calls, intervals, output = _record(model, inputs, forward_fn, known, train=None)
+            except Exception as exc:  # the user's forward: report it with the model's name
+                raise TraceError(
+                    f"{type(model).__name__} failed on the example inputs "
+                    f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+            logger.info("traced %s in its own mode; train mode failed: %s",
+                        type(model).__name__, first)
+        _warn_unreached(known, calls)
+        return _propagate(model, calls, output, known, names_of_params, owned, intervals)
+
+
+def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
+    """One forward with hooks: known-layer calls and each module's autograd sequence range.
+
+    ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
+    """
     calls: List[ModuleCall] = []
     intervals: List[Tuple[int, int, str]] = []
     probe = torch.zeros((), requires_grad=True)
+    open_calls: Dict[int, Tuple[int, str]] = {}
 
     def seq() -> int:
         return (probe * 1.0).grad_fn._sequence_nr()
 
-    open_calls: Dict[int, Tuple[int, str]] = {}
-
     def pre_hook(name):
-        def hook(module, args):
+        def hook(module, args) -> None:
             open_calls[id(module)] = (seq(), name)
         return hook
 
     def post_hook(name):
-        def hook(module, args, output):
+        def hook(module, args, output) -> None:
             start = open_calls.pop(id(module), (0, name))[0]
             intervals.append((start, seq(), name))
         return hook
 
     def call_hook(name, pruner):
-        def hook(module, args, kwargs, output):
+        def hook(module, args, kwargs, output) -> None:
             x = next(iter_tensors((args, kwargs)), None)
             in_key = _key(x)
             outs = []
@@ -197,29 +229,35 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                                     None if x is None else tuple(x.shape), outs))
         return hook
 
+    modes = [(m, m.training) for m in model.modules()]
     handles = []
-    with preserved_state(model):
-        try:
-            for name, m in model.named_modules():
-                handles.append(m.register_forward_pre_hook(pre_hook(name)))
-                handles.append(m.register_forward_hook(post_hook(name)))
-            for m, (name, pruner) in known.items():
-                handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
-            for p in model.parameters():
-                if p.is_floating_point():
-                    p.requires_grad_(True)
-            inputs = map_tensors(example_inputs, _as_leaf)
-            with torch.enable_grad():
-                try:
-                    output = run_forward(model, inputs, forward_fn)
-                except Exception as exc:  # the user's forward: report it with the model's name
-                    raise TraceError(
-                        f"{type(model).__name__} failed on the example inputs "
-                        f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
-        finally:
-            for h in handles:
-                h.remove()
-        return _propagate(model, calls, output, known, names_of_params, owned, intervals)
+    try:
+        if train:
+            model.train()
+        for name, m in model.named_modules():
+            handles.append(m.register_forward_pre_hook(pre_hook(name)))
+            handles.append(m.register_forward_hook(post_hook(name)))
+        for m, (name, pruner) in known.items():
+            handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
+        with torch.enable_grad():
+            output = run_forward(model, inputs, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return calls, intervals, output
+
+
+def _warn_unreached(known, calls: List[ModuleCall]) -> None:
+    called = {c.module for c in calls}
+    missed = [name for m, (name, _) in known.items()
+              if m not in called and any(True for _ in m.parameters())]
+    if missed:
+        shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
+        warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
+                      f"CleanAI cannot see their channels, so it will not adjust them. Pass "
+                      f"inputs (or a forward_fn) that run every branch you will use.", stacklevel=3)
 
 
 def _as_leaf(t: torch.Tensor) -> torch.Tensor:
@@ -240,7 +278,7 @@ def _describe(inputs: Any) -> str:
 
 
 def _propagate(model, calls, output, known, names_of_params, owned, intervals) -> TraceResult:
-    ctx = _Tracer()
+    ctx = _Tracer(model)
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
         for k, _ in c.outputs:

@@ -1,5 +1,15 @@
-"""Channel importance: how much each channel of a group matters."""
+"""Channel importance: how much each channel of a group matters.
+
+Data-free: :class:`WeightImportance`, :class:`RandomImportance`. Data-dependent (call
+``pruner.calibrate(data)`` first): :class:`ActivationImportance`,
+:class:`WeightActivationImportance` (the hybrid), :class:`TaylorImportance`.
+"""
+from .activation import ActivationImportance, WeightActivationImportance
 from .base import Importance, member_weights, normalize
+from .stats import ActivationStats
+from .taylor import TaylorImportance
 from .weight import RandomImportance, WeightImportance
 
-__all__ = ["Importance", "WeightImportance", "RandomImportance", "member_weights", "normalize"]
+__all__ = ["Importance", "WeightImportance", "RandomImportance", "ActivationImportance",
+           "WeightActivationImportance", "TaylorImportance", "ActivationStats",
+           "member_weights", "normalize"]

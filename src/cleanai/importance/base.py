@@ -33,6 +33,19 @@ class Importance:
     #: True when the scores need :meth:`StructuredPruner.calibrate` to run first.
     requires_data: bool = False
 
+    @property
+    def ready(self) -> bool:
+        """False while a data-dependent importance still waits for calibration."""
+        return True
+
+    def calibrate(self, model: nn.Module, graph, data, max_batches=None, forward_fn=None,
+                  progress: bool = False) -> None:
+        """Measure what the scores need on calibration ``data`` (no-op for data-free scores)."""
+
+    def follow(self, layers: List[dict]) -> None:
+        """Called after a pruning step with its history entry (``name``, ``kind``, ``keep``),
+        so collected statistics can follow the sliced layers."""
+
     def __call__(self, group: Group, model: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 

@@ -15,7 +15,41 @@ Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", 
 
 
 class PruningError(RuntimeError):
-    """A plan could not be applied; the model is left exactly as it was."""
+    """A plan could not be applied; the model is left exactly as it was.
+
+    ``layer`` names the module whose forward failed after slicing, when that is known.
+    """
+
+    def __init__(self, message: str, layer: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.layer = layer
+
+
+def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> None:
+    """Run one forward; on an exception, return it with the innermost running module's name
+    attached as ``exc.cleanai_layer``."""
+    running: List[str] = []
+
+    def enter(name: str):
+        def hook(module, args) -> None:
+            running.append(name)
+        return hook
+
+    def leave(module, args, output) -> None:
+        running.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        run_forward(model, inputs, forward_fn)
+    except Exception as exc:
+        exc.cleanai_layer = running[-1] if running else None
+        raise
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> None:
@@ -144,14 +178,16 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         if check_forward:
             try:
                 with preserved_state(model), torch.no_grad():
-                    run_forward(model, graph.example_inputs, graph.forward_fn)
+                    forward_with_location(model, graph.example_inputs, graph.forward_fn)
             except Exception as exc:
                 guard.restore()
+                layer = getattr(exc, "cleanai_layer", None)
+                where = f" in {layer}" if layer else ""
                 raise PruningError(
-                    f"{type(model).__name__} no longer runs after pruning "
-                    f"({type(exc).__name__}: {exc}); the model was restored. A layer probably "
-                    f"reads a channel count it stores itself: register a LayerPruner for it or "
-                    f"list it in ignored_layers.") from exc
+                    f"{type(model).__name__} no longer runs after pruning: "
+                    f"{type(exc).__name__}{where}: {exc}. The model was restored. The layer "
+                    f"probably keeps a channel count of its own: register a LayerPruner for it "
+                    f"or list it in ignored_layers.", layer) from exc
     renumber(graph, removals, keeps)
     graph.signature = module_signature(model)
     return [{"name": n, "kind": k, "dim": d, "keep": keep.tolist()} for (n, k, d), keep in keeps.items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 import torch
@@ -122,7 +123,7 @@ class StructuredPruner:
             raise RuntimeError(f"all {self.iterative_steps} pruning steps are done; "
                                f"build a new StructuredPruner to prune further")
         if self.importance.requires_data and not getattr(self.importance, "ready", True):
-            raise RuntimeError(f"{type(self.importance).__name__} needs activation statistics: "
+            raise RuntimeError(f"{type(self.importance).__name__} scores channels from data: "
                                f"call pruner.calibrate(data) before planning")
         scores: Dict[int, torch.Tensor] = {}
         quota: Dict[int, int] = {}
@@ -179,21 +180,70 @@ class StructuredPruner:
 
     # --- actions -----------------------------------------------------------------------
 
+    def calibrate(self, data: Iterable, max_batches: Optional[int] = None,
+                  forward_fn: Optional[ForwardFn] = None, progress: bool = False) -> None:
+        """Measure what a data-dependent importance needs (activation statistics, gradients).
+
+        ``data`` is a DataLoader or any iterable of batches: a tensor, a tuple (an
+        ``(inputs, targets)`` pair gives ``inputs`` to the model; other tuples are passed
+        positionally) or a dict (keywords). Statistics are streamed: memory stays O(channels)
+        however many batches run. ``progress=True`` shows a tqdm bar when tqdm is installed.
+        """
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        calibrate = getattr(self.importance, "calibrate", None)
+        if calibrate is not None:
+            calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
+
     def apply(self, plan: PruningPlan) -> None:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`."""
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
         layers = apply_removals(self.model, self.graph, plan.removals)
+        follow = getattr(self.importance, "follow", None)
+        if follow is not None:
+            follow(layers)
         self.current_step = max(self.current_step, plan.step)
         self.history.append({"step": plan.step, "layers": layers})
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
 
     def step(self) -> PruningPlan:
-        """Plan and apply the next step; returns the applied plan."""
-        plan = self.plan()
-        self.apply(plan)
-        return plan
+        """Plan and apply the next step; returns the applied plan.
+
+        If the pruned model fails inside some layer (one that stores a channel count CleanAI
+        cannot see), the step is rolled back, the channels inside every layer of that class are
+        protected with a warning, and the step is planned again.
+        """
+        tried = set()
+        while True:
+            plan = self.plan()
+            try:
+                self.apply(plan)
+                return plan
+            except PruningError as exc:
+                if exc.layer is None or not self._protect_layer_class(exc.layer, str(exc), tried):
+                    raise
+
+    def _protect_layer_class(self, layer: str, error: str, tried: set) -> bool:
+        """Protect the groups inside every module of ``layer``'s class; False if none is new."""
+        cls = type(self.model.get_submodule(layer))
+        if cls in tried or cls is type(self.model):
+            return False
+        tried.add(cls)
+        scopes = [n for n, m in self.model.named_modules() if type(m) is cls]
+        reason = f"pruning breaks {cls.__name__}"
+        hit = 0
+        for g in self.graph.groups:
+            if any(_inside(m.name, s) for m in g.members for s in scopes) and not g.protected.all():
+                g.protected[:] = True
+                g.reasons[reason] = g.size
+                hit += 1
+        if hit:
+            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
+                          f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
+                          f"again.", stacklevel=3)
+        return hit > 0
 
     def prune(self) -> nn.Module:
         """Run every remaining step and return the (same, now smaller) model."""

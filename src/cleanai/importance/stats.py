@@ -1,0 +1,168 @@
+"""Activation statistics, streamed: per-channel running sums at every consumer's input."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph, Group
+from ..core.layers import get_layer_pruner
+from ..core.trace import ForwardFn, preserved_state, run_forward
+
+logger = logging.getLogger(__name__)
+
+STATISTICS = ("l2", "mean_abs", "variance")
+
+
+class ActivationStats:
+    """Running sums per input channel of every consumer layer: count, sum, sum of squares, sum
+    of absolute values. Memory is O(channels) however many batches are seen.
+
+    Statistics are taken where consumers read a channel (after BatchNorm and the activation),
+    so a channel that every consumer sees as zero scores zero.
+    """
+
+    def __init__(self) -> None:
+        self.count: Dict[str, float] = {}
+        self.sums: Dict[str, torch.Tensor] = {}  # name -> [3, channels]: sum, sum_sq, sum_abs
+        self.batches = 0
+
+    def update(self, name: str, x: torch.Tensor, dim: int) -> None:
+        x = x.detach().float()
+        x = x.movedim(dim, 0).reshape(x.shape[dim], -1)
+        s = torch.stack([x.sum(1), x.pow(2).sum(1), x.abs().sum(1)]).cpu().double()
+        if name in self.sums and self.sums[name].shape == s.shape:
+            self.sums[name] += s
+            self.count[name] += x.shape[1]
+        else:
+            self.sums[name] = s
+            self.count[name] = float(x.shape[1])
+
+    def per_position(self, name: str, statistic: str) -> Optional[torch.Tensor]:
+        """One value per input channel of layer ``name``: ``l2`` is the root of the mean square,
+        ``mean_abs`` the mean of ``|a|``, ``variance`` the variance."""
+        if name not in self.sums:
+            return None
+        s, n = self.sums[name], max(self.count[name], 1.0)
+        if statistic == "l2":
+            return (s[1] / n).sqrt().float()
+        if statistic == "mean_abs":
+            return (s[2] / n).float()
+        if statistic == "variance":
+            return (s[1] / n - (s[0] / n) ** 2).clamp_min(0).float()
+        raise ValueError(f"unknown statistic {statistic!r}; choose one of {STATISTICS}")
+
+    def keep(self, name: str, keep: torch.Tensor) -> None:
+        """Follow a pruning step: keep only the statistics of the kept input channels."""
+        if name in self.sums:
+            self.sums[name] = self.sums[name][:, keep]
+
+    def group_scores(self, group: Group, statistic: str) -> Optional[torch.Tensor]:
+        """Per group channel, the statistic aggregated (averaged) over every consumer position
+        that reads it; ``None`` when no consumer of the group was seen."""
+        total = torch.zeros(group.size)
+        hits = torch.zeros(group.size)
+        for m in group.members:
+            if m.kind != "in":
+                continue
+            values = self.per_position(m.name, statistic)
+            if values is None or values.numel() != m.length:
+                continue
+            total.index_add_(0, m.channels, values[m.positions])
+            hits.index_add_(0, m.channels, torch.ones(len(m.positions)))
+        if not bool((hits > 0).any()):
+            return None
+        return total / hits.clamp_min(1)
+
+
+@contextmanager
+def consumer_hooks(model: nn.Module, graph: DependencyGraph, stats: ActivationStats) -> Iterator[None]:
+    """Forward pre-hooks on every layer that consumes a group's channels; removed on exit,
+    also when the body raises."""
+    names = sorted({m.name for g in graph.groups for m in g.members if m.kind == "in"})
+    handles = []
+
+    def hook(name: str, pruner, module):
+        def fn(mod, args, kwargs) -> None:
+            x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if x is not None and x.dim() > 0:
+                dim = pruner.in_dim(mod, x.dim())
+                if x.shape[dim] == pruner.in_channels(mod):
+                    stats.update(name, x, dim)
+        return fn
+
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            pruner = get_layer_pruner(module)
+            if pruner is not None:
+                handles.append(module.register_forward_pre_hook(
+                    hook(name, pruner, module), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def iterate_batches(data: Iterable, max_batches: Optional[int], progress: bool,
+                    desc: str = "calibrating") -> Iterator[Any]:
+    """Yield up to ``max_batches`` batches, with a tqdm bar (or log lines) when ``progress``."""
+    total = max_batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)
+    it: Iterable = data
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc=desc, unit="batch")
+        except ImportError:
+            bar = None
+    try:
+        for i, batch in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            yield batch
+            if bar is not None:
+                bar.update(1)
+            elif progress:
+                logger.info("%s: batch %d%s", desc, i + 1, f"/{total}" if total else "")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def model_inputs(batch: Any) -> Any:
+    """The model's inputs in a calibration batch: a ``(inputs, target)`` pair gives ``inputs``;
+    a tensor or dict is passed as is."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor) \
+            and isinstance(batch[1], torch.Tensor) and batch[1].dim() <= 1:
+        return batch[0]
+    return batch
+
+
+def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
+            max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
+            progress: bool = False) -> ActivationStats:
+    """Run calibration batches in eval mode under ``no_grad`` and return the statistics."""
+    stats = ActivationStats()
+    fn = forward_fn or graph.forward_fn
+    with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
+        model.eval()
+        for batch in iterate_batches(data, max_batches, progress):
+            run_forward(model, _to_device(model_inputs(batch), model), fn)
+            stats.batches += 1
+    if stats.batches == 0:
+        raise ValueError("calibration data yielded no batches")
+    return stats
+
+
+def _to_device(inputs: Any, model: nn.Module) -> Any:
+    from ..core.trace import map_tensors
+    p = next(model.parameters(), None)
+    if p is None:
+        return inputs
+    return map_tensors(inputs, lambda t: t.to(p.device))
