@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .slots import UnionFind
-from .trace import ForwardFn, TraceResult, trace
+from .runtime import ForwardFn
+from .trace import TraceResult, trace
 
 
 @dataclasses.dataclass(eq=False)

@@ -48,6 +48,12 @@ class LayerPruner:
         """Channel blocks that must stay equal in size (conv groups, GroupNorm groups)."""
         return 1
 
+    def passes_through(self, module: nn.Module) -> bool:
+        """For a ``"same"`` layer with no channel count (``in_channels`` is None): True when it
+        leaves channels alone (a single-parameter PReLU), False when it holds weights over
+        channels it cannot slice (a LayerNorm over ``[C, H, W]``)."""
+        return True
+
     def weights(self, module: nn.Module, side: str) -> List[Tuple[Tensor, int]]:
         """Tensors that carry a channel's weights on ``side`` ("in" or "out"), with their dim."""
         return []
@@ -236,6 +242,9 @@ class LayerNormPruner(NormPruner):
 
     def in_dim(self, m, ndim):
         return ndim - 1
+
+    def passes_through(self, m):
+        return len(m.normalized_shape) == 1
 
     def prune(self, m, in_keep, out_keep):
         keep = in_keep if in_keep is not None else out_keep

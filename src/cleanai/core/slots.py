@@ -7,7 +7,7 @@ two ids together; the connected sets are the removable units. A tensor is descri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

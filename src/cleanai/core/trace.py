@@ -1,6 +1,6 @@
 """Trace a model once: forward hooks on known layers, one walk over the autograd graph.
 
-Known layers (those with a :class:`~cleanai.pruner.layers.LayerPruner`) are opaque: the walk
+Known layers (those with a :class:`~cleanai.core.layers.LayerPruner`) are opaque: the walk
 jumps from their outputs to their inputs. Everything else is followed op by op through
 ``grad_fn.next_functions``, with an explicit stack, and channel ids are pushed forward through
 :mod:`cleanai.core.ops`.
@@ -10,19 +10,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
+from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward
 from .slots import Slots, UnionFind
 
 logger = logging.getLogger(__name__)
-
-ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 class TraceError(RuntimeError):
@@ -57,66 +56,6 @@ class TraceResult:
     modules: Dict[str, nn.Module]
 
 
-def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside nested tuples, lists, dicts and dataclasses (e.g. ``ModelOutput``)."""
-    stack = [obj]
-    while stack:
-        o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            yield o
-        elif isinstance(o, dict):
-            stack.extend(reversed(list(o.values())))
-        elif isinstance(o, (list, tuple)):
-            stack.extend(reversed(o))
-        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
-            stack.extend(reversed([getattr(o, f.name) for f in dataclasses.fields(o)]))
-
-
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in nested tuples, lists and dicts."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(map_tensors(v, fn) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(v, fn) for v in obj)
-    return obj
-
-
-def run_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn] = None) -> Any:
-    """Call the model the way its inputs ask: a dict as keywords, a tuple as positionals."""
-    if forward_fn is not None:
-        return forward_fn(model, inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-@contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, ``requires_grad`` flags, buffers and the RNG on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-        torch.set_rng_state(rng)
-
-
 class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
@@ -127,6 +66,7 @@ class _Tracer:
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
         self.unknown: Dict[str, List[str]] = {}
+        self.operand_shapes: Dict[Any, list] = {}
 
     def fresh(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
         ids = self.uf.new(n)
@@ -145,6 +85,11 @@ class _Tracer:
         ids = x.ids if isinstance(x, Slots) else x
         for i in ids.tolist():
             self.protected.setdefault(i, reason)
+
+    def note(self, ids: torch.Tensor, text: str) -> None:
+        """Describe a tie for the group that will hold ``ids`` (shown by ``print(graph)``)."""
+        if len(ids):
+            self.notes.append((int(ids.reshape(-1)[0]), text))
 
     def tie_blocks(self, ids: torch.Tensor, blocks: int, what: str) -> None:
         """Tie position j of every block to position j of the first (equal-size blocks)."""
@@ -171,17 +116,18 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
     names_of_params = {id(p): n for n, p in model.named_parameters()}
     owned = {id(p) for m in known for p in m.parameters()}
 
-    with preserved_state(model):
+    with preserved_state(model), torch.inference_mode(False):
         for p in model.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
         inputs = map_tensors(example_inputs, _as_leaf)
         try:
             # train mode first: branches that only run in training (auxiliary heads) are seen
-            calls, intervals, output = _record(model, inputs, forward_fn, known, train=True)
+            calls, intervals, output, shapes = _record(model, inputs, forward_fn, known, train=True)
         except Exception as first:
             try:
-                calls, intervals, output = _record(model, inputs, forward_fn, known, train=None)
+                calls, intervals, output, shapes = _record(model, inputs, forward_fn, known,
+                                                           train=None)
             except Exception as exc:  # the user's forward: report it with the model's name
                 raise TraceError(
                     f"{type(model).__name__} failed on the example inputs "
@@ -189,7 +135,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             logger.info("traced %s in its own mode; train mode failed: %s",
                         type(model).__name__, first)
         _warn_unreached(known, calls)
-        return _propagate(model, calls, output, known, names_of_params, owned, intervals)
+        return _propagate(model, calls, output, known, names_of_params, owned, intervals, shapes)
 
 
 def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
@@ -203,7 +149,8 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
     open_calls: Dict[int, Tuple[int, str]] = {}
 
     def seq() -> int:
-        return (probe * 1.0).grad_fn._sequence_nr()
+        with torch.enable_grad():  # also inside a no_grad region of the model's forward
+            return (probe * 1.0).grad_fn._sequence_nr()
 
     def pre_hook(name):
         def hook(module, args) -> None:
@@ -239,14 +186,36 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():
             handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
-        with torch.enable_grad():
+        with torch.enable_grad(), _OperandShapes() as shapes:
             output = run_forward(model, inputs, forward_fn)
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    return calls, intervals, output
+    return calls, intervals, output, shapes.shapes
+
+
+class _OperandShapes(TorchFunctionMode):
+    """Records the operand shapes of additions and subtractions, whose grad_fn keeps none:
+    ``x + 3`` and ``x + constant`` look alike in the autograd graph."""
+
+    _OPS = ("AddBackward0", "SubBackward0")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if fn is not None and fn.name() in self._OPS and fn not in self.shapes:
+            operands = list(args[:2])
+            if getattr(func, "__name__", "") in ("__radd__", "__rsub__", "rsub"):
+                operands.reverse()
+            self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
+                               for a in operands]
+        return out
 
 
 def _warn_unreached(known, calls: List[ModuleCall]) -> None:
@@ -261,9 +230,11 @@ def _warn_unreached(known, calls: List[ModuleCall]) -> None:
 
 
 def _as_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A float input that takes part in autograd, so ops on it show in the graph; the clone of
+    the leaf lets the model modify its input in place."""
     if t.is_floating_point():
-        return t.detach().clone().requires_grad_(True)
-    return t
+        return t.detach().clone().requires_grad_(True).clone()
+    return t.clone()
 
 
 def _key(t: Optional[torch.Tensor]):
@@ -277,8 +248,10 @@ def _describe(inputs: Any) -> str:
     return ", ".join(shapes) or "no tensors"
 
 
-def _propagate(model, calls, output, known, names_of_params, owned, intervals) -> TraceResult:
+def _propagate(model, calls, output, known, names_of_params, owned, intervals,
+               operand_shapes) -> TraceResult:
     ctx = _Tracer(model)
+    ctx.operand_shapes.update(operand_shapes)
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
         for k, _ in c.outputs:
@@ -380,7 +353,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals) -
         places = sorted({w for w in wheres if w})
         shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
         warnings.warn(f"CleanAI does not know the channel semantics of {op} "
-                      f"(in {shown or 'the top-level forward'}); the channels it touches are "
+                      f"(in {shown or type(model).__name__ + '.forward'}); the channels it touches are "
                       f"protected and will not be pruned.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
                        output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()})
@@ -428,7 +401,10 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
             ctx.protect(x, f"input of {name} does not carry its channels on dim {in_dim}")
             ctx.protect(in_ids, f"input of {name} has no channel ids")
     elif same and n_out:
-        return [x] + [None] * (n_out - 1)
+        if pr.passes_through(m):
+            return [x] + [None] * (n_out - 1)
+        ctx.protect(x, f"{type(m).__name__} {name} holds per-channel weights CleanAI cannot slice")
+        return [None] * n_out
     n_o = pr.out_channels(m)
     if n_o is None or not n_out:
         return [None] * n_out

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 from torch import nn

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from ..core.layers import get_layer_pruner
-from ..core.trace import ForwardFn, preserved_state, run_forward
+from ..core.runtime import ForwardFn, map_tensors, preserved_state, run_forward
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,6 @@ def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
 
 
 def _to_device(inputs: Any, model: nn.Module) -> Any:
-    from ..core.trace import map_tensors
     p = next(model.parameters(), None)
     if p is None:
         return inputs

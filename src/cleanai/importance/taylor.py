@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group
-from ..core.trace import preserved_state
+from ..core.runtime import preserved_state
 from .base import Importance, channel_sums, member_weights, normalize
-from .stats import iterate_batches, model_inputs
+from .stats import iterate_batches
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 

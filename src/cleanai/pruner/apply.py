@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, module_signature
-from ..core.trace import preserved_state, run_forward
+from ..core.runtime import preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
 
 Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)

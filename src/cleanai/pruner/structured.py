@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group
-from ..core.trace import ForwardFn
+from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from .apply import PruningError, apply_removals
 from .plan import PruningPlan

@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..core.trace import ForwardFn, run_forward
+from ..core.runtime import ForwardFn, run_forward
 
 
 def recalibrate_bn(model: nn.Module, data: Iterable, max_batches: Optional[int] = 20,

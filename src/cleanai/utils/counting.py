@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..core.trace import ForwardFn, preserved_state, run_forward
+from ..core.runtime import ForwardFn, preserved_state, run_forward
 
 __all__ = ["count_params", "count_macs"]
 

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..core.trace import ForwardFn, iter_tensors, preserved_state, run_forward
+from ..core.runtime import ForwardFn, iter_tensors, preserved_state, run_forward
 
 __all__ = ["measure_latency"]
 

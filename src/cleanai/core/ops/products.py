@@ -1,0 +1,115 @@
+"""Matrix products, attention and functional layer norms."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..slots import Shape, Slots
+from .base import OpCall, none, protect_all, register
+from .elementwise import broadcast
+
+
+# --- products ------------------------------------------------------------------------------
+
+@register("MmBackward0", "BmmBackward0")
+def _mm(ctx, call: OpCall):
+    return [matmul(ctx, call.name(), call.ins[0], call.ins[1], call.in_shapes[0],
+                   call.in_shapes[1], call.out_shapes[0])]
+
+
+@register("AddmmBackward0", "BaddbmmBackward0")
+def _addmm(ctx, call: OpCall):
+    out = call.out_shapes[0]
+    prod = matmul(ctx, call.name(), call.ins[1], call.ins[2], call.in_shapes[1],
+                  call.in_shapes[2], out)
+    bias_shape = call.in_shapes[0]
+    return [broadcast(ctx, call.name(), [call.ins[0], prod], [bias_shape, out], out)]
+
+
+def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Shape],
+           sb: Optional[Shape], out: Shape) -> Optional[Slots]:
+    """``a @ b`` with ``a: [..., n, k]`` and ``b: [..., k, m]``: the k channels of both are tied."""
+    if sa is None or sb is None:
+        return protect_all(ctx, f"{op} with an operand of unknown shape", [a, b])
+    na, nb, no = len(sa), len(sb), len(out)
+    ka, kb = na - 1, nb - 2
+    a_k = a is not None and a.dim == ka
+    b_k = b is not None and b.dim == kb
+    if a_k and b_k:
+        ctx.uf.union_all(a.ids, b.ids)
+    elif a_k and sa[ka] > 1:
+        ctx.protect(a, f"{op} contracts channels against a tensor without channel ids")
+    elif b_k and sb[kb] > 1:
+        ctx.protect(b, f"{op} contracts channels against a tensor without channel ids")
+    result = []
+    if a is not None and not a_k:
+        result.append((a.dim + no - na, a))
+    if b is not None and not b_k:
+        result.append((b.dim + no - nb, b))
+    if not result:
+        return None
+    if len(result) == 2:
+        (da, xa), (db, xb) = result
+        if da == db and da < no - 2:
+            ctx.uf.union_all(xa.ids, xb.ids)
+            return Slots(da, xa.ids)
+        return protect_all(ctx, f"{op} mixes channel dims", [a, b])
+    od, x = result[0]
+    if od < no - 2:  # a batch dim: the other operand must broadcast over it
+        other, so = (sb, nb) if x is a else (sa, na)
+        k = od - (no - so)
+        if 0 <= k < so - 2 and other[k] != 1:
+            ctx.protect(x, f"{op} with a batch dim that has no channel ids")
+    return Slots(od, x.ids)
+
+
+@register("ScaledDotProductFlashAttentionForCpuBackward0",
+           "ScaledDotProductEfficientAttentionBackward0",
+           "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0")
+def _sdpa(ctx, call: OpCall):
+    q, k, v = call.ins[:3]
+    sq, sk, sv = call.in_shapes[:3]
+    for extra in call.ins[3:]:
+        ctx.protect(extra, "attention mask")
+    if sq is None or sk is None or sv is None:
+        protect_all(ctx, f"{call.name()} with inputs of unknown shape", [q, k, v])
+        return none(call)
+    kt = None if k is None else Slots(_swap_last(k.dim, len(sk)), k.ids)
+    skt = tuple(sk[:-2]) + (sk[-1], sk[-2])
+    score_shape = tuple(torch.broadcast_shapes(tuple(sq[:-2]), tuple(sk[:-2]))) + (sq[-2], sk[-2])
+    scores = matmul(ctx, call.name(), q, kt, sq, skt, score_shape)
+    out = matmul(ctx, call.name(), scores, v, score_shape, sv, call.out_shapes[0])
+    return [out] + [None] * (len(call.out_shapes) - 1)
+
+
+def _swap_last(d: int, nd: int) -> int:
+    return {nd - 1: nd - 2, nd - 2: nd - 1}.get(d, d)
+
+
+# --- functional norms over bare parameters -------------------------------------------------
+
+@register("NativeLayerNormBackward0")
+def _layer_norm(ctx, call: OpCall):
+    x = call.ins[0]
+    in_shape = call.in_shapes[0]
+    normalized = tuple(call.saved("normalized_shape", ()))
+    params = [p for p in call.ins[1:] if p is not None]
+    if x is None or in_shape is None:
+        for p in params:
+            ctx.protect(p, "layer_norm weight")
+        return [x] + [None] * (len(call.out_shapes) - 1)
+    nd = len(in_shape)
+    if len(normalized) == 1 and x.dim == nd - 1:
+        for p in params:
+            if p.dim == 0 and len(p.ids) == len(x.ids):
+                ctx.uf.union_all(x.ids, p.ids)
+            else:
+                ctx.protect(p, "layer_norm weight")
+        return [x] + [None] * (len(call.out_shapes) - 1)
+    if x.dim >= nd - len(normalized):
+        protect_all(ctx, "layer_norm over several dims", [x] + params)
+        return none(call)
+    for p in params:
+        ctx.protect(p, "layer_norm weight")
+    return [x] + [None] * (len(call.out_shapes) - 1)

@@ -1,0 +1,250 @@
+"""Ops that move channels around: reshapes, permutes, concat, split, slicing, indexing and
+pixel shuffles."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..slots import Shape, Slots, reshape_blocks
+from .base import OpCall, ndim_dim, none, protect_all, register
+from .elementwise import broadcast
+
+
+# --- shape ops -----------------------------------------------------------------------------
+
+@register("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+           "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+           "UnsqueezeBackward0", "UnsqueezeBackward1")
+def _reshape_op(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape = call.in_shapes[0]
+    if in_shape is None:
+        ctx.protect(x, f"{call.name()} of unknown input shape")
+        return [None]
+    return [reshape(ctx, call.name(), x, in_shape, call.out_shapes[0])]
+
+
+def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
+    """Follow channel ids through a reshape from shape ``a`` to shape ``b``.
+
+    Merging dims repeats ids (flatten: channel c covers features ``[c*s, (c+1)*s)``); splitting
+    the channel dim into a grid (heads x head_dim, groups x per_group) ties each position of the
+    innermost dim across the outer ones, so every block loses the same positions and the sizes
+    the code bakes in (num_heads, groups) stay valid.
+    """
+    a, b = tuple(a), tuple(b)
+    for i0, i1, j0, j1 in reshape_blocks(a, b):
+        if i0 <= x.dim < i1:
+            break
+    else:
+        ctx.protect(x, f"{op} cannot be followed")
+        return None
+    sub_in = a[i0:i1]
+    view = [1] * len(sub_in)
+    view[x.dim - i0] = len(x.ids)
+    grid = x.ids.reshape(view).expand(sub_in).reshape(b[j0:j1])
+    varying = [d for d in range(grid.dim()) if grid.size(d) > 1 and
+               not bool((grid == grid.narrow(d, 0, 1)).all())]
+    if not varying:
+        ctx.protect(x, f"{op} collapsed the channel dim")
+        return None
+    if len(varying) > 1:
+        inner = varying[-1]
+        moved = grid.movedim(inner, -1).reshape(-1, grid.size(inner))
+        for row in moved[1:]:
+            ctx.uf.union_all(moved[0], row)
+        ctx.note(moved[0], f"{op} into {list(grid.shape)}: every block keeps the same "
+                           f"positions of its last dim")
+        grid = ctx.uf.canonical(grid)
+        varying = [inner]
+    d = varying[0]
+    ids = grid.movedim(d, 0).reshape(grid.size(d), -1)[:, 0].clone()
+    return Slots(j0 + d, ids)
+
+
+@register("ExpandBackward0")
+def _expand(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    a, b = call.in_shapes[0], call.out_shapes[0]
+    od = x.dim + len(b) - len(a)
+    if b[od] == len(x.ids):
+        return [Slots(od, x.ids)]
+    ctx.protect(x, "expand of a single channel")
+    return [None]
+
+
+@register("PermuteBackward0")
+def _permute(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    ndim = len(call.out_shapes[0])
+    dims = [ndim_dim(int(d), ndim) for d in call.saved("dims")]
+    return [x.moved(dims.index(x.dim))]
+
+
+@register("TransposeBackward0", "TransposeBackward1", "TBackward0")
+def _transpose(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    ndim = len(call.out_shapes[0])
+    if call.name() == "TBackward0":
+        d0, d1 = 0, ndim - 1
+    else:
+        d0 = ndim_dim(int(call.saved("dim0")), ndim)
+        d1 = ndim_dim(int(call.saved("dim1")), ndim)
+    swap = {d0: d1, d1: d0}
+    return [x.moved(swap.get(x.dim, x.dim))]
+
+
+@register("CatBackward0")
+def _cat(ctx, call: OpCall):
+    out = call.out_shapes[0]
+    dim = ndim_dim(int(call.saved("dim")), len(out))
+    return [concat(ctx, call.name(), call.ins, call.in_shapes, out, dim)]
+
+
+def concat(ctx, op: str, ins, shapes, out: Shape, dim: int) -> Optional[Slots]:
+    """Concatenation on ``dim``: ranges of the result are the inputs' channels in order."""
+    if all(x is None for x in ins):
+        return None
+    on_dim = [x is not None and x.dim == dim for x in ins]
+    if not any(on_dim):
+        # channels sit on another dim: the inputs are tied there, as in an element-wise op
+        flat = [s if s is None else s[:dim] + (1,) + s[dim + 1:] for s in shapes]
+        return broadcast(ctx, op, ins, flat, out[:dim] + (1,) + out[dim + 1:])
+    if any(x is not None and not d for x, d in zip(ins, on_dim)):
+        return protect_all(ctx, f"{op} mixes channel dims", ins)
+    sizes = [s[dim] if s is not None else None for s in shapes]
+    if sizes.count(None) > 1:
+        return protect_all(ctx, op, ins)
+    if None in sizes:
+        sizes[sizes.index(None)] = out[dim] - sum(s for s in sizes if s is not None)
+    parts = []
+    for x, n in zip(ins, sizes):
+        if x is not None:
+            parts.append(x.ids)
+        else:
+            parts.append(ctx.fresh(n, f"concatenated by {op} with a tensor that has no channel ids"))
+    return Slots(dim, torch.cat(parts))
+
+
+@register("StackBackward0")
+def _stack(ctx, call: OpCall):
+    out = call.out_shapes[0]
+    dim = ndim_dim(int(call.saved("dim")), len(out))
+    shapes = [s if s is None else s[:dim] + (1,) + s[dim:] for s in call.in_shapes]
+    ins = [x if x is None else x.moved(x.dim + (x.dim >= dim)) for x in call.ins]
+    return [broadcast(ctx, call.name(), ins, shapes, out)]
+
+
+@register("SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0")
+def _split(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return none(call)
+    in_shape = call.in_shapes[0]
+    dim = ndim_dim(int(call.saved("dim")), len(in_shape))
+    if call.name() == "UnbindBackward0":
+        if x.dim == dim:
+            ctx.protect(x, "unbind on the channel dim")
+            return none(call)
+        return [x.moved(x.dim - (x.dim > dim)) for _ in call.out_shapes]
+    if x.dim != dim:
+        return [x for _ in call.out_shapes]
+    sizes = [s[dim] for s in call.out_shapes]
+    if len(set(sizes)) != 1:
+        ctx.protect(x, f"{call.name()} into unequal sizes {sizes}")
+        return none(call)
+    pieces = list(x.ids.split(sizes[0]))
+    for piece in pieces[1:]:
+        ctx.uf.union_all(pieces[0], piece)
+    if len(pieces) > 1:
+        ctx.note(pieces[0], f"{call.name()} into {len(pieces)} equal parts: each keeps the same "
+                            f"positions")
+    return [Slots(dim, p) for p in pieces]
+
+
+@register("SliceBackward0")
+def _slice(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape = call.in_shapes[0]
+    dim = ndim_dim(int(call.saved("dim")), len(in_shape))
+    if x.dim != dim:
+        return [x]
+    if call.out_shapes[0][dim] == in_shape[dim]:
+        return [x]
+    ctx.protect(x, "slice of the channel dim")
+    return [None]
+
+
+@register("SelectBackward0")
+def _select(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    dim = ndim_dim(int(call.saved("dim")), len(call.in_shapes[0]))
+    if x.dim == dim:
+        ctx.protect(x, "select of one channel")
+        return [None]
+    return [x.moved(x.dim - (x.dim > dim))]
+
+
+@register("IndexBackward0")
+def _index(ctx, call: OpCall):
+    """Advanced indexing on dims other than the channel dim moves the channel dim."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    indices = list(call.saved("indices", ()) or ())
+    used = [i for i, t in enumerate(indices) if t is not None]
+    in_shape, out = call.in_shapes[0], call.out_shapes[0]
+    if not used or x.dim in used or in_shape is None:
+        ctx.protect(x, "indexing of the channel dim")
+        return [None]
+    idx_nd = len(torch.broadcast_shapes(*(tuple(indices[i].shape) for i in used)))
+    if used == list(range(used[0], used[-1] + 1)):
+        d = x.dim if x.dim < used[0] else x.dim - len(used) + idx_nd
+    else:
+        d = idx_nd + sum(1 for i in range(x.dim) if i not in used)
+    if d < len(out) and out[d] == len(x.ids):
+        return [Slots(d, x.ids)]
+    ctx.protect(x, "indexing of the channel dim")
+    return [None]
+
+
+@register("PixelShuffleBackward0")
+def _pixel_shuffle(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    ndim = len(call.out_shapes[0])
+    if x.dim != ndim - 3:
+        ctx.protect(x, "pixel_shuffle on a spatial dim")
+        return [None]
+    r2 = int(call.saved("upscale_factor")) ** 2
+    blocks = x.ids.reshape(-1, r2)
+    for j in range(1, r2):
+        ctx.uf.union_all(blocks[:, 0], blocks[:, j])
+    return [Slots(x.dim, blocks[:, 0].clone())]
+
+
+@register("PixelUnshuffleBackward0")
+def _pixel_unshuffle(ctx, call: OpCall):
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    ndim = len(call.out_shapes[0])
+    if x.dim != ndim - 3:
+        ctx.protect(x, "pixel_unshuffle on a spatial dim")
+        return [None]
+    r2 = int(call.saved("downscale_factor")) ** 2
+    return [Slots(x.dim, x.ids.repeat_interleave(r2))]

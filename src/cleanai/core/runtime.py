@@ -1,0 +1,71 @@
+"""Running a model the way its inputs ask, and putting it back exactly as it was."""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists, dicts and dataclasses (e.g. ``ModelOutput``)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            yield o
+        elif isinstance(o, dict):
+            stack.extend(reversed(list(o.values())))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(reversed(o))
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            stack.extend(reversed([getattr(o, f.name) for f in dataclasses.fields(o)]))
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def run_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn] = None) -> Any:
+    """Call the model the way its inputs ask: a dict as keywords, a tuple as positionals."""
+    if forward_fn is not None:
+        return forward_fn(model, inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore train/eval flags, ``requires_grad`` flags, buffers and the RNG on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        torch.set_rng_state(rng)

@@ -1,0 +1,136 @@
+"""Helpers shared by the dependency-graph tests (imported as ``from conftest import ...``):
+group layouts, structural invariants and a data-flow oracle for index maps."""
+import torch
+from torch import nn
+
+
+def R(n, reps=1):
+    """[0, 1, ..., n-1] repeated ``reps`` times."""
+    return list(range(n)) * reps
+
+
+def layout(group):
+    """``{"layer.kind": [channel at each position, None where another group owns it]}``;
+    parameters appear as ``"name[dim]"``."""
+    out = {}
+    for m in group.members:
+        row = [None] * m.length
+        for p, c in zip(m.positions.tolist(), m.channels.tolist()):
+            row[p] = c
+        key = f"{m.name}.{m.kind}" if m.kind != "param" else f"{m.name}[{m.dim}]"
+        assert key not in out, f"{key} listed twice in group {group.id}"
+        out[key] = row
+    return out
+
+
+def group_with(graph, key):
+    """The one group whose layout holds ``key`` ("layer.kind")."""
+    hits = [g for g in graph.groups if key in layout(g)]
+    assert len(hits) == 1, f"{key} is in {len(hits)} groups"
+    return hits[0]
+
+
+def _channel_dim(module: nn.Module, ndim: int) -> int:
+    if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+        return ndim - 1
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return ndim - len(module.kernel_size) - 1
+    return 1 if ndim > 1 else 0
+
+
+def _independent(module) -> bool:
+    """A layer whose output channels are its own (not depthwise): it creates a group."""
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    return not (conv and module.groups == module.in_channels > 1)
+
+
+def producers(graph, group):
+    """Names of the layers whose output channels create ``group``."""
+    return [m.name for m in group.members
+            if m.kind == "out" and _independent(graph.modules.get(m.name))]
+
+
+def assert_well_formed(graph) -> None:
+    """Invariants every graph must satisfy, stricter than ``graph.check()``."""
+    graph.check()
+    made = {n for g in graph.groups for n in producers(graph, g)}
+    owned = {}  # (name, kind) -> positions claimed so far
+    for i, g in enumerate(graph.groups):
+        assert g.id == i and g.size > 0 and g.protected.dtype == torch.bool
+        assert sum(g.reasons.values()) == int(g.protected.sum()), (g.reasons, g.protected)
+        assert producers(graph, g), f"group {g.id} has no producer"
+        for m in g.members:
+            assert m.kind in ("out", "in", "same", "param")
+            positions = m.positions.tolist()
+            assert len(set(positions)) == len(positions), f"{m.name}: repeated position"
+            if m.name in made and m.kind == "out":
+                assert len(m.positions) == m.length, f"{m.name}.out split across groups"
+            key = (m.name, m.kind)
+            clash = owned.setdefault(key, set()) & set(m.positions.tolist())
+            assert not clash, f"{key} positions {sorted(clash)} in two groups"
+            owned[key] |= set(m.positions.tolist())
+        for name in producers(graph, g):
+            covered = {int(c) for m in g.members if m.name == name and m.kind == "out"
+                       for c in m.channels}
+            assert covered == set(range(g.size)), f"{name} does not cover group {g.id}"
+
+
+def assert_maps_follow_dataflow(model, inputs, graph, groups=None, channels=1) -> None:
+    """Poison channel c of a group with NaN at every producer (all other producers replay their
+    recorded outputs) and check that exactly the member positions mapped to c turn NaN at every
+    layer input. NaN passes every op unchanged in kind (no saturating ReLU or sigmoid hides it),
+    so this is exact for models without channel-mixing ops between layers (LayerNorm, softmax)."""
+    made = {n for g in graph.groups for n in producers(graph, g)}
+    modules = dict(model.named_modules())
+    tracked = {m.name for g in graph.groups for m in g.members if m.kind in ("in", "same")}
+    recorded, seen, calls = {}, {}, {}
+    poison = {}
+
+    def pre(name):
+        def hook(mod, args):
+            x = args[0].detach()
+            d = _channel_dim(mod, x.dim())
+            hit = x.isnan().movedim(d, 0).reshape(x.shape[d], -1).any(1)
+            seen.setdefault(name, set()).update(hit.nonzero().flatten().tolist())
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            k = calls[name] = calls.get(name, -1) + 1
+            if len(recorded.get(name, ())) <= k:
+                recorded.setdefault(name, []).append(out.detach().clone())
+                return None
+            y = recorded[name][k].clone()
+            if name in poison:
+                y.index_fill_(_channel_dim(mod, y.dim()), poison[name], float("nan"))
+            return y
+        return hook
+
+    def run():
+        seen.clear()
+        calls.clear()
+        with torch.no_grad():
+            model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        return dict(seen)
+
+    handles = [modules[n].register_forward_pre_hook(pre(n)) for n in tracked]
+    handles += [modules[n].register_forward_hook(post(n)) for n in made]
+    try:
+        assert not any(run().values()), "NaN in the unpoisoned model"
+        chosen = graph.groups if groups is None else [graph.groups[i] for i in groups]
+        for g in chosen:
+            for c in torch.linspace(0, g.size - 1, min(channels, g.size)).round().long().tolist():
+                poison.clear()
+                poison.update({m.name: m.positions[m.channels == c] for m in g.members
+                               if m.kind == "out" and m.name in made})
+                changed = run()
+                for name in tracked:
+                    want = {int(p) for m in g.members if m.name == name and m.kind in ("in", "same")
+                            for p in m.positions[m.channels == c]}
+                    got = changed.get(name, set())
+                    assert got == want, (f"group {g.id} channel {c}: input of {name} changed at "
+                                         f"{sorted(got)}, graph says {sorted(want)}")
+    finally:
+        for h in handles:
+            h.remove()
+
