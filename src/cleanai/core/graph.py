@@ -152,79 +152,66 @@ def module_signature(model: nn.Module) -> Dict[str, tuple]:
 
 
 def _build_groups(r: TraceResult) -> List[Group]:
-    uf = r.uf
-    canon = uf.canonical
-    outs = {n: canon(ids) for n, ids in r.module_out.items()}
-    ins = {n: canon(ids) for n, ids in r.module_in.items()}
-    params = {n: canon(s.ids) for n, s in r.params.items()}
+    """Units linked by a shared producer form a group; every layer dim and parameter that holds
+    a group's units becomes a member, with vectorised position -> channel maps."""
+    roots = r.uf.roots()
 
-    # groups: units linked by a shared producer
+    # producers that share a unit share a group; channels keep their first-appearance order
+    owner: Dict[int, int] = {}
     link = UnionFind()
-    unit_index: Dict[int, int] = {}
-
-    def idx(u: int) -> int:
-        if u not in unit_index:
-            unit_index[u] = len(unit_index)
-            link.new(1)
-        return unit_index[u]
-
-    order: List[int] = []
-    for name in r.producers:
-        units = outs[name].tolist()
-        first = idx(units[0])
-        for u in units:
-            i = idx(u)
-            if i == len(order):
-                order.append(u)
-            link.union(first, i)
-
+    link.new(len(r.producers))
+    for pi, name in enumerate(r.producers):
+        for u in roots[r.module_out[name]].tolist():
+            if u in owner:
+                link.union(owner[u], pi)
+            else:
+                owner[u] = pi
     comp: Dict[int, List[int]] = {}
-    for u in order:
-        comp.setdefault(link.find(unit_index[u]), []).append(u)
-    unit_group: Dict[int, tuple] = {}
+    for u, pi in owner.items():
+        comp.setdefault(link.find(pi), []).append(u)
+
+    group_of = torch.full((len(roots),), -1, dtype=torch.long)  # unit id -> group
+    channel_of = torch.full((len(roots),), -1, dtype=torch.long)  # unit id -> channel in group
     groups: List[Group] = []
     for gi, units in enumerate(comp.values()):
-        for ci, u in enumerate(units):
-            unit_group[u] = (gi, ci)
+        u = torch.tensor(units, dtype=torch.long)
+        group_of[u] = gi
+        channel_of[u] = torch.arange(len(units))
         groups.append(Group(gi, len(units), [], torch.zeros(len(units), dtype=torch.bool), {}, []))
 
     def add_member(name: str, kind: str, dim: int, ids: torch.Tensor) -> None:
-        per: Dict[int, tuple] = {}
-        for pos, u in enumerate(ids.tolist()):
-            hit = unit_group.get(u)
-            if hit is not None:
-                lst = per.setdefault(hit[0], ([], []))
-                lst[0].append(pos)
-                lst[1].append(hit[1])
-        for gi, (pos, ch) in per.items():
-            groups[gi].members.append(Member(name, kind, dim, len(ids), torch.tensor(pos),
-                                             torch.tensor(ch)))
+        units = roots[ids]
+        g = group_of[units]
+        for gi in torch.unique(g[g >= 0]).tolist():
+            pos = torch.nonzero(g == gi).flatten()
+            groups[gi].members.append(Member(name, kind, dim, len(ids), pos, channel_of[units[pos]]))
 
     for name in r.modules:
-        if name in outs and name in ins and r.module_out[name] is r.module_in[name]:
-            add_member(name, "same", -1, outs[name])
+        out, inp = r.module_out.get(name), r.module_in.get(name)
+        if out is not None and out is inp:
+            add_member(name, "same", -1, out)
             continue
-        if name in outs:
-            add_member(name, "out", -1, outs[name])
-        if name in ins:
-            add_member(name, "in", -1, ins[name])
-    for name, ids in params.items():
-        add_member(name, "param", r.params[name].dim, ids)
+        if out is not None:
+            add_member(name, "out", -1, out)
+        if inp is not None:
+            add_member(name, "in", -1, inp)
+    for name, slots in r.params.items():
+        add_member(name, "param", slots.dim, slots.ids)
 
     reasons: Dict[int, str] = {}
     for i, why in r.protected.items():
-        reasons.setdefault(uf.find(i), why)
+        reasons.setdefault(int(roots[i]), why)
     for ids in r.output_ids:
-        for u in canon(ids).tolist():
+        for u in roots[ids].tolist():
             reasons[u] = "model output"
     for u, why in reasons.items():
-        hit = unit_group.get(u)
-        if hit is not None:
-            g = groups[hit[0]]
-            g.protected[hit[1]] = True
+        gi = int(group_of[u])
+        if gi >= 0:
+            g = groups[gi]
+            g.protected[channel_of[u]] = True
             g.reasons[why] = g.reasons.get(why, 0) + 1
     for i, text in r.notes:
-        hit = unit_group.get(uf.find(i))
-        if hit is not None and text not in groups[hit[0]].constraints:
-            groups[hit[0]].constraints.append(text)
+        gi = int(group_of[roots[i]])
+        if gi >= 0 and text not in groups[gi].constraints:
+            groups[gi].constraints.append(text)
     return groups

@@ -52,6 +52,15 @@ class UnionFind:
             if x != y:
                 self.union(x, y)
 
+    def roots(self) -> torch.Tensor:
+        """The representative of every id, as one LongTensor (pointer jumping, vectorised)."""
+        parent = torch.tensor(self.parent, dtype=torch.long)
+        while True:
+            nxt = parent[parent]
+            if torch.equal(nxt, parent):
+                return parent
+            parent = nxt
+
     def canonical(self, ids: torch.Tensor) -> torch.Tensor:
         """Replace every id by its representative."""
         return torch.tensor([self.find(i) for i in ids.reshape(-1).tolist()],

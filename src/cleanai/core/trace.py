@@ -390,12 +390,14 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
     same = pr.coupling(m) == "same"
     in_ids = None
     if n_in is not None:
+        in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
+        fits = x is not None and x.dim == in_dim and len(x.ids) == n_in
         in_ids = module_in.get(name)
         if in_ids is None:
-            in_ids = module_in[name] = ctx.fresh(n_in)
+            # first call: the layer's input channels are the ids that arrive (no new ids)
+            in_ids = module_in[name] = x.ids if fits else ctx.fresh(n_in)
             ctx.tie_blocks(in_ids, pr.blocks(m), f"{type(m).__name__} {name} (in)")
-        in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
-        if x is not None and x.dim == in_dim and len(x.ids) == n_in:
+        if fits:
             ctx.uf.union_all(x.ids, in_ids)
         else:
             ctx.protect(x, f"input of {name} does not carry its channels on dim {in_dim}")

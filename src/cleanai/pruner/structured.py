@@ -158,9 +158,10 @@ class StructuredPruner:
         if not pool:
             return {}
         total = sum(quota[g] for g in pool)
+        by_id = {g.id: g for g in self.graph.groups}
         cap = {}
         for gid in pool:
-            g = next(x for x in self.graph.groups if x.id == gid)
+            g = by_id[gid]
             cap[gid] = min(g.prunable, g.size - 1,
                            math.floor(self.original_size[gid] * self.max_pruning_ratio)
                            - (self.original_size[gid] - g.size))
