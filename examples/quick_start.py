@@ -20,6 +20,7 @@ after = {"params": count_params(model), "MACs": count_macs(model, x),
          "latency ms": measure_latency(model, x) * 1e3}
 print(f"{'':12s}{'before':>16s}{'after':>16s}{'change':>10s}")
 for key in before:
+    fmt = ",.1f" if isinstance(before[key], float) else ","
     change = after[key] / before[key] - 1
-    print(f"{key:12s}{before[key]:16,.1f}{after[key]:16,.1f}{change:10.1%}")
+    print(f"{key:12s}{before[key]:16{fmt}}{after[key]:16{fmt}}{change:10.1%}")
 print("output shape:", tuple(model(x).shape))

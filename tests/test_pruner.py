@@ -237,3 +237,30 @@ def test_cannot_infer_inputs_gives_clear_error():
 
     with pytest.raises(ValueError, match="pass example_inputs"):
         StructuredPruner(NoLayers())
+
+
+class AuxNet(nn.Module):
+    """An auxiliary head that runs only in training, with a BatchNorm on a 1x1 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8),
+                                 nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        y = self.body(x)
+        out = self.head(y.mean((2, 3)))
+        return (out, self.aux(y)) if self.training else out
+
+
+def test_training_only_branch_is_pruned_too():
+    model = AuxNet().eval()
+    x = torch.randn(1, 3, 8, 8)  # batch 1: train mode fails in aux BatchNorm, the tracer retries
+    StructuredPruner(model, x, pruning_ratio=0.5).prune()
+    assert model.aux[1].in_channels == model.body[0].out_channels == 8
+    model.train()
+    out, aux = model(torch.cat([x, x]))
+    (out.sum() + aux.sum()).backward()  # no stale autograd state from the failed attempt
+    assert out.shape == aux.shape == (2, 4)

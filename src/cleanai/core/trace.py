@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import traceback
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -121,19 +122,33 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             if p.is_floating_point():
                 p.requires_grad_(True)
         inputs = map_tensors(example_inputs, _as_leaf)
-        try:
-            # train mode first: branches that only run in training (auxiliary heads) are seen
-            calls, intervals, output, shapes = _record(model, inputs, forward_fn, known, train=True)
-        except Exception as first:
+        # Train mode first, so branches that only run in training (auxiliary heads) are seen;
+        # a batch of one can fail there (BatchNorm on a 1x1 map), so the batch is doubled next;
+        # last, the modes the model is in.
+        attempts = [(inputs, True), (map_tensors(inputs, _doubled), True), (inputs, None)]
+        errors = []
+        for attempt_inputs, train in attempts:
             try:
-                calls, intervals, output, shapes = _record(model, inputs, forward_fn, known,
-                                                           train=None)
-            except Exception as exc:  # the user's forward: report it with the model's name
-                raise TraceError(
-                    f"{type(model).__name__} failed on the example inputs "
-                    f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
-            logger.info("traced %s in its own mode; train mode failed: %s",
-                        type(model).__name__, first)
+                calls, intervals, output, shapes = _record(model, attempt_inputs, forward_fn,
+                                                           known, train)
+                break
+            except Exception as exc:  # the user's forward: reported below if all attempts fail
+                errors.append(exc)
+        else:
+            exc = errors[-1]
+            raise TraceError(
+                f"{type(model).__name__} failed on the example inputs "
+                f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+        if errors:
+            logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
+                        len(errors), errors[0])
+            # a swallowed exception's frames hold tensors whose autograd nodes remember the
+            # parameters' shapes; once pruning slices them, a later backward would trip on those
+            for exc in errors:
+                if exc.__traceback__ is not None:
+                    traceback.clear_frames(exc.__traceback__)
+                exc.__traceback__ = None
+            errors.clear()
         _warn_unreached(known, calls)
         return _propagate(model, calls, output, known, names_of_params, owned, intervals, shapes)
 
@@ -227,6 +242,10 @@ def _warn_unreached(known, calls: List[ModuleCall]) -> None:
         warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
                       f"CleanAI cannot see their channels, so it will not adjust them. Pass "
                       f"inputs (or a forward_fn) that run every branch you will use.", stacklevel=3)
+
+
+def _doubled(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t]) if t.dim() > 0 else t
 
 
 def _as_leaf(t: torch.Tensor) -> torch.Tensor:
