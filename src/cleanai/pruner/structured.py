@@ -122,7 +122,8 @@ class StructuredPruner:
         if step > self.iterative_steps:
             raise RuntimeError(f"all {self.iterative_steps} pruning steps are done; "
                                f"build a new StructuredPruner to prune further")
-        if self.importance.requires_data and not getattr(self.importance, "ready", True):
+        if getattr(self.importance, "requires_data", False) and \
+                not getattr(self.importance, "ready", True):
             raise RuntimeError(f"{type(self.importance).__name__} scores channels from data: "
                                f"call pruner.calibrate(data) before planning")
         scores: Dict[int, torch.Tensor] = {}
