@@ -160,22 +160,19 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
     """
     calls: List[ModuleCall] = []
     intervals: List[Tuple[int, int, str]] = []
-    probe = torch.zeros((), requires_grad=True)
-    open_calls: Dict[int, Tuple[int, str]] = {}
+    open_calls: Dict[int, int] = {}
 
-    def seq() -> int:
-        with torch.enable_grad():  # also inside a no_grad region of the model's forward
-            return (probe * 1.0).grad_fn._sequence_nr()
+    def last_seq(obj) -> int:
+        # the newest autograd node among these tensors: ops a module creates come after it
+        return max((t.grad_fn._sequence_nr() for t in iter_tensors(obj) if t.grad_fn is not None),
+                   default=-1)
 
-    def pre_hook(name):
-        def hook(module, args) -> None:
-            open_calls[id(module)] = (seq(), name)
-        return hook
+    def pre_hook(module, args) -> None:
+        open_calls[id(module)] = last_seq(args)
 
     def post_hook(name):
         def hook(module, args, output) -> None:
-            start = open_calls.pop(id(module), (0, name))[0]
-            intervals.append((start, seq(), name))
+            intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
         return hook
 
     def call_hook(name, pruner):
@@ -197,7 +194,7 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
         if train:
             model.train()
         for name, m in model.named_modules():
-            handles.append(m.register_forward_pre_hook(pre_hook(name)))
+            handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():
             handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
@@ -216,6 +213,8 @@ class _OperandShapes(TorchFunctionMode):
     ``x + 3`` and ``x + constant`` look alike in the autograd graph."""
 
     _OPS = ("AddBackward0", "SubBackward0")
+    _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
+              "__isub__", "__rsub__", "rsub", "subtract"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -223,6 +222,8 @@ class _OperandShapes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") not in self._FUNCS:
+            return out
         fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
         if fn is not None and fn.name() in self._OPS and fn not in self.shapes:
             operands = list(args[:2])
