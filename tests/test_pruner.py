@@ -264,3 +264,12 @@ def test_training_only_branch_is_pruned_too():
     out, aux = model(torch.cat([x, x]))
     (out.sum() + aux.sum()).backward()  # no stale autograd state from the failed attempt
     assert out.shape == aux.shape == (2, 4)
+
+
+def test_model_with_nothing_to_prune_is_a_warned_no_op():
+    model = nn.Sequential(nn.Linear(4, 3))  # its only channels are the model's outputs
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="no channels CleanAI can prune"):
+        pruner = StructuredPruner(model, torch.randn(1, 4), pruning_ratio=0.5)
+    pruner.prune()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -86,6 +86,10 @@ class StructuredPruner:
         self.round_to = round_to
         self.graph = DependencyGraph(model, self.example_inputs, forward_fn)
         self.original_size = {g.id: g.size for g in self.graph.groups}
+        if not any(g.prunable and g.size > 1 for g in self.graph.groups):
+            warnings.warn(f"{type(model).__name__} has no channels CleanAI can prune (no group "
+                          f"outside the model's outputs and protected channels); pruning will "
+                          f"leave it unchanged", stacklevel=2)
         self.current_step = 0
         self.history: List[Dict[str, Any]] = []
 
