@@ -414,6 +414,10 @@ def fmt(values: Sequence[float]) -> str:
     return f"{m:.2f} ± {s:.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
+def signed(x: float) -> str:
+    return f"{0.0 if abs(x) < 0.005 else x:+.2f}"  # no "-0.00"
+
+
 def human(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
@@ -477,7 +481,7 @@ def headline(res: dict) -> str:
             acc = statistics.mean(cell(res["main"], key, ratio=mid, importance=h))
             parts.append(f"the {label(h, res['chosen'])} keeps {acc:.2f}% "
                          f"({100 * acc / dense['test_acc']:.1f}% of dense accuracy, "
-                         f"{acc - w:+.2f} points vs weight-only)")
+                         f"{signed(acc - w)} points vs weight-only)")
         text.append(f"- {stage[0].upper() + stage[1:]}: weight-only keeps {w:.2f}% "
                     f"({100 * w / dense['test_acc']:.1f}% of dense); " + "; ".join(parts) + ".")
     cols = [label(h, res["chosen"]) for h in hybrids]
@@ -493,7 +497,7 @@ def headline(res: dict) -> str:
         for key, stage in stages(res):
             w = mean_sd(cell(res["main"], key, ratio=ratio, importance="weight"))
             hs = [mean_sd(cell(res["main"], key, ratio=ratio, importance=h)) for h in hybrids]
-            diffs = " / ".join(f"{d:+.2f} ({word})" for h in hybrids for d, _, word in
+            diffs = " / ".join(f"{signed(d)} ({word})" for h in hybrids for d, _, word in
                                [compare(res, key, ratio, h, "weight")])
             sds = " / ".join(f"{s:.2f}" for s in [w[1]] + [h[1] for h in hs])
             table.append(f"| {ratio} | {kept} | {stage} | {w[0]:.2f} | "
@@ -581,7 +585,7 @@ def choosing_defaults(res: dict) -> str:
     text += ["", "Check on the main runs (test set, every ratio), hybrid minus weight-only:", ""]
     for h in hybrids:
         text.append(f"- {label(h, c)}: " + "; ".join(
-            f"{ratio} {stage} {diff:+.2f} ({word})" for ratio in res["ratios"]
+            f"{ratio} {stage} {signed(diff)} ({word})" for ratio in res["ratios"]
             for key, stage in stages(res)
             for diff, _, word in [compare(res, key, ratio, h, "weight")]) + ".")
     default = recommend(res)
@@ -614,7 +618,7 @@ def recommend(res: dict) -> dict:
     gains = []
     for r in res["ratios"]:
         d = compare(res, "bn", r, "hybrid-chosen", "hybrid-sum")[0]
-        gains.append(f"{d:+.2f} at {r}")
+        gains.append(f"{signed(d)} at {r}")
     return dict(even, why=(
         f"The sweep's pick does not carry over to every ratio: it falls behind weight-only at "
         f"{', '.join(lost)}, while α=β=0.5 (mean) is never behind weight-only at any ratio or "

@@ -108,7 +108,8 @@ class WeightActivationImportance(Importance):
         return not self.requires_data or self.activation.ready
 
     def calibrate(self, *args, **kwargs) -> None:
-        self.activation.calibrate(*args, **kwargs)
+        if self.requires_data:  # a pure weight score (activation_ratio=0) needs no forwards
+            self.activation.calibrate(*args, **kwargs)
 
     def follow(self, layers: List[dict]) -> None:
         self.activation.follow(layers)
