@@ -29,7 +29,6 @@ import platform
 import shlex
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cleanai
+from _common import cleanai_revision
 from cleanai.importance import (ActivationImportance, RandomImportance,
                                 WeightActivationImportance, WeightImportance)
 from cleanai.utils import count_macs, count_params, recalibrate_bn
@@ -795,20 +795,6 @@ A difference is a tie unless it exceeds both twice its standard error over seeds
 
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
-
-
-def cleanai_revision() -> str:
-    """The git commit CleanAI was imported from, marked when its sources had local changes."""
-    where = os.path.dirname(os.path.abspath(cleanai.__file__))
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        dirty = " with uncommitted changes" if git("status", "--porcelain", "--", ".") else ""
-        return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
-    except (OSError, subprocess.CalledProcessError):
-        return where
 
 
 def load_average() -> str:

@@ -36,6 +36,7 @@ import torchvision
 from torch import nn
 
 import cleanai
+from _common import cleanai_revision
 
 try:
     from cleanai.utils import count_macs, count_params
@@ -352,20 +353,6 @@ def machine_facts() -> List[str]:
             f"Python {platform.python_version()} on {platform.system()} {platform.release()}",
             f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"CleanAI {cleanai.__version__}, Torch-Pruning {tp_version}"]
-
-
-def cleanai_revision() -> str:
-    """The git commit CleanAI was imported from, marked when its sources have local changes."""
-    where = os.path.dirname(os.path.abspath(cleanai.__file__))
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        dirty = " with uncommitted changes" if git("status", "--porcelain", "--", ".") else ""
-        return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
-    except (OSError, subprocess.CalledProcessError):
-        return where
 
 
 def command_line() -> str:

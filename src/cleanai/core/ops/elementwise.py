@@ -28,11 +28,16 @@ _UNARY = (
 ).split()
 
 
-@register(*_UNARY)
-def _unary(ctx, call: OpCall):
-    x = call.ins[0] if call.ins else None
+def _main_operand(ctx, call: OpCall):
+    """The op's first input; any further tracked input is protected (its role is unknown)."""
     for other in call.ins[1:]:
         ctx.protect(other, f"extra operand of {call.name()}")
+    return call.ins[0] if call.ins else None
+
+
+@register(*_UNARY)
+def _unary(ctx, call: OpCall):
+    x = _main_operand(ctx, call)
     if x is None:
         return none(call)
     out = call.out_shapes[0]
@@ -45,9 +50,7 @@ def _unary(ctx, call: OpCall):
 def _spatial(last: int) -> Handler:
     """Ops that work on the last ``last`` dims (pooling, upsampling, padding): channels pass."""
     def handler(ctx, call: OpCall):
-        x = call.ins[0] if call.ins else None
-        for other in call.ins[1:]:
-            ctx.protect(other, f"extra operand of {call.name()}")
+        x = _main_operand(ctx, call)
         if x is None:
             return none(call)
         in_shape = call.in_shapes[0]
