@@ -21,6 +21,9 @@ class Importance:
 
     Example, a custom importance that prefers channels with large biases::
 
+        from cleanai.importance import member_weights, normalize
+        from cleanai.importance.base import channel_sums
+
         class BiasImportance(cleanai.importance.Importance):
             def __call__(self, group, model):
                 scores = torch.zeros(group.size)

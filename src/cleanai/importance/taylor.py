@@ -31,6 +31,13 @@ class TaylorImportance(Importance):
     ``loss_fn(model, batch)`` accumulated over the calibration batches.
 
     The model's own ``.grad`` fields are left as they were.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; default: cross-entropy on
+            ``(inputs, targets)`` batches.
+        normalizer: see :func:`~cleanai.importance.normalize`.
+
+    Needs :meth:`StructuredPruner.calibrate` before planning, and again after each step.
     """
 
     requires_data = True
