@@ -138,9 +138,13 @@ class MultiheadAttentionPruner(LayerPruner):
     def internal_dims(self, m) -> List[Optional[InternalDim]]:
         h, d = m.num_heads, m.head_dim
         return [InternalDim("heads", h, d, True) if self.heads else None,
-                InternalDim("head_dim", d, h, False) if self.head_dims else None]
+                InternalDim("head_dim", d, h, False) if self.head_dims else None,
+                None if self._reads_embedding(m, "kdim") else InternalDim("key", m.kdim),
+                None if self._reads_embedding(m, "vdim") else InternalDim("value", m.vdim)]
 
     def internal_weights(self, m, index):
+        if index >= 2:  # the key (value) projection's columns
+            return [((m.k_proj_weight, m.v_proj_weight)[index - 2], 1)]
         inner = m.num_heads * m.head_dim
         out: List[Tuple[Tensor, int]] = [(m.out_proj.weight, 1)]
         if m.in_proj_weight is not None:
@@ -169,19 +173,27 @@ class MultiheadAttentionPruner(LayerPruner):
         return out
 
     def extra_inputs(self, m, shapes: Sequence[Tuple[int, ...]]) -> List[ChannelSpec]:
-        """Key and value carry the embedding channels when their projection reads them."""
+        """Key and value carry the embedding channels when their projection reads them, their
+        own (internal dims ``"key"``, ``"value"``) otherwise."""
         specs: List[ChannelSpec] = []
         for i, shape in enumerate(shapes):
-            which = ("kdim", "vdim")[i] if i < 2 else None
-            ok = which is not None and len(shape) > 0 and shape[-1] == m.embed_dim \
-                and self._reads_embedding(m, which)
-            specs.append((len(shape) - 1, "in") if ok else None)
+            if i >= 2 or not shape:
+                specs.append(None)
+                continue
+            which = ("kdim", "vdim")[i]
+            own = "in" if self._reads_embedding(m, which) else ("key", "value")[i]
+            specs.append((len(shape) - 1, own))
         return specs
 
     def prune(self, m, in_keep, out_keep, internal: Optional[Dict[int, Tensor]] = None):
         h, d, e = m.num_heads, m.head_dim, m.embed_dim
         inner = h * d
         fused = m.in_proj_weight is not None
+        internal = dict(internal or {})
+        for index, attr, weight in ((2, "kdim", "k_proj_weight"), (3, "vdim", "v_proj_weight")):
+            if index in internal:
+                _keep(getattr(m, weight), 1, internal[index])
+                setattr(m, attr, len(internal.pop(index)))
         if internal:
             kept = torch.arange(inner)
             for idx in internal.values():
