@@ -214,6 +214,14 @@ class MultiheadAttentionPruner(LayerPruner):
             _keep(m.out_proj.weight, 1, kept)
             m.out_proj.in_features = len(kept)
             m.num_heads, m.head_dim = len(heads), len(dims)
+            if len(dims) != d:
+                # attention scales scores by 1/sqrt(head_dim): fold the old scale into the
+                # query rows, so the kept dims score exactly as before
+                scale = math.sqrt(len(dims) / d)
+                q_weight = m.in_proj_weight if fused else m.q_proj_weight
+                q_weight.data[:len(kept)] *= scale
+                if m.in_proj_bias is not None:
+                    m.in_proj_bias.data[:len(kept)] *= scale
         if in_keep is not None:
             if fused:
                 _keep(m.in_proj_weight, 1, in_keep)
