@@ -367,5 +367,3 @@ register_layer_pruner(nn.PReLU, NormPruner("num_parameters"))
 register_layer_pruner(nn.LayerNorm, LayerNormPruner())
 for _t in (nn.EmbeddingBag, nn.Bilinear):
     register_layer_pruner(_t, UnsupportedLayer())
-
-from . import layers_attention, layers_recurrent  # noqa: E402,F401  (they register themselves)
