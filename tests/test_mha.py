@@ -6,7 +6,7 @@ from torch import nn
 import cleanai
 from cleanai import StructuredPruner, register_layer_pruner
 from cleanai.core.layers_attention import MultiheadAttentionPruner, PrunedMultiheadAttention
-from cleanai.importance import WeightActivationImportance
+from cleanai.importance import ActivationImportance, WeightActivationImportance
 from cleanai.pruner.plan import PruningPlan
 from cleanai.utils import count_params
 
@@ -125,6 +125,23 @@ def test_ratio_prunes_embedding_and_heads_back_to_the_stock_layer():
     assert (mha.embed_dim, mha.kdim, mha.num_heads, mha.head_dim) == (8, 8, 2, 4)
     assert model.fc.in_features == 8 and count_params(model) < before / 2
     assert model(x).shape == (2, 7, 3)
+
+
+def test_activation_scores_see_each_heads_output():
+    torch.manual_seed(0)
+    model, x = Attn(need_weights=False), torch.randn(2, 7, 5)
+    with torch.no_grad():  # head 2 reads zero values: it outputs nothing, whatever it attends to
+        model.mha.in_proj_weight[32 + 8:32 + 12] = 0
+        model.mha.in_proj_bias[32 + 8:32 + 12] = 0
+    pruner = StructuredPruner(model, x, pruning_ratio=0.25, importance=ActivationImportance())
+    pruner.calibrate([torch.randn(4, 7, 5) for _ in range(3)])
+    group = _internal_group(pruner.graph, "mha", 0)
+    scores = pruner.importance(group, model)
+    assert scores[2] == 0 and bool((scores[[0, 1, 3]] > 0).all())
+    plan = pruner.plan()
+    assert plan.removals[group.id].tolist() == [2]
+    pruner.apply(plan)
+    assert model.mha.num_heads == 3 and model(x).shape == (2, 7, 3)
 
 
 def test_cross_attention_key_channels_follow_their_producer():

@@ -96,6 +96,12 @@ class LayerPruner:
         """Tensors (or views) whose ``dim`` runs over internal dim ``index``'s positions."""
         return []
 
+    def internal_activations(self, module: nn.Module, args: tuple, kwargs: dict,
+                             output) -> List[Optional[Tensor]]:
+        """For activation statistics: per internal dim, a tensor whose last dim runs over its
+        positions (what the layer computes there on this call), or ``None``."""
+        return []
+
     def extra_inputs(self, module: nn.Module, shapes: Sequence[Tuple[int, ...]]) -> List[ChannelSpec]:
         """For the tensor inputs after the first (shapes given): which channels each carries.
         ``None`` means none that CleanAI follows; their producers are then protected."""

@@ -9,7 +9,9 @@ by default). Switch them with ``register_layer_pruner(nn.MultiheadAttention,
 MultiheadAttentionPruner(heads=..., head_dims=...))``.
 
 The stock forward needs ``num_heads * head_dim == embed_dim``; a layer pruned apart from that
-becomes a :class:`PrunedMultiheadAttention` (same parameters and state-dict keys).
+becomes a :class:`PrunedMultiheadAttention` (same parameters and state-dict keys). Pruning
+head dims folds the old ``1/sqrt(head_dim)`` score scale into the query rows, so the kept dims
+attend exactly as before.
 """
 from __future__ import annotations
 
@@ -39,70 +41,81 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        batched = query.dim() == 3
-        if not batched:  # [L, E] -> [L, 1, E]
-            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        length, n = query.shape[:2]
-        h, d = self.num_heads, self.head_dim
-        inner = h * d
-        if self.in_proj_weight is not None:
-            wq, wk, wv = self.in_proj_weight.split(inner)
-        else:
-            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.split(inner)
-        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
-        attn_mask = _float_mask(attn_mask, q.dtype)
-        key_padding_mask = _float_mask(key_padding_mask, q.dtype)
-        if is_causal and attn_mask is None:
-            attn_mask = torch.full((length, k.shape[0]), float("-inf"), dtype=q.dtype,
-                                   device=q.device).triu(1)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.expand(1, n, inner)])
-            v = torch.cat([v, self.bias_v.expand(1, n, inner)])
-            attn_mask, key_padding_mask = _pad(attn_mask), _pad(key_padding_mask)
-        q = q.reshape(length, n * h, d).transpose(0, 1)  # [N * h, L, d]
-        k = k.reshape(k.shape[0], n * h, d).transpose(0, 1)
-        v = v.reshape(v.shape[0], n * h, d).transpose(0, 1)
-        if self.add_zero_attn:
-            zeros = k.new_zeros(n * h, 1, d)
-            k, v = torch.cat([k, zeros], 1), torch.cat([v, zeros], 1)
-            attn_mask, key_padding_mask = _pad(attn_mask), _pad(key_padding_mask)
-        src = k.shape[1]
-        mask = attn_mask.reshape(-1, length, src) if attn_mask is not None else None
+        return attend(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                      average_attn_weights, is_causal)
+
+
+def attend(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+           key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+           attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+           is_causal: bool = False, project: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """``m``'s attention for any inner width; ``project=False`` stops before ``out_proj`` and
+    returns the heads' concatenated outputs (``[.., num_heads * head_dim]``)."""
+    batched = query.dim() == 3
+    if not batched:  # [L, E] -> [L, 1, E]
+        query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         if key_padding_mask is not None:
-            kpm = key_padding_mask.reshape(n, 1, 1, src).expand(n, h, 1, src).reshape(n * h, 1, src)
-            mask = kpm if mask is None else mask + kpm
-        p = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = torch.bmm(q * (1.0 / math.sqrt(d)), k.transpose(1, 2))
-            if mask is not None:
-                scores = scores + mask
-            attn = torch.softmax(scores, dim=-1)
-            weights = attn.view(n, h, length, src)
-            weights = weights.mean(1) if average_attn_weights else weights
-            if p > 0:
-                attn = F.dropout(attn, p=p)
-            out = torch.bmm(attn, v).transpose(0, 1).reshape(length, n, inner)
-        else:
-            if mask is not None:
-                mask = mask.view(n, h, length, src) if mask.shape[0] == n * h else mask.unsqueeze(0)
-            out = F.scaled_dot_product_attention(
-                q.view(n, h, length, d), k.view(n, h, src, d), v.view(n, h, src, d),
-                attn_mask=mask, dropout_p=p)
-            out = out.permute(2, 0, 1, 3).reshape(length, n, inner)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
-        if not batched:
-            return out.squeeze(1), (weights.squeeze(0) if weights is not None else None)
-        if self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    length, n = query.shape[:2]
+    h, d = m.num_heads, m.head_dim
+    inner = h * d
+    if m.in_proj_weight is not None:
+        wq, wk, wv = m.in_proj_weight.split(inner)
+    else:
+        wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    bq = bk = bv = None
+    if m.in_proj_bias is not None:
+        bq, bk, bv = m.in_proj_bias.split(inner)
+    q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    attn_mask = _float_mask(attn_mask, q.dtype)
+    key_padding_mask = _float_mask(key_padding_mask, q.dtype)
+    if is_causal and attn_mask is None:
+        attn_mask = torch.full((length, k.shape[0]), float("-inf"), dtype=q.dtype,
+                               device=q.device).triu(1)
+    if m.bias_k is not None and m.bias_v is not None:
+        k = torch.cat([k, m.bias_k.expand(1, n, inner)])
+        v = torch.cat([v, m.bias_v.expand(1, n, inner)])
+        attn_mask, key_padding_mask = _pad(attn_mask), _pad(key_padding_mask)
+    q = q.reshape(length, n * h, d).transpose(0, 1)  # [N * h, L, d]
+    k = k.reshape(k.shape[0], n * h, d).transpose(0, 1)
+    v = v.reshape(v.shape[0], n * h, d).transpose(0, 1)
+    if m.add_zero_attn:
+        zeros = k.new_zeros(n * h, 1, d)
+        k, v = torch.cat([k, zeros], 1), torch.cat([v, zeros], 1)
+        attn_mask, key_padding_mask = _pad(attn_mask), _pad(key_padding_mask)
+    src = k.shape[1]
+    mask = attn_mask.reshape(-1, length, src) if attn_mask is not None else None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.reshape(n, 1, 1, src).expand(n, h, 1, src).reshape(n * h, 1, src)
+        mask = kpm if mask is None else mask + kpm
+    p = m.dropout if m.training else 0.0
+    weights = None
+    if need_weights:
+        scores = torch.bmm(q * (1.0 / math.sqrt(d)), k.transpose(1, 2))
+        if mask is not None:
+            scores = scores + mask
+        attn = torch.softmax(scores, dim=-1)
+        weights = attn.view(n, h, length, src)
+        weights = weights.mean(1) if average_attn_weights else weights
+        if p > 0:
+            attn = F.dropout(attn, p=p)
+        out = torch.bmm(attn, v).transpose(0, 1).reshape(length, n, inner)
+    else:
+        if mask is not None:
+            mask = mask.view(n, h, length, src) if mask.shape[0] == n * h else mask.unsqueeze(0)
+        out = F.scaled_dot_product_attention(
+            q.view(n, h, length, d), k.view(n, h, src, d), v.view(n, h, src, d),
+            attn_mask=mask, dropout_p=p)
+        out = out.permute(2, 0, 1, 3).reshape(length, n, inner)
+    if project:
+        out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
+    if not batched:
+        return out.squeeze(1), (weights.squeeze(0) if weights is not None else None)
+    if m.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
 
 
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -155,6 +168,16 @@ class MultiheadAttentionPruner(LayerPruner):
             out.append((m.in_proj_bias.view(3, inner), 1))
         out += [(b, 2) for b in (m.bias_k, m.bias_v) if b is not None]
         return out
+
+    def internal_activations(self, m, args, kwargs, output):
+        """The heads' outputs (what ``out_proj`` reads), and the key and value inputs."""
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal")
+        call = dict(zip(names, args), **kwargs)
+        call["need_weights"] = False
+        with torch.no_grad():
+            heads, _ = attend(m, project=False, **call)
+        return [heads, heads, call.get("key"), call.get("value")]
 
     def _reads_embedding(self, m, which: str) -> bool:
         """Whether the key (value) projection's columns are the embedding channels."""

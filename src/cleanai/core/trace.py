@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward
@@ -327,8 +328,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                 for src in sources.get(k, empty):
                     edges.add((src, p.name))
             outs = _module_call(ctx, p, x, module_in, module_out, producers)
-            outs = _extras(ctx, p, outs, [slots.get(k) if k is not None else None
-                                          for k, _ in p.extras], module_in, module_out, internal)
+            outs = layer_extras(ctx, p, outs, [slots.get(k) if k is not None else None
+                                               for k, _ in p.extras], module_in, module_out, internal)
             for (k, _), s in zip(p.outputs, outs):
                 slots[k] = s
                 sources[k] = frozenset((p.name,))
@@ -460,50 +461,3 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
         return [None] * n_out
     return [Slots(out_dim, out_ids)] + [None] * (n_out - 1)
 
-
-def _extras(ctx: _Tracer, call: ModuleCall, outs: List[Optional[Slots]],
-            extra_in: List[Optional[Slots]], module_in, module_out, internal) -> List[Optional[Slots]]:
-    """A layer's internal dims, and the channels of its tensor inputs and outputs after the
-    first, as its pruner declares them (:meth:`LayerPruner.extra_inputs`, ``extra_outputs``)."""
-    m, pr, name = call.module, call.pruner, call.name
-    if isinstance(pr, UnsupportedLayer):
-        for s in extra_in:
-            ctx.protect(s, f"input of {type(m).__name__} {name}, which CleanAI cannot prune yet")
-        return outs
-    if name not in internal:
-        internal[name] = []
-        for d in pr.internal_dims(m):
-            if d is None:
-                internal[name].append(None)
-                continue
-            base = ctx.fresh(d.channels)
-            internal[name].append(base.repeat_interleave(d.per_channel) if d.interleaved
-                                  else base.repeat(d.per_channel))
-            ctx.note(base, f"{type(m).__name__} {name}: its internal {d.name!r} "
-                           f"({d.per_channel} positions each)")
-    sets = {"in": module_in.get(name), "out": module_out.get(name)}
-    for d, ids in zip(pr.internal_dims(m), internal[name]):
-        if d is not None:
-            sets[d.name] = ids
-
-    def ids_for(spec, shape) -> Optional[torch.Tensor]:
-        if spec is None or spec[0] >= len(shape) or sets.get(spec[1]) is None:
-            return None
-        ids, n = sets[spec[1]], shape[spec[0]]
-        return ids if len(ids) == n else ids[:n] if n and len(ids) % n == 0 else None
-
-    shapes = [shape for _, shape in call.extras]
-    for i, (spec, s, (key, shape)) in enumerate(zip(pr.extra_inputs(m, shapes), extra_in,
-                                                   call.extras)):
-        ids = ids_for(spec, shape)
-        if ids is not None and s is not None and s.dim == spec[0] and len(s.ids) == len(ids):
-            ctx.uf.union_all(s.ids, ids)
-        elif spec is not None or key != call.input_key:
-            ctx.protect(s, f"input {i + 2} of {name} does not carry channels CleanAI follows")
-            ctx.protect(ids, f"input {i + 2} of {name} does not follow its channels")
-    out_shapes = [shape for _, shape in call.outputs[1:]]
-    for i, spec in enumerate(pr.extra_outputs(m, out_shapes)):
-        ids = ids_for(spec, out_shapes[i])
-        if ids is not None:
-            outs[i + 1] = Slots(spec[0], ids)
-    return outs
