@@ -50,7 +50,7 @@ def _internal_group(graph, name, index):
 @pytest.fixture
 def head_dims():
     """Prune the dims inside heads instead of whole heads, for one test."""
-    register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner(heads=False, head_dims=True))
+    register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner(attention="head_dims"))
     try:
         yield
     finally:

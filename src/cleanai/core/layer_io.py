@@ -27,9 +27,13 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
         for s in extra_in:
             ctx.protect(s, f"input of {type(m).__name__} {name}, which CleanAI cannot prune yet")
         return outs
+    # which attention units become removable: the trace's setting, else the layer pruner's
+    attention = getattr(ctx, "attention", None) or getattr(pr, "attention", "heads")
+    dims = [None if d is None or (d.kind in ("heads", "head_dims") and d.kind != attention)
+            else d for d in pr.internal_dims(m)]
     if name not in internal:
         internal[name] = []
-        for d in pr.internal_dims(m):
+        for d in dims:
             if d is None:
                 internal[name].append(None)
                 continue
@@ -38,8 +42,11 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
                                   else base.repeat(d.per_channel))
             each = f" ({d.per_channel} positions each)" if d.per_channel > 1 else ""
             ctx.note(base, f"{type(m).__name__} {name}: its internal {d.name!r}{each}")
+            kinds = getattr(ctx, "kinds", None)  # group kinds, where the tracer records them
+            if kinds is not None:
+                kinds.append((int(base[0]), d.kind))
     sets = {"in": module_in.get(name), "out": module_out.get(name)}
-    for d, ids in zip(pr.internal_dims(m), internal[name]):
+    for d, ids in zip(dims, internal[name]):
         if d is not None:
             sets[d.name] = ids
 

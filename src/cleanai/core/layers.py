@@ -28,12 +28,15 @@ class InternalDim:
     with ``interleaved`` position p holds channel ``p // per_channel`` (heads of ``head_dim``
     rows each), otherwise channel ``p % channels`` (dim d of every head). Each becomes a group of
     its own; the plan's kept positions come back to :meth:`LayerPruner.prune` as ``internal``.
+    ``kind`` says what a channel is: ``"heads"``, ``"head_dims"`` (attention units, of which the
+    trace keeps the kind its ``attention`` setting asks for) or ``"channels"``.
     """
 
     name: str
     channels: int
     per_channel: int = 1
     interleaved: bool = True
+    kind: str = "channels"
 
     @property
     def length(self) -> int:

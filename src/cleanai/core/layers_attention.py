@@ -3,10 +3,10 @@
 The embedding size (``embed_dim``, the query's last dim) is the layer's input channel set and
 ``out_proj``'s rows its output channels; both usually join the residual stream. Heads and the
 dims inside heads are :class:`~cleanai.core.layers.InternalDim` s over the ``num_heads *
-head_dim`` rows of the q/k/v projections (and ``out_proj``'s columns), each a group of its own:
-``"heads"`` (whole heads, on by default) and ``"head_dim"`` (the same dims in every head, off
-by default). Switch them with ``register_layer_pruner(nn.MultiheadAttention,
-MultiheadAttentionPruner(heads=..., head_dims=...))``.
+head_dim`` rows of the q/k/v projections (and ``out_proj``'s columns), a group of their own:
+``"heads"`` (whole heads go, the default) or ``"head_dims"`` (the same dims leave every head).
+Choose with ``register_layer_pruner(nn.MultiheadAttention,
+MultiheadAttentionPruner(attention="head_dims"))``.
 
 The stock forward needs ``num_heads * head_dim == embed_dim``; a layer pruned apart from that
 becomes a :class:`PrunedMultiheadAttention` (same parameters and state-dict keys). Pruning
@@ -133,11 +133,13 @@ def _pad(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 class MultiheadAttentionPruner(LayerPruner):
     """nn.MultiheadAttention: ``embed_dim`` in and ``out_proj.out_features`` out (last dim), plus
-    internal dims ``"heads"`` (id 0) and ``"head_dim"`` (id 1); see the module doc."""
+    internal dims ``"heads"`` (id 0) or ``"head_dims"`` (id 1), as ``attention`` asks, and the
+    key and value channels (ids 2, 3) when their projections do not read the embedding."""
 
-    def __init__(self, heads: bool = True, head_dims: bool = False) -> None:
-        self.heads = heads
-        self.head_dims = head_dims
+    def __init__(self, attention: str = "heads") -> None:
+        if attention not in ("heads", "head_dims"):
+            raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
+        self.attention = attention
 
     def in_channels(self, m):
         return m.embed_dim
@@ -150,8 +152,8 @@ class MultiheadAttentionPruner(LayerPruner):
 
     def internal_dims(self, m) -> List[Optional[InternalDim]]:
         h, d = m.num_heads, m.head_dim
-        return [InternalDim("heads", h, d, True) if self.heads else None,
-                InternalDim("head_dim", d, h, False) if self.head_dims else None,
+        return [InternalDim("heads", h, d, True, kind="heads"),
+                InternalDim("head_dims", d, h, False, kind="head_dims"),
                 None if self._reads_embedding(m, "kdim") else InternalDim("key", m.kdim),
                 None if self._reads_embedding(m, "vdim") else InternalDim("value", m.vdim)]
 
