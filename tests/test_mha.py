@@ -174,6 +174,32 @@ def test_transformer_encoder_fast_path_after_head_pruning():
         assert model(x).shape == (2, 7, 3)
 
 
+def test_encoder_decoder_transformer_prunes_at_half():
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src, self.tgt, self.fc = nn.Linear(5, 16), nn.Linear(5, 16), nn.Linear(16, 3)
+            self.t = nn.Transformer(16, 4, 2, 2, 32, dropout=0.0, batch_first=True)
+
+        def forward(self, x, y):
+            return self.fc(self.t(self.src(x), self.tgt(y)))
+
+    torch.manual_seed(0)
+    model, inputs = Seq2Seq(), (torch.randn(2, 7, 5), torch.randn(2, 9, 5))
+    before = count_params(model)
+    StructuredPruner(model, inputs, pruning_ratio=0.5).prune()
+    assert model.t.d_model == 8  # checked by its forward against the inputs' width
+    for attn in (model.t.encoder.layers[0].self_attn, model.t.decoder.layers[1].multihead_attn):
+        assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (8, 2, 4)
+    assert count_params(model) < before / 2
+    y = model(*inputs)
+    assert y.shape == (2, 9, 3)
+    y.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(*inputs).shape == (2, 9, 3)
+
+
 def test_history_replays_heads_on_a_fresh_model():
     torch.manual_seed(0)
     model, x = Attn(), torch.randn(2, 7, 5)

@@ -279,15 +279,20 @@ def _sync_class(m: nn.MultiheadAttention) -> None:
 
 def synced_containers(model: nn.Module) -> List[nn.Module]:
     """The containers whose attributes :func:`sync_container_attributes` may change."""
-    return [m for m in model.modules() if (type(m).__module__ or "").startswith("torchvision.")
-            and type(m).__name__ in ("VisionTransformer", "EncoderBlock")]
+    return [m for m in model.modules() if isinstance(m, nn.Transformer) or (
+        (type(m).__module__ or "").startswith("torchvision.")
+        and type(m).__name__ in ("VisionTransformer", "EncoderBlock"))]
 
 
 def sync_container_attributes(model: nn.Module) -> None:
     """Update widths that known containers keep beside their layers and check in forward:
-    torchvision's ``VisionTransformer.hidden_dim`` (its patch reshape) and
-    ``EncoderBlock.num_heads``."""
+    ``nn.Transformer.d_model``, torchvision's ``VisionTransformer.hidden_dim`` (its patch
+    reshape) and ``EncoderBlock.num_heads``."""
     for m in synced_containers(model):
+        if isinstance(m, nn.Transformer):
+            first = next((layer.self_attn for layer in m.encoder.layers), None)
+            if first is not None:
+                m.d_model = first.embed_dim
         if isinstance(getattr(m, "conv_proj", None), nn.Conv2d):
             m.hidden_dim = m.conv_proj.out_channels
         if isinstance(getattr(m, "self_attention", None), nn.MultiheadAttention):
