@@ -460,4 +460,3 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
         ctx.protect(out_ids, f"output of {name} does not carry its channels on dim {out_dim}")
         return [None] * n_out
     return [Slots(out_dim, out_ids)] + [None] * (n_out - 1)
-
