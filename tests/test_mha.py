@@ -7,8 +7,11 @@ import cleanai
 from cleanai import StructuredPruner, register_layer_pruner
 from cleanai.core.layers_attention import MultiheadAttentionPruner, PrunedMultiheadAttention
 from cleanai.importance import ActivationImportance, WeightActivationImportance
+from cleanai.pruner.apply import PruningError
 from cleanai.pruner.plan import PruningPlan
 from cleanai.utils import count_params
+
+from equivalence import check_equivalence
 
 
 class Attn(nn.Module):
@@ -112,6 +115,39 @@ def test_head_dims_stay_uniform_and_exact(head_dims):
     assert (mha.num_heads, mha.head_dim) == (4, 2) and mha.in_proj_weight.shape == (24, 16)
     with torch.no_grad():  # the old 1/sqrt(head_dim) is folded into the query rows
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["heads", "head_dims"])
+def test_zero_weight_equivalence_of_embedding_and_attention_units(attention):
+    # the residual stream's removed channels are read by nobody, removed units write nothing
+    register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner(attention=attention))
+    try:
+        torch.manual_seed(0)
+        model, x = Attn(bias_kv=True), torch.randn(2, 7, 5)
+        check_equivalence(model, StructuredPruner(model, x, pruning_ratio=0.5), x)
+    finally:
+        register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner())
+    assert model.mha.embed_dim == 8 and model.mha.num_heads * model.mha.head_dim == 8
+
+
+def test_failed_apply_restores_the_stock_layer():
+    class Checked(Attn):
+        def forward(self, x):
+            if self.mha.num_heads != 4:
+                raise RuntimeError("this model needs 4 heads")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model, x = Checked(), torch.randn(2, 7, 5)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, x)
+    group = _internal_group(pruner.graph, "mha", 0)
+    with pytest.raises(PruningError, match="4 heads"):
+        pruner.apply(PruningPlan(pruner.graph, {group.id: [0]}))
+    assert type(model.mha) is nn.MultiheadAttention and model.mha._qkv_same_embed_dim
+    assert (model.mha.num_heads, model.mha.head_dim, model.mha.out_proj.in_features) == (4, 4, 16)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert model(x).shape == (2, 7, 3)
 
 
 def test_ratio_prunes_embedding_and_heads_back_to_the_stock_layer():

@@ -12,6 +12,8 @@ from cleanai.importance import WeightActivationImportance
 from cleanai.pruner.apply import layer_keeps
 from cleanai.utils import count_params
 
+from equivalence import check_equivalence
+
 
 class Classifier(nn.Module):
     """Linear -> recurrent layer -> Linear on the last step (``out[:, -1]``) or the last
@@ -120,6 +122,14 @@ def test_removing_silent_units_is_exact(kind):
     pruner.apply(plan)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_weight_equivalence_of_the_input_features():
+    torch.manual_seed(0)
+    model = Classifier()
+    x = _x(model)
+    check_equivalence(model, StructuredPruner(model, x, pruning_ratio=0.5, ignored_layers=[model.rnn]), x)
+    assert model.rnn.input_size == 4 and model.rnn.weight_ih_l0_reverse.shape == (48, 4)
 
 
 def test_lstm_projection_prunes_hidden_and_projected_units():
