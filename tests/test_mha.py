@@ -43,6 +43,36 @@ class Attn(nn.Module):
         return self.fc(y)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_pruned_forward_matches_the_stock_forward(batch_first, kdim):
+    # the same module run by both forwards, over the options nn.MultiheadAttention takes
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim,
+                                  add_bias_kv=kdim is None, add_zero_attn=kdim is None).eval()
+    ours = PrunedMultiheadAttention.__new__(PrunedMultiheadAttention)
+    ours.__dict__.update(stock.__dict__)
+    n, length, src = 2, 5, 7
+    q = torch.randn((n, length, 16) if batch_first else (length, n, 16))
+    k = torch.randn((n, src, kdim or 16) if batch_first else (src, n, kdim or 16))
+    padding = torch.zeros(n, src, dtype=torch.bool)
+    padding[1, -3:] = True
+    masks = [dict(), dict(key_padding_mask=padding), dict(attn_mask=torch.randn(length, src)),
+             dict(attn_mask=torch.rand(n * 4, length, src) > 0.8, key_padding_mask=padding)]
+    for kw in masks:
+        for need_weights, average in ((True, True), (True, False), (False, True)):
+            want = stock(q, k, k, need_weights=need_weights, average_attn_weights=average, **kw)
+            got = ours(q, k, k, need_weights=need_weights, average_attn_weights=average, **kw)
+            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+            if need_weights:
+                torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-4)
+            else:
+                assert got[1] is None
+    one = (q[0] if batch_first else q[:, 0]), (k[0] if batch_first else k[:, 0])  # unbatched
+    torch.testing.assert_close(ours(one[0], one[1], one[1])[0], stock(one[0], one[1], one[1])[0],
+                               atol=1e-5, rtol=1e-4)
+
+
 def _internal_group(graph, name, index):
     hits = [g for g in graph.groups
             if any(m.kind == "internal" and m.name == name and m.dim == index for m in g.members)]
@@ -66,8 +96,9 @@ def head_dims():
     dict(batch_first=True, kdim=6, need_weights=False),
     dict(batch_first=False, kdim=6),
     dict(batch_first=True, bias_kv=True, zero_attn=True, padding=True),
+    dict(batch_first=False, bias_kv=True, zero_attn=True, padding=True, need_weights=False),
 ], ids=["fused-bf", "fused-seq-first-sdpa", "separate-bf-sdpa", "separate-seq-first",
-        "bias-kv-zero-attn-padding"])
+        "bias-kv-zero-attn-padding", "bias-kv-zero-attn-padding-sdpa"])
 def test_removing_silent_heads_is_exact(case):
     torch.manual_seed(0)
     model, x = Attn(**case).eval(), torch.randn(2, 7, 5)

@@ -104,7 +104,7 @@ def attend(m: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
         out = torch.bmm(attn, v).transpose(0, 1).reshape(length, n, inner)
     else:
         if mask is not None:
-            mask = mask.view(n, h, length, src) if mask.shape[0] == n * h else mask.unsqueeze(0)
+            mask = mask.view(n, h, -1, src) if mask.shape[0] == n * h else mask.unsqueeze(0)
         out = F.scaled_dot_product_attention(
             q.view(n, h, length, d), k.view(n, h, src, d), v.view(n, h, src, d),
             attn_mask=mask, dropout_p=p)
