@@ -211,6 +211,15 @@ def test_activation_scores_see_each_heads_output():
     assert model.mha.num_heads == 3 and model(x).shape == (2, 7, 3)
 
 
+def test_per_layer_ratio_reaches_the_heads():
+    torch.manual_seed(0)
+    model, x = Attn(), torch.randn(2, 7, 5)
+    StructuredPruner(model, x, pruning_ratio=0.25, layer_pruning_ratios={"mha": 0.75}).prune()
+    # the heads belong to "mha" alone; the residual stream is also written by "mha"
+    assert model.mha.num_heads == 1 and model.mha.embed_dim == 4
+    assert model(x).shape == (2, 7, 3)
+
+
 def test_cross_attention_key_channels_follow_their_producer():
     torch.manual_seed(0)
     model, x = Attn(kdim=6), torch.randn(2, 7, 5)
