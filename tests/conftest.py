@@ -58,14 +58,16 @@ def assert_well_formed(graph) -> None:
     for i, g in enumerate(graph.groups):
         assert g.id == i and g.size > 0 and g.protected.dtype == torch.bool
         assert sum(g.reasons.values()) == int(g.protected.sum()), (g.reasons, g.protected)
-        assert producers(graph, g), f"group {g.id} has no producer"
+        # a layer's internal dims (attention heads, hidden units) are their own producers
+        assert producers(graph, g) or any(m.kind == "internal" for m in g.members), \
+            f"group {g.id} has no producer"
         for m in g.members:
-            assert m.kind in ("out", "in", "same", "param")
+            assert m.kind in ("out", "in", "same", "param", "internal")
             positions = m.positions.tolist()
             assert len(set(positions)) == len(positions), f"{m.name}: repeated position"
             if m.name in made and m.kind == "out":
                 assert len(m.positions) == m.length, f"{m.name}.out split across groups"
-            key = (m.name, m.kind)
+            key = (m.name, m.kind, m.dim if m.kind == "internal" else None)
             clash = owned.setdefault(key, set()) & set(m.positions.tolist())
             assert not clash, f"{key} positions {sorted(clash)} in two groups"
             owned[key] |= set(m.positions.tolist())

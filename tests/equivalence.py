@@ -11,6 +11,13 @@ from cleanai.pruner.apply import layer_keeps
 def zero_consumers(model: nn.Module, plan) -> None:
     """Zero the input weights of every consumer for the channels ``plan`` removes."""
     for (name, kind, dim), keep in layer_keeps(plan.graph, plan.removals).items():
+        if kind == "internal":  # a layer's own units (attention heads): silence them entirely
+            module = model.get_submodule(name)
+            for tensor, d in get_layer_pruner(module).internal_weights(module, dim):
+                removed = torch.ones(tensor.shape[d], dtype=torch.bool)
+                removed[keep] = False
+                tensor.index_fill_(d, torch.nonzero(removed).flatten(), 0.0)
+            continue
         if kind != "in":
             continue
         module = model.get_submodule(name)

@@ -361,13 +361,14 @@ def test_unsupported_layer_protects_its_input_and_warns():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed, self.rnn, self.head = nn.Linear(3, 6), nn.GRU(6, 5), nn.Linear(5, 2)
+            self.embed, self.mix, self.head = nn.Linear(3, 6), nn.Bilinear(6, 6, 5), nn.Linear(5, 2)
 
         def forward(self, x):
-            return self.head(self.rnn(self.embed(x))[0])
+            h = self.embed(x)
+            return self.head(self.mix(h, h))
 
     g = graph(Net(), torch.randn(4, 2, 3))
-    assert len(g.warnings) == 1 and "GRU" in g.warnings[0] and "rnn" in g.warnings[0]
+    assert len(g.warnings) == 1 and "Bilinear" in g.warnings[0] and "mix" in g.warnings[0]
     grp = group_with(g, "embed.out")
     assert layout(grp) == {"embed.out": R(6)} and grp.protected.all()
 

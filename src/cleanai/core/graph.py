@@ -22,8 +22,8 @@ class Member:
     """
 
     name: str
-    kind: str  # "out", "in", "same" (a layer whose output channel i is input channel i), "param"
-    dim: int  # the parameter's dim for "param"; -1 otherwise
+    kind: str  # "out", "in", "same" (output channel i is input channel i), "param", "internal"
+    dim: int  # the parameter's dim for "param", the internal dim's index for "internal"; else -1
     length: int  # size of the member's whole channel dim
     positions: torch.Tensor
     channels: torch.Tensor
@@ -33,7 +33,9 @@ class Member:
         span = "all" if n == self.length else f"{n}/{self.length} positions"
         per = n // max(1, len(torch.unique(self.channels)))
         rep = f", {per} per channel" if per > 1 else ""
-        where = f"{self.name}.{self.kind}" if self.kind != "param" else f"{self.name}[dim {self.dim}]"
+        where = (f"{self.name}[dim {self.dim}]" if self.kind == "param" else
+                 f"{self.name}.internal[{self.dim}]" if self.kind == "internal" else
+                 f"{self.name}.{self.kind}")
         return f"{where} ({span}{rep})"
 
 
@@ -155,13 +157,15 @@ def _build_groups(r: TraceResult) -> List[Group]:
     """Units linked by a shared producer form a group; every layer dim and parameter that holds
     a group's units becomes a member, with vectorised position -> channel maps."""
     roots = r.uf.roots()
+    made = [r.module_out[name] for name in r.producers]  # each producer's fresh ids
+    made += [ids for dims in r.internal.values() for ids in dims if ids is not None]
 
     # producers that share a unit share a group; channels keep their first-appearance order
     owner: Dict[int, int] = {}
     link = UnionFind()
-    link.new(len(r.producers))
-    for pi, name in enumerate(r.producers):
-        for u in roots[r.module_out[name]].tolist():
+    link.new(len(made))
+    for pi, ids in enumerate(made):
+        for u in roots[ids].tolist():
             if u in owner:
                 link.union(owner[u], pi)
             else:
@@ -197,6 +201,10 @@ def _build_groups(r: TraceResult) -> List[Group]:
             add_member(name, "in", -1, inp)
     for name, slots in r.params.items():
         add_member(name, "param", slots.dim, slots.ids)
+    for name, dims in r.internal.items():
+        for index, ids in enumerate(dims):
+            if ids is not None:
+                add_member(name, "internal", index, ids)
 
     reasons: Dict[int, str] = {}
     for i, why in r.protected.items():

@@ -7,12 +7,40 @@ Register one for a custom layer with :func:`register_layer_pruner`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Type
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 Tensor = torch.Tensor
+#: Where a layer's extra input or output tensor carries channels: ``(dim, set)``, where ``set``
+#: is ``"in"``, ``"out"`` or the name of one of the layer's :class:`InternalDim`.
+ChannelSpec = Optional[Tuple[int, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class InternalDim:
+    """Channels that live inside a layer and never show on its input or output tensors: an
+    attention layer's heads, an LSTM's hidden units behind its projection.
+
+    The layer stores them along ``channels * per_channel`` positions (the rows of a projection):
+    with ``interleaved`` position p holds channel ``p // per_channel`` (heads of ``head_dim``
+    rows each), otherwise channel ``p % channels`` (dim d of every head). Each becomes a group of
+    its own; the plan's kept positions come back to :meth:`LayerPruner.prune` as ``internal``.
+    ``kind`` says what a channel is: ``"heads"``, ``"head_dims"`` (attention units, of which the
+    trace keeps the kind its ``attention`` setting asks for) or ``"channels"``.
+    """
+
+    name: str
+    channels: int
+    per_channel: int = 1
+    interleaved: bool = True
+    kind: str = "channels"
+
+    @property
+    def length(self) -> int:
+        return self.channels * self.per_channel
 
 
 class LayerPruner:
@@ -48,6 +76,10 @@ class LayerPruner:
         """Channel blocks that must stay equal in size (conv groups, GroupNorm groups)."""
         return 1
 
+    def in_blocks(self, module: nn.Module) -> int:
+        """Blocks of the input channels (``blocks()`` unless the two sides differ)."""
+        return self.blocks(module)
+
     def passes_through(self, module: nn.Module) -> bool:
         """For a ``"same"`` layer with no channel count (``in_channels`` is None): True when it
         leaves channels alone (a single-parameter PReLU), False when it holds weights over
@@ -58,9 +90,37 @@ class LayerPruner:
         """Tensors that carry a channel's weights on ``side`` ("in" or "out"), with their dim."""
         return []
 
+    def internal_dims(self, module: nn.Module) -> List[Optional[InternalDim]]:
+        """Channels inside the layer, each pruned as a group of its own. The list index is the
+        dim's id in plans and history, so keep it stable (``None`` for a switched-off dim)."""
+        return []
+
+    def internal_weights(self, module: nn.Module, index: int) -> List[Tuple[Tensor, int]]:
+        """Tensors (or views) whose ``dim`` runs over internal dim ``index``'s positions."""
+        return []
+
+    def internal_activations(self, module: nn.Module, args: tuple, kwargs: dict,
+                             output) -> List[Optional[Tensor]]:
+        """For activation statistics: per internal dim, a tensor whose last dim runs over its
+        positions (what the layer computes there on this call), or ``None``."""
+        return []
+
+    def extra_inputs(self, module: nn.Module, shapes: Sequence[Tuple[int, ...]]) -> List[ChannelSpec]:
+        """For the tensor inputs after the first (shapes given): which channels each carries.
+        ``None`` means none that CleanAI follows; their producers are then protected."""
+        return [None] * len(shapes)
+
+    def extra_outputs(self, module: nn.Module, shapes: Sequence[Tuple[int, ...]]) -> List[ChannelSpec]:
+        """For the tensor outputs after the first: which channels each carries (a tensor that
+        holds one of ``blocks()`` equal blocks gets the first block's ids)."""
+        return [None] * len(shapes)
+
     def prune(self, module: nn.Module, in_keep: Optional[Tensor], out_keep: Optional[Tensor]) -> None:
         """Keep input channels ``in_keep`` and output channels ``out_keep`` (sorted indices;
-        ``None`` keeps all). Slices parameters and buffers and updates attributes."""
+        ``None`` keeps all). Slices parameters and buffers and updates attributes.
+
+        A layer with :meth:`internal_dims` also takes ``internal={index: kept positions}``.
+        """
         raise NotImplementedError
 
 
@@ -243,6 +303,10 @@ class LayerNormPruner(NormPruner):
     def in_dim(self, m, ndim):
         return ndim - 1
 
+    def in_blocks(self, module: nn.Module) -> int:
+        """Blocks of the input channels (``blocks()`` unless the two sides differ)."""
+        return self.blocks(module)
+
     def passes_through(self, m):
         return len(m.normalized_shape) == 1
 
@@ -289,7 +353,7 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     With ``inherited=True`` an ancestor's pruner is returned even when the subclass overrides
     ``forward`` (the tracer follows such a layer op by op; the pruner still knows its attributes).
     """
-    cls = type(module)
+    cls = getattr(type(module), "cleanai_layer_type", type(module))
     if cls in _REGISTRY:
         return _REGISTRY[cls]
     for base in cls.__mro__[1:]:
@@ -310,6 +374,5 @@ for _t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
 register_layer_pruner(nn.GroupNorm, NormPruner("num_channels"))
 register_layer_pruner(nn.PReLU, NormPruner("num_parameters"))
 register_layer_pruner(nn.LayerNorm, LayerNormPruner())
-for _t in (nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
-           nn.EmbeddingBag, nn.Bilinear):
+for _t in (nn.EmbeddingBag, nn.Bilinear):
     register_layer_pruner(_t, UnsupportedLayer())

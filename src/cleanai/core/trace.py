@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward
@@ -39,6 +40,9 @@ class ModuleCall:
     input_key: Optional[Tuple[Any, int]]
     input_shape: Optional[Tuple[int, ...]]
     outputs: List[Tuple[Tuple[Any, int], Tuple[int, ...]]]
+    #: the tensor inputs after the first: (key or None for a constant, shape)
+    extras: List[Tuple[Optional[Tuple[Any, int]], Tuple[int, ...]]] = dataclasses.field(
+        default_factory=list)
 
 
 @dataclasses.dataclass
@@ -55,6 +59,8 @@ class TraceResult:
     notes: List[Tuple[int, str]]
     edges: List[Tuple[str, str]]
     modules: Dict[str, nn.Module]
+    #: per layer, the ids of each internal dim's positions (None for a switched-off dim)
+    internal: Dict[str, List[Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
 
 
 class _Tracer:
@@ -177,7 +183,8 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
 
     def call_hook(name, pruner):
         def hook(module, args, kwargs, output) -> None:
-            x = next(iter_tensors((args, kwargs)), None)
+            tensors = list(iter_tensors((args, kwargs)))
+            x = tensors[0] if tensors else None
             in_key = _key(x)
             outs = []
             for t in iter_tensors(output):
@@ -185,7 +192,8 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
                 if k is not None and k != in_key:
                     outs.append((k, tuple(t.shape)))
             calls.append(ModuleCall(name, module, pruner, in_key,
-                                    None if x is None else tuple(x.shape), outs))
+                                    None if x is None else tuple(x.shape), outs,
+                                    [(_key(t), tuple(t.shape)) for t in tensors[1:]]))
         return hook
 
     modes = [(m, m.training) for m in model.modules()]
@@ -282,7 +290,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
 
     def children(p):
         if isinstance(p, ModuleCall):
-            return [producer(p.input_key)] if p.input_key is not None else []
+            keys = [p.input_key] + [k for k, _ in p.extras]
+            return [producer(k) for k in keys if k is not None]
         return [producer((fn, nr)) for fn, nr in p.next_functions if fn is not None]
 
     roots = [producer(k) for k in (_key(t) for t in iter_tensors(output)) if k is not None]
@@ -308,15 +317,19 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
     module_out: Dict[str, torch.Tensor] = {}
     producers: List[str] = []
     params: Dict[str, Slots] = {}
+    internal: Dict[str, List[Optional[torch.Tensor]]] = {}
     edges = set()
     empty = frozenset()
 
     for p in order:
         if isinstance(p, ModuleCall):
             x = slots.get(p.input_key) if p.input_key is not None else None
-            for src in sources.get(p.input_key, empty):
-                edges.add((src, p.name))
+            for k in [p.input_key] + [k for k, _ in p.extras]:
+                for src in sources.get(k, empty):
+                    edges.add((src, p.name))
             outs = _module_call(ctx, p, x, module_in, module_out, producers)
+            outs = layer_extras(ctx, p, outs, [slots.get(k) if k is not None else None
+                                               for k, _ in p.extras], module_in, module_out, internal)
             for (k, _), s in zip(p.outputs, outs):
                 slots[k] = s
                 sources[k] = frozenset((p.name,))
@@ -376,7 +389,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                       f"(in {shown or type(model).__name__ + '.forward'}); the channels it touches are "
                       f"protected and will not be pruned.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
-                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()})
+                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()},
+                       internal)
 
 
 def _shape(key, by_out) -> Optional[Tuple[int, ...]]:
@@ -416,7 +430,7 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
         if in_ids is None:
             # first call: the layer's input channels are the ids that arrive (no new ids)
             in_ids = module_in[name] = x.ids if fits else ctx.fresh(n_in)
-            ctx.tie_blocks(in_ids, pr.blocks(m), f"{type(m).__name__} {name} (in)")
+            ctx.tie_blocks(in_ids, pr.in_blocks(m), f"{type(m).__name__} {name} (in)")
         if fits:
             ctx.uf.union_all(x.ids, in_ids)
         else:

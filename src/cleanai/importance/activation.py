@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from .base import Importance, normalize
-from .stats import STATISTICS, ActivationStats, collect
+from .stats import STATISTICS, ActivationStats, collect, stats_key
 from .weight import WeightImportance
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,9 @@ class ActivationImportance(Importance):
     def follow(self, layers: List[dict]) -> None:
         if self.stats is not None:
             for e in layers:
-                if e["kind"] == "in":
-                    self.stats.keep(e["name"], torch.tensor(e["keep"], dtype=torch.long))
+                if e["kind"] in ("in", "internal"):
+                    self.stats.keep(stats_key(e["name"], e["kind"], e["dim"]),
+                                    torch.tensor(e["keep"], dtype=torch.long))
 
     def raw(self, group: Group, model: nn.Module) -> torch.Tensor:
         """Unnormalised activation statistic per group channel."""

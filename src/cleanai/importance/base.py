@@ -74,12 +74,13 @@ def normalize(scores: torch.Tensor, how: Optional[str]) -> torch.Tensor:
     raise ValueError(f"unknown normalizer {how!r}; choose one of {NORMALIZERS}")
 
 
-def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "param")
+def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "param", "internal")
                    ) -> List[Tuple[Member, torch.Tensor, int]]:
     """Every weight tensor that holds a group channel, with the dim its channels are on.
 
     Producer rows for ``out`` members, consumer columns for ``in`` members, scales for
-    ``same`` members (norm layers) and the traced dim for bare parameters.
+    ``same`` members (norm layers), the traced dim for bare parameters and a layer's own
+    tensors for ``internal`` members (attention heads, hidden units).
     """
     out = []
     for m in group.members:
@@ -94,6 +95,9 @@ def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "
             continue
         if m.kind == "in" and pruner.coupling(module) == "same":
             continue  # a depthwise conv's weights are counted on its output side
+        if m.kind == "internal":
+            out.extend((m, tensor, dim) for tensor, dim in pruner.internal_weights(module, m.dim))
+            continue
         side = "out" if m.kind == "same" else m.kind
         for tensor, dim in pruner.weights(module, side):
             out.append((m, tensor, dim))

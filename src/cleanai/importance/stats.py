@@ -62,13 +62,14 @@ class ActivationStats:
 
     def group_scores(self, group: Group, statistic: str) -> Optional[torch.Tensor]:
         """Per group channel, the statistic aggregated (averaged) over every consumer position
-        that reads it; ``None`` when no consumer of the group was seen."""
+        that reads it, and over a layer's internal positions (attention heads' outputs);
+        ``None`` when no consumer of the group was seen."""
         total = torch.zeros(group.size)
         hits = torch.zeros(group.size)
         for m in group.members:
-            if m.kind != "in":
+            if m.kind not in ("in", "internal"):
                 continue
-            values = self.per_position(m.name, statistic)
+            values = self.per_position(stats_key(m.name, m.kind, m.dim), statistic)
             if values is None or values.numel() != m.length:
                 continue
             total.index_add_(0, m.channels, values[m.positions])
@@ -78,11 +79,22 @@ class ActivationStats:
         return total / hits.clamp_min(1)
 
 
+def stats_key(name: str, kind: str, dim: int) -> str:
+    """Where a member's statistics are kept: the layer name for its input, ``name#i`` for its
+    internal dim i."""
+    return name if kind == "in" else f"{name}#{dim}"
+
+
 @contextmanager
 def consumer_hooks(model: nn.Module, graph: DependencyGraph, stats: ActivationStats) -> Iterator[None]:
     """Forward pre-hooks on every layer that consumes a group's channels; removed on exit,
     also when the body raises."""
     names = sorted({m.name for g in graph.groups for m in g.members if m.kind == "in"})
+    inside = {}  # layer -> {internal dim index: positions}
+    for g in graph.groups:
+        for m in g.members:
+            if m.kind == "internal":
+                inside.setdefault(m.name, {})[m.dim] = m.length
     handles = []
 
     def hook(name: str, pruner, module):
@@ -94,6 +106,14 @@ def consumer_hooks(model: nn.Module, graph: DependencyGraph, stats: ActivationSt
                     stats.update(name, x, dim)
         return fn
 
+    def internal_hook(name: str, pruner, lengths):
+        def fn(mod, args, kwargs, output) -> None:
+            for i, a in enumerate(pruner.internal_activations(mod, args, kwargs, output)):
+                if i in lengths and isinstance(a, torch.Tensor) and a.dim() > 0 \
+                        and a.shape[-1] == lengths[i]:
+                    stats.update(stats_key(name, "internal", i), a, a.dim() - 1)
+        return fn
+
     try:
         for name in names:
             module = model.get_submodule(name)
@@ -101,6 +121,12 @@ def consumer_hooks(model: nn.Module, graph: DependencyGraph, stats: ActivationSt
             if pruner is not None:
                 handles.append(module.register_forward_pre_hook(
                     hook(name, pruner, module), with_kwargs=True))
+        for name, lengths in inside.items():
+            module = model.get_submodule(name)
+            pruner = get_layer_pruner(module)
+            if pruner is not None:
+                handles.append(module.register_forward_hook(
+                    internal_hook(name, pruner, lengths), with_kwargs=True))
         yield
     finally:
         for h in handles:

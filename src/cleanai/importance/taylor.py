@@ -89,9 +89,12 @@ class TaylorImportance(Importance):
                                "before planning (and again after each pruning step)")
         total = torch.zeros(group.size)
         for member, tensor, dim in member_weights(group, model):
-            g = self.grads.get(id(tensor))
-            if g is None or g.shape != tensor.shape:
+            # layer pruners may hand out reshaped views (an LSTM's gate blocks, attention heads)
+            base = tensor._base if tensor._base is not None else tensor
+            g = self.grads.get(id(base))
+            if g is None or g.shape != base.shape or base.numel() != tensor.numel():
                 continue
+            g = g.reshape(tensor.shape)
             per = (tensor.detach() * g).abs().float().movedim(dim, 0)
             per = per.reshape(per.shape[0], -1).sum(1).cpu()
             total += channel_sums(member, per, group.size)

@@ -10,6 +10,7 @@ from torch import nn
 from ..core.graph import DependencyGraph, module_signature
 from ..core.runtime import preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
+from ..core.layers_attention import sync_container_attributes, synced_containers
 
 Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
 
@@ -95,7 +96,12 @@ def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Di
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
     """Slice layers and parameters in place. Not atomic by itself: see :func:`atomic`."""
     per_layer: Dict[str, Dict[str, torch.Tensor]] = {}
+    internal: Dict[str, Dict[int, torch.Tensor]] = {}
     for (name, kind, dim), keep in keeps.items():
+        if kind == "internal":
+            internal.setdefault(name, {})[dim] = keep
+            per_layer.setdefault(name, {})
+            continue
         if kind != "param":
             per_layer.setdefault(name, {})[kind] = keep
             continue
@@ -113,7 +119,11 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
         pruner = get_layer_pruner(module, inherited=True)
         if pruner is None:
             raise PruningError(f"no layer pruner for {type(module).__name__} {name}")
-        pruner.prune(module, sides.get("in"), sides.get("out"))
+        if name in internal:
+            pruner.prune(module, sides.get("in"), sides.get("out"), internal=internal[name])
+        else:
+            pruner.prune(module, sides.get("in"), sides.get("out"))
+    sync_container_attributes(model)
 
 
 class atomic:
@@ -127,7 +137,7 @@ class atomic:
                        for t in list(m._parameters.values()) + list(m._buffers.values())
                        if t is not None]
             attrs = {k: v for k, v in m.__dict__.items()}
-            self.saved.append((m, tensors, dict(m._parameters), dict(m._buffers), attrs))
+            self.saved.append((m, tensors, dict(m._parameters), dict(m._buffers), attrs, type(m)))
 
     def __enter__(self) -> "atomic":
         return self
@@ -138,7 +148,8 @@ class atomic:
         return False
 
     def restore(self) -> None:
-        for m, tensors, params, buffers, attrs in self.saved:
+        for m, tensors, params, buffers, attrs, cls in self.saved:
+            m.__class__ = cls  # a pruner may swap a layer's class (PrunedMultiheadAttention)
             for t, data, grad in tensors:
                 t.data = data
                 if isinstance(t, nn.Parameter):
@@ -161,6 +172,9 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn
             m = model.get_submodule(owner) if owner else model
         else:
             m = model.get_submodule(name)
+        for sub in m.modules():  # a layer pruner may slice its submodules (an attention out_proj)
+            out[id(sub)] = sub
+    for m in synced_containers(model):
         out[id(m)] = m
     return list(out.values())
 

@@ -97,7 +97,7 @@ class StructuredPruner:
 
     def group_ratio(self, group: Group) -> Optional[float]:
         """The target ratio for ``group``, or ``None`` when it is ignored."""
-        layers = [m.name for m in group.members if m.kind in ("out", "same")]
+        layers = [m.name for m in group.members if m.kind in ("out", "same", "internal")]
         if any(_inside(layer, ig) for layer in layers for ig in self.ignored):
             return None
         best, depth = self.pruning_ratio, -1
