@@ -47,7 +47,7 @@ def test_report_text_markdown_and_dict(pruned):
     rep = pruned[0]
     text = str(rep)
     assert "params" in text and "MACs" in text and "size MB" in text
-    assert "3/16 -> 3/8" in text and "-> 16/16" in text
+    assert "-> 3/8" in text and "-> 8/16" in text and "-> 16/10" in text
     md = rep.to_markdown()
     assert md.startswith("## Sequential: pruning report") and "| `0` | Conv2d |" in md
     d = json.loads(json.dumps(rep.to_dict()))
