@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from .data import DATA_HELP, calibration_batches
-from .models import MODEL_HELP, BuiltModel, CLIError, build_model, parse_shape
+from .models import MODEL_HELP, CLIError, build_model, parse_shape
 
 IMPORTANCES = ("weight", "hybrid", "activation", "taylor", "random")
 

@@ -5,7 +5,7 @@ import difflib
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -159,8 +159,3 @@ def _load_saved(path: Path) -> BuiltModel:
     built.input_shape = meta.get("input_shape")
     return built
 
-
-def split_name(spec: str) -> Tuple[str, str]:
-    """``"kind:name"`` -> ``(kind, name)``; for messages."""
-    kind, _, name = spec.partition(":")
-    return kind, name
