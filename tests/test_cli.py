@@ -126,3 +126,20 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, message):
     lines = [l for l in err.splitlines() if l.startswith("cleanai: error")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_factory_spec_and_fashion_mnist_calibration(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    from cleanai.cli.data import FASHION_MNIST_DIR
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed")
+    code, out, err = run(capsys, "prune", "torchvision.models:resnet18", "--ratio", "0.3",
+                         "--importance", "hybrid", "--calib-data", "fashion-mnist",
+                         "--calib-batches", "2", "--batch-size", "4",
+                         "--input-shape", "1,3,32,32", "--no-latency", "--out", str(tmp_path / "f"))
+    assert code == 0, err
+    info = json.loads((tmp_path / "f" / "cleanai.json").read_text())
+    assert info["meta"]["model"] == "torchvision.models:resnet18"
+    assert info["meta"]["input_shape"] == [1, 3, 32, 32]
+    code, out, err = run(capsys, "report", str(tmp_path / "f"))
+    assert code == 0 and "params" in out
