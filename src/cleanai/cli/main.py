@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -53,25 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=MODEL_HELP + "\n\n" + DATA_HELP,
                        description="Prune MODEL, print the before/after table and write DIR "
                                    "(cleanai.json + weights.pt, report.json, report.md, kept.png).")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", help="the model to prune (see below)")
     p.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of each group's channels to remove, in [0, 1)")
     p.add_argument("--importance", choices=IMPORTANCES, default="weight",
                    help="how channels are scored (default: weight, data-free; hybrid mixes "
                         "weights and activations)")
-    p.add_argument("--alpha", type=float, default=0.5, help="hybrid: weight of the weight term")
-    p.add_argument("--beta", type=float, default=0.5, help="hybrid: weight of the activation term")
+    p.add_argument("--alpha", type=float, default=0.5, metavar="A", help="hybrid: weight of the weight term")
+    p.add_argument("--beta", type=float, default=0.5, metavar="B", help="hybrid: weight of the activation term")
     p.add_argument("--calib-data", metavar="SRC", default=None,
                    help="calibration data for hybrid/activation/taylor (default: random); see below")
-    p.add_argument("--calib-batches", type=_positive, default=8, help="batches to calibrate on")
-    p.add_argument("--batch-size", type=_positive, default=16, help="calibration batch size")
+    p.add_argument("--calib-batches", type=_positive, default=8, metavar="N", help="batches to calibrate on")
+    p.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="calibration batch size")
     p.add_argument("--ignore", metavar="LAYER", action="append", default=[],
                    help="keep this layer's output channels (repeatable)")
-    p.add_argument("--round-to", type=_positive, default=None,
+    p.add_argument("--round-to", type=_positive, default=None, metavar="N",
                    help="kept channel counts become multiples of this")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank channels across all groups instead of within each")
-    p.add_argument("--steps", type=_positive, default=1, help="reach the ratio in this many steps")
+    p.add_argument("--steps", type=_positive, default=1, metavar="N", help="reach the ratio in this many steps")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
                    help="example input shape (default 1,3,224,224 for images, 1,16 tokens for hf:)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Trace MODEL once and list its channel groups: the layers "
                                    "and parameters each group's channels live in, and what "
                                    "keeps channels from being pruned.")
-    i.add_argument("model", metavar="MODEL")
+    i.add_argument("model", metavar="MODEL", help="the model to inspect (see below)")
     i.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W")
     i.add_argument("--dot", metavar="FILE", default=None,
                    help="also write the layer graph as Graphviz DOT (.svg/.png render with dot)")
@@ -115,6 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return {"prune": _prune, "inspect": _inspect, "report": _report}[args.command](args)
         except CLIError as exc:
             return _fail(exc, 2)
+        except BrokenPipeError:  # output piped into `head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         except Exception as exc:  # library errors name what was wrong; no traceback for users
             return _fail(exc, 1)
 
@@ -193,10 +197,23 @@ def _inspect(args: argparse.Namespace) -> int:
     print("Pruning channel j of a group removes it from every member listed under it.\n")
     for g in graph.groups:
         print(g)
+        if g.prunable and g.size > 1:
+            print(f"  each channel removed takes {_weights_per_channel(g, built.model):,} "
+                  f"weights with it")
     if args.dot:
         out = render_graph(graph, args.dot)
         print(f"\ngraph written to {out}")
     return 0
+
+
+def _weights_per_channel(group: Any, model: Any) -> int:
+    """Weight elements tied to one channel of ``group`` (biases and buffers not counted)."""
+    from ..importance import member_weights
+
+    total = 0.0
+    for member, tensor, dim in member_weights(group, model):
+        total += tensor.numel() / tensor.shape[dim] * len(member.positions) / group.size
+    return round(total)
 
 
 def _report(args: argparse.Namespace) -> int:
