@@ -96,6 +96,10 @@ def test_prune_hugging_face_directory(capsys, tmp_path):
     assert code == 0, err
     rep = json.loads((tmp_path / "p" / "report.json").read_text())
     assert rep["after"]["params"] < rep["before"]["params"]
+    # the saved directory rebuilds the model from the local Hugging Face directory
+    code, _, err = run(capsys, "prune", str(tmp_path / "p"), "--ratio", "0.1", "--no-latency",
+                       "--out", str(tmp_path / "p2"))
+    assert code == 0, err
 
 
 def test_inspect_lists_groups(capsys, tmp_path):

@@ -172,3 +172,16 @@ def test_changing_shapes_outside_cleanai_refuses_to_save(tmp_path):
     model.fc = nn.Linear(model.fc.in_features, 10)
     with pytest.raises(ValueError, match="changed outside CleanAI"):
         save_pruned(model, tmp_path)
+
+
+def test_dtype_mismatch_is_named(tmp_path):
+    model = tv.models.resnet18().eval()
+    StructuredPruner(model, torch.randn(1, 3, 32, 32), pruning_ratio=0.2).prune()
+    save_pruned(model.half(), tmp_path)
+    fresh = tv.models.resnet18().eval()
+    state, modules = _state(fresh), list(fresh.modules())
+    with pytest.raises(LoadError, match="saved as torch.float16 but the model holds torch.float32"):
+        load_pruned(fresh, tmp_path)
+    _assert_untouched(fresh, state, modules)
+    loaded = load_pruned(tv.models.resnet18().eval().half(), tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -82,6 +82,8 @@ def build_model(spec: str) -> BuiltModel:
     builders = {"torchvision": _torchvision, "timm": _timm, "hf": _huggingface}
     build = builders.get(kind, _factory)
     model = build(name) if kind in builders else build(kind, name)
+    if kind == "hf":  # saved metadata must find the directory from anywhere
+        spec = f"hf:{os.path.abspath(name)}"
     return BuiltModel(model.eval(), spec, kind if kind in builders else "factory")
 
 

@@ -162,6 +162,13 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
                             f"from the saved ones ({_first_diff(got, info['final']['state_dict'])});"
                             f" the file does not match this architecture. The model was left "
                             f"unchanged.")
+        mine = {k: v.dtype for k, v in model.state_dict().items()}
+        odd = next((k for k, v in state.items() if v.dtype != mine[k]), None)
+        if odd is not None:
+            guard.restore()
+            raise LoadError(f"{where}: {odd!r} was saved as {state[odd].dtype} but the model "
+                            f"holds {mine[odd]}; convert the fresh model first (e.g. "
+                            f"model.to({state[odd].dtype})). The model was left unchanged.")
         model.load_state_dict(state, strict=True)
         set_history(model, info["original"]["signature"], info["steps"])
     return model
