@@ -185,3 +185,15 @@ def test_dtype_mismatch_is_named(tmp_path):
     _assert_untouched(fresh, state, modules)
     loaded = load_pruned(tv.models.resnet18().eval().half(), tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_vit_b_16_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = tv.models.vit_b_16().eval()
+    x = torch.randn(1, 3, 224, 224)
+    _prune_and_perturb(model, x, pruning_ratio=0.25)
+    save_pruned(model, tmp_path)
+    loaded = load_pruned(lambda: tv.models.vit_b_16().eval(), tmp_path)
+    assert torch.equal(loaded(x), model(x))
+    assert cleanai.utils.count_params(loaded) < cleanai.utils.count_params(tv.models.vit_b_16())
