@@ -11,6 +11,7 @@ from ..core.graph import DependencyGraph, module_signature
 from ..core.runtime import preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
+from .history import record_step
 
 Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
 
@@ -241,8 +242,10 @@ def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     for entry in layers:
         keeps[(entry["name"], entry["kind"], int(entry["dim"]))] = torch.tensor(
             entry["keep"], dtype=torch.long)
+    before = module_signature(model)
     with atomic(touched_modules(model, keeps)):
         slice_model(model, keeps)
+    record_step(model, {"layers": layers}, before)
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from ..core.graph import DependencyGraph, Group
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from .apply import PruningError, apply_removals
+from .history import record_step
 from .plan import PruningPlan
 
 logger = logging.getLogger(__name__)
@@ -205,12 +206,14 @@ class StructuredPruner:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`."""
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
+        signature = self.graph.signature
         layers = apply_removals(self.model, self.graph, plan.removals)
         follow = getattr(self.importance, "follow", None)
         if follow is not None:
             follow(layers)
         self.current_step = max(self.current_step, plan.step)
         self.history.append({"step": plan.step, "layers": layers})
+        record_step(self.model, self.history[-1], signature)
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
 

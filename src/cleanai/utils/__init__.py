@@ -1,6 +1,12 @@
-"""Measurement and recovery helpers: parameter and MAC counts, latency, BatchNorm statistics."""
+"""Measurement, recovery and persistence helpers: parameter and MAC counts, latency, BatchNorm
+statistics, before/after reports, graph pictures, saving/loading pruned models."""
 from .batchnorm import recalibrate_bn
 from .counting import count_macs, count_params
 from .latency import measure_latency
+from .render import render_graph
+from .report import LayerStats, Report, Snapshot, report, snapshot
+from .save import LoadError, load_pruned, read_pruned_info, save_pruned
 
-__all__ = ["count_macs", "count_params", "measure_latency", "recalibrate_bn"]
+__all__ = ["count_macs", "count_params", "measure_latency", "recalibrate_bn",
+           "report", "snapshot", "Report", "Snapshot", "LayerStats", "render_graph",
+           "save_pruned", "load_pruned", "read_pruned_info", "LoadError"]

@@ -1,0 +1,237 @@
+"""The ``cleanai`` command: prune, inspect and report on a model from the shell."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from .data import DATA_HELP, calibration_batches
+from .models import MODEL_HELP, CLIError, build_model, parse_shape
+
+IMPORTANCES = ("weight", "hybrid", "activation", "taylor", "random")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``cleanai prune: error: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``cleanai`` command and its subcommands."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="cleanai", formatter_class=fmt,
+                     description="Structured pruning for PyTorch: remove whole channels, "
+                                 "physically.", epilog=MODEL_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model and save it with a before/after report",
+                       formatter_class=fmt, epilog=MODEL_HELP + "\n\n" + DATA_HELP,
+                       description="Prune MODEL, print the before/after table and write DIR "
+                                   "(cleanai.json + weights.pt, report.json, report.md, kept.png).")
+    p.add_argument("model", metavar="MODEL", help="the model to prune (see below)")
+    p.add_argument("--ratio", type=_ratio, required=True,
+                   help="fraction of each group's channels to remove, in [0, 1)")
+    p.add_argument("--importance", choices=IMPORTANCES, default="weight",
+                   help="how channels are scored (default: weight, data-free; hybrid mixes "
+                        "weights and activations)")
+    p.add_argument("--alpha", type=float, default=0.5, metavar="A", help="hybrid: weight of the weight term")
+    p.add_argument("--beta", type=float, default=0.5, metavar="B", help="hybrid: weight of the activation term")
+    p.add_argument("--calib-data", metavar="SRC", default=None,
+                   help="calibration data for hybrid/activation/taylor (default: random); see below")
+    p.add_argument("--calib-batches", type=_positive, default=8, metavar="N", help="batches to calibrate on")
+    p.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="calibration batch size")
+    p.add_argument("--ignore", metavar="LAYER", action="append", default=[],
+                   help="keep this layer's output channels (repeatable)")
+    p.add_argument("--round-to", type=_positive, default=None, metavar="N",
+                   help="kept channel counts become multiples of this")
+    p.add_argument("--global", dest="global_pruning", action="store_true",
+                   help="rank channels across all groups instead of within each")
+    p.add_argument("--steps", type=_positive, default=1, metavar="N", help="reach the ratio in this many steps")
+    p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
+                   help="example input shape (default 1,3,224,224 for images, 1,16 tokens for hf:)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+
+    i = sub.add_parser("inspect", help="show the channel groups and what pruning each touches",
+                       formatter_class=fmt, epilog=MODEL_HELP,
+                       description="Trace MODEL once and list its channel groups: the layers "
+                                   "and parameters each group's channels live in, and what "
+                                   "keeps channels from being pruned.")
+    i.add_argument("model", metavar="MODEL", help="the model to inspect (see below)")
+    i.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W")
+    i.add_argument("--dot", metavar="FILE", default=None,
+                   help="also write the layer graph as Graphviz DOT (.svg/.png render with dot)")
+
+    r = sub.add_parser("report", help="print the before/after table of a pruned model directory",
+                       description="Print the before/after table written by `cleanai prune`.")
+    r.add_argument("dir", metavar="DIR")
+    r.add_argument("--markdown", action="store_true", help="print Markdown instead of text")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    User errors (unknown model, bad ratio, unknown layer, damaged files) print one line on
+    stderr and return a non-zero status, without a traceback."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except CLIError as exc:
+        return _fail(exc, 2)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return {"prune": _prune, "inspect": _inspect, "report": _report}[args.command](args)
+        except CLIError as exc:
+            return _fail(exc, 2)
+        except BrokenPipeError:  # output piped into `head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except Exception as exc:  # library errors name what was wrong; no traceback for users
+            return _fail(exc, 1)
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"cleanai: error: {text}", file=sys.stderr)
+    return code
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cleanai: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _importance(args: argparse.Namespace) -> Any:
+    from .. import importance as imp
+
+    if args.importance == "hybrid":
+        return imp.WeightActivationImportance(weight_ratio=args.alpha, activation_ratio=args.beta)
+    return {"weight": imp.WeightImportance, "activation": imp.ActivationImportance,
+            "taylor": imp.TaylorImportance, "random": imp.RandomImportance}[args.importance]()
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from ..pruner import StructuredPruner
+    from ..utils import report, save_pruned, snapshot
+
+    built = build_model(args.model)
+    inputs = built.example_inputs(args.input_shape)
+    importance = _importance(args)
+    pruner = StructuredPruner(built.model, inputs, importance=importance,
+                              pruning_ratio=args.ratio, ignored_layers=args.ignore,
+                              global_pruning=args.global_pruning, iterative_steps=args.steps,
+                              round_to=args.round_to)
+    before = snapshot(built.model, inputs, latency=not args.no_latency)
+    if getattr(importance, "requires_data", False):
+        source = args.calib_data or "random"
+        if args.calib_data is None:
+            print("cleanai: note: calibrating on random inputs; give --calib-data for "
+                  "meaningful activation scores", file=sys.stderr)
+        pruner.calibrate(calibration_batches(source, inputs, args.calib_batches, args.batch_size))
+    pruner.prune()
+    rep = report(before, built.model, inputs, latency=not args.no_latency)
+    out = Path(args.out)
+    shape = _shape_of(inputs)
+    save_pruned(built.model, out, metadata={
+        "model": built.spec, "input_shape": shape,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "command")}})
+    (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=1))
+    (out / "report.md").write_text(rep.to_markdown())
+    try:
+        rep.plot(str(out / "kept.png"))
+    except ImportError:
+        pass  # the picture is optional
+    print(rep)
+    print(f"\nsaved to {out} (load with cleanai.load_pruned(<fresh {built.spec} model>, "
+          f"{str(out)!r}))")
+    return 0
+
+
+def _shape_of(inputs: Any) -> Optional[List[int]]:
+    if isinstance(inputs, dict):
+        return list(inputs["input_ids"].shape)
+    return list(inputs.shape) if hasattr(inputs, "shape") else None
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ..core import DependencyGraph
+    from ..utils import render_graph
+
+    built = build_model(args.model)
+    graph = DependencyGraph(built.model, built.example_inputs(args.input_shape))
+    prunable = [g for g in graph.groups if g.prunable and g.size > 1]
+    print(f"{built.spec}: {len(graph.modules)} layers, {len(graph.groups)} channel groups, "
+          f"{len(prunable)} prunable ({sum(g.prunable for g in prunable)} channels)")
+    print("Pruning channel j of a group removes it from every member listed under it.\n")
+    for g in graph.groups:
+        print(g)
+        if g.prunable and g.size > 1:
+            print(f"  each channel removed takes {_weights_per_channel(g, built.model):,} "
+                  f"weights with it")
+    if args.dot:
+        out = render_graph(graph, args.dot)
+        print(f"\ngraph written to {out}")
+    return 0
+
+
+def _weights_per_channel(group: Any, model: Any) -> int:
+    """Weight elements tied to one channel of ``group`` (biases and buffers not counted)."""
+    from ..importance import member_weights
+
+    total = 0.0
+    for member, tensor, dim in member_weights(group, model):
+        total += tensor.numel() / tensor.shape[dim] * len(member.positions) / group.size
+    return round(total)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ..utils import Report, read_pruned_info
+
+    folder = Path(args.dir)
+    file = folder / "report.json"
+    if file.is_file():
+        try:
+            rep = Report.from_dict(json.loads(file.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CLIError(f"{file} is not a CleanAI report: {exc}") from exc
+        print(rep.to_markdown() if args.markdown else rep)
+        return 0
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is not a directory")
+    info = read_pruned_info(folder)  # a model saved from Python: the counts the file holds
+    b, a = info["original"]["params"], info["final"]["params"]
+    print(f"{info.get('model_class')}: {len(info['steps'])} pruning steps; params {b:,} -> "
+          f"{a:,} ({a / b - 1:+.1%}). No report.json here: `cleanai prune` writes one.")
+    return 0

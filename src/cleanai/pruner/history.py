@@ -1,0 +1,58 @@
+"""The pruning history a model carries: enough to rebuild its shape from the original.
+
+Every applied step (by any :class:`StructuredPruner`, or by :func:`replay`) is appended to a
+plain JSON-able record stored on the model itself, so a model pruned in several steps by
+several pruners can be saved with :func:`cleanai.save_pruned` without keeping the pruners.
+The record survives ``copy.deepcopy`` and is never part of the ``state_dict``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Tuple
+
+from torch import nn
+
+from ..core.graph import module_signature
+
+ATTRIBUTE = "_cleanai_history"
+
+
+def signature_json(signature: Dict[str, Tuple[int, ...]]) -> Dict[str, List[int]]:
+    """A module signature (name -> shape) with lists instead of tuples, for JSON."""
+    return {name: list(shape) for name, shape in signature.items()}
+
+
+def record_step(model: nn.Module, entry: Dict[str, Any],
+                signature_before: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+    """Append one applied step (``{"layers": [...], ...}``) to ``model``'s history.
+
+    ``signature_before`` is the model's :func:`module_signature` before the step; the first
+    step stores it as the original architecture's fingerprint. If the model's shapes changed
+    outside CleanAI since the last step, the history is marked broken (saving then refuses).
+    """
+    after = signature_json(module_signature(model))
+    before = signature_json(signature_before) if signature_before is not None else None
+    record = model.__dict__.get(ATTRIBUTE)
+    if record is None:
+        if before is None:
+            return  # nothing known about the original: no history can be started
+        record = {"original": before, "steps": [], "broken": None}
+        object.__setattr__(model, ATTRIBUTE, record)
+    elif before is not None and before != record["current"] and record["broken"] is None:
+        record["broken"] = (f"the model's parameter shapes changed outside CleanAI before "
+                            f"step {len(record['steps']) + 1}")
+    record["steps"].append(copy.deepcopy(entry))
+    record["current"] = after
+
+
+def get_history(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The history record of ``model`` (``{"original", "steps", "current", "broken"}``) or
+    ``None`` when it was never pruned by CleanAI. Returned as stored: do not mutate it."""
+    return model.__dict__.get(ATTRIBUTE)
+
+
+def set_history(model: nn.Module, original: Dict[str, List[int]], steps: List[Dict[str, Any]]) -> None:
+    """Replace ``model``'s history (used after loading a saved pruned model)."""
+    object.__setattr__(model, ATTRIBUTE, {
+        "original": copy.deepcopy(original), "steps": copy.deepcopy(steps), "broken": None,
+        "current": signature_json(module_signature(model))})

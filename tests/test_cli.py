@@ -1,0 +1,149 @@
+"""The ``cleanai`` command line, run in-process through ``cleanai.cli.main``."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cleanai
+from cleanai.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_python_m_cleanai_help():
+    done = subprocess.run([sys.executable, "-m", "cleanai", "--help"], capture_output=True,
+                          text=True, env={"PYTHONPATH": SRC, "PATH": ""}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "prune" in done.stdout and "inspect" in done.stdout and "report" in done.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["prune"], ["inspect"], ["report"]])
+def test_every_command_has_help(capsys, command):
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0 and out.startswith("usage: cleanai")
+
+
+def test_prune_resnet18_then_report_then_load(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    out_dir = tmp_path / "r18"
+    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.35",
+                         "--input-shape", "1,3,64,64", "--no-latency", "--out", str(out_dir))
+    assert code == 0, err
+    assert "params" in out and "11,689,512" in out and "5,079,126" in out
+    assert {"cleanai.json", "weights.pt", "report.json", "report.md"} <= {p.name for p in out_dir.iterdir()}
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["after"]["params"] == 5_079_126
+
+    code, out2, _ = run(capsys, "report", str(out_dir))
+    assert code == 0 and "11,689,512" in out2 and "5,079,126" in out2
+    code, md, _ = run(capsys, "report", str(out_dir), "--markdown")
+    assert code == 0 and md.startswith("## ResNet")
+
+    # the directory is a model: it can be loaded in Python and pruned again from the shell
+    import torchvision
+    model = cleanai.load_pruned(torchvision.models.resnet18(), out_dir)
+    assert cleanai.utils.count_params(model) == 5_079_126
+    code, _, err = run(capsys, "prune", str(out_dir), "--ratio", "0.2", "--no-latency",
+                       "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["before"]["params"] == 5_079_126 > again["after"]["params"]
+
+
+def test_prune_hybrid_on_images_with_options(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("sklearn")
+    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.5",
+                         "--importance", "hybrid", "--alpha", "0.3", "--beta", "0.7",
+                         "--calib-data", "sklearn-digits", "--calib-batches", "2",
+                         "--batch-size", "4", "--ignore", "conv1", "--round-to", "8",
+                         "--steps", "2", "--input-shape", "1,3,32,32", "--no-latency",
+                         "--out", str(tmp_path / "h"))
+    assert code == 0, err
+    after = json.loads((tmp_path / "h" / "report.json").read_text())["after"]["layers"]
+    by_name = {s["name"]: s for s in after}
+    assert by_name["conv1"]["out_channels"] == 64  # ignored
+    assert all(s["out_channels"] % 8 == 0 for s in after if s["type"] == "Conv2d")
+    assert by_name["layer4.1.conv1"]["out_channels"] == 256
+
+
+def test_prune_calib_from_tensor_file(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    torch.save(torch.randn(8, 3, 32, 32), tmp_path / "calib.pt")
+    code, _, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3",
+                       "--importance", "activation", "--calib-data", str(tmp_path / "calib.pt"),
+                       "--batch-size", "4", "--global", "--input-shape", "1,3,32,32",
+                       "--no-latency", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+
+
+def test_prune_hugging_face_directory(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=48)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    code, out, err = run(capsys, "prune", f"hf:{tmp_path / 'bert'}", "--ratio", "0.25",
+                         "--input-shape", "1,8", "--no-latency", "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert rep["after"]["params"] < rep["before"]["params"]
+    # the saved directory rebuilds the model from the local Hugging Face directory
+    code, _, err = run(capsys, "prune", str(tmp_path / "p"), "--ratio", "0.1", "--no-latency",
+                       "--out", str(tmp_path / "p2"))
+    assert code == 0, err
+
+
+def test_inspect_lists_groups(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    code, out, err = run(capsys, "inspect", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                         "--dot", str(tmp_path / "g.dot"))
+    assert code == 0, err
+    assert "channel groups" in out and "layer1.0.conv1.out" in out and "protected" in out
+    assert (tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "torchvision:resnet1", "--ratio", "0.3", "--out", "x"], "no model 'resnet1'"),
+    (["prune", "nosuchthing", "--ratio", "0.3", "--out", "x"], "unknown model"),
+    (["prune", "torchvision:resnet18", "--ratio", "1.5", "--out", "x"], "--ratio: must be a number in [0, 1)"),
+    (["prune", "torchvision:resnet18", "--ratio", "0.3", "--out", "x", "--input-shape", "1,3,32,32",
+      "--ignore", "fcc"], "no layer named 'fcc'; did you mean 'fc'"),
+    (["prune", "torchvision:resnet18", "--ratio", "0.3", "--out", "x", "--importance", "magic"],
+     "invalid choice"),
+    (["prune", "hf:/no/such/dir", "--ratio", "0.3", "--out", "x"], "never downloads"),
+    (["report", "/no/such/dir"], "is not a directory"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, message):
+    pytest.importorskip("torchvision")
+    code, out, err = run(capsys, *argv)
+    assert code != 0
+    lines = [l for l in err.splitlines() if l.startswith("cleanai: error")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_factory_spec_and_fashion_mnist_calibration(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    from cleanai.cli.data import FASHION_MNIST_DIR
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed")
+    code, out, err = run(capsys, "prune", "torchvision.models:resnet18", "--ratio", "0.3",
+                         "--importance", "hybrid", "--calib-data", "fashion-mnist",
+                         "--calib-batches", "2", "--batch-size", "4",
+                         "--input-shape", "1,3,32,32", "--no-latency", "--out", str(tmp_path / "f"))
+    assert code == 0, err
+    info = json.loads((tmp_path / "f" / "cleanai.json").read_text())
+    assert info["meta"]["model"] == "torchvision.models:resnet18"
+    assert info["meta"]["input_shape"] == [1, 3, 32, 32]
+    code, out, err = run(capsys, "report", str(tmp_path / "f"))
+    assert code == 0 and "params" in out
