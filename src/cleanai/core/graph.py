@@ -44,6 +44,11 @@ class Group:
     ``size`` is the number of channels; ``protected[j]`` is True for channels that must stay
     (model outputs, ops CleanAI cannot follow, inputs without channel ids), with a reason in
     ``reasons``. ``constraints`` describes ties imposed by grouped layers and reshapes.
+
+    ``kind`` says what a channel is: ``"heads"`` (a whole attention head), ``"head_dims"``
+    (one dim inside every head), ``"hidden"`` (a width shared by several layers through
+    residual additions: a transformer's hidden size) or ``"channels"`` (one layer's outputs:
+    MLP intermediate neurons, conv channels).
     """
 
     id: int
@@ -52,6 +57,7 @@ class Group:
     protected: torch.Tensor
     reasons: Dict[str, int]
     constraints: List[str]
+    kind: str = "channels"
 
     @property
     def prunable(self) -> int:
@@ -60,6 +66,7 @@ class Group:
 
     def __repr__(self) -> str:
         lines = [f"Group {self.id}: {self.size} channels"
+                 + (f" ({self.kind})" if self.kind != "channels" else "")
                  + (f", {int(self.protected.sum())} protected" if bool(self.protected.any()) else "")]
         for m in self.members:
             lines.append("  " + m.describe())
@@ -78,19 +85,23 @@ class DependencyGraph:
         example_inputs: a tensor, a tuple (passed positionally) or a dict (passed as keywords).
         forward_fn: optional ``forward_fn(model, example_inputs) -> outputs`` for models that
             need a custom call.
+        attention: what a split of a feature dim into ``[heads, head_dim]`` (multi-head
+            attention) makes removable: ``"heads"`` (default; whole heads go, ``head_dim``
+            stays) or ``"head_dims"`` (the same dims leave every head; the head count stays).
 
     ``graph.groups`` lists the :class:`Group` objects; ``graph.group_of(layer)`` finds the
     groups a layer belongs to; ``print(graph)`` shows them; ``graph.to_dot()`` draws the layers.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
-                 forward_fn: Optional[ForwardFn] = None) -> None:
+                 forward_fn: Optional[ForwardFn] = None, attention: str = "heads") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model_name = type(model).__name__
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
-        self._result = trace(model, example_inputs, forward_fn)
+        self.attention = attention
+        self._result = trace(model, example_inputs, forward_fn, attention)
         self.modules: Dict[str, nn.Module] = self._result.modules
         self.edges = self._result.edges
         self.groups: List[Group] = _build_groups(self._result)
@@ -210,6 +221,15 @@ def _build_groups(r: TraceResult) -> List[Group]:
             g = groups[gi]
             g.protected[channel_of[u]] = True
             g.reasons[why] = g.reasons.get(why, 0) + 1
+    for g in groups:
+        # several producers added together and read by several layers: a residual stream
+        # (two producers read by one layer are a gate, e.g. a gated MLP's up and gate)
+        if sum(m.kind == "out" for m in g.members) > 1 and sum(m.kind == "in" for m in g.members) > 1:
+            g.kind = "hidden"
+    for i, kind in r.kinds:
+        gi = int(group_of[roots[i]])
+        if gi >= 0:
+            groups[gi].kind = kind
     for i, text in r.notes:
         gi = int(group_of[roots[i]])
         if gi >= 0 and text not in groups[gi].constraints:

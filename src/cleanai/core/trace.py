@@ -55,12 +55,15 @@ class TraceResult:
     notes: List[Tuple[int, str]]
     edges: List[Tuple[str, str]]
     modules: Dict[str, nn.Module]
+    kinds: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attention: str = "heads") -> None:
+        self.attention = attention
+        self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
         self.storages = {t.untyped_storage().data_ptr()
                          for t in list(model.parameters()) + list(model.buffers())}
         self.uf = UnionFind()
@@ -102,8 +105,14 @@ class _Tracer:
         self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
 
 
-def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None) -> TraceResult:
-    """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc)."""
+def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None,
+          attention: str = "heads") -> TraceResult:
+    """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc).
+
+    ``attention`` says what a split of a feature dim into ``[heads, head_dim]`` makes
+    removable: ``"heads"`` (whole heads) or ``"head_dims"`` (the same dims of every head)."""
+    if attention not in ("heads", "head_dims"):
+        raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
     inside_known = set()  # names of known layers and of everything inside them
     for name, m in model.named_modules():
@@ -150,7 +159,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 exc.__traceback__ = None
             errors.clear()
         _warn_unreached(known, calls)
-        return _propagate(model, calls, output, known, names_of_params, owned, intervals, shapes)
+        return _propagate(model, calls, output, known, names_of_params, owned, intervals, shapes,
+                          attention)
 
 
 def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
@@ -269,8 +279,8 @@ def _describe(inputs: Any) -> str:
 
 
 def _propagate(model, calls, output, known, names_of_params, owned, intervals,
-               operand_shapes) -> TraceResult:
-    ctx = _Tracer(model)
+               operand_shapes, attention="heads") -> TraceResult:
+    ctx = _Tracer(model, attention)
     ctx.operand_shapes.update(operand_shapes)
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
@@ -376,7 +386,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                       f"(in {shown or type(model).__name__ + '.forward'}); the channels it touches are "
                       f"protected and will not be pruned.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
-                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()})
+                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()},
+                       ctx.kinds)
 
 
 def _shape(key, by_out) -> Optional[Tuple[int, ...]]:

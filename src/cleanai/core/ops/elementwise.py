@@ -24,7 +24,7 @@ _UNARY = (
     "RreluWithNoiseBackward0 ThresholdBackward0 HardshrinkBackward0 SoftshrinkBackward0 "
     "TanhshrinkBackward0 LogitBackward0 FloorBackward0 CeilBackward0 "
     "RoundBackward0 TruncBackward0 FracBackward0 ClampBackward0 "
-    "NanToNumBackward0 LiftFreshBackward0"
+    "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0"
 ).split()
 
 

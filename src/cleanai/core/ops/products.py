@@ -75,12 +75,28 @@ def _sdpa(ctx, call: OpCall):
     if sq is None or sk is None or sv is None:
         protect_all(ctx, f"{call.name()} with inputs of unknown shape", [q, k, v])
         return none(call)
+    k, sk = _gqa_heads(ctx, k, sk, sq)
+    v, sv = _gqa_heads(ctx, v, sv, sq)
     kt = None if k is None else Slots(_swap_last(k.dim, len(sk)), k.ids)
     skt = tuple(sk[:-2]) + (sk[-1], sk[-2])
     score_shape = tuple(torch.broadcast_shapes(tuple(sq[:-2]), tuple(sk[:-2]))) + (sq[-2], sk[-2])
     scores = matmul(ctx, call.name(), q, kt, sq, skt, score_shape)
     out = matmul(ctx, call.name(), scores, v, score_shape, sv, call.out_shapes[0])
     return [out] + [None] * (len(call.out_shapes) - 1)
+
+
+def _gqa_heads(ctx, x: Optional[Slots], sx: Shape, sq: Shape):
+    """Grouped-query attention (``enable_gqa=True``): key/value heads serve ``H_q / H_kv``
+    consecutive query heads, as if each were repeated in place on the head dim (``-3``)."""
+    if len(sx) < 3 or len(sq) < 3 or sx[-3] == sq[-3] or sx[-3] == 1 or sq[-3] % sx[-3]:
+        return x, sx
+    rep = sq[-3] // sx[-3]
+    shape = tuple(sx[:-3]) + (sq[-3],) + tuple(sx[-2:])
+    if x is None:
+        return None, shape
+    if x.dim == len(sx) - 3:
+        return Slots(x.dim, x.ids.repeat_interleave(rep)), shape
+    return x, shape
 
 
 def _swap_last(d: int, nd: int) -> int:
