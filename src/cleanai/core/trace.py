@@ -64,6 +64,9 @@ class _Tracer:
     def __init__(self, model: nn.Module, attention: str = "heads") -> None:
         self.attention = attention
         self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
+        # id(input ids of a weight used functionally) -> its output ids: a product that
+        # contracts those input channels yields these output channels
+        self.partners: Dict[int, torch.Tensor] = {}
         self.storages = {t.untyped_storage().data_ptr()
                          for t in list(model.parameters()) + list(model.buffers())}
         self.uf = UnionFind()
@@ -124,7 +127,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             known[m] = (name, pruner)
             inside_known.add(name)
     names_of_params = {id(p): n for n, p in model.named_parameters()}
-    owned = {id(p) for m in known for p in m.parameters()}
+    owned = {id(p): m for m in known for p in m.parameters()}
 
     with preserved_state(model), torch.inference_mode(False):
         for p in model.parameters():
@@ -158,9 +161,10 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                     traceback.clear_frames(exc.__traceback__)
                 exc.__traceback__ = None
             errors.clear()
-        _warn_unreached(known, calls)
-        return _propagate(model, calls, output, known, names_of_params, owned, intervals, shapes,
-                          attention)
+        result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
+                            shapes, attention)
+        _warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
+        return result
 
 
 def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
@@ -244,10 +248,10 @@ class _OperandShapes(TorchFunctionMode):
         return out
 
 
-def _warn_unreached(known, calls: List[ModuleCall]) -> None:
+def _warn_unreached(known, calls: List[ModuleCall], seen) -> None:
     called = {c.module for c in calls}
     missed = [name for m, (name, _) in known.items()
-              if m not in called and any(True for _ in m.parameters())]
+              if m not in called and name not in seen and any(True for _ in m.parameters())]
     if missed:
         shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
         warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
@@ -312,6 +316,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             if c not in visited:
                 stack.append((c, False))
 
+    called = {c.module for c in calls}
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
     sources: Dict[Tuple[Any, int], frozenset] = {}
     module_in: Dict[str, torch.Tensor] = {}
@@ -335,7 +340,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
         if name.endswith("AccumulateGrad"):
             var = p.variable
             s = None
-            if id(var) in names_of_params and id(var) not in owned:
+            layer = owned.get(id(var))
+            if layer is not None and layer not in called:
+                s = _functional_param(ctx, var, layer, known[layer], module_in, module_out,
+                                      producers)
+                sources[(p, 0)] = frozenset((known[layer][0],))
+            elif id(var) in names_of_params and layer is None:
                 pname = names_of_params[id(var)]
                 if pname not in params:
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
@@ -407,6 +417,30 @@ def _innermost(intervals, s: int) -> str:
         if start <= s <= end and (best is None or end - start < best[1] - best[0]):
             best = (start, end, name)
     return best[2] if best else ""
+
+
+def _functional_param(ctx: _Tracer, var: torch.Tensor, m: nn.Module, known_entry, module_in,
+                      module_out, producers) -> Optional[Slots]:
+    """A known layer's parameter used outside its forward (``F.linear(x, layer.weight,
+    layer.bias)``): the weight carries the layer's input ids on its input dim, and a product
+    that contracts them yields its output ids (``ctx.partners``); the bias carries the output
+    ids. The layer is then pruned as if it had run."""
+    name, pr = known_entry
+    if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":
+        return None
+    n_in, n_out = pr.in_channels(m), pr.out_channels(m)
+    if n_in is None or n_out is None:
+        return None
+    if name not in module_out:
+        module_in[name] = ctx.fresh(n_in)
+        module_out[name] = ctx.fresh(n_out)
+        producers.append(name)
+        ctx.partners[id(module_in[name])] = module_out[name]
+    for side, ids in (("in", module_in[name]), ("out", module_out[name])):
+        for t, dim in pr.weights(m, side):
+            if t is var and (side == "in" or t.dim() == 1):
+                return Slots(dim, ids)
+    return None
 
 
 def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, module_out,

@@ -124,6 +124,12 @@ def update_config(model: nn.Module, graph: DependencyGraph, before: Dict[int, in
                           f"save_pretrained (or prune every layer by the same ratio)", stacklevel=3)
             continue
         kept = fractions.pop()
+        if kind == "head_dims":
+            warnings.warn(f"{type(model).__name__} lost dims inside its attention heads: its "
+                          f"modules keep the original attention scale 1/sqrt(head_dim), but a "
+                          f"copy rebuilt from model.config computes it from the smaller head_dim "
+                          f"and gives different outputs; save it with its pruning history",
+                          stacklevel=3)
         new_values = {}
         for f in fields:
             v = getattr(config, f, None)

@@ -36,8 +36,10 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     ka, kb = na - 1, nb - 2
     a_k = a is not None and a.dim == ka
     b_k = b is not None and b.dim == kb
+    partner = None
     if a_k and b_k:
         ctx.uf.union_all(a.ids, b.ids)
+        partner = getattr(ctx, "partners", {}).get(id(b.ids))  # F.linear with a layer's weight
     elif a_k and sa[ka] > 1:
         ctx.protect(a, f"{op} contracts channels against a tensor without channel ids")
     elif b_k and sb[kb] > 1:
@@ -47,6 +49,9 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
         result.append((a.dim + no - na, a))
     if b is not None and not b_k:
         result.append((b.dim + no - nb, b))
+    if partner is not None and len(partner) == out[-1] and a is not None and a.dim == ka \
+            and not (b is not None and not b_k):
+        return Slots(no - 1, partner)
     if not result:
         return None
     if len(result) == 2:

@@ -203,6 +203,11 @@ def _slice(ctx, call: OpCall):
         return [x]
     if call.out_shapes[0][dim] == in_shape[dim]:
         return [x]
+    if 2 * call.out_shapes[0][dim] == in_shape[dim]:
+        ctx.protect(x, "slice of the channel dim into halves (as rotary embeddings' "
+                       "rotate_half does: it pairs dim d with d + n/2, each pair at a fixed "
+                       "frequency)")
+        return [None]
     ctx.protect(x, "slice of the channel dim")
     return [None]
 
