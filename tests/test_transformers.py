@@ -93,6 +93,22 @@ def test_kinds_switch_mlp_only():
     assert model.config.intermediate_size == 32
 
 
+def test_ignored_layers_keep_their_heads():
+    model, x = tiny("bert")
+    with pytest.warns(UserWarning, match="unevenly across layers"):
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"],
+                                 ignored_layers=[model.encoder.layer[0].attention]).step()
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 4
+    assert model.encoder.layer[1].attention.self.num_attention_heads == 2
+    assert model.config.num_attention_heads == 4  # the config cannot say both
+
+
+def test_unknown_kind_is_rejected():
+    model, x = tiny("bert")
+    with pytest.raises(ValueError, match="kinds must be among"):
+        cleanai.StructuredPruner(model, x, kinds=["mlp"])
+
+
 def test_head_dims_mode_keeps_head_count():
     model, x = tiny("vit")
     shape = out(model, x).shape

@@ -49,8 +49,7 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
         result.append((a.dim + no - na, a))
     if b is not None and not b_k:
         result.append((b.dim + no - nb, b))
-    if partner is not None and len(partner) == out[-1] and a is not None and a.dim == ka \
-            and not (b is not None and not b_k):
+    if partner is not None and len(partner) == out[-1]:
         return Slots(no - 1, partner)
     if not result:
         return None
