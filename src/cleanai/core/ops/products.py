@@ -99,6 +99,7 @@ def _gqa_heads(ctx, x: Optional[Slots], sx: Shape, sq: Shape):
     if x is None:
         return None, shape
     if x.dim == len(sx) - 3:
+        ctx.note(x.ids, f"grouped-query attention: each key/value head serves {rep} query heads")
         return Slots(x.dim, x.ids.repeat_interleave(rep)), shape
     return x, shape
 
