@@ -178,6 +178,7 @@ def test_history_replay_restores_attributes():
     pruner = prune(model, x)
     cleanai.replay(fresh, pruner.history[0]["layers"])
     assert fresh.transformer.h[0].attn.split_size == model.transformer.h[0].attn.split_size
+    assert fresh.config.n_head == model.config.n_head == 2
     torch.testing.assert_close(out(fresh, x), out(model, x))
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..core.graph import DependencyGraph, module_signature
 from ..core.runtime import preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
-from .attributes import attribute_updates, set_attributes
+from .attributes import attribute_updates, set_attributes, set_config
 
 Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
 
@@ -252,12 +252,14 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     """Re-apply one recorded step (``history[i]["layers"]``) to a model of the original
     architecture, atomically. Entries of kind ``"attr"`` set a module's integer attribute
-    (``num_heads``, ``split_size``...) to ``value``."""
+    (``num_heads``, ``split_size``...) to ``value``; kind ``"config"`` sets a field of
+    ``model.config`` (Hugging Face models)."""
     keeps: Dict[Key, torch.Tensor] = {}
-    updates = []
+    updates, config = [], []
     for entry in layers:
-        if entry["kind"] == "attr":
-            updates.append((entry["name"], entry["attr"], int(entry["value"])))
+        if entry["kind"] in ("attr", "config"):
+            (updates if entry["kind"] == "attr" else config).append(
+                (entry["name"], entry["attr"], int(entry["value"])))
             continue
         keeps[(entry["name"], entry["kind"], int(entry["dim"]))] = torch.tensor(
             entry["keep"], dtype=torch.long)
@@ -266,6 +268,7 @@ def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     with atomic(list(owners.values())):
         slice_model(model, keeps)
         set_attributes(model, updates)
+    set_config(model, [(f, v) for _, f, v in config])
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -104,14 +104,24 @@ def set_attributes(model: nn.Module, updates: List[Update]) -> None:
         setattr(model.get_submodule(name), attr, int(value))
 
 
-def update_config(model: nn.Module, graph: DependencyGraph, before: Dict[int, int]) -> None:
+def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
+    """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        for f, v in fields:
+            setattr(config, f, int(v))
+
+
+def update_config(model: nn.Module, graph: DependencyGraph,
+                  before: Dict[int, int]) -> List[Tuple[str, int]]:
     """Scale the sizes in ``model.config`` by the fraction each kind of group kept in the last
     step (``before``: group id -> size before it), when all groups of a kind kept the same
-    fraction; then warn if the config still cannot describe the model's shapes."""
+    fraction; then warn if the config still cannot describe the model's shapes.
+    Returns the ``(field, new value)`` pairs written."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        return
-    changed = False
+        return []
+    changed: List[Tuple[str, int]] = []
     for kind, fields in _CONFIG.items():
         groups = [g for g in graph.groups if g.kind == kind and not bool(g.protected.all())]
         fractions = {Fraction(g.size, before.get(g.id, g.size)) for g in groups}
@@ -137,9 +147,10 @@ def update_config(model: nn.Module, graph: DependencyGraph, before: Dict[int, in
                 new_values[f] = int(v * kept)
         for f, v in new_values.items():
             setattr(config, f, v)
-            changed = True
+            changed.append((f, v))
     if changed:
         _check_config(model)
+    return changed
 
 
 def _check_config(model: nn.Module) -> None:

@@ -225,7 +225,8 @@ class StructuredPruner:
             raise PruningError("this plan was made for another pruner's graph")
         before = {g.id: g.size for g in self.graph.groups}
         layers = apply_removals(self.model, self.graph, plan.removals)
-        update_config(self.model, self.graph, before)
+        layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
+                   for f, v in update_config(self.model, self.graph, before)]
         follow = getattr(self.importance, "follow", None)
         if follow is not None:
             follow(layers)
