@@ -6,14 +6,16 @@ import warnings
 import pytest
 import torch
 
+import torch.nn.functional as F
+from torch import nn
+
 import cleanai
 from cleanai import PruningPlan
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny(name):
     """A small random model and its inputs (batch 2)."""
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     ids = {"input_ids": torch.randint(0, 100, (2, 8))}
     if name == "bert":
@@ -119,6 +121,42 @@ def test_head_dims_mode_keeps_head_count():
     assert att.q_proj.out_features == 16 and out(model, x).shape == shape
 
 
+def test_gpt2_head_dims_update_split_size():
+    model, x = tiny("gpt2")
+    with pytest.warns(UserWarning, match="attention scale"):
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5, attention="head_dims",
+                                 kinds=["head_dims"]).step()
+    att = model.transformer.h[0].attn
+    assert (att.num_heads, att.head_dim, att.split_size) == (4, 4, 16)
+    assert att.c_attn.weight.shape == (32, 48)  # Conv1D weight is [in, out]
+    assert model.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False).shape == (1, 13)
+
+
+class FunctionalLinear(nn.Module):
+    """Uses its layer's weights through F.linear, as torchvision's swin attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.lin, self.out = nn.Linear(3, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = F.linear(self.inp(x).relu(), self.lin.weight, self.lin.bias)
+        return self.out(h.relu())
+
+
+def test_layer_used_through_f_linear_is_pruned_like_a_called_one():
+    torch.manual_seed(0)
+    model, x = FunctionalLinear().eval(), torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "did not run" warning, no unknown op
+        pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    lin_out = pruner.graph.group_of("lin")
+    assert any(m.name == "out" and m.kind == "in" for g in lin_out for m in g.members)
+    pruner.step()
+    assert model.lin.weight.shape == (3, 4) and model.out.in_features == 3
+    assert model(x).shape == (4, 2)
+
+
 def test_gqa_prunes_key_value_groups_with_their_query_heads():
     model, x = tiny("llama")
     pruner = prune(model, x, kinds=["heads"])
@@ -210,7 +248,7 @@ def _vision_step(model, x):
     assert y.shape == shape and params(model) < n0
 
 
-def test_timm_vit_small_input():
+def test_timm_vit_small_input():  # fused qkv, reshape into [3, heads, head_dim], unbind
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
