@@ -36,6 +36,12 @@ def tiny(name):
                                        num_attention_heads=4, num_key_value_heads=2,
                                        intermediate_size=64, bos_token_id=0, eos_token_id=0)
         return transformers.LlamaForCausalLM(cfg).eval(), ids
+    if name == "qwen3":  # GQA plus an RMSNorm over head_dim on queries and keys
+        cfg = transformers.Qwen3Config(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, intermediate_size=64, bos_token_id=0,
+                                       eos_token_id=0)
+        return transformers.Qwen3ForCausalLM(cfg).eval(), ids
     raise KeyError(name)
 
 
@@ -57,7 +63,7 @@ def prune(model, x, **kw):
     return pruner
 
 
-@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama"])
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "llama", "qwen3"])
 def test_prune_heads_and_mlp_keeps_output_shape(name):
     model, x = tiny(name)
     shape, n0 = out(model, x).shape, params(model)
@@ -193,7 +199,7 @@ def test_gpt2_tied_embedding_is_sliced_once():
     assert model.transformer.h[0].attn.c_attn.weight.shape == (16, 96)
 
 
-@pytest.mark.parametrize("name,kinds", [("llama", None), ("gpt2", None),
+@pytest.mark.parametrize("name,kinds", [("llama", None), ("gpt2", None), ("qwen3", None),
                                         ("bert", ["channels"])])
 def test_save_pretrained_round_trip(tmp_path, name, kinds):
     model, x = tiny(name)

@@ -67,6 +67,7 @@ class _Tracer:
         # id(input ids of a weight used functionally) -> its output ids: a product that
         # contracts those input channels yields these output channels
         self.partners: Dict[int, torch.Tensor] = {}
+        self.param_ids: set = set()  # id() of the ids tensors of bare parameters
         self.storages = {t.untyped_storage().data_ptr()
                          for t in list(model.parameters()) + list(model.buffers())}
         self.uf = UnionFind()
@@ -351,6 +352,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
                     if dims:
                         params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]))
+                        ctx.param_ids.add(id(params[pname].ids))
                 s = params.get(pname)
                 sources[(p, 0)] = frozenset((pname,))
             slots[(p, 0)] = s

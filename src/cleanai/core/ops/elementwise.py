@@ -228,9 +228,20 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         return None
     dims = {od for od, _ in tracked}
     if len(dims) > 1:
-        for _, x in tracked:
-            ctx.protect(x, f"{op} mixes channel dims")
-        return None
+        # a parameter over a dim that carries no channel ids here (a norm weight over
+        # head_dim, applied where whole heads are the units) is kept; the activation goes on
+        params = getattr(ctx, "param_ids", set())
+        acts = [(od, x) for od, x in tracked if id(x.ids) not in params]
+        if acts and len({od for od, _ in acts}) == 1 and len(acts) < len(tracked):
+            for _, x in tracked:
+                if id(x.ids) in params:
+                    ctx.protect(x, f"a weight that {op} applies along a dim without channel "
+                                   f"ids (e.g. a norm over head_dim when heads are the units)")
+            tracked = acts
+        else:
+            for _, x in tracked:
+                ctx.protect(x, f"{op} mixes channel dims")
+            return None
     od = tracked[0][0]
     first = tracked[0][1]
     for _, x in tracked[1:]:
