@@ -181,6 +181,10 @@ def test_rotary_head_dims_are_protected_with_a_reason():
                                          for m in g.members)]
     assert qk and all(g.protected.all() for g in qk)
     assert any("rotary" in r for g in qk for r in g.reasons)
+    # values share head_dim with queries and keys: their dims stay too, with the reason
+    vo = [g for g in graph.groups if g.kind == "head_dims" and g not in qk]
+    assert vo and all(g.protected.all() and "head_dim it shares" in next(iter(g.reasons))
+                      for g in vo)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])

@@ -230,8 +230,30 @@ def _build_groups(r: TraceResult) -> List[Group]:
         gi = int(group_of[roots[i]])
         if gi >= 0:
             groups[gi].kind = kind
+    _align_head_dims(groups)
     for i, text in r.notes:
         gi = int(group_of[roots[i]])
         if gi >= 0 and text not in groups[gi].constraints:
             groups[gi].constraints.append(text)
     return groups
+
+
+def _align_head_dims(groups: List[Group]) -> None:
+    """Dims inside heads: attention code keeps one ``head_dim`` for queries/keys and values,
+    so when one head-dim group of an attention block cannot lose dims (rotary embeddings),
+    the others of that block keep theirs too."""
+    by_scope: Dict[str, List[Group]] = {}
+    for g in groups:
+        if g.kind == "head_dims":
+            scope = min((m.name for m in g.members if m.kind == "out"), default="")
+            by_scope.setdefault(scope.rpartition(".")[0], []).append(g)
+    for block in by_scope.values():
+        pinned = [g for g in block if bool(g.protected.all())]
+        if not pinned:
+            continue
+        why = f"the head_dim it shares is pinned ({next(iter(pinned[0].reasons), 'protected')})"
+        for g in block:
+            if not bool(g.protected.all()):
+                g.reasons[why] = int((~g.protected).sum())
+                g.protected[:] = True
+
