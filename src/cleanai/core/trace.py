@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .functional import functional_param
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward
@@ -343,8 +344,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             s = None
             layer = owned.get(id(var))
             if layer is not None and layer not in called:
-                s = _functional_param(ctx, var, layer, known[layer], module_in, module_out,
-                                      producers)
+                s = functional_param(ctx, var, layer, known[layer], module_in, module_out,
+                                     producers)
                 sources[(p, 0)] = frozenset((known[layer][0],))
             elif id(var) in names_of_params and layer is None:
                 pname = names_of_params[id(var)]
@@ -419,30 +420,6 @@ def _innermost(intervals, s: int) -> str:
         if start <= s <= end and (best is None or end - start < best[1] - best[0]):
             best = (start, end, name)
     return best[2] if best else ""
-
-
-def _functional_param(ctx: _Tracer, var: torch.Tensor, m: nn.Module, known_entry, module_in,
-                      module_out, producers) -> Optional[Slots]:
-    """A known layer's parameter used outside its forward (``F.linear(x, layer.weight,
-    layer.bias)``): the weight carries the layer's input ids on its input dim, and a product
-    that contracts them yields its output ids (``ctx.partners``); the bias carries the output
-    ids. The layer is then pruned as if it had run."""
-    name, pr = known_entry
-    if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":
-        return None
-    n_in, n_out = pr.in_channels(m), pr.out_channels(m)
-    if n_in is None or n_out is None:
-        return None
-    if name not in module_out:
-        module_in[name] = ctx.fresh(n_in)
-        module_out[name] = ctx.fresh(n_out)
-        producers.append(name)
-        ctx.partners[id(module_in[name])] = module_out[name]
-    for side, ids in (("in", module_in[name]), ("out", module_out[name])):
-        for t, dim in pr.weights(m, side):
-            if t is var and (side == "in" or t.dim() == 1):
-                return Slots(dim, ids)
-    return None
 
 
 def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, module_out,
