@@ -36,12 +36,12 @@ class Wrap(nn.Module):
         return self.fn(*args)
 
 
-def graph(model, x=None, train=False):
+def graph(model, x=None, train=False, attention="heads"):
     model.train(train)
     x = torch.randn(2, 3, 4, 4) if x is None else x
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        g = cleanai.DependencyGraph(model, x)
+        g = cleanai.DependencyGraph(model, x, attention=attention)
     g.warnings = [str(w.message) for w in caught if "CleanAI" in str(w.message)]
     g.x = x
     return g
@@ -300,13 +300,25 @@ class Attention(nn.Module):
 
 
 def test_view_into_heads_ties_head_dim_across_heads_and_qkv():
-    g = graph(Attention(), torch.randn(2, 5, 3))
+    g = graph(Attention(), torch.randn(2, 5, 3), attention="head_dims")
     assert len(g.groups) == 3
     assert layout(group_with(g, "embed.out")) == {"embed.out": R(8), "qkv.in": R(8),
                                                   "proj.out": R(8), "head.in": R(8)}
     heads = group_with(g, "qkv.out")
     # head_dim 4: qkv output c is (q|k|v, head, c % 4); proj input c is (head, c % 4)
     assert heads.size == 4 and layout(heads) == {"qkv.out": R(4, reps=6), "proj.in": R(4, reps=2)}
+    assert not heads.protected.any() and not g.warnings
+    assert_well_formed(g)
+
+
+def test_view_into_heads_keeps_whole_heads():
+    g = graph(Attention(), torch.randn(2, 5, 3))
+    assert len(g.groups) == 3
+    heads = group_with(g, "qkv.out")
+    # 2 heads of 4 dims: qkv output c is (q|k|v, c // 4 % 2, c % 4); proj input c is head c // 4
+    assert heads.size == 2 and heads.kind == "heads"
+    assert layout(heads) == {"qkv.out": [c // 4 % 2 for c in range(24)],
+                             "proj.in": [c // 4 for c in range(8)]}
     assert not heads.protected.any() and not g.warnings
     assert_well_formed(g)
 

@@ -46,6 +46,11 @@ class Group:
     ``size`` is the number of channels; ``protected[j]`` is True for channels that must stay
     (model outputs, ops CleanAI cannot follow, inputs without channel ids), with a reason in
     ``reasons``. ``constraints`` describes ties imposed by grouped layers and reshapes.
+
+    ``kind`` says what a channel is: ``"heads"`` (a whole attention head), ``"head_dims"``
+    (one dim inside every head), ``"hidden"`` (a width shared by several layers through
+    residual additions: a transformer's hidden size) or ``"channels"`` (one layer's outputs:
+    MLP intermediate neurons, conv channels).
     """
 
     id: int
@@ -54,6 +59,7 @@ class Group:
     protected: torch.Tensor
     reasons: Dict[str, int]
     constraints: List[str]
+    kind: str = "channels"
 
     @property
     def prunable(self) -> int:
@@ -62,6 +68,7 @@ class Group:
 
     def __repr__(self) -> str:
         lines = [f"Group {self.id}: {self.size} channels"
+                 + (f" ({self.kind})" if self.kind != "channels" else "")
                  + (f", {int(self.protected.sum())} protected" if bool(self.protected.any()) else "")]
         for m in self.members:
             lines.append("  " + m.describe())
@@ -80,19 +87,23 @@ class DependencyGraph:
         example_inputs: a tensor, a tuple (passed positionally) or a dict (passed as keywords).
         forward_fn: optional ``forward_fn(model, example_inputs) -> outputs`` for models that
             need a custom call.
+        attention: what a split of a feature dim into ``[heads, head_dim]`` (multi-head
+            attention) makes removable: ``"heads"`` (default; whole heads go, ``head_dim``
+            stays) or ``"head_dims"`` (the same dims leave every head; the head count stays).
 
     ``graph.groups`` lists the :class:`Group` objects; ``graph.group_of(layer)`` finds the
     groups a layer belongs to; ``print(graph)`` shows them; ``graph.to_dot()`` draws the layers.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
-                 forward_fn: Optional[ForwardFn] = None) -> None:
+                 forward_fn: Optional[ForwardFn] = None, attention: str = "heads") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model_name = type(model).__name__
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
-        self._result = trace(model, example_inputs, forward_fn)
+        self.attention = attention
+        self._result = trace(model, example_inputs, forward_fn, attention)
         self.modules: Dict[str, nn.Module] = self._result.modules
         self.edges = self._result.edges
         self.groups: List[Group] = _build_groups(self._result)
@@ -218,8 +229,39 @@ def _build_groups(r: TraceResult) -> List[Group]:
             g = groups[gi]
             g.protected[channel_of[u]] = True
             g.reasons[why] = g.reasons.get(why, 0) + 1
+    for g in groups:
+        # several producers added together and read by several layers: a residual stream
+        # (two producers read by one layer are a gate, e.g. a gated MLP's up and gate)
+        if sum(m.kind == "out" for m in g.members) > 1 and sum(m.kind == "in" for m in g.members) > 1:
+            g.kind = "hidden"
+    for i, kind in r.kinds:
+        gi = int(group_of[roots[i]])
+        if gi >= 0:
+            groups[gi].kind = kind
+    _align_head_dims(groups)
     for i, text in r.notes:
         gi = int(group_of[roots[i]])
         if gi >= 0 and text not in groups[gi].constraints:
             groups[gi].constraints.append(text)
     return groups
+
+
+def _align_head_dims(groups: List[Group]) -> None:
+    """Dims inside heads: attention code keeps one ``head_dim`` for queries/keys and values,
+    so when one head-dim group of an attention block cannot lose dims (rotary embeddings),
+    the others of that block keep theirs too."""
+    by_scope: Dict[str, List[Group]] = {}
+    for g in groups:
+        if g.kind == "head_dims":
+            scope = min((m.name for m in g.members if m.kind == "out"), default="")
+            by_scope.setdefault(scope.rpartition(".")[0], []).append(g)
+    for block in by_scope.values():
+        pinned = [g for g in block if bool(g.protected.all())]
+        if not pinned:
+            continue
+        why = f"the head_dim it shares is pinned ({next(iter(pinned[0].reasons), 'protected')})"
+        for g in block:
+            if not bool(g.protected.all()):
+                g.reasons[why] = int((~g.protected).sum())
+                g.protected[:] = True
+

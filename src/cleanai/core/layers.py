@@ -359,7 +359,8 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     for base in cls.__mro__[1:]:
         if base in _REGISTRY:
             return _REGISTRY[base] if inherited or cls.forward is base.forward else None
-    return None
+    from .named_layers import named_layer_pruner  # classes of optional libraries, by name
+    return named_layer_pruner(module, inherited)
 
 
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

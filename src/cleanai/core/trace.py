@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .functional import functional_param
 from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
@@ -61,12 +62,19 @@ class TraceResult:
     modules: Dict[str, nn.Module]
     #: per layer, the ids of each internal dim's positions (None for a switched-off dim)
     internal: Dict[str, List[Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    kinds: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attention: str = "heads") -> None:
+        self.attention = attention
+        self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
+        # id(input ids of a weight used functionally) -> its output ids: a product that
+        # contracts those input channels yields these output channels
+        self.partners: Dict[int, torch.Tensor] = {}
+        self.param_ids: set = set()  # id() of the ids tensors of bare parameters
         self.storages = {t.untyped_storage().data_ptr()
                          for t in list(model.parameters()) + list(model.buffers())}
         self.uf = UnionFind()
@@ -108,8 +116,14 @@ class _Tracer:
         self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
 
 
-def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None) -> TraceResult:
-    """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc)."""
+def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None,
+          attention: str = "heads") -> TraceResult:
+    """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc).
+
+    ``attention`` says what a split of a feature dim into ``[heads, head_dim]`` makes
+    removable: ``"heads"`` (whole heads) or ``"head_dims"`` (the same dims of every head)."""
+    if attention not in ("heads", "head_dims"):
+        raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
     inside_known = set()  # names of known layers and of everything inside them
     for name, m in model.named_modules():
@@ -121,7 +135,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             known[m] = (name, pruner)
             inside_known.add(name)
     names_of_params = {id(p): n for n, p in model.named_parameters()}
-    owned = {id(p) for m in known for p in m.parameters()}
+    owned = {id(p): m for m in known for p in m.parameters()}
 
     with preserved_state(model), torch.inference_mode(False):
         for p in model.parameters():
@@ -155,8 +169,10 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                     traceback.clear_frames(exc.__traceback__)
                 exc.__traceback__ = None
             errors.clear()
-        _warn_unreached(known, calls)
-        return _propagate(model, calls, output, known, names_of_params, owned, intervals, shapes)
+        result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
+                            shapes, attention)
+        _warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
+        return result
 
 
 def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
@@ -242,10 +258,10 @@ class _OperandShapes(TorchFunctionMode):
         return out
 
 
-def _warn_unreached(known, calls: List[ModuleCall]) -> None:
+def _warn_unreached(known, calls: List[ModuleCall], seen) -> None:
     called = {c.module for c in calls}
     missed = [name for m, (name, _) in known.items()
-              if m not in called and any(True for _ in m.parameters())]
+              if m not in called and name not in seen and any(True for _ in m.parameters())]
     if missed:
         shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
         warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
@@ -277,8 +293,8 @@ def _describe(inputs: Any) -> str:
 
 
 def _propagate(model, calls, output, known, names_of_params, owned, intervals,
-               operand_shapes) -> TraceResult:
-    ctx = _Tracer(model)
+               operand_shapes, attention="heads") -> TraceResult:
+    ctx = _Tracer(model, attention)
     ctx.operand_shapes.update(operand_shapes)
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
@@ -311,6 +327,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             if c not in visited:
                 stack.append((c, False))
 
+    called = {c.module for c in calls}
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
     sources: Dict[Tuple[Any, int], frozenset] = {}
     module_in: Dict[str, torch.Tensor] = {}
@@ -338,12 +355,18 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
         if name.endswith("AccumulateGrad"):
             var = p.variable
             s = None
-            if id(var) in names_of_params and id(var) not in owned:
+            layer = owned.get(id(var))
+            if layer is not None and layer not in called:
+                s = functional_param(ctx, var, layer, known[layer], module_in, module_out,
+                                     producers)
+                sources[(p, 0)] = frozenset((known[layer][0],))
+            elif id(var) in names_of_params and layer is None:
                 pname = names_of_params[id(var)]
                 if pname not in params:
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
                     if dims:
                         params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]))
+                        ctx.param_ids.add(id(params[pname].ids))
                 s = params.get(pname)
                 sources[(p, 0)] = frozenset((pname,))
             slots[(p, 0)] = s
@@ -390,7 +413,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                       f"protected and will not be pruned.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
                        output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()},
-                       internal)
+                       internal, ctx.kinds)
 
 
 def _shape(key, by_out) -> Optional[Tuple[int, ...]]:

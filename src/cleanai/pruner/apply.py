@@ -11,6 +11,7 @@ from ..core.graph import DependencyGraph, module_signature
 from ..core.runtime import preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
+from .attributes import attribute_updates, set_attributes, set_config
 from .history import record_step
 
 Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
@@ -95,9 +96,13 @@ def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Di
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
-    """Slice layers and parameters in place. Not atomic by itself: see :func:`atomic`."""
+    """Slice layers and parameters in place. Not atomic by itself: see :func:`atomic`.
+
+    A parameter shared by several layers (tied embeddings) is sliced once; the other layers
+    slice a stand-in so that their attributes follow, and must agree on the result."""
     per_layer: Dict[str, Dict[str, torch.Tensor]] = {}
     internal: Dict[str, Dict[int, torch.Tensor]] = {}
+    originals: Dict[int, torch.Tensor] = {}  # id(parameter) -> its data before slicing
     for (name, kind, dim), keep in keeps.items():
         if kind == "internal":
             internal.setdefault(name, {})[dim] = keep
@@ -114,16 +119,34 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
             # a norm subclass with its own forward: its pruner also updates its attributes
             per_layer[owner_name] = {"in": keep, "out": keep}
         else:
-            _keep(model.get_parameter(name), dim, keep)
+            p = model.get_parameter(name)
+            originals.setdefault(id(p), p.data)
+            _keep(p, dim, keep)
     for name, sides in per_layer.items():
         module = model.get_submodule(name)
         pruner = get_layer_pruner(module, inherited=True)
         if pruner is None:
             raise PruningError(f"no layer pruner for {type(module).__name__} {name}")
+        shared = {}
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) in originals:
+                shared[pname] = p
+                module._parameters[pname] = nn.Parameter(originals[id(p)], p.requires_grad)
+            else:
+                originals[id(p)] = p.data
         if name in internal:
             pruner.prune(module, sides.get("in"), sides.get("out"), internal=internal[name])
         else:
             pruner.prune(module, sides.get("in"), sides.get("out"))
+        for pname, p in shared.items():
+            stand_in = module._parameters[pname]
+            module._parameters[pname] = p
+            if stand_in.shape != p.shape:
+                raise PruningError(f"{name}.{pname} is shared with another layer that keeps "
+                                   f"other channels ({tuple(stand_in.shape)} vs "
+                                   f"{tuple(p.shape)})", name)
     sync_container_attributes(model)
 
 
@@ -188,8 +211,12 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                            "shapes differ); build a new graph or pruner for it")
     validate_removals(graph, removals)
     keeps = layer_keeps(graph, removals)
-    with atomic(touched_modules(model, keeps)) as guard:
+    updates = attribute_updates(model, graph, removals)
+    owners = {id(m): m for m in touched_modules(model, keeps)}
+    owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
+    with atomic(list(owners.values())) as guard:
         slice_model(model, keeps)
+        set_attributes(model, updates)
         if check_forward:
             try:
                 with preserved_state(model), torch.no_grad():
@@ -205,7 +232,9 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                     f"or list it in ignored_layers.", layer) from exc
     renumber(graph, removals, keeps)
     graph.signature = module_signature(model)
-    return [{"name": n, "kind": k, "dim": d, "keep": keep.tolist()} for (n, k, d), keep in keeps.items()]
+    return ([{"name": n, "kind": k, "dim": d, "keep": keep.tolist()}
+             for (n, k, d), keep in keeps.items()]
+            + [{"name": n, "kind": "attr", "attr": a, "value": v} for n, a, v in updates])
 
 
 def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
@@ -237,14 +266,25 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
 
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     """Re-apply one recorded step (``history[i]["layers"]``) to a model of the original
-    architecture, atomically."""
+    architecture, atomically. Entries of kind ``"attr"`` set a module's integer attribute
+    (``num_heads``, ``split_size``...) to ``value``; kind ``"config"`` sets a field of
+    ``model.config`` (Hugging Face models)."""
     keeps: Dict[Key, torch.Tensor] = {}
+    updates, config = [], []
     for entry in layers:
+        if entry["kind"] in ("attr", "config"):
+            (updates if entry["kind"] == "attr" else config).append(
+                (entry["name"], entry["attr"], int(entry["value"])))
+            continue
         keeps[(entry["name"], entry["kind"], int(entry["dim"]))] = torch.tensor(
             entry["keep"], dtype=torch.long)
     before = module_signature(model)
-    with atomic(touched_modules(model, keeps)):
+    owners = {id(m): m for m in touched_modules(model, keeps)}
+    owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
+    with atomic(list(owners.values())):
         slice_model(model, keeps)
+        set_attributes(model, updates)
+    set_config(model, [(f, v) for _, f, v in config])
     record_step(model, {"layers": layers}, before)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..core.graph import DependencyGraph
 from .apply import copy_model, layer_keeps, slice_model, validate_removals
+from .attributes import attribute_updates, set_attributes
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class PruningPlan:
         inputs = self.graph.example_inputs if example_inputs is None else example_inputs
         after = copy_model(model)
         slice_model(after, layer_keeps(self.graph, self.removals))
+        set_attributes(after, attribute_updates(model, self.graph, self.removals))
         fn = self.graph.forward_fn
         return {"params_before": count_params(model), "params_after": count_params(after),
                 "macs_before": count_macs(model, inputs, fn), "macs_after": count_macs(after, inputs, fn)}

@@ -14,6 +14,7 @@ from ..core.graph import DependencyGraph, Group
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from .apply import PruningError, apply_removals
+from .attributes import update_config
 from .history import record_step
 from .plan import PruningPlan
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 LayerRef = Union[str, nn.Module]
 Schedule = Callable[[int, int, float], float]
+GROUP_KINDS = ("heads", "head_dims", "hidden", "channels")
 
 
 def linear_schedule(step: int, steps: int, ratio: float) -> float:
@@ -48,6 +50,16 @@ class StructuredPruner:
         iterative_schedule: ``schedule(step, steps, ratio) -> ratio after step`` (linear).
         round_to: kept channel counts become multiples of this.
         forward_fn: ``forward_fn(model, example_inputs)`` for models that need a custom call.
+        attention: ``"heads"`` removes whole attention heads (``head_dim`` stays);
+            ``"head_dims"`` removes the same dims from every head (the head count stays).
+        kinds: which kinds of groups may lose channels, any of ``"heads"`` / ``"head_dims"``
+            (attention), ``"channels"`` (MLP intermediate neurons, conv channels) and
+            ``"hidden"`` (widths shared through residual additions: a transformer's hidden
+            size); ``None`` means all. Model outputs are never pruned, whatever the kind.
+
+    Module attributes that store pruned widths (``num_heads``, ``head_dim``, ``split_size``,
+    ``intermediate_size``...) and a Hugging Face ``model.config`` are updated with the tensors
+    (see :mod:`cleanai.pruner.attributes`).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None,
@@ -56,7 +68,8 @@ class StructuredPruner:
                  ignored_layers: Optional[Iterable[LayerRef]] = None,
                  global_pruning: bool = False, max_pruning_ratio: float = 1.0,
                  iterative_steps: int = 1, iterative_schedule: Optional[Schedule] = None,
-                 round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None) -> None:
+                 round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
+                 attention: str = "heads", kinds: Optional[Iterable[str]] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_ratio("pruning_ratio", pruning_ratio)
@@ -68,6 +81,9 @@ class StructuredPruner:
             raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
         if importance is not None and not callable(importance):
             raise TypeError("importance must be callable: importance(group, model) -> scores")
+        self.kinds = set(GROUP_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
+        if not self.kinds <= set(GROUP_KINDS):
+            raise ValueError(f"kinds must be among {GROUP_KINDS}, got {sorted(self.kinds)}")
         names = _LayerNames(model)
         self.layer_ratios: Dict[str, float] = {}
         for key, ratio in (layer_pruning_ratios or {}).items():
@@ -85,7 +101,7 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         self.schedule = iterative_schedule or linear_schedule
         self.round_to = round_to
-        self.graph = DependencyGraph(model, self.example_inputs, forward_fn)
+        self.graph = DependencyGraph(model, self.example_inputs, forward_fn, attention)
         self.original_size = {g.id: g.size for g in self.graph.groups}
         if not any(g.prunable and g.size > 1 for g in self.graph.groups):
             warnings.warn(f"{type(model).__name__} has no channels CleanAI can prune (no group "
@@ -98,6 +114,8 @@ class StructuredPruner:
 
     def group_ratio(self, group: Group) -> Optional[float]:
         """The target ratio for ``group``, or ``None`` when it is ignored."""
+        if group.kind not in self.kinds:
+            return None
         layers = [m.name for m in group.members if m.kind in ("out", "same", "internal")]
         if any(_inside(layer, ig) for layer in layers for ig in self.ignored):
             return None
@@ -207,7 +225,10 @@ class StructuredPruner:
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
         signature = self.graph.signature
+        before = {g.id: g.size for g in self.graph.groups}
         layers = apply_removals(self.model, self.graph, plan.removals)
+        layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
+                   for f, v in update_config(self.model, self.graph, before)]
         follow = getattr(self.importance, "follow", None)
         if follow is not None:
             follow(layers)

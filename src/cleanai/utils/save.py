@@ -147,17 +147,26 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
     _check_steps(model, info["steps"], where)
     state = _read_weights(Path(where).parent, info, where)
 
+    config = getattr(model, "config", None)
+    fields = {e["attr"] for st in info["steps"] for e in st["layers"] if e["kind"] == "config"}
+    config_before = {f: getattr(config, f) for f in fields}
+
+    def restore() -> None:
+        guard.restore()
+        for f, v in config_before.items():
+            setattr(config, f, v)
+
     with atomic(list(model.modules())) as guard:
         try:
             for i, step in enumerate(info["steps"], 1):
                 replay(model, step["layers"])
         except Exception as exc:
-            guard.restore()
+            restore()
             raise LoadError(f"{where}: step {i} does not apply to {type(model).__name__}: "
                             f"{type(exc).__name__}: {exc}. The model was left unchanged.") from exc
         got = {k: list(v.shape) for k, v in model.state_dict().items()}
         if got != info["final"]["state_dict"]:
-            guard.restore()
+            restore()
             raise LoadError(f"{where}: after replaying the history the model's shapes differ "
                             f"from the saved ones ({_first_diff(got, info['final']['state_dict'])});"
                             f" the file does not match this architecture. The model was left "
@@ -165,7 +174,7 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
         mine = {k: v.dtype for k, v in model.state_dict().items()}
         odd = next((k for k, v in state.items() if v.dtype != mine[k]), None)
         if odd is not None:
-            guard.restore()
+            restore()
             raise LoadError(f"{where}: {odd!r} was saved as {state[odd].dtype} but the model "
                             f"holds {mine[odd]}; convert the fresh model first (e.g. "
                             f"model.to({state[odd].dtype})). The model was left unchanged.")
@@ -204,17 +213,21 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
         if not isinstance(step, dict) or not isinstance(step.get("layers"), list):
             raise LoadError(f"{where}: step {i} has no list of layers")
         for entry in step["layers"]:
+            if isinstance(entry, dict) and entry.get("kind") in ("attr", "config"):
+                _check_setting(model, modules, entry, f"{where}: step {i}")
+                continue
             if not isinstance(entry, dict) or not {"name", "kind", "dim", "keep"} <= set(entry):
                 raise LoadError(f"{where}: step {i}: a layer entry lacks name/kind/dim/keep")
             name, kind, dim, keep = entry["name"], entry["kind"], entry["dim"], entry["keep"]
             here = f"{where}: step {i}, {name!r} ({kind})"
-            if not isinstance(name, str) or not isinstance(dim, int) or kind not in ("in", "out", "param"):
+            if not isinstance(name, str) or not isinstance(dim, int) or \
+                    kind not in ("in", "out", "param", "internal"):
                 raise LoadError(f"{here}: malformed entry (name must be a string, dim an int, "
-                                f"kind one of in/out/param)")
+                                f"kind one of in/out/param/internal/attr/config)")
             if not isinstance(keep, list) or not keep or \
                     not all(isinstance(k, int) and not isinstance(k, bool) for k in keep):
                 raise LoadError(f"{here}: 'keep' must be a non-empty list of channel indices")
-            if kind != "param" and dim != -1:
+            if kind in ("in", "out") and dim != -1:
                 raise LoadError(f"{here}: dim must be -1 for a layer's {kind}put channels, "
                                 f"got {dim}")
             key = (name, kind, dim)
@@ -229,6 +242,28 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
             if any(b <= a for a, b in zip(keep, keep[1:])):
                 raise LoadError(f"{here}: kept indices must be sorted and distinct")
             lengths[key] = len(keep)
+
+
+def _check_setting(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[str, Any],
+                   where: str) -> None:
+    """An ``attr`` entry sets an integer attribute of a module (``num_heads``...); a ``config``
+    entry sets a field of ``model.config``. Both must name something that exists."""
+    kind, attr, value = entry["kind"], entry.get("attr"), entry.get("value")
+    here = f"{where}, {entry.get('name')!r} ({kind} {attr!r})"
+    if not isinstance(attr, str) or not isinstance(value, int) or isinstance(value, bool):
+        raise LoadError(f"{here}: malformed entry (attr must be a string, value an int)")
+    if kind == "attr":
+        module = modules.get(entry.get("name"))
+        if module is None:
+            raise LoadError(f"{here}: {type(model).__name__} has no module named "
+                            f"{entry.get('name')!r}")
+        owner = module
+    else:
+        owner = getattr(model, "config", None)
+        if owner is None:
+            raise LoadError(f"{here}: {type(model).__name__} has no config to update")
+    if not hasattr(owner, attr):
+        raise LoadError(f"{here}: {type(owner).__name__} has no attribute {attr!r}")
 
 
 def _initial_length(model, modules, params, name, kind, dim, here, get_layer_pruner) -> int:
@@ -247,6 +282,11 @@ def _initial_length(model, modules, params, name, kind, dim, here, get_layer_pru
     if pruner is None:
         raise LoadError(f"{here}: CleanAI cannot prune a {type(module).__name__} (no layer "
                         f"pruner registered for it); register the one used when saving")
+    if kind == "internal":
+        dims = pruner.internal_dims(module)
+        if not 0 <= dim < len(dims) or dims[dim] is None:
+            raise LoadError(f"{here}: a {type(module).__name__} has no internal dim {dim}")
+        return int(dims[dim].length)
     n = pruner.in_channels(module) if kind == "in" else pruner.out_channels(module)
     if n is None:
         raise LoadError(f"{here}: a {type(module).__name__} has no {kind}put channels to slice")

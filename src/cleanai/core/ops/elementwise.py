@@ -24,7 +24,7 @@ _UNARY = (
     "RreluWithNoiseBackward0 ThresholdBackward0 HardshrinkBackward0 SoftshrinkBackward0 "
     "TanhshrinkBackward0 LogitBackward0 FloorBackward0 CeilBackward0 "
     "RoundBackward0 TruncBackward0 FracBackward0 ClampBackward0 "
-    "NanToNumBackward0 LiftFreshBackward0"
+    "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0"
 ).split()
 
 
@@ -226,11 +226,24 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         # a size-1 channel dim broadcast over a larger one (a gate) ties nothing
     if not tracked:
         return None
+    # an activation's ids describe the result (a parameter's ids object marks a parameter)
+    params = getattr(ctx, "param_ids", set())
+    tracked.sort(key=lambda t: id(t[1].ids) in params)
     dims = {od for od, _ in tracked}
     if len(dims) > 1:
-        for _, x in tracked:
-            ctx.protect(x, f"{op} mixes channel dims")
-        return None
+        # a parameter over a dim that carries no channel ids here (a norm weight over
+        # head_dim, applied where whole heads are the units) is kept; the activation goes on
+        acts = [(od, x) for od, x in tracked if id(x.ids) not in params]
+        if acts and len({od for od, _ in acts}) == 1 and len(acts) < len(tracked):
+            for _, x in tracked:
+                if id(x.ids) in params:
+                    ctx.protect(x, f"a weight that {op} applies along a dim without channel "
+                                   f"ids (e.g. a norm over head_dim when heads are the units)")
+            tracked = acts
+        else:
+            for _, x in tracked:
+                ctx.protect(x, f"{op} mixes channel dims")
+            return None
     od = tracked[0][0]
     first = tracked[0][1]
     for _, x in tracked[1:]:

@@ -36,8 +36,10 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     ka, kb = na - 1, nb - 2
     a_k = a is not None and a.dim == ka
     b_k = b is not None and b.dim == kb
+    partner = None
     if a_k and b_k:
         ctx.uf.union_all(a.ids, b.ids)
+        partner = getattr(ctx, "partners", {}).get(id(b.ids))  # F.linear with a layer's weight
     elif a_k and sa[ka] > 1:
         ctx.protect(a, f"{op} contracts channels against a tensor without channel ids")
     elif b_k and sb[kb] > 1:
@@ -47,6 +49,8 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
         result.append((a.dim + no - na, a))
     if b is not None and not b_k:
         result.append((b.dim + no - nb, b))
+    if partner is not None and len(partner) == out[-1]:
+        return Slots(no - 1, partner)
     if not result:
         return None
     if len(result) == 2:
@@ -75,12 +79,29 @@ def _sdpa(ctx, call: OpCall):
     if sq is None or sk is None or sv is None:
         protect_all(ctx, f"{call.name()} with inputs of unknown shape", [q, k, v])
         return none(call)
+    k, sk = _gqa_heads(ctx, k, sk, sq)
+    v, sv = _gqa_heads(ctx, v, sv, sq)
     kt = None if k is None else Slots(_swap_last(k.dim, len(sk)), k.ids)
     skt = tuple(sk[:-2]) + (sk[-1], sk[-2])
     score_shape = tuple(torch.broadcast_shapes(tuple(sq[:-2]), tuple(sk[:-2]))) + (sq[-2], sk[-2])
     scores = matmul(ctx, call.name(), q, kt, sq, skt, score_shape)
     out = matmul(ctx, call.name(), scores, v, score_shape, sv, call.out_shapes[0])
     return [out] + [None] * (len(call.out_shapes) - 1)
+
+
+def _gqa_heads(ctx, x: Optional[Slots], sx: Shape, sq: Shape):
+    """Grouped-query attention (``enable_gqa=True``): key/value heads serve ``H_q / H_kv``
+    consecutive query heads, as if each were repeated in place on the head dim (``-3``)."""
+    if len(sx) < 3 or len(sq) < 3 or sx[-3] == sq[-3] or sx[-3] == 1 or sq[-3] % sx[-3]:
+        return x, sx
+    rep = sq[-3] // sx[-3]
+    shape = tuple(sx[:-3]) + (sq[-3],) + tuple(sx[-2:])
+    if x is None:
+        return None, shape
+    if x.dim == len(sx) - 3:
+        ctx.note(x.ids, f"grouped-query attention: each key/value head serves {rep} query heads")
+        return Slots(x.dim, x.ids.repeat_interleave(rep)), shape
+    return x, shape
 
 
 def _swap_last(d: int, nd: int) -> int:

@@ -53,16 +53,37 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
         return None
     if len(varying) > 1:
         inner = varying[-1]
-        moved = grid.movedim(inner, -1).reshape(-1, grid.size(inner))
-        for row in moved[1:]:
-            ctx.uf.union_all(moved[0], row)
-        ctx.note(moved[0], f"{op} into {list(grid.shape)}: every block keeps the same "
-                           f"positions of its last dim")
+        if getattr(ctx, "attention", "head_dims") == "heads" and x.dim == len(a) - 1:
+            varying = [_whole_heads(ctx, op, grid, varying[-2], inner)]
+        else:
+            moved = grid.movedim(inner, -1).reshape(-1, grid.size(inner))
+            for row in moved[1:]:
+                ctx.uf.union_all(moved[0], row)
+            ctx.note(moved[0], f"{op} into {list(grid.shape)}: every block keeps the same "
+                               f"positions of its last dim")
+            ctx.kinds.append((int(moved[0][0]), "head_dims"))
+            varying = [inner]
         grid = ctx.uf.canonical(grid)
-        varying = [inner]
     d = varying[0]
     ids = grid.movedim(d, 0).reshape(grid.size(d), -1)[:, 0].clone()
     return Slots(j0 + d, ids)
+
+
+def _whole_heads(ctx, op: str, grid: torch.Tensor, head: int, inner: int) -> int:
+    """Heads as units: the last dim of a split feature dim (``[..., heads, head_dim]``) goes
+    whole, and outer blocks (q|k|v of a fused projection) keep the same heads. Returns the
+    dim that carries the head ids."""
+    cells = grid.movedim((head, inner), (-2, -1))
+    cells = cells.reshape(-1, cells.size(-2), cells.size(-1))  # [blocks, heads, head_dim]
+    for block in cells:
+        for row in block:
+            ctx.uf.union_all(row[:1].expand(len(row)), row)
+    for block in cells[1:]:
+        ctx.uf.union_all(cells[0][:, 0], block[:, 0])
+    ctx.note(cells[0][:, 0], f"{op} into {list(grid.shape)}: whole heads of "
+                             f"{grid.size(inner)} positions")
+    ctx.kinds.append((int(cells[0][0, 0]), "heads"))
+    return head
 
 
 @register("ExpandBackward0")
@@ -182,6 +203,11 @@ def _slice(ctx, call: OpCall):
         return [x]
     if call.out_shapes[0][dim] == in_shape[dim]:
         return [x]
+    if 2 * call.out_shapes[0][dim] == in_shape[dim]:
+        ctx.protect(x, "slice of the channel dim into halves (as rotary embeddings' "
+                       "rotate_half does: it pairs dim d with d + n/2, each pair at a fixed "
+                       "frequency)")
+        return [None]
     ctx.protect(x, "slice of the channel dim")
     return [None]
 

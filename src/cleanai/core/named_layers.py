@@ -1,0 +1,57 @@
+"""Layer pruners for classes of optional libraries, matched by qualified class name.
+
+CleanAI never imports those libraries; a class is recognised when a model already uses it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from torch import nn
+
+from .layers import LayerPruner, _keep
+
+
+class TransposedLinearPruner(LayerPruner):
+    """A linear layer whose weight is ``[in, out]`` (``y = x @ W + b``), features on the last
+    dim; ``size_attr`` holds the output count (Hugging Face ``Conv1D``: ``nf``; ``nx`` is the
+    input count)."""
+
+    def in_channels(self, m):
+        return m.weight.shape[0]
+
+    def out_channels(self, m):
+        return m.weight.shape[1]
+
+    def in_dim(self, m, ndim):
+        return ndim - 1
+
+    def weights(self, m, side):
+        if side == "in":
+            return [(m.weight, 0)]
+        return [(m.weight, 1)] + ([(m.bias, 0)] if getattr(m, "bias", None) is not None else [])
+
+    def prune(self, m, in_keep, out_keep):
+        if in_keep is not None:
+            _keep(m.weight, 0, in_keep)
+            if isinstance(getattr(m, "nx", None), int):
+                m.nx = len(in_keep)
+        if out_keep is not None:
+            _keep(m.weight, 1, out_keep)
+            _keep(getattr(m, "bias", None), 0, out_keep)
+            if isinstance(getattr(m, "nf", None), int):
+                m.nf = len(out_keep)
+
+
+_BY_NAME: Dict[str, LayerPruner] = {
+    "transformers.pytorch_utils.Conv1D": TransposedLinearPruner(),
+}
+
+
+def named_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[LayerPruner]:
+    """The pruner for a class (or, with ``inherited``, an ancestor) known by its qualified name."""
+    cls = type(module)
+    for i, base in enumerate(cls.__mro__):
+        pruner = _BY_NAME.get(f"{base.__module__}.{base.__qualname__}")
+        if pruner is not None:
+            return pruner if i == 0 or inherited or cls.forward is base.forward else None
+    return None

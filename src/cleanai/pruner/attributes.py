@@ -1,0 +1,172 @@
+"""Keeping the sizes that modules and configs store in step with the sliced tensors.
+
+Attention and MLP blocks keep their widths as plain integers (``num_heads``, ``head_dim``,
+``all_head_size``, ``split_size``, ``intermediate_size``...) and read them in ``forward``.
+After a group loses channels, each such attribute inside the group's scope (the innermost
+module that holds all its layers) is scaled by the fraction of units kept, when its name says
+it measures that kind of width and its value is a multiple of the group's size.
+A model's ``config`` (Hugging Face style) is updated the same way when every layer was pruned
+alike; otherwise a warning says that the config can no longer describe the model.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from fractions import Fraction
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph, Group
+from ..core.layers import get_layer_pruner
+
+logger = logging.getLogger(__name__)
+
+_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads",
+          "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+_INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim")
+_HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head")
+_HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim")
+_MLP = ("intermediate_size", "n_inner", "ffn_dim", "mlp_dim", "d_ff", "ffn_hidden_size")
+
+# attribute names per group kind; "exact" names must equal the group's size, the others be a
+# multiple of it (a head count is a multiple of the key/value head count a group holds)
+_ROLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
+    "heads": ((), _HEADS + _INNER),
+    "head_dims": (_HEAD_DIM, _INNER),
+    "hidden": (_HIDDEN, ()),
+    "channels": (_MLP, ()),
+}
+_CONFIG = {
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key_value_heads",
+              "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
+    "head_dims": ("head_dim",),
+    "hidden": _HIDDEN,
+    "channels": _MLP,
+}
+
+Update = Tuple[str, str, int]  # (module name, attribute, new value)
+
+
+def scope_of(group: Group) -> str:
+    """The innermost module name that contains every layer of ``group``."""
+    names = [m.name.rpartition(".")[0] if m.kind == "param" else m.name for m in group.members]
+    parts = [n.split(".") if n else [] for n in names]
+    common: List[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    # the scope is the block around the layers, not a layer itself
+    if len(common) == max((len(p) for p in parts), default=0) and common:
+        common = common[:-1]
+    return ".".join(common)
+
+
+def attribute_updates(model: nn.Module, graph: DependencyGraph,
+                      removals: Dict[int, torch.Tensor]) -> List[Update]:
+    """The integer attributes to rewrite once ``removals`` are applied (see module doc)."""
+    proposals: Dict[Tuple[str, str], set] = {}
+    modules = [(n, m) for n, m in model.named_modules() if get_layer_pruner(m) is None]
+    for g in graph.groups:
+        idx = removals.get(g.id)
+        if idx is None or idx.numel() == 0 or g.kind not in _ROLES:
+            continue
+        kept = Fraction(g.size - len(idx), g.size)
+        exact, multiple = _ROLES[g.kind]
+        scope = scope_of(g)
+        for name, module in modules:
+            if scope and name != scope and not name.startswith(scope + "."):
+                continue
+            for attr in exact + multiple:
+                v = module.__dict__.get(attr)
+                if type(v) is not int or v <= 0:
+                    continue
+                if (attr in exact and v == g.size) or (attr in multiple and v % g.size == 0):
+                    new = v * kept
+                    if new.denominator == 1:
+                        proposals.setdefault((name, attr), set()).add(int(new))
+    updates = []
+    for (name, attr), values in proposals.items():
+        if len(values) == 1:
+            updates.append((name, attr, values.pop()))
+        else:
+            warnings.warn(f"{name}.{attr} would change to different values "
+                          f"({sorted(values)}) for different groups; CleanAI leaves it as is "
+                          f"(prune the groups that share it alike)", stacklevel=3)
+    return updates
+
+
+def set_attributes(model: nn.Module, updates: List[Update]) -> None:
+    """Write ``updates`` (from :func:`attribute_updates` or a history entry) into the model."""
+    for name, attr, value in updates:
+        setattr(model.get_submodule(name), attr, int(value))
+
+
+def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
+    """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        for f, v in fields:
+            setattr(config, f, int(v))
+
+
+def update_config(model: nn.Module, graph: DependencyGraph,
+                  before: Dict[int, int]) -> List[Tuple[str, int]]:
+    """Scale the sizes in ``model.config`` by the fraction each kind of group kept in the last
+    step (``before``: group id -> size before it), when all groups of a kind kept the same
+    fraction; then warn if the config still cannot describe the model's shapes.
+    Returns the ``(field, new value)`` pairs written."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    changed: List[Tuple[str, int]] = []
+    for kind, fields in _CONFIG.items():
+        groups = [g for g in graph.groups if g.kind == kind and not bool(g.protected.all())]
+        fractions = {Fraction(g.size, before.get(g.id, g.size)) for g in groups}
+        if not fractions or fractions == {Fraction(1)}:
+            continue
+        if len(fractions) > 1:
+            warnings.warn(f"the {kind} of {type(model).__name__} were pruned unevenly across "
+                          f"layers; model.config keeps the original sizes and cannot rebuild "
+                          f"this model: save it with its pruning history instead of "
+                          f"save_pretrained (or prune every layer by the same ratio)", stacklevel=3)
+            continue
+        kept = fractions.pop()
+        if kind == "head_dims":
+            warnings.warn(f"{type(model).__name__} lost dims inside its attention heads: its "
+                          f"modules keep the original attention scale 1/sqrt(head_dim), but a "
+                          f"copy rebuilt from model.config computes it from the smaller head_dim "
+                          f"and gives different outputs; save it with its pruning history",
+                          stacklevel=3)
+        new_values = {}
+        for f in fields:
+            v = getattr(config, f, None)
+            if type(v) is int and v > 0 and (v * kept).denominator == 1:
+                new_values[f] = int(v * kept)
+        for f, v in new_values.items():
+            setattr(config, f, v)
+            changed.append((f, v))
+    if changed:
+        _check_config(model)
+    return changed
+
+
+def _check_config(model: nn.Module) -> None:
+    """Warn when ``type(model)(model.config)`` would not have the pruned model's shapes."""
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(model.config)
+    except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
+        logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
+        return
+    expected = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
+    wrong = [n for n, p in model.named_parameters() if expected.get(n, tuple(p.shape)) != tuple(p.shape)]
+    if wrong:
+        warnings.warn(f"model.config of {type(model).__name__} cannot describe the pruned shapes "
+                      f"(e.g. {wrong[0]}: {tuple(model.get_parameter(wrong[0]).shape)}, the config "
+                      f"gives {expected[wrong[0]]}); from_pretrained would fail on a "
+                      f"save_pretrained copy. Save the model with its pruning history instead.",
+                      stacklevel=4)
+
