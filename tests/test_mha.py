@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import cleanai
-from cleanai import StructuredPruner, register_layer_pruner
-from cleanai.core.layers_attention import MultiheadAttentionPruner, PrunedMultiheadAttention
+from cleanai import StructuredPruner
+from cleanai.core.layers_attention import PrunedMultiheadAttention
 from cleanai.importance import ActivationImportance, WeightActivationImportance
 from cleanai.pruner.apply import PruningError
 from cleanai.pruner.plan import PruningPlan
@@ -80,16 +80,6 @@ def _internal_group(graph, name, index):
     return hits[0]
 
 
-@pytest.fixture
-def head_dims():
-    """Prune the dims inside heads instead of whole heads, for one test."""
-    register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner(attention="head_dims"))
-    try:
-        yield
-    finally:
-        register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner())
-
-
 @pytest.mark.parametrize("case", [
     dict(batch_first=True),
     dict(batch_first=False, need_weights=False),
@@ -128,10 +118,10 @@ def test_removing_silent_heads_is_exact(case):
     assert mha.in_proj_bias.grad.shape == mha.in_proj_bias.shape
 
 
-def test_head_dims_stay_uniform_and_exact(head_dims):
+def test_head_dims_stay_uniform_and_exact():
     torch.manual_seed(0)
     model, x = Attn(need_weights=False).eval(), torch.randn(2, 7, 5)
-    pruner = StructuredPruner(model, x, ignored_layers=[model.embed])
+    pruner = StructuredPruner(model, x, ignored_layers=[model.embed], attention="head_dims")
     group = _internal_group(pruner.graph, "mha", 1)
     assert group.size == 4  # head_dim: each channel is one position in every head
     removed = [0, 3]
@@ -151,13 +141,9 @@ def test_head_dims_stay_uniform_and_exact(head_dims):
 @pytest.mark.parametrize("attention", ["heads", "head_dims"])
 def test_zero_weight_equivalence_of_embedding_and_attention_units(attention):
     # the residual stream's removed channels are read by nobody, removed units write nothing
-    register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner(attention=attention))
-    try:
-        torch.manual_seed(0)
-        model, x = Attn(bias_kv=True), torch.randn(2, 7, 5)
-        check_equivalence(model, StructuredPruner(model, x, pruning_ratio=0.5), x)
-    finally:
-        register_layer_pruner(nn.MultiheadAttention, MultiheadAttentionPruner())
+    torch.manual_seed(0)
+    model, x = Attn(bias_kv=True), torch.randn(2, 7, 5)
+    check_equivalence(model, StructuredPruner(model, x, pruning_ratio=0.5, attention=attention), x)
     assert model.mha.embed_dim == 8 and model.mha.num_heads * model.mha.head_dim == 8
 
 

@@ -1,4 +1,5 @@
 """Saving and loading pruned models: exact round trips, and tampered files rejected cleanly."""
+import copy
 import json
 
 import pytest
@@ -86,7 +87,8 @@ def test_huggingface_bert_round_trip(tmp_path):
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=48)
     torch.manual_seed(0)
-    build = lambda: transformers.BertModel(config).eval()  # noqa: E731
+    # pruning updates model.config in place: each fresh model gets its own copy
+    build = lambda: transformers.BertModel(copy.deepcopy(config)).eval()  # noqa: E731
     model = build()
     ids = torch.randint(0, 64, (1, 8))
     pruner = StructuredPruner(model, {"input_ids": ids}, pruning_ratio=0.25,

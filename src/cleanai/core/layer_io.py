@@ -27,8 +27,7 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
         for s in extra_in:
             ctx.protect(s, f"input of {type(m).__name__} {name}, which CleanAI cannot prune yet")
         return outs
-    # which attention units become removable: the trace's setting, else the layer pruner's
-    attention = getattr(ctx, "attention", None) or getattr(pr, "attention", "heads")
+    attention = ctx.attention  # which attention units become removable
     dims = [None if d is None or (d.kind in ("heads", "head_dims") and d.kind != attention)
             else d for d in pr.internal_dims(m)]
     if name not in internal:

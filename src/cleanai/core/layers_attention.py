@@ -4,9 +4,8 @@ The embedding size (``embed_dim``, the query's last dim) is the layer's input ch
 ``out_proj``'s rows its output channels; both usually join the residual stream. Heads and the
 dims inside heads are :class:`~cleanai.core.layers.InternalDim` s over the ``num_heads *
 head_dim`` rows of the q/k/v projections (and ``out_proj``'s columns), a group of their own:
-``"heads"`` (whole heads go, the default) or ``"head_dims"`` (the same dims leave every head).
-Choose with ``register_layer_pruner(nn.MultiheadAttention,
-MultiheadAttentionPruner(attention="head_dims"))``.
+``"heads"`` (whole heads go, the default) or ``"head_dims"`` (the same dims leave every head),
+as the graph's ``attention`` setting says (``StructuredPruner(..., attention="head_dims")``).
 
 The stock forward needs ``num_heads * head_dim == embed_dim``; a layer pruned apart from that
 becomes a :class:`PrunedMultiheadAttention` (same parameters and state-dict keys). Pruning
@@ -133,13 +132,9 @@ def _pad(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 class MultiheadAttentionPruner(LayerPruner):
     """nn.MultiheadAttention: ``embed_dim`` in and ``out_proj.out_features`` out (last dim), plus
-    internal dims ``"heads"`` (id 0) or ``"head_dims"`` (id 1), as ``attention`` asks, and the
-    key and value channels (ids 2, 3) when their projections do not read the embedding."""
-
-    def __init__(self, attention: str = "heads") -> None:
-        if attention not in ("heads", "head_dims"):
-            raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
-        self.attention = attention
+    internal dims ``"heads"`` (id 0) or ``"head_dims"`` (id 1), as the graph's ``attention``
+    setting asks, and the key and value channels (ids 2, 3) when their projections do not read
+    the embedding."""
 
     def in_channels(self, m):
         return m.embed_dim
