@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -91,16 +92,53 @@ class DependencyGraph:
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
         self._result = trace(model, example_inputs, forward_fn)
-        self.modules: Dict[str, nn.Module] = self._result.modules
+        # weak references: a graph (or a plan holding it) never keeps a deleted model's
+        # layers and weights alive; the pruner holds the model itself
+        self._model = weakref.ref(model)
+        self._modules = {n: weakref.ref(m) for n, m in self._result.modules.items()}
         self.edges = self._result.edges
         self.groups: List[Group] = _build_groups(self._result)
+        self._result.modules = {}
         self.signature = module_signature(model)
+
+    @property
+    def modules(self) -> Dict[str, nn.Module]:
+        """The traced layers by qualified name (those with a LayerPruner), in model order.
+
+        The graph refers to the model weakly; this raises ``ReferenceError`` once the model
+        has been garbage collected.
+        """
+        out = {}
+        for name, ref in self._modules.items():
+            m = ref()
+            if m is None:
+                raise ReferenceError(f"the {self.model_name} this DependencyGraph was built for "
+                                     f"has been garbage collected; keep a reference to the model "
+                                     f"while you use its graph")
+            out[name] = m
+        return out
+
+    def changes(self, model: nn.Module) -> Optional[str]:
+        """What differs between ``model`` and the model the graph was traced on (parameter
+        shapes, or a traced layer replaced or moved), or ``None`` when it is the same."""
+        if self._model() is not model:
+            return f"it is not the {self.model_name} the graph was built for"
+        if module_signature(model) != self.signature:
+            return "parameter shapes differ"
+        for name, ref in self._modules.items():
+            try:
+                now = model.get_submodule(name)
+            except AttributeError:
+                return f"it has no layer {name} any more"
+            if now is not ref():
+                return f"{name} is not the module that was traced"
+        return None
 
     def group_of(self, layer: Union[str, nn.Module]) -> List[Group]:
         """Groups that hold ``layer``'s channels (by qualified name or module object)."""
         name = layer if isinstance(layer, str) else next(
             (n for n, m in self.modules.items() if m is layer), None)
-        if name is None or (name not in self.modules and not any(
+        if name is None or (name not in self._modules and not any(
                 m.name == name for g in self.groups for m in g.members)):
             raise KeyError(f"{layer!r} is not a layer that CleanAI traced in {self.model_name}")
         return [g for g in self.groups if any(m.name == name for m in g.members)]
@@ -119,7 +157,7 @@ class DependencyGraph:
 
     def __repr__(self) -> str:
         n_prot = sum(int(g.protected.sum()) for g in self.groups)
-        head = (f"DependencyGraph({self.model_name}: {len(self.modules)} layers, "
+        head = (f"DependencyGraph({self.model_name}: {len(self._modules)} layers, "
                 f"{len(self.groups)} groups, {sum(g.size for g in self.groups)} channels, "
                 f"{n_prot} protected)")
         return "\n".join([head] + [repr(g) for g in self.groups])

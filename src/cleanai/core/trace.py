@@ -369,12 +369,16 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
         s = slots.get(_key(t)) if _key(t) is not None else None
         if s is not None:
             output_ids.append(s.ids)
-    for op, wheres in ctx.unknown.items():
-        places = sorted({w for w in wheres if w})
-        shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
-        warnings.warn(f"CleanAI does not know the channel semantics of {op} "
-                      f"(in {shown or type(model).__name__ + '.forward'}); the channels it touches are "
-                      f"protected and will not be pruned.", stacklevel=3)
+    if ctx.unknown:  # one warning for the whole model, naming every op and where it ran
+        found = []
+        for op, wheres in ctx.unknown.items():
+            places = sorted({w for w in wheres if w})
+            shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
+            found.append(f"{op} (in {shown or type(model).__name__ + '.forward'})")
+        warnings.warn(f"CleanAI does not know the channel semantics of {', '.join(found)}; the "
+                      f"channels {'it touches are' if len(found) == 1 else 'they touch are'} "
+                      f"protected and will not be pruned. Register a LayerPruner for a custom "
+                      f"layer to prune through it.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
                        output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()})
 

@@ -168,9 +168,10 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn
 def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
                    check_forward: bool = True) -> List[Dict[str, Any]]:
     """Validate and apply, all or nothing; then renumber the graph. Returns the history layers."""
-    if module_signature(model) != graph.signature:
-        raise PruningError("the model changed since its dependency graph was built (parameter "
-                           "shapes differ); build a new graph or pruner for it")
+    change = graph.changes(model)
+    if change is not None:
+        raise PruningError(f"the model changed since its dependency graph was built ({change}); "
+                           f"build a new graph or pruner for it")
     validate_removals(graph, removals)
     keeps = layer_keeps(graph, removals)
     with atomic(touched_modules(model, keeps)) as guard:

@@ -137,7 +137,7 @@ class StructuredPruner:
             ratio = self.group_ratio(g)
             if ratio is None or g.prunable == 0 or g.size <= 1:
                 continue
-            r = self.schedule(step, self.iterative_steps, ratio)
+            r = self._scheduled(step, ratio)
             already = self.original_size[g.id] - g.size
             n = min(self._target_removed(g, r) - already, g.prunable, g.size - 1)
             if n <= 0:
@@ -155,6 +155,14 @@ class StructuredPruner:
                     if gid not in pool}
         removals.update(self._global(pool, scores, quota))
         return PruningPlan(self.graph, removals, step)
+
+    def _scheduled(self, step: int, ratio: float) -> float:
+        """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
+        r = self.schedule(step, self.iterative_steps, ratio)
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:
+            raise ValueError(f"iterative_schedule returned {r!r} for step {step} of "
+                             f"{self.iterative_steps}; it must return a ratio in [0, 1)")
+        return float(r)
 
     def _global(self, pool: List[int], scores: Dict[int, torch.Tensor],
                 quota: Dict[int, int]) -> Dict[int, torch.Tensor]:
