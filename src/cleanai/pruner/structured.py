@@ -210,7 +210,12 @@ class StructuredPruner:
             calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
 
     def apply(self, plan: PruningPlan) -> None:
-        """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`."""
+        """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
+
+        Tensors are sliced in place: the model keeps its ``nn.Parameter`` and buffer objects
+        (an optimizer's references stay attached; its per-parameter state must be rebuilt).
+        On any failure every tensor, attribute and hook is exactly as it was before.
+        """
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
         layers = apply_removals(self.model, self.graph, plan.removals)
