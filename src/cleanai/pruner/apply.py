@@ -174,6 +174,11 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                            f"build a new graph or pruner for it")
     validate_removals(graph, removals)
     keeps = layer_keeps(graph, removals)
+    emptied = [n if k != "param" else f"{n} (dim {d})" for (n, k, d), keep in keeps.items()
+               if keep.numel() == 0]
+    if emptied:
+        raise PruningError(f"the plan removes every channel of {', '.join(sorted(set(emptied)))}; "
+                           f"keep at least one channel in each layer")
     with atomic(touched_modules(model, keeps)) as guard:
         slice_model(model, keeps)
         if check_forward:

@@ -154,6 +154,9 @@ class StructuredPruner:
         removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                     if gid not in pool}
         removals.update(self._global(pool, scores, quota))
+        by_id = {g.id: g for g in self.graph.groups}
+        removals = {gid: _spare_members(by_id[gid], idx, scores[gid])
+                    for gid, idx in removals.items()}
         return PruningPlan(self.graph, removals, step)
 
     def _scheduled(self, step: int, ratio: float) -> float:
@@ -274,6 +277,18 @@ class StructuredPruner:
 def _check_ratio(name: str, ratio: Any) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
+
+
+def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Never empty a layer: where ``idx`` takes every channel a member holds in this group (a
+    producer tied to part of a group), its best-scored channel stays."""
+    removed = torch.zeros(group.size, dtype=torch.bool)
+    removed[idx] = True
+    for m in group.members:
+        held = torch.unique(m.channels)
+        if len(held) and bool(removed[held].all()):
+            removed[held[scores[held].argmax()]] = False
+    return torch.nonzero(removed).flatten()
 
 
 def _inside(layer: str, key: str) -> bool:
