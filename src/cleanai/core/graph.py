@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .slots import UnionFind
 from .runtime import ForwardFn
-from .trace import TraceResult, trace
+from .trace import TraceResult, resolve_edges, trace
 
 
 @dataclasses.dataclass(eq=False)
@@ -96,7 +96,7 @@ class DependencyGraph:
         # layers and weights alive; the pruner holds the model itself
         self._model = weakref.ref(model)
         self._modules = {n: weakref.ref(m) for n, m in self._result.modules.items()}
-        self.edges = self._result.edges
+        self._edges = (self._result.edges, self._result.junctions)
         self.groups: List[Group] = _build_groups(self._result)
         self._result.modules = {}
         self.signature = module_signature(model)
@@ -117,6 +117,14 @@ class DependencyGraph:
                                      f"while you use its graph")
             out[name] = m
         return out
+
+    @property
+    def edges(self) -> List[Tuple[str, str]]:
+        """``(source, layer)`` pairs, sorted: ``layer`` reads the output of layer or parameter
+        ``source``, directly or through ops. Computed on first use."""
+        if isinstance(self._edges, tuple):
+            self._edges = resolve_edges(*self._edges)
+        return self._edges
 
     def changes(self, model: nn.Module) -> Optional[str]:
         """What differs between ``model`` and the model the graph was traced on (parameter

@@ -53,8 +53,9 @@ class TraceResult:
     params: Dict[str, Slots]
     output_ids: List[torch.Tensor]
     notes: List[Tuple[int, str]]
-    edges: List[Tuple[str, str]]
+    edges: List[Tuple[Any, str]]  # (layer, parameter or junction index, layer): see resolve_edges
     modules: Dict[str, nn.Module]
+    junctions: List[frozenset] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
@@ -309,6 +310,9 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
     producers: List[str] = []
     params: Dict[str, Slots] = {}
     edges = set()
+    # an op that merges several sources (a residual add) becomes a junction: the walk stays
+    # linear in depth; resolve_edges() expands junctions into layer-to-layer edges on demand
+    junctions: List[frozenset] = []
     empty = frozenset()
 
     for p in order:
@@ -359,7 +363,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                 for x in ins:
                     ctx.protect(x, f"{name} could not be followed")
                 outs[nr] = None
-        src = frozenset().union(*(sources.get(k, empty) for k in in_keys if k is not None))
+        srcs = {sources.get(k, empty) for k in in_keys if k is not None} - {empty}
+        if len(srcs) > 1:
+            junctions.append(frozenset().union(*srcs))
+            src = frozenset((len(junctions) - 1,))
+        else:
+            src = srcs.pop() if srcs else empty
         for nr, s in enumerate(outs):
             slots[(p, nr)] = s
             sources[(p, nr)] = src
@@ -380,7 +389,24 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                       f"protected and will not be pruned. Register a LayerPruner for a custom "
                       f"layer to prune through it.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
-                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()})
+                       output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
+                       junctions)
+
+
+def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:
+    """Layer-to-layer edges, sorted: every junction (an int) replaced by the layers and
+    parameters that reach it. Quadratic in depth for a residual stream, so only on demand."""
+    reach: List[frozenset] = []
+    for members in junctions:  # a junction's members are names or earlier junctions
+        names = set()
+        for x in members:
+            names.update(reach[x] if isinstance(x, int) else (x,))
+        reach.append(frozenset(names))
+    out = set()
+    for src, dst in edges:
+        for name in (reach[src] if isinstance(src, int) else (src,)):
+            out.add((name, dst))
+    return sorted(out)
 
 
 def _shape(key, by_out) -> Optional[Tuple[int, ...]]:

@@ -44,7 +44,8 @@ class WeightImportance(Importance):
         if hit is None or hit[0]() is not tensor:
             if len(self._cache) > 4096:
                 self._cache.clear()
-            hit = self._cache[key] = (weakref.ref(tensor), slice_norms(tensor, dim, self.p))
+            forget = _forget(self._cache, key)  # the entry leaves with its tensor
+            hit = self._cache[key] = (weakref.ref(tensor, forget), slice_norms(tensor, dim, self.p))
         return hit[1]
 
     def __call__(self, group: Group, model: nn.Module) -> torch.Tensor:
@@ -52,6 +53,12 @@ class WeightImportance(Importance):
 
     def __repr__(self) -> str:
         return f"WeightImportance(p={self.p}, normalizer={self.normalizer!r})"
+
+
+def _forget(cache: dict, key: tuple):
+    def callback(_ref) -> None:
+        cache.pop(key, None)
+    return callback
 
 
 class RandomImportance(Importance):

@@ -253,11 +253,11 @@ class StructuredPruner:
         if cls in tried or cls is type(self.model):
             return False
         tried.add(cls)
-        scopes = [n for n, m in self.model.named_modules() if type(m) is cls]
+        scopes = {n for n, m in self.model.named_modules() if type(m) is cls}
         reason = f"pruning breaks {cls.__name__}"
         hit = 0
         for g in self.graph.groups:
-            if any(_inside(m.name, s) for m in g.members for s in scopes) and not g.protected.all():
+            if any(_within(m.name, scopes) for m in g.members) and not g.protected.all():
                 g.protected[:] = True
                 g.reasons[reason] = g.size
                 hit += 1
@@ -293,6 +293,14 @@ def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> tor
 
 def _inside(layer: str, key: str) -> bool:
     return key == "" or layer == key or layer.startswith(key + ".")
+
+
+def _within(layer: str, scopes: set) -> bool:
+    """True when ``layer`` is one of ``scopes`` or inside one (a set lookup per name prefix)."""
+    if "" in scopes or layer in scopes:
+        return True
+    parts = layer.split(".")
+    return any(".".join(parts[:i]) in scopes for i in range(1, len(parts)))
 
 
 def _positions_per_channel(group: Group) -> int:
