@@ -224,6 +224,9 @@ def test_training_modes_are_restored_after_pruning_and_after_errors():
     with pytest.raises(cleanai.TraceError):
         StructuredPruner(model, torch.randn(2, 5, 8, 8))
     assert _modes(model) == modes
+    with pytest.raises(RuntimeError):
+        pruner.calibrate([torch.randn(2, 5, 8, 8)])  # calibration runs in eval mode, then fails
+    assert _modes(model) == modes
 
 
 def test_training_modes_are_restored_after_a_failed_validation_forward():
@@ -248,3 +251,23 @@ def test_training_modes_are_restored_after_a_failed_validation_forward():
         pruner.apply(pruner.plan())
     assert _modes(model) == modes
     assert_untouched(model, snap)
+
+
+def test_hand_made_plans_that_cannot_apply_are_rejected_before_any_change():
+    model = fresh()
+    pruner = StructuredPruner(model, X, pruning_ratio=0.5)
+    snap = snapshot(model)
+    group = pruner.graph.group_of("conv2")[0]
+    cases = [({group.id: list(range(group.size))}, f"removes all {group.size} channels"),
+             ({group.id: [0, 0]}, "removes a channel of group .* twice"),
+             ({group.id: [group.size]}, f"group {group.id} has {group.size} channels"),
+             ({999: [0]}, "names group 999, which the graph does not have")]
+    for removals, message in cases:
+        with pytest.raises(cleanai.PruningError, match=message):
+            pruner.apply(cleanai.PruningPlan(pruner.graph, removals))
+        assert_untouched(model, snap)
+    other = StructuredPruner(fresh(), X, pruning_ratio=0.5)
+    with pytest.raises(cleanai.PruningError, match="another pruner's graph"):
+        pruner.apply(other.plan())
+    assert_untouched(model, snap)
+    assert pruner.history == []

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cleanai import StructuredPruner
+from cleanai import PruningError, PruningPlan, StructuredPruner
 from cleanai.importance import RandomImportance
 from cleanai.utils import count_params
 
@@ -327,6 +327,11 @@ def test_regression_a_producer_is_never_emptied():
     ratio must not take both of them (a conv with no output channels)."""
     model = build([("split", 1, 0), ("shared", 0, 0)], "gap")
     x = torch.randn(*X_SHAPE)
-    StructuredPruner(model, x, pruning_ratio=0.5).prune()
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    group = pruner.graph.group_of("stages.0.blocks.0.conv")[-1]
+    held = next(m.channels for m in group.members if m.name == "stages.0.blocks.0.conv")
+    with pytest.raises(PruningError, match="removes every channel of stages.0.blocks.0.conv"):
+        pruner.apply(PruningPlan(pruner.graph, {group.id: held}))  # a hand-made plan
+    pruner.prune()
     assert model.stages[0].blocks[0].conv.out_channels == 1
     assert model(x).shape == (2, 5)
