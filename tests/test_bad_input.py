@@ -8,6 +8,7 @@ from torch import nn
 
 import cleanai
 from cleanai import StructuredPruner
+from cleanai.importance import WeightActivationImportance
 
 
 class Net(nn.Module):
@@ -224,8 +225,9 @@ def test_training_modes_are_restored_after_pruning_and_after_errors():
     with pytest.raises(cleanai.TraceError):
         StructuredPruner(model, torch.randn(2, 5, 8, 8))
     assert _modes(model) == modes
+    hybrid = StructuredPruner(model, X, importance=WeightActivationImportance())
     with pytest.raises(RuntimeError):
-        pruner.calibrate([torch.randn(2, 5, 8, 8)])  # calibration runs in eval mode, then fails
+        hybrid.calibrate([torch.randn(2, 5, 8, 8)])  # calibration runs in eval mode, then fails
     assert _modes(model) == modes
 
 
