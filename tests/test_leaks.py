@@ -3,6 +3,7 @@ nothing the library made keeps the model alive, and process memory stays flat ov
 
 The default run does 10 cycles; ``pytest -m slow tests/test_leaks.py`` does 100.
 """
+import copy
 import gc
 import os
 import warnings
@@ -162,3 +163,14 @@ def test_hooks_are_removed_when_calibration_or_validation_fails():
     with pytest.raises(RuntimeError):
         pruner.calibrate([torch.randn(2, 5, 16, 16)])  # wrong channels: the forward fails
     assert hooks_left(model) == []
+
+
+def test_a_copied_pruner_prunes_its_own_copy():
+    model = SmallResNet().eval()
+    pruner = StructuredPruner(model, X, pruning_ratio=0.5)
+    twin = copy.deepcopy(pruner)
+    assert twin.graph.modules["fc"] is twin.model.fc is not model.fc
+    twin.prune()
+    assert twin.model.stem[0].out_channels == 8 and model.stem[0].out_channels == 16
+    pruner.prune()
+    assert torch.equal(model.stem[0].weight, twin.model.stem[0].weight)

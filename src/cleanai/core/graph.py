@@ -101,6 +101,21 @@ class DependencyGraph:
         self._result.modules = {}
         self.signature = module_signature(model)
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # copies and pickles hold the model strongly, so copy.deepcopy(pruner) gives a pruner
+        # whose graph refers to the copied model
+        state = dict(self.__dict__)
+        state["_model"] = self._model()
+        state["_modules"] = {n: ref() for n, ref in self._modules.items()}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        model = state["_model"]
+        self._model = weakref.ref(model) if model is not None else (lambda: None)
+        self._modules = {n: (weakref.ref(m) if m is not None else (lambda: None))
+                         for n, m in state["_modules"].items()}
+
     @property
     def modules(self) -> Dict[str, nn.Module]:
         """The traced layers by qualified name (those with a LayerPruner), in model order.
