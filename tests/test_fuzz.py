@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cleanai import PruningError, PruningPlan, StructuredPruner
-from cleanai.importance import RandomImportance
+from cleanai.importance import RandomImportance, WeightActivationImportance, WeightImportance
 from cleanai.utils import count_params
 
 from equivalence import zero_consumers
@@ -245,13 +245,20 @@ block = st.one_of(
 architectures = st.tuples(st.lists(block, min_size=1, max_size=7), st.sampled_from(["gap", "flatten"]))
 
 
-def _pruner(model, x, seed, ratio, global_pruning, layer_ratios):
-    return StructuredPruner(model, x, importance=RandomImportance(seed=seed), pruning_ratio=ratio,
-                            global_pruning=global_pruning, layer_pruning_ratios=layer_ratios)
+IMPORTANCES = {"random": RandomImportance, "weight": lambda seed: WeightImportance(),
+               "hybrid": lambda seed: WeightActivationImportance()}
+
+
+def _pruner(model, x, seed, ratio, global_pruning, layer_ratios, importance):
+    pruner = StructuredPruner(model, x, importance=IMPORTANCES[importance](seed),
+                              pruning_ratio=ratio, global_pruning=global_pruning,
+                              layer_pruning_ratios=layer_ratios)
+    pruner.calibrate([x, x.flip(0)])
+    return pruner
 
 
 def check_architecture(spec: Spec, head: str, seed: int, ratio: float, global_pruning: bool,
-                       per_layer: List[float]) -> None:
+                       per_layer: List[float], importance: str = "random") -> None:
     """Every property the fuzzer checks, for one architecture and one policy."""
     model = build(spec, head)
     x = torch.randn(*X_SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -261,11 +268,11 @@ def check_architecture(spec: Spec, head: str, seed: int, ratio: float, global_pr
     with torch.no_grad():
         expected_shape = model(x).shape
 
-    pruner = _pruner(model, x, seed, ratio, global_pruning, layer_ratios)
+    pruner = _pruner(model, x, seed, ratio, global_pruning, layer_ratios, importance)
     pruner.graph.check()
     plan = pruner.plan()
     # deterministic: the same model, inputs, policy and seed give the same plan
-    again = _pruner(twin, x, seed, ratio, global_pruning, layer_ratios).plan()
+    again = _pruner(twin, x, seed, ratio, global_pruning, layer_ratios, importance).plan()
     assert plan.removals.keys() == again.removals.keys()
     assert all(torch.equal(plan.removals[g], again.removals[g]) for g in plan.removals)
 
@@ -292,20 +299,21 @@ _fuzz_settings = dict(deadline=None, derandomize=True, print_blob=True,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 _policy = dict(seed=st.integers(0, 2 ** 16), ratio=st.floats(0.0, 0.9),
                global_pruning=st.booleans(),
-               per_layer=st.lists(st.floats(0.0, 0.9), max_size=3))
+               per_layer=st.lists(st.floats(0.0, 0.9), max_size=3),
+               importance=st.sampled_from(sorted(IMPORTANCES)))
 
 
 @settings(max_examples=200, **_fuzz_settings)
 @given(arch=architectures, **_policy)
-def test_fuzzed_architectures(arch, seed, ratio, global_pruning, per_layer):
-    check_architecture(*arch, seed, ratio, global_pruning, per_layer)
+def test_fuzzed_architectures(arch, seed, ratio, global_pruning, per_layer, importance):
+    check_architecture(*arch, seed, ratio, global_pruning, per_layer, importance)
 
 
 @pytest.mark.slow
 @settings(max_examples=FUZZ_EXAMPLES, **{**_fuzz_settings, "derandomize": False})
 @given(arch=architectures, **_policy)
-def test_fuzzed_architectures_long(arch, seed, ratio, global_pruning, per_layer):
-    check_architecture(*arch, seed, ratio, global_pruning, per_layer)
+def test_fuzzed_architectures_long(arch, seed, ratio, global_pruning, per_layer, importance):
+    check_architecture(*arch, seed, ratio, global_pruning, per_layer, importance)
 
 
 # --- architectures the fuzzer once broke the library on -------------------------------------
