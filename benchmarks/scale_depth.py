@@ -5,7 +5,8 @@ widths, at growing depth.
 For each depth: graph build time (``StructuredPruner(...)``: trace + groups) and prune time
 (``pruner.prune()``: plan, apply, validation forward; the attention's fixed head size makes the
 first try fail, so step() protects the attention and plans again, as it would for a user),
-per decoder layer. Flat per-layer times mean linear scaling. Median of ``--repeats`` runs.
+per decoder layer. Flat per-layer times mean linear scaling. Median of ``--repeats`` runs;
+wall-clock and the process's CPU time (the latter is steadier when other jobs share the cores).
 
     python benchmarks/scale_depth.py [--depths 16 64 256] [--repeats 3] [--threads 2]
 """
@@ -34,13 +35,13 @@ def measure(depth: int, seq: int = 8):
     ids = torch.randint(0, 50, (1, seq))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pruner = StructuredPruner(model, ids, pruning_ratio=0.5)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         pruner.prune()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
     assert model(ids).shape == (1, seq, 50)
-    return t1 - t0, t2 - t1, len(pruner.graph.groups)
+    return t1 - t0, t2 - t1, c1 - c0, c2 - c1, len(pruner.graph.groups)
 
 
 def main() -> None:
@@ -54,13 +55,15 @@ def main() -> None:
     print(f"CleanAI {cleanai_revision()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, recursion limit {limit}")
     measure(4)  # warm-up
-    print(f"{'layers':>6} {'groups':>6} {'build s':>8} {'ms/layer':>8} {'prune s':>8} {'ms/layer':>8}")
+    print("wall-clock seconds, and CPU seconds of this process (steadier on a busy machine)")
+    print(f"{'layers':>6} {'groups':>6} {'build s':>8} {'ms/layer':>8} {'cpu ms/l':>8} "
+          f"{'prune s':>8} {'ms/layer':>8} {'cpu ms/l':>8}")
     for depth in args.depths:
         runs = [measure(depth) for _ in range(args.repeats)]
-        build = statistics.median(r[0] for r in runs)
-        prune = statistics.median(r[1] for r in runs)
-        print(f"{depth:>6} {runs[0][2]:>6} {build:>8.3f} {1000 * build / depth:>8.2f} "
-              f"{prune:>8.3f} {1000 * prune / depth:>8.2f}")
+        build, prune, cbuild, cprune = (statistics.median(r[i] for r in runs) for i in range(4))
+        per = 1000 / depth
+        print(f"{depth:>6} {runs[0][4]:>6} {build:>8.3f} {build * per:>8.2f} {cbuild * per:>8.2f} "
+              f"{prune:>8.3f} {prune * per:>8.2f} {cprune * per:>8.2f}")
     assert sys.getrecursionlimit() == limit
 
 
