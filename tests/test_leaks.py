@@ -135,7 +135,9 @@ def test_a_graph_does_not_keep_its_model_alive():
     assert len(graph.groups) == plan_groups and "SmallResNet" in repr(graph)
     with pytest.raises(ReferenceError, match="SmallResNet this DependencyGraph was built for has "
                                              "been garbage collected"):
-        graph.modules
+        graph.modules["fc"]
+    with pytest.raises(ReferenceError):
+        graph.to_dot()
 
 
 def test_a_plan_does_not_keep_its_model_alive():
@@ -149,7 +151,7 @@ def test_a_plan_does_not_keep_its_model_alive():
     assert plan.num_removed > 0 and "PruningPlan" in plan.summary()
 
 
-def test_hooks_are_removed_when_calibration_or_validation_fails():
+def test_hooks_are_removed_when_calibration_or_tracing_fails():
     model = SmallResNet()
     pruner = StructuredPruner(model, X, importance=WeightActivationImportance(), pruning_ratio=0.3)
 
@@ -162,6 +164,9 @@ def test_hooks_are_removed_when_calibration_or_validation_fails():
     assert hooks_left(model) == []
     with pytest.raises(RuntimeError):
         pruner.calibrate([torch.randn(2, 5, 16, 16)])  # wrong channels: the forward fails
+    assert hooks_left(model) == []
+    with pytest.raises(cleanai.TraceError):
+        StructuredPruner(model, torch.randn(2, 5, 16, 16))  # every trace attempt fails
     assert hooks_left(model) == []
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -117,21 +118,13 @@ class DependencyGraph:
                          for n, m in state["_modules"].items()}
 
     @property
-    def modules(self) -> Dict[str, nn.Module]:
+    def modules(self) -> "Mapping[str, nn.Module]":
         """The traced layers by qualified name (those with a LayerPruner), in model order.
 
-        The graph refers to the model weakly; this raises ``ReferenceError`` once the model
-        has been garbage collected.
+        The graph refers to the model weakly: reading a layer raises ``ReferenceError`` once
+        the model has been garbage collected.
         """
-        out = {}
-        for name, ref in self._modules.items():
-            m = ref()
-            if m is None:
-                raise ReferenceError(f"the {self.model_name} this DependencyGraph was built for "
-                                     f"has been garbage collected; keep a reference to the model "
-                                     f"while you use its graph")
-            out[name] = m
-        return out
+        return _WeakModules(self._modules, self.model_name)
 
     @property
     def edges(self) -> List[Tuple[str, str]]:
@@ -206,6 +199,28 @@ class DependencyGraph:
             lines.append(f'  "{a}" -> "{b}";')
         lines.append("}")
         return "\n".join(lines)
+
+
+class _WeakModules(Mapping):
+    """A read-only ``{name: module}`` view over weak references, resolved on each access."""
+
+    def __init__(self, refs: Dict[str, Any], model_name: str) -> None:
+        self._refs = refs
+        self._model_name = model_name
+
+    def __getitem__(self, name: str) -> nn.Module:
+        m = self._refs[name]()
+        if m is None:
+            raise ReferenceError(f"the {self._model_name} this DependencyGraph was built for has "
+                                 f"been garbage collected; keep a reference to the model while "
+                                 f"you use its graph")
+        return m
+
+    def __iter__(self):
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
 
 
 def module_signature(model: nn.Module) -> Dict[str, tuple]:
