@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group
+from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from .apply import PruningError, apply_removals
@@ -248,7 +249,13 @@ class StructuredPruner:
                     raise
 
     def _protect_layer_class(self, layer: str, error: str, tried: set) -> bool:
-        """Protect the groups inside every module of ``layer``'s class; False if none is new."""
+        """Protect the groups inside every module of ``layer``'s class; False if none is new.
+
+        A layer CleanAI prunes itself (a conv) that fails got an input of the wrong width from
+        code around it (a split with fixed sizes): only the groups that feed it are protected.
+        """
+        if get_layer_pruner(self.model.get_submodule(layer)) is not None:
+            return self._protect_inputs(layer, error, tried)
         cls = type(self.model.get_submodule(layer))
         if cls in tried or cls is type(self.model):
             return False
@@ -265,6 +272,23 @@ class StructuredPruner:
             warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
                           f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
                           f"again.", stacklevel=3)
+        return hit > 0
+
+    def _protect_inputs(self, layer: str, error: str, tried: set) -> bool:
+        if layer in tried:
+            return False
+        tried.add(layer)
+        reason = f"pruning breaks the input of {layer}"
+        hit = 0
+        for g in self.graph.groups:
+            if any(m.name == layer and m.kind in ("in", "same") for m in g.members) and \
+                    not g.protected.all():
+                g.protected[:] = True
+                g.reasons[reason] = g.size
+                hit += 1
+        if hit:
+            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
+                          f"the {hit} groups that feed {layer} and plans again.", stacklevel=4)
         return hit > 0
 
     def prune(self) -> nn.Module:
