@@ -297,7 +297,7 @@ def check_architecture(spec: Spec, head: str, seed: int, ratio: float, global_pr
 FUZZ_EXAMPLES = int(os.environ.get("CLEANAI_FUZZ_EXAMPLES", "2000"))
 _fuzz_settings = dict(deadline=None, derandomize=True, print_blob=True,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-_policy = dict(seed=st.integers(0, 2 ** 16), ratio=st.floats(0.0, 0.9),
+_policy = dict(seed=st.integers(0, 2 ** 16), ratio=st.floats(0.2, 0.9),
                global_pruning=st.booleans(),
                per_layer=st.lists(st.floats(0.0, 0.9), max_size=3),
                importance=st.sampled_from(sorted(IMPORTANCES)))
