@@ -17,7 +17,9 @@ from conftest import (R, assert_maps_follow_dataflow, assert_well_formed, group_
 def build(model, *inputs, **kw):
     model.eval()
     x = inputs[0] if len(inputs) == 1 else inputs
-    return cleanai.DependencyGraph(model, x, **kw)
+    g = cleanai.DependencyGraph(model, x, **kw)
+    g.model = model  # the graph refers to its model weakly; the tests inspect its layers
+    return g
 
 
 def assert_output_group(graph, name, size):

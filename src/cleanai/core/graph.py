@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Union
+import weakref
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .slots import UnionFind
 from .runtime import ForwardFn
-from .trace import TraceResult, trace
+from .trace import TraceResult, resolve_edges, trace
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,16 +106,68 @@ class DependencyGraph:
         self.forward_fn = forward_fn
         self.attention = attention
         self._result = trace(model, example_inputs, forward_fn, attention)
-        self.modules: Dict[str, nn.Module] = self._result.modules
-        self.edges = self._result.edges
+        # weak references: a graph (or a plan holding it) never keeps a deleted model's
+        # layers and weights alive; the pruner holds the model itself
+        self._model = weakref.ref(model)
+        self._modules = {n: weakref.ref(m) for n, m in self._result.modules.items()}
+        self._edges = (self._result.edges, self._result.junctions)
         self.groups: List[Group] = _build_groups(self._result)
+        self._result.modules = {}
         self.signature = module_signature(model)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # copies and pickles hold the model strongly, so copy.deepcopy(pruner) gives a pruner
+        # whose graph refers to the copied model
+        state = dict(self.__dict__)
+        state["_model"] = self._model()
+        state["_modules"] = {n: ref() for n, ref in self._modules.items()}
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        model = state["_model"]
+        self._model = weakref.ref(model) if model is not None else (lambda: None)
+        self._modules = {n: (weakref.ref(m) if m is not None else (lambda: None))
+                         for n, m in state["_modules"].items()}
+
+    @property
+    def modules(self) -> "Mapping[str, nn.Module]":
+        """The traced layers by qualified name (those with a LayerPruner), in model order.
+
+        The graph refers to the model weakly: reading a layer raises ``ReferenceError`` once
+        the model has been garbage collected.
+        """
+        return _WeakModules(self._modules, self.model_name)
+
+    @property
+    def edges(self) -> List[Tuple[str, str]]:
+        """``(source, layer)`` pairs, sorted: ``layer`` reads the output of layer or parameter
+        ``source``, directly or through ops. Computed on first use."""
+        if isinstance(self._edges, tuple):
+            self._edges = resolve_edges(*self._edges)
+        return self._edges
+
+    def changes(self, model: nn.Module) -> Optional[str]:
+        """What differs between ``model`` and the model the graph was traced on (parameter
+        shapes, or a traced layer replaced or moved), or ``None`` when it is the same."""
+        if self._model() is not model:
+            return f"it is not the {self.model_name} the graph was built for"
+        if module_signature(model) != self.signature:
+            return "parameter shapes differ"
+        for name, ref in self._modules.items():
+            try:
+                now = model.get_submodule(name)
+            except AttributeError:
+                return f"it has no layer {name} any more"
+            if now is not ref():
+                return f"{name} is not the module that was traced"
+        return None
 
     def group_of(self, layer: Union[str, nn.Module]) -> List[Group]:
         """Groups that hold ``layer``'s channels (by qualified name or module object)."""
         name = layer if isinstance(layer, str) else next(
             (n for n, m in self.modules.items() if m is layer), None)
-        if name is None or (name not in self.modules and not any(
+        if name is None or (name not in self._modules and not any(
                 m.name == name for g in self.groups for m in g.members)):
             raise KeyError(f"{layer!r} is not a layer that CleanAI traced in {self.model_name}")
         return [g for g in self.groups if any(m.name == name for m in g.members)]
@@ -126,13 +180,14 @@ class DependencyGraph:
                 assert len(m.positions) == len(m.channels)
                 assert int(m.positions.max()) < m.length and int(m.positions.min()) >= 0
                 assert int(m.channels.max()) < g.size
-                counts = torch.bincount(m.channels, minlength=g.size)
-                assert bool((counts == counts[counts > 0][0]).all() | (counts == 0).all()), \
-                    f"{m.name}: uneven repeats"
+                # a member may hold some of the group's channels, some at several positions
+                # (a grouped conv ties a concat's parts); a position holds one channel
+                assert len(torch.unique(m.positions)) == len(m.positions), \
+                    f"{m.name}: a position in two channels"
 
     def __repr__(self) -> str:
         n_prot = sum(int(g.protected.sum()) for g in self.groups)
-        head = (f"DependencyGraph({self.model_name}: {len(self.modules)} layers, "
+        head = (f"DependencyGraph({self.model_name}: {len(self._modules)} layers, "
                 f"{len(self.groups)} groups, {sum(g.size for g in self.groups)} channels, "
                 f"{n_prot} protected)")
         return "\n".join([head] + [repr(g) for g in self.groups])
@@ -157,6 +212,28 @@ class DependencyGraph:
             lines.append(f'  "{a}" -> "{b}";')
         lines.append("}")
         return "\n".join(lines)
+
+
+class _WeakModules(Mapping):
+    """A read-only ``{name: module}`` view over weak references, resolved on each access."""
+
+    def __init__(self, refs: Dict[str, Any], model_name: str) -> None:
+        self._refs = refs
+        self._model_name = model_name
+
+    def __getitem__(self, name: str) -> nn.Module:
+        m = self._refs[name]()
+        if m is None:
+            raise ReferenceError(f"the {self._model_name} this DependencyGraph was built for has "
+                                 f"been garbage collected; keep a reference to the model while "
+                                 f"you use its graph")
+        return m
+
+    def __iter__(self):
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
 
 
 def module_signature(model: nn.Module) -> Dict[str, tuple]:

@@ -58,11 +58,12 @@ class TraceResult:
     params: Dict[str, Slots]
     output_ids: List[torch.Tensor]
     notes: List[Tuple[int, str]]
-    edges: List[Tuple[str, str]]
+    edges: List[Tuple[Any, str]]  # (layer, parameter or junction index, layer): see resolve_edges
     modules: Dict[str, nn.Module]
     #: per layer, the ids of each internal dim's positions (None for a switched-off dim)
     internal: Dict[str, List[Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
     kinds: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
+    junctions: List[frozenset] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
@@ -336,6 +337,9 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
     params: Dict[str, Slots] = {}
     internal: Dict[str, List[Optional[torch.Tensor]]] = {}
     edges = set()
+    # an op that merges several sources (a residual add) becomes a junction: the walk stays
+    # linear in depth; resolve_edges() expands junctions into layer-to-layer edges on demand
+    junctions: List[frozenset] = []
     empty = frozenset()
 
     for p in order:
@@ -395,7 +399,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                 for x in ins:
                     ctx.protect(x, f"{name} could not be followed")
                 outs[nr] = None
-        src = frozenset().union(*(sources.get(k, empty) for k in in_keys if k is not None))
+        srcs = {sources.get(k, empty) for k in in_keys if k is not None} - {empty}
+        if len(srcs) > 1:
+            junctions.append(frozenset().union(*srcs))
+            src = frozenset((len(junctions) - 1,))
+        else:
+            src = srcs.pop() if srcs else empty
         for nr, s in enumerate(outs):
             slots[(p, nr)] = s
             sources[(p, nr)] = src
@@ -405,15 +414,35 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
         s = slots.get(_key(t)) if _key(t) is not None else None
         if s is not None:
             output_ids.append(s.ids)
-    for op, wheres in ctx.unknown.items():
-        places = sorted({w for w in wheres if w})
-        shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
-        warnings.warn(f"CleanAI does not know the channel semantics of {op} "
-                      f"(in {shown or type(model).__name__ + '.forward'}); the channels it touches are "
-                      f"protected and will not be pruned.", stacklevel=3)
+    if ctx.unknown:  # one warning for the whole model, naming every op and where it ran
+        found = []
+        for op, wheres in ctx.unknown.items():
+            places = sorted({w for w in wheres if w})
+            shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
+            found.append(f"{op} (in {shown or type(model).__name__ + '.forward'})")
+        warnings.warn(f"CleanAI does not know the channel semantics of {', '.join(found)}; the "
+                      f"channels {'it touches are' if len(found) == 1 else 'they touch are'} "
+                      f"protected and will not be pruned. Register a LayerPruner for a custom "
+                      f"layer to prune through it.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
-                       output_ids, ctx.notes, sorted(edges), {n: m for m, (n, _) in known.items()},
-                       internal, ctx.kinds)
+                       output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
+                       internal, ctx.kinds, junctions)
+
+
+def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:
+    """Layer-to-layer edges, sorted: every junction (an int) replaced by the layers and
+    parameters that reach it. Quadratic in depth for a residual stream, so only on demand."""
+    reach: List[frozenset] = []
+    for members in junctions:  # a junction's members are names or earlier junctions
+        names = set()
+        for x in members:
+            names.update(reach[x] if isinstance(x, int) else (x,))
+        reach.append(frozenset(names))
+    out = set()
+    for src, dst in edges:
+        for name in (reach[src] if isinstance(src, int) else (src,)):
+            out.add((name, dst))
+    return sorted(out)
 
 
 def _shape(key, by_out) -> Optional[Tuple[int, ...]]:

@@ -1,6 +1,7 @@
 """Data-free importances: weight magnitude and random."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -36,20 +37,28 @@ class WeightImportance(Importance):
 
     def _slice_norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         # a layer read by many groups (a DenseNet concat consumer) is reduced once; the key
-        # changes whenever the tensor is sliced or updated in place
+        # changes whenever the tensor is sliced or updated in place; the weak reference tells a
+        # live tensor from a new one that reuses a collected tensor's id and memory
         key = (id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape), dim)
         hit = self._cache.get(key)
-        if hit is None:
+        if hit is None or hit[0]() is not tensor:
             if len(self._cache) > 4096:
                 self._cache.clear()
-            hit = self._cache[key] = slice_norms(tensor, dim, self.p)
-        return hit
+            forget = _forget(self._cache, key)  # the entry leaves with its tensor
+            hit = self._cache[key] = (weakref.ref(tensor, forget), slice_norms(tensor, dim, self.p))
+        return hit[1]
 
     def __call__(self, group: Group, model: nn.Module) -> torch.Tensor:
         return normalize(self.raw(group, model), self.normalizer)
 
     def __repr__(self) -> str:
         return f"WeightImportance(p={self.p}, normalizer={self.normalizer!r})"
+
+
+def _forget(cache: dict, key: tuple):
+    def callback(_ref) -> None:
+        cache.pop(key, None)
+    return callback
 
 
 class RandomImportance(Importance):

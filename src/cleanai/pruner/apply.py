@@ -206,11 +206,17 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn
 def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
                    check_forward: bool = True) -> List[Dict[str, Any]]:
     """Validate and apply, all or nothing; then renumber the graph. Returns the history layers."""
-    if module_signature(model) != graph.signature:
-        raise PruningError("the model changed since its dependency graph was built (parameter "
-                           "shapes differ); build a new graph or pruner for it")
+    change = graph.changes(model)
+    if change is not None:
+        raise PruningError(f"the model changed since its dependency graph was built ({change}); "
+                           f"build a new graph or pruner for it")
     validate_removals(graph, removals)
     keeps = layer_keeps(graph, removals)
+    emptied = [n if k != "param" else f"{n} (dim {d})" for (n, k, d), keep in keeps.items()
+               if keep.numel() == 0]
+    if emptied:
+        raise PruningError(f"the plan removes every channel of {', '.join(sorted(set(emptied)))}; "
+                           f"keep at least one channel in each layer")
     updates = attribute_updates(model, graph, removals)
     owners = {id(m): m for m in touched_modules(model, keeps)}
     owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group
+from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from .apply import PruningError, apply_removals
@@ -156,7 +157,7 @@ class StructuredPruner:
             ratio = self.group_ratio(g)
             if ratio is None or g.prunable == 0 or g.size <= 1:
                 continue
-            r = self.schedule(step, self.iterative_steps, ratio)
+            r = self._scheduled(step, ratio)
             already = self.original_size[g.id] - g.size
             n = min(self._target_removed(g, r) - already, g.prunable, g.size - 1)
             if n <= 0:
@@ -173,7 +174,18 @@ class StructuredPruner:
         removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                     if gid not in pool}
         removals.update(self._global(pool, scores, quota))
+        by_id = {g.id: g for g in self.graph.groups}
+        removals = {gid: _spare_members(by_id[gid], idx, scores[gid])
+                    for gid, idx in removals.items()}
         return PruningPlan(self.graph, removals, step)
+
+    def _scheduled(self, step: int, ratio: float) -> float:
+        """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
+        r = self.schedule(step, self.iterative_steps, ratio)
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:
+            raise ValueError(f"iterative_schedule returned {r!r} for step {step} of "
+                             f"{self.iterative_steps}; it must return a ratio in [0, 1)")
+        return float(r)
 
     def _global(self, pool: List[int], scores: Dict[int, torch.Tensor],
                 quota: Dict[int, int]) -> Dict[int, torch.Tensor]:
@@ -221,7 +233,12 @@ class StructuredPruner:
             calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
 
     def apply(self, plan: PruningPlan) -> None:
-        """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`."""
+        """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
+
+        Tensors are sliced in place: the model keeps its ``nn.Parameter`` and buffer objects
+        (an optimizer's references stay attached; its per-parameter state must be rebuilt).
+        On any failure every tensor, attribute and hook is exactly as it was before.
+        """
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
         signature = self.graph.signature
@@ -256,16 +273,22 @@ class StructuredPruner:
                     raise
 
     def _protect_layer_class(self, layer: str, error: str, tried: set) -> bool:
-        """Protect the groups inside every module of ``layer``'s class; False if none is new."""
+        """Protect the groups inside every module of ``layer``'s class; False if none is new.
+
+        A layer CleanAI prunes itself (a conv) that fails got an input of the wrong width from
+        code around it (a split with fixed sizes): only the groups that feed it are protected.
+        """
+        if get_layer_pruner(self.model.get_submodule(layer)) is not None:
+            return self._protect_inputs(layer, error, tried)
         cls = type(self.model.get_submodule(layer))
         if cls in tried or cls is type(self.model):
             return False
         tried.add(cls)
-        scopes = [n for n, m in self.model.named_modules() if type(m) is cls]
+        scopes = {n for n, m in self.model.named_modules() if type(m) is cls}
         reason = f"pruning breaks {cls.__name__}"
         hit = 0
         for g in self.graph.groups:
-            if any(_inside(m.name, s) for m in g.members for s in scopes) and not g.protected.all():
+            if any(_within(m.name, scopes) for m in g.members) and not g.protected.all():
                 g.protected[:] = True
                 g.reasons[reason] = g.size
                 hit += 1
@@ -273,6 +296,23 @@ class StructuredPruner:
             warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
                           f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
                           f"again.", stacklevel=3)
+        return hit > 0
+
+    def _protect_inputs(self, layer: str, error: str, tried: set) -> bool:
+        if layer in tried:
+            return False
+        tried.add(layer)
+        reason = f"pruning breaks the input of {layer}"
+        hit = 0
+        for g in self.graph.groups:
+            if any(m.name == layer and m.kind in ("in", "same") for m in g.members) and \
+                    not g.protected.all():
+                g.protected[:] = True
+                g.reasons[reason] = g.size
+                hit += 1
+        if hit:
+            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
+                          f"the {hit} groups that feed {layer} and plans again.", stacklevel=4)
         return hit > 0
 
     def prune(self) -> nn.Module:
@@ -287,8 +327,28 @@ def _check_ratio(name: str, ratio: Any) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
 
 
+def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Never empty a layer: where ``idx`` takes every channel a member holds in this group (a
+    producer tied to part of a group), its best-scored channel stays."""
+    removed = torch.zeros(group.size, dtype=torch.bool)
+    removed[idx] = True
+    for m in group.members:
+        held = torch.unique(m.channels)
+        if len(held) and bool(removed[held].all()):
+            removed[held[scores[held].argmax()]] = False
+    return torch.nonzero(removed).flatten()
+
+
 def _inside(layer: str, key: str) -> bool:
     return key == "" or layer == key or layer.startswith(key + ".")
+
+
+def _within(layer: str, scopes: set) -> bool:
+    """True when ``layer`` is one of ``scopes`` or inside one (a set lookup per name prefix)."""
+    if "" in scopes or layer in scopes:
+        return True
+    parts = layer.split(".")
+    return any(".".join(parts[:i]) in scopes for i in range(1, len(parts)))
 
 
 def _positions_per_channel(group: Group) -> int:

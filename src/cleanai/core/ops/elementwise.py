@@ -47,6 +47,16 @@ def _unary(ctx, call: OpCall):
     return [None]
 
 
+@register("BackwardHookFunctionBackward")
+def _identity_per_operand(ctx, call: OpCall):
+    """Full backward hooks (``register_full_backward_hook``) wrap a module's tensors in one
+    identity op: output i is input i."""
+    if len(call.ins) != len(call.out_shapes):
+        protect_all(ctx, call.name(), call.ins)
+        return none(call)
+    return list(call.ins)
+
+
 def _spatial(last: int) -> Handler:
     """Ops that work on the last ``last`` dims (pooling, upsampling, padding): channels pass."""
     def handler(ctx, call: OpCall):
