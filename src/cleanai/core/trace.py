@@ -122,23 +122,33 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             if p.is_floating_point():
                 p.requires_grad_(True)
         inputs = map_tensors(example_inputs, _as_leaf)
-        # Train mode first, so branches that only run in training (auxiliary heads) are seen;
-        # a batch of one can fail there (BatchNorm on a 1x1 map), so the batch is doubled next;
-        # last, the modes the model is in.
-        attempts = [(inputs, True), (map_tensors(inputs, _doubled), True), (inputs, None)]
+        # The modes the model is in first: the cheapest trace, and the model as it is used.
+        # If a layer with parameters did not run there (an auxiliary head that runs only in
+        # training) or the forward failed, train mode next; a batch of one can fail there
+        # (BatchNorm on a 1x1 map), so then train mode with the batch doubled.
+        all_train = all(m.training for m in model.modules())
+        attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, _doubled), True)]
         errors = []
+        best = None  # (recording, names of the layers it missed)
         for attempt_inputs, train in attempts:
+            if train and best is not None and all_train:
+                break  # train mode is the mode already traced: it cannot reach more layers
             try:
-                calls, intervals, output, shapes = _record(model, attempt_inputs, forward_fn,
-                                                           known, train)
-                break
+                recording = _record(model, attempt_inputs, forward_fn, known, train)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
-        else:
+                continue
+            missed = _missed(known, recording[0])
+            if best is None or len(missed) < len(best[1]):
+                best = (recording, missed)
+            if not missed or train:
+                break
+        if best is None:
             exc = errors[-1]
             raise TraceError(
                 f"{type(model).__name__} failed on the example inputs "
                 f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+        calls, intervals, output, shapes = best[0]
         if errors:
             logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
                         len(errors), errors[0])
@@ -164,6 +174,11 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
 
     def last_seq(obj) -> int:
         # the newest autograd node among these tensors: ops a module creates come after it
+        if type(obj) is tuple and len(obj) == 1:
+            obj = obj[0]
+        if isinstance(obj, torch.Tensor):  # the common case, without the generic walk
+            fn = obj.grad_fn
+            return -1 if fn is None else fn._sequence_nr()
         return max((t.grad_fn._sequence_nr() for t in iter_tensors(obj) if t.grad_fn is not None),
                    default=-1)
 
@@ -177,10 +192,13 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
 
     def call_hook(name, pruner):
         def hook(module, args, kwargs, output) -> None:
-            x = next(iter_tensors((args, kwargs)), None)
+            if args and isinstance(args[0], torch.Tensor):
+                x = args[0]  # the first tensor, as the generic walk below would find it
+            else:
+                x = next(iter_tensors((args, kwargs)), None)
             in_key = _key(x)
             outs = []
-            for t in iter_tensors(output):
+            for t in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
                 k = _key(t)
                 if k is not None and k != in_key:
                     outs.append((k, tuple(t.shape)))
@@ -193,7 +211,13 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
     try:
         if train:
             model.train()
+        # sequence ranges only for modules whose ops the walk can meet: the ops inside a
+        # known layer are never walked (it jumps from the layer's outputs to its input)
+        opaque = set()
         for name, m in model.named_modules():
+            if m in known or (name and name.rpartition(".")[0] in opaque):
+                opaque.add(name)
+                continue
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():
@@ -234,10 +258,15 @@ class _OperandShapes(TorchFunctionMode):
         return out
 
 
-def _warn_unreached(known, calls: List[ModuleCall]) -> None:
+def _missed(known, calls: List[ModuleCall]) -> List[str]:
+    """Names of the known layers with parameters that no call in ``calls`` ran."""
     called = {c.module for c in calls}
-    missed = [name for m, (name, _) in known.items()
-              if m not in called and any(True for _ in m.parameters())]
+    return [name for m, (name, _) in known.items()
+            if m not in called and any(True for _ in m.parameters())]
+
+
+def _warn_unreached(known, calls: List[ModuleCall]) -> None:
+    missed = _missed(known, calls)
     if missed:
         shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
         warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "

@@ -27,7 +27,16 @@ class PruningError(RuntimeError):
 
 def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> None:
     """Run one forward; on an exception, return it with the innermost running module's name
-    attached as ``exc.cleanai_layer``."""
+    attached as ``exc.cleanai_layer``.
+
+    The forward runs without hooks; only when it fails does a second forward, with a hook on
+    every module, find where (``cleanai_layer`` is None when that one does not fail).
+    """
+    try:
+        run_forward(model, inputs, forward_fn)
+        return
+    except Exception as exc:
+        first = exc
     running: List[str] = []
 
     def enter(name: str):
@@ -44,12 +53,13 @@ def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> Non
         handles.append(m.register_forward_hook(leave))
     try:
         run_forward(model, inputs, forward_fn)
+        first.cleanai_layer = None
     except Exception as exc:
-        exc.cleanai_layer = running[-1] if running else None
-        raise
+        first.cleanai_layer = exc.cleanai_layer = running[-1] if running else None
     finally:
         for h in handles:
             h.remove()
+    raise first
 
 
 def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> None:
@@ -76,18 +86,20 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
 def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
     """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone."""
     removed: Dict[Key, torch.Tensor] = {}
-    lengths: Dict[Key, int] = {}
     for g in graph.groups:
         idx = removals.get(g.id)
         if idx is None or idx.numel() == 0:
             continue
+        gone = torch.zeros(g.size, dtype=torch.bool)
+        gone[idx] = True
         for m in g.members:
-            pos = m.positions[torch.isin(m.channels, idx)]
+            pos = m.positions[gone[m.channels]]
             kinds = ("in", "out") if m.kind == "same" else (m.kind,)
             for kind in kinds:
                 key = (m.name, kind, m.dim)
-                lengths[key] = m.length
-                mask = removed.setdefault(key, torch.zeros(m.length, dtype=torch.bool))
+                mask = removed.get(key)
+                if mask is None:
+                    mask = removed[key] = torch.zeros(m.length, dtype=torch.bool)
                 mask[pos] = True
     return {k: torch.nonzero(~mask).flatten() for k, mask in removed.items()}
 
