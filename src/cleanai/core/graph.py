@@ -196,17 +196,25 @@ def _build_groups(r: TraceResult) -> List[Group]:
             groups.append(Group(gi, n, [], torch.zeros(n, dtype=torch.bool), {}, []))
 
     def add_member(name: str, kind: str, dim: int, ids: torch.Tensor) -> None:
-        units = roots[ids]
-        g = group_of[units]
-        pos = torch.nonzero(g >= 0).flatten()
-        if not len(pos):
+        # index_select, not t[idx]: the same gather without Python's indexing overhead
+        units = roots.index_select(0, ids)
+        g = group_of.index_select(0, units)
+        if not len(g):
             return
-        pos = pos[torch.argsort(g[pos], stable=True)]
-        gis, counts = torch.unique_consecutive(g[pos], return_counts=True)
-        chans = channel_of[units[pos]]
-        counts = counts.tolist()
-        for gi, p, c in zip(gis.tolist(), pos.split(counts), chans.split(counts)):
-            groups[gi].members.append(Member(name, kind, dim, len(ids), p, c))
+        lo, hi = torch.aminmax(g)
+        if lo == hi:  # the common case: every position in one group (or none)
+            if lo >= 0:
+                groups[int(lo)].members.append(Member(name, kind, dim, len(ids),
+                                                      torch.arange(len(ids)),
+                                                      channel_of.index_select(0, units)))
+            return
+        g, pos = torch.sort(g, stable=True)
+        gis, counts = torch.unique_consecutive(g, return_counts=True)
+        chans = channel_of.index_select(0, units.index_select(0, pos))
+        for gi, p, c in zip(gis.tolist(), pos.split(counts.tolist()),
+                            chans.split(counts.tolist())):
+            if gi >= 0:
+                groups[gi].members.append(Member(name, kind, dim, len(ids), p, c))
 
     for name in r.modules:
         out, inp = r.module_out.get(name), r.module_in.get(name)

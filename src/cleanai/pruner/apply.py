@@ -93,14 +93,15 @@ def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Di
         gone = torch.zeros(g.size, dtype=torch.bool)
         gone[idx] = True
         for m in g.members:
-            pos = m.positions[gone[m.channels]]
+            # each position of a layer dim belongs to one member: write its flag directly
+            hit = gone.index_select(0, m.channels)
             kinds = ("in", "out") if m.kind == "same" else (m.kind,)
             for kind in kinds:
                 key = (m.name, kind, m.dim)
                 mask = removed.get(key)
                 if mask is None:
                     mask = removed[key] = torch.zeros(m.length, dtype=torch.bool)
-                mask[pos] = True
+                mask.index_put_((m.positions,), hit)
     return {k: torch.nonzero(~mask).flatten() for k, mask in removed.items()}
 
 
@@ -224,10 +225,14 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
             if remap is None:
                 remap = remaps[key] = torch.full((m.length,), -1, dtype=torch.long)
                 remap[keep] = torch.arange(len(keep))
-            stay = kept[m.channels]
-            m.positions = remap[m.positions[stay]]
-            m.channels = new_index[m.channels[stay]]
-            m.length = len(keeps[key])
+            # index_select, not t[idx]: the same gather without Python's indexing overhead
+            stay = torch.nonzero(kept.index_select(0, m.channels)).flatten()
+            if len(stay) < len(m.channels):
+                m.positions = m.positions.index_select(0, stay)
+                m.channels = m.channels.index_select(0, stay)
+            m.positions = remap.index_select(0, m.positions)
+            m.channels = new_index.index_select(0, m.channels)
+            m.length = len(keep)
         g.size = int(kept.sum())
         g.protected = g.protected[kept]
 
