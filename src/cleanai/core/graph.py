@@ -147,8 +147,23 @@ class DependencyGraph:
 
 
 def module_signature(model: nn.Module) -> Dict[str, tuple]:
-    """Shapes of every parameter and buffer: a cheap fingerprint to detect a changed model."""
-    return {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    """Shapes of every parameter and buffer: a cheap fingerprint to detect a changed model.
+
+    Keys as ``named_parameters()`` then ``named_buffers()`` give them (a shared tensor under
+    its first name), read from each module's own tables for speed.
+    """
+    params: Dict[str, tuple] = {}
+    buffers: Dict[str, tuple] = {}
+    seen_p, seen_b = set(), set()
+    for prefix, m in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        for store, out, seen in ((m._parameters, params, seen_p), (m._buffers, buffers, seen_b)):
+            for k, t in store.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out[dot + k] = tuple(t.shape)
+    params.update(buffers)
+    return params
 
 
 def _build_groups(r: TraceResult) -> List[Group]:

@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
-from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward
+from .runtime import (ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward,
+                      state_tensors)
 from .slots import Slots, UnionFind
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.storages = {t.untyped_storage().data_ptr()
-                         for t in list(model.parameters()) + list(model.buffers())}
+        params, buffers = state_tensors(list(model.modules()))
+        self.storages = {t.untyped_storage().data_ptr() for t in params + buffers}
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
@@ -106,16 +107,19 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
     """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc)."""
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
     inside_known = set()  # names of known layers and of everything inside them
+    inside_modules = []
     for name, m in model.named_modules():
         if name and name.rpartition(".")[0] in inside_known:
             inside_known.add(name)
+            inside_modules.append(m)
             continue
         pruner = get_layer_pruner(m)
         if pruner is not None:
             known[m] = (name, pruner)
             inside_known.add(name)
+            inside_modules.append(m)
     names_of_params = {id(p): n for n, p in model.named_parameters()}
-    owned = {id(p) for m in known for p in m.parameters()}
+    owned = {id(p) for p in state_tensors(inside_modules)[0]}
 
     with preserved_state(model), torch.inference_mode(False):
         for p in model.parameters():
@@ -261,8 +265,8 @@ class _OperandShapes(TorchFunctionMode):
 def _missed(known, calls: List[ModuleCall]) -> List[str]:
     """Names of the known layers with parameters that no call in ``calls`` ran."""
     called = {c.module for c in calls}
-    return [name for m, (name, _) in known.items()
-            if m not in called and any(True for _ in m.parameters())]
+    return [name for m, (name, _) in known.items() if m not in called and (
+        any(p is not None for p in m._parameters.values()) or any(True for _ in m.parameters()))]
 
 
 def _warn_unreached(known, calls: List[ModuleCall]) -> None:
