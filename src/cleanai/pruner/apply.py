@@ -84,25 +84,51 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
 
 
 def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
-    """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone."""
-    removed: Dict[Key, torch.Tensor] = {}
+    """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone.
+
+    One pass over concatenated tensors: every member's positions are flagged from its group's
+    removed channels.
+    """
+    key_index: Dict[Key, int] = {}
+    key_lengths: List[int] = []
+    gone_parts: List[torch.Tensor] = []
+    channels: List[torch.Tensor] = []
+    positions: List[torch.Tensor] = []
+    member_group: List[int] = []
+    member_key: List[int] = []
+    offset = 0
     for g in graph.groups:
         idx = removals.get(g.id)
         if idx is None or idx.numel() == 0:
             continue
         gone = torch.zeros(g.size, dtype=torch.bool)
         gone[idx] = True
+        gone_parts.append(gone)
         for m in g.members:
-            # each position of a layer dim belongs to one member: write its flag directly
-            hit = gone.index_select(0, m.channels)
-            kinds = ("in", "out") if m.kind == "same" else (m.kind,)
-            for kind in kinds:
+            for kind in (("in", "out") if m.kind == "same" else (m.kind,)):
                 key = (m.name, kind, m.dim)
-                mask = removed.get(key)
-                if mask is None:
-                    mask = removed[key] = torch.zeros(m.length, dtype=torch.bool)
-                mask.index_put_((m.positions,), hit)
-    return {k: torch.nonzero(~mask).flatten() for k, mask in removed.items()}
+                ki = key_index.get(key)
+                if ki is None:
+                    ki = key_index[key] = len(key_lengths)
+                    key_lengths.append(m.length)
+                channels.append(m.channels)
+                positions.append(m.positions)
+                member_group.append(offset)
+                member_key.append(ki)
+        offset += g.size
+    if not key_index:
+        return {}
+    counts = torch.tensor([len(c) for c in channels], dtype=torch.long)
+    starts = torch.cumsum(torch.tensor([0] + key_lengths), 0)
+    hit = torch.cat(gone_parts).index_select(0, torch.cat(channels) + torch.repeat_interleave(
+        torch.tensor(member_group, dtype=torch.long), counts))
+    where = torch.cat(positions) + torch.repeat_interleave(
+        starts.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
+    removed = torch.zeros(int(starts[-1]), dtype=torch.int32)
+    removed.index_put_((where,), hit.to(torch.int32), accumulate=True)
+    bounds = starts.tolist()
+    return {key: torch.nonzero(removed[bounds[i]:bounds[i + 1]] == 0).flatten()
+            for key, i in key_index.items()}
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
@@ -208,33 +234,61 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
 
 def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
              keeps: Dict[Key, torch.Tensor]) -> None:
-    """Update the graph's groups to the pruned model, so it needs no new trace."""
-    remaps: Dict[Key, torch.Tensor] = {}
+    """Update the graph's groups to the pruned model, so it needs no new trace.
+
+    All members are renumbered in one pass over concatenated tensors (a DenseNet has over a
+    thousand members): channel c of a group becomes its rank among the kept ones, position p
+    of a layer dim its rank among that dim's kept positions.
+    """
+    members: List[Any] = []
+    member_group: List[int] = []  # offset of the member's group in the concatenated groups
+    member_key: List[int] = []  # index of the member's layer dim among ``remaps``
+    lengths: List[int] = []  # the members' new lengths
+    key_index: Dict[Key, int] = {}
+    remaps: List[torch.Tensor] = []  # per layer dim: old position -> new position (or -1)
+    kept_parts: List[torch.Tensor] = []
+    new_index: List[torch.Tensor] = []
+    offset = 0
     for g in graph.groups:
         idx = removals.get(g.id)
         kept = torch.ones(g.size, dtype=torch.bool)
         if idx is not None and idx.numel():
             kept[idx] = False
-        new_index = torch.cumsum(kept, 0) - 1
         for m in g.members:
             key = (m.name, "out" if m.kind == "same" else m.kind, m.dim)
             keep = keeps.get(key)
             if keep is None:
                 continue
-            remap = remaps.get(key)
-            if remap is None:
-                remap = remaps[key] = torch.full((m.length,), -1, dtype=torch.long)
+            ki = key_index.get(key)
+            if ki is None:
+                ki = key_index[key] = len(remaps)
+                remap = torch.full((m.length,), -1, dtype=torch.long)
                 remap[keep] = torch.arange(len(keep))
-            # index_select, not t[idx]: the same gather without Python's indexing overhead
-            stay = torch.nonzero(kept.index_select(0, m.channels)).flatten()
-            if len(stay) < len(m.channels):
-                m.positions = m.positions.index_select(0, stay)
-                m.channels = m.channels.index_select(0, stay)
-            m.positions = remap.index_select(0, m.positions)
-            m.channels = new_index.index_select(0, m.channels)
-            m.length = len(keep)
+                remaps.append(remap)
+            members.append(m)
+            member_group.append(offset)
+            member_key.append(ki)
+            lengths.append(len(keep))
+        kept_parts.append(kept)
+        new_index.append(torch.cumsum(kept, 0) - 1)
+        offset += g.size
         g.size = int(kept.sum())
         g.protected = g.protected[kept]
+    if not members:
+        return
+    counts = torch.tensor([len(m.channels) for m in members], dtype=torch.long)
+    key_start = torch.cumsum(torch.tensor([0] + [len(r) for r in remaps[:-1]]), 0)
+    channels = torch.cat([m.channels for m in members]) + torch.repeat_interleave(
+        torch.tensor(member_group, dtype=torch.long), counts)
+    positions = torch.cat([m.positions for m in members]) + torch.repeat_interleave(
+        key_start.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
+    stay = torch.nonzero(torch.cat(kept_parts).index_select(0, channels)).flatten()
+    channels = torch.cat(new_index).index_select(0, channels.index_select(0, stay))
+    positions = torch.cat(remaps).index_select(0, positions.index_select(0, stay))
+    owner = torch.repeat_interleave(torch.arange(len(members)), counts).index_select(0, stay)
+    sizes = torch.bincount(owner, minlength=len(members)).tolist()
+    for m, p, c, n in zip(members, positions.split(sizes), channels.split(sizes), lengths):
+        m.positions, m.channels, m.length = p, c, n
 
 
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
