@@ -126,9 +126,10 @@ def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Di
         starts.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
     removed = torch.zeros(int(starts[-1]), dtype=torch.int32)
     removed.index_put_((where,), hit.to(torch.int32), accumulate=True)
-    bounds = starts.tolist()
-    return {key: torch.nonzero(removed[bounds[i]:bounds[i + 1]] == 0).flatten()
-            for key, i in key_index.items()}
+    kept = torch.nonzero(removed == 0).flatten()  # ascending, so grouped by layer dim
+    per_key = torch.diff(torch.searchsorted(kept, starts)).tolist()
+    local = kept - torch.repeat_interleave(starts[:-1], torch.tensor(per_key, dtype=torch.long))
+    return dict(zip(key_index, local.split(per_key)))
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
