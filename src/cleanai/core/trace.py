@@ -7,6 +7,7 @@ jumps from their outputs to their inputs. Everything else is followed op by op t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import traceback
@@ -186,29 +187,37 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
         return max((t.grad_fn._sequence_nr() for t in iter_tensors(obj) if t.grad_fn is not None),
                    default=-1)
 
+    # The hooks only read tensor attributes (grad_fn, shape): outside the operand recorder, so
+    # that each read is not dispatched to it (most of its calls would be these reads).
     def pre_hook(module, args) -> None:
-        open_calls[id(module)] = last_seq(args)
+        with _NoTorchFunction():
+            open_calls[id(module)] = last_seq(args)
 
     def post_hook(name):
         def hook(module, args, output) -> None:
-            intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
+            with _NoTorchFunction():
+                intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
         return hook
 
     def call_hook(name, pruner):
         def hook(module, args, kwargs, output) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                x = args[0]  # the first tensor, as the generic walk below would find it
-            else:
-                x = next(iter_tensors((args, kwargs)), None)
-            in_key = _key(x)
-            outs = []
-            for t in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
-                k = _key(t)
-                if k is not None and k != in_key:
-                    outs.append((k, tuple(t.shape)))
-            calls.append(ModuleCall(name, module, pruner, in_key,
-                                    None if x is None else tuple(x.shape), outs))
+            with _NoTorchFunction():
+                record_call(name, module, pruner, args, kwargs, output)
         return hook
+
+    def record_call(name, module, pruner, args, kwargs, output) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            x = args[0]  # the first tensor, as the generic walk below would find it
+        else:
+            x = next(iter_tensors((args, kwargs)), None)
+        in_key = _key(x)
+        outs = []
+        for t in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
+            k = _key(t)
+            if k is not None and k != in_key:
+                outs.append((k, tuple(t.shape)))
+        calls.append(ModuleCall(name, module, pruner, in_key,
+                                None if x is None else tuple(x.shape), outs))
 
     modes = [(m, m.training) for m in model.modules()]
     handles = []
@@ -234,6 +243,10 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
         for m, mode in modes:
             m.training = mode
     return calls, intervals, output, shapes.shapes
+
+
+# torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
+_NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
 
 class _OperandShapes(TorchFunctionMode):
