@@ -136,8 +136,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         errors = []
         best = None  # (recording, names of the layers it missed)
         for attempt_inputs, train in attempts:
-            if train and best is not None and all_train:
-                break  # train mode is the mode already traced: it cannot reach more layers
+            if train and all_train and (best is not None or attempt_inputs is inputs):
+                continue  # the attempt in the model's own modes was this very one
             try:
                 recording = _record(model, attempt_inputs, forward_fn, known, train)
             except Exception as exc:  # the user's forward: reported below if all attempts fail

@@ -47,6 +47,10 @@ class StructuredPruner:
         iterative_schedule: ``schedule(step, steps, ratio) -> ratio after step`` (linear).
         round_to: kept channel counts become multiples of this.
         forward_fn: ``forward_fn(model, example_inputs)`` for models that need a custom call.
+        check_forward: after slicing, run the model once on ``example_inputs`` and roll the
+            step back if it fails (then :meth:`step` protects the failing layer class and plans
+            again). ``False`` skips that forward, about half a forward of the pruned model per
+            step: a layer that keeps a channel count of its own then fails in your next call.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any = None,
@@ -55,7 +59,8 @@ class StructuredPruner:
                  ignored_layers: Optional[Iterable[LayerRef]] = None,
                  global_pruning: bool = False, max_pruning_ratio: float = 1.0,
                  iterative_steps: int = 1, iterative_schedule: Optional[Schedule] = None,
-                 round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None) -> None:
+                 round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
+                 check_forward: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_ratio("pruning_ratio", pruning_ratio)
@@ -84,6 +89,7 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         self.schedule = iterative_schedule or linear_schedule
         self.round_to = round_to
+        self.check_forward = bool(check_forward)
         self.graph = DependencyGraph(model, self.example_inputs, forward_fn)
         self.original_size = {g.id: g.size for g in self.graph.groups}
         if not any(g.prunable and g.size > 1 for g in self.graph.groups):
@@ -205,7 +211,8 @@ class StructuredPruner:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`."""
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
-        layers = apply_removals(self.model, self.graph, plan.removals)
+        layers = apply_removals(self.model, self.graph, plan.removals,
+                                check_forward=self.check_forward)
         follow = getattr(self.importance, "follow", None)
         if follow is not None:
             follow(layers)
