@@ -118,7 +118,7 @@ def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Di
         offset += g.size
     if not key_index:
         return {}
-    counts = torch.tensor([len(c) for c in channels], dtype=torch.long)
+    counts = torch.tensor([c.shape[0] for c in channels], dtype=torch.long)
     starts = torch.cumsum(torch.tensor([0] + key_lengths), 0)
     hit = torch.cat(gone_parts).index_select(0, torch.cat(channels) + torch.repeat_interleave(
         torch.tensor(member_group, dtype=torch.long), counts))
@@ -264,12 +264,12 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
             if ki is None:
                 ki = key_index[key] = len(remaps)
                 remap = torch.full((m.length,), -1, dtype=torch.long)
-                remap[keep] = torch.arange(len(keep))
+                remap[keep] = torch.arange(keep.shape[0])
                 remaps.append(remap)
             members.append(m)
             member_group.append(offset)
             member_key.append(ki)
-            lengths.append(len(keep))
+            lengths.append(keep.shape[0])
         kept_parts.append(kept)
         new_index.append(torch.cumsum(kept, 0) - 1)
         offset += g.size
@@ -277,8 +277,9 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
         g.protected = g.protected[kept]
     if not members:
         return
-    counts = torch.tensor([len(m.channels) for m in members], dtype=torch.long)
-    key_start = torch.cumsum(torch.tensor([0] + [len(r) for r in remaps[:-1]]), 0)
+    # (shape[0] rather than len(): Tensor.__len__ is a Python call, this runs per member)
+    counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
+    key_start = torch.cumsum(torch.tensor([0] + [r.shape[0] for r in remaps[:-1]]), 0)
     channels = torch.cat([m.channels for m in members]) + torch.repeat_interleave(
         torch.tensor(member_group, dtype=torch.long), counts)
     positions = torch.cat([m.positions for m in members]) + torch.repeat_interleave(
