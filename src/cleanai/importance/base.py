@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core.graph import Group, Member
 from ..core.layers import get_layer_pruner
+from ..core.runtime import find_submodule
 
 NORMALIZERS = ("mean", "max", "sum", "rank", "zscore", None)
 
@@ -86,7 +87,7 @@ def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "
         if m.kind == "param":
             out.append((m, model.get_parameter(m.name), m.dim))
             continue
-        module = _submodule(model, m.name)
+        module = find_submodule(model, m.name)
         pruner = get_layer_pruner(module)
         if pruner is None:
             continue
@@ -96,19 +97,6 @@ def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "
         for tensor, dim in pruner.weights(module, side):
             out.append((m, tensor, dim))
     return out
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)``, walking ``_modules`` directly (many calls per plan)."""
-    m = model
-    try:
-        for part in name.split(".") if name else ():
-            m = m._modules[part]
-    except (KeyError, AttributeError):
-        return model.get_submodule(name)
-    if m is None:
-        return model.get_submodule(name)
-    return m
 
 
 def slice_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:

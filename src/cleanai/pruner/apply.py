@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, module_signature
-from ..core.runtime import preserved_state, run_forward
+from ..core.runtime import find_submodule, preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
 
 Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
@@ -140,7 +140,7 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
             per_layer.setdefault(name, {})[kind] = keep
             continue
         owner_name = name.rpartition(".")[0]
-        owner = model.get_submodule(owner_name)
+        owner = find_submodule(model, owner_name)
         pruner = get_layer_pruner(owner, inherited=True)
         if pruner is not None and get_layer_pruner(owner) is None and \
                 pruner.coupling(owner) == "same":
@@ -149,7 +149,7 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
         else:
             _keep(model.get_parameter(name), dim, keep)
     for name, sides in per_layer.items():
-        module = model.get_submodule(name)
+        module = find_submodule(model, name)
         pruner = get_layer_pruner(module, inherited=True)
         if pruner is None:
             raise PruningError(f"no layer pruner for {type(module).__name__} {name}")
@@ -198,9 +198,9 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn
     for name, kind, _ in keeps:
         if kind == "param":
             owner = name.rpartition(".")[0]
-            m = model.get_submodule(owner) if owner else model
+            m = find_submodule(model, owner) if owner else model
         else:
-            m = model.get_submodule(name)
+            m = find_submodule(model, name)
         out[id(m)] = m
     return list(out.values())
 
