@@ -131,10 +131,12 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         # If a layer with parameters did not run there (an auxiliary head that runs only in
         # training) or the forward failed, train mode next; a batch of one can fail there
         # (BatchNorm on a 1x1 map), so then train mode with the batch doubled.
+        # Parameters outside known layers (a bare scale) count too: a branch may use only those.
         all_train = all(m.training for m in model.modules())
+        bare = {id(p) for p in model.parameters() if p.is_floating_point() and id(p) not in owned}
         attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, _doubled), True)]
         errors = []
-        best = None  # (recording, names of the layers it missed)
+        best = None  # (recording, (layers it missed, bare parameters it missed))
         for attempt_inputs, train in attempts:
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
@@ -143,10 +145,11 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
-            missed = _missed(known, recording[0])
-            if best is None or len(missed) < len(best[1]):
+            missed = (len(_missed(known, recording[0])),
+                      len(bare - _reached(recording[2])) if bare else 0)
+            if best is None or missed < best[1]:
                 best = (recording, missed)
-            if not missed or train:
+            if missed == (0, 0) or train:
                 break
         if best is None:
             exc = errors[-1]
@@ -280,6 +283,22 @@ def _missed(known, calls: List[ModuleCall]) -> List[str]:
     called = {c.module for c in calls}
     return [name for m, (name, _) in known.items() if m not in called and (
         any(p is not None for p in m._parameters.values()) or any(True for _ in m.parameters()))]
+
+
+def _reached(output: Any) -> set:
+    """``id`` of every leaf (parameter) the autograd graph of ``output`` reaches."""
+    seen, found = set(), set()
+    stack = [t.grad_fn for t in iter_tensors(output) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in seen)
+    return found
 
 
 def _warn_unreached(known, calls: List[ModuleCall]) -> None:
