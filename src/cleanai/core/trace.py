@@ -145,8 +145,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
-            missed = (len(_missed(known, recording[0])),
-                      len(bare - _reached(recording[2])) if bare else 0)
+            missed = _unreached_count(known, bare, recording)
             if best is None or missed < best[1]:
                 best = (recording, missed)
             if missed == (0, 0) or train:
@@ -283,6 +282,22 @@ def _missed(known, calls: List[ModuleCall]) -> List[str]:
     called = {c.module for c in calls}
     return [name for m, (name, _) in known.items() if m not in called and (
         any(p is not None for p in m._parameters.values()) or any(True for _ in m.parameters()))]
+
+
+def _unreached_count(known, bare: set, recording) -> Tuple[int, int]:
+    """(known layers with parameters, bare parameters) that a recording did not reach.
+
+    A layer counts as reached when it ran, or when its parameters took part in the graph
+    anyway (a layer whose weights the model passes to ``F.linear`` itself).
+    """
+    missed = _missed(known, recording[0])
+    if not missed and not bare:
+        return 0, 0
+    reached = _reached(recording[2])
+    by_name = {name: m for m, (name, _) in known.items()}
+    layers = sum(1 for name in missed
+                 if not any(id(p) in reached for p in by_name[name].parameters()))
+    return layers, len(bare - reached)
 
 
 def _reached(output: Any) -> set:
