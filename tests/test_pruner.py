@@ -7,7 +7,7 @@ from torch import nn
 
 import cleanai
 from cleanai import StructuredPruner
-from cleanai.importance import RandomImportance, WeightImportance
+from cleanai.importance import RandomImportance
 from cleanai.utils import count_params
 
 from equivalence import check_equivalence
@@ -264,6 +264,29 @@ def test_training_only_branch_is_pruned_too():
     out, aux = model(torch.cat([x, x]))
     (out.sum() + aux.sum()).backward()  # no stale autograd state from the failed attempt
     assert out.shape == aux.shape == (2, 4)
+
+
+class TrainScale(nn.Module):
+    """A per-channel scale that only training uses: no layer, just a bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 4, 3)
+        self.scale = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if self.training:
+            y = y * self.scale.view(1, -1, 1, 1)
+        return self.b(y)
+
+
+def test_parameter_used_only_in_training_is_pruned_too():
+    model = TrainScale().eval()
+    StructuredPruner(model, torch.randn(1, 3, 10, 10), pruning_ratio=0.5).prune()
+    assert model.a.out_channels == model.scale.numel() == model.b.in_channels == 4
+    assert model.train()(torch.randn(2, 3, 10, 10)).shape == (2, 4, 6, 6)
 
 
 def test_model_with_nothing_to_prune_is_a_warned_no_op():

@@ -237,46 +237,91 @@ class _WeakModules(Mapping):
 
 
 def module_signature(model: nn.Module) -> Dict[str, tuple]:
-    """Shapes of every parameter and buffer: a cheap fingerprint to detect a changed model."""
-    return {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    """Shapes of every parameter and buffer: a cheap fingerprint to detect a changed model.
+
+    Keys as ``named_parameters()`` then ``named_buffers()`` give them (a shared tensor under
+    its first name), read from each module's own tables for speed.
+    """
+    params: Dict[str, tuple] = {}
+    buffers: Dict[str, tuple] = {}
+    seen_p, seen_b = set(), set()
+    for prefix, m in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        for store, out, seen in ((m._parameters, params, seen_p), (m._buffers, buffers, seen_b)):
+            for k, t in store.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    out[dot + k] = tuple(t.shape)
+    params.update(buffers)
+    return params
 
 
 def _build_groups(r: TraceResult) -> List[Group]:
     """Units linked by a shared producer form a group; every layer dim and parameter that holds
     a group's units becomes a member, with vectorised position -> channel maps."""
     roots = r.uf.roots()
+    n_units = len(roots)
     made = [r.module_out[name] for name in r.producers]  # each producer's fresh ids
     made += [ids for dims in r.internal.values() for ids in dims if ids is not None]
 
     # producers that share a unit share a group; channels keep their first-appearance order
-    owner: Dict[int, int] = {}
-    link = UnionFind()
-    link.new(len(made))
-    for pi, ids in enumerate(made):
-        for u in roots[ids].tolist():
-            if u in owner:
-                link.union(owner[u], pi)
-            else:
-                owner[u] = pi
-    comp: Dict[int, List[int]] = {}
-    for u, pi in owner.items():
-        comp.setdefault(link.find(pi), []).append(u)
-
-    group_of = torch.full((len(roots),), -1, dtype=torch.long)  # unit id -> group
-    channel_of = torch.full((len(roots),), -1, dtype=torch.long)  # unit id -> channel in group
+    outs = [roots[ids] for ids in made]
+    group_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> group
+    channel_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> channel in group
     groups: List[Group] = []
-    for gi, units in enumerate(comp.values()):
-        u = torch.tensor(units, dtype=torch.long)
-        group_of[u] = gi
-        channel_of[u] = torch.arange(len(units))
-        groups.append(Group(gi, len(units), [], torch.zeros(len(units), dtype=torch.bool), {}, []))
+    if outs:
+        seen = torch.cat(outs)
+        by_producer = torch.repeat_interleave(torch.arange(len(outs)),
+                                              torch.tensor([len(o) for o in outs]))
+        where = torch.arange(len(seen))
+        first = torch.full((n_units,), len(seen), dtype=torch.long)
+        first.scatter_reduce_(0, seen, where, reduce="amin")
+        again = torch.nonzero(first[seen] != where).flatten()
+        owner = torch.full((n_units,), -1, dtype=torch.long)  # unit -> first producer
+        units = torch.nonzero(first < len(seen)).flatten()
+        units = units[torch.argsort(first[units])]  # in order of first appearance
+        owner[units] = by_producer[first[units]]
+        link = UnionFind()
+        link.new(len(outs))
+        for a, b in zip(owner[seen[again]].tolist(), by_producer[again].tolist()):
+            link.union(a, b)  # a unit met again: its producers share a group
+        # number the groups in the order their first unit appeared
+        comp = torch.tensor([link.find(pi) for pi in range(len(outs))])[owner[units]]
+        first_of = torch.full((len(outs),), len(units), dtype=torch.long)
+        first_of.scatter_reduce_(0, comp, torch.arange(len(units)), reduce="amin")
+        present = torch.nonzero(first_of < len(units)).flatten()
+        rank = torch.empty(len(outs), dtype=torch.long)
+        rank[present[torch.argsort(first_of[present])]] = torch.arange(len(present))
+        comp = rank[comp]
+        order = torch.argsort(comp, stable=True)
+        units, comp = units[order], comp[order]
+        sizes = torch.bincount(comp).tolist()
+        starts = torch.cumsum(torch.tensor([0] + sizes[:-1]), 0)
+        group_of[units] = comp
+        channel_of[units] = torch.arange(len(units)) - starts[comp]
+        for gi, n in enumerate(sizes):
+            groups.append(Group(gi, n, [], torch.zeros(n, dtype=torch.bool), {}, []))
 
     def add_member(name: str, kind: str, dim: int, ids: torch.Tensor) -> None:
-        units = roots[ids]
-        g = group_of[units]
-        for gi in torch.unique(g[g >= 0]).tolist():
-            pos = torch.nonzero(g == gi).flatten()
-            groups[gi].members.append(Member(name, kind, dim, len(ids), pos, channel_of[units[pos]]))
+        # index_select, not t[idx]: the same gather without Python's indexing overhead
+        units = roots.index_select(0, ids)
+        g = group_of.index_select(0, units)
+        if not len(g):
+            return
+        lo, hi = torch.aminmax(g)
+        if lo == hi:  # the common case: every position in one group (or none)
+            if lo >= 0:
+                groups[int(lo)].members.append(Member(name, kind, dim, len(ids),
+                                                      torch.arange(len(ids)),
+                                                      channel_of.index_select(0, units)))
+            return
+        g, pos = torch.sort(g, stable=True)
+        gis, counts = torch.unique_consecutive(g, return_counts=True)
+        chans = channel_of.index_select(0, units.index_select(0, pos))
+        for gi, p, c in zip(gis.tolist(), pos.split(counts.tolist()),
+                            chans.split(counts.tolist())):
+            if gi >= 0:
+                groups[gi].members.append(Member(name, kind, dim, len(ids), p, c))
 
     for name in r.modules:
         out, inp = r.module_out.get(name), r.module_in.get(name)
@@ -295,17 +340,24 @@ def _build_groups(r: TraceResult) -> List[Group]:
                 add_member(name, "internal", index, ids)
 
     reasons: Dict[int, str] = {}
-    for i, why in r.protected.items():
-        reasons.setdefault(int(roots[i]), why)
+    if r.protected:
+        ids = torch.tensor(list(r.protected), dtype=torch.long)
+        for u, why in zip(roots[ids].tolist(), r.protected.values()):
+            reasons.setdefault(u, why)
     for ids in r.output_ids:
         for u in roots[ids].tolist():
             reasons[u] = "model output"
-    for u, why in reasons.items():
-        gi = int(group_of[u])
-        if gi >= 0:
-            g = groups[gi]
-            g.protected[channel_of[u]] = True
-            g.reasons[why] = g.reasons.get(why, 0) + 1
+    if reasons:
+        units = torch.tensor(list(reasons), dtype=torch.long)
+        hit: Dict[int, List[int]] = {}
+        for gi, ch, why in zip(group_of[units].tolist(), channel_of[units].tolist(),
+                               reasons.values()):
+            if gi >= 0:
+                g = groups[gi]
+                hit.setdefault(gi, []).append(ch)
+                g.reasons[why] = g.reasons.get(why, 0) + 1
+        for gi, chs in hit.items():
+            groups[gi].protected[torch.tensor(chs, dtype=torch.long)] = True
     for g in groups:
         # several producers added together and read by several layers: a residual stream
         # (two producers read by one layer are a gate, e.g. a gated MLP's up and gate)

@@ -7,6 +7,7 @@ jumps from their outputs to their inputs. Everything else is followed op by op t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import traceback
@@ -21,7 +22,8 @@ from .functional import functional_param
 from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
-from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward
+from .runtime import (ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward,
+                      state_tensors)
 from .slots import Slots, UnionFind
 
 logger = logging.getLogger(__name__)
@@ -76,8 +78,8 @@ class _Tracer:
         # contracts those input channels yields these output channels
         self.partners: Dict[int, torch.Tensor] = {}
         self.param_ids: set = set()  # id() of the ids tensors of bare parameters
-        self.storages = {t.untyped_storage().data_ptr()
-                         for t in list(model.parameters()) + list(model.buffers())}
+        params, buffers = state_tensors(list(model.modules()))
+        self.storages = {t.untyped_storage().data_ptr() for t in params + buffers}
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
@@ -127,15 +129,19 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
     inside_known = set()  # names of known layers and of everything inside them
+    inside_modules = []
     for name, m in model.named_modules():
         if name and name.rpartition(".")[0] in inside_known:
             inside_known.add(name)
+            inside_modules.append(m)
             continue
         pruner = get_layer_pruner(m)
         if pruner is not None:
             known[m] = (name, pruner)
             inside_known.add(name)
+            inside_modules.append(m)
     names_of_params = {id(p): n for n, p in model.named_parameters()}
+    # parameter id -> the known layer that holds it (directly or in a submodule)
     owned = {id(p): m for m in known for p in m.parameters()}
 
     with preserved_state(model), torch.inference_mode(False):
@@ -143,23 +149,35 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             if p.is_floating_point():
                 p.requires_grad_(True)
         inputs = map_tensors(example_inputs, _as_leaf)
-        # Train mode first, so branches that only run in training (auxiliary heads) are seen;
-        # a batch of one can fail there (BatchNorm on a 1x1 map), so the batch is doubled next;
-        # last, the modes the model is in.
-        attempts = [(inputs, True), (map_tensors(inputs, _doubled), True), (inputs, None)]
+        # The modes the model is in first: the cheapest trace, and the model as it is used.
+        # If a layer with parameters did not run there (an auxiliary head that runs only in
+        # training) or the forward failed, train mode next; a batch of one can fail there
+        # (BatchNorm on a 1x1 map), so then train mode with the batch doubled.
+        # Parameters outside known layers (a bare scale) count too: a branch may use only those.
+        all_train = all(m.training for m in model.modules())
+        bare = {id(p) for p in model.parameters() if p.is_floating_point() and id(p) not in owned}
+        attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, _doubled), True)]
         errors = []
+        best = None  # (recording, (layers it missed, bare parameters it missed))
         for attempt_inputs, train in attempts:
+            if train and all_train and (best is not None or attempt_inputs is inputs):
+                continue  # the attempt in the model's own modes was this very one
             try:
-                calls, intervals, output, shapes = _record(model, attempt_inputs, forward_fn,
-                                                           known, train)
-                break
+                recording = _record(model, attempt_inputs, forward_fn, known, train)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
-        else:
+                continue
+            missed = _unreached_count(known, bare, recording)
+            if best is None or missed < best[1]:
+                best = (recording, missed)
+            if missed == (0, 0) or train:
+                break
+        if best is None:
             exc = errors[-1]
             raise TraceError(
                 f"{type(model).__name__} failed on the example inputs "
                 f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+        calls, intervals, output, shapes = best[0]
         if errors:
             logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
                         len(errors), errors[0])
@@ -187,38 +205,60 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
 
     def last_seq(obj) -> int:
         # the newest autograd node among these tensors: ops a module creates come after it
+        if type(obj) is tuple and len(obj) == 1:
+            obj = obj[0]
+        if isinstance(obj, torch.Tensor):  # the common case, without the generic walk
+            fn = obj.grad_fn
+            return -1 if fn is None else fn._sequence_nr()
         return max((t.grad_fn._sequence_nr() for t in iter_tensors(obj) if t.grad_fn is not None),
                    default=-1)
 
+    # The hooks only read tensor attributes (grad_fn, shape): outside the operand recorder, so
+    # that each read is not dispatched to it (most of its calls would be these reads).
     def pre_hook(module, args) -> None:
-        open_calls[id(module)] = last_seq(args)
+        with _NoTorchFunction():
+            open_calls[id(module)] = last_seq(args)
 
     def post_hook(name):
         def hook(module, args, output) -> None:
-            intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
+            with _NoTorchFunction():
+                intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
         return hook
 
     def call_hook(name, pruner):
         def hook(module, args, kwargs, output) -> None:
-            tensors = list(iter_tensors((args, kwargs)))
-            x = tensors[0] if tensors else None
-            in_key = _key(x)
-            outs = []
-            for t in iter_tensors(output):
-                k = _key(t)
-                if k is not None and k != in_key:
-                    outs.append((k, tuple(t.shape)))
-            calls.append(ModuleCall(name, module, pruner, in_key,
-                                    None if x is None else tuple(x.shape), outs,
-                                    [(_key(t), tuple(t.shape)) for t in tensors[1:]]))
+            with _NoTorchFunction():
+                record_call(name, module, pruner, args, kwargs, output)
         return hook
+
+    def record_call(name, module, pruner, args, kwargs, output) -> None:
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            x, rest = args[0], []  # the common case, without the generic walk
+        else:
+            tensors = list(iter_tensors((args, kwargs)))
+            x, rest = (tensors[0], tensors[1:]) if tensors else (None, [])
+        in_key = _key(x)
+        outs = []
+        for t in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
+            k = _key(t)
+            if k is not None and k != in_key:
+                outs.append((k, tuple(t.shape)))
+        calls.append(ModuleCall(name, module, pruner, in_key,
+                                None if x is None else tuple(x.shape), outs,
+                                [(_key(t), tuple(t.shape)) for t in rest]))
 
     modes = [(m, m.training) for m in model.modules()]
     handles = []
     try:
         if train:
             model.train()
+        # sequence ranges only for modules whose ops the walk can meet: the ops inside a
+        # known layer are never walked (it jumps from the layer's outputs to its input)
+        opaque = set()
         for name, m in model.named_modules():
+            if m in known or (name and name.rpartition(".")[0] in opaque):
+                opaque.add(name)
+                continue
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():
@@ -231,6 +271,10 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
         for m, mode in modes:
             m.training = mode
     return calls, intervals, output, shapes.shapes
+
+
+# torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
+_NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 
 
 class _OperandShapes(TorchFunctionMode):
@@ -259,10 +303,47 @@ class _OperandShapes(TorchFunctionMode):
         return out
 
 
-def _warn_unreached(known, calls: List[ModuleCall], seen) -> None:
+def _missed(known, calls: List[ModuleCall]) -> List[str]:
+    """Names of the known layers with parameters that no call in ``calls`` ran."""
     called = {c.module for c in calls}
-    missed = [name for m, (name, _) in known.items()
-              if m not in called and name not in seen and any(True for _ in m.parameters())]
+    return [name for m, (name, _) in known.items() if m not in called and (
+        any(p is not None for p in m._parameters.values()) or any(True for _ in m.parameters()))]
+
+
+def _unreached_count(known, bare: set, recording) -> Tuple[int, int]:
+    """(known layers with parameters, bare parameters) that a recording did not reach.
+
+    A layer counts as reached when it ran, or when its parameters took part in the graph
+    anyway (a layer whose weights the model passes to ``F.linear`` itself).
+    """
+    missed = _missed(known, recording[0])
+    if not missed and not bare:
+        return 0, 0
+    reached = _reached(recording[2])
+    by_name = {name: m for m, (name, _) in known.items()}
+    layers = sum(1 for name in missed
+                 if not any(id(p) in reached for p in by_name[name].parameters()))
+    return layers, len(bare - reached)
+
+
+def _reached(output: Any) -> set:
+    """``id`` of every leaf (parameter) the autograd graph of ``output`` reaches."""
+    seen, found = set(), set()
+    stack = [t.grad_fn for t in iter_tensors(output) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in seen)
+    return found
+
+
+def _warn_unreached(known, calls: List[ModuleCall], seen) -> None:
+    missed = [name for name in _missed(known, calls) if name not in seen]
     if missed:
         shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
         warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "

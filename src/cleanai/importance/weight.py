@@ -32,7 +32,7 @@ class WeightImportance(Importance):
         """Unnormalised ``||W_c||_p`` per group channel."""
         total = torch.zeros(group.size)
         for member, tensor, dim in member_weights(group, model):
-            total += channel_sums(member, self._slice_norms(tensor, dim), group.size)
+            channel_sums(member, self._slice_norms(tensor, dim), group.size, out=total)
         return total.pow(1.0 / self.p)
 
     def _slice_norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:

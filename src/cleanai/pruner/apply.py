@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, module_signature
-from ..core.runtime import preserved_state, run_forward
+from ..core.runtime import find_submodule, preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from .attributes import attribute_updates, set_attributes, set_config
@@ -30,7 +30,16 @@ class PruningError(RuntimeError):
 
 def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> None:
     """Run one forward; on an exception, return it with the innermost running module's name
-    attached as ``exc.cleanai_layer``."""
+    attached as ``exc.cleanai_layer``.
+
+    The forward runs without hooks; only when it fails does a second forward, with a hook on
+    every module, find where (``cleanai_layer`` is None when that one does not fail).
+    """
+    try:
+        run_forward(model, inputs, forward_fn)
+        return
+    except Exception as exc:
+        first = exc
     running: List[str] = []
 
     def enter(name: str):
@@ -47,12 +56,13 @@ def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> Non
         handles.append(m.register_forward_hook(leave))
     try:
         run_forward(model, inputs, forward_fn)
+        first.cleanai_layer = None
     except Exception as exc:
-        exc.cleanai_layer = running[-1] if running else None
-        raise
+        first.cleanai_layer = exc.cleanai_layer = running[-1] if running else None
     finally:
         for h in handles:
             h.remove()
+    raise first
 
 
 def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> None:
@@ -77,22 +87,52 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
 
 
 def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
-    """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone."""
-    removed: Dict[Key, torch.Tensor] = {}
-    lengths: Dict[Key, int] = {}
+    """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone.
+
+    One pass over concatenated tensors: every member's positions are flagged from its group's
+    removed channels.
+    """
+    key_index: Dict[Key, int] = {}
+    key_lengths: List[int] = []
+    gone_parts: List[torch.Tensor] = []
+    channels: List[torch.Tensor] = []
+    positions: List[torch.Tensor] = []
+    member_group: List[int] = []
+    member_key: List[int] = []
+    offset = 0
     for g in graph.groups:
         idx = removals.get(g.id)
         if idx is None or idx.numel() == 0:
             continue
+        gone = torch.zeros(g.size, dtype=torch.bool)
+        gone[idx] = True
+        gone_parts.append(gone)
         for m in g.members:
-            pos = m.positions[torch.isin(m.channels, idx)]
-            kinds = ("in", "out") if m.kind == "same" else (m.kind,)
-            for kind in kinds:
+            for kind in (("in", "out") if m.kind == "same" else (m.kind,)):
                 key = (m.name, kind, m.dim)
-                lengths[key] = m.length
-                mask = removed.setdefault(key, torch.zeros(m.length, dtype=torch.bool))
-                mask[pos] = True
-    return {k: torch.nonzero(~mask).flatten() for k, mask in removed.items()}
+                ki = key_index.get(key)
+                if ki is None:
+                    ki = key_index[key] = len(key_lengths)
+                    key_lengths.append(m.length)
+                channels.append(m.channels)
+                positions.append(m.positions)
+                member_group.append(offset)
+                member_key.append(ki)
+        offset += g.size
+    if not key_index:
+        return {}
+    counts = torch.tensor([c.shape[0] for c in channels], dtype=torch.long)
+    starts = torch.cumsum(torch.tensor([0] + key_lengths), 0)
+    hit = torch.cat(gone_parts).index_select(0, torch.cat(channels) + torch.repeat_interleave(
+        torch.tensor(member_group, dtype=torch.long), counts))
+    where = torch.cat(positions) + torch.repeat_interleave(
+        starts.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
+    removed = torch.zeros(int(starts[-1]), dtype=torch.int32)
+    removed.index_put_((where,), hit.to(torch.int32), accumulate=True)
+    kept = torch.nonzero(removed == 0).flatten()  # ascending, so grouped by layer dim
+    per_key = torch.diff(torch.searchsorted(kept, starts)).tolist()
+    local = kept - torch.repeat_interleave(starts[:-1], torch.tensor(per_key, dtype=torch.long))
+    return dict(zip(key_index, local.split(per_key)))
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
@@ -112,7 +152,7 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
             per_layer.setdefault(name, {})[kind] = keep
             continue
         owner_name = name.rpartition(".")[0]
-        owner = model.get_submodule(owner_name)
+        owner = find_submodule(model, owner_name)
         pruner = get_layer_pruner(owner, inherited=True)
         if pruner is not None and get_layer_pruner(owner) is None and \
                 pruner.coupling(owner) == "same":
@@ -123,7 +163,7 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
             originals.setdefault(id(p), p.data)
             _keep(p, dim, keep)
     for name, sides in per_layer.items():
-        module = model.get_submodule(name)
+        module = find_submodule(model, name)
         pruner = get_layer_pruner(module, inherited=True)
         if pruner is None:
             raise PruningError(f"no layer pruner for {type(module).__name__} {name}")
@@ -193,9 +233,9 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn
     for name, kind, _ in keeps:
         if kind == "param":
             owner = name.rpartition(".")[0]
-            m = model.get_submodule(owner) if owner else model
+            m = find_submodule(model, owner) if owner else model
         else:
-            m = model.get_submodule(name)
+            m = find_submodule(model, name)
         for sub in m.modules():  # a layer pruner may slice its submodules (an attention out_proj)
             out[id(sub)] = sub
     for m in synced_containers(model):
@@ -245,29 +285,62 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
 
 def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
              keeps: Dict[Key, torch.Tensor]) -> None:
-    """Update the graph's groups to the pruned model, so it needs no new trace."""
-    remaps: Dict[Key, torch.Tensor] = {}
+    """Update the graph's groups to the pruned model, so it needs no new trace.
+
+    All members are renumbered in one pass over concatenated tensors (a DenseNet has over a
+    thousand members): channel c of a group becomes its rank among the kept ones, position p
+    of a layer dim its rank among that dim's kept positions.
+    """
+    members: List[Any] = []
+    member_group: List[int] = []  # offset of the member's group in the concatenated groups
+    member_key: List[int] = []  # index of the member's layer dim among ``remaps``
+    lengths: List[int] = []  # the members' new lengths
+    key_index: Dict[Key, int] = {}
+    remaps: List[torch.Tensor] = []  # per layer dim: old position -> new position (or -1)
+    kept_parts: List[torch.Tensor] = []
+    new_index: List[torch.Tensor] = []
+    offset = 0
     for g in graph.groups:
         idx = removals.get(g.id)
         kept = torch.ones(g.size, dtype=torch.bool)
         if idx is not None and idx.numel():
             kept[idx] = False
-        new_index = torch.cumsum(kept, 0) - 1
         for m in g.members:
             key = (m.name, "out" if m.kind == "same" else m.kind, m.dim)
             keep = keeps.get(key)
             if keep is None:
                 continue
-            remap = remaps.get(key)
-            if remap is None:
-                remap = remaps[key] = torch.full((m.length,), -1, dtype=torch.long)
-                remap[keep] = torch.arange(len(keep))
-            stay = kept[m.channels]
-            m.positions = remap[m.positions[stay]]
-            m.channels = new_index[m.channels[stay]]
-            m.length = len(keeps[key])
+            ki = key_index.get(key)
+            if ki is None:
+                ki = key_index[key] = len(remaps)
+                remap = torch.full((m.length,), -1, dtype=torch.long)
+                remap[keep] = torch.arange(keep.shape[0])
+                remaps.append(remap)
+            members.append(m)
+            member_group.append(offset)
+            member_key.append(ki)
+            lengths.append(keep.shape[0])
+        kept_parts.append(kept)
+        new_index.append(torch.cumsum(kept, 0) - 1)
+        offset += g.size
         g.size = int(kept.sum())
         g.protected = g.protected[kept]
+    if not members:
+        return
+    # (shape[0] rather than len(): Tensor.__len__ is a Python call, this runs per member)
+    counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
+    key_start = torch.cumsum(torch.tensor([0] + [r.shape[0] for r in remaps[:-1]]), 0)
+    channels = torch.cat([m.channels for m in members]) + torch.repeat_interleave(
+        torch.tensor(member_group, dtype=torch.long), counts)
+    positions = torch.cat([m.positions for m in members]) + torch.repeat_interleave(
+        key_start.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
+    stay = torch.nonzero(torch.cat(kept_parts).index_select(0, channels)).flatten()
+    channels = torch.cat(new_index).index_select(0, channels.index_select(0, stay))
+    positions = torch.cat(remaps).index_select(0, positions.index_select(0, stay))
+    owner = torch.repeat_interleave(torch.arange(len(members)), counts).index_select(0, stay)
+    sizes = torch.bincount(owner, minlength=len(members)).tolist()
+    for m, p, c, n in zip(members, positions.split(sizes), channels.split(sizes), lengths):
+        m.positions, m.channels, m.length = p, c, n
 
 
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:

@@ -57,6 +57,10 @@ class StructuredPruner:
             (attention), ``"channels"`` (MLP intermediate neurons, conv channels) and
             ``"hidden"`` (widths shared through residual additions: a transformer's hidden
             size); ``None`` means all. Model outputs are never pruned, whatever the kind.
+        check_forward: after slicing, run the model once on ``example_inputs`` and roll the
+            step back if it fails (then :meth:`step` protects the failing layer class and plans
+            again). ``False`` skips that forward, about half a forward of the pruned model per
+            step: a layer that keeps a channel count of its own then fails in your next call.
 
     Module attributes that store pruned widths (``num_heads``, ``head_dim``, ``split_size``,
     ``intermediate_size``...) and a Hugging Face ``model.config`` are updated with the tensors
@@ -70,7 +74,8 @@ class StructuredPruner:
                  global_pruning: bool = False, max_pruning_ratio: float = 1.0,
                  iterative_steps: int = 1, iterative_schedule: Optional[Schedule] = None,
                  round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
-                 attention: str = "heads", kinds: Optional[Iterable[str]] = None) -> None:
+                 attention: str = "heads", kinds: Optional[Iterable[str]] = None,
+                 check_forward: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_ratio("pruning_ratio", pruning_ratio)
@@ -102,6 +107,7 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         self.schedule = iterative_schedule or linear_schedule
         self.round_to = round_to
+        self.check_forward = bool(check_forward)
         self.graph = DependencyGraph(model, self.example_inputs, forward_fn, attention)
         self.original_size = {g.id: g.size for g in self.graph.groups}
         if not any(g.prunable and g.size > 1 for g in self.graph.groups):
@@ -243,7 +249,8 @@ class StructuredPruner:
             raise PruningError("this plan was made for another pruner's graph")
         signature = self.graph.signature
         before = {g.id: g.size for g in self.graph.groups}
-        layers = apply_removals(self.model, self.graph, plan.removals)
+        layers = apply_removals(self.model, self.graph, plan.removals,
+                                check_forward=self.check_forward)
         layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
                    for f, v in update_config(self.model, self.graph, before)]
         follow = getattr(self.importance, "follow", None)
