@@ -83,13 +83,17 @@ def test_iterative_steps_end_exactly_at_target():
     json.dumps(pruner.history)
 
 
-def test_round_to_gives_multiples():
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_round_to_gives_multiples(global_pruning):
     model = _tv("resnet18")
-    pruner = StructuredPruner(model, torch.randn(1, 3, 224, 224), pruning_ratio=0.3, round_to=8)
+    params = count_params(model)
+    pruner = StructuredPruner(model, torch.randn(1, 3, 224, 224), pruning_ratio=0.3, round_to=8,
+                              global_pruning=global_pruning)
     pruner.prune()
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m is not model.conv1:
             assert m.out_channels % 8 == 0, m
+    assert count_params(model) < 0.8 * params
 
 
 def test_layer_ratios_and_ignored_layers():

@@ -100,6 +100,58 @@ def test_huggingface_bert_round_trip(tmp_path):
     assert torch.equal(loaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
 
 
+def test_llama_heads_round_trip_with_attributes_and_config(tmp_path):
+    # whole key/value groups leave with their query heads: the history carries the attention
+    # modules' attributes and the config fields, and loading replays them
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    build = lambda: transformers.LlamaForCausalLM(copy.deepcopy(config)).eval()  # noqa: E731
+    torch.manual_seed(0)
+    model = build()
+    ids = torch.randint(0, 50, (1, 8))
+    StructuredPruner(model, ids, pruning_ratio=0.5, kinds=["heads", "channels"],
+                     forward_fn=lambda m, x: m(x).logits).prune()
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+    kinds = {e["kind"] for e in read_pruned_info_of(model, tmp_path)["steps"][0]["layers"]}
+    assert {"attr", "config"} <= kinds
+    loaded = load_pruned(build, tmp_path)
+    assert loaded.config.num_attention_heads == 2 and loaded.config.num_key_value_heads == 1
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(6, 16, num_layers=2, batch_first=True, bidirectional=True)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        out, _ = self.attn(out, out, out)
+        return self.fc(out[:, -1])
+
+
+def test_lstm_and_attention_heads_round_trip(tmp_path):
+    # internal dims (attention heads) and recurrent hidden units replay from the history
+    torch.manual_seed(0)
+    model, x = _Recurrent().eval(), torch.randn(2, 5, 6)
+    _prune_and_perturb(model, x, pruning_ratio=0.5)
+    assert model.rnn.hidden_size == 8 and model.attn.num_heads == 2
+    save_pruned(model, tmp_path)
+    loaded = load_pruned(lambda: _Recurrent().eval(), tmp_path)
+    assert (loaded.rnn.hidden_size, loaded.attn.num_heads) == (8, 2)
+    assert torch.equal(loaded(x), model(x))
+
+
+def read_pruned_info_of(model, path):
+    save_pruned(model, path)
+    return read_pruned_info(path)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("saved")

@@ -138,13 +138,19 @@ class StructuredPruner:
         size0 = self.original_size[group.id]
         n = math.floor(size0 * ratio + 1e-9)
         n = min(n, math.floor(size0 * self.max_pruning_ratio + 1e-9), size0 - 1)
-        if self.round_to and n > 0:
-            per = _positions_per_channel(group)
-            unit = self.round_to // math.gcd(self.round_to, per)
-            keep = size0 - n
-            keep = max(unit, int(round(keep / unit)) * unit) if size0 >= unit else size0
-            n = max(0, min(size0 - keep, size0 - 1))
-        return n
+        return self._rounded(group, n)
+
+    def _rounded(self, group: Group, n: int) -> int:
+        """``n`` channels removed in total, adjusted so the kept count is a multiple of
+        ``round_to`` (counted in positions per channel, for flattened members)."""
+        size0 = self.original_size[group.id]
+        if not self.round_to or n <= 0:
+            return n
+        per = _positions_per_channel(group)
+        unit = self.round_to // math.gcd(self.round_to, per)
+        keep = size0 - n
+        keep = max(unit, int(round(keep / unit)) * unit) if size0 >= unit else size0
+        return max(0, min(size0 - keep, size0 - 1))
 
     def plan(self) -> PruningPlan:
         """The plan for the next step; nothing changes until :meth:`apply`."""
@@ -219,7 +225,16 @@ class StructuredPruner:
             if len(taken[gid]) < cap[gid]:
                 taken[gid].append(int(local[i]))
                 n += 1
-        return {g: torch.tensor(idx, dtype=torch.long) for g, idx in taken.items() if idx}
+        out = {}
+        for gid, idx in taken.items():
+            if self.round_to:  # the global ranking sets how many leave; round_to trims that
+                g = by_id[gid]
+                already = self.original_size[gid] - g.size
+                n = min(self._rounded(g, already + len(idx)) - already, cap[gid])
+                idx = scores[gid].argsort(stable=True)[:max(0, n)].tolist()
+            if idx:
+                out[gid] = torch.tensor(idx, dtype=torch.long)
+        return out
 
     # --- actions -----------------------------------------------------------------------
 

@@ -59,7 +59,10 @@ def save_pruned(model_or_pruner: Any, path: PathLike,
     from ..pruner.history import get_history, signature_json
     from ..core.graph import module_signature
 
-    model = getattr(model_or_pruner, "model", model_or_pruner)
+    # a module may have a submodule called ``model`` (Hugging Face heads): only a pruner is
+    # unwrapped
+    model = model_or_pruner if isinstance(model_or_pruner, nn.Module) else \
+        getattr(model_or_pruner, "model", model_or_pruner)
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_pruned needs an nn.Module or a StructuredPruner, "
                         f"got {type(model_or_pruner).__name__}")
