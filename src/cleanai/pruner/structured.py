@@ -340,9 +340,10 @@ def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> tor
     removed = torch.zeros(group.size, dtype=torch.bool)
     removed[idx] = True
     for m in group.members:
+        if not m.channels.shape[0] or not bool(removed.index_select(0, m.channels).all()):
+            continue  # the common case: the member keeps a channel (no unique needed)
         held = torch.unique(m.channels)
-        if len(held) and bool(removed[held].all()):
-            removed[held[scores[held].argmax()]] = False
+        removed[held[scores[held].argmax()]] = False
     return torch.nonzero(removed).flatten()
 
 
