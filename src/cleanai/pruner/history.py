@@ -23,14 +23,17 @@ def signature_json(signature: Dict[str, Tuple[int, ...]]) -> Dict[str, List[int]
 
 
 def record_step(model: nn.Module, entry: Dict[str, Any],
-                signature_before: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+                signature_before: Optional[Dict[str, Tuple[int, ...]]] = None,
+                signature_after: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
     """Append one applied step (``{"layers": [...], ...}``) to ``model``'s history.
 
     ``signature_before`` is the model's :func:`module_signature` before the step; the first
     step stores it as the original architecture's fingerprint. If the model's shapes changed
     outside CleanAI since the last step, the history is marked broken (saving then refuses).
+    ``signature_after`` is the signature after the step, when the caller has it already.
     """
-    after = signature_json(module_signature(model))
+    after = signature_json(signature_after if signature_after is not None
+                           else module_signature(model))
     before = signature_json(signature_before) if signature_before is not None else None
     record = model.__dict__.get(ATTRIBUTE)
     if record is None:

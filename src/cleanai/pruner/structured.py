@@ -258,7 +258,7 @@ class StructuredPruner:
             follow(layers)
         self.current_step = max(self.current_step, plan.step)
         self.history.append({"step": plan.step, "layers": layers})
-        record_step(self.model, self.history[-1], signature)
+        record_step(self.model, self.history[-1], signature, self.graph.signature)
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
 
