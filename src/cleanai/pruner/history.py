@@ -49,6 +49,7 @@ def record_step(model: nn.Module, entry: Dict[str, Any],
 
 
 _ATOMIC = (int, float, str, bool, type(None))
+_ATOMIC_SET = frozenset(_ATOMIC)
 
 
 def _copy(value: Any) -> Any:
@@ -58,6 +59,8 @@ def _copy(value: Any) -> Any:
     int); anything else is deep-copied as usual."""
     kind = type(value)
     if kind is list or kind is tuple:
+        if set(map(type, value)) <= _ATOMIC_SET:  # a keep list: copied at C speed
+            return list(value) if kind is list else value
         items = [v if type(v) in _ATOMIC else _copy(v) for v in value]
         return items if kind is list else tuple(items)
     if kind is dict:
