@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .slots import UnionFind
-from .runtime import ForwardFn
+from .runtime import ForwardFn, find_submodule
 from .trace import TraceResult, resolve_edges, trace
 
 
@@ -156,7 +156,7 @@ class DependencyGraph:
             return "parameter shapes differ"
         for name, ref in self._modules.items():
             try:
-                now = model.get_submodule(name)
+                now = find_submodule(model, name)
             except AttributeError:
                 return f"it has no layer {name} any more"
             if now is not ref():
