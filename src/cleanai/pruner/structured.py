@@ -339,11 +339,20 @@ def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> tor
     producer tied to part of a group), its best-scored channel stays."""
     removed = torch.zeros(group.size, dtype=torch.bool)
     removed[idx] = True
-    for m in group.members:
-        if not m.channels.shape[0] or not bool(removed.index_select(0, m.channels).all()):
-            continue  # the common case: the member keeps a channel (no unique needed)
-        held = torch.unique(m.channels)
-        removed[held[scores[held].argmax()]] = False
+    members = [m for m in group.members if m.channels.shape[0]]
+    if not members:
+        return torch.nonzero(removed).flatten()
+    # one pass finds the members that lose every position; sparing a channel only helps the
+    # others, so each candidate is checked again, in member order, before it is spared
+    counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(members)), counts)
+    lost = torch.zeros(len(members), dtype=torch.long).index_add_(
+        0, owner, removed.index_select(0, torch.cat([m.channels for m in members])).long())
+    for i in torch.nonzero(lost == counts).flatten().tolist():
+        m = members[i]
+        if bool(removed.index_select(0, m.channels).all()):
+            held = torch.unique(m.channels)
+            removed[held[scores[held].argmax()]] = False
     return torch.nonzero(removed).flatten()
 
 
