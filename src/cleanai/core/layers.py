@@ -128,7 +128,9 @@ def _keep(t: Optional[Tensor], dim: int, idx: Tensor) -> None:
     """Slice a parameter or buffer in place (its ``.data``), keeping ``idx`` along ``dim``."""
     if t is None:
         return
-    t.data = torch.index_select(t.data, dim, idx.to(t.device)).contiguous()
+    n = t.shape[dim]
+    if idx.shape[0] != n or not torch.equal(idx.cpu(), torch.arange(n, dtype=idx.dtype)):  # else: keeps all
+        t.data = torch.index_select(t.data, dim, idx.to(t.device)).contiguous()
     if isinstance(t, nn.Parameter) and t.grad is not None:
         t.grad = None
 

@@ -253,11 +253,14 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
         if train:
             model.train()
         # sequence ranges only for modules whose ops the walk can meet: the ops inside a
-        # known layer are never walked (it jumps from the layer's outputs to its input)
+        # known layer are never walked (it jumps from the layer's outputs to its input), and
+        # nn.Sequential's own forward makes no op (each op falls in a child's range)
         opaque = set()
         for name, m in model.named_modules():
             if m in known or (name and name.rpartition(".")[0] in opaque):
                 opaque.add(name)
+                continue
+            if type(m).forward is _SEQUENTIAL_FORWARD:
                 continue
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook(name)))
@@ -272,6 +275,8 @@ def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], know
             m.training = mode
     return calls, intervals, output, shapes.shapes
 
+
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 # torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
 _NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)

@@ -113,8 +113,13 @@ def slice_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     n = w.shape[dim]
     if w.numel() == 0:
         return torch.zeros(n)
-    # sum the dims after ``dim`` (contiguous rows), then the ones before: no transposed copy
-    return w.reshape(math.prod(w.shape[:dim]), n, -1).sum(2).sum(0).cpu()
+    if w.dim() == 1:
+        return w.cpu()
+    if dim == 0:  # producer rows: one reduction over contiguous rows
+        return w.reshape(n, -1).sum(1).cpu()
+    # one reduction over the dims before and after ``dim``: no transposed copy (two chained
+    # sums, or a sum over a trailing dim of size 1, cost several times more on small layers)
+    return w.reshape(math.prod(w.shape[:dim]), n, -1).sum((0, 2)).cpu()
 
 
 def channel_sums(member: Member, per_slice: torch.Tensor, size: int,

@@ -293,18 +293,20 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
     """
     members: List[Any] = []
     member_group: List[int] = []  # offset of the member's group in the concatenated groups
-    member_key: List[int] = []  # index of the member's layer dim among ``remaps``
+    member_key: List[int] = []  # index of the member's layer dim among the kept dims
     lengths: List[int] = []  # the members' new lengths
     key_index: Dict[Key, int] = {}
-    remaps: List[torch.Tensor] = []  # per layer dim: old position -> new position (or -1)
-    kept_parts: List[torch.Tensor] = []
-    new_index: List[torch.Tensor] = []
+    key_keeps: List[torch.Tensor] = []  # per layer dim: its kept positions
+    key_lengths: List[int] = []  # per layer dim: its length before the step
+    gone_parts: List[torch.Tensor] = []  # removed channels, offset into the concatenation
     offset = 0
     for g in graph.groups:
         idx = removals.get(g.id)
-        kept = torch.ones(g.size, dtype=torch.bool)
         if idx is not None and idx.numel():
+            gone_parts.append(idx + offset)
+            kept = torch.ones(g.size, dtype=torch.bool)
             kept[idx] = False
+            g.protected = g.protected[kept]
         for m in g.members:
             key = (m.name, "out" if m.kind == "same" else m.kind, m.dim)
             keep = keeps.get(key)
@@ -312,31 +314,44 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
                 continue
             ki = key_index.get(key)
             if ki is None:
-                ki = key_index[key] = len(remaps)
-                remap = torch.full((m.length,), -1, dtype=torch.long)
-                remap[keep] = torch.arange(keep.shape[0])
-                remaps.append(remap)
+                ki = key_index[key] = len(key_keeps)
+                key_keeps.append(keep)
+                key_lengths.append(m.length)
             members.append(m)
             member_group.append(offset)
             member_key.append(ki)
             lengths.append(keep.shape[0])
-        kept_parts.append(kept)
-        new_index.append(torch.cumsum(kept, 0) - 1)
         offset += g.size
-        g.size = int(kept.sum())
-        g.protected = g.protected[kept]
+    # channel c of a group -> its rank among the group's kept channels (-1 once removed)
+    kept_all = torch.ones(offset, dtype=torch.bool)
+    if gone_parts:
+        kept_all[torch.cat(gone_parts)] = False
+    sizes = torch.tensor([g.size for g in graph.groups], dtype=torch.long)
+    ends = torch.cumsum(kept_all, 0)  # kept channels up to and including each one
+    zero = torch.zeros(1, dtype=torch.long)
+    kept_before = torch.cat([zero, ends]).index_select(0, torch.cat([zero, torch.cumsum(sizes, 0)]))
+    for g, n in zip(graph.groups, torch.diff(kept_before).tolist()):
+        g.size = n
     if not members:
         return
+    new_index = ends - 1 - torch.repeat_interleave(kept_before[:-1], sizes)
+    # position p of a layer dim -> its rank among the dim's kept positions (-1 once removed)
+    key_start = torch.cumsum(torch.tensor([0] + key_lengths[:-1], dtype=torch.long), 0)
+    keep_counts = torch.tensor([k.shape[0] for k in key_keeps], dtype=torch.long)
+    remap_all = torch.full((sum(key_lengths),), -1, dtype=torch.long)
+    owner_key = torch.repeat_interleave(torch.arange(len(key_keeps)), keep_counts)
+    remap_all[torch.cat(key_keeps) + key_start.index_select(0, owner_key)] = torch.arange(
+        int(keep_counts.sum())) - (torch.cumsum(keep_counts, 0) - keep_counts).index_select(
+        0, owner_key)
     # (shape[0] rather than len(): Tensor.__len__ is a Python call, this runs per member)
     counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
-    key_start = torch.cumsum(torch.tensor([0] + [r.shape[0] for r in remaps[:-1]]), 0)
     channels = torch.cat([m.channels for m in members]) + torch.repeat_interleave(
         torch.tensor(member_group, dtype=torch.long), counts)
     positions = torch.cat([m.positions for m in members]) + torch.repeat_interleave(
         key_start.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
-    stay = torch.nonzero(torch.cat(kept_parts).index_select(0, channels)).flatten()
-    channels = torch.cat(new_index).index_select(0, channels.index_select(0, stay))
-    positions = torch.cat(remaps).index_select(0, positions.index_select(0, stay))
+    stay = torch.nonzero(kept_all.index_select(0, channels)).flatten()
+    channels = new_index.index_select(0, channels.index_select(0, stay))
+    positions = remap_all.index_select(0, positions.index_select(0, stay))
     owner = torch.repeat_interleave(torch.arange(len(members)), counts).index_select(0, stay)
     sizes = torch.bincount(owner, minlength=len(members)).tolist()
     for m, p, c, n in zip(members, positions.split(sizes), channels.split(sizes), lengths):

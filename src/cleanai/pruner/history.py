@@ -23,14 +23,17 @@ def signature_json(signature: Dict[str, Tuple[int, ...]]) -> Dict[str, List[int]
 
 
 def record_step(model: nn.Module, entry: Dict[str, Any],
-                signature_before: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+                signature_before: Optional[Dict[str, Tuple[int, ...]]] = None,
+                signature_after: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
     """Append one applied step (``{"layers": [...], ...}``) to ``model``'s history.
 
     ``signature_before`` is the model's :func:`module_signature` before the step; the first
     step stores it as the original architecture's fingerprint. If the model's shapes changed
     outside CleanAI since the last step, the history is marked broken (saving then refuses).
+    ``signature_after`` is the signature after the step, when the caller has it already.
     """
-    after = signature_json(module_signature(model))
+    after = signature_json(signature_after if signature_after is not None
+                           else module_signature(model))
     before = signature_json(signature_before) if signature_before is not None else None
     record = model.__dict__.get(ATTRIBUTE)
     if record is None:
@@ -41,8 +44,30 @@ def record_step(model: nn.Module, entry: Dict[str, Any],
     elif before is not None and before != record["current"] and record["broken"] is None:
         record["broken"] = (f"the model's parameter shapes changed outside CleanAI before "
                             f"step {len(record['steps']) + 1}")
-    record["steps"].append(copy.deepcopy(entry))
+    record["steps"].append(_copy(entry))
     record["current"] = after
+
+
+_ATOMIC = (int, float, str, bool, type(None))
+_ATOMIC_SET = frozenset(_ATOMIC)
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON-like entry: dicts, lists and tuples rebuilt, scalars shared.
+
+    Much faster than ``copy.deepcopy`` on the long ``keep`` lists of a step (no memo per
+    int); anything else is deep-copied as usual."""
+    kind = type(value)
+    if kind is list or kind is tuple:
+        if set(map(type, value)) <= _ATOMIC_SET:  # a keep list: copied at C speed
+            return list(value) if kind is list else value
+        items = [v if type(v) in _ATOMIC else _copy(v) for v in value]
+        return items if kind is list else tuple(items)
+    if kind is dict:
+        return {k: v if type(v) in _ATOMIC else _copy(v) for k, v in value.items()}
+    if kind in _ATOMIC:
+        return value
+    return copy.deepcopy(value)
 
 
 def get_history(model: nn.Module) -> Optional[Dict[str, Any]]:

@@ -273,7 +273,7 @@ class StructuredPruner:
             follow(layers)
         self.current_step = max(self.current_step, plan.step)
         self.history.append({"step": plan.step, "layers": layers})
-        record_step(self.model, self.history[-1], signature)
+        record_step(self.model, self.history[-1], signature, self.graph.signature)
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
 
@@ -354,9 +354,19 @@ def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> tor
     producer tied to part of a group), its best-scored channel stays."""
     removed = torch.zeros(group.size, dtype=torch.bool)
     removed[idx] = True
-    for m in group.members:
-        held = torch.unique(m.channels)
-        if len(held) and bool(removed[held].all()):
+    members = [m for m in group.members if m.channels.shape[0]]
+    if not members:
+        return torch.nonzero(removed).flatten()
+    # one pass finds the members that lose every position; sparing a channel only helps the
+    # others, so each candidate is checked again, in member order, before it is spared
+    counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(members)), counts)
+    lost = torch.zeros(len(members), dtype=torch.long).index_add_(
+        0, owner, removed.index_select(0, torch.cat([m.channels for m in members])).long())
+    for i in torch.nonzero(lost == counts).flatten().tolist():
+        m = members[i]
+        if bool(removed.index_select(0, m.channels).all()):
+            held = torch.unique(m.channels)
             removed[held[scores[held].argmax()]] = False
     return torch.nonzero(removed).flatten()
 
