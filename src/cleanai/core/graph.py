@@ -31,6 +31,7 @@ class Member:
     channels: torch.Tensor
 
     def describe(self) -> str:
+        """One line for ``print(group)``: where the channels live and how many positions."""
         n = len(self.positions)
         span = "all" if n == self.length else f"{n}/{self.length} positions"
         per = n // max(1, len(torch.unique(self.channels)))

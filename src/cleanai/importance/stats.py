@@ -31,6 +31,7 @@ class ActivationStats:
         self.batches = 0
 
     def update(self, name: str, x: torch.Tensor, dim: int) -> None:
+        """Add one batch of activations ``x`` read by layer ``name``; ``dim`` holds its channels."""
         x = x.detach().float()
         x = x.movedim(dim, 0).reshape(x.shape[dim], -1)
         s = torch.stack([x.sum(1), x.pow(2).sum(1), x.abs().sum(1)]).cpu().double()

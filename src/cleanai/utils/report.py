@@ -49,6 +49,7 @@ class Snapshot:
     layers: Dict[str, LayerStats]
 
     def to_dict(self) -> Dict[str, Any]:
+        """JSON-able: the totals and one entry per layer."""
         d = dataclasses.asdict(self)
         d["layers"] = [dataclasses.asdict(s) for s in self.layers.values()]
         return d
