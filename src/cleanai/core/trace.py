@@ -7,7 +7,6 @@ jumps from their outputs to their inputs. Everything else is followed op by op t
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import traceback
@@ -16,14 +15,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .functional import functional_param
 from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
-from .runtime import (ForwardFn, iter_tensors, map_tensors, preserved_state, run_forward,
-                      state_tensors)
+from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forward, tensor_key,
+                     unreached_count, warn_unreached)
+from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, state_tensors
 from .slots import Slots, UnionFind
 
 logger = logging.getLogger(__name__)
@@ -31,21 +30,6 @@ logger = logging.getLogger(__name__)
 
 class TraceError(RuntimeError):
     """The model could not be run on the example inputs."""
-
-
-@dataclasses.dataclass(eq=False)
-class ModuleCall:
-    """One call of a known layer during the trace."""
-
-    name: str
-    module: nn.Module
-    pruner: LayerPruner
-    input_key: Optional[Tuple[Any, int]]
-    input_shape: Optional[Tuple[int, ...]]
-    outputs: List[Tuple[Tuple[Any, int], Tuple[int, ...]]]
-    #: the tensor inputs after the first: (key or None for a constant, shape)
-    extras: List[Tuple[Optional[Tuple[Any, int]], Tuple[int, ...]]] = dataclasses.field(
-        default_factory=list)
 
 
 @dataclasses.dataclass
@@ -148,7 +132,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         for p in model.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
-        inputs = map_tensors(example_inputs, _as_leaf)
+        inputs = map_tensors(example_inputs, as_leaf)
         # The modes the model is in first: the cheapest trace, and the model as it is used.
         # If a layer with parameters did not run there (an auxiliary head that runs only in
         # training) or the forward failed, train mode next; a batch of one can fail there
@@ -156,18 +140,18 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         # Parameters outside known layers (a bare scale) count too: a branch may use only those.
         all_train = all(m.training for m in model.modules())
         bare = {id(p) for p in model.parameters() if p.is_floating_point() and id(p) not in owned}
-        attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, _doubled), True)]
+        attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, doubled), True)]
         errors = []
         best = None  # (recording, (layers it missed, bare parameters it missed))
         for attempt_inputs, train in attempts:
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
             try:
-                recording = _record(model, attempt_inputs, forward_fn, known, train)
+                recording = record_forward(model, attempt_inputs, forward_fn, known, train)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
-            missed = _unreached_count(known, bare, recording)
+            missed = unreached_count(known, bare, recording)
             if best is None or missed < best[1]:
                 best = (recording, missed)
             if missed == (0, 0) or train:
@@ -176,7 +160,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             exc = errors[-1]
             raise TraceError(
                 f"{type(model).__name__} failed on the example inputs "
-                f"({_describe(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+                f"({describe_inputs(example_inputs)}): {type(exc).__name__}: {exc}") from exc
         calls, intervals, output, shapes = best[0]
         if errors:
             logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
@@ -190,193 +174,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             errors.clear()
         result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
                             shapes, attention)
-        _warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
+        warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
-
-
-def _record(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
-    """One forward with hooks: known-layer calls and each module's autograd sequence range.
-
-    ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
-    """
-    calls: List[ModuleCall] = []
-    intervals: List[Tuple[int, int, str]] = []
-    open_calls: Dict[int, int] = {}
-
-    def last_seq(obj) -> int:
-        # the newest autograd node among these tensors: ops a module creates come after it
-        if type(obj) is tuple and len(obj) == 1:
-            obj = obj[0]
-        if isinstance(obj, torch.Tensor):  # the common case, without the generic walk
-            fn = obj.grad_fn
-            return -1 if fn is None else fn._sequence_nr()
-        return max((t.grad_fn._sequence_nr() for t in iter_tensors(obj) if t.grad_fn is not None),
-                   default=-1)
-
-    # The hooks only read tensor attributes (grad_fn, shape): outside the operand recorder, so
-    # that each read is not dispatched to it (most of its calls would be these reads).
-    def pre_hook(module, args) -> None:
-        with _NoTorchFunction():
-            open_calls[id(module)] = last_seq(args)
-
-    def post_hook(name):
-        def hook(module, args, output) -> None:
-            with _NoTorchFunction():
-                intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
-        return hook
-
-    def call_hook(name, pruner):
-        def hook(module, args, kwargs, output) -> None:
-            with _NoTorchFunction():
-                record_call(name, module, pruner, args, kwargs, output)
-        return hook
-
-    def record_call(name, module, pruner, args, kwargs, output) -> None:
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            x, rest = args[0], []  # the common case, without the generic walk
-        else:
-            tensors = list(iter_tensors((args, kwargs)))
-            x, rest = (tensors[0], tensors[1:]) if tensors else (None, [])
-        in_key = _key(x)
-        outs = []
-        for t in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
-            k = _key(t)
-            if k is not None and k != in_key:
-                outs.append((k, tuple(t.shape)))
-        calls.append(ModuleCall(name, module, pruner, in_key,
-                                None if x is None else tuple(x.shape), outs,
-                                [(_key(t), tuple(t.shape)) for t in rest]))
-
-    modes = [(m, m.training) for m in model.modules()]
-    handles = []
-    try:
-        if train:
-            model.train()
-        # sequence ranges only for modules whose ops the walk can meet: the ops inside a
-        # known layer are never walked (it jumps from the layer's outputs to its input), and
-        # nn.Sequential's own forward makes no op (each op falls in a child's range)
-        opaque = set()
-        for name, m in model.named_modules():
-            if m in known or (name and name.rpartition(".")[0] in opaque):
-                opaque.add(name)
-                continue
-            if type(m).forward is _SEQUENTIAL_FORWARD:
-                continue
-            handles.append(m.register_forward_pre_hook(pre_hook))
-            handles.append(m.register_forward_hook(post_hook(name)))
-        for m, (name, pruner) in known.items():
-            handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
-        with torch.enable_grad(), _OperandShapes() as shapes:
-            output = run_forward(model, inputs, forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
-    return calls, intervals, output, shapes.shapes
-
-
-_SEQUENTIAL_FORWARD = nn.Sequential.forward
-
-# torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
-_NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
-
-
-class _OperandShapes(TorchFunctionMode):
-    """Records the operand shapes of additions and subtractions, whose grad_fn keeps none:
-    ``x + 3`` and ``x + constant`` look alike in the autograd graph."""
-
-    _OPS = ("AddBackward0", "SubBackward0")
-    _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
-              "__isub__", "__rsub__", "rsub", "subtract"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") not in self._FUNCS:
-            return out
-        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
-        if fn is not None and fn.name() in self._OPS and fn not in self.shapes:
-            operands = list(args[:2])
-            if getattr(func, "__name__", "") in ("__radd__", "__rsub__", "rsub"):
-                operands.reverse()
-            self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
-                               for a in operands]
-        return out
-
-
-def _missed(known, calls: List[ModuleCall]) -> List[str]:
-    """Names of the known layers with parameters that no call in ``calls`` ran."""
-    called = {c.module for c in calls}
-    return [name for m, (name, _) in known.items() if m not in called and (
-        any(p is not None for p in m._parameters.values()) or any(True for _ in m.parameters()))]
-
-
-def _unreached_count(known, bare: set, recording) -> Tuple[int, int]:
-    """(known layers with parameters, bare parameters) that a recording did not reach.
-
-    A layer counts as reached when it ran, or when its parameters took part in the graph
-    anyway (a layer whose weights the model passes to ``F.linear`` itself).
-    """
-    missed = _missed(known, recording[0])
-    if not missed and not bare:
-        return 0, 0
-    reached = _reached(recording[2])
-    by_name = {name: m for m, (name, _) in known.items()}
-    layers = sum(1 for name in missed
-                 if not any(id(p) in reached for p in by_name[name].parameters()))
-    return layers, len(bare - reached)
-
-
-def _reached(output: Any) -> set:
-    """``id`` of every leaf (parameter) the autograd graph of ``output`` reaches."""
-    seen, found = set(), set()
-    stack = [t.grad_fn for t in iter_tensors(output) if t.grad_fn is not None]
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
-        var = getattr(fn, "variable", None)
-        if var is not None:
-            found.add(id(var))
-        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in seen)
-    return found
-
-
-def _warn_unreached(known, calls: List[ModuleCall], seen) -> None:
-    missed = [name for name in _missed(known, calls) if name not in seen]
-    if missed:
-        shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
-        warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
-                      f"CleanAI cannot see their channels, so it will not adjust them. Pass "
-                      f"inputs (or a forward_fn) that run every branch you will use.", stacklevel=3)
-
-
-def _doubled(t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t, t]) if t.dim() > 0 else t
-
-
-def _as_leaf(t: torch.Tensor) -> torch.Tensor:
-    """A float input that takes part in autograd, so ops on it show in the graph; the clone of
-    the leaf lets the model modify its input in place."""
-    if t.is_floating_point():
-        return t.detach().clone().requires_grad_(True).clone()
-    return t.clone()
-
-
-def _key(t: Optional[torch.Tensor]):
-    if t is None or t.grad_fn is None:
-        return None
-    return (t.grad_fn, t.output_nr)
-
-
-def _describe(inputs: Any) -> str:
-    shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in iter_tensors(inputs)]
-    return ", ".join(shapes) or "no tensors"
 
 
 def _propagate(model, calls, output, known, names_of_params, owned, intervals,
@@ -397,7 +196,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             return [producer(k) for k in keys if k is not None]
         return [producer((fn, nr)) for fn, nr in p.next_functions if fn is not None]
 
-    roots = [producer(k) for k in (_key(t) for t in iter_tensors(output)) if k is not None]
+    roots = [producer(k) for k in (tensor_key(t) for t in iter_tensors(output)) if k is not None]
     order = []
     visited = set()
     stack = [(r, False) for r in reversed(roots)]
@@ -497,7 +296,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
 
     output_ids = []
     for t in iter_tensors(output):
-        s = slots.get(_key(t)) if _key(t) is not None else None
+        s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None
         if s is not None:
             output_ids.append(s.ids)
     if ctx.unknown:  # one warning for the whole model, naming every op and where it ran

@@ -1,0 +1,223 @@
+"""Record one forward of a model for the tracer: known-layer calls, each module's autograd
+sequence range, and the operand shapes of adds and subs.
+
+:func:`cleanai.core.trace.trace` runs :func:`record_forward` (more than once when a branch only runs in
+training) and hands the recording to the autograd walk.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .layers import LayerPruner
+from .runtime import ForwardFn, iter_tensors, run_forward
+
+
+@dataclasses.dataclass(eq=False)
+class ModuleCall:
+    """One call of a known layer during the trace."""
+
+    name: str
+    module: nn.Module
+    pruner: LayerPruner
+    input_key: Optional[Tuple[Any, int]]
+    input_shape: Optional[Tuple[int, ...]]
+    outputs: List[Tuple[Tuple[Any, int], Tuple[int, ...]]]
+    #: the tensor inputs after the first: (key or None for a constant, shape)
+    extras: List[Tuple[Optional[Tuple[Any, int]], Tuple[int, ...]]] = dataclasses.field(
+        default_factory=list)
+
+
+def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
+    """One forward with hooks: known-layer calls and each module's autograd sequence range.
+
+    ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
+    """
+    calls: List[ModuleCall] = []
+    intervals: List[Tuple[int, int, str]] = []
+    open_calls: Dict[int, int] = {}
+
+    def last_seq(obj) -> int:
+        # the newest autograd node among these tensors: ops a module creates come after it
+        if type(obj) is tuple and len(obj) == 1:
+            obj = obj[0]
+        if isinstance(obj, torch.Tensor):  # the common case, without the generic walk
+            fn = obj.grad_fn
+            return -1 if fn is None else fn._sequence_nr()
+        return max((t.grad_fn._sequence_nr() for t in iter_tensors(obj) if t.grad_fn is not None),
+                   default=-1)
+
+    # The hooks only read tensor attributes (grad_fn, shape): outside the operand recorder, so
+    # that each read is not dispatched to it (most of its calls would be these reads).
+    def pre_hook(module, args) -> None:
+        with _NoTorchFunction():
+            open_calls[id(module)] = last_seq(args)
+
+    def post_hook(name):
+        def hook(module, args, output) -> None:
+            with _NoTorchFunction():
+                intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
+        return hook
+
+    def call_hook(name, pruner):
+        def hook(module, args, kwargs, output) -> None:
+            with _NoTorchFunction():
+                record_call(name, module, pruner, args, kwargs, output)
+        return hook
+
+    def record_call(name, module, pruner, args, kwargs, output) -> None:
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            x, rest = args[0], []  # the common case, without the generic walk
+        else:
+            tensors = list(iter_tensors((args, kwargs)))
+            x, rest = (tensors[0], tensors[1:]) if tensors else (None, [])
+        in_key = tensor_key(x)
+        outs = []
+        for t in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
+            k = tensor_key(t)
+            if k is not None and k != in_key:
+                outs.append((k, tuple(t.shape)))
+        calls.append(ModuleCall(name, module, pruner, in_key,
+                                None if x is None else tuple(x.shape), outs,
+                                [(tensor_key(t), tuple(t.shape)) for t in rest]))
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = []
+    try:
+        if train:
+            model.train()
+        # sequence ranges only for modules whose ops the walk can meet: the ops inside a
+        # known layer are never walked (it jumps from the layer's outputs to its input), and
+        # nn.Sequential's own forward makes no op (each op falls in a child's range)
+        opaque = set()
+        for name, m in model.named_modules():
+            if m in known or (name and name.rpartition(".")[0] in opaque):
+                opaque.add(name)
+                continue
+            if type(m).forward is _SEQUENTIAL_FORWARD:
+                continue
+            handles.append(m.register_forward_pre_hook(pre_hook))
+            handles.append(m.register_forward_hook(post_hook(name)))
+        for m, (name, pruner) in known.items():
+            handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
+        with torch.enable_grad(), _OperandShapes() as shapes:
+            output = run_forward(model, inputs, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return calls, intervals, output, shapes.shapes
+
+
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
+
+# torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
+_NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
+
+
+class _OperandShapes(TorchFunctionMode):
+    """Records the operand shapes of additions and subtractions, whose grad_fn keeps none:
+    ``x + 3`` and ``x + constant`` look alike in the autograd graph."""
+
+    _OPS = ("AddBackward0", "SubBackward0")
+    _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
+              "__isub__", "__rsub__", "rsub", "subtract"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") not in self._FUNCS:
+            return out
+        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if fn is not None and fn.name() in self._OPS and fn not in self.shapes:
+            operands = list(args[:2])
+            if getattr(func, "__name__", "") in ("__radd__", "__rsub__", "rsub"):
+                operands.reverse()
+            self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
+                               for a in operands]
+        return out
+
+
+def _missed(known, calls: List[ModuleCall]) -> List[str]:
+    """Names of the known layers with parameters that no call in ``calls`` ran."""
+    called = {c.module for c in calls}
+    return [name for m, (name, _) in known.items() if m not in called and (
+        any(p is not None for p in m._parameters.values()) or any(True for _ in m.parameters()))]
+
+
+def unreached_count(known, bare: set, recording) -> Tuple[int, int]:
+    """(known layers with parameters, bare parameters) that a recording did not reach.
+
+    A layer counts as reached when it ran, or when its parameters took part in the graph
+    anyway (a layer whose weights the model passes to ``F.linear`` itself).
+    """
+    missed = _missed(known, recording[0])
+    if not missed and not bare:
+        return 0, 0
+    reached = _reached(recording[2])
+    by_name = {name: m for m, (name, _) in known.items()}
+    layers = sum(1 for name in missed
+                 if not any(id(p) in reached for p in by_name[name].parameters()))
+    return layers, len(bare - reached)
+
+
+def _reached(output: Any) -> set:
+    """``id`` of every leaf (parameter) the autograd graph of ``output`` reaches."""
+    seen, found = set(), set()
+    stack = [t.grad_fn for t in iter_tensors(output) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            found.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions if f is not None and f not in seen)
+    return found
+
+
+def warn_unreached(known, calls: List[ModuleCall], seen) -> None:
+    """Warn once about known layers with parameters that neither ran nor were reached."""
+    missed = [name for name in _missed(known, calls) if name not in seen]
+    if missed:
+        shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
+        warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
+                      f"CleanAI cannot see their channels, so it will not adjust them. Pass "
+                      f"inputs (or a forward_fn) that run every branch you will use.", stacklevel=3)
+
+
+def doubled(t: torch.Tensor) -> torch.Tensor:
+    """The batch twice over: train-mode BatchNorm fails on a batch of one 1x1 map."""
+    return torch.cat([t, t]) if t.dim() > 0 else t
+
+
+def as_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A float input that takes part in autograd, so ops on it show in the graph; the clone of
+    the leaf lets the model modify its input in place."""
+    if t.is_floating_point():
+        return t.detach().clone().requires_grad_(True).clone()
+    return t.clone()
+
+
+def tensor_key(t: Optional[torch.Tensor]):
+    """``(grad_fn, output_nr)``: names a tensor in the autograd graph (``None`` for a constant)."""
+    if t is None or t.grad_fn is None:
+        return None
+    return (t.grad_fn, t.output_nr)
+
+
+def describe_inputs(inputs: Any) -> str:
+    """Shapes and dtypes of the example inputs, for error messages."""
+    shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in iter_tensors(inputs)]
+    return ", ".join(shapes) or "no tensors"
