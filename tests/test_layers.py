@@ -136,3 +136,37 @@ def test_custom_layer_pruner_registration():
     assert model[1].s.shape == (4,) and model[2].in_channels == 4
     with pytest.raises(TypeError, match="LayerPruner instance"):
         register_layer_pruner(Scale, object())
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """A norm + activation layer with its own forward (the shape timm's BatchNormAct2d has)."""
+
+    def forward(self, x):
+        return torch.relu(nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self.momentum, self.eps))
+
+
+class _GroupNormAct(nn.GroupNorm):
+    def forward(self, x):
+        return torch.relu(nn.functional.group_norm(x, self.num_groups, self.weight, self.bias,
+                                                   self.eps))
+
+
+def test_norm_subclasses_with_their_own_forward_prune():
+    # followed through F.batch_norm / F.group_norm: weights, biases and running statistics shrink
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), _BatchNormAct(16), nn.Conv2d(16, 16, 3),
+                          _GroupNormAct(4, 16), nn.Conv2d(16, 4, 1))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 12, 12)
+    check_equivalence(model, StructuredPruner(model, x, pruning_ratio=0.5,
+                                              layer_pruning_ratios={"2": 0.0}), x)
+    bn = model[1]
+    assert bn.num_features == bn.weight.shape[0] == bn.running_mean.shape[0] == 8
+    StructuredPruner(model, x, pruning_ratio=0.5, layer_pruning_ratios={"0": 0.0}).prune()
+    gn = model[3]
+    assert gn.weight.shape[0] == model[2].out_channels == 8 and gn.num_channels == 8
+    assert model(x).shape == (2, 4, 8, 8)

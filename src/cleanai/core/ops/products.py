@@ -134,3 +134,39 @@ def _layer_norm(ctx, call: OpCall):
     for p in params:
         ctx.protect(p, "layer_norm weight")
     return [x] + [None] * (len(call.out_shapes) - 1)
+
+
+@register("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
+def _batch_norm(ctx, call: OpCall):
+    """``F.batch_norm`` (a BatchNorm subclass with its own forward, e.g. a norm + activation
+    layer): channel c on dim 1 stays channel c, and weight/bias belong to it."""
+    return [_channelwise_norm(ctx, call, "batch_norm", groups=1)] + \
+        [None] * (len(call.out_shapes) - 1)
+
+
+@register("NativeGroupNormBackward0")
+def _group_norm(ctx, call: OpCall):
+    """``F.group_norm``: like batch_norm, and every group keeps the same channel positions so
+    the groups stay equal in size."""
+    return [_channelwise_norm(ctx, call, "group_norm", groups=int(call.saved("group", 0)))] + \
+        [None] * (len(call.out_shapes) - 1)
+
+
+def _channelwise_norm(ctx, call: OpCall, op: str, groups: int) -> Optional[Slots]:
+    x = call.ins[0]
+    params = [p for p in call.ins[1:3] if p is not None]
+    in_shape = call.in_shapes[0]
+    if x is None or in_shape is None or len(in_shape) < 2 or x.dim != 1 or groups < 1:
+        for p in params:  # its weights run over dim 1, which carries no tracked channels
+            ctx.protect(p, f"{op} weight over channels CleanAI does not track")
+        if x is not None and x.dim == 1:
+            ctx.protect(x, f"{op} cannot be followed")
+        return x
+    if groups > 1:
+        ctx.tie_blocks(x.ids, groups, op)
+    for p in params:
+        if p.dim == 0 and len(p.ids) == len(x.ids):
+            ctx.uf.union_all(x.ids, p.ids)
+        else:
+            ctx.protect(p, f"{op} weight")
+    return x
