@@ -21,14 +21,12 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import gzip
 import json
 import math
 import os
 import platform
 import shlex
 import statistics
-import struct
 import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -39,6 +37,7 @@ from torch import nn
 
 import cleanai
 from _common import cleanai_revision
+from cleanai.cli.data import read_idx
 from cleanai.importance import (ActivationImportance, RandomImportance,
                                 WeightActivationImportance, WeightImportance)
 from cleanai.utils import count_macs, count_params, recalibrate_bn
@@ -68,17 +67,6 @@ def log(msg: str) -> None:
 
 
 # --- data --------------------------------------------------------------------------------
-
-def read_idx(path: str) -> torch.Tensor:
-    """An idx file (the MNIST format, optionally gzipped) as a uint8 tensor of its shape."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file (header {raw[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
-
 
 def find_idx(root: str, name: str) -> str:
     for candidate in (name, name + ".gz"):

@@ -38,19 +38,7 @@ from torch import nn
 import cleanai
 from _common import cleanai_revision
 
-try:
-    from cleanai.utils import count_macs, count_params
-except ImportError:  # counting helpers not in this checkout: the same FlopCounterMode count
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def count_params(model: nn.Module) -> int:
-        return sum(p.numel() for p in model.parameters())
-
-    def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(inputs)
-        return int(counter.get_total_flops()) // 2
+from cleanai.utils import count_macs, count_params
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "vit_b_16"]
 RATIO = 0.5

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cleanai  # noqa: E402
 from cleanai.importance import WeightActivationImportance, WeightImportance  # noqa: E402
-from cleanai.utils.latency import measure_latency  # noqa: E402
+from cleanai.utils import count_params, measure_latency  # noqa: E402
 
 from _common import cleanai_revision  # noqa: E402
 
@@ -108,7 +108,7 @@ def main() -> None:
     assert lat_in["input_ids"].shape == (8, 128)
 
     ref = embed(dense, eval_batches)
-    dense_params = sum(p.numel() for p in dense.parameters())
+    dense_params = count_params(dense)
     rows = [("dense", dense.config.num_attention_heads, 1.0, dense_params, dense)]
     for ratio in (0.25, 0.5):
         for label, make in (("weight", lambda: WeightImportance()),
@@ -123,7 +123,7 @@ def main() -> None:
                 pruner.calibrate(calib_batches)
                 pruner.step()
             cos = float((embed(model, eval_batches) * ref).sum(-1).mean())
-            n = sum(p.numel() for p in model.parameters())
+            n = count_params(model)
             heads = model.config.num_attention_heads
             rows.append((f"{label}, {int(ratio * 100)}% heads + FFN", heads, cos, n, model))
 

@@ -18,11 +18,7 @@ import torchvision
 import cleanai
 from cleanai.utils import count_macs, count_params, measure_latency
 
-try:
-    from _common import cleanai_revision
-except ImportError:  # run from another directory
-    def cleanai_revision() -> str:
-        return "unknown revision"
+from _common import cleanai_revision
 
 
 def cpu_name() -> str:
@@ -61,6 +57,7 @@ def main() -> None:
     header = "| model | params | MACs (batch 1) | batch | latency ms | latency / dense | MACs / dense |"
     print(header)
     print("|---|---|---|---|---|---|---|")
+    macs = {name: count_macs(m, torch.randn(1, 3, size, size)) for name, m in models.items()}
     for batch in (1, 32):
         x = torch.randn(batch, 3, size, size)
         times = {name: [] for name in models}
@@ -69,12 +66,10 @@ def main() -> None:
             for name, m in models.items():
                 times[name].append(measure_latency(m, x, warmup=1, repeats=repeats))
         base = statistics.median(times["dense"])
-        base_macs = count_macs(dense, x[:1])
         for name, m in models.items():
             t = statistics.median(times[name])
-            macs = count_macs(m, x[:1])
-            print(f"| {name} | {count_params(m):,} | {macs:,} | {batch} | {t * 1e3:.1f} | "
-                  f"{t / base:.2f} | {macs / base_macs:.2f} |")
+            print(f"| {name} | {count_params(m):,} | {macs[name]:,} | {batch} | {t * 1e3:.1f} | "
+                  f"{t / base:.2f} | {macs[name] / macs['dense']:.2f} |")
     print("\nkept widths (conv1, layer1..4 first conv):",
           {name: [m.conv1.out_channels] + [getattr(m, f"layer{i}")[0].conv1.out_channels
                                            for i in range(1, 5)]

@@ -10,12 +10,8 @@
 4. save the pruned model without pickled code, load it back, check it is identical;
 5. print accuracy, parameters and latency before and after.
 """
-import gzip
-import os
-import struct
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,26 +19,18 @@ import torchvision
 from torch import nn
 
 import cleanai
+from cleanai.cli.data import FASHION_MNIST_DIR, read_idx
 from cleanai.importance import WeightActivationImportance
 from cleanai.utils import count_params, load_pruned, measure_latency, recalibrate_bn, save_pruned
-
-FASHION = Path(os.environ.get("CLEANAI_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-
-
-def read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
 
 
 def load_data(n_train: int, n_test: int):
     """(train_x, train_y, test_x, test_y, name): 1 x 28 x 28 images, standardised."""
-    if (FASHION / "train-images-idx3-ubyte.gz").is_file():
-        xs = [read_idx(FASHION / f"{s}-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        root = FASHION_MNIST_DIR  # idx files of the Debian package dataset-fashion-mnist
+        xs = [read_idx(root / f"{s}-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
               for s in ("train", "t10k")]
-        ys = [read_idx(FASHION / f"{s}-labels-idx1-ubyte.gz").long() for s in ("train", "t10k")]
+        ys = [read_idx(root / f"{s}-labels-idx1-ubyte.gz").long() for s in ("train", "t10k")]
         train_x, train_y, test_x, test_y = xs[0][:n_train], ys[0][:n_train], xs[1][:n_test], ys[1][:n_test]
         name = "Fashion-MNIST"
     else:

@@ -10,6 +10,8 @@ import cleanai
 from cleanai import StructuredPruner
 from cleanai.importance import WeightActivationImportance
 
+from conftest import Double
+
 
 class Net(nn.Module):
     """conv-bn-relu, conv, a residual, pooled into a Linear head."""
@@ -119,28 +121,18 @@ def test_model_without_prunable_layers_is_a_warned_no_op():
     assert pruner.history == [{"step": 1, "layers": []}]
 
 
-class _Double(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 2
-
-
 class Scaled(nn.Module):
     """A custom layer with no LayerPruner whose op CleanAI cannot follow."""
 
     def forward(self, x):
-        return _Double.apply(x)
+        return Double.apply(x)
 
 
 class Mixed(nn.Module):
     """A second custom layer with two different unknown ops."""
 
     def forward(self, x):
-        return torch.special.i0e(_Double.apply(x)) + torch.fft.fft(x, dim=1).real
+        return torch.special.i0e(Double.apply(x)) + torch.fft.fft(x, dim=1).real
 
 
 class CustomNet(nn.Module):

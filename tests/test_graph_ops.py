@@ -8,7 +8,7 @@ from torch import nn
 
 import cleanai
 
-from conftest import R, assert_maps_follow_dataflow, assert_well_formed, group_with, layout
+from conftest import Double, R, assert_maps_follow_dataflow, assert_well_formed, group_with, layout
 
 
 class Between(nn.Module):
@@ -325,16 +325,6 @@ def test_view_into_heads_keeps_whole_heads():
 
 
 # --- unknown ops ---------------------------------------------------------------------------
-
-class Double(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 2
-
 
 UNKNOWN = {
     "fft": (lambda y: torch.fft.fft2(y).real, "FftC2CBackward0"),

@@ -162,3 +162,12 @@ def test_recalibrate_bn_estimates_statistics():
     feats = torch.cat([model[0](x) for x in data])
     torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert model[1].momentum == 0.1 and not model.training
+
+
+def test_recalibrate_bn_with_no_batches_keeps_the_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(5)
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_bn(model, [])
+    assert torch.equal(model[1].running_mean, torch.full((4,), 5.0))

@@ -5,7 +5,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,16 @@ DATA_HELP = """calibration data (--calib-data), used by data-dependent importanc
                   read with torch.load(weights_only=True); token ids for hf: models"""
 
 
-def read_idx(path: Path) -> torch.Tensor:
-    """An idx file (optionally gzip-compressed) of unsigned bytes, as a uint8 tensor."""
+def read_idx(path: Union[str, Path]) -> torch.Tensor:
+    """An idx file (the MNIST format, optionally gzip-compressed) of unsigned bytes, as a uint8
+    tensor of its shape. Raises ``ValueError`` for any other file."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
-        raise CLIError(f"{path} is not an idx file of unsigned bytes")
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()})")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
 
@@ -43,8 +45,11 @@ def _images(source: str, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if not img.is_file() or not lab.is_file():
             raise CLIError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (apt install "
                            f"dataset-fashion-mnist, or set CLEANAI_FASHION_MNIST)")
-        x = read_idx(img)[:count].float().div(255).unsqueeze(1)
-        return x, read_idx(lab)[:count].long()
+        try:
+            x, y = read_idx(img), read_idx(lab)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from exc
+        return x[:count].float().div(255).unsqueeze(1), y[:count].long()
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:

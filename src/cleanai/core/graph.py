@@ -106,14 +106,13 @@ class DependencyGraph:
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
         self.attention = attention
-        self._result = trace(model, example_inputs, forward_fn, attention)
+        result = trace(model, example_inputs, forward_fn, attention)
         # weak references: a graph (or a plan holding it) never keeps a deleted model's
         # layers and weights alive; the pruner holds the model itself
         self._model = weakref.ref(model)
-        self._modules = {n: weakref.ref(m) for n, m in self._result.modules.items()}
-        self._edges = (self._result.edges, self._result.junctions)
-        self.groups: List[Group] = _build_groups(self._result)
-        self._result.modules = {}
+        self._modules = {n: weakref.ref(m) for n, m in result.modules.items()}
+        self._edges = (result.edges, result.junctions)
+        self.groups: List[Group] = _build_groups(result)
         self.signature = module_signature(model)
 
     def __getstate__(self) -> Dict[str, Any]:

@@ -27,9 +27,12 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
         for s in extra_in:
             ctx.protect(s, f"input of {type(m).__name__} {name}, which CleanAI cannot prune yet")
         return outs
+    declared = pr.internal_dims(m)
+    if not declared and not call.extras and len(call.outputs) <= 1:
+        return outs  # the common case (a conv, a linear): nothing beyond one input and output
     attention = ctx.attention  # which attention units become removable
     dims = [None if d is None or (d.kind in ("heads", "head_dims") and d.kind != attention)
-            else d for d in pr.internal_dims(m)]
+            else d for d in declared]
     if name not in internal:
         internal[name] = []
         for d in dims:
@@ -41,9 +44,7 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
                                   else base.repeat(d.per_channel))
             each = f" ({d.per_channel} positions each)" if d.per_channel > 1 else ""
             ctx.note(base, f"{type(m).__name__} {name}: its internal {d.name!r}{each}")
-            kinds = getattr(ctx, "kinds", None)  # group kinds, where the tracer records them
-            if kinds is not None:
-                kinds.append((int(base[0]), d.kind))
+            ctx.kinds.append((int(base[0]), d.kind))
     sets = {"in": module_in.get(name), "out": module_out.get(name)}
     for d, ids in zip(dims, internal[name]):
         if d is not None:

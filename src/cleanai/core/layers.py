@@ -305,10 +305,6 @@ class LayerNormPruner(NormPruner):
     def in_dim(self, m, ndim):
         return ndim - 1
 
-    def in_blocks(self, module: nn.Module) -> int:
-        """Blocks of the input channels (``blocks()`` unless the two sides differ)."""
-        return self.blocks(module)
-
     def passes_through(self, m):
         return len(m.normalized_shape) == 1
 

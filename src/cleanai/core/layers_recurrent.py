@@ -21,13 +21,9 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 def _gate_rows(keep: Tensor, gates: int, size: int) -> Tensor:
-    """Rows of a ``[gates * size, ...]`` weight that keep units ``keep`` in every gate block."""
+    """Rows of a ``[gates * size, ...]`` weight that keep units ``keep`` in every gate block
+    (also the columns of an input whose directions are concatenated blocks)."""
     return (torch.arange(gates).unsqueeze(1) * size + keep.cpu()).reshape(-1)
-
-
-def _blocks(keep: Tensor, blocks: int, size: int) -> Tensor:
-    """Columns of a ``[.., blocks * size]`` input (directions concatenated) that keep ``keep``."""
-    return _gate_rows(keep, blocks, size)
 
 
 class RNNPruner(LayerPruner):
@@ -132,7 +128,7 @@ class RNNPruner(LayerPruner):
             if layer == 0 and in_keep is not None:
                 _keep(w_ih, 1, in_keep)
             if layer > 0 and rec is not None:
-                _keep(w_ih, 1, _blocks(rec, d, r))
+                _keep(w_ih, 1, _gate_rows(rec, d, r))
             if rec is not None:
                 _keep(w_hh, 1, rec)
             if hid is not None:

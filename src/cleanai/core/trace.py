@@ -113,17 +113,14 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
     inside_known = set()  # names of known layers and of everything inside them
-    inside_modules = []
     for name, m in model.named_modules():
         if name and name.rpartition(".")[0] in inside_known:
             inside_known.add(name)
-            inside_modules.append(m)
             continue
         pruner = get_layer_pruner(m)
         if pruner is not None:
             known[m] = (name, pruner)
             inside_known.add(name)
-            inside_modules.append(m)
     names_of_params = {id(p): n for n, p in model.named_parameters()}
     # parameter id -> the known layer that holds it (directly or in a submodule)
     owned = {id(p): m for m in known for p in m.parameters()}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from ..core.runtime import preserved_state
-from .base import Importance, channel_sums, member_weights, normalize
+from .base import Importance, channel_sums, member_weights, normalize, slice_norms
 from .stats import iterate_batches
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -71,7 +71,7 @@ class TaylorImportance(Importance):
                     batches += 1
                 for p in params:
                     if p.grad is not None:
-                        grads[id(p)] = p.grad.detach().clone()
+                        grads[id(p)] = p.grad.detach()  # p.grad is put back below: no copy needed
         finally:
             for p, g, flag in saved:
                 p.grad = g
@@ -95,9 +95,7 @@ class TaylorImportance(Importance):
             if g is None or g.shape != base.shape or base.numel() != tensor.numel():
                 continue
             g = g.reshape(tensor.shape)
-            per = (tensor.detach() * g).abs().float().movedim(dim, 0)
-            per = per.reshape(per.shape[0], -1).sum(1).cpu()
-            total += channel_sums(member, per, group.size)
+            total += channel_sums(member, slice_norms(tensor.detach() * g, dim, 1), group.size)
         return normalize(total, self.normalizer)
 
     def __repr__(self) -> str:

@@ -79,5 +79,5 @@ def get_history(model: nn.Module) -> Optional[Dict[str, Any]]:
 def set_history(model: nn.Module, original: Dict[str, List[int]], steps: List[Dict[str, Any]]) -> None:
     """Replace ``model``'s history (used after loading a saved pruned model)."""
     object.__setattr__(model, ATTRIBUTE, {
-        "original": copy.deepcopy(original), "steps": copy.deepcopy(steps), "broken": None,
+        "original": _copy(original), "steps": _copy(steps), "broken": None,
         "current": signature_json(module_signature(model))})

@@ -1,6 +1,7 @@
 """Re-estimating BatchNorm statistics after pruning."""
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Optional
 
 import torch
@@ -24,6 +25,10 @@ def recalibrate_bn(model: nn.Module, data: Iterable, max_batches: Optional[int] 
              and m.track_running_stats]
     if not norms:
         return 0
+    it = iter(iterate_batches(data, max_batches, progress, "recalibrating BatchNorm"))
+    first = next(it, None)
+    if first is None:  # checked before the statistics are reset: empty data changes nothing
+        raise ValueError("recalibrate_bn: the data yielded no batches")
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     batches = 0
@@ -34,7 +39,7 @@ def recalibrate_bn(model: nn.Module, data: Iterable, max_batches: Optional[int] 
             m.momentum = None
             m.train()
         with torch.no_grad():
-            for batch in iterate_batches(data, max_batches, progress, "recalibrating BatchNorm"):
+            for batch in itertools.chain([first], it):
                 run_forward(model, _to_device(model_inputs(batch), model), forward_fn)
                 batches += 1
     finally:
@@ -42,6 +47,4 @@ def recalibrate_bn(model: nn.Module, data: Iterable, max_batches: Optional[int] 
             m.training = mode
         for m, momentum in momenta:
             m.momentum = momentum
-    if batches == 0:
-        raise ValueError("recalibrate_bn: the data yielded no batches")
     return batches

@@ -137,8 +137,7 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
     Raises:
         LoadError: naming the first problem found (file, step, layer, index).
     """
-    from ..pruner.apply import atomic, replay
-    from ..pruner.history import set_history
+    from ..pruner.apply import atomic
 
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
     if not isinstance(model, nn.Module):
@@ -154,36 +153,43 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
     fields = {e["attr"] for st in info["steps"] for e in st["layers"] if e["kind"] == "config"}
     config_before = {f: getattr(config, f) for f in fields}
 
-    def restore() -> None:
-        guard.restore()
+    try:
+        # atomic puts every module back when anything below raises; the config is not a module
+        with atomic(list(model.modules())):
+            _replay_and_load(model, info, state, where)
+    except BaseException:
         for f, v in config_before.items():
             setattr(config, f, v)
+        raise
+    return model
 
-    with atomic(list(model.modules())) as guard:
+
+def _replay_and_load(model: nn.Module, info: Dict[str, Any], state: Dict[str, torch.Tensor],
+                     where: Path) -> None:
+    """Replay the checked history, check the final shapes and dtypes, load the weights."""
+    from ..pruner.apply import replay
+    from ..pruner.history import set_history
+
+    for i, step in enumerate(info["steps"], 1):
         try:
-            for i, step in enumerate(info["steps"], 1):
-                replay(model, step["layers"])
+            replay(model, step["layers"])
         except Exception as exc:
-            restore()
             raise LoadError(f"{where}: step {i} does not apply to {type(model).__name__}: "
                             f"{type(exc).__name__}: {exc}. The model was left unchanged.") from exc
-        got = {k: list(v.shape) for k, v in model.state_dict().items()}
-        if got != info["final"]["state_dict"]:
-            restore()
-            raise LoadError(f"{where}: after replaying the history the model's shapes differ "
-                            f"from the saved ones ({_first_diff(got, info['final']['state_dict'])});"
-                            f" the file does not match this architecture. The model was left "
-                            f"unchanged.")
-        mine = {k: v.dtype for k, v in model.state_dict().items()}
-        odd = next((k for k, v in state.items() if v.dtype != mine[k]), None)
-        if odd is not None:
-            restore()
-            raise LoadError(f"{where}: {odd!r} was saved as {state[odd].dtype} but the model "
-                            f"holds {mine[odd]}; convert the fresh model first (e.g. "
-                            f"model.to({state[odd].dtype})). The model was left unchanged.")
-        model.load_state_dict(state, strict=True)
-        set_history(model, info["original"]["signature"], info["steps"])
-    return model
+    current = model.state_dict()
+    got = {k: list(v.shape) for k, v in current.items()}
+    if got != info["final"]["state_dict"]:
+        raise LoadError(f"{where}: after replaying the history the model's shapes differ "
+                        f"from the saved ones ({_first_diff(got, info['final']['state_dict'])});"
+                        f" the file does not match this architecture. The model was left "
+                        f"unchanged.")
+    odd = next((k for k, v in state.items() if v.dtype != current[k].dtype), None)
+    if odd is not None:
+        raise LoadError(f"{where}: {odd!r} was saved as {state[odd].dtype} but the model "
+                        f"holds {current[odd].dtype}; convert the fresh model first (e.g. "
+                        f"model.to({state[odd].dtype})). The model was left unchanged.")
+    model.load_state_dict(state, strict=True)
+    set_history(model, info["original"]["signature"], info["steps"])
 
 
 # --- checks --------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     if not tracked:
         return None
     # an activation's ids describe the result (a parameter's ids object marks a parameter)
-    params = getattr(ctx, "param_ids", set())
+    params = ctx.param_ids
     tracked.sort(key=lambda t: id(t[1].ids) in params)
     dims = {od for od, _ in tracked}
     if len(dims) > 1:

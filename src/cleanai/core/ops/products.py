@@ -39,7 +39,7 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     partner = None
     if a_k and b_k:
         ctx.uf.union_all(a.ids, b.ids)
-        partner = getattr(ctx, "partners", {}).get(id(b.ids))  # F.linear with a layer's weight
+        partner = ctx.partners.get(id(b.ids))  # F.linear with a layer's weight
     elif a_k and sa[ka] > 1:
         ctx.protect(a, f"{op} contracts channels against a tensor without channel ids")
     elif b_k and sb[kb] > 1:

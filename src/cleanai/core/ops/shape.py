@@ -53,7 +53,7 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
         return None
     if len(varying) > 1:
         inner = varying[-1]
-        if getattr(ctx, "attention", "head_dims") == "heads" and x.dim == len(a) - 1:
+        if ctx.attention == "heads" and x.dim == len(a) - 1:
             varying = [_whole_heads(ctx, op, grid, varying[-2], inner)]
         else:
             moved = grid.movedim(inner, -1).reshape(-1, grid.size(inner))
