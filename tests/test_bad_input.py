@@ -203,7 +203,7 @@ def _modes(model):
 
 def test_training_modes_are_restored_after_pruning_and_after_errors():
     model = fresh().train()
-    model.stem[1].eval()  # a mixed state: one BatchNorm frozen
+    model.conv1.eval()  # a mixed state: one layer in eval mode, the BatchNorm training
     modes = _modes(model)
     running = model.stem[1].running_mean.clone()
     pruner = StructuredPruner(model, X, pruning_ratio=0.5)

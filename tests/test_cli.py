@@ -84,6 +84,13 @@ def test_prune_calib_from_tensor_file(capsys, tmp_path):
                        "--batch-size", "4", "--global", "--input-shape", "1,3,32,32",
                        "--no-latency", "--out", str(tmp_path / "a"))
     assert code == 0, err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["after"]["params"] < report["before"]["params"]
+    torch.save(torch.randn(8, 5, 32, 32), tmp_path / "wrong.pt")  # 5 channels: really read
+    code, _, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3",
+                       "--importance", "activation", "--calib-data", str(tmp_path / "wrong.pt"),
+                       "--input-shape", "1,3,32,32", "--no-latency", "--out", str(tmp_path / "b"))
+    assert code != 0 and err
 
 
 def test_prune_hugging_face_directory(capsys, tmp_path):

@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -258,8 +258,9 @@ def _pruner(model, x, seed, ratio, global_pruning, layer_ratios, importance):
 
 
 def check_architecture(spec: Spec, head: str, seed: int, ratio: float, global_pruning: bool,
-                       per_layer: List[float], importance: str = "random") -> None:
-    """Every property the fuzzer checks, for one architecture and one policy."""
+                       per_layer: List[float], importance: str = "random") -> int:
+    """Every property the fuzzer checks, for one architecture and one policy; returns how many
+    channels the plan removed."""
     model = build(spec, head)
     x = torch.randn(*X_SHAPE, generator=torch.Generator().manual_seed(seed))
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -292,6 +293,7 @@ def check_architecture(spec: Spec, head: str, seed: int, ratio: float, global_pr
         assert count_params(model) < params
     model.train()
     model(torch.cat([x, x])).sum().backward()  # still trainable
+    return plan.num_removed
 
 
 FUZZ_EXAMPLES = int(os.environ.get("CLEANAI_FUZZ_EXAMPLES", "2000"))
@@ -306,14 +308,15 @@ _policy = dict(seed=st.integers(0, 2 ** 16), ratio=st.floats(0.2, 0.9),
 @settings(max_examples=200, **_fuzz_settings)
 @given(arch=architectures, **_policy)
 def test_fuzzed_architectures(arch, seed, ratio, global_pruning, per_layer, importance):
-    check_architecture(*arch, seed, ratio, global_pruning, per_layer, importance)
+    # an empty plan proves little (equivalence holds trivially): such examples do not count
+    assume(check_architecture(*arch, seed, ratio, global_pruning, per_layer, importance) > 0)
 
 
 @pytest.mark.slow
 @settings(max_examples=FUZZ_EXAMPLES, **{**_fuzz_settings, "derandomize": False})
 @given(arch=architectures, **_policy)
 def test_fuzzed_architectures_long(arch, seed, ratio, global_pruning, per_layer, importance):
-    check_architecture(*arch, seed, ratio, global_pruning, per_layer, importance)
+    assume(check_architecture(*arch, seed, ratio, global_pruning, per_layer, importance) > 0)
 
 
 # --- architectures the fuzzer once broke the library on -------------------------------------

@@ -77,6 +77,15 @@ def test_prune_heads_and_mlp_keeps_output_shape(name):
         for attr in ("num_heads", "num_attention_heads"):
             if isinstance(m.__dict__.get(attr), int):
                 assert m.__dict__[attr] == 2, f"{type(m).__name__}.{attr}"
+    # and every q/k projection has the config's heads of the unchanged head size
+    cfg = model.config
+    kv = getattr(cfg, "num_key_value_heads", None)
+    for m in model.modules():
+        if hasattr(m, "q_proj") and hasattr(m, "k_proj") and kv is not None:
+            head_dim = getattr(cfg, "head_dim", None) or 8  # tiny configs: 32 wide, 4 heads
+            assert m.q_proj.out_features == cfg.num_attention_heads * head_dim
+            assert m.k_proj.out_features == kv * head_dim
+            assert m.num_key_value_groups == cfg.num_attention_heads // kv
     model.zero_grad()
     o = model(**x)
     (o.logits if hasattr(o, "logits") else o.last_hidden_state).sum().backward()
