@@ -29,6 +29,9 @@ class Member:
     length: int  # size of the member's whole channel dim
     positions: torch.Tensor
     channels: torch.Tensor
+    #: True when position j holds channel j for every channel of the group (the whole dim, in
+    #: order): a shortcut for the common case, kept true by pruning; False is always safe
+    identity: bool = False
 
     def describe(self) -> str:
         """One line for ``print(group)``: where the channels live and how many positions."""
@@ -283,7 +286,7 @@ def _build_groups(r: TraceResult) -> List[Group]:
         owner[units] = by_producer[first[units]]
         link = UnionFind()
         link.new(len(outs))
-        for a, b in zip(owner[seen[again]].tolist(), by_producer[again].tolist()):
+        for a, b in set(zip(owner[seen[again]].tolist(), by_producer[again].tolist())):
             link.union(a, b)  # a unit met again: its producers share a group
         # number the groups in the order their first unit appeared
         comp = torch.tensor([link.find(pi) for pi in range(len(outs))])[owner[units]]
@@ -320,25 +323,7 @@ def _build_groups(r: TraceResult) -> List[Group]:
                 entries.append((name, "internal", index, ids))
     _add_members(groups, entries, roots, group_of, channel_of)
 
-    reasons: Dict[int, str] = {}
-    if r.protected:
-        ids = torch.tensor(list(r.protected), dtype=torch.long)
-        for u, why in zip(roots[ids].tolist(), r.protected.values()):
-            reasons.setdefault(u, why)
-    for ids in r.output_ids:
-        for u in roots[ids].tolist():
-            reasons[u] = "model output"
-    if reasons:
-        units = torch.tensor(list(reasons), dtype=torch.long)
-        hit: Dict[int, List[int]] = {}
-        for gi, ch, why in zip(group_of[units].tolist(), channel_of[units].tolist(),
-                               reasons.values()):
-            if gi >= 0:
-                g = groups[gi]
-                hit.setdefault(gi, []).append(ch)
-                g.reasons[why] = g.reasons.get(why, 0) + 1
-        for gi, chs in hit.items():
-            groups[gi].protected[torch.tensor(chs, dtype=torch.long)] = True
+    _mark_protected(groups, r, roots, group_of, channel_of)
     for g in groups:
         # several producers added together and read by several layers: a residual stream
         # (two producers read by one layer are a gate, e.g. a gated MLP's up and gate)
@@ -354,6 +339,50 @@ def _build_groups(r: TraceResult) -> List[Group]:
         if gi >= 0 and text not in groups[gi].constraints:
             groups[gi].constraints.append(text)
     return groups
+
+
+def _mark_protected(groups: List[Group], r: TraceResult, roots: torch.Tensor,
+                    group_of: torch.Tensor, channel_of: torch.Tensor) -> None:
+    """Protect the channels of every unit the trace protected and of model outputs, counting
+    reasons per group (in order of first appearance). A unit keeps its first reason, and
+    "model output" overrides any."""
+    texts: Dict[str, int] = {"model output": 0}
+    units, codes = [], []
+    if r.protected:
+        units.append(roots.index_select(0, torch.tensor(list(r.protected), dtype=torch.long)))
+        codes.append(torch.tensor([texts.setdefault(why, len(texts))
+                                   for why in r.protected.values()], dtype=torch.long))
+    for ids in r.output_ids:
+        units.append(roots.index_select(0, ids.reshape(-1)))
+        codes.append(torch.zeros(units[-1].shape[0], dtype=torch.long))
+    if not units:
+        return
+    units, codes = torch.cat(units), torch.cat(codes)
+    n = units.shape[0]
+    distinct, inverse = torch.unique(units, return_inverse=True)
+    where = torch.arange(n)
+    appear = torch.full((distinct.shape[0],), n, dtype=torch.long)
+    appear.scatter_reduce_(0, inverse, where, reduce="amin")  # the unit's first entry
+    # the winning entry: the first output entry if any, else the first entry
+    rank = torch.where(codes == 0, where - n, where)
+    win = torch.full((distinct.shape[0],), n, dtype=torch.long)
+    win.scatter_reduce_(0, inverse, rank, reduce="amin")
+    win = torch.where(win < 0, win + n, win)
+    codes = codes.index_select(0, win)
+    gis = group_of.index_select(0, distinct)
+    chans = channel_of.index_select(0, distinct)
+    order = torch.argsort(gis * (n + 1) + appear)  # by group, then first appearance
+    keep = order[gis.index_select(0, order) >= 0]
+    gis, codes, chans = gis[keep], codes[keep], chans[keep]
+    names = list(texts)
+    hit, per = torch.unique_consecutive(gis, return_counts=True)
+    per = per.tolist()
+    for gi, c, k in zip(hit.tolist(), chans.split(per), codes.split(per)):
+        g = groups[gi]
+        g.protected[c] = True
+        counts = torch.bincount(k, minlength=len(names)).tolist()
+        for code in dict.fromkeys(k.tolist()):
+            g.reasons[names[code]] = g.reasons.get(names[code], 0) + counts[code]
 
 
 def _add_members(groups: List[Group], entries: List[Tuple[str, str, int, torch.Tensor]],
@@ -375,13 +404,19 @@ def _add_members(groups: List[Group], entries: List[Tuple[str, str, int, torch.T
     order = torch.argsort(key, stable=True)
     keys, sizes = torch.unique_consecutive(key.index_select(0, order), return_counts=True)
     sizes = sizes.tolist()
-    chans = channel_of.index_select(0, units.index_select(0, order)).split(sizes)
-    pos = pos.index_select(0, order).split(sizes)
-    for k, p, c in zip(keys.tolist(), pos, chans):
+    chans = channel_of.index_select(0, units.index_select(0, order))
+    pos = pos.index_select(0, order)
+    # members where some position j does not hold channel j (see Member.identity)
+    mixed = torch.zeros(len(sizes), dtype=torch.long).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
+        (chans != pos).long()).tolist()
+    for k, p, c, n, odd in zip(keys.tolist(), pos.split(sizes), chans.split(sizes), sizes, mixed):
         ei, gi = divmod(k, len(groups) + 1)
         if gi:  # 0: positions in no group
             name, kind, dim, _ = entries[ei]
-            groups[gi - 1].members.append(Member(name, kind, dim, lengths[ei], p, c))
+            g = groups[gi - 1]
+            same = not odd and n == lengths[ei] == g.size
+            g.members.append(Member(name, kind, dim, lengths[ei], p, c, same))
 
 
 def _align_head_dims(groups: List[Group]) -> None:

@@ -130,7 +130,9 @@ def _keep(t: Optional[Tensor], dim: int, idx: Tensor) -> None:
         return
     n = t.shape[dim]
     if idx.shape[0] != n or not torch.equal(idx.cpu(), torch.arange(n, dtype=idx.dtype)):  # else: keeps all
-        t.data = torch.index_select(t.data, dim, idx.to(t.device)).contiguous()
+        if idx.device != t.device:
+            idx = idx.to(t.device)
+        t.data = torch.index_select(t.data, dim, idx)  # a new contiguous tensor
     if isinstance(t, nn.Parameter) and t.grad is not None:
         t.grad = None
 

@@ -34,11 +34,15 @@ class ModuleCall:
         default_factory=list)
 
 
-def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train):
+def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,
+                   named: Optional[List[Tuple[str, nn.Module]]] = None):
     """One forward with hooks: known-layer calls and each module's autograd sequence range.
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
+    ``named`` is ``list(model.named_modules())`` when the caller has it already.
     """
+    if named is None:
+        named = list(model.named_modules())
     calls: List[ModuleCall] = []
     intervals: List[Tuple[int, int, str]] = []
     open_calls: Dict[int, int] = {}
@@ -87,7 +91,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
                                 None if x is None else tuple(x.shape), outs,
                                 [(tensor_key(t), tuple(t.shape)) for t in rest]))
 
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for _, m in named]
     handles = []
     try:
         if train:
@@ -96,7 +100,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         # known layer are never walked (it jumps from the layer's outputs to its input), and
         # nn.Sequential's own forward makes no op (each op falls in a child's range)
         opaque = set()
-        for name, m in model.named_modules():
+        for name, m in named:
             if m in known or (name and name.rpartition(".")[0] in opaque):
                 opaque.add(name)
                 continue

@@ -63,12 +63,25 @@ def find_submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore train/eval flags, ``requires_grad`` flags, buffers and the RNG on exit."""
-    modules = list(model.modules())
+def preserved_state(model: nn.Module, modules: Optional[List[nn.Module]] = None,
+                    same_modes: bool = False) -> Iterator[None]:
+    """Restore train/eval flags, ``requires_grad`` flags, buffers and the RNG on exit.
+
+    ``modules`` is ``list(model.modules())`` when the caller has it already. ``same_modes=True``
+    promises that no module is switched to training inside: the running statistics of
+    PyTorch's own norm layers in eval mode then cannot change and are not copied."""
+    if modules is None:
+        modules = list(model.modules())
     modes = [(m, m.training) for m in modules]
     params, buffers = state_tensors(modules)
     flags = [(p, p.requires_grad) for p in params]
+    if same_modes:
+        fixed = {id(b) for m in modules if not m.training and type(m).forward in _NORM_FORWARDS
+                 for b in m._buffers.values() if b is not None}
+        if fixed:
+            held = {id(b) for m in modules if m.training or type(m).forward not in _NORM_FORWARDS
+                    for b in m._buffers.values() if b is not None}
+            buffers = [b for b in buffers if id(b) not in fixed or id(b) in held]
     saved = [(b, b.detach().clone()) for b in buffers]
     rng = torch.get_rng_state()
     try:
@@ -77,7 +90,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         for p, flag in flags:
-            p.requires_grad_(flag)
+            if p.requires_grad is not flag:
+                p.requires_grad_(flag)
         with torch.no_grad():
             # every buffer: kernels such as batch_norm's update running stats without
             # bumping the tensor's version, so no cheaper test says which ones changed
@@ -85,6 +99,12 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                 if b.shape == copy.shape:
                     b.copy_(copy)
         torch.set_rng_state(rng)
+
+
+# forwards that leave their buffers alone in eval mode (BatchNorm, InstanceNorm, SyncBatchNorm)
+_NORM_FORWARDS = frozenset({nn.modules.batchnorm._BatchNorm.forward,
+                            nn.SyncBatchNorm.forward,
+                            nn.modules.instancenorm._InstanceNorm.forward})
 
 
 def state_tensors(modules: List[nn.Module]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:

@@ -7,6 +7,7 @@ jumps from their outputs to their inputs. Everything else is followed op by op t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import traceback
@@ -22,7 +23,7 @@ from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
 from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forward, tensor_key,
                      unreached_count, warn_unreached)
-from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, state_tensors
+from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state
 from .slots import Slots, UnionFind
 
 logger = logging.getLogger(__name__)
@@ -55,15 +56,16 @@ class TraceResult:
 class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
-    def __init__(self, model: nn.Module, attention: str = "heads") -> None:
+    def __init__(self, model: nn.Module, attention: str = "heads",
+                 scan: Optional["_Scan"] = None) -> None:
         self.attention = attention
         self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
         # id(input ids of a weight used functionally) -> its output ids: a product that
         # contracts those input channels yields these output channels
         self.partners: Dict[int, torch.Tensor] = {}
         self.param_ids: set = set()  # id() of the ids tensors of bare parameters
-        params, buffers = state_tensors(list(model.modules()))
-        self.storages = {t.untyped_storage().data_ptr() for t in params + buffers}
+        self._scan = scan or _Scan(model)
+        self._storages: Optional[set] = None  # filled on first use: most models never ask
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
@@ -79,7 +81,10 @@ class _Tracer:
 
     def is_model_state(self, t: torch.Tensor) -> bool:
         """True when ``t`` shares memory with one of the model's parameters or buffers."""
-        return t.untyped_storage().data_ptr() in self.storages
+        if self._storages is None:
+            self._storages = {x.untyped_storage().data_ptr()
+                              for x in self._scan.params + self._scan.buffers}
+        return t.untyped_storage().data_ptr() in self._storages
 
     def protect(self, x, reason: str) -> None:
         if x is None:
@@ -103,6 +108,48 @@ class _Tracer:
         self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
 
 
+class _Scan:
+    """One walk over the model's modules: everything the trace needs to know before it runs.
+
+    ``named`` lists ``(qualified name, module)`` as ``named_modules()`` does; ``known`` maps each
+    outermost module with a LayerPruner to ``(name, pruner)``; ``params``/``buffers`` are the
+    model's tensors (each once); ``param_names`` maps ``id(parameter)`` to its first name and
+    ``owned`` maps ``id(parameter)`` to the known layer holding it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.named = list(model.named_modules())
+        self.modules = [m for _, m in self.named]
+        self.known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
+        self.param_names: Dict[int, str] = {}
+        self.owned: Dict[int, nn.Module] = {}
+        self.params: List[torch.Tensor] = []
+        self.buffers: List[torch.Tensor] = []
+        inside: Dict[str, nn.Module] = {}  # name -> the known layer it is (or is inside)
+        seen_buffers = set()
+        for name, m in self.named:
+            owner = inside.get(name.rpartition(".")[0]) if name else None
+            if owner is None:
+                pruner = get_layer_pruner(m)
+                if pruner is not None:
+                    self.known[m] = (name, pruner)
+                    owner = m
+            if owner is not None:
+                inside[name] = owner
+            dot = name + "." if name else ""
+            for k, p in m._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in self.param_names:
+                    self.param_names[id(p)] = dot + k
+                    self.params.append(p)
+                if owner is not None:  # a weight tied across known layers: the last one
+                    self.owned[id(p)] = owner
+            for b in m._buffers.values():
+                if b is not None and id(b) not in seen_buffers:
+                    seen_buffers.add(id(b))
+                    self.buffers.append(b)
+
+
 def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None,
           attention: str = "heads") -> TraceResult:
     """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc).
@@ -111,22 +158,12 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
     removable: ``"heads"`` (whole heads) or ``"head_dims"`` (the same dims of every head)."""
     if attention not in ("heads", "head_dims"):
         raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
-    known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
-    inside_known = set()  # names of known layers and of everything inside them
-    for name, m in model.named_modules():
-        if name and name.rpartition(".")[0] in inside_known:
-            inside_known.add(name)
-            continue
-        pruner = get_layer_pruner(m)
-        if pruner is not None:
-            known[m] = (name, pruner)
-            inside_known.add(name)
-    names_of_params = {id(p): n for n, p in model.named_parameters()}
-    # parameter id -> the known layer that holds it (directly or in a submodule)
-    owned = {id(p): m for m in known for p in m.parameters()}
+    scan = _Scan(model)
+    known, names_of_params, owned = scan.known, scan.param_names, scan.owned
 
-    with preserved_state(model), torch.inference_mode(False):
-        for p in model.parameters():
+    # (an attempt in train mode below has its own full save: BatchNorm updates its statistics)
+    with preserved_state(model, scan.modules, same_modes=True), torch.inference_mode(False):
+        for p in scan.params:
             if p.is_floating_point():
                 p.requires_grad_(True)
         inputs = map_tensors(example_inputs, as_leaf)
@@ -135,8 +172,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         # training) or the forward failed, train mode next; a batch of one can fail there
         # (BatchNorm on a 1x1 map), so then train mode with the batch doubled.
         # Parameters outside known layers (a bare scale) count too: a branch may use only those.
-        all_train = all(m.training for m in model.modules())
-        bare = {id(p) for p in model.parameters() if p.is_floating_point() and id(p) not in owned}
+        all_train = all(m.training for m in scan.modules)
+        bare = {id(p) for p in scan.params if p.is_floating_point() and id(p) not in owned}
         attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, doubled), True)]
         errors = []
         best = None  # (recording, (layers it missed, bare parameters it missed))
@@ -144,7 +181,9 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
             try:
-                recording = record_forward(model, attempt_inputs, forward_fn, known, train)
+                with preserved_state(model, scan.modules) if train else contextlib.nullcontext():
+                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                               scan.named)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
@@ -170,14 +209,14 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 exc.__traceback__ = None
             errors.clear()
         result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
-                            shapes, attention)
+                            shapes, attention, scan)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 
 
 def _propagate(model, calls, output, known, names_of_params, owned, intervals,
-               operand_shapes, attention="heads") -> TraceResult:
-    ctx = _Tracer(model, attention)
+               operand_shapes, attention="heads", scan=None) -> TraceResult:
+    ctx = _Tracer(model, attention, scan)
     ctx.operand_shapes.update(operand_shapes)
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:

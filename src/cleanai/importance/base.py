@@ -108,18 +108,24 @@ def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "
 
 def slice_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     """``sum |w|^p`` of each slice of ``tensor`` along ``dim`` (a 1-D CPU tensor)."""
-    w = tensor.detach().float()
+    # (the checks below skip no-op calls: this runs for every weight of a model)
+    w = tensor.detach()
+    if w.dtype is not torch.float32:
+        w = w.float()
     w = w * w if p == 2 else w.abs().pow(p)  # w * w: one pass, same values as |w|^2
-    n = w.shape[dim]
-    if w.numel() == 0:
+    shape = w.shape
+    n = shape[dim]
+    if len(shape) == 1:
+        out = w
+    elif 0 in shape:
         return torch.zeros(n)
-    if w.dim() == 1:
-        return w.cpu()
-    if dim == 0:  # producer rows: one reduction over contiguous rows
-        return w.reshape(n, -1).sum(1).cpu()
-    # one reduction over the dims before and after ``dim``: no transposed copy (two chained
-    # sums, or a sum over a trailing dim of size 1, cost several times more on small layers)
-    return w.reshape(math.prod(w.shape[:dim]), n, -1).sum((0, 2)).cpu()
+    elif dim == 0:  # producer rows: one reduction over contiguous rows
+        out = w.reshape(n, -1).sum(1)
+    else:
+        # one reduction over the dims before and after ``dim``: no transposed copy (two chained
+        # sums, or a sum over a trailing dim of size 1, cost several times more on small layers)
+        out = w.reshape(math.prod(shape[:dim]), n, -1).sum((0, 2))
+    return out if out.device.type == "cpu" else out.cpu()
 
 
 def channel_sums(member: Member, per_slice: torch.Tensor, size: int,
@@ -130,9 +136,12 @@ def channel_sums(member: Member, per_slice: torch.Tensor, size: int,
     position j then reads slice ``j % n``. With ``out`` (a tensor of ``size`` values) the sums
     are added to it in place, and it is returned.
     """
-    pos = member.positions
-    if per_slice.numel() != member.length:
-        pos = pos % per_slice.numel()
     if out is None:
         out = torch.zeros(size)
+    n = per_slice.shape[0]
+    if member.identity and n == size:  # slice j is channel j
+        return out.add_(per_slice)
+    pos = member.positions
+    if n != member.length:
+        pos = pos % n
     return out.index_add_(0, member.channels, per_slice.index_select(0, pos))

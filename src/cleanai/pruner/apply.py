@@ -265,7 +265,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         set_attributes(model, updates)
         if check_forward:
             try:
-                with preserved_state(model), torch.no_grad():
+                with preserved_state(model, same_modes=True), torch.no_grad():
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)
             except Exception as exc:
                 guard.restore()

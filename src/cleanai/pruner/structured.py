@@ -167,11 +167,14 @@ class StructuredPruner:
         pool: List[int] = []
         for g in self.graph.groups:
             ratio = self.group_ratio(g)
-            if ratio is None or g.prunable == 0 or g.size <= 1:
+            if ratio is None or g.size <= 1:
+                continue
+            prunable = g.prunable
+            if prunable == 0:
                 continue
             r = self._scheduled(step, ratio)
             already = self.original_size[g.id] - g.size
-            n = min(self._target_removed(g, r) - already, g.prunable, g.size - 1)
+            n = min(self._target_removed(g, r) - already, prunable, g.size - 1)
             if n <= 0:
                 continue
             s = self.importance(g, self.model).detach().float().cpu()
@@ -352,11 +355,12 @@ def _check_ratio(name: str, ratio: Any) -> None:
 def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Never empty a layer: where ``idx`` takes every channel a member holds in this group (a
     producer tied to part of a group), its best-scored channel stays."""
+    # a member that holds every channel of the group keeps some: a plan leaves one at least
+    members = [m for m in group.members if m.channels.shape[0] and not m.identity]
+    if not members:
+        return idx.sort().values
     removed = torch.zeros(group.size, dtype=torch.bool)
     removed[idx] = True
-    members = [m for m in group.members if m.channels.shape[0]]
-    if not members:
-        return torch.nonzero(removed).flatten()
     # one pass finds the members that lose every position; sparing a channel only helps the
     # others, so each candidate is checked again, in member order, before it is spared
     counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)

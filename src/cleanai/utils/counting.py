@@ -53,7 +53,7 @@ def count_macs(model: nn.Module, example_inputs: Any,
         RuntimeError: if the forward pass fails, naming the model and the original error.
     """
     counter = FlopCounterMode(display=False)
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model, same_modes=True), torch.no_grad():
         try:
             with counter:
                 run_forward(model, example_inputs, forward_fn)

@@ -32,7 +32,7 @@ def measure_latency(model: nn.Module, example_inputs: Any, forward_fn: Optional[
     cuda = any(t.is_cuda for t in _tensors(model, example_inputs))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model, same_modes=True), torch.no_grad():
         try:
             for i in range(warmup + repeats):
                 sync()

@@ -67,7 +67,7 @@ def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[Forward
     from ..core.layers import get_layer_pruner
 
     counter = FlopCounterMode(display=False)
-    with preserved_state(model), torch.no_grad():
+    with preserved_state(model, same_modes=True), torch.no_grad():
         try:
             with counter:
                 run_forward(model, example_inputs, forward_fn)
