@@ -279,11 +279,13 @@ def synced_containers(model: nn.Module) -> List[nn.Module]:
         and type(m).__name__ in ("VisionTransformer", "EncoderBlock"))]
 
 
-def sync_container_attributes(model: nn.Module) -> None:
+def sync_container_attributes(model: nn.Module,
+                              containers: Optional[List[nn.Module]] = None) -> None:
     """Update widths that known containers keep beside their layers and check in forward:
     ``nn.Transformer.d_model``, torchvision's ``VisionTransformer.hidden_dim`` (its patch
-    reshape) and ``EncoderBlock.num_heads``."""
-    for m in synced_containers(model):
+    reshape) and ``EncoderBlock.num_heads``. ``containers``: :func:`synced_containers`, when
+    the caller has them."""
+    for m in synced_containers(model) if containers is None else containers:
         if isinstance(m, nn.Transformer):
             first = next((layer.self_attn for layer in m.encoder.layers), None)
             if first is not None:

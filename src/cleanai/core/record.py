@@ -43,6 +43,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     """
     if named is None:
         named = list(model.named_modules())
+    recorder = _OperandShapes()
     calls: List[ModuleCall] = []
     intervals: List[Tuple[int, int, str]] = []
     open_calls: Dict[int, int] = {}
@@ -69,8 +70,16 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
                 intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
         return hook
 
+    # Inside a known layer no operand shape is needed (the walk never enters it): the
+    # recorder steps aside there, so the layer's own ops are not dispatched to it.
+    set_aside: List[Optional[_OperandShapes]] = []
+
+    def known_pre_hook(module, args) -> None:
+        set_aside.append(_step_aside(recorder))
+
     def call_hook(name, pruner):
         def hook(module, args, kwargs, output) -> None:
+            _step_back(set_aside.pop() if set_aside else None)
             with _NoTorchFunction():
                 record_call(name, module, pruner, args, kwargs, output)
         return hook
@@ -109,21 +118,47 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():
+            handles.append(m.register_forward_pre_hook(known_pre_hook))
             handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
-        with torch.enable_grad(), _OperandShapes() as shapes:
-            output = run_forward(model, inputs, forward_fn)
+        with torch.enable_grad(), recorder:
+            try:
+                output = run_forward(model, inputs, forward_fn)
+            finally:  # a layer that raised never stepped back
+                while set_aside:
+                    _step_back(set_aside.pop())
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
-            m.training = mode
-    return calls, intervals, output, shapes.shapes
+            if m.training != mode:
+                m.training = mode
+    return calls, intervals, output, recorder.shapes
 
 
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 # torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
 _NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
+
+
+def _step_aside(mode: "_OperandShapes") -> Optional["_OperandShapes"]:
+    """Take ``mode`` off torch's function-mode stack if it is on top; returns it if taken."""
+    if _POP is None or torch._C._len_torch_function_stack() == 0:
+        return None
+    top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+    return _POP() if top is mode else None
+
+
+def _step_back(mode: Optional["_OperandShapes"]) -> None:
+    if mode is not None:
+        _PUSH(mode)
+
+
+# torch's function-mode stack (what ``with mode:`` pushes and pops), where this torch has it
+_POP = getattr(torch._C, "_pop_torch_function_stack", None)
+_PUSH = getattr(torch._C, "_push_on_torch_function_stack", None)
+if _PUSH is None or not hasattr(torch._C, "_get_function_stack_at"):
+    _POP = None
 
 
 class _OperandShapes(TorchFunctionMode):

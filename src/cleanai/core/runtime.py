@@ -88,7 +88,8 @@ def preserved_state(model: nn.Module, modules: Optional[List[nn.Module]] = None,
         yield
     finally:
         for m, mode in modes:
-            m.training = mode
+            if m.training != mode:  # (nn.Module.__setattr__ is slow; most are unchanged)
+                m.training = mode
         for p, flag in flags:
             if p.requires_grad is not flag:
                 p.requires_grad_(flag)

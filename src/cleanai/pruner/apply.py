@@ -135,11 +135,13 @@ def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Di
     return dict(zip(key_index, local.split(per_key)))
 
 
-def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
+def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],
+                containers: Optional[List[nn.Module]] = None) -> None:
     """Slice layers and parameters in place. Not atomic by itself: see :func:`atomic`.
 
     A parameter shared by several layers (tied embeddings) is sliced once; the other layers
-    slice a stand-in so that their attributes follow, and must agree on the result."""
+    slice a stand-in so that their attributes follow, and must agree on the result.
+    ``containers``: ``synced_containers(model)``, when the caller has them."""
     per_layer: Dict[str, Dict[str, torch.Tensor]] = {}
     internal: Dict[str, Dict[int, torch.Tensor]] = {}
     originals: Dict[int, torch.Tensor] = {}  # id(parameter) -> its data before slicing
@@ -187,7 +189,7 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> None:
                 raise PruningError(f"{name}.{pname} is shared with another layer that keeps "
                                    f"other channels ({tuple(stand_in.shape)} vs "
                                    f"{tuple(p.shape)})", name)
-    sync_container_attributes(model)
+    sync_container_attributes(model, containers)
 
 
 class atomic:
@@ -228,7 +230,10 @@ class atomic:
             m.__dict__.update(attrs)
 
 
-def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn.Module]:
+def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor],
+                    containers: Optional[List[nn.Module]] = None) -> List[nn.Module]:
+    """Every module slicing ``keeps`` may change: the layers, their submodules, the synced
+    containers (``containers``, when the caller has them)."""
     out = {}
     for name, kind, _ in keeps:
         if kind == "param":
@@ -238,7 +243,7 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor]) -> List[nn
             m = find_submodule(model, name)
         for sub in m.modules():  # a layer pruner may slice its submodules (an attention out_proj)
             out[id(sub)] = sub
-    for m in synced_containers(model):
+    for m in synced_containers(model) if containers is None else containers:
         out[id(m)] = m
     return list(out.values())
 
@@ -253,15 +258,16 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
     validate_removals(graph, removals)
     keeps = layer_keeps(graph, removals)
     emptied = [n if k != "param" else f"{n} (dim {d})" for (n, k, d), keep in keeps.items()
-               if keep.numel() == 0]
+               if keep.shape[0] == 0]
     if emptied:
         raise PruningError(f"the plan removes every channel of {', '.join(sorted(set(emptied)))}; "
                            f"keep at least one channel in each layer")
     updates = attribute_updates(model, graph, removals)
-    owners = {id(m): m for m in touched_modules(model, keeps)}
+    containers = synced_containers(model)
+    owners = {id(m): m for m in touched_modules(model, keeps, containers)}
     owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
     with atomic(list(owners.values())) as guard:
-        slice_model(model, keeps)
+        slice_model(model, keeps, containers)
         set_attributes(model, updates)
         if check_forward:
             try:
