@@ -268,7 +268,7 @@ def _build_groups(r: TraceResult) -> List[Group]:
     made += [ids for dims in r.internal.values() for ids in dims if ids is not None]
 
     # producers that share a unit share a group; channels keep their first-appearance order
-    outs = [roots[ids] for ids in made]
+    outs = [roots.index_select(0, ids) for ids in made]
     group_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> group
     channel_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> channel in group
     groups: List[Group] = []

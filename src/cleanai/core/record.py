@@ -35,8 +35,10 @@ class ModuleCall:
 
 
 def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,
-                   named: Optional[List[Tuple[str, nn.Module]]] = None):
-    """One forward with hooks: known-layer calls and each module's autograd sequence range.
+                   named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False):
+    """One forward with hooks: known-layer calls and, with ``locate=True``, each module's
+    autograd sequence range (only needed to say where an op ran; a hook on every module
+    costs time, so the tracer asks for it only when it has something to report).
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
     ``named`` is ``list(model.named_modules())`` when the caller has it already.
@@ -109,7 +111,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         # known layer are never walked (it jumps from the layer's outputs to its input), and
         # nn.Sequential's own forward makes no op (each op falls in a child's range)
         opaque = set()
-        for name, m in named:
+        for name, m in named if locate else ():
             if m in known or (name and name.rpartition(".")[0] in opaque):
                 opaque.add(name)
                 continue

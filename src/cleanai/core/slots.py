@@ -6,7 +6,9 @@ two ids together; the connected sets are the removable units. A tensor is descri
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from itertools import repeat
 from typing import List, Sequence, Tuple
 
 import torch
@@ -18,14 +20,15 @@ class UnionFind:
     """Union-find over integer ids, with path halving and union by size."""
 
     def __init__(self) -> None:
-        self.parent: List[int] = []
-        self.size: List[int] = []
+        # machine integers, so that roots() reads them as a tensor without a per-id conversion
+        self.parent = array("q")
+        self.size = array("q")
 
     def new(self, n: int) -> torch.Tensor:
         """Create ``n`` fresh ids and return them as a 1-D LongTensor."""
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
-        self.size.extend([1] * n)
+        self.size.extend(repeat(1, n))
         return torch.arange(start, start + n, dtype=torch.long)
 
     def find(self, a: int) -> int:
@@ -54,7 +57,9 @@ class UnionFind:
 
     def roots(self) -> torch.Tensor:
         """The representative of every id, as one LongTensor (pointer jumping, vectorised)."""
-        parent = torch.tensor(self.parent, dtype=torch.long)
+        if not self.parent:
+            return torch.zeros(0, dtype=torch.long)
+        parent = torch.frombuffer(self.parent, dtype=torch.int64).clone()
         while True:
             nxt = parent[parent]
             if torch.equal(nxt, parent):

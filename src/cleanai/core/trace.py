@@ -51,6 +51,8 @@ class TraceResult:
     internal: Dict[str, List[Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
     kinds: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
     junctions: List[frozenset] = dataclasses.field(default_factory=list)
+    #: unknown op name -> the modules it ran in (empty names where not located)
+    unknown: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
 
 
 class _Tracer:
@@ -189,7 +191,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 continue
             missed = unreached_count(known, bare, recording)
             if best is None or missed < best[1]:
-                best = (recording, missed)
+                best = (recording, missed, attempt_inputs, train)
             if missed == (0, 0) or train:
                 break
         if best is None:
@@ -210,6 +212,13 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             errors.clear()
         result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
                             shapes, attention, scan)
+        if result.unknown:  # say where each unknown op ran: once more, with module ranges
+            with preserved_state(model, scan.modules) if best[3] else contextlib.nullcontext():
+                calls, intervals, output, shapes = record_forward(
+                    model, best[2], forward_fn, known, best[3], scan.named, locate=True)
+            result = _propagate(model, calls, output, known, names_of_params, owned,
+                                intervals, shapes, attention, scan)
+            _warn_unknown(model, result.unknown)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 
@@ -335,19 +344,22 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None
         if s is not None:
             output_ids.append(s.ids)
-    if ctx.unknown:  # one warning for the whole model, naming every op and where it ran
-        found = []
-        for op, wheres in ctx.unknown.items():
-            places = sorted({w for w in wheres if w})
-            shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
-            found.append(f"{op} (in {shown or type(model).__name__ + '.forward'})")
-        warnings.warn(f"CleanAI does not know the channel semantics of {', '.join(found)}; the "
-                      f"channels {'it touches are' if len(found) == 1 else 'they touch are'} "
-                      f"protected and will not be pruned. Register a LayerPruner for a custom "
-                      f"layer to prune through it.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
                        output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
-                       internal, ctx.kinds, junctions)
+                       internal, ctx.kinds, junctions, ctx.unknown)
+
+
+def _warn_unknown(model: nn.Module, unknown: Dict[str, List[str]]) -> None:
+    """One warning for the whole model, naming every unknown op and where it ran."""
+    found = []
+    for op, wheres in unknown.items():
+        places = sorted({w for w in wheres if w})
+        shown = ", ".join(places[:3]) + (" ..." if len(places) > 3 else "")
+        found.append(f"{op} (in {shown or type(model).__name__ + '.forward'})")
+    warnings.warn(f"CleanAI does not know the channel semantics of {', '.join(found)}; the "
+                  f"channels {'it touches are' if len(found) == 1 else 'they touch are'} "
+                  f"protected and will not be pruned. Register a LayerPruner for a custom "
+                  f"layer to prune through it.", stacklevel=3)
 
 
 def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:
