@@ -323,7 +323,30 @@ class UnsupportedLayer(LayerPruner):
     """A layer whose channels CleanAI cannot follow yet: the tracer protects what it touches."""
 
 
-_REGISTRY: Dict[Type[nn.Module], LayerPruner] = {}
+class _Registry(dict):
+    """Layer class -> pruner; any change empties the lookup cache of :func:`get_layer_pruner`."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        _LOOKUPS.clear()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        _LOOKUPS.clear()
+
+    def pop(self, *args):
+        _LOOKUPS.clear()
+        return super().pop(*args)
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        _LOOKUPS.clear()
+
+
+# (module class, inherited) -> get_layer_pruner's answer: a model has hundreds of modules of a
+# few classes, and the answer walks the class's ancestors
+_LOOKUPS: Dict[Tuple[type, bool], Optional["LayerPruner"]] = {}
+_REGISTRY: Dict[Type[nn.Module], "LayerPruner"] = _Registry()
 
 
 def register_layer_pruner(layer_type: Type[nn.Module], pruner: LayerPruner) -> None:
@@ -353,14 +376,24 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     With ``inherited=True`` an ancestor's pruner is returned even when the subclass overrides
     ``forward`` (the tracer follows such a layer op by op; the pruner still knows its attributes).
     """
+    key = (type(module), inherited)
+    try:
+        return _LOOKUPS[key]
+    except KeyError:
+        pass
     cls = getattr(type(module), "cleanai_layer_type", type(module))
     if cls in _REGISTRY:
-        return _REGISTRY[cls]
-    for base in cls.__mro__[1:]:
-        if base in _REGISTRY:
-            return _REGISTRY[base] if inherited or cls.forward is base.forward else None
-    from .named_layers import named_layer_pruner  # classes of optional libraries, by name
-    return named_layer_pruner(module, inherited)
+        found = _REGISTRY[cls]
+    else:
+        for base in cls.__mro__[1:]:
+            if base in _REGISTRY:
+                found = _REGISTRY[base] if inherited or cls.forward is base.forward else None
+                break
+        else:
+            from .named_layers import named_layer_pruner  # optional libraries' classes, by name
+            found = named_layer_pruner(module, inherited)
+    _LOOKUPS[key] = found
+    return found
 
 
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

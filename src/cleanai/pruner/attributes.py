@@ -38,6 +38,7 @@ _ROLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "hidden": (_HIDDEN, ()),
     "channels": (_MLP, ()),
 }
+_NAMES = frozenset(a for exact, multiple in _ROLES.values() for a in exact + multiple)
 _CONFIG = {
     "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key_value_heads",
               "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
@@ -68,25 +69,27 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
                       removals: Dict[int, torch.Tensor]) -> List[Update]:
     """The integer attributes to rewrite once ``removals`` are applied (see module doc)."""
     proposals: Dict[Tuple[str, str], set] = {}
-    modules = [(n, m) for n, m in model.named_modules() if get_layer_pruner(m) is None]
+    candidates = None  # (module name, attribute, value): positive ints with a known name
     for g in graph.groups:
         idx = removals.get(g.id)
-        if idx is None or idx.numel() == 0 or g.kind not in _ROLES:
+        if idx is None or idx.shape[0] == 0 or g.kind not in _ROLES:
             continue
-        kept = Fraction(g.size - len(idx), g.size)
+        if candidates is None:
+            candidates = [(n, a, m.__dict__[a]) for n, m in model.named_modules()
+                          if get_layer_pruner(m) is None for a in _NAMES & m.__dict__.keys()
+                          if type(m.__dict__[a]) is int and m.__dict__[a] > 0]
+            if not candidates:
+                break
+        kept = Fraction(g.size - idx.shape[0], g.size)
         exact, multiple = _ROLES[g.kind]
         scope = scope_of(g)
-        for name, module in modules:
+        for name, attr, v in candidates:
             if scope and name != scope and not name.startswith(scope + "."):
                 continue
-            for attr in exact + multiple:
-                v = module.__dict__.get(attr)
-                if type(v) is not int or v <= 0:
-                    continue
-                if (attr in exact and v == g.size) or (attr in multiple and v % g.size == 0):
-                    new = v * kept
-                    if new.denominator == 1:
-                        proposals.setdefault((name, attr), set()).add(int(new))
+            if (attr in exact and v == g.size) or (attr in multiple and v % g.size == 0):
+                new = v * kept
+                if new.denominator == 1:
+                    proposals.setdefault((name, attr), set()).add(int(new))
     updates = []
     for (name, attr), values in proposals.items():
         if len(values) == 1:

@@ -90,7 +90,7 @@ class StructuredPruner:
         self.kinds = set(GROUP_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
         if not self.kinds <= set(GROUP_KINDS):
             raise ValueError(f"kinds must be among {GROUP_KINDS}, got {sorted(self.kinds)}")
-        names = _LayerNames(model)
+        names = _LayerNames(model) if layer_pruning_ratios or ignored_layers else None
         self.layer_ratios: Dict[str, float] = {}
         for key, ratio in (layer_pruning_ratios or {}).items():
             name = names.resolve(key, "layer_pruning_ratios")
