@@ -39,6 +39,8 @@ class WeightImportance(Importance):
         # a layer read by many groups (a DenseNet concat consumer) is reduced once; the key
         # changes whenever the tensor is sliced or updated in place; the weak reference tells a
         # live tensor from a new one that reuses a collected tensor's id and memory
+        if tensor.dim() < 2:  # a norm scale or bias: cheaper to reduce than to look up
+            return slice_norms(tensor, dim, self.p)
         key = (id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape), dim)
         hit = self._cache.get(key)
         if hit is None or hit[0]() is not tensor:

@@ -66,24 +66,43 @@ def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> Non
 
 
 def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> None:
-    """Reject a plan that names unknown groups, bad indices, protected channels or empties a group."""
+    """Reject a plan that names unknown groups, bad indices, protected channels or empties a group.
+
+    All groups are checked at once on concatenated indices; the group at fault is looked for
+    only when a check fails."""
     by_id = {g.id: g for g in graph.groups}
+    todo = []
     for gid, idx in removals.items():
         g = by_id.get(gid)
         if g is None:
             raise PruningError(f"the plan names group {gid}, which the graph does not have")
-        if idx.numel() == 0:
-            continue
-        if idx.min() < 0 or idx.max() >= g.size:
-            raise PruningError(f"group {gid} has {g.size} channels; the plan removes index "
-                               f"{int(idx.max() if idx.max() >= g.size else idx.min())}")
-        if len(torch.unique(idx)) != len(idx):
-            raise PruningError(f"the plan removes a channel of group {gid} twice")
-        if bool(g.protected[idx].any()):
-            raise PruningError(f"the plan removes protected channels of group {gid} "
-                               f"({', '.join(g.reasons)})")
-        if len(idx) >= g.size:
+        if idx.shape[0] >= g.size:
             raise PruningError(f"the plan removes all {g.size} channels of group {gid}")
+        if idx.shape[0]:
+            todo.append((g, idx))
+    if not todo:
+        return
+    sizes = [g.size for g, _ in todo]
+    counts = torch.tensor([idx.shape[0] for _, idx in todo])
+    flat = torch.cat([idx for _, idx in todo])
+    limit = torch.repeat_interleave(torch.tensor(sizes), counts)
+    if bool(((flat < 0) | (flat >= limit)).any()):
+        for g, idx in todo:
+            bad = idx[(idx < 0) | (idx >= g.size)]
+            if bad.numel():
+                raise PruningError(f"group {g.id} has {g.size} channels; the plan removes "
+                                   f"index {int(bad[0])}")
+    offsets = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + sizes[:-1]), 0), counts)
+    flat = flat + offsets
+    if torch.unique(flat).shape[0] != flat.shape[0]:
+        for g, idx in todo:
+            if torch.unique(idx).shape[0] != idx.shape[0]:
+                raise PruningError(f"the plan removes a channel of group {g.id} twice")
+    if bool(torch.cat([g.protected for g, _ in todo]).index_select(0, flat).any()):
+        for g, idx in todo:
+            if bool(g.protected[idx].any()):
+                raise PruningError(f"the plan removes protected channels of group {g.id} "
+                                   f"({', '.join(g.reasons)})")
 
 
 def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
