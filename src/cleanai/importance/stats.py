@@ -34,7 +34,10 @@ class ActivationStats:
         """Add one batch of activations ``x`` read by layer ``name``; ``dim`` holds its channels."""
         x = x.detach().float()
         x = x.movedim(dim, 0).reshape(x.shape[dim], -1)
-        s = torch.stack([x.sum(1), x.pow(2).sum(1), x.abs().sum(1)]).cpu().double()
+        # summed where the activations are: a copy to the CPU here would wait for the device
+        # on every layer of every batch; float64 where the device has it
+        wide = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+        s = torch.stack([x.sum(1), x.pow(2).sum(1), x.abs().sum(1)]).to(wide)
         if name in self.sums and self.sums[name].shape == s.shape:
             self.sums[name] += s
             self.count[name] += x.shape[1]
@@ -47,7 +50,7 @@ class ActivationStats:
         ``mean_abs`` the mean of ``|a|``, ``variance`` the variance."""
         if name not in self.sums:
             return None
-        s, n = self.sums[name], max(self.count[name], 1.0)
+        s, n = self.sums[name].cpu().double(), max(self.count[name], 1.0)
         if statistic == "l2":
             return (s[1] / n).sqrt().float()
         if statistic == "mean_abs":
