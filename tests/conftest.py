@@ -3,6 +3,8 @@ group layouts, structural invariants and a data-flow oracle for index maps."""
 import torch
 from torch import nn
 
+from cleanai.core.layers import LayerPruner, UnsupportedLayer, get_layer_pruner
+
 
 def R(n, reps=1):
     """[0, 1, ..., n-1] repeated ``reps`` times."""
@@ -85,6 +87,11 @@ def assert_maps_follow_dataflow(model, inputs, graph, groups=None, channels=1) -
     made = {n for g in graph.groups for n in producers(graph, g)}
     modules = dict(model.named_modules())
     tracked = {m.name for g in graph.groups for m in g.members if m.kind in ("in", "same")}
+    # every other layer CleanAI knows: poison reaching one means the graph missed a consumer
+    untracked = {n for n, mod in modules.items() if n and n not in tracked
+                 and isinstance(get_layer_pruner(mod), LayerPruner)
+                 and not isinstance(get_layer_pruner(mod), UnsupportedLayer)
+                 and not any(n.startswith(k + ".") for k in graph.modules)}
     recorded, seen, calls = {}, {}, {}
     poison = {}
 
@@ -115,7 +122,7 @@ def assert_maps_follow_dataflow(model, inputs, graph, groups=None, channels=1) -
             model(*inputs) if isinstance(inputs, tuple) else model(inputs)
         return dict(seen)
 
-    handles = [modules[n].register_forward_pre_hook(pre(n)) for n in tracked]
+    handles = [modules[n].register_forward_pre_hook(pre(n)) for n in tracked | untracked]
     handles += [modules[n].register_forward_hook(post(n)) for n in made]
     try:
         assert not any(run().values()), "NaN in the unpoisoned model"
@@ -126,7 +133,7 @@ def assert_maps_follow_dataflow(model, inputs, graph, groups=None, channels=1) -
                 poison.update({m.name: m.positions[m.channels == c] for m in g.members
                                if m.kind == "out" and m.name in made})
                 changed = run()
-                for name in tracked:
+                for name in tracked | untracked:
                     want = {int(p) for m in g.members if m.name == name and m.kind in ("in", "same")
                             for p in m.positions[m.channels == c]}
                     got = changed.get(name, set())
