@@ -30,9 +30,9 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
         module_in[name] = ctx.fresh(n_in)
         module_out[name] = ctx.fresh(n_out)
         producers.append(name)
-        ctx.partners[id(module_in[name])] = module_out[name]
+        ctx.partners[int(module_in[name][0])] = (module_in[name], module_out[name])
     for side, ids in (("in", module_in[name]), ("out", module_out[name])):
         for t, dim in pr.weights(m, side):
             if t is var and (side == "in" or t.dim() == 1):
-                return Slots(dim, ids)
+                return Slots(dim, ids, True)
     return None

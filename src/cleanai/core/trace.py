@@ -58,10 +58,9 @@ class _Tracer:
     def __init__(self, model: nn.Module, attention: str = "heads") -> None:
         self.attention = attention
         self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
-        # id(input ids of a weight used functionally) -> its output ids: a product that
-        # contracts those input channels yields these output channels
-        self.partners: Dict[int, torch.Tensor] = {}
-        self.param_ids: set = set()  # id() of the ids tensors of bare parameters
+        # first input id of a known layer's weight used functionally -> (its input ids, its
+        # output ids): a product that contracts the weight's input channels yields its outputs
+        self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         params, buffers = state_tensors(list(model.modules()))
         self.storages = {t.untyped_storage().data_ptr() for t in params + buffers}
         self.uf = UnionFind()
@@ -223,6 +222,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
     # linear in depth; resolve_edges() expands junctions into layer-to-layer edges on demand
     junctions: List[frozenset] = []
     empty = frozenset()
+    weights = set()  # keys of the tensors computed from parameters alone
 
     for p in order:
         if isinstance(p, ModuleCall):
@@ -251,11 +251,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                 if pname not in params:
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
                     if dims:
-                        params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]))
-                        ctx.param_ids.add(id(params[pname].ids))
+                        params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]), True)
                 s = params.get(pname)
                 sources[(p, 0)] = frozenset((pname,))
-            slots[(p, 0)] = s
+            if id(var) in names_of_params:
+                weights.add((p, 0))
+            slots[(p, 0)] = s if s is None or s.weight else Slots(s.dim, s.ids, True)
             continue
         in_keys = [(fn, nr) if fn is not None else None for fn, nr in p.next_functions]
         ins = [slots.get(k) if k is not None else None for k in in_keys]
@@ -287,7 +288,13 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             src = frozenset((len(junctions) - 1,))
         else:
             src = srcs.pop() if srcs else empty
+        # computed from parameters alone (``gamma[:, None, None]``, ``w.t()``): still a weight
+        from_weights = all(k is None or k in weights for k in in_keys) and any(in_keys)
         for nr, s in enumerate(outs):
+            if from_weights:
+                weights.add((p, nr))
+                if s is not None and not s.weight:
+                    s = Slots(s.dim, s.ids, True)
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
