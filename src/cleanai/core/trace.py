@@ -24,6 +24,7 @@ from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forwa
                      unreached_count, warn_unreached)
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, state_tensors
 from .slots import Slots, UnionFind
+from .tied import tie_shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             errors.clear()
         result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
                             shapes, attention)
+        tie_shared_weights(known, result.uf, result.module_in, result.module_out)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 

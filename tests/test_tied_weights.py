@@ -1,0 +1,85 @@
+"""Layers that hold the very same weight (tied embeddings), or whose weight runs through a
+functional call instead of their forward: their channels are the weight's channels."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai import DependencyGraph, StructuredPruner
+
+
+def _no_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    messages = [str(w.message) for w in caught if "CleanAI" in str(w.message) or "did not run" in str(w.message)]
+    assert not messages, messages
+    return out
+
+
+class FunctionalEmbedding(nn.Module):
+    """An embedding looked up with ``F.embedding`` (its forward never runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.mlp, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.emb.weight)
+        return self.head(F.relu(self.mlp(h)))
+
+
+def test_embedding_looked_up_functionally_is_pruned():
+    torch.manual_seed(0)
+    model, ids = FunctionalEmbedding(), torch.randint(0, 20, (2, 5))
+    pruner = _no_warnings(lambda: StructuredPruner(model, ids, pruning_ratio=0.5))
+    group = next(g for g in pruner.graph.groups if any(m.name == "emb" for m in g.members))
+    assert {(m.name, m.kind) for m in group.members} == {("emb", "out"), ("mlp", "in")}
+    assert not group.protected.any()
+    pruner.step()
+    assert model.emb.weight.shape == (20, 4) and model.emb.embedding_dim == 4
+    assert model.mlp.in_features == 4 and model(ids).shape == (2, 5, 3)
+
+
+def _t5(cls):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                pad_token_id=0, eos_token_id=1)
+    return getattr(transformers, cls)(cfg).eval()
+
+
+def test_t5_encoder_shared_embedding_runs_through_embed_tokens():
+    model = _t5("T5EncoderModel")
+    assert model.shared is not model.encoder.embed_tokens
+    ids = torch.randint(0, 50, (2, 7))
+    graph = _no_warnings(lambda: DependencyGraph(model, ids))
+    hidden = next(g for g in graph.groups if any(m.name == "encoder.embed_tokens" for m in g.members))
+    assert {"shared", "encoder.embed_tokens"} <= {m.name for m in hidden.members}
+    pruner = StructuredPruner(model, ids, pruning_ratio=0.5)
+    pruner.step()
+    assert model(ids).last_hidden_state.shape == (2, 7, 16)
+
+
+def test_t5_tied_embeddings_prune_as_one_weight_and_generate():
+    model = _t5("T5ForConditionalGeneration")
+    x = {"input_ids": torch.randint(0, 50, (2, 7)), "decoder_input_ids": torch.randint(0, 50, (2, 5))}
+    n0 = sum(p.numel() for p in model.parameters())
+    pruner = _no_warnings(lambda: StructuredPruner(model, x, pruning_ratio=0.5,
+                                                   forward_fn=lambda m, x: m(**x).logits))
+    # encoder and decoder read one embedding weight: their hidden sizes are one group
+    hidden = [g for g in pruner.graph.groups if any(m.name.endswith("embed_tokens") for m in g.members)]
+    assert len(hidden) == 1 and not hidden[0].protected.any()
+    _no_warnings(pruner.step)
+    assert model.shared.weight is model.encoder.embed_tokens.weight is model.decoder.embed_tokens.weight
+    assert model.shared.weight is model.lm_head.weight and model.shared.weight.shape == (50, 8)
+    for emb in (model.shared, model.encoder.embed_tokens, model.decoder.embed_tokens):
+        assert emb.embedding_dim == 8
+    assert model.config.d_model == 8
+    assert sum(p.numel() for p in model.parameters()) < n0
+    assert model(**x).logits.shape == (2, 5, 50)
+    assert model.generate(x["input_ids"][:1], max_new_tokens=4, do_sample=False).shape == (1, 5)
