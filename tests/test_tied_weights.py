@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai import DependencyGraph, StructuredPruner
+from equivalence import check_equivalence
 
 
 def _no_warnings(fn):
@@ -83,3 +84,56 @@ def test_t5_tied_embeddings_prune_as_one_weight_and_generate():
     assert sum(p.numel() for p in model.parameters()) < n0
     assert model(**x).logits.shape == (2, 5, 50)
     assert model.generate(x["input_ids"][:1], max_new_tokens=4, do_sample=False).shape == (1, 5)
+
+
+class ScaledLinear(nn.Linear):
+    """A known layer's subclass with a forward of its own: followed op by op."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * 2.0
+
+
+class WithSubclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.s, self.b = nn.Linear(6, 8), ScaledLinear(8, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.b(F.relu(self.s(F.relu(self.a(x)))))
+
+
+def test_subclass_with_its_own_forward_prunes_both_sides_exactly():
+    torch.manual_seed(0)
+    model, x = WithSubclass(), torch.randn(4, 6)
+    pruner = _no_warnings(lambda: StructuredPruner(model, x, pruning_ratio=0.5))
+    assert all(not g.protected.any() for g in pruner.graph.groups if g.size != 3)
+    check_equivalence(model, pruner, x)
+    assert (model.s.in_features, model.s.out_features) == (4, 5)
+    assert model.s.weight.shape == (5, 4) and model.s.bias.shape == (5,)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gemma3_hidden_size_prunes_and_generates(tied):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma3ForCausalLM"):
+        pytest.skip("transformers without Gemma3")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=64, bos_token_id=0,
+        eos_token_id=1, pad_token_id=0, sliding_window=4, tie_word_embeddings=tied,
+        layer_types=["sliding_attention", "full_attention"])
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    x = {"input_ids": torch.randint(0, 100, (2, 8))}
+    pruner = _no_warnings(lambda: StructuredPruner(model, x, pruning_ratio=0.5))
+    hidden = [g for g in pruner.graph.groups if g.kind == "hidden"]
+    # the scaled embedding (a subclass of nn.Embedding) and the RMSNorms' ``1 + weight``
+    assert len(hidden) == 1 and not hidden[0].protected.any(), [g.reasons for g in hidden]
+    assert any(m.name == "model.embed_tokens" for m in hidden[0].members)
+    _no_warnings(pruner.step)
+    emb = model.model.embed_tokens
+    assert emb.weight.shape == (100, 16) and emb.embedding_dim == 16
+    assert model.config.hidden_size == 16 and model.model.norm.weight.shape == (16,)
+    assert (model.lm_head.weight is emb.weight) == tied
+    assert model(**x).logits.shape == (2, 8, 100)
+    assert model.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False).shape == (1, 13)

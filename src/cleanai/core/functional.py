@@ -20,7 +20,8 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
     """A known layer's parameter used outside its forward (``F.linear(x, layer.weight,
     layer.bias)``): the weight carries the layer's input ids on its input dim, and a product
     that contracts them yields its output ids (``ctx.partners``); the bias carries the output
-    ids. A layer without input channels (an embedding looked up with ``F.embedding``) gives its
+    ids. A layer that also ran uses the same ids (tied weights: an embedding that is also the
+    output layer). A layer without input channels (an embedding looked up with ``F.embedding``) gives its
     weight its output ids. The layer is then pruned as if it had run."""
     name, pr = known_entry
     if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":
@@ -30,9 +31,11 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
         return None
     if name not in module_out:
         module_out[name] = ctx.fresh(n_out)
+        ctx.tie_blocks(module_out[name], pr.blocks(m), f"{type(m).__name__} {name} (out)")
         producers.append(name)
         if n_in is not None:
             module_in[name] = ctx.fresh(n_in)
+            ctx.tie_blocks(module_in[name], pr.in_blocks(m), f"{type(m).__name__} {name} (in)")
             ctx.partners[int(module_in[name][0])] = (module_in[name], module_out[name])
     for side, ids in (("in", module_in.get(name)), ("out", module_out[name])):
         if ids is None:

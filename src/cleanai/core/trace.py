@@ -24,7 +24,7 @@ from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forwa
                      unreached_count, warn_unreached)
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state, state_tensors
 from .slots import Slots, UnionFind
-from .tied import tie_shared_weights
+from .tied import is_subclass_layer, tie_shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,9 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
     if attention not in ("heads", "head_dims"):
         raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
     known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
+    # subclasses of known layers with a forward of their own: followed op by op, their weights
+    # still carry their channels (see core/tied.py)
+    subclasses: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
     inside_known = set()  # names of known layers and of everything inside them
     for name, m in model.named_modules():
         if name and name.rpartition(".")[0] in inside_known:
@@ -121,6 +124,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         if pruner is not None:
             known[m] = (name, pruner)
             inside_known.add(name)
+        elif is_subclass_layer(m):
+            subclasses[m] = (name, get_layer_pruner(m, inherited=True))
     names_of_params = {id(p): n for n, p in model.named_parameters()}
     # parameter id -> the known layer that holds it (directly or in a submodule)
     owned = {id(p): m for m in known for p in m.parameters()}
@@ -169,9 +174,12 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                     traceback.clear_frames(exc.__traceback__)
                 exc.__traceback__ = None
             errors.clear()
-        result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
-                            shapes, attention)
-        tie_shared_weights(known, result.uf, result.module_in, result.module_out)
+        layers = {**subclasses, **known}
+        with_subclasses = {id(p): m for m in subclasses for p in m.parameters()}
+        with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
+        result = _propagate(model, calls, output, layers, names_of_params, with_subclasses,
+                            intervals, shapes, attention)
+        tie_shared_weights(known, subclasses, result)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 
@@ -211,7 +219,6 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             if c not in visited:
                 stack.append((c, False))
 
-    called = {c.module for c in calls}
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
     sources: Dict[Tuple[Any, int], frozenset] = {}
     module_in: Dict[str, torch.Tensor] = {}
@@ -244,7 +251,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             var = p.variable
             s = None
             layer = owned.get(id(var))
-            if layer is not None and layer not in called:
+            if layer is not None:  # the walk never enters a layer: a use outside its forward
                 s = functional_param(ctx, var, layer, known[layer], module_in, module_out,
                                      producers)
                 sources[(p, 0)] = frozenset((known[layer][0],))
