@@ -137,3 +137,26 @@ def test_gemma3_hidden_size_prunes_and_generates(tied):
     assert (model.lm_head.weight is emb.weight) == tied
     assert model(**x).logits.shape == (2, 8, 100)
     assert model.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False).shape == (1, 13)
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization, then ``F.conv2d``: an op the tracer does not follow."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_subclass_weight_through_an_unknown_op_keeps_its_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), StandardizedConv(8, 16, 3, padding=1, bias=False),
+                          nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="ConvolutionBackward0"):
+        pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    conv = next(g for g in pruner.graph.groups if any(m.name == "2" and m.kind == "out" for m in g.members))
+    assert conv.protected.all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()
+    assert model[2].weight.shape[0] == 16 and model(x).shape == (2, 4, 6, 6)

@@ -36,7 +36,7 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
         if n_in is not None:
             module_in[name] = ctx.fresh(n_in)
             ctx.tie_blocks(module_in[name], pr.in_blocks(m), f"{type(m).__name__} {name} (in)")
-            ctx.partners[int(module_in[name][0])] = (module_in[name], module_out[name])
+            ctx.partners[int(module_in[name][0])] = (module_in[name], module_out[name], name)
     for side, ids in (("in", module_in.get(name)), ("out", module_out[name])):
         if ids is None:
             continue

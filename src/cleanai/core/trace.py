@@ -60,8 +60,10 @@ class _Tracer:
         self.attention = attention
         self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
         # first input id of a known layer's weight used functionally -> (its input ids, its
-        # output ids): a product that contracts the weight's input channels yields its outputs
-        self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # output ids, its name): a product that contracts the weight's input channels yields
+        # its outputs
+        self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor, str]] = {}
+        self.partners_used: set = set()
         params, buffers = state_tensors(list(model.modules()))
         self.storages = {t.untyped_storage().data_ptr() for t in params + buffers}
         self.uf = UnionFind()
@@ -307,6 +309,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
+    called = {c.name for c in calls}
+    for key, (_, out_ids, name) in ctx.partners.items():
+        if key not in ctx.partners_used and name not in called:
+            # its weight went through ops that do not say where its output channels go
+            ctx.protect(out_ids, f"output of {name}, whose weight is used by an op CleanAI "
+                                 f"does not follow")
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None

@@ -17,9 +17,11 @@ def _partner(ctx, b: Slots) -> Optional[torch.Tensor]:
     on the way), when ``b`` carries that weight's input ids."""
     if not b.weight or not len(b.ids):
         return None
-    entry = ctx.partners.get(int(b.ids[0]))
+    key = int(b.ids[0])
+    entry = ctx.partners.get(key)
     if entry is None or not torch.equal(entry[0], b.ids):
         return None
+    ctx.partners_used.add(key)
     return entry[1]
 
 
