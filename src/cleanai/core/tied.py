@@ -21,12 +21,16 @@ from .layers import UnsupportedLayer, get_layer_pruner
 
 
 def is_subclass_layer(m: nn.Module) -> bool:
-    """True for a subclass of a known layer with its own forward whose input and output
-    channels are unrelated (a norm subclass is followed through its functional norm and
-    pruned as its parameters instead)."""
+    """True for a subclass of a plain known layer (linear, conv, embedding: no submodules, no
+    internal dims) with its own forward whose input and output channels are unrelated (a norm
+    subclass is followed through its functional norm and pruned as its parameters instead)."""
     pr = get_layer_pruner(m, inherited=True)
-    return pr is not None and not isinstance(pr, UnsupportedLayer) and \
-        pr.coupling(m) == "independent"
+    if pr is None or isinstance(pr, UnsupportedLayer) or next(m.children(), None) is not None:
+        return False
+    try:
+        return pr.coupling(m) == "independent" and not pr.internal_dims(m)
+    except Exception:  # a pruner that cannot read this subclass: follow it op by op
+        return False
 
 
 def tie_shared_weights(known: Dict[nn.Module, tuple], subclasses: Dict[nn.Module, tuple],
@@ -45,19 +49,18 @@ def tie_shared_weights(known: Dict[nn.Module, tuple], subclasses: Dict[nn.Module
         for p in m.parameters():
             holders[id(p)] = holders.get(id(p), 0) + 1
     if any(n > 1 for n in holders.values()):
-        traced = {}  # the parameters of every layer that got channel ids -> its name
-        for m, (name, _) in layers.items():
+        traced = {}  # (pruner type, parameters) of every layer that got channel ids -> name
+        for m, (name, pr) in layers.items():
             if name in module_out or name in module_in:
-                traced.setdefault(_param_key(m), name)
-        for m, (name, _) in layers.items():
+                traced.setdefault((type(pr), _param_key(m)), name)
+        for m, (name, pr) in layers.items():
             key = _param_key(m)
-            twin = traced.get(key) if key else None
+            twin = traced.get((type(pr), key)) if key else None
             if twin is None or name in module_out or name in module_in:
                 continue
-            if type(layers[m][1]) is type(layers[_by_name(layers, twin)][1]):
-                for ids in (module_in, module_out):
-                    if twin in ids:
-                        ids[name] = ids[twin]
+            for ids in (module_in, module_out):
+                if twin in ids:
+                    ids[name] = ids[twin]
         # (parameter, dim) -> the ids each layer gives it there
         on_dims: Dict[Tuple[int, int], List[torch.Tensor]] = {}
         for m, (name, pr) in layers.items():
@@ -85,10 +88,6 @@ def tie_shared_weights(known: Dict[nn.Module, tuple], subclasses: Dict[nn.Module
     for m, (name, _) in subclasses.items():
         if name not in module_out and name not in module_in:
             result.modules.pop(name, None)
-
-
-def _by_name(layers, name):
-    return next(m for m, (n, _) in layers.items() if n == name)
 
 
 def _weights(pr, m: nn.Module, side: str) -> List[Tuple[torch.Tensor, int]]:
