@@ -45,3 +45,13 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
             if t is var and (side == "in" or t.dim() == 1 or n_in is None):
                 return Slots(dim, ids, True)
     return None
+
+
+def protect_unfollowed(ctx, called: set) -> None:
+    """Protect the output channels of every layer used only through its weight where no
+    product said where those channels go (its weight went into an op the tracer does not
+    follow): slicing them would change a tensor nobody adjusts."""
+    for key, (_, out_ids, name) in ctx.partners.items():
+        if key not in ctx.partners_used and name not in called:
+            ctx.protect(out_ids, f"output of {name}, whose weight is used by an op CleanAI "
+                                 f"does not follow")

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .functional import functional_param
+from .functional import functional_param, protect_unfollowed
 from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
@@ -309,12 +309,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
-    called = {c.name for c in calls}
-    for key, (_, out_ids, name) in ctx.partners.items():
-        if key not in ctx.partners_used and name not in called:
-            # its weight went through ops that do not say where its output channels go
-            ctx.protect(out_ids, f"output of {name}, whose weight is used by an op CleanAI "
-                                 f"does not follow")
+    protect_unfollowed(ctx, {c.name for c in calls})
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None
