@@ -21,7 +21,7 @@ def zero_consumers(model: nn.Module, plan) -> None:
         if kind != "in":
             continue
         module = model.get_submodule(name)
-        pruner = get_layer_pruner(module)
+        pruner = get_layer_pruner(module, inherited=True)
         if pruner.coupling(module) == "same":
             continue  # a depthwise conv: its output channel is removed too
         removed = torch.ones(pruner.in_channels(module), dtype=torch.bool)

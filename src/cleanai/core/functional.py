@@ -1,6 +1,7 @@
 """Known layers used through their weights instead of their forward.
 
-Some models call ``F.linear(x, layer.weight, layer.bias)`` (torchvision's swin attention):
+Some models call ``F.linear(x, layer.weight, layer.bias)`` (torchvision's swin attention) or
+``F.embedding(ids, layer.weight)``:
 the layer never runs, so its hooks see nothing, but its channels are still the layer's.
 """
 from __future__ import annotations
@@ -19,20 +20,38 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
     """A known layer's parameter used outside its forward (``F.linear(x, layer.weight,
     layer.bias)``): the weight carries the layer's input ids on its input dim, and a product
     that contracts them yields its output ids (``ctx.partners``); the bias carries the output
-    ids. The layer is then pruned as if it had run."""
+    ids. A layer that also ran uses the same ids (tied weights: an embedding that is also the
+    output layer). A layer without input channels (an embedding looked up with ``F.embedding``) gives its
+    weight its output ids. The layer is then pruned as if it had run."""
     name, pr = known_entry
     if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":
         return None
     n_in, n_out = pr.in_channels(m), pr.out_channels(m)
-    if n_in is None or n_out is None:
+    if n_out is None:
         return None
     if name not in module_out:
-        module_in[name] = ctx.fresh(n_in)
         module_out[name] = ctx.fresh(n_out)
+        ctx.tie_blocks(module_out[name], pr.blocks(m), f"{type(m).__name__} {name} (out)")
         producers.append(name)
-        ctx.partners[id(module_in[name])] = module_out[name]
-    for side, ids in (("in", module_in[name]), ("out", module_out[name])):
+        if n_in is not None:
+            module_in[name] = ctx.fresh(n_in)
+            ctx.tie_blocks(module_in[name], pr.in_blocks(m), f"{type(m).__name__} {name} (in)")
+            ctx.partners[int(module_in[name][0])] = (module_in[name], module_out[name], name)
+    for side, ids in (("in", module_in.get(name)), ("out", module_out[name])):
+        if ids is None:
+            continue
         for t, dim in pr.weights(m, side):
-            if t is var and (side == "in" or t.dim() == 1):
-                return Slots(dim, ids)
+            # a weight carries one set of ids: its input ids, where it has them
+            if t is var and (side == "in" or t.dim() == 1 or n_in is None):
+                return Slots(dim, ids, True)
     return None
+
+
+def protect_unfollowed(ctx, called: set) -> None:
+    """Protect the output channels of every layer used only through its weight where no
+    product said where those channels go (its weight went into an op the tracer does not
+    follow): slicing them would change a tensor nobody adjusts."""
+    for key, (_, out_ids, name) in ctx.partners.items():
+        if key not in ctx.partners_used and name not in called:
+            ctx.protect(out_ids, f"output of {name}, whose weight is used by an op CleanAI "
+                                 f"does not follow")

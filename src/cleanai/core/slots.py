@@ -7,7 +7,7 @@ two ids together; the connected sets are the removable units. A tensor is descri
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
 import torch
@@ -85,10 +85,14 @@ class Slots:
 
     ``dim`` is non-negative and ``len(ids) == shape[dim]`` of the tensor it describes.
     A tensor that carries no channel ids is described by ``None`` instead.
+    ``weight`` is True when the tensor is computed from parameters alone (a layer scale,
+    ``pos.view(1, C, 1, 1)``, ``layer.weight.t()``): the tracer sets it from the data flow,
+    so it survives any op, whatever ids tensor a handler builds.
     """
 
     dim: int
     ids: torch.Tensor
+    weight: bool = field(default=False, compare=False)
 
     def moved(self, dim: int) -> "Slots":
         return Slots(dim, self.ids)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .functional import functional_param
+from .functional import functional_param, protect_unfollowed
 from .layer_io import layer_extras
 from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
@@ -25,6 +25,7 @@ from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forwa
                      unreached_count, warn_unreached)
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state
 from .slots import Slots, UnionFind
+from .tied import is_subclass_layer, tie_shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ class _Tracer:
                  scan: Optional["_Scan"] = None) -> None:
         self.attention = attention
         self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
-        # id(input ids of a weight used functionally) -> its output ids: a product that
-        # contracts those input channels yields these output channels
-        self.partners: Dict[int, torch.Tensor] = {}
-        self.param_ids: set = set()  # id() of the ids tensors of bare parameters
+        # first input id of a known layer's weight used functionally -> (its input ids, its
+        # output ids, its name): a product that contracts the weight's input channels yields
+        # its outputs
+        self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor, str]] = {}
+        self.partners_used: set = set()
         self._scan = scan or _Scan(model)
         self._storages: Optional[set] = None  # filled on first use: most models never ask
         self.uf = UnionFind()
@@ -116,12 +118,14 @@ class _Scan:
     ``named`` lists ``(qualified name, module)`` as ``named_modules()`` does; ``known`` maps each
     outermost module with a LayerPruner to ``(name, pruner)``; ``params``/``buffers`` are the
     model's tensors (each once); ``param_names`` maps ``id(parameter)`` to its first name and
-    ``owned`` maps ``id(parameter)`` to the known layer holding it."""
+    ``owned`` maps ``id(parameter)`` to the known layer holding it; ``subclasses`` maps the
+    subclasses of known layers with a forward of their own (see core/tied.py) like ``known``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.named = list(model.named_modules())
         self.modules = [m for _, m in self.named]
         self.known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
+        self.subclasses: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
         self.param_names: Dict[int, str] = {}
         self.owned: Dict[int, nn.Module] = {}
         self.params: List[torch.Tensor] = []
@@ -135,6 +139,8 @@ class _Scan:
                 if pruner is not None:
                     self.known[m] = (name, pruner)
                     owner = m
+                elif is_subclass_layer(m):
+                    self.subclasses[m] = (name, get_layer_pruner(m, inherited=True))
             if owner is not None:
                 inside[name] = owner
             dot = name + "." if name else ""
@@ -210,15 +216,21 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                     traceback.clear_frames(exc.__traceback__)
                 exc.__traceback__ = None
             errors.clear()
-        result = _propagate(model, calls, output, known, names_of_params, owned, intervals,
-                            shapes, attention, scan)
+        # subclasses of known layers with a forward of their own: followed op by op, their
+        # weights still carry their channels (see core/tied.py)
+        layers = {**scan.subclasses, **known}
+        with_subclasses = {id(p): m for m in scan.subclasses for p in m.parameters()}
+        with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
+        result = _propagate(model, calls, output, layers, names_of_params, with_subclasses,
+                            intervals, shapes, attention, scan)
         if result.unknown:  # say where each unknown op ran: once more, with module ranges
             with preserved_state(model, scan.modules) if best[3] else contextlib.nullcontext():
                 calls, intervals, output, shapes = record_forward(
                     model, best[2], forward_fn, known, best[3], scan.named, locate=True)
-            result = _propagate(model, calls, output, known, names_of_params, owned,
-                                intervals, shapes, attention, scan)
+            result = _propagate(model, calls, output, layers, names_of_params,
+                                with_subclasses, intervals, shapes, attention, scan)
             _warn_unknown(model, result.unknown)
+        tie_shared_weights(known, scan.subclasses, result)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 
@@ -258,7 +270,6 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             if c not in visited:
                 stack.append((c, False))
 
-    called = {c.module for c in calls}
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
     sources: Dict[Tuple[Any, int], frozenset] = {}
     module_in: Dict[str, torch.Tensor] = {}
@@ -271,6 +282,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
     # linear in depth; resolve_edges() expands junctions into layer-to-layer edges on demand
     junctions: List[frozenset] = []
     empty = frozenset()
+    weights = set()  # keys of the tensors computed from parameters alone
 
     for p in order:
         if isinstance(p, ModuleCall):
@@ -290,7 +302,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             var = p.variable
             s = None
             layer = owned.get(id(var))
-            if layer is not None and layer not in called:
+            if layer is not None:  # the walk never enters a layer: a use outside its forward
                 s = functional_param(ctx, var, layer, known[layer], module_in, module_out,
                                      producers)
                 sources[(p, 0)] = frozenset((known[layer][0],))
@@ -299,11 +311,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                 if pname not in params:
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
                     if dims:
-                        params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]))
-                        ctx.param_ids.add(id(params[pname].ids))
+                        params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]), True)
                 s = params.get(pname)
                 sources[(p, 0)] = frozenset((pname,))
-            slots[(p, 0)] = s
+            if id(var) in names_of_params:
+                weights.add((p, 0))
+            slots[(p, 0)] = s if s is None or s.weight else Slots(s.dim, s.ids, True)
             continue
         in_keys = [(fn, nr) if fn is not None else None for fn, nr in p.next_functions]
         ins = [slots.get(k) if k is not None else None for k in in_keys]
@@ -335,10 +348,17 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             src = frozenset((len(junctions) - 1,))
         else:
             src = srcs.pop() if srcs else empty
+        # computed from parameters alone (``gamma[:, None, None]``, ``w.t()``): still a weight
+        from_weights = all(k is None or k in weights for k in in_keys) and any(in_keys)
         for nr, s in enumerate(outs):
+            if from_weights:
+                weights.add((p, nr))
+                if s is not None and not s.weight:
+                    s = Slots(s.dim, s.ids, True)
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
+    protect_unfollowed(ctx, {c.name for c in calls})
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None

@@ -3,14 +3,19 @@
 MACs come from :class:`torch.utils.flop_counter.FlopCounterMode`, which counts the matrix
 products and convolutions PyTorch dispatches (the usual fvcore/ptflops convention: element-wise
 ops, norms and activations are not counted). One MAC is two FLOPs.
+
+Recurrent layers (``nn.RNN``/``LSTM``/``GRU`` and their cells) run as fused kernels that the
+counter has no formula for (oneDNN's LSTM on CPU, cuDNN on GPU), so they are counted by
+:class:`RecurrentMacs` instead: every step multiplies each weight matrix once.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.runtime import ForwardFn, preserved_state, run_forward
@@ -53,7 +58,8 @@ def count_macs(model: nn.Module, example_inputs: Any,
         RuntimeError: if the forward pass fails, naming the model and the original error.
     """
     counter = FlopCounterMode(display=False)
-    with preserved_state(model, same_modes=True), torch.no_grad():
+    with preserved_state(model, same_modes=True), torch.no_grad(), \
+            RecurrentMacs(model, counter) as recurrent:
         try:
             with counter:
                 run_forward(model, example_inputs, forward_fn)
@@ -61,4 +67,66 @@ def count_macs(model: nn.Module, example_inputs: Any,
             raise RuntimeError(
                 f"count_macs could not run {type(model).__name__} on the example inputs: "
                 f"{type(exc).__name__}: {exc}") from exc
-    return int(counter.get_total_flops()) // 2
+    return recurrent.total(counter)
+
+
+class RecurrentMacs:
+    """Counts the recurrent layers of ``model`` while ``counter`` counts the rest.
+
+    Per step (one token of one sequence), a recurrent layer multiplies every weight matrix once:
+    for each layer and direction ``gates * hidden * (input + hidden_out)`` plus
+    ``hidden * proj_size`` with projections (``gates``: 4 LSTM, 3 GRU, 1 RNN), i.e. the number of
+    elements of its ``weight_*`` tensors; biases and the gates' element-wise math are not counted,
+    as for other layers. Steps are ``seq_len * batch`` (the real lengths of a packed sequence).
+    Whatever the counter saw inside these layers is replaced by this count.
+
+    Use as a context around the counted forward, then read :meth:`total` and :attr:`macs`
+    (module name -> MACs of its calls).
+    """
+
+    def __init__(self, model: nn.Module, counter: FlopCounterMode) -> None:
+        self.counter = counter
+        self.layers = {m: name for name, m in model.named_modules()
+                       if isinstance(m, (nn.RNNBase, nn.RNNCellBase))}
+        self.macs: Dict[str, int] = {}
+        self.seen_flops = 0  # what the counter counted inside recurrent layers
+        self._start: Dict[int, int] = {}
+        self._handles = []
+
+    def __enter__(self) -> "RecurrentMacs":
+        for m in self.layers:
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre(self, module, args) -> None:
+        self._start[id(module)] = self.counter.get_total_flops()
+
+    def _post(self, module, args, output) -> None:
+        self.seen_flops += self.counter.get_total_flops() - self._start.pop(id(module), 0)
+        name = self.layers[module]
+        self.macs[name] = self.macs.get(name, 0) + recurrent_macs(module, args[0] if args else None)
+
+    def total(self, counter: FlopCounterMode) -> int:
+        """All MACs: the counter's, with recurrent layers counted here."""
+        return (int(counter.get_total_flops()) - self.seen_flops) // 2 + sum(self.macs.values())
+
+
+def recurrent_macs(module: nn.Module, x: Any) -> int:
+    """MACs of one call of a recurrent layer or cell on input ``x`` (see :class:`RecurrentMacs`)."""
+    per_step = sum(p.numel() for n, p in module.named_parameters(recurse=False)
+                   if n.startswith("weight_"))
+    if isinstance(x, PackedSequence):
+        steps = x.data.shape[0]
+    elif not isinstance(x, torch.Tensor):
+        steps = 0
+    elif isinstance(module, nn.RNNCellBase):
+        steps = x.shape[0] if x.dim() == 2 else 1
+    else:
+        steps = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    return steps * per_step

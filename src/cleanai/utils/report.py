@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.runtime import ForwardFn, preserved_state, run_forward
-from .counting import count_params
+from .counting import RecurrentMacs, count_params
 from .latency import measure_latency
 
 __all__ = ["LayerStats", "Snapshot", "Report", "snapshot", "report"]
@@ -67,7 +67,8 @@ def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[Forward
     from ..core.layers import get_layer_pruner
 
     counter = FlopCounterMode(display=False)
-    with preserved_state(model, same_modes=True), torch.no_grad():
+    with preserved_state(model, same_modes=True), torch.no_grad(), \
+            RecurrentMacs(model, counter) as recurrent:
         try:
             with counter:
                 run_forward(model, example_inputs, forward_fn)
@@ -77,6 +78,7 @@ def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[Forward
     root = type(model).__name__
     flops = {k[len(root) + 1:] if k.startswith(root + ".") else k: sum(v.values())
              for k, v in counter.get_flop_counts().items()}
+    flops.update((name, 2 * macs) for name, macs in recurrent.macs.items())
     layers: Dict[str, LayerStats] = {}
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
@@ -96,7 +98,7 @@ def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[Forward
     tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
     size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
     ms = measure_latency(model, example_inputs, forward_fn, repeats=repeats) * 1e3 if latency else None
-    return Snapshot(root, count_params(model), int(counter.get_total_flops()) // 2, size, ms, layers)
+    return Snapshot(root, count_params(model), recurrent.total(counter), size, ms, layers)
 
 
 class Report:

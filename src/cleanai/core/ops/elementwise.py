@@ -236,17 +236,16 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         # a size-1 channel dim broadcast over a larger one (a gate) ties nothing
     if not tracked:
         return None
-    # an activation's ids describe the result (a parameter's ids object marks a parameter)
-    params = ctx.param_ids
-    tracked.sort(key=lambda t: id(t[1].ids) in params)
+    # an activation's ids describe the result
+    tracked.sort(key=lambda t: t[1].weight)
     dims = {od for od, _ in tracked}
     if len(dims) > 1:
         # a parameter over a dim that carries no channel ids here (a norm weight over
         # head_dim, applied where whole heads are the units) is kept; the activation goes on
-        acts = [(od, x) for od, x in tracked if id(x.ids) not in params]
+        acts = [(od, x) for od, x in tracked if not x.weight]
         if acts and len({od for od, _ in acts}) == 1 and len(acts) < len(tracked):
             for _, x in tracked:
-                if id(x.ids) in params:
+                if x.weight:
                     ctx.protect(x, f"a weight that {op} applies along a dim without channel "
                                    f"ids (e.g. a norm over head_dim when heads are the units)")
             tracked = acts

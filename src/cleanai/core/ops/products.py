@@ -12,6 +12,19 @@ from .elementwise import broadcast
 
 # --- products ------------------------------------------------------------------------------
 
+def _partner(ctx, b: Slots) -> Optional[torch.Tensor]:
+    """The output ids of a known layer whose weight ``b`` is (however reshaped or transposed
+    on the way), when ``b`` carries that weight's input ids."""
+    if not b.weight or not len(b.ids):
+        return None
+    key = int(b.ids[0])
+    entry = ctx.partners.get(key)
+    if entry is None or not torch.equal(entry[0], b.ids):
+        return None
+    ctx.partners_used.add(key)
+    return entry[1]
+
+
 @register("MmBackward0", "BmmBackward0")
 def _mm(ctx, call: OpCall):
     return [matmul(ctx, call.name(), call.ins[0], call.ins[1], call.in_shapes[0],
@@ -39,7 +52,7 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     partner = None
     if a_k and b_k:
         ctx.uf.union_all(a.ids, b.ids)
-        partner = ctx.partners.get(id(b.ids))  # F.linear with a layer's weight
+        partner = _partner(ctx, b)  # F.linear with a layer's weight
     elif a_k and sa[ka] > 1:
         ctx.protect(a, f"{op} contracts channels against a tensor without channel ids")
     elif b_k and sb[kb] > 1:

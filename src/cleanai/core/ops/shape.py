@@ -247,6 +247,19 @@ def _index(ctx, call: OpCall):
     return [None]
 
 
+@register("EmbeddingBackward0")
+def _embedding(ctx, call: OpCall):
+    """``F.embedding(ids, weight)``: rows picked by token ids; the weight's dim 1 becomes the
+    output's last dim."""
+    w = call.ins[0]
+    if w is None:
+        return [None]
+    if w.dim == 1:
+        return [Slots(len(call.out_shapes[0]) - 1, w.ids)]
+    ctx.protect(w, "embedding lookup over the channel dim")
+    return [None]
+
+
 @register("PixelShuffleBackward0")
 def _pixel_shuffle(ctx, call: OpCall):
     x = call.ins[0]

@@ -1,0 +1,114 @@
+"""Parameters the model uses directly (a layer scale, a position embedding, a layer's weight
+passed to ``F.linear``) stay recognised as weights however they are reshaped on the way."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai import StructuredPruner
+from equivalence import check_equivalence
+
+
+class NchwLayerScale(nn.Module):
+    """ConvNeXt's layer scale on an NCHW map: ``gamma[:, None, None]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.up, self.down = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1)
+        self.gamma = nn.Parameter(torch.rand(8))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        y = y + self.gamma[:, None, None] * self.down(F.relu(self.up(y)))
+        return self.head(y)
+
+
+class ViewedPositions(nn.Module):
+    """A per-channel embedding added through a view: ``pos.view(1, -1, 1, 1)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pos, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.rand(8)), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.pos.view(1, -1, 1, 1) + self.stem(x)))
+
+
+class HeadDimScale(nn.Module):
+    """A scale over head_dim applied where whole heads are the units: the scale is kept, the
+    heads stay removable."""
+
+    def __init__(self, heads=4, head_dim=8):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q, self.o = nn.Linear(16, heads * head_dim), nn.Linear(heads * head_dim, 16)
+        self.scale = nn.Parameter(torch.rand(head_dim))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim) * self.scale.view(1, 1, 1, -1)
+        return self.o(F.relu(q).reshape(b, t, -1))
+
+
+class ReshapedLayerWeight(nn.Module):
+    """A layer used through its weight, reshaped or transposed first."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc, self.tied, self.b = nn.Linear(6, 8), nn.Linear(8, 10), nn.Linear(10, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        h = F.relu(F.linear(h, self.fc.weight.view(self.fc.out_features, -1), self.fc.bias))
+        h = F.relu(h @ self.tied.weight.t().contiguous() + self.tied.bias)
+        return self.b(h)
+
+
+def _prune(model, x, ratio=0.5):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unknown op, no "did not run"
+        pruner = StructuredPruner(model, x, pruning_ratio=ratio)
+    return pruner
+
+
+@pytest.mark.parametrize("cls, x, param, dim", [
+    (NchwLayerScale, torch.randn(2, 3, 6, 6), "gamma", 0),
+    (ViewedPositions, torch.randn(2, 3, 6, 6), "pos", 0),
+])
+def test_reshaped_parameter_is_sliced_with_its_channels(cls, x, param, dim):
+    torch.manual_seed(0)
+    model = cls()
+    pruner = _prune(model, x)
+    group = next(g for g in pruner.graph.groups if any(m.name == param for m in g.members))
+    assert not group.protected.any()
+    member = next(m for m in group.members if m.name == param)
+    assert member.kind == "param" and member.dim == dim
+    check_equivalence(model, pruner, x)
+    assert getattr(model, param).shape[dim] == model.stem.out_channels == 4
+
+
+def test_head_dim_scale_keeps_the_heads_removable():
+    torch.manual_seed(0)
+    model, x = HeadDimScale(), torch.randn(2, 5, 16)
+    pruner = _prune(model, x)
+    heads = next(g for g in pruner.graph.groups if any(m.name == "q" and m.kind == "out" for m in g.members))
+    assert heads.size == 4 and not heads.protected.any()
+    check_equivalence(model, pruner, x)
+    assert model.q.out_features == 16 and model.scale.shape == (8,)
+    model.heads = 2
+    assert model(x).shape == (2, 5, 16)
+
+
+def test_layer_weight_used_reshaped_is_pruned_as_the_layer():
+    torch.manual_seed(0)
+    model, x = ReshapedLayerWeight(), torch.randn(4, 6)
+    pruner = _prune(model, x)
+    for name in ("fc", "tied"):
+        out = next(g for g in pruner.graph.groups if any(m.name == name and m.kind == "out" for m in g.members))
+        assert not out.protected.any()
+    check_equivalence(model, pruner, x)
+    assert model.fc.weight.shape == (5, 4) and model.tied.weight.shape == (6, 5)
+    assert model(x).shape == (4, 3)
