@@ -1,5 +1,5 @@
-"""Record one forward of a model for the tracer: known-layer calls, each module's autograd
-sequence range, and the operand shapes of adds and subs.
+"""Record one forward of a model for the tracer: the known layers (:class:`ModelScan`), their
+calls, each module's autograd sequence range, and the operand shapes of adds and subs.
 
 :func:`cleanai.core.trace.trace` runs :func:`record_forward` (more than once when a branch only runs in
 training) and hands the recording to the autograd walk.
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .layers import LayerPruner
+from .layers import LayerPruner, get_layer_pruner
 from .runtime import ForwardFn, iter_tensors, run_forward
+from .tied import is_subclass_layer
 
 
 @dataclasses.dataclass(eq=False)
@@ -32,6 +33,52 @@ class ModuleCall:
     #: the tensor inputs after the first: (key or None for a constant, shape)
     extras: List[Tuple[Optional[Tuple[Any, int]], Tuple[int, ...]]] = dataclasses.field(
         default_factory=list)
+
+
+class ModelScan:
+    """One walk over the model's modules: everything the trace needs to know before it runs.
+
+    ``named`` lists ``(qualified name, module)`` as ``named_modules()`` does; ``known`` maps each
+    outermost module with a LayerPruner to ``(name, pruner)``; ``params``/``buffers`` are the
+    model's tensors (each once); ``param_names`` maps ``id(parameter)`` to its first name and
+    ``owned`` maps ``id(parameter)`` to the known layer holding it; ``subclasses`` maps the
+    subclasses of known layers with a forward of their own (see core/tied.py) like ``known``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.named = list(model.named_modules())
+        self.modules = [m for _, m in self.named]
+        self.known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
+        self.subclasses: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
+        self.param_names: Dict[int, str] = {}
+        self.owned: Dict[int, nn.Module] = {}
+        self.params: List[torch.Tensor] = []
+        self.buffers: List[torch.Tensor] = []
+        inside: Dict[str, nn.Module] = {}  # name -> the known layer it is (or is inside)
+        seen_buffers = set()
+        for name, m in self.named:
+            owner = inside.get(name.rpartition(".")[0]) if name else None
+            if owner is None:
+                pruner = get_layer_pruner(m)
+                if pruner is not None:
+                    self.known[m] = (name, pruner)
+                    owner = m
+                elif is_subclass_layer(m):
+                    self.subclasses[m] = (name, get_layer_pruner(m, inherited=True))
+            if owner is not None:
+                inside[name] = owner
+            dot = name + "." if name else ""
+            for k, p in m._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in self.param_names:
+                    self.param_names[id(p)] = dot + k
+                    self.params.append(p)
+                if owner is not None:  # a weight tied across known layers: the last one
+                    self.owned[id(p)] = owner
+            for b in m._buffers.values():
+                if b is not None and id(b) not in seen_buffers:
+                    seen_buffers.add(id(b))
+                    self.buffers.append(b)
 
 
 def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,

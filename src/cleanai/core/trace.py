@@ -19,13 +19,13 @@ from torch import nn
 
 from .functional import functional_param, protect_unfollowed
 from .layer_io import layer_extras
-from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
+from .layers import UnsupportedLayer
 from .ops import OP_HANDLERS, OpCall
-from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forward, tensor_key,
-                     unreached_count, warn_unreached)
+from .record import (ModelScan, ModuleCall, as_leaf, describe_inputs, doubled, record_forward,
+                     tensor_key, unreached_count, warn_unreached)
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state
 from .slots import Slots, UnionFind
-from .tied import is_subclass_layer, tie_shared_weights
+from .tied import tie_shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class _Tracer:
     """Holds the union-find and the protected ids while channel ids are propagated."""
 
     def __init__(self, model: nn.Module, attention: str = "heads",
-                 scan: Optional["_Scan"] = None) -> None:
+                 scan: Optional["ModelScan"] = None) -> None:
         self.attention = attention
         self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
         # first input id of a known layer's weight used functionally -> (its input ids, its
@@ -68,7 +68,7 @@ class _Tracer:
         # its outputs
         self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor, str]] = {}
         self.partners_used: set = set()
-        self._scan = scan or _Scan(model)
+        self._scan = scan or ModelScan(model)
         self._storages: Optional[set] = None  # filled on first use: most models never ask
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
@@ -112,52 +112,6 @@ class _Tracer:
         self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
 
 
-class _Scan:
-    """One walk over the model's modules: everything the trace needs to know before it runs.
-
-    ``named`` lists ``(qualified name, module)`` as ``named_modules()`` does; ``known`` maps each
-    outermost module with a LayerPruner to ``(name, pruner)``; ``params``/``buffers`` are the
-    model's tensors (each once); ``param_names`` maps ``id(parameter)`` to its first name and
-    ``owned`` maps ``id(parameter)`` to the known layer holding it; ``subclasses`` maps the
-    subclasses of known layers with a forward of their own (see core/tied.py) like ``known``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.named = list(model.named_modules())
-        self.modules = [m for _, m in self.named]
-        self.known: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
-        self.subclasses: Dict[nn.Module, Tuple[str, LayerPruner]] = {}
-        self.param_names: Dict[int, str] = {}
-        self.owned: Dict[int, nn.Module] = {}
-        self.params: List[torch.Tensor] = []
-        self.buffers: List[torch.Tensor] = []
-        inside: Dict[str, nn.Module] = {}  # name -> the known layer it is (or is inside)
-        seen_buffers = set()
-        for name, m in self.named:
-            owner = inside.get(name.rpartition(".")[0]) if name else None
-            if owner is None:
-                pruner = get_layer_pruner(m)
-                if pruner is not None:
-                    self.known[m] = (name, pruner)
-                    owner = m
-                elif is_subclass_layer(m):
-                    self.subclasses[m] = (name, get_layer_pruner(m, inherited=True))
-            if owner is not None:
-                inside[name] = owner
-            dot = name + "." if name else ""
-            for k, p in m._parameters.items():
-                if p is None:
-                    continue
-                if id(p) not in self.param_names:
-                    self.param_names[id(p)] = dot + k
-                    self.params.append(p)
-                if owner is not None:  # a weight tied across known layers: the last one
-                    self.owned[id(p)] = owner
-            for b in m._buffers.values():
-                if b is not None and id(b) not in seen_buffers:
-                    seen_buffers.add(id(b))
-                    self.buffers.append(b)
-
-
 def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None,
           attention: str = "heads") -> TraceResult:
     """Run ``model`` once on ``example_inputs`` and follow every channel (see module doc).
@@ -166,7 +120,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
     removable: ``"heads"`` (whole heads) or ``"head_dims"`` (the same dims of every head)."""
     if attention not in ("heads", "head_dims"):
         raise ValueError(f"attention must be 'heads' or 'head_dims', got {attention!r}")
-    scan = _Scan(model)
+    scan = ModelScan(model)
     known, names_of_params, owned = scan.known, scan.param_names, scan.owned
 
     # (an attempt in train mode below has its own full save: BatchNorm updates its statistics)
