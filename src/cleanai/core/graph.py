@@ -63,6 +63,9 @@ class Group:
     reasons: Dict[str, int]
     constraints: List[str]
     kind: str = "channels"
+    #: modules whose code splits these channels into parts of sizes it wrote down
+    #: (``x.split(64)``): pruning works only if that code reads a width CleanAI updates
+    fixed_splits: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def prunable(self) -> int:
@@ -319,6 +322,11 @@ def _build_groups(r: TraceResult) -> List[Group]:
             if ids is not None:
                 entries.append((name, "internal", index, ids))
     _add_members(groups, entries, roots, group_of, channel_of)
+
+    for ids, where in r.fixed_splits:
+        gi = int(group_of[roots[ids[0]]])
+        if gi >= 0 and where not in groups[gi].fixed_splits:
+            groups[gi].fixed_splits.append(where)
 
     reasons: Dict[int, str] = {}
     if r.protected:

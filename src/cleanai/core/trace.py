@@ -50,6 +50,8 @@ class TraceResult:
     internal: Dict[str, List[Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
     kinds: List[Tuple[int, str]] = dataclasses.field(default_factory=list)
     junctions: List[frozenset] = dataclasses.field(default_factory=list)
+    #: (ids, module that ran the split) of splits into equal parts of sizes fixed in the code
+    fixed_splits: List[Tuple[torch.Tensor, str]] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
@@ -69,6 +71,8 @@ class _Tracer:
         self.notes: List[Tuple[int, str]] = []
         self.unknown: Dict[str, List[str]] = {}
         self.operand_shapes: Dict[Any, list] = {}
+        # (ids, grad_fn) of splits into equal parts whose sizes the model's code wrote down
+        self.fixed_splits: List[Tuple[torch.Tensor, Any]] = []
 
     def fresh(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
         ids = self.uf.new(n)
@@ -308,7 +312,9 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                       f"layer to prune through it.", stacklevel=3)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
                        output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
-                       internal, ctx.kinds, junctions)
+                       internal, ctx.kinds, junctions,
+                       [(ids, _innermost(intervals, fn._sequence_nr()))
+                        for ids, fn in ctx.fixed_splits])
 
 
 def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:
@@ -346,6 +352,20 @@ def _innermost(intervals, s: int) -> str:
     return best[2] if best else ""
 
 
+def _slides_along_channels(m: nn.Module, pr: LayerPruner, x: Optional[Slots], call: ModuleCall,
+                           in_dim: Optional[int]) -> bool:
+    """A one-channel conv run along the channels, which sit on one of its spatial dims, and
+    keeps their count (ECA attention: ``Conv1d(1, 1, k)`` over pooled channels): each channel
+    mixes with its neighbours, as in a LayerNorm, and any subset of them can stay."""
+    if x is None or in_dim is None or x.dim <= in_dim or len(call.outputs) != 1:
+        return False
+    if not isinstance(m, nn.modules.conv._ConvNd) or pr.in_channels(m) != 1 or \
+            pr.out_channels(m) != 1:
+        return False
+    shape = call.outputs[0][1]
+    return len(shape) == len(call.input_shape) and shape[x.dim] == call.input_shape[x.dim]
+
+
 def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, module_out,
                  producers) -> List[Optional[Slots]]:
     m, pr, name = call.module, call.pruner, call.name
@@ -360,6 +380,8 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
     if n_in is not None:
         in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
         fits = x is not None and x.dim == in_dim and len(x.ids) == n_in
+        if not fits and _slides_along_channels(m, pr, x, call, in_dim):
+            return [Slots(x.dim, x.ids)]
         in_ids = module_in.get(name)
         if in_ids is None:
             # first call: the layer's input channels are the ids that arrive (no new ids)

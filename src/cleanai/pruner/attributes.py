@@ -2,9 +2,10 @@
 
 Attention and MLP blocks keep their widths as plain integers (``num_heads``, ``head_dim``,
 ``all_head_size``, ``split_size``, ``intermediate_size``...) and read them in ``forward``.
-After a group loses channels, each such attribute inside the group's scope (the innermost
-module that holds all its layers) is scaled by the fraction of units kept, when its name says
-it measures that kind of width and its value is a multiple of the group's size.
+After a group loses channels, each such attribute of the group's scope (the innermost module
+that holds all its layers) or of a module inside it that holds some of those layers is scaled
+by the fraction of units kept, when its name says it measures that kind of width and its value
+is a multiple of the group's size.
 A model's ``config`` (Hugging Face style) is updated the same way when every layer was pruned
 alike; otherwise a warning says that the config can no longer describe the model.
 """
@@ -76,9 +77,12 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
         kept = Fraction(g.size - len(idx), g.size)
         exact, multiple = _ROLES[g.kind]
         scope = scope_of(g)
+        layers = {m.name.rpartition(".")[0] if m.kind == "param" else m.name for m in g.members}
         for name, module in modules:
             if scope and name != scope and not name.startswith(scope + "."):
                 continue
+            if name != scope and not any(n.startswith(name + ".") for n in layers):
+                continue  # a block beside the group's layers: an equal width there is chance
             for attr in exact + multiple:
                 v = module.__dict__.get(attr)
                 if type(v) is not int or v <= 0:

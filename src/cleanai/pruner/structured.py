@@ -305,8 +305,12 @@ class StructuredPruner:
         cls = type(self.model.get_submodule(layer))
         if cls in tried or cls is type(self.model):
             return False
-        tried.add(cls)
         scopes = {n for n, m in self.model.named_modules() if type(m) is cls}
+        if (cls, "splits") not in tried:  # first the channels its code splits by fixed sizes
+            tried.add((cls, "splits"))
+            if self._protect_fixed_splits(cls, scopes, error):
+                return True
+        tried.add(cls)
         reason = f"pruning breaks {cls.__name__}"
         hit = 0
         for g in self.graph.groups:
@@ -319,6 +323,20 @@ class StructuredPruner:
                           f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
                           f"again.", stacklevel=3)
         return hit > 0
+
+    def _protect_fixed_splits(self, cls: type, scopes: set, error: str) -> bool:
+        """Protect the groups that ``cls``'s code splits into parts of fixed sizes."""
+        reason = f"split by {cls.__name__} into parts of sizes fixed in its code"
+        hit = [g for g in self.graph.groups if not g.protected.all()
+               and any(_within(w, scopes) for w in g.fixed_splits)]
+        for g in hit:
+            g.reasons[reason] = int((~g.protected).sum())
+            g.protected[:] = True
+        if hit:
+            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the {len(hit)} "
+                          f"groups that {cls.__name__} splits into parts of fixed sizes and "
+                          f"plans again.", stacklevel=4)
+        return bool(hit)
 
     def _protect_inputs(self, layer: str, error: str, tried: set) -> bool:
         if layer in tried:

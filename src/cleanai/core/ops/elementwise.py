@@ -24,7 +24,9 @@ _UNARY = (
     "RreluWithNoiseBackward0 ThresholdBackward0 HardshrinkBackward0 SoftshrinkBackward0 "
     "TanhshrinkBackward0 LogitBackward0 FloorBackward0 CeilBackward0 "
     "RoundBackward0 TruncBackward0 FracBackward0 ClampBackward0 "
-    "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0"
+    "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0 "
+    # in-place activations (``nn.LeakyReLU(inplace=True)``, ``F.elu_``) have their own nodes
+    "LeakyReluBackward1 EluBackward1 CeluBackward1 RreluWithNoiseBackward1 ThresholdBackward1"
 ).split()
 
 
@@ -151,9 +153,15 @@ def _masked(ctx, call: OpCall):
 @register("torch::autograd::CopySlices")
 def _copy_slices(ctx, call: OpCall):
     """An in-place op on a view (``x[:, :2].relu_()``): the base keeps its channels; a tensor
-    written into a region of it cannot be followed."""
+    written into a region of it cannot be followed. Operands of the base's full shape were
+    written over a view of all of it (GhostNet's ``out[:, :n] += shortcut`` with ``n`` all
+    the channels): an element-wise op on the base."""
     base = call.ins[0]
     written = [x for x in call.ins[1:] if x is not None]
+    out = tuple(call.out_shapes[0])
+    if written and all(s is not None and tuple(s) == out
+                       for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
+        return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
     if written:
         protect_all(ctx, "a tensor written into part of another", [base] + written)
         return [None]

@@ -186,6 +186,8 @@ def _split(ctx, call: OpCall):
     pieces = list(x.ids.split(sizes[0]))
     for piece in pieces[1:]:
         ctx.uf.union_all(pieces[0], piece)
+    if len(pieces) > 1 and ("split", call.node) in ctx.operand_shapes:
+        ctx.fixed_splits.append((pieces[0], call.node))  # sizes written in the code
     if len(pieces) > 1:
         ctx.note(pieces[0], f"{call.name()} into {len(pieces)} equal parts: each keeps the same "
                             f"positions")

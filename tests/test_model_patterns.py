@@ -1,0 +1,235 @@
+"""Patterns met in real models (timm, torchvision, Hugging Face) that a pruner must follow or
+protect: in-place activations, splits into sizes fixed in the code, widths kept as integers."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cleanai
+from cleanai.utils import count_params
+
+from equivalence import check_equivalence
+
+
+class InplaceActs(nn.Module):
+    """Darknet-style conv + BN + in-place LeakyReLU / ELU / threshold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = nn.functional.leaky_relu(self.b1(self.c1(x)), 0.1, inplace=True)
+        x = nn.functional.elu(self.b2(self.c2(x)), inplace=True)
+        x = nn.functional.threshold(self.c3(x), 0.0, 0.0, inplace=True)
+        return self.head(x)
+
+
+def test_inplace_activations_are_followed_exactly():
+    torch.manual_seed(0)
+    model = InplaceActs().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    inner = [g for g in pruner.graph.groups if "head.out" not in [f"{m.name}.{m.kind}" for m in g.members]]
+    assert len(inner) == 3 and not any(bool(g.protected.any()) for g in inner)
+    check_equivalence(model, pruner, x)
+    assert model.c1.out_channels == model.c2.out_channels == model.c3.out_channels == 8
+
+
+class CrossStage(nn.Module):
+    """CSPNet's stage: the expanded map is split by a size the code computes from an integer
+    attribute (``x.split(self.expand // 2)``), which pruning cannot update."""
+
+    def __init__(self, c, expand):
+        super().__init__()
+        self.expand = expand
+        self.conv_exp = nn.Conv2d(c, expand, 1)
+        self.block = nn.Conv2d(expand // 2, expand // 2, 3, padding=1)
+        self.conv_transition = nn.Conv2d(expand, c, 1)
+
+    def forward(self, x):
+        xs, xb = self.conv_exp(x).split(self.expand // 2, dim=1)
+        return self.conv_transition(torch.cat([xs, torch.relu(self.block(xb))], dim=1))
+
+
+class ChunkStage(CrossStage):
+    """The same stage written with ``chunk(2)``: the halves follow the pruned width."""
+
+    def forward(self, x):
+        xs, xb = self.conv_exp(x).chunk(2, dim=1)
+        return self.conv_transition(torch.cat([xs, torch.relu(self.block(xb))], dim=1))
+
+
+def _csp(stage):
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), stage(16, 32), stage(16, 32),
+                         nn.Conv2d(16, 5, 1))
+
+
+def test_split_by_fixed_size_protects_only_the_split_channels():
+    torch.manual_seed(0)
+    model = _csp(CrossStage).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    split = [g for g in pruner.graph.groups if g.fixed_splits]
+    assert sorted(w for g in split for w in g.fixed_splits) == ["2", "3"]
+    with pytest.warns(UserWarning, match="splits into parts of fixed sizes"):
+        pruner.step()
+    assert model(x).shape == (1, 5, 8, 8)
+    for stage in (model[2], model[3]):
+        assert stage.conv_exp.out_channels == 32  # the split's channels are kept ...
+        assert stage.block.out_channels == 8  # ... everything else is pruned
+    assert model[0].out_channels == 8
+    assert all("sizes fixed in its code" in next(iter(g.reasons)) for g in split)
+
+
+def test_chunk_halves_are_pruned_without_fallback():
+    torch.manual_seed(0)
+    model = _csp(ChunkStage).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any(g.fixed_splits for g in pruner.graph.groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        pruner.step()
+    assert model[2].conv_exp.out_channels == 16 and model(x).shape == (1, 5, 8, 8)
+
+
+class WidthKeeper(nn.Module):
+    """MobileViTv2's linear attention: ``qkv.split([1, self.embed_dim, self.embed_dim])``;
+    its qkv output is protected (unequal split), so ``embed_dim`` must not change."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.embed_dim = d
+        self.qkv = nn.Conv2d(d, 1 + 2 * d, 1)
+        self.out = nn.Conv2d(d, d, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([1, self.embed_dim, self.embed_dim], dim=1)
+        return self.out(torch.softmax(q, dim=-1) * k + v)
+
+
+class Residual(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(d, d, 1), nn.Conv2d(d, d, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + self.b(torch.relu(h))
+
+
+def test_width_attribute_of_a_block_beside_the_group_is_left_alone():
+    """A residual width elsewhere in the model equals ``embed_dim`` by chance; pruning it must
+    not rewrite the attention block's ``embed_dim``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), WidthKeeper(8), Residual(8), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 4, 4)
+    n0 = count_params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert model(x).shape == (1, 4, 4, 4)
+    assert model[1].embed_dim == model[1].qkv.out_channels // 2 == 8
+    assert model[2].a.out_channels == 4 and count_params(model) < n0
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["cspresnet50", "darknet17", "mobilevitv2_050"])
+def test_timm_models_with_these_patterns_prune(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    n0 = count_params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert count_params(model) < 0.7 * n0
+    y = model(x)
+    assert y.shape == (1, 1000)
+    y.sum().backward()
+    model.train()
+    model(torch.cat([x, x]))
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: a conv, a cheap depthwise conv of its output, both concatenated and
+    sliced back to ``out_chs`` (here all of them), then a shortcut added in place into that
+    slice: autograd records an in-place add on a view of the whole concatenation."""
+
+    def __init__(self, c, out_chs):
+        super().__init__()
+        self.out_chs = out_chs
+        self.primary = nn.Conv2d(c, out_chs // 2, 1)
+        self.cheap = nn.Conv2d(out_chs // 2, out_chs // 2, 3, padding=1, groups=out_chs // 2)
+        self.shortcut = nn.Conv2d(c, out_chs, 1)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        y = torch.cat([x1, self.cheap(x1)], dim=1)[:, :self.out_chs]
+        y += self.shortcut(x)
+        return y
+
+
+def test_in_place_add_into_a_full_slice_is_followed_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Ghost(8, 16), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any(bool(g.protected.any()) for g in pruner.graph.groups
+                   if g.reasons.get("model output") is None)
+    check_equivalence(model, pruner, x)
+    assert model[1].shortcut.out_channels == 8 and model[1].primary.out_channels == 4
+
+
+def test_in_place_add_into_part_of_a_tensor_is_protected():
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            y[:, :4] += self.b(x)
+            return y
+    model = nn.Sequential(Partial(), nn.Conv2d(8, 2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = cleanai.DependencyGraph(model, torch.randn(1, 3, 4, 4))
+    g = graph.group_of("0.a")[0]
+    assert bool(g.protected.all()) and "written into part" in next(iter(g.reasons))
+
+
+class ECA(nn.Module):
+    """Efficient channel attention: a one-channel Conv1d slides along the pooled channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        return x * torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+
+
+def test_conv_sliding_along_channels_lets_them_be_pruned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), ECA(), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    x = torch.randn(2, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    g = pruner.graph.group_of("0")[0]
+    assert g.size == 16 and not bool(g.protected.any())
+    pruner.step()
+    assert model[0].out_channels == model[3].in_channels == 8
+    assert model[1].conv.weight.shape == (1, 1, 3)  # the sliding conv itself is unchanged
+    # the gate of each kept channel is computed from the kept channels alone
+    h = model[0](x)
+    gate = torch.sigmoid(model[1].conv(h.mean((2, 3)).unsqueeze(1))).view(2, -1, 1, 1)
+    torch.testing.assert_close(model[1](h), h * gate)
+    model(x).sum().backward()
