@@ -71,7 +71,7 @@ TIMM = {  # name: (input size, create_model kwargs)
     "convnextv2_atto": (64, {}), "inception_next_tiny": (64, {}),
     "fastvit_t8": (64, {}), "efficientformer_l1": (224, {}),
     "efficientformerv2_s0": (224, {}), "poolformer_s12": (64, {}),
-    "poolformerv2_s12": (64, {}), "convmixer_768_32": (64, {"depth": 4}),
+    "poolformerv2_s12": (64, {}), "convmixer_768_32": (64, {}),
     "edgenext_xx_small": (64, {}), "mobilevit_xxs": (64, {}), "mobilevitv2_050": (64, {}),
     "efficientvit_b0": (64, {}), "efficientvit_m0": (224, {}),
     "coatnet_nano_rw_224": (224, {}), "coat_lite_tiny": (64, {"img_size": 64}),
@@ -85,14 +85,13 @@ TIMM = {  # name: (input size, create_model kwargs)
     "tnt_s_patch16_224": (64, {"img_size": 64, "depth": 2}),
     "volo_d1_224": (64, {"img_size": 64}), "gcvit_xxtiny": (224, {}),
     "levit_128s": (224, {}), "convit_tiny": (64, {"img_size": 64, "depth": 4}),
-    "pit_ti_224": (224, {}), "mixer_s16_224": (64, {"img_size": 64, "num_blocks": 2}),
-    "resmlp_12_224": (64, {"img_size": 64, "depth": 2}), "gmlp_ti16_224": (64, {"img_size": 64,
-                                                                           "num_blocks": 2}),
+    "pit_ti_224": (224, {}), "mixer_s16_224": (64, {"img_size": 64}),
+    "resmlp_12_224": (64, {"img_size": 64}), "gmlp_ti16_224": (64, {"img_size": 64}),
     "tiny_vit_5m_224": (224, {}), "davit_tiny": (64, {}), "focalnet_tiny_srf": (64, {}),
     "maxvit_nano_rw_256": (256, {}), "swinv2_cr_tiny_224": (224, {}),
     "hiera_tiny_224": (224, {}), "vit_small_patch16_rope_224": (64, {"img_size": 64,
                                                                       "depth": 2}),
-    "bat_resnext26ts": (64, {}), "halonet26t": (256, {}), "botnet26t_256": (256, {}),
+    "bat_resnext26ts": (256, {}), "halonet26t": (256, {}), "botnet26t_256": (256, {}),
     "lambda_resnet26t": (256, {}), "visformer_tiny": (224, {}), "mambaout_femto": (64, {}),
     "rdnet_tiny": (64, {}), "sequencer2d_s": (64, {}),
 }
@@ -128,14 +127,14 @@ _tv("lraspp_mobilenet_v3_large", lambda: _img(64), weights_backbone=None)
 _tv("r3d_18", lambda: _img(32, frames=4))
 _tv("mc3_18", lambda: _img(32, frames=4))
 _tv("r2plus1d_18", lambda: _img(32, frames=4))
-_tv("s3d", lambda: _img(64, frames=8))
+_tv("s3d", lambda: _img(112, frames=16))
 _tv("swin3d_t", lambda: _img(64, frames=4))
 _tv("mvit_v2_s", lambda: _img(224, frames=16))
 _tv("fasterrcnn_mobilenet_v3_large_fpn", lambda: _img(128), sub="backbone",
     weights_backbone=None)
 _tv("retinanet_resnet50_fpn", lambda: _img(128), sub="backbone", weights_backbone=None)
 _tv("ssdlite320_mobilenet_v3_large", lambda: _img(128), sub="backbone", weights_backbone=None)
-_tv("raft_small", lambda: (_img(64), _img(64)))
+_tv("raft_small", lambda: (_img(128), _img(128)))
 
 
 def _hf_text(config_cls: str, model_cls: str, vocab: int = 100, **cfg) -> Callable[[], Case]:
@@ -230,7 +229,7 @@ HF: Dict[str, Callable[[], Case]] = {
                                  image_size=32, patch_size=8, **_T),
     "hf:swin": _hf_pixels("SwinConfig", "SwinModel", size=32, image_size=32, patch_size=4,
                           embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4),
-    "hf:convnext": _hf_pixels("ConvNextConfig", "ConvNextModel", size=32,
+    "hf:convnext": _hf_pixels("ConvNextConfig", "ConvNextModel", size=32, num_stages=2,
                               hidden_sizes=[16, 32], depths=[1, 1]),
     "hf:resnet": _hf_pixels("ResNetConfig", "ResNetModel", size=32, embedding_size=16,
                             hidden_sizes=[16, 32], depths=[1, 1]),

@@ -233,3 +233,123 @@ def test_conv_sliding_along_channels_lets_them_be_pruned():
     gate = torch.sigmoid(model[1].conv(h.mean((2, 3)).unsqueeze(1))).view(2, -1, 1, 1)
     torch.testing.assert_close(model[1](h), h * gate)
     model(x).sum().backward()
+
+
+class TiedEncoderDecoder(nn.Module):
+    """T5's layout: encoder and decoder embeddings tied to one matrix; the encoder's states
+    are an output (kept), the decoder's width could be pruned if the matrix were not shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc_emb, self.dec_emb = nn.Embedding(20, 8), nn.Embedding(20, 8)
+        self.dec_emb.weight = self.enc_emb.weight
+        self.enc, self.dec = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids, dec_ids):
+        states = self.enc_emb(ids)
+        states = states + self.enc(states)
+        h = self.dec_emb(dec_ids)
+        h = h + self.dec(torch.relu(h))
+        return self.head(h), states
+
+
+def test_layers_sharing_a_weight_share_its_channels():
+    torch.manual_seed(0)
+    model = TiedEncoderDecoder()
+    x = (torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (2, 3)))
+    graph = cleanai.DependencyGraph(model, x)
+    g = graph.group_of("dec_emb")[0]
+    assert "enc_emb.out" in [f"{m.name}.{m.kind}" for m in g.members]
+    assert bool(g.protected.all())  # the encoder's states are an output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    logits, states = model(*x)
+    assert logits.shape == (2, 3, 20) and states.shape == (2, 5, 8)
+    assert model.dec_emb.weight is model.enc_emb.weight
+
+
+class Scale(nn.Module):
+    """MetaFormer's layer scale: keeps the shape it views its parameter with."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+def test_stored_view_shape_of_a_parameter_follows_and_replays():
+    import json
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 1), Scale(16), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    model, x = make(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x)
+    assert model[1].shape == (8, 1, 1) and model[1].scale.shape == (8,)
+    fresh = make()
+    cleanai.replay(fresh, json.loads(json.dumps(pruner.history[-1]["layers"])))
+    assert fresh[1].shape == (8, 1, 1)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer without norms: a token-mixing MLP runs over ``x.transpose(1, 2)``, so the
+    channels sit on a batch dim of its Linears; then a channel MLP."""
+
+    def __init__(self, tokens, dim):
+        super().__init__()
+        self.tok1, self.tok2 = nn.Linear(tokens, 12), nn.Linear(12, tokens)
+        self.ch1, self.ch2 = nn.Linear(dim, 32), nn.Linear(32, dim)
+
+    def forward(self, x):  # [B, tokens, dim]
+        x = x + self.tok2(torch.relu(self.tok1(x.transpose(1, 2)))).transpose(1, 2)
+        return x + self.ch2(torch.relu(self.ch1(x)))
+
+
+class TinyMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 2, stride=2)
+        self.blocks = nn.Sequential(MixerBlock(9, 16), MixerBlock(9, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(x).mean(1))
+
+
+def test_channels_pass_through_a_linear_that_mixes_tokens_exactly():
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    hidden = pruner.graph.group_of("embed")[0]
+    assert hidden.size == 16 and not bool(hidden.protected.any())
+    check_equivalence(model, pruner, x)
+    assert model.embed.out_channels == 8 and model.blocks[0].ch1.in_features == 8
+    assert model.blocks[0].tok1.in_features == 9  # the tokens stay
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["ghostnet_050", "darknet17", "dla34", "hrnet_w18_small",
+                                  "dpn48b", "selecsls42b"])
+def test_timm_cnn_families_prune_exactly(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    for m in model.modules():  # statistics that would show a channel mapped to the wrong one
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x, atol=1e-4)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .functional import functional_param
 from .layer_io import layer_extras
-from .layers import LayerPruner, UnsupportedLayer, get_layer_pruner
+from .layers import LayerPruner, LinearPruner, UnsupportedLayer, get_layer_pruner
 from .ops import OP_HANDLERS, OpCall
 from .record import (ModuleCall, as_leaf, describe_inputs, doubled, record_forward, tensor_key,
                      unreached_count, warn_unreached)
@@ -295,6 +295,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
+    _tie_shared_weights(ctx, known, module_in, module_out)
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None
@@ -315,6 +316,24 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                        internal, ctx.kinds, junctions,
                        [(ids, _innermost(intervals, fn._sequence_nr()))
                         for ids, fn in ctx.fixed_splits])
+
+
+def _tie_shared_weights(ctx: _Tracer, known, module_in, module_out) -> None:
+    """Layers that share a weight (an encoder's and a decoder's embeddings tied to one matrix)
+    hold the same channels on its dims: slicing it for one slices it for all."""
+    seen: Dict[Tuple[int, int], torch.Tensor] = {}
+    for m, (name, pr) in known.items():
+        if isinstance(pr, UnsupportedLayer):
+            continue
+        for side, ids in (("in", module_in.get(name)), ("out", module_out.get(name))):
+            if ids is None:
+                continue
+            for t, dim in pr.weights(m, side):
+                if t.shape[dim] != len(ids):
+                    continue  # a grouped conv's input dim holds a block, not every channel
+                first = seen.setdefault((id(t), dim), ids)
+                if first is not ids:
+                    ctx.uf.union_all(first, ids)
 
 
 def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:
@@ -366,6 +385,19 @@ def _slides_along_channels(m: nn.Module, pr: LayerPruner, x: Optional[Slots], ca
     return len(shape) == len(call.input_shape) and shape[x.dim] == call.input_shape[x.dim]
 
 
+def _maps_another_dim(pr: LayerPruner, x: Optional[Slots], call: ModuleCall,
+                      in_dim: Optional[int]) -> bool:
+    """A Linear applied along a dim without channel ids while another dim carries them
+    (MLP-Mixer's token mixing on ``x.transpose(1, 2)``): that dim is one of the Linear's batch
+    dims, each of its rows mapped alone, so its channels pass through unchanged. The
+    Linear's own dim (tokens) is left as it is."""
+    if x is None or in_dim is None or x.dim >= in_dim or not isinstance(pr, LinearPruner):
+        return False
+    shape = call.outputs[0][1] if len(call.outputs) == 1 else None
+    return shape is not None and len(shape) == len(call.input_shape) and \
+        shape[x.dim] == call.input_shape[x.dim] == len(x.ids)
+
+
 def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, module_out,
                  producers) -> List[Optional[Slots]]:
     m, pr, name = call.module, call.pruner, call.name
@@ -380,7 +412,8 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
     if n_in is not None:
         in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
         fits = x is not None and x.dim == in_dim and len(x.ids) == n_in
-        if not fits and _slides_along_channels(m, pr, x, call, in_dim):
+        if not fits and (_slides_along_channels(m, pr, x, call, in_dim)
+                         or _maps_another_dim(pr, x, call, in_dim)):
             return [Slots(x.dim, x.ids)]
         in_ids = module_in.get(name)
         if in_ids is None:

@@ -12,9 +12,10 @@ alike; otherwise a warning says that the config can no longer describe the model
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from fractions import Fraction
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ _CONFIG = {
     "channels": _MLP,
 }
 
-Update = Tuple[str, str, int]  # (module name, attribute, new value)
+Update = Tuple[str, str, Any]  # (module name, attribute, new int or shape tuple)
 
 
 def scope_of(group: Group) -> str:
@@ -91,6 +92,7 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
                     new = v * kept
                     if new.denominator == 1:
                         proposals.setdefault((name, attr), set()).add(int(new))
+    _stored_shapes(model, graph, removals, proposals)
     updates = []
     for (name, attr), values in proposals.items():
         if len(values) == 1:
@@ -102,10 +104,39 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
     return updates
 
 
+def _stored_shapes(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                   proposals: Dict[Tuple[str, str], set]) -> None:
+    """A module that keeps the shape it views its own parameter with (``self.shape =
+    (dim, 1, 1)`` for ``self.scale.view(self.shape)``): the entry for the sliced dim follows."""
+    for g in graph.groups:
+        idx = removals.get(g.id)
+        if idx is None or idx.numel() == 0:
+            continue
+        removed = torch.zeros(g.size, dtype=torch.bool)
+        removed[idx] = True
+        for m in g.members:
+            if m.kind != "param":
+                continue
+            owner, _, pname = m.name.rpartition(".")
+            module = model.get_submodule(owner)
+            p = module._parameters.get(pname)
+            if p is None:
+                continue
+            old = p.shape[m.dim]
+            new = old - int(removed[m.channels].sum())
+            for attr, v in module.__dict__.items():
+                if type(v) is tuple and v and all(type(e) is int for e in v) and \
+                        v.count(old) == 1 and math.prod(v) == p.numel():
+                    proposals.setdefault((owner, attr), set()).add(
+                        tuple(new if e == old else e for e in v))
+
+
 def set_attributes(model: nn.Module, updates: List[Update]) -> None:
-    """Write ``updates`` (from :func:`attribute_updates` or a history entry) into the model."""
+    """Write ``updates`` (from :func:`attribute_updates` or a history entry) into the model:
+    an integer, or a stored shape (a tuple, a list once read back from JSON)."""
     for name, attr, value in updates:
-        setattr(model.get_submodule(name), attr, int(value))
+        value = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+        setattr(model.get_submodule(name), attr, value)
 
 
 def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
