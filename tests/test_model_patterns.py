@@ -353,3 +353,98 @@ def test_timm_cnn_families_prune_exactly(name):
         warnings.simplefilter("ignore")
         pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
     check_equivalence(model, pruner, x, atol=1e-4)
+
+
+class Doubler(torch.autograd.Function):
+    """A custom autograd op CleanAI knows nothing about."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class CustomActs(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.act.apply(self.a(x)))
+
+
+def test_known_custom_autograd_activations_are_followed_and_others_protected():
+    activations_me = pytest.importorskip("timm.layers.activations_me")
+    x = torch.randn(2, 3, 4, 4)
+    for act, followed in ((activations_me.SwishAutoFn, True), (activations_me.HardMishAutoFn, True),
+                          (Doubler, False)):
+        torch.manual_seed(0)
+        model = CustomActs(act).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+        g = pruner.graph.group_of("a")[0]
+        if followed:
+            assert not bool(g.protected.any())
+            check_equivalence(model, pruner, x)
+            assert model.a.out_channels == 4
+        else:
+            assert bool(g.protected.all()) and "DoublerBackward" in next(iter(g.reasons))
+            assert any("DoublerBackward" in str(w.message) for w in caught)
+
+
+class Unfolds(nn.Module):
+    """Windows cut with ``Tensor.unfold`` (HaloNet) and ``F.unfold`` (VOLO's outlook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6 * 4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = h.unfold(2, 3, 1).unfold(3, 3, 1).mean((-1, -2))  # [B, 8, H-2, W-2]
+        h = torch.relu(self.b(h))
+        cols = nn.functional.unfold(h, 2, stride=2)  # [B, 6 * 4, L]
+        return self.fc(cols.transpose(1, 2))
+
+
+def test_unfolded_windows_keep_their_channels_exactly():
+    torch.manual_seed(0)
+    model = Unfolds().eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any(bool(g.protected.any()) for g in pruner.graph.groups
+                   if "model output" not in g.reasons)
+    check_equivalence(model, pruner, x)
+    assert model.a.out_channels == 4 and model.b.out_channels == 3 and model.fc.in_features == 12
+
+
+class NchwPositions(nn.Module):
+    """PiT / Visformer: a ``[1, C, H, W]`` position embedding added to a conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.pos = nn.Parameter(torch.randn(1, 8, 3, 3))
+        self.mid = nn.Conv2d(8, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.embed(x) + self.pos)))
+
+
+def test_weight_spanning_the_channels_on_another_dim_never_breaks_pruning():
+    torch.manual_seed(0)
+    model, x = NchwPositions(), torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert model(x).shape == (2, 4, 3, 3)
+    assert model.pos.shape[1] == model.embed.out_channels  # kept, or sliced with the conv
+    assert model.mid.out_channels == 8

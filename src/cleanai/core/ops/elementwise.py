@@ -26,7 +26,11 @@ _UNARY = (
     "RoundBackward0 TruncBackward0 FracBackward0 ClampBackward0 "
     "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0 "
     # in-place activations (``nn.LeakyReLU(inplace=True)``, ``F.elu_``) have their own nodes
-    "LeakyReluBackward1 EluBackward1 CeluBackward1 RreluWithNoiseBackward1 ThresholdBackward1"
+    "LeakyReluBackward1 EluBackward1 CeluBackward1 RreluWithNoiseBackward1 ThresholdBackward1 "
+    # activations written as torch.autograd.Function, known by name: BLOOM's GeLU and timm's
+    # memory-efficient activations (any other custom Function stays an unknown op)
+    "GeLUFunctionBackward SwishAutoFnBackward MishAutoFnBackward HardSigmoidAutoFnBackward "
+    "HardSwishAutoFnBackward HardMishAutoFnBackward"
 ).split()
 
 
@@ -234,6 +238,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     """
     out_nd = len(out)
     tracked = []
+    spans = {}  # id(slots) -> the operand's shape
     for x, s in zip(ins, shapes):
         if x is None:
             continue
@@ -241,6 +246,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         od = x.dim + out_nd - nd
         if len(x.ids) == out[od]:
             tracked.append((od, x))
+            spans[id(x)] = s
         # a size-1 channel dim broadcast over a larger one (a gate) ties nothing
     if not tracked:
         return None
@@ -253,10 +259,18 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         # head_dim, applied where whole heads are the units) is kept; the activation goes on
         acts = [(od, x) for od, x in tracked if id(x.ids) not in params]
         if acts and len({od for od, _ in acts}) == 1 and len(acts) < len(tracked):
+            od = acts[0][0]
             for _, x in tracked:
                 if id(x.ids) in params:
                     ctx.protect(x, f"a weight that {op} applies along a dim without channel "
                                    f"ids (e.g. a norm over head_dim when heads are the units)")
+                    s = spans[id(x)]
+                    k = od - (out_nd - len(s)) if s is not None else -1
+                    if 0 <= k < len(s) and s[k] != 1:
+                        # it also spans the channels (a [1, C, H, W] position embedding
+                        # whose ids went to W): they cannot be sliced out of it
+                        for _, a in acts:
+                            ctx.protect(a, f"{op} with a weight that spans the channel dim")
             tracked = acts
         else:
             for _, x in tracked:

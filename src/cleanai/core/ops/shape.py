@@ -276,3 +276,32 @@ def _pixel_unshuffle(ctx, call: OpCall):
         return [None]
     r2 = int(call.saved("downscale_factor")) ** 2
     return [Slots(x.dim, x.ids.repeat_interleave(r2))]
+
+
+@register("UnfoldBackward0")
+def _tensor_unfold(ctx, call: OpCall):
+    """``x.unfold(dim, size, step)``: windows along ``dim`` on a new last dim; other dims keep
+    their place, so channels pass unless ``dim`` is theirs."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape = call.in_shapes[0]
+    if in_shape is None or ndim_dim(int(call.saved("dimension")), len(in_shape)) == x.dim:
+        ctx.protect(x, "unfold of the channel dim into windows")
+        return [None]
+    return [x]
+
+
+@register("Im2ColBackward0")
+def _im2col(ctx, call: OpCall):
+    """``F.unfold(x, k)``: ``[N, C, H, W] -> [N, C * kh * kw, L]``, each channel's window
+    values together (channel-major), so channel c becomes ``kh * kw`` consecutive features."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape, out = call.in_shapes[0], call.out_shapes[0]
+    if in_shape is None or x.dim != len(in_shape) - 3:
+        ctx.protect(x, "F.unfold over the channel dim")
+        return [None]
+    kh, kw = (int(k) for k in call.saved("kernel_size"))
+    return [Slots(len(out) - 2, x.ids.repeat_interleave(kh * kw))]
