@@ -17,7 +17,7 @@ Families: timm CNNs and vision transformers, torchvision segmentation / video / 
 backbones, Hugging Face transformers (tiny random configs). Run:
 
     python benchmarks/probe_models.py [--quick] [--only NAME ...] [--family timm|tv|hf]
-                                      [--limit SECONDS]
+                                      [--limit SECONDS] [--out docs/probe_models_table.md]
 
 ``--quick`` runs one or two models per family (about a minute). The table at the end has one row
 per model: parameters before -> after, protected %, seconds, status, the top protection reason.
@@ -397,6 +397,7 @@ def main() -> None:
     parser.add_argument("--family", choices=["timm", "tv", "hf"], help="one family only")
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="also write the table as markdown to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -424,6 +425,25 @@ def main() -> None:
               f"{r['note'][:160]}")
     bad = [r["model"] for r in rows if r["status"] in ("FAIL", "WRONG")]
     print(f"\n{len(rows)} models: {len(rows) - len(bad)} without failure; failing: {bad}")
+    if args.out:
+        write_markdown(args.out, rows, " ".join(sys.argv[1:]))
+
+
+def write_markdown(path: str, rows: List[Dict[str, Any]], argv: str) -> None:
+    """The table as markdown, with the command and the code revision that produced it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import cleanai_revision
+    lines = [f"Produced by `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/probe_models.py "
+             f"{argv}` ({cleanai_revision()}, torch {torch.__version__}).", "",
+             "| model | params before -> after | protected % | s | status | note |",
+             "|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        prot = f"{100 * r['protected']:.1f}" if r["protected"] == r["protected"] else "-"
+        note = r["note"][:200].replace("|", "/")
+        lines.append(f"| {r['model']} | {r['before']:,} -> {r['after']:,} | {prot} | "
+                     f"{r['seconds']:.1f} | {r['status']} | {note} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

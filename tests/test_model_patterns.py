@@ -139,11 +139,13 @@ def test_width_attribute_of_a_block_beside_the_group_is_left_alone():
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", ["cspresnet50", "darknet17", "mobilevitv2_050"])
+@pytest.mark.parametrize("name", ["cspresnet50", "darknet17", "mobilevitv2_050", "nf_resnet26",
+                                  "poolformer_s12", "gmlp_ti16_224"])
 def test_timm_models_with_these_patterns_prune(name):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    kw = {"img_size": 64} if name.startswith("gmlp") else {}  # token mixing fixes the size
+    model = timm.create_model(name, pretrained=False, **kw).eval()
     x = torch.randn(1, 3, 64, 64)
     n0 = count_params(model)
     with warnings.catch_warnings():
@@ -448,3 +450,23 @@ def test_weight_spanning_the_channels_on_another_dim_never_breaks_pruning():
     assert model(x).shape == (2, 4, 3, 3)
     assert model.pos.shape[1] == model.embed.out_channels  # kept, or sliced with the conv
     assert model.mid.out_channels == 8
+
+
+def test_weight_standardized_convs_prune_with_their_gains():
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    torch.manual_seed(0)
+    model = nn.Sequential(std_conv.ScaledStdConv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          std_conv.StdConv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any("ConvolutionBackward0" in str(w.message) for w in caught)
+    scores = model[0].gain.detach().flatten().clone()
+    pruner.step()
+    assert model[0].weight.shape == (8, 3, 3, 3) and model[0].gain.shape == (8, 1, 1, 1)
+    assert model[2].weight.shape == (8, 8, 3, 3) and model[4].in_channels == 8
+    assert set(model[0].gain.flatten().tolist()) <= set(scores.tolist())
+    y = model(x)
+    assert y.shape == (2, 4, 8, 8) and bool(torch.isfinite(y).all())

@@ -354,11 +354,14 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     cls = getattr(type(module), "cleanai_layer_type", type(module))
     if cls in _REGISTRY:
         return _REGISTRY[cls]
+    from .named_layers import named_layer_pruner  # classes of optional libraries, by name
+    named = named_layer_pruner(module, inherited)
+    if named is not None:  # before torch's classes: a named subclass has its own forward
+        return named
     for base in cls.__mro__[1:]:
         if base in _REGISTRY:
             return _REGISTRY[base] if inherited or cls.forward is base.forward else None
-    from .named_layers import named_layer_pruner  # classes of optional libraries, by name
-    return named_layer_pruner(module, inherited)
+    return None
 
 
 for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
