@@ -137,6 +137,27 @@ _tv("ssdlite320_mobilenet_v3_large", lambda: _img(128), sub="backbone", weights_
 _tv("raft_small", lambda: (_img(128), _img(128)))
 
 
+def _detector() -> Case:
+    """The whole Faster R-CNN on one image. In eval mode the output is a list of dicts whose
+    box count depends on the weights, so ``forward_fn`` keeps the keys and trailing dims
+    (``boxes: [0, 4]``); in train mode it returns the losses for one target box."""
+    import torchvision
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None)
+
+    def forward_fn(m, inputs):
+        if m.training:  # the losses, against one box per image
+            images = inputs[0]
+            targets = [{"boxes": torch.tensor([[8.0, 8.0, 60.0, 60.0]]),
+                        "labels": torch.tensor([1])} for _ in images]
+            return m(images, targets)
+        return [{k: v.reshape(-1, *v.shape[1:])[:0] for k, v in d.items()} for d in m(*inputs)]
+    return model, ([torch.rand(3, 128, 128)],), forward_fn
+
+
+TV["fasterrcnn_mobilenet_v3_large_fpn"] = _detector
+
+
 def _hf_text(config_cls: str, model_cls: str, vocab: int = 100, **cfg) -> Callable[[], Case]:
     def build() -> Case:
         import transformers

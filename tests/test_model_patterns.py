@@ -470,3 +470,78 @@ def test_weight_standardized_convs_prune_with_their_gains():
     assert set(model[0].gain.flatten().tolist()) <= set(scores.tolist())
     y = model(x)
     assert y.shape == (2, 4, 8, 8) and bool(torch.isfinite(y).all())
+
+
+class DetachedBranch(nn.Module):
+    """A detector's region proposals: a head on shared features whose result is detached
+    before it steers the output (here a gate), so no output depends on it through autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 8, 1)
+        self.proposals = nn.Conv2d(8, 2, 1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.feat(x))
+        keep = (self.proposals(f).detach().sigmoid() > 0.5).float()[:, :1]
+        return self.head(torch.relu(self.mid(f)) * keep)
+
+
+def test_channels_feeding_a_detached_branch_are_protected():
+    torch.manual_seed(0)
+    model, x = DetachedBranch().eval(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    g = pruner.graph.group_of("feat")[0]
+    assert bool(g.protected.all()) and "detached branch" in next(iter(g.reasons))
+    pruner.step()
+    assert model(x).shape == (2, 4, 4, 4) and model.mid.out_channels == 4
+
+
+def test_roi_align_keeps_channels_exactly():
+    ops = pytest.importorskip("torchvision.ops")
+
+    class RoiHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 2 * 2, 5)
+
+        def forward(self, x):
+            boxes = torch.tensor([[0, 0.0, 0.0, 4.0, 4.0], [1, 2.0, 2.0, 7.0, 7.0]])
+            f = torch.relu(self.backbone(x))
+            return self.fc(torch.cat([ops.roi_align(f, boxes, 2),
+                                      ops.roi_pool(f, boxes, 2)]).flatten(1))
+
+    torch.manual_seed(0)
+    model, x = RoiHead().eval(), torch.randn(2, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not bool(pruner.graph.group_of("backbone")[0].protected.any())
+    check_equivalence(model, pruner, x)
+    assert model.backbone.out_channels == 4 and model.fc.in_features == 16
+
+
+class GatherIntoZeros(nn.Module):
+    """MultiScaleRoIAlign's assembly: rows written into a zero tensor made with the channel
+    count read at run time (``out[idx] = rows``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.a(x))
+        out = torch.zeros(3, f.shape[1], *f.shape[2:])
+        out[torch.tensor([0, 2])] = f
+        return self.b(out)
+
+
+def test_rows_written_into_a_run_time_tensor_keep_their_channels_exactly():
+    torch.manual_seed(0)
+    model, x = GatherIntoZeros().eval(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not bool(pruner.graph.group_of("a")[0].protected.any())
+    check_equivalence(model, pruner, x)
+    assert model.a.out_channels == 4

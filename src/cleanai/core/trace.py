@@ -295,6 +295,12 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
+    for c in calls:
+        if c not in visited:  # it ran, but no output depends on it through autograd
+            for k in [c.input_key] + [k for k, _ in c.extras]:
+                ctx.protect(slots.get(k) if k is not None else None,
+                            f"input of {c.name}, whose result reaches no output through "
+                            f"autograd (a detached branch): its layer is not pruned")
     _tie_shared_weights(ctx, known, module_in, module_out)
     output_ids = []
     for t in iter_tensors(output):

@@ -93,6 +93,9 @@ for _name, _last in (
     ("ReflectionPad1DBackward0", 1), ("ReflectionPad2DBackward0", 2),
     ("ReflectionPad3DBackward0", 3), ("ReplicationPad1DBackward0", 1),
     ("ReplicationPad2DBackward0", 2), ("ReplicationPad3DBackward0", 3),
+    # torchvision's RoI pooling: one output per box, each channel pooled on its own
+    ("GeneratedBackwardFor_torchvision_roi_align_defaultBackward", 2),
+    ("GeneratedBackwardFor_torchvision_roi_pool_defaultBackward", 2),
 ):
     OP_HANDLERS[_name] = _spatial(_last)
 

@@ -305,3 +305,28 @@ def _im2col(ctx, call: OpCall):
         return [None]
     kh, kw = (int(k) for k in call.saved("kernel_size"))
     return [Slots(len(out) - 2, x.ids.repeat_interleave(kh * kw))]
+
+
+@register("IndexPutBackward0")
+def _index_put(ctx, call: OpCall):
+    """``out[idx] = values`` with the indices on leading dims before the channels
+    (torchvision's MultiScaleRoIAlign gathers each level's boxes into one tensor): the
+    channels of ``out`` and of ``values`` are the same."""
+    base, values = (list(call.ins) + [None, None])[:2]
+    if base is None and values is None:
+        return [None]
+    out = call.out_shapes[0]
+    indices = list(call.saved("indices", ()) or ())
+    used = [i for i, t in enumerate(indices) if t is not None]
+    v_shape = call.in_shapes[1] if len(call.in_shapes) > 1 else None
+    c = None
+    if used == list(range(len(used))) and v_shape is not None:
+        idx_nd = len(torch.broadcast_shapes(*(tuple(indices[i].shape) for i in used)))
+        if len(v_shape) == idx_nd + len(out) - len(used):
+            c = (values.dim - idx_nd + len(used)) if values is not None else base.dim
+    if c is None or c < len(used) or values is None or (base is not None and base.dim != c):
+        protect_all(ctx, "index_put that writes into the channel dim", [base, values])
+        return [None]
+    if base is not None:
+        ctx.uf.union_all(base.ids, values.ids)
+    return [Slots(c, values.ids)]
