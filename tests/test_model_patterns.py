@@ -545,3 +545,39 @@ def test_rows_written_into_a_run_time_tensor_keep_their_channels_exactly():
     assert not bool(pruner.graph.group_of("a")[0].protected.any())
     check_equivalence(model, pruner, x)
     assert model.a.out_channels == 4
+
+
+class ScaledConcat(nn.Module):
+    """A layer scale over the concatenation of two convs: two groups share its one dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.scale = Scale(16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.scale(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_stored_shape_over_several_groups_counts_every_removal():
+    torch.manual_seed(0)
+    model, x = ScaledConcat().eval(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x)
+    assert model.scale.shape == (8, 1, 1) and model.a.out_channels == model.b.out_channels == 4
+
+
+def test_norm_whose_output_is_a_view_then_changed_in_place_is_pruned():
+    """``InstanceNorm2d`` returns a view; ``ReLU(inplace=True)`` after it gives that view a new
+    autograd node: the norm must still be found, and sliced with its conv."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.InstanceNorm2d(8, affine=True),
+                          nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert "1.same" in [f"{m.name}.{m.kind}" for m in pruner.graph.group_of("0")[0].members]
+    check_equivalence(model, pruner, x)
+    assert model[1].num_features == model[1].weight.shape[0] == 4

@@ -66,9 +66,17 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         return hook
 
     def call_hook(name, pruner):
-        def hook(module, args, kwargs, output) -> None:
+        def hook(module, args, kwargs, output):
             with _NoTorchFunction():
+                if isinstance(output, torch.Tensor) and output._base is not None and \
+                        output.grad_fn is not None:
+                    # an output that is a view (InstanceNorm's) gets a new autograd node from
+                    # an in-place op after it (ReLU(inplace=True)); a copy keeps the recorded one
+                    output = output.clone()
+                    record_call(name, module, pruner, args, kwargs, output)
+                    return output
                 record_call(name, module, pruner, args, kwargs, output)
+                return None
         return hook
 
     def record_call(name, module, pruner, args, kwargs, output) -> None:

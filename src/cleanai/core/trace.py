@@ -296,7 +296,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             sources[(p, nr)] = src
 
     for c in calls:
-        if c not in visited:  # it ran, but no output depends on it through autograd
+        if c not in visited and not _reached_inside(c, visited):
+            # it ran, but no output depends on it through autograd
             for k in [c.input_key] + [k for k, _ in c.extras]:
                 ctx.protect(slots.get(k) if k is not None else None,
                             f"input of {c.name}, whose result reaches no output through "
@@ -322,6 +323,17 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                        internal, ctx.kinds, junctions,
                        [(ids, _innermost(intervals, fn._sequence_nr()))
                         for ids, fn in ctx.fixed_splits])
+
+
+def _reached_inside(call: ModuleCall, visited: set) -> bool:
+    """True when the walk met the ops that made ``call``'s outputs although not the outputs
+    themselves: an in-place op on an output that is a view (``InstanceNorm`` then
+    ``ReLU(inplace=True)``) gives that view a new autograd node."""
+    inputs = {k[0] for k in [call.input_key] + [k for k, _ in call.extras] if k is not None}
+    for (fn, _), _ in call.outputs:
+        if any(f in visited for f, _ in fn.next_functions if f is not None and f not in inputs):
+            return True
+    return False
 
 
 def _tie_shared_weights(ctx: _Tracer, known, module_in, module_out) -> None:

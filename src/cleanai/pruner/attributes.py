@@ -107,7 +107,9 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
 def _stored_shapes(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
                    proposals: Dict[Tuple[str, str], set]) -> None:
     """A module that keeps the shape it views its own parameter with (``self.shape =
-    (dim, 1, 1)`` for ``self.scale.view(self.shape)``): the entry for the sliced dim follows."""
+    (dim, 1, 1)`` for ``self.scale.view(self.shape)``): the entry for the sliced dim follows.
+    A parameter dim may hold several groups' channels (a norm over a concatenation)."""
+    lost: Dict[Tuple[str, int], int] = {}  # (parameter, dim) -> positions removed
     for g in graph.groups:
         idx = removals.get(g.id)
         if idx is None or idx.numel() == 0:
@@ -115,20 +117,21 @@ def _stored_shapes(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         removed = torch.zeros(g.size, dtype=torch.bool)
         removed[idx] = True
         for m in g.members:
-            if m.kind != "param":
-                continue
-            owner, _, pname = m.name.rpartition(".")
-            module = model.get_submodule(owner)
-            p = module._parameters.get(pname)
-            if p is None:
-                continue
-            old = p.shape[m.dim]
-            new = old - int(removed[m.channels].sum())
-            for attr, v in module.__dict__.items():
-                if type(v) is tuple and v and all(type(e) is int for e in v) and \
-                        v.count(old) == 1 and math.prod(v) == p.numel():
-                    proposals.setdefault((owner, attr), set()).add(
-                        tuple(new if e == old else e for e in v))
+            if m.kind == "param":
+                key = (m.name, m.dim)
+                lost[key] = lost.get(key, 0) + int(removed[m.channels].sum())
+    for (name, dim), n in lost.items():
+        owner, _, pname = name.rpartition(".")
+        module = model.get_submodule(owner)
+        p = module._parameters.get(pname)
+        if p is None or n == 0:
+            continue
+        old = p.shape[dim]
+        for attr, v in module.__dict__.items():
+            if type(v) is tuple and v and all(type(e) is int for e in v) and \
+                    v.count(old) == 1 and math.prod(v) == p.numel():
+                proposals.setdefault((owner, attr), set()).add(
+                    tuple(old - n if e == old else e for e in v))
 
 
 def set_attributes(model: nn.Module, updates: List[Update]) -> None:
