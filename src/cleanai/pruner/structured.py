@@ -317,7 +317,8 @@ class StructuredPruner:
             hit = self._protect_within({layer}, f"{reason} {layer}")
             if hit:
                 warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels "
-                              f"of {hit} groups inside {layer} ({cls.__name__}) and plans again.", stacklevel=3)
+                              f"of {hit} groups inside {layer} ({cls.__name__}) and plans again.",
+                              stacklevel=3)
                 return True
         tried.add(cls)
         hit = self._protect_within(scopes, reason)
