@@ -350,3 +350,15 @@ def test_norm_whose_output_is_a_view_then_changed_in_place_is_pruned():
     assert "1.same" in [f"{m.name}.{m.kind}" for m in pruner.graph.group_of("0")[0].members]
     check_equivalence(model, pruner, x)
     assert model[1].num_features == model[1].weight.shape[0] == 4
+
+
+def test_linear_on_tokens_then_in_place_relu_is_pruned_exactly():
+    """A Linear on ``[B, N, C]`` returns a view too: ``ReLU(inplace=True)`` after it must not
+    hide the layer (its neurons were kept before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 5, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not bool(pruner.graph.group_of("0")[0].protected.any())
+    check_equivalence(model, pruner, x)
+    assert model[0].out_features == model[2].in_features == 4
