@@ -18,6 +18,17 @@ def zero_consumers(model: nn.Module, plan) -> None:
                 removed[keep] = False
                 tensor.index_fill_(d, torch.nonzero(removed).flatten(), 0.0)
             continue
+        if kind == "param":  # a layer that runs its own forward (F.linear on its weight)
+            owner, _, pname = name.rpartition(".")
+            module = model.get_submodule(owner)
+            pruner = get_layer_pruner(module, inherited=True)
+            tensor = getattr(module, pname)
+            if pruner is not None and any(t is tensor and d == dim
+                                           for t, d in pruner.weights(module, "in")):
+                removed = torch.ones(tensor.shape[dim], dtype=torch.bool)
+                removed[keep] = False
+                tensor.index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)
+            continue
         if kind != "in":
             continue
         module = model.get_submodule(name)

@@ -66,6 +66,9 @@ class Group:
     reasons: Dict[str, int]
     constraints: List[str]
     kind: str = "channels"
+    #: modules whose code splits these channels into parts of sizes it wrote down
+    #: (``x.split(64)``): pruning works only if that code reads a width CleanAI updates
+    fixed_splits: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def prunable(self) -> int:
@@ -323,6 +326,10 @@ def _build_groups(r: TraceResult) -> List[Group]:
                 entries.append((name, "internal", index, ids))
     _add_members(groups, entries, roots, group_of, channel_of)
 
+    for ids, where in r.fixed_splits:
+        gi = int(group_of[roots[ids[0]]])
+        if gi >= 0 and where not in groups[gi].fixed_splits:
+            groups[gi].fixed_splits.append(where)
     _mark_protected(groups, r, roots, group_of, channel_of)
     for g in groups:
         # several producers added together and read by several layers: a residual stream

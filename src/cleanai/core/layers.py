@@ -385,13 +385,14 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     if cls in _REGISTRY:
         found = _REGISTRY[cls]
     else:
-        for base in cls.__mro__[1:]:
-            if base in _REGISTRY:
-                found = _REGISTRY[base] if inherited or cls.forward is base.forward else None
-                break
-        else:
-            from .named_layers import named_layer_pruner  # optional libraries' classes, by name
-            found = named_layer_pruner(module, inherited)
+        from .named_layers import named_layer_pruner  # optional libraries' classes, by name
+        # before torch's classes: a named subclass (a weight-standardised conv) has its own forward
+        found = named_layer_pruner(module, inherited)
+        if found is None:
+            for base in cls.__mro__[1:]:
+                if base in _REGISTRY:
+                    found = _REGISTRY[base] if inherited or cls.forward is base.forward else None
+                    break
     _LOOKUPS[key] = found
     return found
 

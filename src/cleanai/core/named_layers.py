@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from .layers import LayerPruner, _keep
+from .layers import ConvPruner, LayerPruner, _keep
 
 
 class TransposedLinearPruner(LayerPruner):
@@ -42,8 +42,30 @@ class TransposedLinearPruner(LayerPruner):
                 m.nf = len(out_keep)
 
 
+class StandardizedConvPruner(ConvPruner):
+    """A conv that standardises each filter over its inputs in ``forward`` before convolving
+    (weight standardisation: timm's ``StdConv2d``, ``ScaledStdConv2d`` in NFNets and BiT);
+    a per-filter ``gain`` ``[out, 1, 1, 1]`` goes with the output channels. Removing inputs
+    changes each filter's statistics a little, as removing channels under a LayerNorm does."""
+
+    def weights(self, m, side):
+        out = super().weights(m, side)
+        gain = getattr(m, "gain", None)
+        if side == "out" and isinstance(gain, nn.Parameter):
+            out.append((gain, 0))
+        return out
+
+    def prune(self, m, in_keep, out_keep):
+        super().prune(m, in_keep, out_keep)
+        if out_keep is not None:
+            _keep(getattr(m, "gain", None), 0, out_keep)
+
+
+_STD_CONV = StandardizedConvPruner()
 _BY_NAME: Dict[str, LayerPruner] = {
     "transformers.pytorch_utils.Conv1D": TransposedLinearPruner(),
+    **{f"timm.layers.std_conv.{c}": _STD_CONV
+       for c in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")},
 }
 
 

@@ -127,10 +127,18 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         set_aside.append(_step_aside(recorder))
 
     def call_hook(name, pruner):
-        def hook(module, args, kwargs, output) -> None:
+        def hook(module, args, kwargs, output):
             _step_back(set_aside.pop() if set_aside else None)
             with _NoTorchFunction():
+                if isinstance(output, torch.Tensor) and output._base is not None and \
+                        output.grad_fn is not None:
+                    # an output that is a view (InstanceNorm's) gets a new autograd node from
+                    # an in-place op after it (ReLU(inplace=True)); a copy keeps the recorded one
+                    output = output.clone()
+                    record_call(name, module, pruner, args, kwargs, output)
+                    return output
                 record_call(name, module, pruner, args, kwargs, output)
+                return None
         return hook
 
     def record_call(name, module, pruner, args, kwargs, output) -> None:
@@ -211,12 +219,16 @@ if _PUSH is None or not hasattr(torch._C, "_get_function_stack_at"):
 
 
 class _OperandShapes(TorchFunctionMode):
-    """Records the operand shapes of additions and subtractions, whose grad_fn keeps none:
-    ``x + 3`` and ``x + constant`` look alike in the autograd graph."""
+    """Records what the autograd graph forgets: the operand shapes of additions and
+    subtractions (``x + 3`` and ``x + constant`` look alike there), and which splits were
+    given their sizes (``x.split(64)``, sizes written in the model's code that will not follow
+    a pruned width) rather than a number of parts (``x.chunk(2)``): both leave a
+    ``SplitBackward0``. A split is recorded under the key ``("split", grad_fn)``."""
 
     _OPS = ("AddBackward0", "SubBackward0")
     _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
               "__isub__", "__rsub__", "rsub", "subtract"}
+    _SPLITS = {"split", "split_with_sizes"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,6 +236,10 @@ class _OperandShapes(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
+                and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
+            self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]
+            return out
         if getattr(func, "__name__", "") not in self._FUNCS:
             return out
         fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None

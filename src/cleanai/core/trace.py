@@ -19,7 +19,7 @@ from torch import nn
 
 from .functional import functional_param, protect_unfollowed
 from .layer_io import layer_extras
-from .layers import UnsupportedLayer
+from .layers import LayerPruner, LinearPruner, UnsupportedLayer
 from .ops import OP_HANDLERS, OpCall
 from .record import (ModelScan, ModuleCall, as_leaf, describe_inputs, doubled, record_forward,
                      tensor_key, unreached_count, warn_unreached)
@@ -54,6 +54,8 @@ class TraceResult:
     junctions: List[frozenset] = dataclasses.field(default_factory=list)
     #: unknown op name -> the modules it ran in (empty names where not located)
     unknown: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    #: (ids, module that ran the split) of splits into equal parts of sizes fixed in the code
+    fixed_splits: List[Tuple[torch.Tensor, str]] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
@@ -75,6 +77,8 @@ class _Tracer:
         self.notes: List[Tuple[int, str]] = []
         self.unknown: Dict[str, List[str]] = {}
         self.operand_shapes: Dict[Any, list] = {}
+        # (ids, grad_fn) of splits into equal parts whose sizes the model's code wrote down
+        self.fixed_splits: List[Tuple[torch.Tensor, Any]] = []
 
     def fresh(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
         ids = self.uf.new(n)
@@ -177,13 +181,15 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
         result = _propagate(model, calls, output, layers, names_of_params, with_subclasses,
                             intervals, shapes, attention, scan)
-        if result.unknown:  # say where each unknown op ran: once more, with module ranges
+        if result.unknown or result.fixed_splits:
+            # say where each unknown op or fixed split ran: once more, with module ranges
             with preserved_state(model, scan.modules) if best[3] else contextlib.nullcontext():
                 calls, intervals, output, shapes = record_forward(
                     model, best[2], forward_fn, known, best[3], scan.named, locate=True)
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
-            _warn_unknown(model, result.unknown)
+            if result.unknown:
+                _warn_unknown(model, result.unknown)
         tie_shared_weights(known, scan.subclasses, result)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
@@ -313,6 +319,13 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             sources[(p, nr)] = src
 
     protect_unfollowed(ctx, {c.name for c in calls})
+    for c in calls:
+        if c not in visited and not _reached_inside(c, visited):
+            # it ran, but no output depends on it through autograd
+            for k in [c.input_key] + [k for k, _ in c.extras]:
+                ctx.protect(slots.get(k) if k is not None else None,
+                            f"input of {c.name}, whose result reaches no output through "
+                            f"autograd (a detached branch): its layer is not pruned")
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None
@@ -320,7 +333,9 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             output_ids.append(s.ids)
     return TraceResult(ctx.uf, ctx.protected, module_in, module_out, producers, params,
                        output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
-                       internal, ctx.kinds, junctions, ctx.unknown)
+                       internal, ctx.kinds, junctions, ctx.unknown,
+                       [(ids, _innermost(intervals, fn._sequence_nr()))
+                        for ids, fn in ctx.fixed_splits])
 
 
 def _warn_unknown(model: nn.Module, unknown: Dict[str, List[str]]) -> None:
@@ -334,6 +349,17 @@ def _warn_unknown(model: nn.Module, unknown: Dict[str, List[str]]) -> None:
                   f"channels {'it touches are' if len(found) == 1 else 'they touch are'} "
                   f"protected and will not be pruned. Register a LayerPruner for a custom "
                   f"layer to prune through it.", stacklevel=3)
+
+
+def _reached_inside(call: ModuleCall, visited: set) -> bool:
+    """True when the walk met the ops that made ``call``'s outputs although not the outputs
+    themselves: an in-place op on an output that is a view (``InstanceNorm`` then
+    ``ReLU(inplace=True)``) gives that view a new autograd node."""
+    inputs = {k[0] for k in [call.input_key] + [k for k, _ in call.extras] if k is not None}
+    for (fn, _), _ in call.outputs:
+        if any(f in visited for f, _ in fn.next_functions if f is not None and f not in inputs):
+            return True
+    return False
 
 
 def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:
@@ -371,6 +397,33 @@ def _innermost(intervals, s: int) -> str:
     return best[2] if best else ""
 
 
+def _slides_along_channels(m: nn.Module, pr: LayerPruner, x: Optional[Slots], call: ModuleCall,
+                           in_dim: Optional[int]) -> bool:
+    """A one-channel conv run along the channels, which sit on one of its spatial dims, and
+    keeps their count (ECA attention: ``Conv1d(1, 1, k)`` over pooled channels): each channel
+    mixes with its neighbours, as in a LayerNorm, and any subset of them can stay."""
+    if x is None or in_dim is None or x.dim <= in_dim or len(call.outputs) != 1:
+        return False
+    if not isinstance(m, nn.modules.conv._ConvNd) or pr.in_channels(m) != 1 or \
+            pr.out_channels(m) != 1:
+        return False
+    shape = call.outputs[0][1]
+    return len(shape) == len(call.input_shape) and shape[x.dim] == call.input_shape[x.dim]
+
+
+def _maps_another_dim(pr: LayerPruner, x: Optional[Slots], call: ModuleCall,
+                      in_dim: Optional[int]) -> bool:
+    """A Linear applied along a dim without channel ids while another dim carries them
+    (MLP-Mixer's token mixing on ``x.transpose(1, 2)``): that dim is one of the Linear's batch
+    dims, each of its rows mapped alone, so its channels pass through unchanged. The
+    Linear's own dim (tokens) is left as it is."""
+    if x is None or in_dim is None or x.dim >= in_dim or not isinstance(pr, LinearPruner):
+        return False
+    shape = call.outputs[0][1] if len(call.outputs) == 1 else None
+    return shape is not None and len(shape) == len(call.input_shape) and \
+        shape[x.dim] == call.input_shape[x.dim] == len(x.ids)
+
+
 def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, module_out,
                  producers) -> List[Optional[Slots]]:
     m, pr, name = call.module, call.pruner, call.name
@@ -385,6 +438,9 @@ def _module_call(ctx: _Tracer, call: ModuleCall, x: Optional[Slots], module_in, 
     if n_in is not None:
         in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
         fits = x is not None and x.dim == in_dim and len(x.ids) == n_in
+        if not fits and (_slides_along_channels(m, pr, x, call, in_dim)
+                         or _maps_another_dim(pr, x, call, in_dim)):
+            return [Slots(x.dim, x.ids)]
         in_ids = module_in.get(name)
         if in_ids is None:
             # first call: the layer's input channels are the ids that arrive (no new ids)

@@ -393,7 +393,7 @@ def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     for entry in layers:
         if entry["kind"] in ("attr", "config"):
             (updates if entry["kind"] == "attr" else config).append(
-                (entry["name"], entry["attr"], int(entry["value"])))
+                (entry["name"], entry["attr"], entry["value"]))
             continue
         keeps[(entry["name"], entry["kind"], int(entry["dim"]))] = torch.tensor(
             entry["keep"], dtype=torch.long)

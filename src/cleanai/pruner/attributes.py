@@ -2,18 +2,20 @@
 
 Attention and MLP blocks keep their widths as plain integers (``num_heads``, ``head_dim``,
 ``all_head_size``, ``split_size``, ``intermediate_size``...) and read them in ``forward``.
-After a group loses channels, each such attribute inside the group's scope (the innermost
-module that holds all its layers) is scaled by the fraction of units kept, when its name says
-it measures that kind of width and its value is a multiple of the group's size.
+After a group loses channels, each such attribute of the group's scope (the innermost module
+that holds all its layers) or of a module inside it that holds some of those layers is scaled
+by the fraction of units kept, when its name says it measures that kind of width and its value
+is a multiple of the group's size.
 A model's ``config`` (Hugging Face style) is updated the same way when every layer was pruned
 alike; otherwise a warning says that the config can no longer describe the model.
 """
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from fractions import Fraction
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -47,7 +49,7 @@ _CONFIG = {
     "channels": _MLP,
 }
 
-Update = Tuple[str, str, int]  # (module name, attribute, new value)
+Update = Tuple[str, str, Any]  # (module name, attribute, new int or shape tuple)
 
 
 def scope_of(group: Group) -> str:
@@ -83,13 +85,17 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
         kept = Fraction(g.size - idx.shape[0], g.size)
         exact, multiple = _ROLES[g.kind]
         scope = scope_of(g)
+        layers = {m.name.rpartition(".")[0] if m.kind == "param" else m.name for m in g.members}
         for name, attr, v in candidates:
             if scope and name != scope and not name.startswith(scope + "."):
                 continue
+            if name != scope and not any(n.startswith(name + ".") for n in layers):
+                continue  # a block beside the group's layers: an equal width there is chance
             if (attr in exact and v == g.size) or (attr in multiple and v % g.size == 0):
                 new = v * kept
                 if new.denominator == 1:
                     proposals.setdefault((name, attr), set()).add(int(new))
+    _stored_shapes(model, graph, removals, proposals)
     updates = []
     for (name, attr), values in proposals.items():
         if len(values) == 1:
@@ -101,10 +107,42 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
     return updates
 
 
+def _stored_shapes(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                   proposals: Dict[Tuple[str, str], set]) -> None:
+    """A module that keeps the shape it views its own parameter with (``self.shape =
+    (dim, 1, 1)`` for ``self.scale.view(self.shape)``): the entry for the sliced dim follows.
+    A parameter dim may hold several groups' channels (a norm over a concatenation)."""
+    lost: Dict[Tuple[str, int], int] = {}  # (parameter, dim) -> positions removed
+    for g in graph.groups:
+        idx = removals.get(g.id)
+        if idx is None or idx.numel() == 0:
+            continue
+        removed = torch.zeros(g.size, dtype=torch.bool)
+        removed[idx] = True
+        for m in g.members:
+            if m.kind == "param":
+                key = (m.name, m.dim)
+                lost[key] = lost.get(key, 0) + int(removed[m.channels].sum())
+    for (name, dim), n in lost.items():
+        owner, _, pname = name.rpartition(".")
+        module = model.get_submodule(owner)
+        p = module._parameters.get(pname)
+        if p is None or n == 0:
+            continue
+        old = p.shape[dim]
+        for attr, v in module.__dict__.items():
+            if type(v) is tuple and v and all(type(e) is int for e in v) and \
+                    v.count(old) == 1 and math.prod(v) == p.numel():
+                proposals.setdefault((owner, attr), set()).add(
+                    tuple(old - n if e == old else e for e in v))
+
+
 def set_attributes(model: nn.Module, updates: List[Update]) -> None:
-    """Write ``updates`` (from :func:`attribute_updates` or a history entry) into the model."""
+    """Write ``updates`` (from :func:`attribute_updates` or a history entry) into the model:
+    an integer, or a stored shape (a tuple, a list once read back from JSON)."""
     for name, attr, value in updates:
-        setattr(model.get_submodule(name), attr, int(value))
+        value = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
+        setattr(model.get_submodule(name), attr, value)
 
 
 def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:

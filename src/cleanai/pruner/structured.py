@@ -298,7 +298,8 @@ class StructuredPruner:
                     raise
 
     def _protect_layer_class(self, layer: str, error: str, tried: set) -> bool:
-        """Protect the groups inside every module of ``layer``'s class; False if none is new.
+        """Protect the groups inside ``layer``, or, when another layer of its class fails too,
+        inside every module of its class; False if none is new.
 
         A layer CleanAI prunes itself (a conv) that fails got an input of the wrong width from
         code around it (a split with fixed sizes): only the groups that feed it are protected.
@@ -308,20 +309,51 @@ class StructuredPruner:
         cls = type(self.model.get_submodule(layer))
         if cls in tried or cls is type(self.model):
             return False
-        tried.add(cls)
         scopes = {n for n, m in self.model.named_modules() if type(m) is cls}
+        if (cls, "splits") not in tried:  # first the channels its code splits by fixed sizes
+            tried.add((cls, "splits"))
+            if self._protect_fixed_splits(cls, scopes, error):
+                return True
         reason = f"pruning breaks {cls.__name__}"
-        hit = 0
-        for g in self.graph.groups:
-            if any(_within(m.name, scopes) for m in g.members) and not g.protected.all():
-                g.protected[:] = True
-                g.reasons[reason] = g.size
-                hit += 1
+        if (cls, "one") not in tried:  # then the failing layer alone (its siblings may differ)
+            tried.add((cls, "one"))
+            hit = self._protect_within({layer}, f"{reason} {layer}")
+            if hit:
+                warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels "
+                              f"of {hit} groups inside {layer} ({cls.__name__}) and plans again.",
+                              stacklevel=3)
+                return True
+        tried.add(cls)
+        hit = self._protect_within(scopes, reason)
         if hit:
             warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
                           f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
                           f"again.", stacklevel=3)
         return hit > 0
+
+    def _protect_within(self, scopes: set, reason: str) -> int:
+        """Protect every group with a member inside ``scopes``; how many were not yet."""
+        hit = 0
+        for g in self.graph.groups:
+            if any(_within(m.name, scopes) for m in g.members) and not g.protected.all():
+                g.reasons[reason] = int((~g.protected).sum())
+                g.protected[:] = True
+                hit += 1
+        return hit
+
+    def _protect_fixed_splits(self, cls: type, scopes: set, error: str) -> bool:
+        """Protect the groups that ``cls``'s code splits into parts of fixed sizes."""
+        reason = f"split by {cls.__name__} into parts of sizes fixed in its code"
+        hit = [g for g in self.graph.groups if not g.protected.all()
+               and any(_within(w, scopes) for w in g.fixed_splits)]
+        for g in hit:
+            g.reasons[reason] = int((~g.protected).sum())
+            g.protected[:] = True
+        if hit:
+            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the {len(hit)} "
+                          f"groups that {cls.__name__} splits into parts of fixed sizes and "
+                          f"plans again.", stacklevel=4)
+        return bool(hit)
 
     def _protect_inputs(self, layer: str, error: str, tried: set) -> bool:
         if layer in tried:

@@ -24,7 +24,13 @@ _UNARY = (
     "RreluWithNoiseBackward0 ThresholdBackward0 HardshrinkBackward0 SoftshrinkBackward0 "
     "TanhshrinkBackward0 LogitBackward0 FloorBackward0 CeilBackward0 "
     "RoundBackward0 TruncBackward0 FracBackward0 ClampBackward0 "
-    "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0"
+    "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0 "
+    # in-place activations (``nn.LeakyReLU(inplace=True)``, ``F.elu_``) have their own nodes
+    "LeakyReluBackward1 EluBackward1 CeluBackward1 RreluWithNoiseBackward1 ThresholdBackward1 "
+    # activations written as torch.autograd.Function, known by name: BLOOM's GeLU and timm's
+    # memory-efficient activations (any other custom Function stays an unknown op)
+    "GeLUFunctionBackward SwishAutoFnBackward MishAutoFnBackward HardSigmoidAutoFnBackward "
+    "HardSwishAutoFnBackward HardMishAutoFnBackward"
 ).split()
 
 
@@ -87,6 +93,9 @@ for _name, _last in (
     ("ReflectionPad1DBackward0", 1), ("ReflectionPad2DBackward0", 2),
     ("ReflectionPad3DBackward0", 3), ("ReplicationPad1DBackward0", 1),
     ("ReplicationPad2DBackward0", 2), ("ReplicationPad3DBackward0", 3),
+    # torchvision's RoI pooling: one output per box, each channel pooled on its own
+    ("GeneratedBackwardFor_torchvision_roi_align_defaultBackward", 2),
+    ("GeneratedBackwardFor_torchvision_roi_pool_defaultBackward", 2),
 ):
     OP_HANDLERS[_name] = _spatial(_last)
 
@@ -151,9 +160,15 @@ def _masked(ctx, call: OpCall):
 @register("torch::autograd::CopySlices")
 def _copy_slices(ctx, call: OpCall):
     """An in-place op on a view (``x[:, :2].relu_()``): the base keeps its channels; a tensor
-    written into a region of it cannot be followed."""
+    written into a region of it cannot be followed. Operands of the base's full shape were
+    written over a view of all of it (GhostNet's ``out[:, :n] += shortcut`` with ``n`` all
+    the channels): an element-wise op on the base."""
     base = call.ins[0]
     written = [x for x in call.ins[1:] if x is not None]
+    out = tuple(call.out_shapes[0])
+    if written and all(s is not None and tuple(s) == out
+                       for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
+        return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
     if written:
         protect_all(ctx, "a tensor written into part of another", [base] + written)
         return [None]
@@ -226,6 +241,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     """
     out_nd = len(out)
     tracked = []
+    spans = {}  # id(slots) -> the operand's shape
     for x, s in zip(ins, shapes):
         if x is None:
             continue
@@ -233,6 +249,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         od = x.dim + out_nd - nd
         if len(x.ids) == out[od]:
             tracked.append((od, x))
+            spans[id(x)] = s
         # a size-1 channel dim broadcast over a larger one (a gate) ties nothing
     if not tracked:
         return None
@@ -244,10 +261,18 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         # head_dim, applied where whole heads are the units) is kept; the activation goes on
         acts = [(od, x) for od, x in tracked if not x.weight]
         if acts and len({od for od, _ in acts}) == 1 and len(acts) < len(tracked):
+            od = acts[0][0]
             for _, x in tracked:
                 if x.weight:
                     ctx.protect(x, f"a weight that {op} applies along a dim without channel "
                                    f"ids (e.g. a norm over head_dim when heads are the units)")
+                    s = spans[id(x)]
+                    k = od - (out_nd - len(s)) if s is not None else -1
+                    if 0 <= k < len(s) and s[k] != 1:
+                        # it also spans the channels (a [1, C, H, W] position embedding
+                        # whose ids went to W): they cannot be sliced out of it
+                        for _, a in acts:
+                            ctx.protect(a, f"{op} with a weight that spans the channel dim")
             tracked = acts
         else:
             for _, x in tracked:

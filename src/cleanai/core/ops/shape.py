@@ -186,6 +186,8 @@ def _split(ctx, call: OpCall):
     pieces = list(x.ids.split(sizes[0]))
     for piece in pieces[1:]:
         ctx.uf.union_all(pieces[0], piece)
+    if len(pieces) > 1 and ("split", call.node) in ctx.operand_shapes:
+        ctx.fixed_splits.append((pieces[0], call.node))  # sizes written in the code
     if len(pieces) > 1:
         ctx.note(pieces[0], f"{call.name()} into {len(pieces)} equal parts: each keeps the same "
                             f"positions")
@@ -287,3 +289,57 @@ def _pixel_unshuffle(ctx, call: OpCall):
         return [None]
     r2 = int(call.saved("downscale_factor")) ** 2
     return [Slots(x.dim, x.ids.repeat_interleave(r2))]
+
+
+@register("UnfoldBackward0")
+def _tensor_unfold(ctx, call: OpCall):
+    """``x.unfold(dim, size, step)``: windows along ``dim`` on a new last dim; other dims keep
+    their place, so channels pass unless ``dim`` is theirs."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape = call.in_shapes[0]
+    if in_shape is None or ndim_dim(int(call.saved("dimension")), len(in_shape)) == x.dim:
+        ctx.protect(x, "unfold of the channel dim into windows")
+        return [None]
+    return [x]
+
+
+@register("Im2ColBackward0")
+def _im2col(ctx, call: OpCall):
+    """``F.unfold(x, k)``: ``[N, C, H, W] -> [N, C * kh * kw, L]``, each channel's window
+    values together (channel-major), so channel c becomes ``kh * kw`` consecutive features."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape, out = call.in_shapes[0], call.out_shapes[0]
+    if in_shape is None or x.dim != len(in_shape) - 3:
+        ctx.protect(x, "F.unfold over the channel dim")
+        return [None]
+    kh, kw = (int(k) for k in call.saved("kernel_size"))
+    return [Slots(len(out) - 2, x.ids.repeat_interleave(kh * kw))]
+
+
+@register("IndexPutBackward0")
+def _index_put(ctx, call: OpCall):
+    """``out[idx] = values`` with the indices on leading dims before the channels
+    (torchvision's MultiScaleRoIAlign gathers each level's boxes into one tensor): the
+    channels of ``out`` and of ``values`` are the same."""
+    base, values = (list(call.ins) + [None, None])[:2]
+    if base is None and values is None:
+        return [None]
+    out = call.out_shapes[0]
+    indices = list(call.saved("indices", ()) or ())
+    used = [i for i, t in enumerate(indices) if t is not None]
+    v_shape = call.in_shapes[1] if len(call.in_shapes) > 1 else None
+    c = None
+    if used == list(range(len(used))) and v_shape is not None:
+        idx_nd = len(torch.broadcast_shapes(*(tuple(indices[i].shape) for i in used)))
+        if len(v_shape) == idx_nd + len(out) - len(used):
+            c = (values.dim - idx_nd + len(used)) if values is not None else base.dim
+    if c is None or c < len(used) or values is None or (base is not None and base.dim != c):
+        protect_all(ctx, "index_put that writes into the channel dim", [base, values])
+        return [None]
+    if base is not None:
+        ctx.uf.union_all(base.ids, values.ids)
+    return [Slots(c, values.ids)]

@@ -1,0 +1,244 @@
+"""Widths real models keep in their own code or share (CSPNet's fixed splits, MobileViTv2's
+``embed_dim``, MetaFormer's stored view shapes, T5's tied embeddings, a detector's detached
+proposals): the pruner follows them, or protects only what it must."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cleanai
+from cleanai.utils import count_params
+
+from equivalence import check_equivalence
+
+
+class CrossStage(nn.Module):
+    """CSPNet's stage: the expanded map is split by a size the code computes from an integer
+    attribute (``x.split(self.expand // 2)``), which pruning cannot update."""
+
+    def __init__(self, c, expand):
+        super().__init__()
+        self.expand = expand
+        self.conv_exp = nn.Conv2d(c, expand, 1)
+        self.block = nn.Conv2d(expand // 2, expand // 2, 3, padding=1)
+        self.conv_transition = nn.Conv2d(expand, c, 1)
+
+    def forward(self, x):
+        xs, xb = self.conv_exp(x).split(self.expand // 2, dim=1)
+        return self.conv_transition(torch.cat([xs, torch.relu(self.block(xb))], dim=1))
+
+
+class ChunkStage(CrossStage):
+    """The same stage written with ``chunk(2)``: the halves follow the pruned width."""
+
+    def forward(self, x):
+        xs, xb = self.conv_exp(x).chunk(2, dim=1)
+        return self.conv_transition(torch.cat([xs, torch.relu(self.block(xb))], dim=1))
+
+
+def _csp(stage):
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), stage(16, 32), stage(16, 32),
+                         nn.Conv2d(16, 5, 1))
+
+
+def test_split_by_fixed_size_protects_only_the_split_channels():
+    torch.manual_seed(0)
+    model = _csp(CrossStage).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    split = [g for g in pruner.graph.groups if g.fixed_splits]
+    assert sorted(w for g in split for w in g.fixed_splits) == ["2", "3"]
+    with pytest.warns(UserWarning, match="splits into parts of fixed sizes"):
+        pruner.step()
+    assert model(x).shape == (1, 5, 8, 8)
+    for stage in (model[2], model[3]):
+        assert stage.conv_exp.out_channels == 32  # the split's channels are kept ...
+        assert stage.block.out_channels == 8  # ... everything else is pruned
+    assert model[0].out_channels == 8
+    assert all("sizes fixed in its code" in next(iter(g.reasons)) for g in split)
+
+
+def test_chunk_halves_are_pruned_without_fallback():
+    torch.manual_seed(0)
+    model = _csp(ChunkStage).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any(g.fixed_splits for g in pruner.graph.groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        pruner.step()
+    assert model[2].conv_exp.out_channels == 16 and model(x).shape == (1, 5, 8, 8)
+
+
+class WidthKeeper(nn.Module):
+    """MobileViTv2's linear attention: ``qkv.split([1, self.embed_dim, self.embed_dim])``;
+    its qkv output is protected (unequal split), so ``embed_dim`` must not change."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.embed_dim = d
+        self.qkv = nn.Conv2d(d, 1 + 2 * d, 1)
+        self.out = nn.Conv2d(d, d, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([1, self.embed_dim, self.embed_dim], dim=1)
+        return self.out(torch.softmax(q, dim=-1) * k + v)
+
+
+class Residual(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(d, d, 1), nn.Conv2d(d, d, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + self.b(torch.relu(h))
+
+
+def test_width_attribute_of_a_block_beside_the_group_is_left_alone():
+    """A residual width elsewhere in the model equals ``embed_dim`` by chance; pruning it must
+    not rewrite the attention block's ``embed_dim``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), WidthKeeper(8), Residual(8), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 4, 4)
+    n0 = count_params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert model(x).shape == (1, 4, 4, 4)
+    assert model[1].embed_dim == model[1].qkv.out_channels // 2 == 8
+    assert model[2].a.out_channels == 4 and count_params(model) < n0
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["cspresnet50", "darknet17", "mobilevitv2_050", "nf_resnet26",
+                                  "poolformer_s12", "gmlp_ti16_224"])
+def test_timm_models_with_these_patterns_prune(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kw = {"img_size": 64} if name.startswith("gmlp") else {}  # token mixing fixes the size
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    x = torch.randn(1, 3, 64, 64)
+    n0 = count_params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert count_params(model) < 0.7 * n0
+    y = model(x)
+    assert y.shape == (1, 1000)
+    y.sum().backward()
+    model.train()
+    model(torch.cat([x, x]))
+
+
+class TiedEncoderDecoder(nn.Module):
+    """T5's layout: encoder and decoder embeddings tied to one matrix; the encoder's states
+    are an output (kept), the decoder's width could be pruned if the matrix were not shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc_emb, self.dec_emb = nn.Embedding(20, 8), nn.Embedding(20, 8)
+        self.dec_emb.weight = self.enc_emb.weight
+        self.enc, self.dec = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids, dec_ids):
+        states = self.enc_emb(ids)
+        states = states + self.enc(states)
+        h = self.dec_emb(dec_ids)
+        h = h + self.dec(torch.relu(h))
+        return self.head(h), states
+
+
+def test_layers_sharing_a_weight_share_its_channels():
+    torch.manual_seed(0)
+    model = TiedEncoderDecoder()
+    x = (torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (2, 3)))
+    graph = cleanai.DependencyGraph(model, x)
+    g = graph.group_of("dec_emb")[0]
+    assert "enc_emb.out" in [f"{m.name}.{m.kind}" for m in g.members]
+    assert bool(g.protected.all())  # the encoder's states are an output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    logits, states = model(*x)
+    assert logits.shape == (2, 3, 20) and states.shape == (2, 5, 8)
+    assert model.dec_emb.weight is model.enc_emb.weight
+
+
+class Scale(nn.Module):
+    """MetaFormer's layer scale: keeps the shape it views its parameter with."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+def test_stored_view_shape_of_a_parameter_follows_and_replays():
+    import json
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 1), Scale(16), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    model, x = make(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x)
+    assert model[1].shape == (8, 1, 1) and model[1].scale.shape == (8,)
+    fresh = make()
+    cleanai.replay(fresh, json.loads(json.dumps(pruner.history[-1]["layers"])))
+    assert fresh[1].shape == (8, 1, 1)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+class DetachedBranch(nn.Module):
+    """A detector's region proposals: a head on shared features whose result is detached
+    before it steers the output (here a gate), so no output depends on it through autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 8, 1)
+        self.proposals = nn.Conv2d(8, 2, 1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.feat(x))
+        keep = (self.proposals(f).detach().sigmoid() > 0.5).float()[:, :1]
+        return self.head(torch.relu(self.mid(f)) * keep)
+
+
+def test_channels_feeding_a_detached_branch_are_protected():
+    torch.manual_seed(0)
+    model, x = DetachedBranch().eval(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    g = pruner.graph.group_of("feat")[0]
+    assert bool(g.protected.all()) and "detached branch" in next(iter(g.reasons))
+    pruner.step()
+    assert model(x).shape == (2, 4, 4, 4) and model.mid.out_channels == 4
+
+
+class ScaledConcat(nn.Module):
+    """A layer scale over the concatenation of two convs: two groups share its one dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.scale = Scale(16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.scale(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_stored_shape_over_several_groups_counts_every_removal():
+    torch.manual_seed(0)
+    model, x = ScaledConcat().eval(), torch.randn(2, 3, 4, 4)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x)
+    assert model.scale.shape == (8, 1, 1) and model.a.out_channels == model.b.out_channels == 4
