@@ -490,3 +490,44 @@ def test_layer_norm_over_channels_and_space_is_not_silently_prunable():
     g = graph(model)
     grp = group_with(g, "0.out")
     assert grp.protected.all() or "1.same" in layout(grp), layout(grp)
+
+
+# --- tensors the model cached from its buffers -------------------------------------------
+
+class CachedBias(nn.Module):
+    """LeViT-style: in eval mode an attention bias gathered by an index buffer is cached at
+    ``eval()`` (with autograd on), and an auxiliary head runs only in training, so the tracer
+    also tries train mode. The walk then reads the cached gather's saved index buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.biases = nn.Parameter(torch.randn(8, 5))
+        self.register_buffer("idxs", torch.tensor([[0, 1, 2, 3], [4, 3, 2, 1], [0, 0, 1, 1], [2, 2, 3, 3]]))
+        self.aux = nn.Linear(8, 2)
+        self.head = nn.Linear(8, 3)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not mode:
+            self.cached = self.biases[:, self.idxs]
+        return self
+
+    def forward(self, x):
+        y = self.conv(x)
+        bias = self.cached if not self.training else self.biases[:, self.idxs]
+        y = y + bias
+        if self.training:
+            return self.head(y.mean((2, 3))) + self.aux(y.mean((2, 3))).sum(1, keepdim=True)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_cached_gather_of_a_buffer_survives_the_trace():
+    model = CachedBias().eval()
+    x = torch.randn(1, 3, 4, 4)
+    version = model.idxs._version
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert model.idxs._version == version  # unchanged buffers are not written back
+    pruner.step()
+    assert model(x).shape == (1, 3)
+    model.cached.sum().backward()  # the model's own cached tensor still backpropagates

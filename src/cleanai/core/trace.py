@@ -127,8 +127,17 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
     scan = ModelScan(model)
     known, names_of_params, owned = scan.known, scan.param_names, scan.owned
 
-    # (an attempt in train mode below has its own full save: BatchNorm updates its statistics)
-    with preserved_state(model, scan.modules, same_modes=True), torch.inference_mode(False):
+    # An attempt in train mode below adds a full save (BatchNorm updates its statistics); every
+    # save is restored after the walk, which reads tensors the forward saved (an index buffer
+    # restored before it would have a new version, and autograd refuses to hand it out).
+    with contextlib.ExitStack() as saves, torch.inference_mode(False):
+        saves.enter_context(preserved_state(model, scan.modules, same_modes=True))
+        full_save = []
+
+        def save_all() -> None:
+            if not full_save:
+                full_save.append(saves.enter_context(preserved_state(model, scan.modules)))
+
         for p in scan.params:
             if p.is_floating_point():
                 p.requires_grad_(True)
@@ -146,10 +155,11 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         for attempt_inputs, train in attempts:
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
+            if train:
+                save_all()
             try:
-                with preserved_state(model, scan.modules) if train else contextlib.nullcontext():
-                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                               scan.named)
+                recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                           scan.named)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
@@ -183,9 +193,10 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                             intervals, shapes, attention, scan)
         if result.unknown or result.fixed_splits:
             # say where each unknown op or fixed split ran: once more, with module ranges
-            with preserved_state(model, scan.modules) if best[3] else contextlib.nullcontext():
-                calls, intervals, output, shapes = record_forward(
-                    model, best[2], forward_fn, known, best[3], scan.named, locate=True)
+            if best[3]:
+                save_all()
+            calls, intervals, output, shapes = record_forward(
+                model, best[2], forward_fn, known, best[3], scan.named, locate=True)
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
             if result.unknown:
