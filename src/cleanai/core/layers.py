@@ -8,6 +8,7 @@ Register one for a custom layer with :func:`register_layer_pruner`.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -343,9 +344,11 @@ class _Registry(dict):
         _LOOKUPS.clear()
 
 
-# (module class, inherited) -> get_layer_pruner's answer: a model has hundreds of modules of a
-# few classes, and the answer walks the class's ancestors
-_LOOKUPS: Dict[Tuple[type, bool], Optional["LayerPruner"]] = {}
+# module class -> {inherited: get_layer_pruner's answer}: a model has hundreds of modules of a
+# few classes, and the answer walks the class's ancestors. Weak keys: torch.fx makes a class
+# per GraphModule, which must not outlive it here.
+_LOOKUPS: "weakref.WeakKeyDictionary[type, Dict[bool, Optional[LayerPruner]]]" = \
+    weakref.WeakKeyDictionary()
 _REGISTRY: Dict[Type[nn.Module], "LayerPruner"] = _Registry()
 
 
@@ -376,11 +379,9 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     With ``inherited=True`` an ancestor's pruner is returned even when the subclass overrides
     ``forward`` (the tracer follows such a layer op by op; the pruner still knows its attributes).
     """
-    key = (type(module), inherited)
-    try:
-        return _LOOKUPS[key]
-    except KeyError:
-        pass
+    answers = _LOOKUPS.get(type(module))
+    if answers is not None and inherited in answers:
+        return answers[inherited]
     cls = getattr(type(module), "cleanai_layer_type", type(module))
     if cls in _REGISTRY:
         found = _REGISTRY[cls]
@@ -393,7 +394,7 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
                 if base in _REGISTRY:
                     found = _REGISTRY[base] if inherited or cls.forward is base.forward else None
                     break
-    _LOOKUPS[key] = found
+    _LOOKUPS.setdefault(type(module), {})[inherited] = found
     return found
 
 

@@ -70,6 +70,8 @@ class _Tracer:
         # its outputs
         self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor, str]] = {}
         self.partners_used: set = set()
+        # name of a known layer whose weight the walk met carrying input ids -> its output ids
+        self.weights_read: Dict[str, torch.Tensor] = {}
         self._scan = scan or ModelScan(model)
         self._storages: Optional[set] = None  # filled on first use: most models never ask
         self.uf = UnionFind()
@@ -318,7 +320,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
-    protect_unfollowed(ctx, {c.name for c in calls})
+    protect_unfollowed(ctx)
     for c in calls:
         if c not in visited and not _reached_inside(c, visited):
             # it ran, but no output depends on it through autograd
