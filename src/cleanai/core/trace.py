@@ -144,7 +144,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         bare = {id(p) for p in scan.params if p.is_floating_point() and id(p) not in owned}
         attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, doubled), True)]
         errors = []
-        best = None  # (recording, (layers it missed, bare parameters it missed))
+        # (recording, (layers it missed, bare parameters it missed), its inputs, its mode)
+        best = None
         for attempt_inputs, train in attempts:
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
@@ -183,15 +184,16 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
         result = _propagate(model, calls, output, layers, names_of_params, with_subclasses,
                             intervals, shapes, attention, scan)
-        if result.unknown or result.fixed_splits:
+        if result.fixed_splits or any("" in wheres for wheres in result.unknown.values()):
             # say where each unknown op or fixed split ran: once more, with module ranges
+            # (an unsupported layer already has its name)
             with preserved_state(model, scan.modules) if best[3] else contextlib.nullcontext():
                 calls, intervals, output, shapes = record_forward(
                     model, best[2], forward_fn, known, best[3], scan.named, locate=True)
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
-            if result.unknown:
-                _warn_unknown(model, result.unknown)
+        if result.unknown:
+            _warn_unknown(model, result.unknown)
         tie_shared_weights(known, scan.subclasses, result)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
