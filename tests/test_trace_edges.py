@@ -75,3 +75,28 @@ def test_layer_lookups_do_not_keep_torch_fx_classes_alive():
     del gm
     gc.collect()
     assert cls() is None
+
+
+class WithBilinear(nn.Module):
+    """An unsupported layer (named by its own hooks) and nothing else unknown."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bil = nn.Linear(4, 6), nn.Bilinear(6, 6, 3)
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        h = self.a(x)
+        return self.bil(h, h)
+
+
+def test_an_unsupported_layer_is_named_without_a_second_forward():
+    model = WithBilinear().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = cleanai.DependencyGraph(model, torch.randn(2, 4))
+    assert model.forwards == 1
+    assert [str(w.message).split(";")[0] for w in caught] == \
+        ["CleanAI does not know the channel semantics of Bilinear (in bil)"]
+    assert graph.groups[0].protected.all()
