@@ -21,7 +21,8 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
     layer.bias)``): the weight carries the layer's input ids on its input dim, and a product
     that contracts them yields its output ids (``ctx.partners``); the bias carries the output
     ids. A layer that also ran uses the same ids (tied weights: an embedding that is also the
-    output layer). A layer without input channels (an embedding looked up with ``F.embedding``) gives its
+    output layer); where no product names where its outputs go, :func:`protect_unfollowed`
+    keeps them. A layer without input channels (an embedding looked up with ``F.embedding``) gives its
     weight its output ids. The layer is then pruned as if it had run."""
     name, pr = known_entry
     if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":

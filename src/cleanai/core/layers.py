@@ -382,18 +382,18 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
     answers = _LOOKUPS.get(type(module))
     if answers is not None and inherited in answers:
         return answers[inherited]
+    from .named_layers import named_layer_pruner  # optional libraries' classes, by name
     cls = getattr(type(module), "cleanai_layer_type", type(module))
-    if cls in _REGISTRY:
-        found = _REGISTRY[cls]
-    else:
-        from .named_layers import named_layer_pruner  # optional libraries' classes, by name
-        # before torch's classes: a named subclass (a weight-standardised conv) has its own forward
-        found = named_layer_pruner(module, inherited)
-        if found is None:
-            for base in cls.__mro__[1:]:
-                if base in _REGISTRY:
-                    found = _REGISTRY[base] if inherited or cls.forward is base.forward else None
-                    break
+    found = None
+    for i, base in enumerate(cls.__mro__):
+        # the nearest class with a pruner: a named subclass of a torch layer (a
+        # weight-standardised conv) has a forward of its own, and its own pruner
+        pruner = _REGISTRY.get(base)
+        if pruner is None:
+            pruner = named_layer_pruner(base)
+        if pruner is not None:
+            found = pruner if i == 0 or inherited or cls.forward is base.forward else None
+            break
     _LOOKUPS.setdefault(type(module), {})[inherited] = found
     return found
 
