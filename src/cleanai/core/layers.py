@@ -378,6 +378,8 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
 
     With ``inherited=True`` an ancestor's pruner is returned even when the subclass overrides
     ``forward`` (the tracer follows such a layer op by op; the pruner still knows its attributes).
+    Answers are kept per class until the registry changes: a class whose ``forward`` is replaced
+    afterwards keeps its first answer.
     """
     answers = _LOOKUPS.get(type(module))
     if answers is not None and inherited in answers:
