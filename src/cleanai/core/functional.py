@@ -21,7 +21,8 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
     layer.bias)``): the weight carries the layer's input ids on its input dim, and a product
     that contracts them yields its output ids (``ctx.partners``); the bias carries the output
     ids. A layer that also ran uses the same ids (tied weights: an embedding that is also the
-    output layer). A layer without input channels (an embedding looked up with ``F.embedding``) gives its
+    output layer); where no product names where its outputs go, :func:`protect_unfollowed`
+    keeps them. A layer without input channels (an embedding looked up with ``F.embedding``) gives its
     weight its output ids. The layer is then pruned as if it had run."""
     name, pr = known_entry
     if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":
@@ -43,15 +44,19 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
         for t, dim in pr.weights(m, side):
             # a weight carries one set of ids: its input ids, where it has them
             if t is var and (side == "in" or t.dim() == 1 or n_in is None):
+                if side == "in":
+                    ctx.weights_read[name] = module_out[name]
                 return Slots(dim, ids, True)
     return None
 
 
-def protect_unfollowed(ctx, called: set) -> None:
-    """Protect the output channels of every layer used only through its weight where no
-    product said where those channels go (its weight went into an op the tracer does not
-    follow): slicing them would change a tensor nobody adjusts."""
-    for key, (_, out_ids, name) in ctx.partners.items():
-        if key not in ctx.partners_used and name not in called:
-            ctx.protect(out_ids, f"output of {name}, whose weight is used by an op CleanAI "
-                                 f"does not follow")
+def protect_unfollowed(ctx) -> None:
+    """Protect the output channels of every layer whose weight the walk met where no product
+    said where those channels go (its weight went into an op the tracer does not follow, or
+    the layer ran before, so its input ids name no partner): slicing them would change a
+    tensor nobody adjusts."""
+    followed = {ctx.partners[key][2] for key in ctx.partners_used}
+    for name, out_ids in ctx.weights_read.items():
+        if name not in followed:
+            ctx.protect(out_ids, f"output of {name}, whose weight is used outside its forward "
+                                 f"where CleanAI cannot follow its outputs")

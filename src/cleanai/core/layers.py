@@ -8,6 +8,7 @@ Register one for a custom layer with :func:`register_layer_pruner`.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -343,9 +344,11 @@ class _Registry(dict):
         _LOOKUPS.clear()
 
 
-# (module class, inherited) -> get_layer_pruner's answer: a model has hundreds of modules of a
-# few classes, and the answer walks the class's ancestors
-_LOOKUPS: Dict[Tuple[type, bool], Optional["LayerPruner"]] = {}
+# module class -> {inherited: get_layer_pruner's answer}: a model has hundreds of modules of a
+# few classes, and the answer walks the class's ancestors. Weak keys: torch.fx makes a class
+# per GraphModule, which must not outlive it here.
+_LOOKUPS: "weakref.WeakKeyDictionary[type, Dict[bool, Optional[LayerPruner]]]" = \
+    weakref.WeakKeyDictionary()
 _REGISTRY: Dict[Type[nn.Module], "LayerPruner"] = _Registry()
 
 
@@ -375,25 +378,25 @@ def get_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[Lay
 
     With ``inherited=True`` an ancestor's pruner is returned even when the subclass overrides
     ``forward`` (the tracer follows such a layer op by op; the pruner still knows its attributes).
+    Answers are kept per class until the registry changes: a class whose ``forward`` is replaced
+    afterwards keeps its first answer.
     """
-    key = (type(module), inherited)
-    try:
-        return _LOOKUPS[key]
-    except KeyError:
-        pass
+    answers = _LOOKUPS.get(type(module))
+    if answers is not None and inherited in answers:
+        return answers[inherited]
+    from .named_layers import named_layer_pruner  # optional libraries' classes, by name
     cls = getattr(type(module), "cleanai_layer_type", type(module))
-    if cls in _REGISTRY:
-        found = _REGISTRY[cls]
-    else:
-        from .named_layers import named_layer_pruner  # optional libraries' classes, by name
-        # before torch's classes: a named subclass (a weight-standardised conv) has its own forward
-        found = named_layer_pruner(module, inherited)
-        if found is None:
-            for base in cls.__mro__[1:]:
-                if base in _REGISTRY:
-                    found = _REGISTRY[base] if inherited or cls.forward is base.forward else None
-                    break
-    _LOOKUPS[key] = found
+    found = None
+    for i, base in enumerate(cls.__mro__):
+        # the nearest class with a pruner: a named subclass of a torch layer (a
+        # weight-standardised conv) has a forward of its own, and its own pruner
+        pruner = _REGISTRY.get(base)
+        if pruner is None:
+            pruner = named_layer_pruner(base)
+        if pruner is not None:
+            found = pruner if i == 0 or inherited or cls.forward is base.forward else None
+            break
+    _LOOKUPS.setdefault(type(module), {})[inherited] = found
     return found
 
 

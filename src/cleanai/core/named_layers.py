@@ -69,11 +69,6 @@ _BY_NAME: Dict[str, LayerPruner] = {
 }
 
 
-def named_layer_pruner(module: nn.Module, inherited: bool = False) -> Optional[LayerPruner]:
-    """The pruner for a class (or, with ``inherited``, an ancestor) known by its qualified name."""
-    cls = type(module)
-    for i, base in enumerate(cls.__mro__):
-        pruner = _BY_NAME.get(f"{base.__module__}.{base.__qualname__}")
-        if pruner is not None:
-            return pruner if i == 0 or inherited or cls.forward is base.forward else None
-    return None
+def named_layer_pruner(cls: type) -> Optional[LayerPruner]:
+    """The pruner for exactly ``cls``, when its qualified name is known."""
+    return _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")

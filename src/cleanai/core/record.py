@@ -120,15 +120,18 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         return hook
 
     # Inside a known layer no operand shape is needed (the walk never enters it): the
-    # recorder steps aside there, so the layer's own ops are not dispatched to it.
+    # recorder steps aside there, so the layer's own ops are not dispatched to it. It steps
+    # back even when the layer raises (a forward may catch that and go on).
     set_aside: List[Optional[_OperandShapes]] = []
 
     def known_pre_hook(module, args) -> None:
         set_aside.append(_step_aside(recorder))
 
+    def known_post_hook(module, args, output) -> None:
+        _step_back(set_aside.pop() if set_aside else None)
+
     def call_hook(name, pruner):
         def hook(module, args, kwargs, output):
-            _step_back(set_aside.pop() if set_aside else None)
             with _NoTorchFunction():
                 if isinstance(output, torch.Tensor) and output._base is not None and \
                         output.grad_fn is not None:
@@ -177,10 +180,11 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         for m, (name, pruner) in known.items():
             handles.append(m.register_forward_pre_hook(known_pre_hook))
             handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
+            handles.append(m.register_forward_hook(known_post_hook, always_call=True))
         with torch.enable_grad(), recorder:
             try:
                 output = run_forward(model, inputs, forward_fn)
-            finally:  # a layer that raised never stepped back
+            finally:  # the forward raised: whatever stepped aside steps back
                 while set_aside:
                     _step_back(set_aside.pop())
     finally:

@@ -70,6 +70,8 @@ class _Tracer:
         # its outputs
         self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor, str]] = {}
         self.partners_used: set = set()
+        # name of a known layer whose weight the walk met carrying input ids -> its output ids
+        self.weights_read: Dict[str, torch.Tensor] = {}
         self._scan = scan or ModelScan(model)
         self._storages: Optional[set] = None  # filled on first use: most models never ask
         self.uf = UnionFind()
@@ -151,7 +153,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         bare = {id(p) for p in scan.params if p.is_floating_point() and id(p) not in owned}
         attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, doubled), True)]
         errors = []
-        best = None  # (recording, (layers it missed, bare parameters it missed))
+        # (recording, (layers it missed, bare parameters it missed), its inputs, its mode)
+        best = None
         for attempt_inputs, train in attempts:
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
@@ -191,16 +194,17 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
         result = _propagate(model, calls, output, layers, names_of_params, with_subclasses,
                             intervals, shapes, attention, scan)
-        if result.unknown or result.fixed_splits:
+        if result.fixed_splits or any("" in wheres for wheres in result.unknown.values()):
             # say where each unknown op or fixed split ran: once more, with module ranges
+            # (an unsupported layer already has its name)
             if best[3]:
                 save_all()
             calls, intervals, output, shapes = record_forward(
                 model, best[2], forward_fn, known, best[3], scan.named, locate=True)
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
-            if result.unknown:
-                _warn_unknown(model, result.unknown)
+        if result.unknown:
+            _warn_unknown(model, result.unknown)
         tie_shared_weights(known, scan.subclasses, result)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
@@ -329,7 +333,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
             slots[(p, nr)] = s
             sources[(p, nr)] = src
 
-    protect_unfollowed(ctx, {c.name for c in calls})
+    protect_unfollowed(ctx)
     for c in calls:
         if c not in visited and not _reached_inside(c, visited):
             # it ran, but no output depends on it through autograd
