@@ -44,12 +44,24 @@ def record_step(model: nn.Module, entry: Dict[str, Any],
     elif before is not None and before != record["current"] and record["broken"] is None:
         record["broken"] = (f"the model's parameter shapes changed outside CleanAI before "
                             f"step {len(record['steps']) + 1}")
-    record["steps"].append(_copy(entry))
+    record["steps"].append(_copy_step(entry))
     record["current"] = after
 
 
 _ATOMIC = (int, float, str, bool, type(None))
 _ATOMIC_SET = frozenset(_ATOMIC)
+
+
+def _copy_step(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of a step entry whose structure (the entry, its layer list, each layer's dict)
+    is the model's own, so that editing a pruner's ``history`` cannot change it; the
+    ``keep`` index lists, built for this entry and never changed, are shared rather than
+    copied (a step holds tens of thousands of indices)."""
+    out = {k: v if type(v) in _ATOMIC else _copy(v) for k, v in entry.items() if k != "layers"}
+    if "layers" in entry:
+        out["layers"] = [{k: v if type(v) in _ATOMIC or k == "keep" else _copy(v)
+                          for k, v in layer.items()} for layer in entry["layers"]]
+    return out
 
 
 def _copy(value: Any) -> Any:
