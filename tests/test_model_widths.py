@@ -111,6 +111,38 @@ def test_width_attribute_of_a_block_beside_the_group_is_left_alone():
     assert model[2].a.out_channels == 4 and count_params(model) < n0
 
 
+class WidthNorm(nn.Module):
+    """An RMS norm that keeps its width: its own parameter is a member of the hidden group."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.hidden_size = d
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class NormBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = WidthNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+def test_width_attribute_of_a_module_owning_a_group_parameter_follows():
+    """The scope of the hidden group is the whole model; a norm inside a block owns a member
+    parameter, so its ``hidden_size`` is the group's width, not a chance equal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), NormBlock(8), NormBlock(8), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    cleanai.StructuredPruner(model, x, pruning_ratio=0.5, kinds="hidden").step()
+    assert model[0].out_features == 4 and model(x).shape == (2, 3)
+    assert model[1].norm.hidden_size == model[2].norm.hidden_size == 4
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["cspresnet50", "darknet17", "mobilevitv2_050", "nf_resnet26",
                                   "poolformer_s12", "gmlp_ti16_224"])
@@ -179,7 +211,7 @@ class Scale(nn.Module):
         return x * self.scale.view(self.shape)
 
 
-def test_stored_view_shape_of_a_parameter_follows_and_replays():
+def test_stored_view_shape_of_a_parameter_follows_and_replays(tmp_path):
     import json
     torch.manual_seed(0)
 
@@ -194,6 +226,10 @@ def test_stored_view_shape_of_a_parameter_follows_and_replays():
     cleanai.replay(fresh, json.loads(json.dumps(pruner.history[-1]["layers"])))
     assert fresh[1].shape == (8, 1, 1)
     torch.testing.assert_close(fresh(x), model(x))
+    cleanai.save_pruned(pruner, tmp_path / "m")  # the shape is a list in the JSON file
+    loaded = cleanai.load_pruned(make, tmp_path / "m")
+    assert loaded[1].shape == (8, 1, 1)
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 class DetachedBranch(nn.Module):

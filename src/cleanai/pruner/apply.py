@@ -76,8 +76,6 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
         g = by_id.get(gid)
         if g is None:
             raise PruningError(f"the plan names group {gid}, which the graph does not have")
-        if idx.shape[0] >= g.size:
-            raise PruningError(f"the plan removes all {g.size} channels of group {gid}")
         if idx.shape[0]:
             todo.append((g, idx))
     if not todo:
@@ -103,6 +101,9 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
             if bool(g.protected[idx].any()):
                 raise PruningError(f"the plan removes protected channels of group {g.id} "
                                    f"({', '.join(g.reasons)})")
+    for g, idx in todo:  # distinct and in range by now: as many as the group has is all
+        if idx.shape[0] >= g.size:
+            raise PruningError(f"the plan removes all {g.size} channels of group {g.id}")
 
 
 def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
