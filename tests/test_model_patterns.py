@@ -9,6 +9,7 @@ from torch import nn
 
 import cleanai
 
+from conftest import Double
 from equivalence import check_equivalence
 
 
@@ -174,18 +175,6 @@ def test_timm_cnn_families_prune_exactly(name):
     check_equivalence(model, pruner, x, atol=1e-4)
 
 
-class Doubler(torch.autograd.Function):
-    """A custom autograd op CleanAI knows nothing about."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
 class CustomActs(nn.Module):
     def __init__(self, act):
         super().__init__()
@@ -200,7 +189,7 @@ def test_known_custom_autograd_activations_are_followed_and_others_protected():
     activations_me = pytest.importorskip("timm.layers.activations_me")
     x = torch.randn(2, 3, 4, 4)
     for act, followed in ((activations_me.SwishAutoFn, True), (activations_me.HardMishAutoFn, True),
-                          (Doubler, False)):
+                          (Double, False)):
         torch.manual_seed(0)
         model = CustomActs(act).eval()
         with warnings.catch_warnings(record=True) as caught:
@@ -212,8 +201,8 @@ def test_known_custom_autograd_activations_are_followed_and_others_protected():
             check_equivalence(model, pruner, x)
             assert model.a.out_channels == 4
         else:
-            assert bool(g.protected.all()) and "DoublerBackward" in next(iter(g.reasons))
-            assert any("DoublerBackward" in str(w.message) for w in caught)
+            assert bool(g.protected.all()) and "DoubleBackward" in next(iter(g.reasons))
+            assert any("DoubleBackward" in str(w.message) for w in caught)
 
 
 class Unfolds(nn.Module):

@@ -278,3 +278,36 @@ def test_stored_shape_over_several_groups_counts_every_removal():
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
     check_equivalence(model, pruner, x)
     assert model.scale.shape == (8, 1, 1) and model.a.out_channels == model.b.out_channels == 4
+
+
+class FixedWidth(nn.Module):
+    """Views its conv's output with a width kept under a name CleanAI does not know; only
+    ``strict`` instances do, so siblings of one class may differ."""
+
+    def __init__(self, c, strict):
+        super().__init__()
+        self.conv, self.width, self.strict = nn.Conv2d(c, c, 1), c, strict
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return y.view(y.shape[0], self.width, *y.shape[2:]) if self.strict else y
+
+
+@pytest.mark.parametrize("first_strict", [False, True])
+def test_failing_layer_is_protected_alone_then_its_whole_class(first_strict):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), FixedWidth(8, first_strict), nn.Conv2d(8, 8, 1),
+                          FixedWidth(8, True), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    said = [str(w.message) for w in caught]
+    assert model(x).shape == (1, 2, 4, 4)
+    assert model[3].conv.out_channels == model[2].out_channels == 8  # the layer and its input
+    if first_strict:  # the one layer was not enough: every FixedWidth is kept
+        assert len(said) == 2 and "inside 2 FixedWidth layers" in said[1]
+        assert model[1].conv.out_channels == model[0].out_channels == 8
+    else:
+        assert len(said) == 1 and "inside 3 (FixedWidth)" in said[0]
+        assert model[1].conv.out_channels == model[0].out_channels == 4

@@ -78,9 +78,10 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
         if idx is None or idx.shape[0] == 0 or g.kind not in _ROLES:
             continue
         if candidates is None:
-            candidates = [(n, a, m.__dict__[a]) for n, m in model.named_modules()
-                          if get_layer_pruner(m) is None for a in _NAMES & m.__dict__.keys()
-                          if type(m.__dict__[a]) is int and m.__dict__[a] > 0]
+            # in the modules' own attribute order: the history must not follow the hash seed
+            candidates = [(n, a, v) for n, m in model.named_modules()
+                          if get_layer_pruner(m) is None for a, v in m.__dict__.items()
+                          if a in _NAMES and type(v) is int and v > 0]
             if not candidates:
                 break
         kept = Fraction(g.size - idx.shape[0], g.size)
