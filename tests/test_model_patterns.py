@@ -351,3 +351,41 @@ def test_linear_on_tokens_then_in_place_relu_is_pruned_exactly():
     assert not bool(pruner.graph.group_of("0")[0].protected.any())
     check_equivalence(model, pruner, x)
     assert model[0].out_features == model[2].in_features == 4
+
+
+class CachedBias(nn.Module):
+    """LeViT's attention bias: a table indexed by a long buffer, cached in eval mode and
+    recomputed in train mode; after an eval forward the trace only sees the table in train."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.table = nn.Parameter(torch.randn(c, 3))
+        self.register_buffer("idx", torch.tensor([0, 2, 1, 1]), persistent=False)
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training or "bias" not in self.cache:
+            bias = self.table[:, self.idx]
+            if self.training:
+                return self.conv(x) + bias.view(1, -1, 2, 2)
+            self.cache["bias"] = bias
+        return self.conv(x) + self.cache["bias"].view(1, -1, 2, 2)
+
+
+def test_index_buffer_read_by_a_train_mode_trace_is_left_unwritten():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), CachedBias(8), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 2, 2)
+    with torch.no_grad():
+        model(x)  # fills the cache: the eval forward reads no table
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner.step()
+    assert model[0].out_channels == model[1].conv.in_channels == 4
+    assert model(x).shape == (1, 2, 2, 2)
