@@ -222,6 +222,7 @@ def test_stored_view_shape_of_a_parameter_follows_and_replays(tmp_path):
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
     check_equivalence(model, pruner, x)
     assert model[1].shape == (8, 1, 1) and model[1].scale.shape == (8,)
+    assert json.loads(json.dumps(pruner.history)) == pruner.history  # plain JSON
     fresh = make()
     cleanai.replay(fresh, json.loads(json.dumps(pruner.history[-1]["layers"])))
     assert fresh[1].shape == (8, 1, 1)
