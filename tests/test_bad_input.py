@@ -256,6 +256,16 @@ def test_hand_made_plans_that_cannot_apply_are_rejected_before_any_change():
              ({group.id: [0, 0]}, "removes a channel of group .* twice"),
              ({group.id: [group.size]}, f"group {group.id} has {group.size} channels"),
              ({999: [0]}, "names group 999, which the graph does not have")]
+    # a plan as long as the group gets the error of what is wrong with it, not "removes all";
+    # with several groups, the error names the group at fault
+    n, protected = group.size, next(g for g in pruner.graph.groups if bool(g.protected.all()))
+    fine = next(g for g in pruner.graph.groups if g is not group and not bool(g.protected.any()))
+    cases += [({group.id: [0] * n}, f"removes a channel of group {group.id} twice"),
+              ({group.id: list(range(n - 1)) + [n]}, f"has {n} channels; the plan removes index {n}$"),
+              ({group.id: [-1] + list(range(n - 1))}, "the plan removes index -1$"),
+              ({fine.id: [0], protected.id: list(range(protected.size))},
+               f"removes protected channels of group {protected.id} "),
+              ({fine.id: [0, 1], group.id: [1, 1]}, f"removes a channel of group {group.id} twice")]
     for removals, message in cases:
         with pytest.raises(cleanai.PruningError, match=message):
             pruner.apply(cleanai.PruningPlan(pruner.graph, removals))

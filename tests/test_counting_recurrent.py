@@ -54,6 +54,10 @@ def test_packed_sequence_counts_real_steps_and_layers_around_it():
 def test_cells_and_snapshot_agree():
     cell = nn.LSTMCell(10, 20)
     assert count_macs(cell, torch.randn(3, 10)) == 3 * 4 * 20 * (10 + 20)
+    lstm = nn.LSTM(10, 20, proj_size=5)  # not fused on CPU: the counter sees its products
+    expected = 3 * by_hand(4, 10, 20, proj=5)
+    assert count_macs(lstm, torch.randn(3, 10)) == expected
+    assert count_macs(lstm, torch.randn(3, 10), forward_fn=lambda m, x: m(input=x)) == expected
     model = nn.Sequential(nn.Linear(6, 10), nn.GRU(10, 20, batch_first=True))
     x = torch.randn(2, 4, 6)
     snap = snapshot(model, x, forward_fn=lambda m, x: m(x)[0], latency=False)

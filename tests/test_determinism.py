@@ -95,11 +95,34 @@ def test_random_importance_differs_with_the_seed():
     assert any(not torch.equal(plans[0][g], plans[1][g]) for g in plans[0])
 
 
+class WidthMLP(nn.Module):
+    """An MLP block that keeps its width under several names the pruner rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 4)
+        self.intermediate_size = self.ffn_dim = self.d_ff = self.mlp_dim = self.n_inner = 16
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def attribute_updates() -> str:
+    """The attribute entries one step records, in their order."""
+    model = nn.Sequential(nn.Linear(4, 4), WidthMLP()).eval()
+    pruner = StructuredPruner(model, torch.randn(2, 4), pruning_ratio=0.5, kinds="channels")
+    pruner.step()
+    return ",".join(f"{e['attr']}={e['value']}" for e in pruner.history[-1]["layers"]
+                    if e["kind"] == "attr")
+
+
 def test_a_fresh_process_with_another_hash_seed_gives_the_same_result():
     code = ("import sys; sys.path[:0] = ['src', 'tests']; import test_determinism as t; "
-            "print(t.digest('hybrid', True)); print(t.digest('weight', False))")
+            "print(t.digest('hybrid', True)); print(t.digest('weight', False)); "
+            "print(t.attribute_updates())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == [digest("hybrid", True), digest("weight", False)]
+    assert out == [digest("hybrid", True), digest("weight", False), attribute_updates()]
+    assert attribute_updates().count("=8") == 5

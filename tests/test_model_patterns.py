@@ -9,6 +9,7 @@ from torch import nn
 
 import cleanai
 
+from conftest import Double
 from equivalence import check_equivalence
 
 
@@ -174,18 +175,6 @@ def test_timm_cnn_families_prune_exactly(name):
     check_equivalence(model, pruner, x, atol=1e-4)
 
 
-class Doubler(torch.autograd.Function):
-    """A custom autograd op CleanAI knows nothing about."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
 class CustomActs(nn.Module):
     def __init__(self, act):
         super().__init__()
@@ -200,7 +189,7 @@ def test_known_custom_autograd_activations_are_followed_and_others_protected():
     activations_me = pytest.importorskip("timm.layers.activations_me")
     x = torch.randn(2, 3, 4, 4)
     for act, followed in ((activations_me.SwishAutoFn, True), (activations_me.HardMishAutoFn, True),
-                          (Doubler, False)):
+                          (Double, False)):
         torch.manual_seed(0)
         model = CustomActs(act).eval()
         with warnings.catch_warnings(record=True) as caught:
@@ -212,8 +201,8 @@ def test_known_custom_autograd_activations_are_followed_and_others_protected():
             check_equivalence(model, pruner, x)
             assert model.a.out_channels == 4
         else:
-            assert bool(g.protected.all()) and "DoublerBackward" in next(iter(g.reasons))
-            assert any("DoublerBackward" in str(w.message) for w in caught)
+            assert bool(g.protected.all()) and "DoubleBackward" in next(iter(g.reasons))
+            assert any("DoubleBackward" in str(w.message) for w in caught)
 
 
 class Unfolds(nn.Module):
@@ -362,3 +351,41 @@ def test_linear_on_tokens_then_in_place_relu_is_pruned_exactly():
     assert not bool(pruner.graph.group_of("0")[0].protected.any())
     check_equivalence(model, pruner, x)
     assert model[0].out_features == model[2].in_features == 4
+
+
+class CachedBias(nn.Module):
+    """LeViT's attention bias: a table indexed by a long buffer, cached in eval mode and
+    recomputed in train mode; after an eval forward the trace only sees the table in train."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.table = nn.Parameter(torch.randn(c, 3))
+        self.register_buffer("idx", torch.tensor([0, 2, 1, 1]), persistent=False)
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training or "bias" not in self.cache:
+            bias = self.table[:, self.idx]
+            if self.training:
+                return self.conv(x) + bias.view(1, -1, 2, 2)
+            self.cache["bias"] = bias
+        return self.conv(x) + self.cache["bias"].view(1, -1, 2, 2)
+
+
+def test_index_buffer_read_by_a_train_mode_trace_is_left_unwritten():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), CachedBias(8), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 2, 2)
+    with torch.no_grad():
+        model(x)  # fills the cache: the eval forward reads no table
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner.step()
+    assert model[0].out_channels == model[1].conv.in_channels == 4
+    assert model(x).shape == (1, 2, 2, 2)

@@ -111,6 +111,38 @@ def test_width_attribute_of_a_block_beside_the_group_is_left_alone():
     assert model[2].a.out_channels == 4 and count_params(model) < n0
 
 
+class WidthNorm(nn.Module):
+    """An RMS norm that keeps its width: its own parameter is a member of the hidden group."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.hidden_size = d
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class NormBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = WidthNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+def test_width_attribute_of_a_module_owning_a_group_parameter_follows():
+    """The scope of the hidden group is the whole model; a norm inside a block owns a member
+    parameter, so its ``hidden_size`` is the group's width, not a chance equal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), NormBlock(8), NormBlock(8), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 4)
+    cleanai.StructuredPruner(model, x, pruning_ratio=0.5, kinds="hidden").step()
+    assert model[0].out_features == 4 and model(x).shape == (2, 3)
+    assert model[1].norm.hidden_size == model[2].norm.hidden_size == 4
+
+
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", ["cspresnet50", "darknet17", "mobilevitv2_050", "nf_resnet26",
                                   "poolformer_s12", "gmlp_ti16_224"])
@@ -179,7 +211,7 @@ class Scale(nn.Module):
         return x * self.scale.view(self.shape)
 
 
-def test_stored_view_shape_of_a_parameter_follows_and_replays():
+def test_stored_view_shape_of_a_parameter_follows_and_replays(tmp_path):
     import json
     torch.manual_seed(0)
 
@@ -190,10 +222,15 @@ def test_stored_view_shape_of_a_parameter_follows_and_replays():
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
     check_equivalence(model, pruner, x)
     assert model[1].shape == (8, 1, 1) and model[1].scale.shape == (8,)
+    assert json.loads(json.dumps(pruner.history)) == pruner.history  # plain JSON
     fresh = make()
     cleanai.replay(fresh, json.loads(json.dumps(pruner.history[-1]["layers"])))
     assert fresh[1].shape == (8, 1, 1)
     torch.testing.assert_close(fresh(x), model(x))
+    cleanai.save_pruned(pruner, tmp_path / "m")  # the shape is a list in the JSON file
+    loaded = cleanai.load_pruned(make, tmp_path / "m")
+    assert loaded[1].shape == (8, 1, 1)
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 class DetachedBranch(nn.Module):
@@ -242,3 +279,36 @@ def test_stored_shape_over_several_groups_counts_every_removal():
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
     check_equivalence(model, pruner, x)
     assert model.scale.shape == (8, 1, 1) and model.a.out_channels == model.b.out_channels == 4
+
+
+class FixedWidth(nn.Module):
+    """Views its conv's output with a width kept under a name CleanAI does not know; only
+    ``strict`` instances do, so siblings of one class may differ."""
+
+    def __init__(self, c, strict):
+        super().__init__()
+        self.conv, self.width, self.strict = nn.Conv2d(c, c, 1), c, strict
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return y.view(y.shape[0], self.width, *y.shape[2:]) if self.strict else y
+
+
+@pytest.mark.parametrize("first_strict", [False, True])
+def test_failing_layer_is_protected_alone_then_its_whole_class(first_strict):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), FixedWidth(8, first_strict), nn.Conv2d(8, 8, 1),
+                          FixedWidth(8, True), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    said = [str(w.message) for w in caught]
+    assert model(x).shape == (1, 2, 4, 4)
+    assert model[3].conv.out_channels == model[2].out_channels == 8  # the layer and its input
+    if first_strict:  # the one layer was not enough: every FixedWidth is kept
+        assert len(said) == 2 and "inside 2 FixedWidth layers" in said[1]
+        assert model[1].conv.out_channels == model[0].out_channels == 8
+    else:
+        assert len(said) == 1 and "inside 3 (FixedWidth)" in said[0]
+        assert model[1].conv.out_channels == model[0].out_channels == 4

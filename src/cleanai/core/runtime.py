@@ -95,11 +95,10 @@ def preserved_state(model: nn.Module, modules: Optional[List[nn.Module]] = None,
                 p.requires_grad_(flag)
         with torch.no_grad():
             # every buffer: kernels such as batch_norm's update running stats without
-            # bumping the tensor's version, so no cheaper test says which ones changed
+            # bumping the tensor's version, so no cheaper test says which ones changed; an
+            # unchanged one is not written: autograd may hold it (an index table a cached
+            # attention bias was gathered with), and a write would bump its version
             for b, copy in saved:
-                # an unchanged buffer is left alone: copying would bump its version, and a
-                # tensor the model cached from it (an attention bias gathered by an index
-                # buffer) could no longer be backpropagated
                 if b.shape == copy.shape and not torch.equal(b, copy):
                     b.copy_(copy)
         torch.set_rng_state(rng)

@@ -76,8 +76,6 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
         g = by_id.get(gid)
         if g is None:
             raise PruningError(f"the plan names group {gid}, which the graph does not have")
-        if idx.shape[0] >= g.size:
-            raise PruningError(f"the plan removes all {g.size} channels of group {gid}")
         if idx.shape[0]:
             todo.append((g, idx))
     if not todo:
@@ -103,6 +101,9 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
             if bool(g.protected[idx].any()):
                 raise PruningError(f"the plan removes protected channels of group {g.id} "
                                    f"({', '.join(g.reasons)})")
+    for g, idx in todo:  # distinct and in range by now: as many as the group has is all
+        if idx.shape[0] >= g.size:
+            raise PruningError(f"the plan removes all {g.size} channels of group {g.id}")
 
 
 def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
@@ -305,7 +306,8 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
     graph.signature = module_signature(model)
     return ([{"name": n, "kind": k, "dim": d, "keep": keep.tolist()}
              for (n, k, d), keep in keeps.items()]
-            + [{"name": n, "kind": "attr", "attr": a, "value": v} for n, a, v in updates])
+            + [{"name": n, "kind": "attr", "attr": a,  # a stored shape as a JSON list
+                "value": list(v) if isinstance(v, tuple) else v} for n, a, v in updates])
 
 
 def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
@@ -386,7 +388,7 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     """Re-apply one recorded step (``history[i]["layers"]``) to a model of the original
     architecture, atomically. Entries of kind ``"attr"`` set a module's integer attribute
-    (``num_heads``, ``split_size``...) to ``value``; kind ``"config"`` sets a field of
+    (``num_heads``, ``split_size``...) or stored shape (a list, set as a tuple) to ``value``; kind ``"config"`` sets a field of
     ``model.config`` (Hugging Face models)."""
     keeps: Dict[Key, torch.Tensor] = {}
     updates, config = [], []

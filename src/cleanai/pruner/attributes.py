@@ -3,7 +3,8 @@
 Attention and MLP blocks keep their widths as plain integers (``num_heads``, ``head_dim``,
 ``all_head_size``, ``split_size``, ``intermediate_size``...) and read them in ``forward``.
 After a group loses channels, each such attribute of the group's scope (the innermost module
-that holds all its layers) or of a module inside it that holds some of those layers is scaled
+that holds all its layers) or of a module inside it that holds some of those layers (or owns
+a parameter of the group) is scaled
 by the fraction of units kept, when its name says it measures that kind of width and its value
 is a multiple of the group's size.
 A model's ``config`` (Hugging Face style) is updated the same way when every layer was pruned
@@ -77,9 +78,10 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
         if idx is None or idx.shape[0] == 0 or g.kind not in _ROLES:
             continue
         if candidates is None:
-            candidates = [(n, a, m.__dict__[a]) for n, m in model.named_modules()
-                          if get_layer_pruner(m) is None for a in _NAMES & m.__dict__.keys()
-                          if type(m.__dict__[a]) is int and m.__dict__[a] > 0]
+            # in the modules' own attribute order: the history must not follow the hash seed
+            candidates = [(n, a, v) for n, m in model.named_modules()
+                          if get_layer_pruner(m) is None for a, v in m.__dict__.items()
+                          if a in _NAMES and type(v) is int and v > 0]
             if not candidates:
                 break
         kept = Fraction(g.size - idx.shape[0], g.size)
@@ -89,7 +91,8 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
         for name, attr, v in candidates:
             if scope and name != scope and not name.startswith(scope + "."):
                 continue
-            if name != scope and not any(n.startswith(name + ".") for n in layers):
+            if name != scope and name not in layers and \
+                    not any(n.startswith(name + ".") for n in layers):
                 continue  # a block beside the group's layers: an equal width there is chance
             if (attr in exact and v == g.size) or (attr in multiple and v % g.size == 0):
                 new = v * kept

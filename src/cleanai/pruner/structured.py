@@ -284,8 +284,9 @@ class StructuredPruner:
         """Plan and apply the next step; returns the applied plan.
 
         If the pruned model fails inside some layer (one that stores a channel count CleanAI
-        cannot see), the step is rolled back, the channels inside every layer of that class are
-        protected with a warning, and the step is planned again.
+        cannot see), the step is rolled back, and, while the model still fails, the channels its
+        class splits into parts of fixed sizes, then those inside that layer, then those inside
+        every layer of its class are protected with a warning, and the step is planned again.
         """
         tried = set()
         while True:
@@ -333,40 +334,28 @@ class StructuredPruner:
 
     def _protect_within(self, scopes: set, reason: str) -> int:
         """Protect every group with a member inside ``scopes``; how many were not yet."""
-        hit = 0
-        for g in self.graph.groups:
-            if any(_within(m.name, scopes) for m in g.members) and not g.protected.all():
-                g.reasons[reason] = int((~g.protected).sum())
-                g.protected[:] = True
-                hit += 1
-        return hit
+        return _protect([g for g in self.graph.groups if not g.protected.all()
+                         and any(_within(m.name, scopes) for m in g.members)], reason)
 
     def _protect_fixed_splits(self, cls: type, scopes: set, error: str) -> bool:
         """Protect the groups that ``cls``'s code splits into parts of fixed sizes."""
         reason = f"split by {cls.__name__} into parts of sizes fixed in its code"
-        hit = [g for g in self.graph.groups if not g.protected.all()
-               and any(_within(w, scopes) for w in g.fixed_splits)]
-        for g in hit:
-            g.reasons[reason] = int((~g.protected).sum())
-            g.protected[:] = True
+        hit = _protect([g for g in self.graph.groups if not g.protected.all()
+                        and any(_within(w, scopes) for w in g.fixed_splits)], reason)
         if hit:
-            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the {len(hit)} "
+            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the {hit} "
                           f"groups that {cls.__name__} splits into parts of fixed sizes and "
                           f"plans again.", stacklevel=4)
-        return bool(hit)
+        return hit > 0
 
     def _protect_inputs(self, layer: str, error: str, tried: set) -> bool:
         if layer in tried:
             return False
         tried.add(layer)
         reason = f"pruning breaks the input of {layer}"
-        hit = 0
-        for g in self.graph.groups:
-            if any(m.name == layer and m.kind in ("in", "same") for m in g.members) and \
-                    not g.protected.all():
-                g.protected[:] = True
-                g.reasons[reason] = g.size
-                hit += 1
+        hit = _protect([g for g in self.graph.groups if not g.protected.all() and
+                        any(m.name == layer and m.kind in ("in", "same") for m in g.members)],
+                       reason)
         if hit:
             warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
                           f"the {hit} groups that feed {layer} and plans again.", stacklevel=4)
@@ -382,6 +371,15 @@ class StructuredPruner:
 def _check_ratio(name: str, ratio: Any) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
+
+
+def _protect(groups: List[Group], reason: str) -> int:
+    """Protect every channel of ``groups``, with ``reason`` counting those newly protected;
+    returns how many groups."""
+    for g in groups:
+        g.reasons[reason] = int((~g.protected).sum())
+        g.protected[:] = True
+    return len(groups)
 
 
 def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ class RecurrentMacs:
     def __enter__(self) -> "RecurrentMacs":
         for m in self.layers:
             self._handles.append(m.register_forward_pre_hook(self._pre))
-            self._handles.append(m.register_forward_hook(self._post))
+            self._handles.append(m.register_forward_hook(self._post, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -107,10 +107,11 @@ class RecurrentMacs:
     def _pre(self, module, args) -> None:
         self._start[id(module)] = self.counter.get_total_flops()
 
-    def _post(self, module, args, output) -> None:
+    def _post(self, module, args, kwargs, output) -> None:
         self.seen_flops += self.counter.get_total_flops() - self._start.pop(id(module), 0)
         name = self.layers[module]
-        self.macs[name] = self.macs.get(name, 0) + recurrent_macs(module, args[0] if args else None)
+        x = args[0] if args else kwargs.get("input")  # ``lstm(input=x)`` counts too
+        self.macs[name] = self.macs.get(name, 0) + recurrent_macs(module, x)
 
     def total(self, counter: FlopCounterMode) -> int:
         """All MACs: the counter's, with recurrent layers counted here."""

@@ -255,12 +255,15 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
 
 def _check_setting(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[str, Any],
                    where: str) -> None:
-    """An ``attr`` entry sets an integer attribute of a module (``num_heads``...); a ``config``
-    entry sets a field of ``model.config``. Both must name something that exists."""
+    """An ``attr`` entry sets an integer attribute of a module (``num_heads``...) or a shape
+    it stores (a list of ints); a ``config`` entry sets an integer field of ``model.config``.
+    Both must name something that exists."""
     kind, attr, value = entry["kind"], entry.get("attr"), entry.get("value")
     here = f"{where}, {entry.get('name')!r} ({kind} {attr!r})"
-    if not isinstance(attr, str) or not isinstance(value, int) or isinstance(value, bool):
-        raise LoadError(f"{here}: malformed entry (attr must be a string, value an int)")
+    shape = kind == "attr" and isinstance(value, list) and bool(value) and all(map(_is_int, value))
+    if not isinstance(attr, str) or not (_is_int(value) or shape):
+        raise LoadError(f"{here}: malformed entry (attr must be a string, value an int"
+                        f"{' or a list of ints' if kind == 'attr' else ''})")
     if kind == "attr":
         module = modules.get(entry.get("name"))
         if module is None:
@@ -273,6 +276,10 @@ def _check_setting(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[
             raise LoadError(f"{here}: {type(model).__name__} has no config to update")
     if not hasattr(owner, attr):
         raise LoadError(f"{here}: {type(owner).__name__} has no attribute {attr!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _initial_length(model, modules, params, name, kind, dim, here, get_layer_pruner) -> int:
