@@ -160,15 +160,22 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 continue  # the attempt in the model's own modes was this very one
             if train:
                 save_all()
+            lean = True
             try:
-                recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                           scan.named)
+                try:
+                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                               scan.named, lean=True)
+                except Exception as exc:  # a forward that backpropagates needs the full graph
+                    errors.append(exc)
+                    lean = False
+                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                               scan.named)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
             missed = unreached_count(known, bare, recording)
             if best is None or missed < best[1]:
-                best = (recording, missed, attempt_inputs, train)
+                best = (recording, missed, attempt_inputs, train, lean)
             if missed == (0, 0) or train:
                 break
         if best is None:
@@ -200,7 +207,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             if best[3]:
                 save_all()
             calls, intervals, output, shapes = record_forward(
-                model, best[2], forward_fn, known, best[3], scan.named, locate=True)
+                model, best[2], forward_fn, known, best[3], scan.named, locate=True,
+                lean=best[4])
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
         if result.unknown:
