@@ -82,18 +82,13 @@ class ModelScan:
 
 
 def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,
-                   named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False,
-                   lean: bool = False):
+                   named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False):
     """One forward with hooks: known-layer calls and, with ``locate=True``, each module's
     autograd sequence range (only needed to say where an op ran; a hook on every module
     costs time, so the tracer asks for it only when it has something to report).
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
     ``named`` is ``list(model.named_modules())`` when the caller has it already.
-    ``lean=True`` keeps only the shapes of the large activations autograd saves for backward
-    (the walk reads their shapes, never their values): the forward then frees them as it
-    goes, as without autograd. The recorded graph cannot be backpropagated, so a forward that
-    runs backward itself fails; the caller then records again without it.
     """
     if named is None:
         named = list(model.named_modules())
@@ -186,9 +181,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             handles.append(m.register_forward_pre_hook(known_pre_hook))
             handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
             handles.append(m.register_forward_hook(known_post_hook, always_call=True))
-        light = torch.autograd.graph.saved_tensors_hooks(_placeholder, _same) if lean else \
-            contextlib.nullcontext()
-        with torch.enable_grad(), recorder, light:
+        with torch.enable_grad(), recorder:
             try:
                 output = run_forward(model, inputs, forward_fn)
             finally:  # the forward raised: whatever stepped aside steps back
@@ -204,21 +197,6 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
 
 
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
-
-
-def _placeholder(t: torch.Tensor) -> torch.Tensor:
-    """What a lean recording keeps of a tensor autograd saves: a large floating-point
-    activation becomes an empty stand-in of the same shape on the meta device; anything else
-    (small, integer, model state, a view) a detached alias, sharing its memory. Never the
-    tensor itself: a saved output that holds its own autograd node would make a reference
-    cycle, and the recorded graph (with the parameters' old shapes) would outlive the trace."""
-    if t.grad_fn is not None and t._base is None and t.is_floating_point() and t.numel() > 4096:
-        return torch.empty_like(t, device="meta")
-    return t.detach()
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 # torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
 _NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)

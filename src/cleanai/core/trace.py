@@ -160,22 +160,15 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 continue  # the attempt in the model's own modes was this very one
             if train:
                 save_all()
-            lean = True
             try:
-                try:
-                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                               scan.named, lean=True)
-                except Exception as exc:  # a forward that backpropagates needs the full graph
-                    errors.append(exc)
-                    lean = False
-                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                               scan.named)
+                recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                           scan.named)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
             missed = unreached_count(known, bare, recording)
             if best is None or missed < best[1]:
-                best = (recording, missed, attempt_inputs, train, lean)
+                best = (recording, missed, attempt_inputs, train)
             if missed == (0, 0) or train:
                 break
         if best is None:
@@ -207,8 +200,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             if best[3]:
                 save_all()
             calls, intervals, output, shapes = record_forward(
-                model, best[2], forward_fn, known, best[3], scan.named, locate=True,
-                lean=best[4])
+                model, best[2], forward_fn, known, best[3], scan.named, locate=True)
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
         if result.unknown:
