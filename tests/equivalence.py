@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from cleanai.core.layers import get_layer_pruner
-from cleanai.pruner.apply import layer_keeps
+from cleanai.pruner.apply import PruningError, layer_keeps
 
 
 @torch.no_grad()
@@ -50,14 +50,27 @@ def zero_consumers(model: nn.Module, plan) -> None:
 
 
 def check_equivalence(model: nn.Module, pruner, x, atol: float = 1e-5) -> None:
-    """Plan with ``pruner``, zero the consumers, record the output, prune, compare."""
+    """Plan with ``pruner``, zero the consumers, record the output, prune, compare.
+
+    A plan the pruned model cannot run (a block that keeps a width of its own) goes through
+    the same fallback as ``pruner.step()``: the weights are put back, the failing layer's
+    channels protected, and the step planned again."""
     model.eval()
-    plan = pruner.plan()
-    assert plan.num_removed > 0
-    zero_consumers(model, plan)
-    with torch.no_grad():
-        before = model(x)
-    pruner.apply(plan)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    tried = set()
+    while True:
+        plan = pruner.plan()
+        assert plan.num_removed > 0
+        zero_consumers(model, plan)
+        with torch.no_grad():
+            before = model(x)
+        try:
+            pruner.apply(plan)
+            break
+        except PruningError as exc:
+            model.load_state_dict(weights)
+            if exc.layer is None or not pruner._protect_layer_class(exc.layer, str(exc), tried):
+                raise
     with torch.no_grad():
         after = model(x)
     assert after.shape == before.shape
