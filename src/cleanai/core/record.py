@@ -300,7 +300,8 @@ def warn_unreached(known, calls: List[ModuleCall], seen) -> None:
     missed = [name for name in _missed(known, calls) if name not in seen]
     if missed:
         shown = ", ".join(missed[:5]) + (" ..." if len(missed) > 5 else "")
-        warnings.warn(f"{len(missed)} layers did not run on the example inputs ({shown}); "
+        count = "1 layer" if len(missed) == 1 else f"{len(missed)} layers"
+        warnings.warn(f"{count} did not run on the example inputs ({shown}); "
                       f"CleanAI cannot see their channels, so it will not adjust them. Pass "
                       f"inputs (or a forward_fn) that run every branch you will use.", stacklevel=3)
 
