@@ -5,6 +5,7 @@ from torch import nn
 
 from cleanai.core.layers import get_layer_pruner
 from cleanai.pruner.apply import PruningError, layer_keeps
+from cleanai.pruner.fallback import protect_failing
 
 
 @torch.no_grad()
@@ -69,7 +70,8 @@ def check_equivalence(model: nn.Module, pruner, x, atol: float = 1e-5) -> None:
             break
         except PruningError as exc:
             model.load_state_dict(weights)
-            if exc.layer is None or not pruner._protect_layer_class(exc.layer, str(exc), tried):
+            if exc.layer is None or not protect_failing(model, pruner.graph.groups, exc.layer,
+                                                        str(exc), tried):
                 raise
     with torch.no_grad():
         after = model(x)

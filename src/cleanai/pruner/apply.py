@@ -282,7 +282,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
     if emptied:
         raise PruningError(f"the plan removes every channel of {', '.join(sorted(set(emptied)))}; "
                            f"keep at least one channel in each layer")
-    updates = attribute_updates(model, graph, removals)
+    updates = attribute_updates(model, graph, removals, keeps)
     containers = synced_containers(model)
     owners = {id(m): m for m in touched_modules(model, keeps, containers)}
     owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))

@@ -68,9 +68,10 @@ def scope_of(group: Group) -> str:
     return ".".join(common)
 
 
-def attribute_updates(model: nn.Module, graph: DependencyGraph,
-                      removals: Dict[int, torch.Tensor]) -> List[Update]:
-    """The integer attributes to rewrite once ``removals`` are applied (see module doc)."""
+def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                      keeps: Dict[Tuple[str, str, int], torch.Tensor]) -> List[Update]:
+    """The attributes to rewrite once ``removals`` are applied (see module doc); ``keeps`` is
+    ``layer_keeps(graph, removals)``."""
     proposals: Dict[Tuple[str, str], set] = {}
     candidates = None  # (module name, attribute, value): positive ints with a known name
     for g in graph.groups:
@@ -98,7 +99,7 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
                 new = v * kept
                 if new.denominator == 1:
                     proposals.setdefault((name, attr), set()).add(int(new))
-    _stored_shapes(model, graph, removals, proposals)
+    _stored_shapes(model, keeps, proposals)
     updates = []
     for (name, attr), values in proposals.items():
         if len(values) == 1:
@@ -110,27 +111,19 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph,
     return updates
 
 
-def _stored_shapes(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+def _stored_shapes(model: nn.Module, keeps: Dict[Tuple[str, str, int], torch.Tensor],
                    proposals: Dict[Tuple[str, str], set]) -> None:
     """A module that keeps the shape it views its own parameter with (``self.shape =
     (dim, 1, 1)`` for ``self.scale.view(self.shape)``): the entry for the sliced dim follows.
-    A parameter dim may hold several groups' channels (a norm over a concatenation)."""
-    lost: Dict[Tuple[str, int], int] = {}  # (parameter, dim) -> positions removed
-    for g in graph.groups:
-        idx = removals.get(g.id)
-        if idx is None or idx.numel() == 0:
+    ``keeps`` (from ``layer_keeps``) counts the positions every group removes from a dim."""
+    for (name, kind, dim), keep in keeps.items():
+        if kind != "param":
             continue
-        removed = torch.zeros(g.size, dtype=torch.bool)
-        removed[idx] = True
-        for m in g.members:
-            if m.kind == "param":
-                key = (m.name, m.dim)
-                lost[key] = lost.get(key, 0) + int(removed[m.channels].sum())
-    for (name, dim), n in lost.items():
         owner, _, pname = name.rpartition(".")
         module = model.get_submodule(owner)
         p = module._parameters.get(pname)
-        if p is None or n == 0:
+        n = p.shape[dim] - keep.shape[0] if p is not None else 0
+        if n == 0:
             continue
         old = p.shape[dim]
         for attr, v in module.__dict__.items():

@@ -75,8 +75,9 @@ class PruningPlan:
         self.validate()
         inputs = self.graph.example_inputs if example_inputs is None else example_inputs
         after = copy_model(model)
-        slice_model(after, layer_keeps(self.graph, self.removals))
-        set_attributes(after, attribute_updates(model, self.graph, self.removals))
+        keeps = layer_keeps(self.graph, self.removals)
+        slice_model(after, keeps)
+        set_attributes(after, attribute_updates(model, self.graph, self.removals, keeps))
         fn = self.graph.forward_fn
         return {"params_before": count_params(model), "params_after": count_params(after),
                 "macs_before": count_macs(model, inputs, fn), "macs_after": count_macs(after, inputs, fn)}

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group
-from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from .apply import PruningError, apply_removals
 from .attributes import update_config
+from .fallback import protect_failing
 from .history import record_step
 from .plan import PruningPlan
 
@@ -295,71 +295,9 @@ class StructuredPruner:
                 self.apply(plan)
                 return plan
             except PruningError as exc:
-                if exc.layer is None or not self._protect_layer_class(exc.layer, str(exc), tried):
+                if exc.layer is None or not protect_failing(self.model, self.graph.groups,
+                                                            exc.layer, str(exc), tried):
                     raise
-
-    def _protect_layer_class(self, layer: str, error: str, tried: set) -> bool:
-        """Protect the groups inside ``layer``, or, when another layer of its class fails too,
-        inside every module of its class; False if none is new.
-
-        A layer CleanAI prunes itself (a conv) that fails got an input of the wrong width from
-        code around it (a split with fixed sizes): only the groups that feed it are protected.
-        """
-        if get_layer_pruner(self.model.get_submodule(layer)) is not None:
-            return self._protect_inputs(layer, error, tried)
-        cls = type(self.model.get_submodule(layer))
-        if cls in tried or cls is type(self.model):
-            return False
-        scopes = {n for n, m in self.model.named_modules() if type(m) is cls}
-        if (cls, "splits") not in tried:  # first the channels its code splits by fixed sizes
-            tried.add((cls, "splits"))
-            if self._protect_fixed_splits(cls, scopes, error):
-                return True
-        reason = f"pruning breaks {cls.__name__}"
-        if (cls, "one") not in tried:  # then the failing layer alone (its siblings may differ)
-            tried.add((cls, "one"))
-            hit = self._protect_within({layer}, f"{reason} {layer}")
-            if hit:
-                warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels "
-                              f"of {hit} groups inside {layer} ({cls.__name__}) and plans again.",
-                              stacklevel=3)
-                return True
-        tried.add(cls)
-        hit = self._protect_within(scopes, reason)
-        if hit:
-            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
-                          f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
-                          f"again.", stacklevel=3)
-        return hit > 0
-
-    def _protect_within(self, scopes: set, reason: str) -> int:
-        """Protect every group with a member inside ``scopes``; how many were not yet."""
-        return _protect([g for g in self.graph.groups if not g.protected.all()
-                         and any(_within(m.name, scopes) for m in g.members)], reason)
-
-    def _protect_fixed_splits(self, cls: type, scopes: set, error: str) -> bool:
-        """Protect the groups that ``cls``'s code splits into parts of fixed sizes."""
-        reason = f"split by {cls.__name__} into parts of sizes fixed in its code"
-        hit = _protect([g for g in self.graph.groups if not g.protected.all()
-                        and any(_within(w, scopes) for w in g.fixed_splits)], reason)
-        if hit:
-            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the {hit} "
-                          f"groups that {cls.__name__} splits into parts of fixed sizes and "
-                          f"plans again.", stacklevel=4)
-        return hit > 0
-
-    def _protect_inputs(self, layer: str, error: str, tried: set) -> bool:
-        if layer in tried:
-            return False
-        tried.add(layer)
-        reason = f"pruning breaks the input of {layer}"
-        hit = _protect([g for g in self.graph.groups if not g.protected.all() and
-                        any(m.name == layer and m.kind in ("in", "same") for m in g.members)],
-                       reason)
-        if hit:
-            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
-                          f"the {hit} groups that feed {layer} and plans again.", stacklevel=4)
-        return hit > 0
 
     def prune(self) -> nn.Module:
         """Run every remaining step and return the (same, now smaller) model."""
@@ -371,15 +309,6 @@ class StructuredPruner:
 def _check_ratio(name: str, ratio: Any) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
-
-
-def _protect(groups: List[Group], reason: str) -> int:
-    """Protect every channel of ``groups``, with ``reason`` counting those newly protected;
-    returns how many groups."""
-    for g in groups:
-        g.reasons[reason] = int((~g.protected).sum())
-        g.protected[:] = True
-    return len(groups)
 
 
 def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -407,14 +336,6 @@ def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> tor
 
 def _inside(layer: str, key: str) -> bool:
     return key == "" or layer == key or layer.startswith(key + ".")
-
-
-def _within(layer: str, scopes: set) -> bool:
-    """True when ``layer`` is one of ``scopes`` or inside one (a set lookup per name prefix)."""
-    if "" in scopes or layer in scopes:
-        return True
-    parts = layer.split(".")
-    return any(".".join(parts[:i]) in scopes for i in range(1, len(parts)))
 
 
 def _positions_per_channel(group: Group) -> int:

@@ -57,6 +57,15 @@ def count_macs(model: nn.Module, example_inputs: Any,
     Raises:
         RuntimeError: if the forward pass fails, naming the model and the original error.
     """
+    counter, recurrent = counted_forward(model, example_inputs, forward_fn, "count_macs")
+    return recurrent.total(counter)
+
+
+def counted_forward(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn],
+                    caller: str):
+    """One forward under ``torch.no_grad`` with the model left as it was, counted: returns the
+    ``FlopCounterMode`` and the :class:`RecurrentMacs` that watched it. A failing forward
+    raises ``RuntimeError`` naming ``caller`` and the model."""
     counter = FlopCounterMode(display=False)
     with preserved_state(model, same_modes=True), torch.no_grad(), \
             RecurrentMacs(model, counter) as recurrent:
@@ -65,9 +74,9 @@ def count_macs(model: nn.Module, example_inputs: Any,
                 run_forward(model, example_inputs, forward_fn)
         except Exception as exc:  # the user's forward: report it with the model's name
             raise RuntimeError(
-                f"count_macs could not run {type(model).__name__} on the example inputs: "
+                f"{caller} could not run {type(model).__name__} on the example inputs: "
                 f"{type(exc).__name__}: {exc}") from exc
-    return recurrent.total(counter)
+    return counter, recurrent
 
 
 class RecurrentMacs:

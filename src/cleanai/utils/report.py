@@ -9,12 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Union
 
-import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..core.runtime import ForwardFn, preserved_state, run_forward
-from .counting import RecurrentMacs, count_params
+from ..core.runtime import ForwardFn
+from .counting import count_params, counted_forward
 from .latency import measure_latency
 
 __all__ = ["LayerStats", "Snapshot", "Report", "snapshot", "report"]
@@ -66,15 +64,7 @@ def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[Forward
     ``latency``) the median latency over ``repeats`` forward passes. Leaves the model as it was."""
     from ..core.layers import get_layer_pruner
 
-    counter = FlopCounterMode(display=False)
-    with preserved_state(model, same_modes=True), torch.no_grad(), \
-            RecurrentMacs(model, counter) as recurrent:
-        try:
-            with counter:
-                run_forward(model, example_inputs, forward_fn)
-        except Exception as exc:
-            raise RuntimeError(f"snapshot could not run {type(model).__name__} on the example "
-                               f"inputs: {type(exc).__name__}: {exc}") from exc
+    counter, recurrent = counted_forward(model, example_inputs, forward_fn, "snapshot")
     root = type(model).__name__
     flops = {k[len(root) + 1:] if k.startswith(root + ".") else k: sum(v.values())
              for k, v in counter.get_flop_counts().items()}
