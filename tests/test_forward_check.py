@@ -69,3 +69,70 @@ def test_without_the_check_a_breaking_layer_fails_later():
     StructuredPruner(model, x, pruning_ratio=0.5, check_forward=False).step()
     with pytest.raises(RuntimeError, match="expected 8 channels, got 4"):
         model(x)
+
+
+# --- "auto": the check runs only where code outside the known layers could hold a width ---
+
+class Masked(nn.Module):
+    """Multiplies by a constant kept in a plain attribute (no buffer: nothing slices it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask = torch.ones(1, 8, 1, 1)
+
+    def forward(self, x):
+        return torch.relu(x) * self.mask
+
+
+class Viewed(nn.Module):
+    def forward(self, x):
+        return torch.relu(x).view(1, 8, 10, 10)  # a width written in the code
+
+
+def counting_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_auto_skips_the_check_where_all_code_outside_layers_is_width_free():
+    model, x = net()[3:], torch.randn(1, 8, 6, 6)  # ReLU, convs: nothing holds a width
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    assert pruner.graph.hidden_width is None
+    calls = counting_forwards(model)
+    pruner.step()
+    assert calls == [] and model[1].out_channels == 4
+    assert model(x).shape == (1, 4, 6, 6)
+
+
+@pytest.mark.parametrize("block, found", [
+    (Viewed(), "view()"),
+    (Masked(), "mul()"),  # the mask is no part of the graph
+])
+def test_auto_checks_where_code_may_hold_a_width(block, found):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), block, nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 12, 12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    assert found in pruner.graph.hidden_width
+    with pytest.raises(cleanai.PruningError, match="in 1: "):
+        pruner.step()  # the check forward fails in the block; the step is rolled back
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model(x).shape == (1, 4, 10, 10)
+
+
+def test_a_forward_hook_on_a_layer_is_code_the_trace_cannot_see():
+    model, x = net()[3:], torch.randn(1, 8, 6, 6)
+    model[1].register_forward_hook(  # a width written in the hook
+        lambda m, args, out: out + out.view(1, 8, -1).mean(-1)[..., None, None] * 0)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    assert pruner.graph.hidden_width == "a forward hook on 4"  # model[1] is net()'s layer 4
+    with pytest.raises(cleanai.PruningError, match="in 4: "):
+        pruner.step()
+    assert model[1].out_channels == 8 and model(x).shape == (1, 4, 6, 6)
+
+
+def test_check_forward_must_be_a_bool_or_auto():
+    with pytest.raises(ValueError, match="check_forward must be True, False or 'auto'"):
+        StructuredPruner(net(), torch.randn(1, 3, 12, 12), check_forward="always")

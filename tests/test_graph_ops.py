@@ -531,3 +531,27 @@ def test_a_cached_gather_of_a_buffer_survives_the_trace():
     pruner.step()
     assert model(x).shape == (1, 3)
     model.cached.sum().backward()  # the model's own cached tensor still backpropagates
+
+
+class ForceField(nn.Module):
+    """A forward that runs backward itself (forces as the gradient of an energy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 64), nn.Linear(64, 1)
+
+    def forward(self, pos):
+        pos = pos if pos.requires_grad else pos.requires_grad_(True)
+        energy = self.fc2(torch.tanh(self.fc1(pos))).sum()
+        (force,) = torch.autograd.grad(-energy, pos, create_graph=True)
+        return force
+
+
+def test_a_forward_that_backpropagates_is_traced_with_the_full_graph():
+    # the trace first records without the activations autograd saves; this forward's own
+    # backward needs them, so it is recorded again with the whole graph
+    model = ForceField()
+    with pytest.warns(UserWarning, match="channel semantics"):  # double-backward ops
+        g = cleanai.DependencyGraph(model, torch.randn(8, 3))
+    assert "fc1" in g.modules and "fc2" in g.modules
+    assert [grp.size for grp in g.groups] == [64, 1]

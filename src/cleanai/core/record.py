@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from .layers import LayerPruner, get_layer_pruner
 from .runtime import ForwardFn, iter_tensors, run_forward
 from .tied import is_subclass_layer
+from .widths import width_free
 
 
 @dataclasses.dataclass(eq=False)
@@ -82,13 +83,19 @@ class ModelScan:
 
 
 def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,
-                   named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False):
+                   named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False,
+                   lean: bool = True):
     """One forward with hooks: known-layer calls and, with ``locate=True``, each module's
     autograd sequence range (only needed to say where an op ran; a hook on every module
     costs time, so the tracer asks for it only when it has something to report).
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
     ``named`` is ``list(model.named_modules())`` when the caller has it already.
+    ``lean=True`` drops the activations autograd saves for backward (the walk reads the
+    graph's shapes, never those values): the forward frees them as it goes, as it would
+    without autograd, instead of holding every activation of the model at once. The
+    recording cannot be backpropagated then; a forward that runs backward itself raises
+    :class:`LeanRecordingError`, and the caller records again with ``lean=False``.
     """
     if named is None:
         named = list(model.named_modules())
@@ -181,7 +188,9 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             handles.append(m.register_forward_pre_hook(known_pre_hook))
             handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
             handles.append(m.register_forward_hook(known_post_hook, always_call=True))
-        with torch.enable_grad(), recorder:
+        lean_saves = torch.autograd.graph.saved_tensors_hooks(_drop_activation, _dropped) \
+            if lean else contextlib.nullcontext()
+        with torch.enable_grad(), recorder, lean_saves:
             try:
                 output = run_forward(model, inputs, forward_fn)
             finally:  # the forward raised: whatever stepped aside steps back
@@ -193,10 +202,29 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         for m, mode in modes:
             if m.training != mode:
                 m.training = mode
-    return calls, intervals, output, recorder.shapes
+    return calls, intervals, output, recorder.shapes, recorder.sized
 
 
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
+
+
+class LeanRecordingError(RuntimeError):
+    """The forward read a saved activation that a lean recording dropped (it backpropagates)."""
+
+
+def _drop_activation(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """What a lean recording keeps of a tensor autograd saves: nothing of a floating-point
+    activation (one with an autograd node); anything else (an index, a mask, a parameter, a
+    constant) as it is. Handlers read saved tensors only for operands outside the graph."""
+    if t.grad_fn is not None and t.is_floating_point():
+        return None
+    return t
+
+
+def _dropped(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if t is None:
+        raise LeanRecordingError("a lean recording keeps no activations for backward")
+    return t
 
 # torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
 _NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
@@ -237,8 +265,12 @@ class _OperandShapes(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
+        #: the first call that may hold a channel count of its own (see core/widths.py)
+        self.sized: Optional[str] = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.sized is None and not width_free(func, args, kwargs):
+            self.sized = _call_name(func)
         out = func(*args, **(kwargs or {}))
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
                 and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
@@ -254,6 +286,14 @@ class _OperandShapes(TorchFunctionMode):
             self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
                                for a in operands]
         return out
+
+
+def _call_name(func) -> str:
+    """``view()``, or ``Tensor.shape`` for an attribute read."""
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return "Tensor." + getattr(getattr(func, "__self__", None), "__name__", "attribute")
+    return name + "()"
 
 
 def _missed(known, calls: List[ModuleCall]) -> List[str]:

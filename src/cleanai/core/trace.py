@@ -21,11 +21,12 @@ from .functional import functional_param, protect_unfollowed
 from .known_calls import module_call
 from .layer_io import layer_extras
 from .ops import OP_HANDLERS, OpCall
-from .record import (ModelScan, ModuleCall, as_leaf, describe_inputs, doubled, record_forward,
-                     tensor_key, unreached_count, warn_unreached)
+from .record import (LeanRecordingError, ModelScan, ModuleCall, as_leaf, describe_inputs,
+                     doubled, record_forward, tensor_key, unreached_count, warn_unreached)
 from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state
 from .slots import Slots, UnionFind
 from .tied import tie_shared_weights
+from .widths import opaque_code
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class TraceResult:
     unknown: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     #: (ids, module that ran the split) of splits into equal parts of sizes fixed in the code
     fixed_splits: List[Tuple[torch.Tensor, str]] = dataclasses.field(default_factory=list)
+    #: why a pruned forward may fail on a width the graph cannot see (the first such call
+    #: outside the known layers, a hook...), or None: see core/widths.py
+    hidden_width: Optional[str] = "not checked"
 
 
 class _Tracer:
@@ -153,22 +157,31 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         bare = {id(p) for p in scan.params if p.is_floating_point() and id(p) not in owned}
         attempts = [(inputs, None), (inputs, True), (map_tensors(inputs, doubled), True)]
         errors = []
-        # (recording, (layers it missed, bare parameters it missed), its inputs, its mode)
+        # (recording, (layers it missed, bare parameters it missed), its inputs, its mode,
+        # whether it was lean)
         best = None
+        lean = True
         for attempt_inputs, train in attempts:
             if train and all_train and (best is not None or attempt_inputs is inputs):
                 continue  # the attempt in the model's own modes was this very one
             if train:
                 save_all()
             try:
-                recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                           scan.named)
+                try:
+                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                               scan.named, lean=lean)
+                except Exception as exc:
+                    if not (lean and _lean_failure(exc)):
+                        raise
+                    lean = False  # the forward backpropagates: it needs the whole graph
+                    recording = record_forward(model, attempt_inputs, forward_fn, known, train,
+                                               scan.named, lean=False)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
             missed = unreached_count(known, bare, recording)
             if best is None or missed < best[1]:
-                best = (recording, missed, attempt_inputs, train)
+                best = (recording, missed, attempt_inputs, train, lean)
             if missed == (0, 0) or train:
                 break
         if best is None:
@@ -176,7 +189,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             raise TraceError(
                 f"{type(model).__name__} failed on the example inputs "
                 f"({describe_inputs(example_inputs)}): {type(exc).__name__}: {exc}") from exc
-        calls, intervals, output, shapes = best[0]
+        calls, intervals, output, shapes, sized = best[0]
         if errors:
             logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
                         len(errors), errors[0])
@@ -199,13 +212,18 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             # (an unsupported layer already has its name)
             if best[3]:
                 save_all()
-            calls, intervals, output, shapes = record_forward(
-                model, best[2], forward_fn, known, best[3], scan.named, locate=True)
+            calls, intervals, output, shapes, sized = record_forward(
+                model, best[2], forward_fn, known, best[3], scan.named, locate=True,
+                lean=best[4])
             result = _propagate(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, shapes, attention, scan)
         if result.unknown:
             _warn_unknown(model, result.unknown)
         tie_shared_weights(known, scan.subclasses, result)
+        result.hidden_width = opaque_code(known, scan.modules) or (
+            f"{sized} outside the known layers" if sized else None) or (
+            "an op CleanAI does not know" if result.unknown else None) or (
+            "a split into sizes written in the code" if result.fixed_splits else None)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 
@@ -351,6 +369,17 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                        internal, ctx.kinds, junctions, ctx.unknown,
                        [(ids, _innermost(intervals, fn._sequence_nr()))
                         for ids, fn in ctx.fixed_splits])
+
+
+def _lean_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it came from) is a lean recording's refusal."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LeanRecordingError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _warn_unknown(model: nn.Module, unknown: Dict[str, List[str]]) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -269,8 +269,12 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor],
 
 
 def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
-                   check_forward: bool = True) -> List[Dict[str, Any]]:
-    """Validate and apply, all or nothing; then renumber the graph. Returns the history layers."""
+                   check_forward: Union[bool, str] = "auto") -> List[Dict[str, Any]]:
+    """Validate and apply, all or nothing; then renumber the graph. Returns the history layers.
+
+    ``check_forward``: run the pruned model once and roll back if it fails; ``"auto"`` runs
+    it unless the graph found no code that could hold a width of its own
+    (``graph.hidden_width is None``)."""
     change = graph.changes(model)
     if change is not None:
         raise PruningError(f"the model changed since its dependency graph was built ({change}); "
@@ -289,7 +293,8 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
     with atomic(list(owners.values())) as guard:
         slice_model(model, keeps, containers)
         set_attributes(model, updates)
-        if check_forward:
+        if check_forward is True or (
+                check_forward == "auto" and getattr(graph, "hidden_width", "") is not None):
             try:
                 with preserved_state(model, same_modes=True), torch.no_grad():
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)

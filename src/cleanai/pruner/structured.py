@@ -58,9 +58,13 @@ class StructuredPruner:
             ``"hidden"`` (widths shared through residual additions: a transformer's hidden
             size); ``None`` means all. Model outputs are never pruned, whatever the kind.
         check_forward: after slicing, run the model once on ``example_inputs`` and roll the
-            step back if it fails (then :meth:`step` protects the failing layer class and plans
-            again). ``False`` skips that forward, about half a forward of the pruned model per
-            step: a layer that keeps a channel count of its own then fails in your next call.
+            step back if it fails (then :meth:`step` protects the failing layer and plans
+            again). ``"auto"`` (default) runs it unless the trace proved it cannot fail: every
+            torch call outside the known layers was width-free (no ``x.shape``, ``view``, hook
+            or custom layer that could hold a channel count of its own; see
+            ``DependencyGraph.hidden_width``), as in most CNNs. ``True`` always runs it;
+            ``False`` never does (about half a forward of the pruned model per step saved): a
+            layer that keeps a channel count of its own then fails in your next call.
 
     Module attributes that store pruned widths (``num_heads``, ``head_dim``, ``split_size``,
     ``intermediate_size``...) and a Hugging Face ``model.config`` are updated with the tensors
@@ -75,7 +79,7 @@ class StructuredPruner:
                  iterative_steps: int = 1, iterative_schedule: Optional[Schedule] = None,
                  round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
                  attention: str = "heads", kinds: Optional[Iterable[str]] = None,
-                 check_forward: bool = True) -> None:
+                 check_forward: Union[bool, str] = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_ratio("pruning_ratio", pruning_ratio)
@@ -107,7 +111,9 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         self.schedule = iterative_schedule or linear_schedule
         self.round_to = round_to
-        self.check_forward = bool(check_forward)
+        if check_forward not in (True, False, "auto"):
+            raise ValueError(f"check_forward must be True, False or 'auto', got {check_forward!r}")
+        self.check_forward = check_forward
         self.graph = DependencyGraph(model, self.example_inputs, forward_fn, attention)
         self.original_size = {g.id: g.size for g in self.graph.groups}
         if not any(g.prunable and g.size > 1 for g in self.graph.groups):

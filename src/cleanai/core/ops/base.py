@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
+from ..record import LeanRecordingError
 from ..slots import Shape, Slots
 
 Handler = Callable[..., List[Optional[Slots]]]
@@ -29,7 +30,12 @@ class OpCall:
         self.out_shapes: List[Shape] = out_shapes
 
     def saved(self, name: str, default=None):
-        return getattr(self.node, "_saved_" + name, default)
+        """A value the op saved for backward (``default`` for an activation a lean
+        recording dropped: see :func:`cleanai.core.record.record_forward`)."""
+        try:
+            return getattr(self.node, "_saved_" + name, default)
+        except LeanRecordingError:
+            return default
 
     def name(self) -> str:
         return self.node.name()
