@@ -134,11 +134,12 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     def known_pre_hook(module, args) -> None:
         set_aside.append(_step_aside(recorder))
 
-    def known_post_hook(module, args, output) -> None:
-        _step_back(set_aside.pop() if set_aside else None)
-
     def call_hook(name, pruner):
+        # always called, with ``output=None`` when the layer raised: the recorder steps back
         def hook(module, args, kwargs, output):
+            _step_back(set_aside.pop() if set_aside else None)
+            if output is None:
+                return None
             with _NoTorchFunction():
                 if isinstance(output, torch.Tensor) and output._base is not None and \
                         output.grad_fn is not None:
@@ -186,8 +187,8 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():
             handles.append(m.register_forward_pre_hook(known_pre_hook))
-            handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True))
-            handles.append(m.register_forward_hook(known_post_hook, always_call=True))
+            handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True,
+                                                   always_call=True))
         lean_saves = torch.autograd.graph.saved_tensors_hooks(_drop_activation, _dropped) \
             if lean else contextlib.nullcontext()
         with torch.enable_grad(), recorder, lean_saves:
