@@ -98,7 +98,7 @@ def counting_forwards(model):
 def test_auto_skips_the_check_where_all_code_outside_layers_is_width_free():
     model, x = net()[3:], torch.randn(1, 8, 6, 6)  # ReLU, convs: nothing holds a width
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-    assert pruner.graph.hidden_width is None
+    assert pruner.graph.check_reason is None
     calls = counting_forwards(model)
     pruner.step()
     assert calls == [] and model[1].out_channels == 4
@@ -115,7 +115,7 @@ def test_auto_checks_where_code_may_hold_a_width(block, found):
     x = torch.randn(1, 3, 12, 12)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-    assert found in pruner.graph.hidden_width
+    assert found in pruner.graph.check_reason
     with pytest.raises(cleanai.PruningError, match="in 1: "):
         pruner.step()  # the check forward fails in the block; the step is rolled back
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -127,7 +127,7 @@ def test_a_forward_hook_on_a_layer_is_code_the_trace_cannot_see():
     model[1].register_forward_hook(  # a width written in the hook
         lambda m, args, out: out + out.view(1, 8, -1).mean(-1)[..., None, None] * 0)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-    assert pruner.graph.hidden_width == "a forward hook on 4"  # model[1] is net()'s layer 4
+    assert pruner.graph.check_reason == "a forward hook on 4"  # model[1] is net()'s layer 4
     with pytest.raises(cleanai.PruningError, match="in 4: "):
         pruner.step()
     assert model[1].out_channels == 8 and model(x).shape == (1, 4, 6, 6)

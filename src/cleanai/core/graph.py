@@ -102,7 +102,7 @@ class DependencyGraph:
 
     ``graph.groups`` lists the :class:`Group` objects; ``graph.group_of(layer)`` finds the
     groups a layer belongs to; ``print(graph)`` shows them; ``graph.to_dot()`` draws the layers.
-    ``graph.hidden_width`` says why a pruned forward could still fail on a channel count the
+    ``graph.check_reason`` says why a pruned forward could still fail on a channel count the
     graph cannot see (the first call outside the known layers that reads a shape or takes
     sizes, such as ``Tensor.shape`` or ``view()``; a forward hook; a custom layer), or is
     ``None`` when all code outside the known layers is width-free: the pruner then skips
@@ -124,7 +124,7 @@ class DependencyGraph:
         self._modules = {n: weakref.ref(m) for n, m in result.modules.items()}
         self._edges = (result.edges, result.junctions)
         self.groups: List[Group] = _build_groups(result)
-        self.hidden_width: Optional[str] = result.hidden_width
+        self.check_reason: Optional[str] = result.check_reason
         self.signature = module_signature(model)
 
     def __getstate__(self) -> Dict[str, Any]:

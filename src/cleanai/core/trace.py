@@ -59,7 +59,7 @@ class TraceResult:
     fixed_splits: List[Tuple[torch.Tensor, str]] = dataclasses.field(default_factory=list)
     #: why a pruned forward may fail on a width the graph cannot see (the first such call
     #: outside the known layers, a hook...), or None: see core/widths.py
-    hidden_width: Optional[str] = "not checked"
+    check_reason: Optional[str] = "not checked"
 
 
 class _Tracer:
@@ -220,7 +220,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         if result.unknown:
             _warn_unknown(model, result.unknown)
         tie_shared_weights(known, scan.subclasses, result)
-        result.hidden_width = opaque_code(known, scan.modules) or (
+        result.check_reason = opaque_code(known, scan.modules) or (
             f"{sized} outside the known layers" if sized else None) or (
             "an op CleanAI does not know" if result.unknown else None) or (
             "a split into sizes written in the code" if result.fixed_splits else None)

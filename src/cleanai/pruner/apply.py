@@ -274,7 +274,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
 
     ``check_forward``: run the pruned model once and roll back if it fails; ``"auto"`` runs
     it unless the graph found no code that could hold a width of its own
-    (``graph.hidden_width is None``)."""
+    (``graph.check_reason is None``)."""
     change = graph.changes(model)
     if change is not None:
         raise PruningError(f"the model changed since its dependency graph was built ({change}); "
@@ -294,7 +294,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         slice_model(model, keeps, containers)
         set_attributes(model, updates)
         if check_forward is True or (
-                check_forward == "auto" and getattr(graph, "hidden_width", "") is not None):
+                check_forward == "auto" and getattr(graph, "check_reason", "") is not None):
             try:
                 with preserved_state(model, same_modes=True), torch.no_grad():
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)

@@ -62,7 +62,7 @@ class StructuredPruner:
             again). ``"auto"`` (default) runs it unless the trace proved it cannot fail: every
             torch call outside the known layers was width-free (no ``x.shape``, ``view``, hook
             or custom layer that could hold a channel count of its own; see
-            ``DependencyGraph.hidden_width``), as in most CNNs. ``True`` always runs it;
+            ``DependencyGraph.check_reason``), as in most CNNs. ``True`` always runs it;
             ``False`` never does (about half a forward of the pruned model per step saved): a
             layer that keeps a channel count of its own then fails in your next call.
 
