@@ -22,7 +22,8 @@ from torch import nn
 
 # functions whose non-tensor arguments (dims, kernel sizes, output sizes of spatial pools,
 # probabilities, exponents) never hold a channel count; matched by name, torch.* and
-# Tensor.* alike, in-place and operator forms included
+# Tensor.* alike, in-place and operator forms included. ``squeeze`` is not one: a width
+# pruned down to 1 would be squeezed away.
 _WIDTH_FREE = frozenset(
     [f"{p}{op}{s}" for op in ("add", "sub", "mul", "div", "true_divide", "rsub", "matmul",
                               "truediv", "neg", "pow")
@@ -34,7 +35,7 @@ _WIDTH_FREE = frozenset(
        for s in ("", "_")]
     + ["dropout1d", "dropout2d", "dropout3d", "feature_alpha_dropout", "threshold",
        "softmax", "log_softmax", "cat", "concat", "concatenate", "stack", "flatten",
-       "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "clone", "dim",
+       "permute", "transpose", "unsqueeze", "contiguous", "clone", "dim",
        "sum", "mean", "amax", "amin", "bmm", "mm", "where", "maximum", "minimum",
        "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
        "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
