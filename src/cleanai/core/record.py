@@ -127,30 +127,25 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         return hook
 
     # Inside a known layer no operand shape is needed (the walk never enters it): the
-    # recorder steps aside there, so the layer's own ops are not dispatched to it. It steps
-    # back even when the layer raises (a forward may catch that and go on).
-    set_aside: List[Optional[_OperandShapes]] = []
-
-    def known_pre_hook(module, args) -> None:
-        set_aside.append(_step_aside(recorder))
-
-    def call_hook(name, pruner):
-        # always called, with ``output=None`` when the layer raised: the recorder steps back
-        def hook(module, args, kwargs, output):
-            _step_back(set_aside.pop() if set_aside else None)
-            if output is None:
-                return None
+    # recorder steps aside there, so the layer's own ops are not dispatched to it. The layer's
+    # forward is wrapped for the recording (lighter than hooks, which put every call of the
+    # layer on nn.Module's slow path); the recorder comes back even when the layer raises.
+    def recorded(name, module, pruner, forward):
+        def forward_recorded(*args, **kwargs):
+            aside = _step_aside(recorder)
+            try:
+                output = forward(*args, **kwargs)
+            finally:
+                _step_back(aside)
             with _NoTorchFunction():
                 if isinstance(output, torch.Tensor) and output._base is not None and \
                         output.grad_fn is not None:
                     # an output that is a view (InstanceNorm's) gets a new autograd node from
                     # an in-place op after it (ReLU(inplace=True)); a copy keeps the recorded one
                     output = output.clone()
-                    record_call(name, module, pruner, args, kwargs, output)
-                    return output
                 record_call(name, module, pruner, args, kwargs, output)
-                return None
-        return hook
+            return output
+        return forward_recorded
 
     def record_call(name, module, pruner, args, kwargs, output) -> None:
         if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
@@ -170,6 +165,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
 
     modes = [(m, m.training) for _, m in named]
     handles = []
+    wrapped: List[Tuple[nn.Module, Any]] = []
     try:
         if train:
             model.train()
@@ -185,21 +181,22 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
                 continue
             handles.append(m.register_forward_pre_hook(pre_hook))
             handles.append(m.register_forward_hook(post_hook(name)))
-        for m, (name, pruner) in known.items():
-            handles.append(m.register_forward_pre_hook(known_pre_hook))
-            handles.append(m.register_forward_hook(call_hook(name, pruner), with_kwargs=True,
-                                                   always_call=True))
+        for m, (name, pruner) in known.items():  # an instance attribute shadows the method
+            own = m.__dict__.get("forward")
+            wrapped.append((m, own))
+            m.__dict__["forward"] = recorded(name, m, pruner, m.forward)
         lean_saves = torch.autograd.graph.saved_tensors_hooks(_drop_activation, _dropped) \
             if lean else contextlib.nullcontext()
         with torch.enable_grad(), recorder, lean_saves:
-            try:
-                output = run_forward(model, inputs, forward_fn)
-            finally:  # the forward raised: whatever stepped aside steps back
-                while set_aside:
-                    _step_back(set_aside.pop())
+            output = run_forward(model, inputs, forward_fn)
     finally:
         for h in handles:
             h.remove()
+        for m, own in wrapped:
+            if own is None:
+                del m.__dict__["forward"]
+            else:
+                m.__dict__["forward"] = own
         for m, mode in modes:
             if m.training != mode:
                 m.training = mode
