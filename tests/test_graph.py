@@ -616,3 +616,32 @@ def test_reshape_ties_are_listed_as_constraints():
     grp = group_with(g, "a.out")
     assert grp.size == 3 and len(grp.constraints) == 1
     assert "tie: " in repr(grp)
+
+
+def test_union_all_ties_the_same_sets_as_pair_by_pair_unions():
+    # the vectorised path (every pair links two separate sets) and the pair-by-pair path
+    # must give the same partition and set sizes as one union per pair
+    import random
+
+    from cleanai.core.slots import UnionFind
+
+    def partition(uf):
+        sets = {}
+        for i, r in enumerate(uf.roots().tolist()):
+            sets.setdefault(r, []).append(i)
+        assert all(uf.size[r] == len(members) for r, members in sets.items())
+        return sorted(map(tuple, sets.values()))
+
+    for seed in range(200):
+        rnd = random.Random(seed)
+        fast, slow, n = UnionFind(), UnionFind(), rnd.randint(1, 40)
+        fast.new(n), slow.new(n)
+        for _ in range(rnd.randint(1, 10)):
+            m = rnd.randint(1, n)
+            a = torch.tensor([rnd.randrange(n) for _ in range(m)])
+            b = torch.randperm(n)[:m] if rnd.random() < 0.5 else \
+                torch.tensor([rnd.randrange(n) for _ in range(m)])
+            fast.union_all(a, b)
+            for x, y in zip(a.tolist(), b.tolist()):
+                slow.union(x, y)
+        assert partition(fast) == partition(slow), seed

@@ -18,6 +18,18 @@ Shape = Tuple[int, ...]
 _ONE = array("q", [1])
 
 
+def _roots_of(parent: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The root of each id (pointer jumping); compresses the paths it walked."""
+    r = parent[ids]
+    while True:
+        nxt = parent[r]
+        if torch.equal(nxt, r):
+            break
+        r = nxt
+    parent[ids] = r
+    return r
+
+
 class UnionFind:
     """Union-find over integer ids, with path halving and union by size."""
 
@@ -55,12 +67,29 @@ class UnionFind:
         self.size[ra] += self.size[rb]
 
     def union_all(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Union ``a[i]`` with ``b[i]`` for every i (tensors of equal length)."""
+        """Union ``a[i]`` with ``b[i]`` for every i (tensors of equal length).
+
+        Vectorised when no root takes part in two of the unions (a residual add of two
+        tensors of distinct channels: every pair links two separate sets); id by id
+        otherwise."""
         if a is b or torch.equal(a, b):
             return
-        for x, y in zip(a.tolist(), b.tolist()):
-            if x != y:
-                self.union(x, y)
+        n = len(self.parent)
+        parent = torch.frombuffer(self.parent, dtype=torch.int64, count=n)
+        size = torch.frombuffer(self.size, dtype=torch.int64, count=n)
+        ra, rb = _roots_of(parent, a.reshape(-1)), _roots_of(parent, b.reshape(-1))
+        apart = ra != rb
+        ra, rb = ra[apart], rb[apart]
+        both = torch.cat([ra, rb])
+        if len(both) and torch.unique(both).numel() == len(both):
+            swap = size[ra] < size[rb]
+            keep, link = torch.where(swap, rb, ra), torch.where(swap, ra, rb)
+            parent[link] = keep
+            size[keep] += size[link]
+            ra = rb = ra[:0]
+        del parent, size  # the arrays cannot grow while a view of them is alive
+        for x, y in zip(ra.tolist(), rb.tolist()):
+            self.union(x, y)
 
     def roots(self) -> torch.Tensor:
         """The representative of every id, as one LongTensor (pointer jumping, vectorised)."""
