@@ -73,7 +73,7 @@ class Group:
     @property
     def prunable(self) -> int:
         """How many channels may be removed (all but protected ones)."""
-        return int((~self.protected).sum())
+        return self.size - int(self.protected.sum())
 
     def __repr__(self) -> str:
         lines = [f"Group {self.id}: {self.size} channels"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,27 +30,9 @@ class WeightImportance(Importance):
 
     def raw(self, group: Group, model: nn.Module) -> torch.Tensor:
         """Unnormalised ``||W_c||_p`` per group channel."""
-        size = group.size
-        rows: List[torch.Tensor] = []  # per-channel sums of members holding every channel in order
-        flat: List[torch.Tensor] = []  # their 1-D tensors (norm scales, biases): reduced together
-        total = None  # sums of the other members
+        total = torch.zeros(group.size)
         for member, tensor, dim in member_weights(group, model):
-            if member.identity and tensor.shape[dim] == size:
-                if tensor.dim() == 1 and (not flat or (tensor.dtype == flat[0].dtype
-                                                       and tensor.device == flat[0].device)):
-                    flat.append(tensor.detach())
-                else:
-                    rows.append(self._slice_norms(tensor, dim))
-            else:
-                total = channel_sums(member, self._slice_norms(tensor, dim), size, out=total)
-        if flat:  # [k, size]: the sums over k come out of one reduction
-            rows.append(slice_norms(torch.stack(flat), 1, self.p) if len(flat) > 1
-                        else slice_norms(flat[0], 0, self.p))
-        if total is not None:
-            rows.append(total)
-        if not rows:
-            return torch.zeros(size)
-        total = rows[0] if len(rows) == 1 else torch.stack(rows).sum(0)
+            channel_sums(member, self._slice_norms(tensor, dim), group.size, out=total)
         return total.pow(1.0 / self.p)
 
     def _slice_norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
