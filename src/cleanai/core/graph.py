@@ -407,10 +407,11 @@ def _add_members(groups: List[Group], entries: List[Tuple[str, str, int, torch.T
         return
     units = roots.index_select(0, torch.cat([e[3] for e in entries]))
     counts = torch.tensor(lengths, dtype=torch.long)
-    entry = torch.repeat_interleave(torch.arange(len(entries)), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(units.shape[0]) - starts.index_select(0, entry)
-    key = entry * (len(groups) + 1) + (group_of.index_select(0, units) + 1)
+    pos = torch.arange(units.shape[0]) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                  counts)
+    # key: entry * (groups + 1) + group + 1 (0 for positions in no group)
+    key = torch.repeat_interleave(torch.arange(len(entries)) * (len(groups) + 1) + 1, counts)
+    key += group_of.index_select(0, units)
     keys, sizes = torch.unique_consecutive(key, return_counts=True)
     if keys.shape[0] > 1 and not bool((keys[1:] > keys[:-1]).all()):
         # an entry returns to an earlier group (``cat([b, a, b])``): sort by (entry, group),
