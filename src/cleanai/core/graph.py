@@ -294,7 +294,7 @@ def _build_groups(r: TraceResult) -> List[Group]:
         counts = torch.bincount(by_producer.index_select(0, new), minlength=len(made)).tolist()
         rank: Dict[int, int] = {}
         sizes: List[int] = []
-        block_group, block_shift, blocks, start = [], [], [], 0
+        block_group, block_shift, block_len, start = [], [], [], 0
         for pi, n in enumerate(counts):
             if n:
                 gi = rank.setdefault(link.find(pi), len(rank))
@@ -302,10 +302,10 @@ def _build_groups(r: TraceResult) -> List[Group]:
                     sizes.append(0)
                 block_group.append(gi)
                 block_shift.append(sizes[gi] - start)  # channel = position in units + shift
-                blocks.append(n)
+                block_len.append(n)
                 sizes[gi] += n
                 start += n
-        blocks = torch.tensor(blocks, dtype=torch.long)
+        blocks = torch.tensor(block_len, dtype=torch.long)
         group_of.index_copy_(0, units, torch.repeat_interleave(
             torch.tensor(block_group, dtype=torch.long), blocks))
         channel_of.index_copy_(0, units, torch.arange(len(units)) + torch.repeat_interleave(
