@@ -165,6 +165,31 @@ def test_cat_of_the_same_tensor_twice():
     assert_maps_follow_dataflow(model, x, g, channels=4)
 
 
+class CatBackAndForth(nn.Module):
+    """A concat that returns to an earlier group: ``[b, a, b]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        b = self.b(x)
+        return self.c(torch.cat([b, self.a(x), b], 1))
+
+
+def test_concat_returning_to_an_earlier_group_keeps_positions_in_order():
+    model, x = CatBackAndForth().eval(), torch.randn(1, 3, 4, 4)
+    g = build(model, x)
+    ga, gb = group_with(g, "a.out"), group_with(g, "b.out")
+    c_a = next(m for m in ga.members if m.name == "c")
+    c_b = next(m for m in gb.members if m.name == "c")
+    assert (c_a.positions.tolist(), c_a.channels.tolist()) == ([3, 4], [0, 1])
+    assert (c_b.positions.tolist(), c_b.channels.tolist()) == ([0, 1, 2, 5, 6, 7], R(3, reps=2))
+    assert not c_a.identity and not c_b.identity
+    assert_well_formed(g)
+    assert_maps_follow_dataflow(model, x, g, channels=3)
+
+
 class ChunkShared(nn.Module):
     """Chunk into 3 and run the same conv on every chunk."""
 

@@ -73,7 +73,7 @@ class Group:
     @property
     def prunable(self) -> int:
         """How many channels may be removed (all but protected ones)."""
-        return int((~self.protected).sum())
+        return self.size - int(self.protected.sum())
 
     def __repr__(self) -> str:
         lines = [f"Group {self.id}: {self.size} channels"
@@ -277,40 +277,45 @@ def _build_groups(r: TraceResult) -> List[Group]:
     made += [ids for dims in r.internal.values() for ids in dims if ids is not None]
 
     # producers that share a unit share a group; channels keep their first-appearance order
-    outs = [roots.index_select(0, ids) for ids in made]
     group_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> group
     channel_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> channel in group
     groups: List[Group] = []
-    if outs:
-        seen = torch.cat(outs)
-        by_producer = torch.repeat_interleave(torch.arange(len(outs)),
-                                              torch.tensor([len(o) for o in outs]))
+    if made:
+        seen = roots.index_select(0, torch.cat(made))
+        by_producer = torch.repeat_interleave(torch.arange(len(made)),
+                                              torch.tensor([len(ids) for ids in made]))
         where = torch.arange(len(seen))
         first = torch.full((n_units,), len(seen), dtype=torch.long)
         first.scatter_reduce_(0, seen, where, reduce="amin")
-        again = torch.nonzero(first[seen] != where).flatten()
-        owner = torch.full((n_units,), -1, dtype=torch.long)  # unit -> first producer
-        units = torch.nonzero(first < len(seen)).flatten()
-        units = units[torch.argsort(first[units])]  # in order of first appearance
-        owner[units] = by_producer[first[units]]
+        firsts = first.index_select(0, seen)  # where each entry's unit first appeared
+        again = firsts != where
         link = UnionFind()
-        link.new(len(outs))
-        for a, b in set(zip(owner[seen[again]].tolist(), by_producer[again].tolist())):
+        link.new(len(made))
+        for a, b in set(zip(by_producer[firsts[again]].tolist(), by_producer[again].tolist())):
             link.union(a, b)  # a unit met again: its producers share a group
-        # number the groups in the order their first unit appeared
-        comp = torch.tensor([link.find(pi) for pi in range(len(outs))])[owner[units]]
-        first_of = torch.full((len(outs),), len(units), dtype=torch.long)
-        first_of.scatter_reduce_(0, comp, torch.arange(len(units)), reduce="amin")
-        present = torch.nonzero(first_of < len(units)).flatten()
-        rank = torch.empty(len(outs), dtype=torch.long)
-        rank[present[torch.argsort(first_of[present])]] = torch.arange(len(present))
-        comp = rank[comp]
-        order = torch.argsort(comp, stable=True)
-        units, comp = units[order], comp[order]
-        sizes = torch.bincount(comp).tolist()
-        starts = torch.cumsum(torch.tensor([0] + sizes[:-1]), 0)
-        group_of[units] = comp
-        channel_of[units] = torch.arange(len(units)) - starts[comp]
+        new = torch.nonzero(~again).flatten()
+        units = seen.index_select(0, new)  # every unit once, in order of first appearance
+        # each producer's new units are one block of ``units``; a group takes its producers'
+        # blocks in order, and groups are numbered in the order their first block appears
+        counts = torch.bincount(by_producer.index_select(0, new), minlength=len(made)).tolist()
+        rank: Dict[int, int] = {}
+        sizes: List[int] = []
+        block_group, block_shift, block_len, start = [], [], [], 0
+        for pi, n in enumerate(counts):
+            if n:
+                gi = rank.setdefault(link.find(pi), len(rank))
+                if gi == len(sizes):
+                    sizes.append(0)
+                block_group.append(gi)
+                block_shift.append(sizes[gi] - start)  # channel = position in units + shift
+                block_len.append(n)
+                sizes[gi] += n
+                start += n
+        blocks = torch.tensor(block_len, dtype=torch.long)
+        group_of.index_copy_(0, units, torch.repeat_interleave(
+            torch.tensor(block_group, dtype=torch.long), blocks))
+        channel_of.index_copy_(0, units, torch.arange(len(units)) + torch.repeat_interleave(
+            torch.tensor(block_shift, dtype=torch.long), blocks))
         for gi, n in enumerate(sizes):
             groups.append(Group(gi, n, [], torch.zeros(n, dtype=torch.bool), {}, []))
 
@@ -407,23 +412,27 @@ def _add_members(groups: List[Group], entries: List[Tuple[str, str, int, torch.T
     if not sum(lengths):
         return
     units = roots.index_select(0, torch.cat([e[3] for e in entries]))
-    g = group_of.index_select(0, units)
     counts = torch.tensor(lengths, dtype=torch.long)
-    entry = torch.repeat_interleave(torch.arange(len(entries)), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(units.shape[0]) - starts.index_select(0, entry)
-    # sort by (entry, group), stable: positions stay ascending inside a member
-    key = entry * (len(groups) + 1) + (g + 1)
-    order = torch.argsort(key, stable=True)
-    keys, sizes = torch.unique_consecutive(key.index_select(0, order), return_counts=True)
-    sizes = sizes.tolist()
-    chans = channel_of.index_select(0, units.index_select(0, order))
-    pos = pos.index_select(0, order)
+    pos = torch.arange(units.shape[0]) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                  counts)
+    # key: entry * (groups + 1) + group + 1 (0 for positions in no group)
+    key = torch.repeat_interleave(torch.arange(len(entries)) * (len(groups) + 1) + 1, counts)
+    key += group_of.index_select(0, units)
+    keys, sizes = torch.unique_consecutive(key, return_counts=True)
+    if keys.shape[0] > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        # an entry returns to an earlier group (``cat([b, a, b])``): sort by (entry, group),
+        # stable, so positions stay ascending inside a member; most models skip this
+        order = torch.argsort(key, stable=True)
+        keys, sizes = torch.unique_consecutive(key.index_select(0, order), return_counts=True)
+        units, pos = units.index_select(0, order), pos.index_select(0, order)
+    chans = channel_of.index_select(0, units)
     # members where some position j does not hold channel j (see Member.identity)
-    mixed = torch.zeros(len(sizes), dtype=torch.long).index_add_(
-        0, torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
-        (chans != pos).long()).tolist()
-    for k, p, c, n, odd in zip(keys.tolist(), pos.split(sizes), chans.split(sizes), sizes, mixed):
+    mixed = torch.zeros(keys.shape[0], dtype=torch.bool)
+    mixed[torch.searchsorted(torch.cumsum(sizes, 0), torch.nonzero(chans != pos).flatten(),
+                             right=True)] = True
+    sizes = sizes.tolist()
+    for k, p, c, n, odd in zip(keys.tolist(), pos.split(sizes), chans.split(sizes), sizes,
+                               mixed.tolist()):
         ei, gi = divmod(k, len(groups) + 1)
         if gi:  # 0: positions in no group
             name, kind, dim, _ = entries[ei]

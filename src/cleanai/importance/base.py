@@ -112,19 +112,24 @@ def slice_norms(tensor: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     w = tensor.detach()
     if w.dtype is not torch.float32:
         w = w.float()
-    w = w * w if p == 2 else w.abs().pow(p)  # w * w: one pass, same values as |w|^2
     shape = w.shape
     n = shape[dim]
     if len(shape) == 1:
-        out = w
+        out = w * w if p == 2 else w.abs().pow(p)  # w * w: one pass, same values as |w|^2
     elif 0 in shape:
         return torch.zeros(n)
-    elif dim == 0:  # producer rows: one reduction over contiguous rows
-        out = w.reshape(n, -1).sum(1)
+    elif dim == 0 and p == 2:  # producer rows: one fused pass, no w * w copy (same up to rounding)
+        out = torch.linalg.vector_norm(w.reshape(n, -1), dim=1)
+        out = out * out
     else:
-        # one reduction over the dims before and after ``dim``: no transposed copy (two chained
-        # sums, or a sum over a trailing dim of size 1, cost several times more on small layers)
-        out = w.reshape(math.prod(shape[:dim]), n, -1).sum((0, 2))
+        w = w * w if p == 2 else w.abs().pow(p)
+        if dim == 0:  # producer rows: one reduction over contiguous rows
+            out = w.reshape(n, -1).sum(1)
+        else:
+            # one reduction over the dims before and after ``dim``: no transposed copy (two
+            # chained sums, or a sum over a trailing dim of size 1, cost several times more on
+            # small layers)
+            out = w.reshape(math.prod(shape[:dim]), n, -1).sum((0, 2))
     return out if out.device.type == "cpu" else out.cpu()
 
 

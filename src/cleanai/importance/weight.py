@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ..core.graph import Group
-from .base import Importance, channel_sums, member_weights, normalize, slice_norms
+from .base import Importance, member_weights, normalize, slice_norms
 
 
 class WeightImportance(Importance):
@@ -30,9 +30,25 @@ class WeightImportance(Importance):
 
     def raw(self, group: Group, model: nn.Module) -> torch.Tensor:
         """Unnormalised ``||W_c||_p`` per group channel."""
-        total = torch.zeros(group.size)
+        size = group.size
+        total = torch.zeros(size)
+        # members that hold part of the group (a DenseNet concat has dozens per group) are
+        # added with one index_add_, in member order: every channel sums in the same order
+        channels: List[torch.Tensor] = []
+        values: List[torch.Tensor] = []
         for member, tensor, dim in member_weights(group, model):
-            channel_sums(member, self._slice_norms(tensor, dim), group.size, out=total)
+            per_slice = self._slice_norms(tensor, dim)
+            n = per_slice.shape[0]
+            if member.identity and n == size:  # slice j is channel j
+                if values:
+                    _add_at(total, channels, values)
+                total.add_(per_slice)
+            else:
+                channels.append(member.channels)
+                values.append(per_slice.index_select(
+                    0, member.positions if n == member.length else member.positions % n))
+        if values:
+            _add_at(total, channels, values)
         return total.pow(1.0 / self.p)
 
     def _slice_norms(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -55,6 +71,16 @@ class WeightImportance(Importance):
 
     def __repr__(self) -> str:
         return f"WeightImportance(p={self.p}, normalizer={self.normalizer!r})"
+
+
+def _add_at(total: torch.Tensor, channels: List[torch.Tensor], values: List[torch.Tensor]) -> None:
+    """``total[channels[i]] += values[i]`` for every i, in order, as one index_add_; empties the lists."""
+    if len(values) == 1:
+        total.index_add_(0, channels[0], values[0])
+    else:
+        total.index_add_(0, torch.cat(channels), torch.cat(values))
+    channels.clear()
+    values.clear()
 
 
 def _forget(cache: dict, key: tuple):

@@ -129,6 +129,8 @@ class StructuredPruner:
         """The target ratio for ``group``, or ``None`` when it is ignored."""
         if group.kind not in self.kinds:
             return None
+        if not self.ignored and not self.layer_ratios:
+            return self.pruning_ratio
         layers = [m.name for m in group.members if m.kind in ("out", "same", "internal")]
         if any(_inside(layer, ig) for layer in layers for ig in self.ignored):
             return None
@@ -187,7 +189,7 @@ class StructuredPruner:
             if s.shape != (g.size,):
                 raise ValueError(f"{type(self.importance).__name__} returned shape "
                                  f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
-            scores[g.id] = s.masked_fill(g.protected, float("inf"))
+            scores[g.id] = s.masked_fill(g.protected, float("inf")) if prunable < g.size else s
             quota[g.id] = n
             if self.global_pruning and not any(_inside(m.name, k) for m in g.members
                                                for k in self.layer_ratios):
@@ -321,9 +323,9 @@ def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> tor
     """Never empty a layer: where ``idx`` takes every channel a member holds in this group (a
     producer tied to part of a group), its best-scored channel stays."""
     # a member that holds every channel of the group keeps some: a plan leaves one at least
-    members = [m for m in group.members if m.channels.shape[0] and not m.identity]
+    members = [m for m in group.members if not m.identity and m.channels.shape[0]]
     if not members:
-        return idx.sort().values
+        return idx  # (PruningPlan sorts it)
     removed = torch.zeros(group.size, dtype=torch.bool)
     removed[idx] = True
     # one pass finds the members that lose every position; sparing a channel only helps the
