@@ -91,7 +91,9 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
                                    f"index {int(bad[0])}")
     offsets = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + sizes[:-1]), 0), counts)
     flat = flat + offsets
-    if torch.unique(flat).shape[0] != flat.shape[0]:
+    seen = torch.zeros(sum(sizes), dtype=torch.bool)
+    seen[flat] = True
+    if int(seen.sum()) != flat.shape[0]:  # some index came twice
         for g, idx in todo:
             if torch.unique(idx).shape[0] != idx.shape[0]:
                 raise PruningError(f"the plan removes a channel of group {g.id} twice")

@@ -151,8 +151,8 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
     if kept is None:
         kept = _kept_channels(graph, removals)
     after = {id(g): k.shape[0] for g, k in zip(kept.groups, kept.kept)}
-    plain: List[Any] = []  # members that stay position j = channel j, and their new lengths
-    plain_lengths: List[int] = []
+    plain: List[Any] = []  # members that stay position j = channel j
+    plain_lengths: List[int] = []  # their new lengths
     members: List[Any] = []  # the others
     member_group: List[int] = []  # offset of the member's group in the concatenated groups
     member_key: List[int] = []  # index of the member's layer dim among the kept dims
@@ -187,8 +187,8 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
     if plain:
         ranks = torch.arange(sum(plain_lengths)) - torch.repeat_interleave(
             torch.cumsum(_longs([0] + plain_lengths[:-1]), 0), _longs(plain_lengths))
-        for m, p, c, n in zip(plain, ranks.split(plain_lengths), ranks.clone().split(plain_lengths),
-                              plain_lengths):
+        positions, channels = ranks.split(plain_lengths), ranks.clone().split(plain_lengths)
+        for m, p, c, n in zip(plain, positions, channels, plain_lengths):
             m.positions, m.channels, m.length = p, c, n
     if kept.groups:
         counts = list(after.values())
@@ -216,8 +216,7 @@ def _renumber_members(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
     kept_all = torch.ones(offset, dtype=torch.bool)
     if removed:
         kept_all[torch.cat(removed) + torch.repeat_interleave(
-            _longs(starts),
-            _longs([idx.shape[0] for idx in removed]))] = False
+            _longs(starts), _longs([idx.shape[0] for idx in removed]))] = False
     ends = torch.cumsum(kept_all, 0)  # kept channels up to and including each one
     group_start = torch.cumsum(_longs([0] + sizes[:-1]), 0)
     kept_before = torch.cat([torch.zeros(1, dtype=torch.long), ends]).index_select(0, group_start)
