@@ -118,9 +118,14 @@ def state_tensors(modules: List[nn.Module]) -> Tuple[List[torch.Tensor], List[to
     params: List[torch.Tensor] = []
     buffers: List[torch.Tensor] = []
     for m in modules:
-        for store, out in ((m._parameters, params), (m._buffers, buffers)):
-            for t in store.values():
+        if m._parameters:
+            for t in m._parameters.values():
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
-                    out.append(t)
+                    params.append(t)
+        if m._buffers:
+            for t in m._buffers.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    buffers.append(t)
     return params, buffers
