@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -164,13 +164,17 @@ class DependencyGraph:
         shapes, or a traced layer replaced or moved), or ``None`` when it is the same."""
         if self._model() is not model:
             return f"it is not the {self.model_name} the graph was built for"
-        if module_signature(model) != self.signature:
+        named = list(model.named_modules())
+        if _signature(named) != self.signature:
             return "parameter shapes differ"
+        by_name = dict(named)  # a layer reached by a second path is looked up by that path
         for name, ref in self._modules.items():
-            try:
-                now = find_submodule(model, name)
-            except AttributeError:
-                return f"it has no layer {name} any more"
+            now = by_name.get(name)
+            if now is None:
+                try:
+                    now = find_submodule(model, name)
+                except AttributeError:
+                    return f"it has no layer {name} any more"
             if now is not ref():
                 return f"{name} is not the module that was traced"
         return None
@@ -254,16 +258,26 @@ def module_signature(model: nn.Module) -> Dict[str, tuple]:
     Keys as ``named_parameters()`` then ``named_buffers()`` give them (a shared tensor under
     its first name), read from each module's own tables for speed.
     """
+    return _signature(model.named_modules())
+
+
+def _signature(named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, tuple]:
+    """:func:`module_signature` from ``model.named_modules()``."""
     params: Dict[str, tuple] = {}
     buffers: Dict[str, tuple] = {}
     seen_p, seen_b = set(), set()
-    for prefix, m in model.named_modules():
+    for prefix, m in named:
         dot = prefix + "." if prefix else ""
-        for store, out, seen in ((m._parameters, params, seen_p), (m._buffers, buffers, seen_b)):
-            for k, t in store.items():
-                if t is not None and id(t) not in seen:
-                    seen.add(id(t))
-                    out[dot + k] = tuple(t.shape)
+        if m._parameters:
+            for k, t in m._parameters.items():
+                if t is not None and id(t) not in seen_p:
+                    seen_p.add(id(t))
+                    params[dot + k] = tuple(t.shape)
+        if m._buffers:
+            for k, t in m._buffers.items():
+                if t is not None and id(t) not in seen_b:
+                    seen_b.add(id(t))
+                    buffers[dot + k] = tuple(t.shape)
     params.update(buffers)
     return params
 

@@ -193,13 +193,7 @@ class ConvPruner(LayerPruner):
                 _keep(m.bias, 0, out_keep)
                 m.in_channels, m.out_channels, m.groups = len(in_keep), len(out_keep), len(in_keep)
             return
-        if in_keep is not None:
-            idx = _local(in_keep, g, m.in_channels) if (g > 1 and not self.transposed) else in_keep
-            if self.transposed and g > 1:
-                _keep(m.weight, in_dim, in_keep)
-            else:
-                _keep(m.weight, in_dim, idx)
-            m.in_channels = len(in_keep)
+        # the output side first: selecting rows of the full weight is cheaper than columns
         if out_keep is not None:
             if self.transposed and g > 1:
                 _keep(m.weight, out_dim, _local(out_keep, g, m.out_channels))
@@ -207,6 +201,13 @@ class ConvPruner(LayerPruner):
                 _keep(m.weight, out_dim, out_keep)
             _keep(m.bias, 0, out_keep)
             m.out_channels = len(out_keep)
+        if in_keep is not None:
+            idx = _local(in_keep, g, m.in_channels) if (g > 1 and not self.transposed) else in_keep
+            if self.transposed and g > 1:
+                _keep(m.weight, in_dim, in_keep)
+            else:
+                _keep(m.weight, in_dim, idx)
+            m.in_channels = len(in_keep)
 
 
 class ConvTransposePruner(ConvPruner):
@@ -233,13 +234,13 @@ class LinearPruner(LayerPruner):
         return [(m.weight, 0)] + ([(m.bias, 0)] if m.bias is not None else [])
 
     def prune(self, m, in_keep, out_keep):
-        if in_keep is not None:
-            _keep(m.weight, 1, in_keep)
-            m.in_features = len(in_keep)
-        if out_keep is not None:
+        if out_keep is not None:  # rows first, as for a conv
             _keep(m.weight, 0, out_keep)
             _keep(m.bias, 0, out_keep)
             m.out_features = len(out_keep)
+        if in_keep is not None:
+            _keep(m.weight, 1, in_keep)
+            m.in_features = len(in_keep)
 
 
 class EmbeddingPruner(LayerPruner):

@@ -275,8 +275,8 @@ def _sync_class(m: nn.MultiheadAttention) -> None:
 def synced_containers(model: nn.Module) -> List[nn.Module]:
     """The containers whose attributes :func:`sync_container_attributes` may change."""
     return [m for m in model.modules() if isinstance(m, nn.Transformer) or (
-        (type(m).__module__ or "").startswith("torchvision.")
-        and type(m).__name__ in ("VisionTransformer", "EncoderBlock"))]
+        type(m).__name__ in ("VisionTransformer", "EncoderBlock")
+        and (type(m).__module__ or "").startswith("torchvision."))]
 
 
 def sync_container_attributes(model: nn.Module,

@@ -76,11 +76,12 @@ def preserved_state(model: nn.Module, modules: Optional[List[nn.Module]] = None,
     params, buffers = state_tensors(modules)
     flags = [(p, p.requires_grad) for p in params]
     if same_modes:
-        fixed = {id(b) for m in modules if not m.training and type(m).forward in _NORM_FORWARDS
-                 for b in m._buffers.values() if b is not None}
+        fixed, held = set(), set()  # buffers of eval-mode norms; buffers of any other module
+        for m in modules:
+            if m._buffers:
+                ids = fixed if not m.training and type(m).forward in _NORM_FORWARDS else held
+                ids.update(id(b) for b in m._buffers.values() if b is not None)
         if fixed:
-            held = {id(b) for m in modules if m.training or type(m).forward not in _NORM_FORWARDS
-                    for b in m._buffers.values() if b is not None}
             buffers = [b for b in buffers if id(b) not in fixed or id(b) in held]
     saved = [(b, b.detach().clone()) for b in buffers]
     rng = torch.get_rng_state()
@@ -117,9 +118,14 @@ def state_tensors(modules: List[nn.Module]) -> Tuple[List[torch.Tensor], List[to
     params: List[torch.Tensor] = []
     buffers: List[torch.Tensor] = []
     for m in modules:
-        for store, out in ((m._parameters, params), (m._buffers, buffers)):
-            for t in store.values():
+        if m._parameters:
+            for t in m._parameters.values():
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
-                    out.append(t)
+                    params.append(t)
+        if m._buffers:
+            for t in m._buffers.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    buffers.append(t)
     return params, buffers

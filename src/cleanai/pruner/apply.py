@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -13,8 +13,7 @@ from ..core.layers import _keep, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from .attributes import attribute_updates, set_attributes, set_config
 from .history import record_step
-
-Key = Tuple[str, str, int]  # (layer or parameter name, "in" | "out" | "param", dim)
+from .keeps import Key, _kept_channels, layer_keeps, renumber
 
 
 class PruningError(RuntimeError):
@@ -92,7 +91,9 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
                                    f"index {int(bad[0])}")
     offsets = torch.repeat_interleave(torch.cumsum(torch.tensor([0] + sizes[:-1]), 0), counts)
     flat = flat + offsets
-    if torch.unique(flat).shape[0] != flat.shape[0]:
+    seen = torch.zeros(sum(sizes), dtype=torch.bool)
+    seen[flat] = True
+    if int(seen.sum()) != flat.shape[0]:  # some index came twice
         for g, idx in todo:
             if torch.unique(idx).shape[0] != idx.shape[0]:
                 raise PruningError(f"the plan removes a channel of group {g.id} twice")
@@ -104,55 +105,6 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
     for g, idx in todo:  # distinct and in range by now: as many as the group has is all
         if idx.shape[0] >= g.size:
             raise PruningError(f"the plan removes all {g.size} channels of group {g.id}")
-
-
-def layer_keeps(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> Dict[Key, torch.Tensor]:
-    """Indices each layer dim keeps once ``removals`` (group id -> channels) are gone.
-
-    One pass over concatenated tensors: every member's positions are flagged from its group's
-    removed channels.
-    """
-    key_index: Dict[Key, int] = {}
-    key_lengths: List[int] = []
-    gone_parts: List[torch.Tensor] = []
-    channels: List[torch.Tensor] = []
-    positions: List[torch.Tensor] = []
-    member_group: List[int] = []
-    member_key: List[int] = []
-    offset = 0
-    for g in graph.groups:
-        idx = removals.get(g.id)
-        if idx is None or idx.numel() == 0:
-            continue
-        gone = torch.zeros(g.size, dtype=torch.bool)
-        gone[idx] = True
-        gone_parts.append(gone)
-        for m in g.members:
-            for kind in (("in", "out") if m.kind == "same" else (m.kind,)):
-                key = (m.name, kind, m.dim)
-                ki = key_index.get(key)
-                if ki is None:
-                    ki = key_index[key] = len(key_lengths)
-                    key_lengths.append(m.length)
-                channels.append(m.channels)
-                positions.append(m.positions)
-                member_group.append(offset)
-                member_key.append(ki)
-        offset += g.size
-    if not key_index:
-        return {}
-    counts = torch.tensor([c.shape[0] for c in channels], dtype=torch.long)
-    starts = torch.cumsum(torch.tensor([0] + key_lengths), 0)
-    hit = torch.cat(gone_parts).index_select(0, torch.cat(channels) + torch.repeat_interleave(
-        torch.tensor(member_group, dtype=torch.long), counts))
-    where = torch.cat(positions) + torch.repeat_interleave(
-        starts.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
-    removed = torch.zeros(int(starts[-1]), dtype=torch.int32)
-    removed.index_put_((where,), hit.to(torch.int32), accumulate=True)
-    kept = torch.nonzero(removed == 0).flatten()  # ascending, so grouped by layer dim
-    per_key = torch.diff(torch.searchsorted(kept, starts)).tolist()
-    local = kept - torch.repeat_interleave(starts[:-1], torch.tensor(per_key, dtype=torch.long))
-    return dict(zip(key_index, local.split(per_key)))
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],
@@ -219,11 +171,10 @@ class atomic:
     def __init__(self, modules: List[nn.Module]) -> None:
         self.saved = []
         for m in modules:
+            params, buffers = dict(m._parameters), dict(m._buffers)
             tensors = [(t, t.data, t.grad if isinstance(t, nn.Parameter) else None)
-                       for t in list(m._parameters.values()) + list(m._buffers.values())
-                       if t is not None]
-            attrs = {k: v for k, v in m.__dict__.items()}
-            self.saved.append((m, tensors, dict(m._parameters), dict(m._buffers), attrs, type(m)))
+                       for store in (params, buffers) for t in store.values() if t is not None]
+            self.saved.append((m, tensors, params, buffers, m.__dict__.copy(), type(m)))
 
     def __enter__(self) -> "atomic":
         return self
@@ -255,14 +206,19 @@ def touched_modules(model: nn.Module, keeps: Dict[Key, torch.Tensor],
     """Every module slicing ``keeps`` may change: the layers, their submodules, the synced
     containers (``containers``, when the caller has them)."""
     out = {}
+    names = set()
     for name, kind, _ in keeps:
         if kind == "param":
-            owner = name.rpartition(".")[0]
-            m = find_submodule(model, owner) if owner else model
+            name = name.rpartition(".")[0]
+        if name in names:  # a layer's other dim
+            continue
+        names.add(name)
+        m = find_submodule(model, name)
+        if m._modules:  # a layer pruner may slice its submodules (an attention out_proj)
+            for sub in m.modules():
+                out[id(sub)] = sub
         else:
-            m = find_submodule(model, name)
-        for sub in m.modules():  # a layer pruner may slice its submodules (an attention out_proj)
-            out[id(sub)] = sub
+            out[id(m)] = m
     for m in synced_containers(model) if containers is None else containers:
         out[id(m)] = m
     return list(out.values())
@@ -280,7 +236,8 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         raise PruningError(f"the model changed since its dependency graph was built ({change}); "
                            f"build a new graph or pruner for it")
     validate_removals(graph, removals)
-    keeps = layer_keeps(graph, removals)
+    kept = _kept_channels(graph, removals)
+    keeps = layer_keeps(graph, removals, kept)
     emptied = [n if k != "param" else f"{n} (dim {d})" for (n, k, d), keep in keeps.items()
                if keep.shape[0] == 0]
     if emptied:
@@ -307,87 +264,22 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                     f"{type(exc).__name__}{where}: {exc}. The model was restored. The layer "
                     f"probably keeps a channel count of its own: register a LayerPruner for it "
                     f"or list it in ignored_layers.", layer) from exc
-    renumber(graph, removals, keeps)
+    renumber(graph, removals, keeps, kept)
     graph.signature = module_signature(model)
-    return ([{"name": n, "kind": k, "dim": d, "keep": keep.tolist()}
+    lists: Dict[int, List[int]] = {}  # the dims of one group share its kept channels' tensor
+    return ([{"name": n, "kind": k, "dim": d, "keep": _as_list(keep, lists)}
              for (n, k, d), keep in keeps.items()]
             + [{"name": n, "kind": "attr", "attr": a,  # a stored shape as a JSON list
                 "value": list(v) if isinstance(v, tuple) else v} for n, a, v in updates])
 
 
-def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
-             keeps: Dict[Key, torch.Tensor]) -> None:
-    """Update the graph's groups to the pruned model, so it needs no new trace.
-
-    All members are renumbered in one pass over concatenated tensors (a DenseNet has over a
-    thousand members): channel c of a group becomes its rank among the kept ones, position p
-    of a layer dim its rank among that dim's kept positions.
-    """
-    members: List[Any] = []
-    member_group: List[int] = []  # offset of the member's group in the concatenated groups
-    member_key: List[int] = []  # index of the member's layer dim among the kept dims
-    lengths: List[int] = []  # the members' new lengths
-    key_index: Dict[Key, int] = {}
-    key_keeps: List[torch.Tensor] = []  # per layer dim: its kept positions
-    key_lengths: List[int] = []  # per layer dim: its length before the step
-    gone_parts: List[torch.Tensor] = []  # removed channels, offset into the concatenation
-    offset = 0
-    for g in graph.groups:
-        idx = removals.get(g.id)
-        if idx is not None and idx.numel():
-            gone_parts.append(idx + offset)
-            kept = torch.ones(g.size, dtype=torch.bool)
-            kept[idx] = False
-            g.protected = g.protected[kept]
-        for m in g.members:
-            key = (m.name, "out" if m.kind == "same" else m.kind, m.dim)
-            keep = keeps.get(key)
-            if keep is None:
-                continue
-            ki = key_index.get(key)
-            if ki is None:
-                ki = key_index[key] = len(key_keeps)
-                key_keeps.append(keep)
-                key_lengths.append(m.length)
-            members.append(m)
-            member_group.append(offset)
-            member_key.append(ki)
-            lengths.append(keep.shape[0])
-        offset += g.size
-    # channel c of a group -> its rank among the group's kept channels (-1 once removed)
-    kept_all = torch.ones(offset, dtype=torch.bool)
-    if gone_parts:
-        kept_all[torch.cat(gone_parts)] = False
-    sizes = torch.tensor([g.size for g in graph.groups], dtype=torch.long)
-    ends = torch.cumsum(kept_all, 0)  # kept channels up to and including each one
-    zero = torch.zeros(1, dtype=torch.long)
-    kept_before = torch.cat([zero, ends]).index_select(0, torch.cat([zero, torch.cumsum(sizes, 0)]))
-    for g, n in zip(graph.groups, torch.diff(kept_before).tolist()):
-        g.size = n
-    if not members:
-        return
-    new_index = ends - 1 - torch.repeat_interleave(kept_before[:-1], sizes)
-    # position p of a layer dim -> its rank among the dim's kept positions (-1 once removed)
-    key_start = torch.cumsum(torch.tensor([0] + key_lengths[:-1], dtype=torch.long), 0)
-    keep_counts = torch.tensor([k.shape[0] for k in key_keeps], dtype=torch.long)
-    remap_all = torch.full((sum(key_lengths),), -1, dtype=torch.long)
-    owner_key = torch.repeat_interleave(torch.arange(len(key_keeps)), keep_counts)
-    remap_all[torch.cat(key_keeps) + key_start.index_select(0, owner_key)] = torch.arange(
-        int(keep_counts.sum())) - (torch.cumsum(keep_counts, 0) - keep_counts).index_select(
-        0, owner_key)
-    # (shape[0] rather than len(): Tensor.__len__ is a Python call, this runs per member)
-    counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
-    channels = torch.cat([m.channels for m in members]) + torch.repeat_interleave(
-        torch.tensor(member_group, dtype=torch.long), counts)
-    positions = torch.cat([m.positions for m in members]) + torch.repeat_interleave(
-        key_start.index_select(0, torch.tensor(member_key, dtype=torch.long)), counts)
-    stay = torch.nonzero(kept_all.index_select(0, channels)).flatten()
-    channels = new_index.index_select(0, channels.index_select(0, stay))
-    positions = remap_all.index_select(0, positions.index_select(0, stay))
-    owner = torch.repeat_interleave(torch.arange(len(members)), counts).index_select(0, stay)
-    sizes = torch.bincount(owner, minlength=len(members)).tolist()
-    for m, p, c, n in zip(members, positions.split(sizes), channels.split(sizes), lengths):
-        m.positions, m.channels, m.length = p, c, n
+def _as_list(keep: torch.Tensor, lists: Dict[int, List[int]]) -> List[int]:
+    """``keep.tolist()``; a tensor seen before is copied from its list (``lists``: by id)."""
+    done = lists.get(id(keep))
+    if done is None:
+        done = lists[id(keep)] = keep.tolist()
+        return done
+    return list(done)
 
 
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:

@@ -81,7 +81,8 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[i
         if candidates is None:
             # in the modules' own attribute order: the history must not follow the hash seed
             candidates = [(n, a, v) for n, m in model.named_modules()
-                          if get_layer_pruner(m) is None for a, v in m.__dict__.items()
+                          if not _NAMES.isdisjoint(m.__dict__) and get_layer_pruner(m) is None
+                          for a, v in m.__dict__.items()
                           if a in _NAMES and type(v) is int and v > 0]
             if not candidates:
                 break

@@ -57,9 +57,9 @@ def _copy_step(entry: Dict[str, Any]) -> Dict[str, Any]:
     is the model's own, so that editing a pruner's ``history`` cannot change it; the
     ``keep`` index lists, built for this entry and never changed, are shared rather than
     copied (a step holds tens of thousands of indices)."""
-    out = {k: v if type(v) in _ATOMIC else _copy(v) for k, v in entry.items() if k != "layers"}
+    out = {k: v if type(v) in _ATOMIC_SET else _copy(v) for k, v in entry.items() if k != "layers"}
     if "layers" in entry:
-        out["layers"] = [{k: v if type(v) in _ATOMIC or k == "keep" else _copy(v)
+        out["layers"] = [{k: v if type(v) in _ATOMIC_SET or k == "keep" else _copy(v)
                           for k, v in layer.items()} for layer in entry["layers"]]
     return out
 
