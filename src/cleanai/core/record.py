@@ -85,9 +85,12 @@ class ModelScan:
 def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,
                    named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False,
                    lean: bool = True):
-    """One forward with hooks: known-layer calls and, with ``locate=True``, each module's
+    """One recorded forward: known-layer calls and, with ``locate=True``, each module's
     autograd sequence range (only needed to say where an op ran; a hook on every module
     costs time, so the tracer asks for it only when it has something to report).
+
+    Returns ``(calls, intervals, output, operand shapes, sized)``; ``sized`` names the first
+    torch call outside the known layers that may hold a width of its own (core/widths.py).
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
     ``named`` is ``list(model.named_modules())`` when the caller has it already.

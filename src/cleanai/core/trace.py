@@ -1,4 +1,4 @@
-"""Trace a model once: forward hooks on known layers, one walk over the autograd graph.
+"""Trace a model once: the known layers' calls recorded, one walk over the autograd graph.
 
 Known layers (those with a :class:`~cleanai.core.layers.LayerPruner`) are opaque: the walk
 jumps from their outputs to their inputs. Everything else is followed op by op through
