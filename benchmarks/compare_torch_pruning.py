@@ -62,6 +62,8 @@ class Run:
     params: Optional[int] = None
     macs: Optional[int] = None
     latency_s: Optional[float] = None
+    #: dense only: median of the forwards timed alongside the pruning runs (the ratio's unit)
+    fwd_s: Optional[float] = None
     output_shape: Optional[Tuple[int, ...]] = None
     same_weights: Optional[str] = None  # how the pruned weights compare with the other tool's
     error: Optional[str] = None
@@ -155,6 +157,19 @@ def latencies(models: Dict[str, nn.Module], x: torch.Tensor, runs: int,
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+@torch.no_grad()
+def dense_forwards(model: nn.Module, x: torch.Tensor, n: int = 3) -> List[float]:
+    """Wall times of ``n`` forwards of ``model`` after one warm-up: taken right before each
+    round of pruning runs, so the dense forward they are divided by meets the same load."""
+    model(x)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def error_text(exc: BaseException, stage: str) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     text = f"failed in {stage}: {type(exc).__name__}: {first}"
@@ -198,7 +213,9 @@ def benchmark_model(name: str, repeats: int, latency_runs: int,
         dense.output_shape = tuple(base(x).shape)
     attempts: Dict[str, List[Run]] = {tool: [] for tool in TOOLS}
     pruned: Dict[str, nn.Module] = {}
+    forwards: List[float] = []
     for i in range(repeats):
+        forwards += dense_forwards(base, x)  # the ratio's unit, in the machine's state of now
         order = list(TOOLS) if i % 2 == 0 else list(reversed(TOOLS))
         for tool in order:
             if attempts[tool] and attempts[tool][-1].error:
@@ -207,6 +224,7 @@ def benchmark_model(name: str, repeats: int, latency_runs: int,
             attempts[tool].append(run)
             log(f"{name}: {tool} repeat {i + 1}/{repeats}: "
                 + (run.error or f"analyse {run.analyse_s:.2f} s, prune {run.prune_s:.2f} s"))
+    dense.fwd_s = statistics.median(forwards)
     runs = {"dense": dense}
     for tool, tries in attempts.items():
         run = runs[tool] = tries[-1]
@@ -264,7 +282,8 @@ def table(runs: List[Run]) -> str:
     for r in runs:
         d = dense[r.model]
         pruned = r is not d
-        mult = "—" if r.total_s is None or not d.latency_s else f"{r.total_s / d.latency_s:.3g}×"
+        unit = d.fwd_s or d.latency_s
+        mult = "—" if r.total_s is None or not unit else f"{r.total_s / unit:.3g}×"
         lat = "—" if r.latency_s is None else f"{r.latency_s * 1e3:.1f}"
         if pruned and r.latency_s is not None:
             lat += f" ({d.latency_s / r.latency_s:.2f}× faster)"
@@ -291,7 +310,9 @@ def headline(runs: List[Run]) -> str:
         if c is None or c.total_s is None or c.error:
             lines.append(f"- {m}: CleanAI failed ({c.error if c else 'not run'})")
             continue
-        text = f"- {m}: CleanAI {c.total_s:.2f} s = {c.total_s / d.latency_s:.3g} dense forwards"
+        unit = d.fwd_s or d.latency_s
+        text = (f"- {m}: CleanAI {c.total_s:.3f} s = {c.total_s / unit:.3g} dense forwards "
+                f"(of {unit * 1e3:.1f} ms)")
         if t is not None and t.total_s is not None and not t.error:
             ratios.append(c.total_s / t.total_s)
             cpu_ratios.append(c.cpu_s / t.cpu_s)
@@ -374,7 +395,9 @@ prunes a deepcopy of the same model.
 wall time, the median of {repeats} run(s), the tools taking turns to go first; "total CPU" is \
 the process CPU time of analyse + prune (less sensitive to other load, though it counts \
 OpenMP threads spinning). Latency is the median of {latency_runs} forwards after 3 \
-warm-up forwards, under `torch.no_grad()`; "total / dense fwd" divides by the dense latency.
+warm-up forwards, under `torch.no_grad()`. "total / dense fwd" divides by one dense forward: \
+the median of the forwards timed alongside the pruning runs (3 before each round, after a \
+warm-up one), so that both meet the same machine load; the latency column is measured later.
 
 {table(runs)}
 
