@@ -136,3 +136,10 @@ def test_a_forward_hook_on_a_layer_is_code_the_trace_cannot_see():
 def test_check_forward_must_be_a_bool_or_auto():
     with pytest.raises(ValueError, match="check_forward must be True, False or 'auto'"):
         StructuredPruner(net(), torch.randn(1, 3, 12, 12), check_forward="always")
+
+
+def test_a_hook_on_a_stock_activation_is_still_watched():
+    # the trace steps aside inside PyTorch's activation layers, never around their hooks
+    model, x = net()[3:], torch.randn(1, 8, 6, 6)
+    model[0].register_forward_hook(lambda m, args, out: out.view(1, 8, -1).reshape(out.shape))
+    assert StructuredPruner(model, x).graph.check_reason == "view() outside the known layers"

@@ -150,6 +150,18 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             return output
         return forward_recorded
 
+    def quiet(forward):
+        # a stock activation, pooling or dropout layer: width-free and with no add, sub or
+        # split inside, so the recorder steps aside there too (each of its calls would
+        # otherwise go through torch's Python dispatch to the recorder)
+        def forward_quietly(*args, **kwargs):
+            aside = _step_aside(recorder)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                _step_back(aside)
+        return forward_quietly
+
     def record_call(name, module, pruner, args, kwargs, output) -> None:
         if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
             x, rest = args[0], []  # the common case, without the generic walk
@@ -188,6 +200,10 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             own = m.__dict__.get("forward")
             wrapped.append((m, own))
             m.__dict__["forward"] = recorded(name, m, pruner, m.forward)
+        for _, m in named:
+            if type(m) in _QUIET and "forward" not in m.__dict__:
+                wrapped.append((m, None))
+                m.__dict__["forward"] = quiet(m.forward)
         lean_saves = torch.autograd.graph.saved_tensors_hooks(_drop_activation, _dropped) \
             if lean else contextlib.nullcontext()
         with torch.enable_grad(), recorder, lean_saves:
@@ -207,6 +223,16 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
 
 
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
+
+# PyTorch's layers whose forward only applies a width-free function to its input (exact
+# classes: a subclass may have a forward of its own)
+_QUIET = frozenset({
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
+    nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax,
+    nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten})
 
 
 class LeanRecordingError(RuntimeError):
