@@ -1,4 +1,6 @@
 """The forward run after each pruning step: what it catches, and what skipping it means."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -97,9 +99,10 @@ def counting_forwards(model):
 
 def test_auto_skips_the_check_where_all_code_outside_layers_is_width_free():
     model, x = net()[3:], torch.randn(1, 8, 6, 6)  # ReLU, convs: nothing holds a width
+    calls = counting_forwards(model)  # (a hook added after the trace would be checked)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
     assert pruner.graph.check_reason is None
-    calls = counting_forwards(model)
+    calls.clear()
     pruner.step()
     assert calls == [] and model[1].out_channels == 4
     assert model(x).shape == (1, 4, 6, 6)
@@ -133,9 +136,10 @@ def test_a_forward_hook_on_a_layer_is_code_the_trace_cannot_see():
     assert model[1].out_channels == 8 and model(x).shape == (1, 4, 6, 6)
 
 
-def test_check_forward_must_be_a_bool_or_auto():
+@pytest.mark.parametrize("bad", ["always", 1, None])
+def test_check_forward_must_be_a_bool_or_auto(bad):
     with pytest.raises(ValueError, match="check_forward must be True, False or 'auto'"):
-        StructuredPruner(net(), torch.randn(1, 3, 12, 12), check_forward="always")
+        StructuredPruner(net(), torch.randn(1, 3, 12, 12), check_forward=bad)
 
 
 def test_a_hook_on_a_stock_activation_is_still_watched():
@@ -143,3 +147,115 @@ def test_a_hook_on_a_stock_activation_is_still_watched():
     model, x = net()[3:], torch.randn(1, 8, 6, 6)
     model[0].register_forward_hook(lambda m, args, out: out.view(1, 8, -1).reshape(out.shape))
     assert StructuredPruner(model, x).graph.check_reason == "view() outside the known layers"
+
+
+# --- code "auto" must not miss: each case keeps a width the walk cannot see -----------------
+
+class _CheckedConv(nn.Conv2d):  # PyTorch's forward, but a helper of its own
+    def _conv_forward(self, input, weight, bias):
+        if input.shape[1] != 8:
+            raise RuntimeError("this conv needs 8 channels")
+        return super()._conv_forward(input, weight, bias)
+
+
+def _pool_to_eight(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], 8, -1).mean(2)
+
+
+class _Scripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+        with warnings.catch_warnings():  # (TorchScript is deprecated, still used)
+            warnings.simplefilter("ignore")
+            self.pool = torch.jit.script(_pool_to_eight)  # calls the function mode cannot see
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))))
+
+
+class _Stale(nn.Module):  # a tensor computed from a parameter once, in __init__
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+        self.log_scale = nn.Parameter(torch.zeros(1, 8, 1, 1))
+        self.scale = self.log_scale.exp()
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)) * self.scale)
+
+
+class _Clamped(nn.Module):  # a tensor bound: clamp ties nothing to it
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.clamp(self.a(x), min=self.b(x)))
+
+
+class _EvalReshape(nn.Module):  # traced in train mode (a head runs only there)
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        if self.training:
+            return self.c(y) + self.aux(y)
+        return self.c(y.reshape(1, 8, 10, 10))
+
+
+def _instance_forward():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    plain = model[2].forward
+
+    def forward(x):
+        if x.shape[1] != 8:
+            raise RuntimeError("needs 8 channels")
+        return plain(x)
+    model[2].forward = forward
+    return model
+
+
+def _weight_norm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+@pytest.mark.parametrize("make, found", [
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _CheckedConv(8, 4, 1)), "_CheckedConv"),
+    (_instance_forward, "a forward set on the layer 2"),
+    (_weight_norm, "ParametrizedConv2d"),
+    (_Scripted, "made by code the trace could not watch"),
+    (_Stale, "made by code the trace could not watch"),
+    (_Clamped, "clamp()"),
+    (lambda: _EvalReshape().eval(), "traced in train mode"),
+])
+def test_auto_checks_code_the_walk_cannot_see(make, found):
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(1, 3, 12, 12)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    assert found in pruner.graph.check_reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pruner.step()  # the failing layer is protected, or the step rolled back
+        except cleanai.PruningError:
+            pass
+    model(x)  # either way the model still runs
+
+
+def test_a_hook_added_after_the_trace_brings_the_check_back():
+    model, x = net()[3:], torch.randn(1, 8, 6, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    assert pruner.graph.check_reason is None
+
+    def needs_eight(module, args):
+        if args[0].shape[1] != 8:
+            raise RuntimeError("needs 8 channels")
+    model[3].register_forward_pre_hook(needs_eight)
+    with pytest.raises(cleanai.PruningError, match="needs 8 channels"):
+        pruner.step()
+    assert model(x).shape == (1, 4, 6, 6)

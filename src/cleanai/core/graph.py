@@ -106,7 +106,7 @@ class DependencyGraph:
     graph cannot see (the first call outside the known layers that reads a shape or takes
     sizes, such as ``Tensor.shape`` or ``view()``; a forward hook; a custom layer), or is
     ``None`` when all code outside the known layers is width-free: the pruner then skips
-    its check forward (see ``check_forward``).
+    its check forward (see ``check_forward``; a heuristic, see :mod:`cleanai.core.widths`).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
@@ -125,6 +125,7 @@ class DependencyGraph:
         self._edges = (result.edges, result.junctions)
         self.groups: List[Group] = _build_groups(result)
         self.check_reason: Optional[str] = result.check_reason
+        self._code = result.code  # hooks and instance forwards the trace saw
         self.signature = module_signature(model)
 
     def __getstate__(self) -> Dict[str, Any]:

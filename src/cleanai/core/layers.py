@@ -118,7 +118,8 @@ class LayerPruner:
 
     def prune(self, module: nn.Module, in_keep: Optional[Tensor], out_keep: Optional[Tensor]) -> None:
         """Keep input channels ``in_keep`` and output channels ``out_keep`` (sorted indices;
-        ``None`` keeps all). Slices parameters and buffers and updates attributes.
+        ``None`` keeps all). Slices parameters and buffers and updates attributes. The index
+        tensors are read-only: several layers may share one.
 
         A layer with :meth:`internal_dims` also takes ``internal={index: kept positions}``.
         """

@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .layers import LayerPruner, get_layer_pruner
-from .runtime import ForwardFn, iter_tensors, run_forward
+from .runtime import ForwardFn, LeanRecordingError, iter_tensors, run_forward
 from .tied import is_subclass_layer
 from .widths import width_free
 
@@ -89,8 +89,10 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     autograd sequence range (only needed to say where an op ran; a hook on every module
     costs time, so the tracer asks for it only when it has something to report).
 
-    Returns ``(calls, intervals, output, operand shapes, sized)``; ``sized`` names the first
-    torch call outside the known layers that may hold a width of its own (core/widths.py).
+    Returns ``(calls, intervals, output, watched)``: ``watched`` is the function mode that
+    saw the torch calls outside the known layers (``shapes``: add/sub operand shapes and
+    splits; ``sized``: the first call that may hold a width of its own, see core/widths.py;
+    ``made``: the autograd nodes those calls made).
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
     ``named`` is ``list(model.named_modules())`` when the caller has it already.
@@ -157,9 +159,12 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         def forward_quietly(*args, **kwargs):
             aside = _step_aside(recorder)
             try:
-                return forward(*args, **kwargs)
+                output = forward(*args, **kwargs)
             finally:
                 _step_back(aside)
+            with _NoTorchFunction():
+                recorder.saw(output)
+            return output
         return forward_quietly
 
     def record_call(name, module, pruner, args, kwargs, output) -> None:
@@ -219,24 +224,20 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         for m, mode in modes:
             if m.training != mode:
                 m.training = mode
-    return calls, intervals, output, recorder.shapes, recorder.sized
+    return calls, intervals, output, recorder
 
 
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
 
-# PyTorch's layers whose forward only applies a width-free function to its input (exact
-# classes: a subclass may have a forward of its own)
+# PyTorch's layers whose forward only applies a width-free function to its input and makes
+# no view (exact classes: a subclass may have a forward of its own)
 _QUIET = frozenset({
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid,
     nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softmax,
     nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
     nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten})
-
-
-class LeanRecordingError(RuntimeError):
-    """The forward read a saved activation that a lean recording dropped (it backpropagates)."""
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d})
 
 
 def _drop_activation(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -294,11 +295,21 @@ class _OperandShapes(TorchFunctionMode):
         self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
         #: the first call that may hold a channel count of its own (see core/widths.py)
         self.sized: Optional[str] = None
+        #: the autograd nodes of the outputs of the calls seen
+        self.made: set = set()
+
+    def saw(self, out) -> None:
+        """Note the autograd nodes of a call's outputs (a tensor or a tuple of them)."""
+        for t in (out,) if isinstance(out, torch.Tensor) else \
+                out if isinstance(out, (tuple, list)) else ():
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                self.made.add(t.grad_fn)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self.sized is None and not width_free(func, args, kwargs):
             self.sized = _call_name(func)
         out = func(*args, **(kwargs or {}))
+        self.saw(out)
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
                 and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
             self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]

@@ -11,6 +11,11 @@ from torch import nn
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
+class LeanRecordingError(RuntimeError):
+    """A forward read a saved activation that a lean trace recording dropped (it runs
+    backward itself): see :func:`cleanai.core.record.record_forward`."""
+
+
 def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor inside nested tuples, lists, dicts and dataclasses (e.g. ``ModelOutput``)."""
     stack = [obj]

@@ -21,12 +21,12 @@ from .functional import functional_param, protect_unfollowed
 from .known_calls import module_call
 from .layer_io import layer_extras
 from .ops import OP_HANDLERS, OpCall
-from .record import (LeanRecordingError, ModelScan, ModuleCall, as_leaf, describe_inputs,
-                     doubled, record_forward, tensor_key, unreached_count, warn_unreached)
-from .runtime import ForwardFn, iter_tensors, map_tensors, preserved_state
+from .record import (ModelScan, ModuleCall, as_leaf, describe_inputs, doubled, record_forward,
+                     tensor_key, unreached_count, warn_unreached)
+from .runtime import ForwardFn, LeanRecordingError, iter_tensors, map_tensors, preserved_state
 from .slots import Slots, UnionFind
 from .tied import tie_shared_weights
-from .widths import opaque_code
+from .widths import code_fingerprint, opaque_code
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class TraceResult:
     #: why a pruned forward may fail on a width the graph cannot see (the first such call
     #: outside the known layers, a hook...), or None: see core/widths.py
     check_reason: Optional[str] = "not checked"
+    #: the first autograd node outside the known layers that no watched call made
+    unwatched: Optional[str] = None
+    #: the hooks and instance forwards at trace time (core/widths.py ``code_fingerprint``)
+    code: tuple = ()
 
 
 class _Tracer:
@@ -189,7 +193,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             raise TraceError(
                 f"{type(model).__name__} failed on the example inputs "
                 f"({describe_inputs(example_inputs)}): {type(exc).__name__}: {exc}") from exc
-        calls, intervals, output, shapes, sized = best[0]
+        calls, intervals, output, watched = best[0]
         if errors:
             logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
                         len(errors), errors[0])
@@ -206,32 +210,50 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         with_subclasses = {id(p): m for m in scan.subclasses for p in m.parameters()}
         with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
         result = _propagate(model, calls, output, layers, names_of_params, with_subclasses,
-                            intervals, shapes, attention, scan)
+                            intervals, _with_inputs(watched, best[2]), attention, scan)
         if result.fixed_splits or any("" in wheres for wheres in result.unknown.values()):
             # say where each unknown op or fixed split ran: once more, with module ranges
             # (an unsupported layer already has its name)
             if best[3]:
                 save_all()
-            calls, intervals, output, shapes, sized = record_forward(
+            calls, intervals, output, watched = record_forward(
                 model, best[2], forward_fn, known, best[3], scan.named, locate=True,
                 lean=best[4])
             result = _propagate(model, calls, output, layers, names_of_params,
-                                with_subclasses, intervals, shapes, attention, scan)
+                                with_subclasses, intervals, _with_inputs(watched, best[2]),
+                                attention, scan)
         if result.unknown:
             _warn_unknown(model, result.unknown)
         tie_shared_weights(known, scan.subclasses, result)
         result.check_reason = opaque_code(known, scan.modules) or (
-            f"{sized} outside the known layers" if sized else None) or (
+            f"{watched.sized} outside the known layers" if watched.sized else None) or (
+            f"{result.unwatched} made by code the trace could not watch (TorchScript, a tensor "
+            f"computed before the forward)" if result.unwatched else None) or (
             "an op CleanAI does not know" if result.unknown else None) or (
-            "a split into sizes written in the code" if result.fixed_splits else None)
+            "a split into sizes written in the code" if result.fixed_splits else None) or (
+            "traced in train mode, used in eval mode" if best[3] and not all_train else None)
+        result.code = code_fingerprint(scan.modules)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))
         return result
 
 
+def _with_inputs(watched, inputs):
+    """``watched`` with the autograd nodes that made the traced inputs (a clone of each, the
+    doubled batch) counted as seen."""
+    stack = [t.grad_fn for t in iter_tensors(inputs) if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn not in watched.made:
+            watched.made.add(fn)
+            stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return watched
+
+
 def _propagate(model, calls, output, known, names_of_params, owned, intervals,
-               operand_shapes, attention="heads", scan=None) -> TraceResult:
+               watched, attention="heads", scan=None) -> TraceResult:
     ctx = _Tracer(model, attention, scan)
-    ctx.operand_shapes.update(operand_shapes)
+    ctx.operand_shapes.update(watched.shapes)
+    made, unwatched = watched.made, None
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
         for k, _ in c.outputs:
@@ -311,6 +333,8 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                 weights.add((p, 0))
             slots[(p, 0)] = s if s is None or s.weight else Slots(s.dim, s.ids, True)
             continue
+        if unwatched is None and p not in made:
+            unwatched = name
         in_keys = [(fn, nr) if fn is not None else None for fn, nr in p.next_functions]
         ins = [slots.get(k) if k is not None else None for k in in_keys]
         in_shapes = [_shape(k, by_out) if k is not None else None for k in in_keys]
@@ -368,7 +392,7 @@ def _propagate(model, calls, output, known, names_of_params, owned, intervals,
                        output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
                        internal, ctx.kinds, junctions, ctx.unknown,
                        [(ids, _innermost(intervals, fn._sequence_nr()))
-                        for ids, fn in ctx.fixed_splits])
+                        for ids, fn in ctx.fixed_splits], unwatched=unwatched)
 
 
 def _lean_failure(exc: BaseException) -> bool:

@@ -5,13 +5,22 @@ What can still break is code outside them that holds a width of its own: ``x.vie
 ``torch.zeros(self.dim)``, ``assert x.shape[1] == self.channels``, a forward hook. Autograd
 shows none of those, so after each step the pruner runs the model once to find out.
 
-That check is needed only where such code can exist. The trace's function mode sees every
+The check is skipped only where the trace found no such code. Its function mode sees every
 torch call made outside the known layers; :func:`width_free` says whether one call can hold a
 width. A call is width-free when the function is one whose non-tensor arguments are never a
 channel count (an activation, arithmetic, ``cat``, pooling, ``flatten``: dims, kernel sizes,
 probabilities) and each tensor argument is part of the graph or a scalar. Anything else,
-reading ``x.shape`` included, is not. :func:`opaque_code` finds the code the function mode
-cannot see: forward hooks, scripted modules, layers whose forward is not PyTorch's own.
+reading ``x.shape`` included, is not. The walk adds that every autograd node outside the known
+layers came from a call the mode saw (a TorchScript function, code under
+``DisableTorchFunction`` or a tensor computed before the forward does not). :func:`opaque_code`
+finds the code the mode cannot see inside or around the known layers: forward hooks, forward
+methods set on an instance, scripted or compiled modules, and layers whose class is not
+PyTorch's own (a subclass overriding a helper, a parametrized layer, a user layer with a
+registered pruner). :func:`code_fingerprint` tells whether hooks or instance forwards were
+added after the trace.
+
+It remains a heuristic: plain Python that reads a layer attribute and raises
+(``if self.attn.num_heads != 8: raise``) makes no torch call; ``check_forward=True`` covers it.
 """
 from __future__ import annotations
 
@@ -43,6 +52,8 @@ _WIDTH_FREE = frozenset(
        "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
        "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"])
 
+_ONE_TENSOR = frozenset({"clamp", "clamp_", "clip", "clip_"})
+
 # tensor attributes whose value is never a width (``shape`` is one, so it is not here)
 _ATTRIBUTES = frozenset({"dtype", "device", "requires_grad", "is_cuda", "ndim", "layout",
                          "grad_fn", "is_leaf", "is_sparse", "is_quantized", "is_meta"})
@@ -55,10 +66,13 @@ def width_free(func: Any, args: tuple, kwargs: Optional[Dict[str, Any]]) -> bool
         return getattr(getattr(func, "__self__", None), "__name__", "") in _ATTRIBUTES
     if name not in _WIDTH_FREE:
         return False
+    tensors = 0
     for a in _tensor_args(args, kwargs):
         if not a.requires_grad and a.numel() > 1:
             return False  # a constant the graph does not follow (a mask kept in a plain attribute)
-    return True
+        tensors += 1
+    # tensor bounds of a clamp are not tied to the clamped channels (its node has one input)
+    return tensors <= 1 or name not in _ONE_TENSOR
 
 
 def _tensor_args(args: tuple, kwargs: Optional[Dict[str, Any]]) -> Iterable[torch.Tensor]:
@@ -71,10 +85,9 @@ def _tensor_args(args: tuple, kwargs: Optional[Dict[str, Any]]) -> Iterable[torc
 
 def opaque_code(known: Dict[nn.Module, Any], modules: Iterable[nn.Module]) -> Optional[str]:
     """Code whose torch calls the trace's function mode does not see, or ``None``: a forward
-    hook (it runs after the mode steps aside for a known layer), a scripted or compiled module,
-    a known layer whose forward is not PyTorch's own (a user layer with a registered pruner)."""
-    from torch.nn.modules import module as torch_module
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+    hook on a known layer, a forward set on a known layer's instance, a scripted or compiled
+    module, a known layer whose class is not PyTorch's own (see the module doc)."""
+    if _global_hooks():
         return "a global forward hook"
     for m in modules:
         if isinstance(m, torch.jit.ScriptModule) or type(m).__name__ == "OptimizedModule":
@@ -82,7 +95,22 @@ def opaque_code(known: Dict[nn.Module, Any], modules: Iterable[nn.Module]) -> Op
     for m, (name, pruner) in known.items():
         if m._forward_hooks or m._forward_pre_hooks:
             return f"a forward hook on {name}"
-        if not type(m).forward.__module__.startswith("torch.nn.") or \
+        if "forward" in m.__dict__:
+            return f"a forward set on the layer {name}"
+        if not type(m).__module__.startswith("torch.nn.modules.") or \
                 not type(pruner).__module__.startswith("cleanai."):
             return f"the layer {name} ({type(m).__name__})"
     return None
+
+
+def code_fingerprint(modules: Iterable[nn.Module]) -> tuple:
+    """The forward hooks and instance forwards of ``modules`` (and the global hooks): a
+    change after the trace is code the trace never saw."""
+    return (_global_hooks(),) + tuple(
+        (id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), id(m.__dict__.get("forward")))
+        for m in modules if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module as torch_module
+    return tuple(torch_module._global_forward_hooks) + tuple(torch_module._global_forward_pre_hooks)

@@ -11,6 +11,7 @@ from ..core.graph import DependencyGraph, module_signature
 from ..core.runtime import find_submodule, preserved_state, run_forward
 from ..core.layers import _keep, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
+from ..core.widths import code_fingerprint
 from .attributes import attribute_updates, set_attributes, set_config
 from .history import record_step
 from .keeps import Key, _kept_channels, layer_keeps, renumber
@@ -230,7 +231,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
 
     ``check_forward``: run the pruned model once and roll back if it fails; ``"auto"`` runs
     it unless the graph found no code that could hold a width of its own
-    (``graph.check_reason is None``)."""
+    (``graph.check_reason is None``) and no hook or instance forward was added since."""
     change = graph.changes(model)
     if change is not None:
         raise PruningError(f"the model changed since its dependency graph was built ({change}); "
@@ -247,11 +248,14 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
     containers = synced_containers(model)
     owners = {id(m): m for m in touched_modules(model, keeps, containers)}
     owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
+    # "auto": unless the trace found no code that could hold a width, and none came since
+    check = check_forward is True or (check_forward == "auto" and (
+        getattr(graph, "check_reason", "") is not None
+        or code_fingerprint(model.modules()) != getattr(graph, "_code", None)))
     with atomic(list(owners.values())) as guard:
         slice_model(model, keeps, containers)
         set_attributes(model, updates)
-        if check_forward is True or (
-                check_forward == "auto" and getattr(graph, "check_reason", "") is not None):
+        if check:
             try:
                 with preserved_state(model, same_modes=True), torch.no_grad():
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)

@@ -59,10 +59,10 @@ class StructuredPruner:
             size); ``None`` means all. Model outputs are never pruned, whatever the kind.
         check_forward: after slicing, run the model once on ``example_inputs`` and roll the
             step back if it fails (then :meth:`step` protects the failing layer and plans
-            again). ``"auto"`` (default) runs it unless the trace proved it cannot fail: every
-            torch call outside the known layers was width-free (no ``x.shape``, ``view``, hook
-            or custom layer that could hold a channel count of its own; see
-            ``DependencyGraph.check_reason``), as in most CNNs. ``True`` always runs it;
+            again). ``"auto"`` (default) runs it unless the trace found no code that could
+            hold a channel count of its own: every torch call outside the known layers was
+            width-free (no ``x.shape``, ``view``, hook or custom layer; see
+            ``DependencyGraph.check_reason`` and :mod:`cleanai.core.widths`), as in most CNNs. ``True`` always runs it;
             ``False`` never does (about half a forward of the pruned model per step saved): a
             layer that keeps a channel count of its own then fails in your next call.
 
@@ -111,7 +111,7 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         self.schedule = iterative_schedule or linear_schedule
         self.round_to = round_to
-        if check_forward not in (True, False, "auto"):
+        if not (isinstance(check_forward, bool) or check_forward == "auto"):
             raise ValueError(f"check_forward must be True, False or 'auto', got {check_forward!r}")
         self.check_forward = check_forward
         self.graph = DependencyGraph(model, self.example_inputs, forward_fn, attention)

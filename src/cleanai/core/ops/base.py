@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
-from ..record import LeanRecordingError
+from ..runtime import LeanRecordingError
 from ..slots import Shape, Slots
 
 Handler = Callable[..., List[Optional[Slots]]]
