@@ -1,5 +1,6 @@
 """Tracing and channel dependencies."""
-from .graph import DependencyGraph, Group, Member
+from .graph import DependencyGraph
+from .groups import Group, Member
 from .layers import InternalDim
 from .layers_attention import MultiheadAttentionPruner, PrunedMultiheadAttention
 from .layers_recurrent import RNNCellPruner, RNNPruner

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..core.graph import Group, Member
+from ..core.groups import Group, Member
 from ..core.layers import get_layer_pruner
 from ..core.runtime import find_submodule
 
