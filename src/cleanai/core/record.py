@@ -132,40 +132,37 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         return hook
 
     # Inside a known layer no operand shape is needed (the walk never enters it): the
-    # recorder steps aside there, so the layer's own ops are not dispatched to it. The layer's
-    # forward is wrapped for the recording (lighter than hooks, which put every call of the
-    # layer on nn.Module's slow path); the recorder comes back even when the layer raises.
-    def recorded(name, module, pruner, forward):
-        def forward_recorded(*args, **kwargs):
+    # recorder steps aside there, so the layer's own ops are not dispatched to it. So it does
+    # in a stock activation, pooling or dropout layer (width-free, no add, sub or split
+    # inside), whose calls would otherwise each go through torch's Python dispatch. The
+    # forward is wrapped (lighter than hooks, which put every call of the layer on
+    # nn.Module's slow path); the recorder comes back even when the layer raises, and
+    # ``after(args, kwargs, output)`` then notes the call and returns the output.
+    def stepping_aside(forward, after):
+        def forward_aside(*args, **kwargs):
             aside = _step_aside(recorder)
             try:
                 output = forward(*args, **kwargs)
             finally:
                 _step_back(aside)
             with _NoTorchFunction():
-                if isinstance(output, torch.Tensor) and output._base is not None and \
-                        output.grad_fn is not None:
-                    # an output that is a view (InstanceNorm's) gets a new autograd node from
-                    # an in-place op after it (ReLU(inplace=True)); a copy keeps the recorded one
-                    output = output.clone()
-                record_call(name, module, pruner, args, kwargs, output)
-            return output
-        return forward_recorded
+                return after(args, kwargs, output)
+        return forward_aside
 
-    def quiet(forward):
-        # a stock activation, pooling or dropout layer: width-free and with no add, sub or
-        # split inside, so the recorder steps aside there too (each of its calls would
-        # otherwise go through torch's Python dispatch to the recorder)
-        def forward_quietly(*args, **kwargs):
-            aside = _step_aside(recorder)
-            try:
-                output = forward(*args, **kwargs)
-            finally:
-                _step_back(aside)
-            with _NoTorchFunction():
-                recorder.saw(output)
+    def recorded(name, module, pruner):
+        def after(args, kwargs, output):
+            if isinstance(output, torch.Tensor) and output._base is not None and \
+                    output.grad_fn is not None:
+                # an output that is a view (InstanceNorm's) gets a new autograd node from an
+                # in-place op after it (ReLU(inplace=True)); a copy keeps the recorded one
+                output = output.clone()
+            record_call(name, module, pruner, args, kwargs, output)
             return output
-        return forward_quietly
+        return after
+
+    def seen(args, kwargs, output):
+        recorder.saw(output)
+        return output
 
     def record_call(name, module, pruner, args, kwargs, output) -> None:
         if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
@@ -204,11 +201,11 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
         for m, (name, pruner) in known.items():  # an instance attribute shadows the method
             own = m.__dict__.get("forward")
             wrapped.append((m, own))
-            m.__dict__["forward"] = recorded(name, m, pruner, m.forward)
+            m.__dict__["forward"] = stepping_aside(m.forward, recorded(name, m, pruner))
         for _, m in named:
             if type(m) in _QUIET and "forward" not in m.__dict__:
                 wrapped.append((m, None))
-                m.__dict__["forward"] = quiet(m.forward)
+                m.__dict__["forward"] = stepping_aside(m.forward, seen)
         lean_saves = torch.autograd.graph.saved_tensors_hooks(_drop_activation, _dropped) \
             if lean else contextlib.nullcontext()
         with torch.enable_grad(), recorder, lean_saves:

@@ -29,6 +29,8 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from .runtime import iter_tensors
+
 # functions whose non-tensor arguments (dims, kernel sizes, output sizes of spatial pools,
 # probabilities, exponents) never hold a channel count; matched by name, torch.* and
 # Tensor.* alike, in-place and operator forms included. ``squeeze`` is not one: a width
@@ -67,20 +69,12 @@ def width_free(func: Any, args: tuple, kwargs: Optional[Dict[str, Any]]) -> bool
     if name not in _WIDTH_FREE:
         return False
     tensors = 0
-    for a in _tensor_args(args, kwargs):
+    for a in iter_tensors((args, kwargs)):
         if not a.requires_grad and a.numel() > 1:
             return False  # a constant the graph does not follow (a mask kept in a plain attribute)
         tensors += 1
     # tensor bounds of a clamp are not tied to the clamped channels (its node has one input)
     return tensors <= 1 or name not in _ONE_TENSOR
-
-
-def _tensor_args(args: tuple, kwargs: Optional[Dict[str, Any]]) -> Iterable[torch.Tensor]:
-    for a in (*args, *(kwargs or {}).values()):
-        if isinstance(a, torch.Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (t for t in a if isinstance(t, torch.Tensor))
 
 
 def opaque_code(known: Dict[nn.Module, Any], modules: Iterable[nn.Module]) -> Optional[str]:
