@@ -1,5 +1,5 @@
 """CleanAI: structured pruning for PyTorch."""
-from . import importance, utils
+from . import importance, recover, utils
 from .core import DependencyGraph, Group, Member, TraceError
 from .pruner import (LayerPruner, PruningError, PruningPlan, StructuredPruner,
                      register_layer_pruner, replay)
@@ -9,5 +9,5 @@ __version__ = "0.1.0"
 
 __all__ = ["DependencyGraph", "Group", "Member", "TraceError", "LayerPruner", "PruningError",
            "PruningPlan", "StructuredPruner", "register_layer_pruner", "replay", "save_pruned", "load_pruned", "LoadError",
-           "importance", "utils",
+           "importance", "recover", "utils",
            "__version__"]

@@ -42,6 +42,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _recovery(text: str) -> tuple:
+    """``reconstruct``, ``reconstruct:block`` or ``distill[:STEPS]`` as ``(method, arg)``."""
+    method, _, arg = text.partition(":")
+    if method == "reconstruct" and arg in ("", "layer", "block"):
+        return method, arg or "layer"
+    if method == "distill":
+        return method, _positive(arg) if arg else 100
+    raise argparse.ArgumentTypeError(f"must be reconstruct, reconstruct:block or "
+                                     f"distill[:STEPS], got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cleanai`` command and its subcommands."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -75,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=1, metavar="N", help="reach the ratio in this many steps")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
                    help="example input shape (default 1,3,224,224 for images, 1,16 tokens for hf:)")
+    p.add_argument("--compensate", choices=("bias", "lstsq"), default=None,
+                   help="refit the layers that read removed channels from calibration "
+                        "statistics (bias: their mean; lstsq: least squares)")
+    p.add_argument("--recover", type=_recovery, default=None, metavar="METHOD",
+                   help="after pruning, recover against the dense model on the calibration "
+                        "data: reconstruct, reconstruct:block, or distill[:STEPS] "
+                        "(default 100 steps)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
 
@@ -152,16 +170,22 @@ def _prune(args: argparse.Namespace) -> int:
     pruner = StructuredPruner(built.model, inputs, importance=importance,
                               pruning_ratio=args.ratio, ignored_layers=args.ignore,
                               global_pruning=args.global_pruning, iterative_steps=args.steps,
-                              round_to=args.round_to)
+                              round_to=args.round_to, compensate=args.compensate,
+                              keep_teacher=args.recover is not None)
     before = snapshot(built.model, inputs, latency=not args.no_latency)
-    if getattr(importance, "requires_data", False):
+    batches = None
+    if getattr(importance, "requires_data", False) or args.compensate or args.recover:
         source = args.calib_data or "random"
         if args.calib_data is None:
             print("cleanai: note: calibrating on random inputs; give --calib-data for "
-                  "meaningful activation scores", file=sys.stderr)
-        pruner.calibrate(calibration_batches(source, inputs, args.calib_batches, args.batch_size))
+                  "meaningful activation scores and recovery", file=sys.stderr)
+        batches = calibration_batches(source, inputs, args.calib_batches, args.batch_size)
+        pruner.calibrate(batches)
     pruner.prune()
-    rep = report(before, built.model, inputs, latency=not args.no_latency)
+    if args.recover is not None:
+        print(_recover(built.model, pruner.teacher, batches, args.recover))
+    rep = report(before, built.model, inputs, latency=not args.no_latency,
+                 teacher=pruner.teacher, data=batches if pruner.teacher is not None else None)
     out = Path(args.out)
     shape = _shape_of(inputs)
     save_pruned(built.model, out, metadata={
@@ -177,6 +201,16 @@ def _prune(args: argparse.Namespace) -> int:
     print(f"\nsaved to {out} (load with cleanai.load_pruned(<fresh {built.spec} model>, "
           f"{str(out)!r}))")
     return 0
+
+
+def _recover(model: Any, teacher: Any, batches: List[Any], how: tuple) -> Any:
+    """Run the ``--recover`` method on the calibration batches; returns its report."""
+    from ..recover import distill, reconstruct
+
+    method, arg = how
+    if method == "reconstruct":
+        return reconstruct(model, teacher, batches, granularity=arg, progress=False)
+    return distill(model, teacher, batches, steps=arg, progress=False)
 
 
 def _shape_of(inputs: Any) -> Optional[List[int]]:

@@ -43,6 +43,10 @@ class ActivationImportance(Importance):
                   max_batches: Optional[int] = None, forward_fn=None, progress: bool = False) -> None:
         self.stats = collect(model, graph, data, max_batches, forward_fn, progress)
 
+    def adopt(self, stats: ActivationStats) -> bool:
+        self.stats = stats
+        return True
+
     def follow(self, layers: List[dict]) -> None:
         if self.stats is not None:
             for e in layers:
@@ -111,6 +115,9 @@ class WeightActivationImportance(Importance):
     def calibrate(self, *args, **kwargs) -> None:
         if self.requires_data:  # a pure weight score (activation_ratio=0) needs no forwards
             self.activation.calibrate(*args, **kwargs)
+
+    def adopt(self, stats: ActivationStats) -> bool:
+        return self.activation.adopt(stats) if self.requires_data else True
 
     def follow(self, layers: List[dict]) -> None:
         self.activation.follow(layers)

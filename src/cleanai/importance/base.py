@@ -47,6 +47,11 @@ class Importance:
                   progress: bool = False) -> None:
         """Measure what the scores need on calibration ``data`` (no-op for data-free scores)."""
 
+    def adopt(self, stats) -> bool:
+        """Take activation statistics another pass already collected (the pruner's, when it
+        calibrates for compensation); True when they are all this importance needs."""
+        return False
+
     def follow(self, layers: List[dict]) -> None:
         """Called after a pruning step with its history entry (``name``, ``kind``, ``keep``),
         so collected statistics can follow the sliced layers."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,9 +25,14 @@ class ActivationStats:
     so a channel that every consumer sees as zero scores zero.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grams: Iterable[str] = ()) -> None:
         self.count: Dict[str, float] = {}
         self.sums: Dict[str, torch.Tensor] = {}  # name -> [3, channels]: sum, sum_sq, sum_abs
+        #: the keys whose second moments are also summed: ``sum x x^T`` over every position
+        #: (token, pixel) of the input, [channels, channels] in float64 (closed-form
+        #: compensation reads them); memory O(channels^2) per key, never O(tokens)
+        self.gram_keys = frozenset(grams)
+        self.grams: Dict[str, torch.Tensor] = {}
         self.batches = 0
 
     def update(self, name: str, x: torch.Tensor, dim: int) -> None:
@@ -38,12 +43,30 @@ class ActivationStats:
         # on every layer of every batch; float64 where the device has it
         wide = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
         s = torch.stack([x.sum(1), x.pow(2).sum(1), x.abs().sum(1)]).to(wide)
-        if name in self.sums and self.sums[name].shape == s.shape:
-            self.sums[name] += s
-            self.count[name] += x.shape[1]
-        else:
+        fresh = not (name in self.sums and self.sums[name].shape == s.shape)
+        if fresh:
             self.sums[name] = s
             self.count[name] = float(x.shape[1])
+        else:
+            self.sums[name] += s
+            self.count[name] += x.shape[1]
+        if name in self.gram_keys:
+            xw = x.to(wide)
+            gram = xw @ xw.T
+            if fresh or name not in self.grams:
+                self.grams[name] = gram
+            else:
+                self.grams[name] += gram
+
+    def moments(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(mean, second moment, count)`` of the input of ``name`` in float64 on the CPU:
+        ``E[x]`` [channels] and ``E[x x^T]`` [channels, channels] over every position seen;
+        ``None`` when its second moments were not collected."""
+        if name not in self.grams:
+            return None
+        n = max(self.count[name], 1.0)
+        return (self.sums[name][0].cpu().double() / n, self.grams[name].cpu().double() / n,
+                self.count[name])
 
     def per_position(self, name: str, statistic: str) -> Optional[torch.Tensor]:
         """One value per input channel of layer ``name``: ``l2`` is the root of the mean square,
@@ -61,8 +84,11 @@ class ActivationStats:
 
     def keep(self, name: str, keep: torch.Tensor) -> None:
         """Follow a pruning step: keep only the statistics of the kept input channels."""
-        if name in self.sums:
+        if name in self.sums and self.sums[name].shape[1] != len(keep):  # not followed yet
+            keep = keep.to(self.sums[name].device)
             self.sums[name] = self.sums[name][:, keep]
+            if name in self.grams:
+                self.grams[name] = self.grams[name][keep][:, keep]
 
     def group_scores(self, group: Group, statistic: str) -> Optional[torch.Tensor]:
         """Per group channel, the statistic aggregated (averaged) over every consumer position
@@ -176,9 +202,10 @@ def model_inputs(batch: Any) -> Any:
 
 def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
             max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
-            progress: bool = False) -> ActivationStats:
-    """Run calibration batches in eval mode under ``no_grad`` and return the statistics."""
-    stats = ActivationStats()
+            progress: bool = False, grams: Iterable[str] = ()) -> ActivationStats:
+    """Run calibration batches in eval mode under ``no_grad`` and return the statistics;
+    ``grams``: the keys (:func:`stats_key`) whose second moments are summed too."""
+    stats = ActivationStats(grams)
     fn = forward_fn or graph.forward_fn
     with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
         model.eval()

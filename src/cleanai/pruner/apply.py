@@ -289,11 +289,15 @@ def _as_list(keep: torch.Tensor, lists: Dict[int, List[int]]) -> List[int]:
 def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     """Re-apply one recorded step (``history[i]["layers"]``) to a model of the original
     architecture, atomically. Entries of kind ``"attr"`` set a module's integer attribute
-    (``num_heads``, ``split_size``...) or stored shape (a list, set as a tuple) to ``value``; kind ``"config"`` sets a field of
-    ``model.config`` (Hugging Face models)."""
+    (``num_heads``, ``split_size``...) or stored shape (a list, set as a tuple) to ``value``;
+    kind ``"config"`` sets a field of ``model.config`` (Hugging Face models); kind ``"bias"``
+    gives a layer without one a zero bias (compensation put one there)."""
     keeps: Dict[Key, torch.Tensor] = {}
-    updates, config = [], []
+    updates, config, biases = [], [], []
     for entry in layers:
+        if entry["kind"] == "bias":
+            biases.append(entry["name"])
+            continue
         if entry["kind"] in ("attr", "config"):
             (updates if entry["kind"] == "attr" else config).append(
                 (entry["name"], entry["attr"], entry["value"]))
@@ -303,11 +307,26 @@ def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     before = module_signature(model)
     owners = {id(m): m for m in touched_modules(model, keeps)}
     owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
+    owners.update((id(m), m) for m in (model.get_submodule(n) for n in biases))
     with atomic(list(owners.values())):
         slice_model(model, keeps)
         set_attributes(model, updates)
+        for name in biases:
+            add_zero_bias(model.get_submodule(name))
     set_config(model, [(f, v) for _, f, v in config])
     record_step(model, {"layers": layers}, before)
+
+
+def add_zero_bias(module: nn.Module) -> None:
+    """Give a Linear or conv without a bias a zero one, sized to its outputs."""
+    w = getattr(module, "weight", None)
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or w is None \
+            or getattr(module, "bias", None) is not None:
+        raise PruningError(f"cannot add a bias to {type(module).__name__}: only a Linear or "
+                           f"conv without one takes a bias")
+    out = w.shape[1] * module.groups if getattr(module, "transposed", False) else w.shape[0]
+    module.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device),
+                               w.requires_grad)
 
 
 def copy_model(model: nn.Module) -> nn.Module:

@@ -1,6 +1,7 @@
 """StructuredPruner: turns importance scores into plans and applies them, step by step."""
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import math
@@ -10,10 +11,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.graph import DependencyGraph, Group
+from ..core.graph import DependencyGraph, Group, module_signature
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
+from ..importance.stats import ActivationStats, collect, stats_key
 from .apply import PruningError, apply_removals
+from .compensate import MODES as COMPENSATION_MODES
+from .compensate import CompensationReport, compensable_keys, plan_compensation
+from .keeps import layer_keeps
 from .attributes import update_config
 from .fallback import protect_failing
 from .history import record_step
@@ -65,6 +70,15 @@ class StructuredPruner:
             ``DependencyGraph.check_reason`` and :mod:`cleanai.core.widths`), as in most CNNs. ``True`` always runs it;
             ``False`` never does (about half a forward of the pruned model per step saved): a
             layer that keeps a channel count of its own then fails in your next call.
+        compensate: ``None`` (default), ``"bias"`` or ``"lstsq"``: when a step removes
+            channels, the layers that read them take over what those channels contributed,
+            computed from :meth:`calibrate`'s statistics (see :mod:`cleanai.pruner.compensate`).
+            ``"bias"`` adds the removed channels' mean contribution to each consumer's bias;
+            ``"lstsq"`` also refits the consumer's kept input weights to the least-squares
+            estimate of the removed channels. A consumer without a bias gets one where its
+            type allows (Linear, conv); ``pruner.compensation`` reports each step.
+        keep_teacher: keep ``pruner.teacher``, a deep copy of the model as it is now, for
+            :func:`cleanai.recover.reconstruct` and :func:`cleanai.recover.distill`.
 
     Module attributes that store pruned widths (``num_heads``, ``head_dim``, ``split_size``,
     ``intermediate_size``...) and a Hugging Face ``model.config`` are updated with the tensors
@@ -79,7 +93,8 @@ class StructuredPruner:
                  iterative_steps: int = 1, iterative_schedule: Optional[Schedule] = None,
                  round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
                  attention: str = "heads", kinds: Optional[Iterable[str]] = None,
-                 check_forward: Union[bool, str] = "auto") -> None:
+                 check_forward: Union[bool, str] = "auto", compensate: Optional[str] = None,
+                 keep_teacher: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_ratio("pruning_ratio", pruning_ratio)
@@ -89,6 +104,8 @@ class StructuredPruner:
             raise ValueError(f"iterative_steps must be a positive int, got {iterative_steps!r}")
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+        if compensate not in (None,) + COMPENSATION_MODES:
+            raise ValueError(f"compensate must be None, 'bias' or 'lstsq', got {compensate!r}")
         if importance is not None and not callable(importance):
             raise TypeError("importance must be callable: importance(group, model) -> scores")
         self.kinds = set(GROUP_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
@@ -122,6 +139,13 @@ class StructuredPruner:
                           f"leave it unchanged", stacklevel=2)
         self.current_step = 0
         self.history: List[Dict[str, Any]] = []
+        self.compensate = compensate
+        #: the calibration statistics compensation reads (set by :meth:`calibrate`)
+        self.input_stats: Optional[ActivationStats] = None
+        #: what each step's compensation did, one report per step applied
+        self.compensation: List[CompensationReport] = []
+        #: the model as it was when the pruner was built (``keep_teacher=True``), else None
+        self.teacher: Optional[nn.Module] = copy.deepcopy(model) if keep_teacher else None
 
     # --- policy ------------------------------------------------------------------------
 
@@ -260,6 +284,15 @@ class StructuredPruner:
         """
         if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
             raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        if self.compensate is not None:
+            # one pass for both: the second moments compensation needs, and the activation
+            # statistics a data-dependent importance reads, when it can take them
+            grams = compensable_keys(self.model, self.graph) if self.compensate == "lstsq" else ()
+            self.input_stats = collect(self.model, self.graph, data, max_batches, forward_fn,
+                                       progress, grams=grams)
+            if getattr(self.importance, "requires_data", False) and \
+                    self.importance.adopt(self.input_stats):
+                return
         calibrate = getattr(self.importance, "calibrate", None)
         if calibrate is not None:
             calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
@@ -275,8 +308,31 @@ class StructuredPruner:
             raise PruningError("this plan was made for another pruner's graph")
         signature = self.graph.signature
         before = {g.id: g.size for g in self.graph.groups}
-        layers = apply_removals(self.model, self.graph, plan.removals,
-                                check_forward=self.check_forward)
+        comp = None
+        if self.compensate is not None:
+            if self.input_stats is None:
+                raise RuntimeError(f"compensate={self.compensate!r} needs calibration "
+                                   f"statistics: call pruner.calibrate(data) before the step")
+            plan.validate()
+            comp = plan_compensation(self.model, self.graph,
+                                     layer_keeps(self.graph, plan.removals), self.input_stats,
+                                     self.compensate)
+            comp.write()
+        try:
+            layers = apply_removals(self.model, self.graph, plan.removals,
+                                    check_forward=self.check_forward)
+        except BaseException:
+            if comp is not None:
+                comp.undo()
+            raise
+        if comp is not None:
+            keeps = {(e["name"], e["kind"], e["dim"]): torch.tensor(e["keep"], dtype=torch.long)
+                     for e in layers if e["kind"] == "out"}
+            layers += comp.finish(keeps)
+            self.graph.signature = module_signature(self.model)
+            self.compensation.append(comp.report)
+            if self.input_stats is not None and not _shares(self.importance, self.input_stats):
+                _follow(self.input_stats, layers)
         layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
                    for f, v in update_config(self.model, self.graph, before)]
         follow = getattr(self.importance, "follow", None)
@@ -312,6 +368,20 @@ class StructuredPruner:
         while self.current_step < self.iterative_steps:
             self.step()
         return self.model
+
+
+def _shares(importance: Any, stats: ActivationStats) -> bool:
+    """Whether ``importance`` reads ``stats`` (it then makes them follow each step)."""
+    return any(getattr(o, "stats", None) is stats
+               for o in (importance, getattr(importance, "activation", None)))
+
+
+def _follow(stats: ActivationStats, layers: List[Dict[str, Any]]) -> None:
+    """Keep only the statistics of the input channels a step kept."""
+    for e in layers:
+        if e["kind"] in ("in", "internal"):
+            stats.keep(stats_key(e["name"], e["kind"], e["dim"]),
+                       torch.tensor(e["keep"], dtype=torch.long))
 
 
 def _check_ratio(name: str, ratio: Any) -> None:

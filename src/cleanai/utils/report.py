@@ -7,11 +7,12 @@ then ``report(before_snapshot, model, example_inputs)``; or pass two models. The
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
 from ..core.runtime import ForwardFn
+from .fidelity import fidelity
 from .counting import count_params, counted_forward
 from .latency import measure_latency
 
@@ -99,8 +100,11 @@ class Report:
     :meth:`plot` (a PNG of the channels each layer kept; needs matplotlib) present the same data.
     """
 
-    def __init__(self, before: Snapshot, after: Snapshot) -> None:
+    def __init__(self, before: Snapshot, after: Snapshot,
+                 fidelity: Optional[Dict[str, float]] = None) -> None:
         self.before, self.after = before, after
+        #: ``{"cosine", "agreement"?, "batches"}`` against the dense model on data, when given
+        self.fidelity = fidelity
 
     # --- data ---------------------------------------------------------------------------
 
@@ -112,6 +116,16 @@ class Report:
         if self.before.latency_ms is not None and self.after.latency_ms is not None:
             rows.append(("latency ms", self.before.latency_ms, self.after.latency_ms))
         return rows
+
+    def fidelity_line(self) -> Optional[str]:
+        """One line on how close the pruned model stays to the dense one, or ``None``."""
+        f = self.fidelity
+        if not f:
+            return None
+        text = f"fidelity to the dense model: output cosine {f['cosine']:.4f}"
+        if "agreement" in f:
+            text += f", top-1 agreement {f['agreement']:.1%}"
+        return text + f" ({int(f['batches'])} batches)"
 
     def layer_rows(self, changed_only: bool = True, producers_only: bool = False) -> List[tuple]:
         """``(name, type, channels before, channels after, params before, params after,
@@ -130,12 +144,16 @@ class Report:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able: ``{"before": snapshot, "after": snapshot}``."""
-        return {"before": self.before.to_dict(), "after": self.after.to_dict()}
+        out = {"before": self.before.to_dict(), "after": self.after.to_dict()}
+        if self.fidelity:
+            out["fidelity"] = dict(self.fidelity)
+        return out
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Report":
         """The report that :meth:`to_dict` wrote."""
-        return cls(Snapshot.from_dict(d["before"]), Snapshot.from_dict(d["after"]))
+        return cls(Snapshot.from_dict(d["before"]), Snapshot.from_dict(d["after"]),
+                   d.get("fidelity"))
 
     # --- presentation -------------------------------------------------------------------
 
@@ -158,6 +176,8 @@ class Report:
         Norm layers, whose channels follow the layer before them, are left out."""
         head = ["", "before", "after", "change"]
         lines = [f"{self.before.model}: pruning report", _text_table(head, self._total_cells())]
+        if self.fidelity_line():
+            lines.append("  " + self.fidelity_line())
         cells = self._layer_cells(max_layers, producers_only=True)
         n = len(self.layer_rows(producers_only=True))
         if cells:
@@ -181,6 +201,8 @@ class Report:
                              + ["| " + " | ".join(r) + " |" for r in rows])
         parts = [f"## {self.before.model}: pruning report", "",
                  md(["", "before", "after", "change"], self._total_cells())]
+        if self.fidelity_line():
+            parts += ["", self.fidelity_line()[0].upper() + self.fidelity_line()[1:] + "."]
         cells = self._layer_cells(None)
         if cells:
             parts += ["", f"### Layers changed ({len(cells)}; channels in/out)", "",
@@ -224,19 +246,31 @@ class Report:
 
 def report(before: Union[nn.Module, Snapshot], after: Union[nn.Module, Snapshot],
            example_inputs: Any = None, forward_fn: Optional[ForwardFn] = None,
-           latency: bool = True) -> Report:
+           latency: bool = True, teacher: Optional[nn.Module] = None,
+           data: Optional[Iterable] = None, max_batches: Optional[int] = 8) -> Report:
     """Compare ``before`` and ``after`` (models or :func:`snapshot` results).
 
     Models are measured on ``example_inputs`` (needed unless both are snapshots); latency is
     measured when ``latency`` is True. Keep a snapshot instead of a deep copy of the original
-    model when memory matters."""
+    model when memory matters.
+
+    With ``data`` (batches as :meth:`StructuredPruner.calibrate` takes them) the report also
+    gives the pruned model's fidelity to the dense one (:func:`cleanai.utils.fidelity`): the
+    dense model is ``teacher``, or ``before`` when that is a model."""
     def measure(x):
         if isinstance(x, Snapshot):
             return x
         if example_inputs is None:
             raise ValueError("report: example_inputs are needed to measure a model")
         return snapshot(x, example_inputs, forward_fn, latency=latency)
-    return Report(measure(before), measure(after))
+    found = None
+    if data is not None:
+        dense = teacher if teacher is not None else before
+        if not isinstance(dense, nn.Module) or not isinstance(after, nn.Module):
+            raise ValueError("report: fidelity needs the pruned model and the dense model "
+                             "(teacher=...) as modules, not snapshots")
+        found = fidelity(after, dense, data, max_batches, forward_fn)
+    return Report(measure(before), measure(after), found)
 
 
 def _ch(s: LayerStats) -> str:

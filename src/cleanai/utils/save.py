@@ -225,6 +225,12 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
             if isinstance(entry, dict) and entry.get("kind") in ("attr", "config"):
                 _check_setting(model, modules, entry, f"{where}: step {i}")
                 continue
+            if isinstance(entry, dict) and entry.get("kind") == "bias":
+                module = modules.get(entry.get("name"))
+                if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                    raise LoadError(f"{where}: step {i}: a bias entry must name a Linear or "
+                                    f"conv of {type(model).__name__}, got {entry.get('name')!r}")
+                continue
             if not isinstance(entry, dict) or not {"name", "kind", "dim", "keep"} <= set(entry):
                 raise LoadError(f"{where}: step {i}: a layer entry lacks name/kind/dim/keep")
             name, kind, dim, keep = entry["name"], entry["kind"], entry["dim"], entry["keep"]
@@ -232,7 +238,7 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
             if not isinstance(name, str) or not isinstance(dim, int) or \
                     kind not in ("in", "out", "param", "internal"):
                 raise LoadError(f"{here}: malformed entry (name must be a string, dim an int, "
-                                f"kind one of in/out/param/internal/attr/config)")
+                                f"kind one of in/out/param/internal/attr/config/bias)")
             if not isinstance(keep, list) or not keep or \
                     not all(isinstance(k, int) and not isinstance(k, bool) for k in keep):
                 raise LoadError(f"{here}: 'keep' must be a non-empty list of channel indices")

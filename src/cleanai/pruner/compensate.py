@@ -1,0 +1,279 @@
+"""Closed-form compensation: when a step removes channels, the layers that read them take over
+what the removed channels used to contribute, computed from calibration statistics.
+
+For a consumer ``y = sum_c W_c * x_c + b`` (``W_c`` the weights that read input channel c: a
+Linear's column, a conv's ``[out, *kernel]`` slab), each removed channel r is replaced by its
+best linear estimate from the kept channels K and a constant, taken at the same position
+(token, pixel):
+
+    x_r ~ sum_k T[r, k] x_k + t_r,   [T | t] = E[x_r x~_K^T] E[x~_K x~_K^T]^-1,  x~ = [x, 1]
+
+so that ``W_k += sum_r T[r, k] W_r`` and ``b += sum_r t_r W_r`` (a conv's slab summed over its
+kernel). For a Linear (or a 1x1 conv) this is the least-squares refit of the kept columns,
+``W' = W S[:, K] S[K, K]^-1`` with S the input's second moment. A k x k conv uses its input's
+channel second moments (C x C, the same pixel) rather than its unfolded input ((C k^2)^2): the
+estimate ignores correlations between neighbouring pixels and is exact where removed channels
+are linear in kept ones. ``"bias"`` keeps only the constant: ``t_r = E[x_r]``, ``T = 0``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph
+from ..core.layers import get_layer_pruner
+from ..core.runtime import find_submodule
+from ..importance.stats import ActivationStats, stats_key
+
+logger = logging.getLogger(__name__)
+
+MODES = ("bias", "lstsq")
+#: ridge damping of the kept channels' second moment, relative to its mean diagonal
+DAMPING = 1e-6
+
+
+@dataclasses.dataclass
+class _Target:
+    """The weights of one consumer that read its input channels: ``weight`` with the input
+    channels on ``dim`` and the outputs on ``out_dim``, in ``groups`` equal blocks (a grouped
+    conv: output block j reads input block j), and where the constant goes."""
+
+    weight: torch.Tensor
+    dim: int
+    out_dim: int
+    groups: int
+    owner: nn.Module
+    bias: Optional[str]  # the owner's attribute that holds the bias
+    can_add_bias: bool
+
+
+def _targets(module: nn.Module, kind: str) -> Optional[List[_Target]]:
+    """What compensating ``module``'s input (``kind="in"``) or its heads' output
+    (``"internal"``) changes, or ``None`` when CleanAI does not know how."""
+    if kind == "internal":
+        if isinstance(module, nn.MultiheadAttention):
+            out = module.out_proj
+            return [_Target(out.weight, 1, 0, 1, out, "bias", False)]
+        return None
+    if isinstance(module, nn.Linear):
+        return [_Target(module.weight, 1, 0, 1, module, "bias", True)]
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        if module.groups > 1 and module.groups == module.in_channels:
+            return None  # depthwise: its output channel leaves with its input channel
+        if module.padding_mode != "zeros":
+            return None
+        return [_Target(module.weight, 1, 0, module.groups, module, "bias", True)]
+    if isinstance(module, nn.RNNBase):
+        names = ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if module.bidirectional else [])
+        return [_Target(getattr(module, n), 1, 0, 1, module,
+                        n.replace("weight", "bias") if module.bias else None, False)
+                for n in names]
+    if isinstance(module, nn.RNNCellBase):
+        return [_Target(module.weight_ih, 1, 0, 1, module,
+                        "bias_ih" if module.bias else None, False)]
+    return None
+
+
+def compensable_keys(model: nn.Module, graph: DependencyGraph) -> List[str]:
+    """The statistics keys (:func:`stats_key`) whose second moments compensation may need:
+    the inputs of every consumer it knows how to adjust, in groups that can lose channels."""
+    keys = []
+    for g in graph.groups:
+        if g.prunable == 0 or g.size <= 1:
+            continue
+        for m in g.members:
+            if m.kind not in ("in", "internal") or (m.kind == "internal" and m.dim > 1):
+                continue
+            if _targets(find_submodule(model, m.name), m.kind) is not None:
+                keys.append(stats_key(m.name, m.kind, m.dim))
+    return list(dict.fromkeys(keys))
+
+
+@dataclasses.dataclass
+class CompensationReport:
+    """What one step's compensation did: the consumers adjusted and, for the others, why not."""
+
+    mode: str
+    compensated: List[str] = dataclasses.field(default_factory=list)
+    skipped: Dict[str, str] = dataclasses.field(default_factory=dict)
+    added_bias: List[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"compensation ({self.mode}): {len(self.compensated)} consumer(s) adjusted"]
+        if self.added_bias:
+            lines.append(f"  bias added to: {', '.join(self.added_bias)}")
+        for name, why in self.skipped.items():
+            lines.append(f"  not compensated: {name}: {why}")
+        return "\n".join(lines)
+
+
+class Compensation:
+    """The new values for one step, computed before anything changes.
+
+    :meth:`write` puts them into the full-size tensors (shapes unchanged, so the step's own
+    checks and rollback work as usual); :meth:`undo` puts the old values back; after the
+    slicing, :meth:`finish` adds the biases that consumers without one need."""
+
+    def __init__(self, report: CompensationReport) -> None:
+        self.report = report
+        self.updates: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, new full value)
+        self.new_bias: Dict[str, Tuple[nn.Module, torch.Tensor]] = {}  # layer -> (module, bias)
+        self._saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def write(self) -> None:
+        with torch.no_grad():
+            for t, value in self.updates:
+                self._saved.append((t, t.detach().clone()))
+                t.copy_(value.to(t.dtype))
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for t, old in reversed(self._saved):
+                t.copy_(old)
+        self._saved.clear()
+
+    def finish(self, keeps: Dict[Tuple[str, str, int], torch.Tensor]) -> List[dict]:
+        """Add the planned biases (sliced to the outputs the step kept); returns their
+        history entries (``{"name", "kind": "bias"}``: a replay adds a zero bias there)."""
+        entries = []
+        for name, (module, bias) in self.new_bias.items():
+            out_keep = keeps.get((name, "out", -1))
+            if out_keep is not None:
+                bias = bias.index_select(0, out_keep.to(bias.device))
+            w = module.weight
+            module.bias = nn.Parameter(bias.to(w.dtype).to(w.device), w.requires_grad)
+            entries.append({"name": name, "kind": "bias", "dim": -1, "keep": []})
+            self.report.added_bias.append(name)
+        return entries
+
+
+def plan_compensation(model: nn.Module, graph: DependencyGraph,
+                      keeps: Dict[Tuple[str, str, int], torch.Tensor],
+                      stats: Optional[ActivationStats], mode: str) -> Compensation:
+    """The compensation of every consumer that loses input channels in ``keeps`` (a step's
+    :func:`~cleanai.pruner.keeps.layer_keeps`), from calibration ``stats``."""
+    comp = Compensation(CompensationReport(mode))
+    done = set()
+    for (name, kind, dim), keep in keeps.items():
+        if kind not in ("in", "internal") or (kind == "internal" and dim > 1):
+            continue
+        module = find_submodule(model, name)
+        key = stats_key(name, kind, dim)
+        if (name, kind) in done:  # heads and head_dims: the same positions, one refit
+            continue
+        done.add((name, kind))
+        targets = _targets(module, kind)
+        if targets is None:
+            if kind == "in" and getattr(get_layer_pruner(module), "coupling",
+                                        lambda m: "")(module) == "same":
+                continue
+            comp.report.skipped[name] = f"{type(module).__name__} is not a layer compensation knows"
+            continue
+        length = targets[0].weight.shape[targets[0].dim] * targets[0].groups
+        removed = _complement(keep, length)
+        if removed.numel() == 0:
+            continue
+        found = stats.moments(key) if stats is not None else None
+        if found is None and mode == "bias" and stats is not None and key in stats.sums:
+            n = max(stats.count[key], 1.0)
+            mean = stats.sums[key][0].cpu().double() / n
+            found = (mean, None, n)
+        if found is None or found[0].shape[0] != length:
+            comp.report.skipped[name] = "no calibration statistics for its input (not reached " \
+                                        "by the calibration data)"
+            continue
+        mean, second, _ = found
+        for target in targets:
+            _compensate(comp, name, target, keep, removed, mean, second, mode)
+        comp.report.compensated.append(name)
+    if comp.report.skipped:
+        warnings.warn("compensation left some consumers as they were: " + "; ".join(
+            f"{n} ({why})" for n, why in comp.report.skipped.items()), stacklevel=3)
+    return comp
+
+
+def _complement(keep: torch.Tensor, length: int) -> torch.Tensor:
+    gone = torch.ones(length, dtype=torch.bool)
+    gone[keep.cpu()] = False
+    return torch.nonzero(gone).flatten()
+
+
+def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tensor,
+                removed: torch.Tensor, mean: torch.Tensor, second: Optional[torch.Tensor],
+                mode: str) -> None:
+    """Fold the removed channels' estimate into ``target``'s kept weights and bias."""
+    w = target.weight.detach()
+    g = target.groups
+    per_in = w.shape[target.dim]  # input channels per group
+    wm = w.movedim(target.dim, 0).double().cpu()  # [per_in, ...]; outputs on out_dim + 1
+    out_axis = target.out_dim + 1 if target.out_dim < target.dim else target.out_dim
+    new = wm.clone()
+    per_out = wm.shape[out_axis] // g
+    bias_delta = torch.zeros(wm.shape[out_axis], dtype=torch.float64)
+    keep = keep.cpu()
+    for j in range(g):
+        lo, hi = j * per_in, (j + 1) * per_in
+        k_j = keep[(keep >= lo) & (keep < hi)]
+        r_j = removed[(removed >= lo) & (removed < hi)]
+        if r_j.numel() == 0:
+            continue
+        if mode == "lstsq" and k_j.numel():
+            coef, const = _regress(second, mean, r_j, k_j, name)
+        else:
+            coef, const = None, mean[r_j]
+        rows = slice(j * per_out, (j + 1) * per_out)
+        block = wm.narrow(out_axis, j * per_out, per_out)  # [per_in, per_out(, ...), *kernel]
+        w_r = block.index_select(0, r_j - lo)
+        if coef is not None:
+            delta = torch.einsum("r...,rk->k...", w_r, coef)
+            idx = k_j - lo
+            new.narrow(out_axis, j * per_out, per_out).index_add_(0, idx, delta)
+        spatial = [d for d in range(1, w_r.dim()) if d != out_axis]
+        slab = w_r.sum(spatial) if spatial else w_r  # [removed, per_out]
+        bias_delta[rows] += const @ slab
+    comp.updates.append((target.weight, new.movedim(0, target.dim).to(w.device)))
+    if not bool(bias_delta.any()):
+        return
+    bias = getattr(target.owner, target.bias) if target.bias else None
+    if isinstance(bias, torch.Tensor):
+        comp.updates.append((bias, (bias.detach().double().cpu() + bias_delta).to(bias.device)))
+    elif target.can_add_bias:
+        comp.new_bias[name] = (target.owner, bias_delta)
+    else:
+        comp.report.skipped[name] = (f"kept columns refit, but it has no bias to take the "
+                                     f"removed channels' mean")
+
+
+def _regress(second: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor,
+             kept: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[T | t]`` of the removed channels' least-squares estimate from the kept ones and a
+    constant, with ridge damping (raised tenfold until the Cholesky factorisation holds)."""
+    kk = second[kept][:, kept]
+    a = torch.cat([torch.cat([kk, mean[kept, None]], 1),
+                   torch.cat([mean[None, kept], torch.ones(1, 1, dtype=kk.dtype)], 1)], 0)
+    b = torch.cat([second[kept][:, removed], mean[None, removed]], 0)  # [k + 1, r]
+    scale = float(kk.diagonal().mean()) if kk.numel() else 1.0
+    damp = DAMPING * max(scale, 1e-12)
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    eye[-1, -1] = 0
+    for attempt in range(8):
+        chol, info = torch.linalg.cholesky_ex(a + damp * eye)
+        if int(info) == 0:
+            break
+        damp *= 10
+    else:
+        raise RuntimeError(f"{name}: the second moment of its input is not positive definite "
+                           f"even with damping {damp:g}")
+    if attempt:
+        warnings.warn(f"{name}: the second moment of its kept input channels is singular; "
+                      f"damped it with {damp:g} (x{10 ** attempt} the default)", stacklevel=4)
+    sol = torch.cholesky_solve(b, chol)  # [k + 1, r]
+    return sol[:-1].T.contiguous(), sol[-1]

@@ -1,0 +1,520 @@
+"""Sequential local reconstruction: refit a pruned model, unit by unit in forward order, so that
+each layer (closed-form ridge least squares) or block (Adam) reproduces on its own inputs what
+the dense teacher computed at the same place. Values only: shapes and the pruning history stay."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..core.layers import get_layer_pruner
+from ..core.runtime import ForwardFn, find_submodule, iter_tensors, map_tensors, run_forward
+from .common import (Key, RecoveryError, all_or_nothing, check_finite, check_pair, kept_indices,
+                     materialize, model_device, relative_error, to_device)
+
+logger = logging.getLogger(__name__)
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_WEIGHTED = (nn.Linear,) + _CONVS
+#: closed form above this many unknowns per output (C_in/groups * prod(kernel)) uses Adam
+MAX_CLOSED_FORM_DIM = 4096
+_SKIP_BELOW = 1e-10  # relative error under which an unpruned unit is left alone
+_ROWS_PER_CHUNK = 16384  # rows of the unfolded input converted to float64 at once
+
+
+@dataclasses.dataclass
+class ReconstructionReport:
+    """What :func:`reconstruct` did, one row per unit in forward order.
+
+    Each unit is ``{"name", "kind": "layer"|"block", "method": "closed form"|"adam"|"skipped",
+    "error_before", "error_after"}``: the relative squared error ``||out - target||^2 /
+    ||target||^2`` of the unit on the calibration data, fed its own (already reconstructed)
+    inputs, before and after it was refit. ``notes`` says where the plan had to deviate."""
+
+    units: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    batches: int = 0
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able copy (non-finite errors become ``None``)."""
+        def num(x: float) -> Optional[float]:
+            return float(x) if math.isfinite(x) else None
+        units = [{**u, "error_before": num(u["error_before"]), "error_after": num(u["error_after"])}
+                 for u in self.units]
+        return {"units": units, "seconds": self.seconds, "batches": self.batches,
+                "notes": list(self.notes)}
+
+    def __str__(self) -> str:
+        """An aligned table: one line per unit, then totals and notes."""
+        head = ("unit", "kind", "method", "error before", "error after")
+        rows = [(u["name"], u["kind"], u["method"], f"{u['error_before']:.3e}",
+                 f"{u['error_after']:.3e}") for u in self.units]
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
+                           enumerate(zip(r, widths))).rstrip() for r in [head] + rows]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"{len(self.units)} units, {self.batches} batches, {self.seconds:.2f} s")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class _Unit:
+    name: str
+    kind: str                    # "layer" | "block"
+    module: nn.Module            # in the pruned model
+    target: nn.Module            # the teacher's module of the same name
+    keep: Optional[torch.Tensor]  # teacher output channels the model kept, on ``dim``
+    dim: int                     # output channel dim, negative
+    pruned: bool
+
+
+@dataclasses.dataclass
+class _Run:
+    model: nn.Module
+    teacher: nn.Module
+    batches: List[Any]
+    forward_fn: Optional[ForwardFn]
+    steps: int
+    lr: float
+    damping: float
+    offload: bool
+    notes: List[str]
+
+
+class _Stop(BaseException):
+    """Raised by a capturing hook to end a forward early (BaseException: a model's own
+    ``except Exception`` must not swallow it)."""
+
+
+def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
+                granularity: str = "layer", steps: int = 200, lr: float = 1e-3,
+                max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
+                damping: float = 1e-3, offload: bool = False,
+                progress: bool = True) -> ReconstructionReport:
+    """Refit the pruned ``model``'s weights so that, unit by unit in forward order, each unit
+    fed its own inputs reproduces the dense ``teacher``'s output at the same module (the
+    teacher's channels the model pruned are dropped from the target).
+
+    ``granularity="layer"``: every Linear and Conv1d/2d/3d (grouped, depthwise) is solved in
+    closed form, ridge least squares of ``[W, b]`` on its (unfolded) input, streamed as float64
+    ``X^T X`` / ``X^T Y`` (memory O(d^2) with d = C_in/groups * prod(kernel), + 1 for a bias);
+    ``damping * mean(diag)`` is added to the diagonal, x10 while Cholesky fails. Layers with
+    d > :data:`MAX_CLOSED_FORM_DIM` are trained with Adam instead.
+    ``granularity="block"``: the non-leaf children of ``nn.Sequential`` / ``nn.ModuleList``
+    holding a Linear or conv (residual blocks, transformer layers) are trained with Adam
+    (``steps`` steps, ``lr``, in eval mode) on the normalised mean squared error of their first
+    output tensor; Linear/conv layers outside blocks are solved in closed form.
+
+    A unit never gets worse: if refitting did not lower its error, its weights are put back.
+    Any error leaves ``model`` exactly as it was; every hook is removed; train/eval modes and
+    ``requires_grad`` flags come back as they were. ``data`` yields model inputs (or
+    ``(inputs, target)`` pairs), read once; ``offload=True`` keeps a block's captured inputs
+    and targets on the CPU.
+
+    Raises:
+        RecoveryError: bad options, no data, a batch that does not run, a teacher that is not
+            the model's dense original, a model never pruned, NaN/inf in inputs or targets.
+    """
+    start = time.perf_counter()
+    if granularity not in ("layer", "block"):
+        raise RecoveryError(f"reconstruct: granularity must be 'layer' or 'block', "
+                            f"got {granularity!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise RecoveryError(f"reconstruct: steps must be a positive int, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise RecoveryError(f"reconstruct: lr must be a positive number, got {lr!r}")
+    if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
+        raise RecoveryError(f"reconstruct: damping must be >= 0, got {damping!r}")
+    check_pair(model, teacher, "reconstruct")
+    batches = materialize(data, max_batches, "reconstruct")
+    report = ReconstructionReport(batches=len(batches))
+    run = _Run(model, teacher, batches, forward_fn, steps, float(lr), float(damping), offload,
+               report.notes)
+    modes = [(m, m.training) for m in list(model.modules()) + list(teacher.modules())]
+    try:
+        with all_or_nothing(model), torch.no_grad():
+            model.eval()
+            teacher.eval()
+            order, s_shapes = _probe(model, batches[0], forward_fn, "model")
+            _, t_shapes = _probe(teacher, batches[0], forward_fn, "teacher")
+            units = _plan(run, granularity, order, s_shapes, t_shapes)
+            for unit in _progress(units, progress):
+                report.units.append(_reconstruct_unit(run, unit))
+    finally:
+        for m, mode in modes:
+            if m.training != mode:
+                m.training = mode
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# --- finding the units ------------------------------------------------------------------------
+
+def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
+           who: str) -> Tuple[List[str], Dict[str, Optional[torch.Size]]]:
+    """Module names in first-call order and each one's first output tensor shape, from one
+    forward of ``batch``."""
+    order: List[str] = []
+    shapes: Dict[str, Optional[torch.Size]] = {}
+    handles = []
+
+    def pre(name):
+        def hook(mod, args):
+            if name not in shapes:
+                shapes[name] = None
+                order.append(name)
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            t = _first_tensor(out)
+            if shapes.get(name) is None and t is not None:
+                shapes[name] = t.shape
+        return hook
+
+    try:
+        for name, m in model.named_modules():
+            handles.append(m.register_forward_pre_hook(pre(name)))
+            handles.append(m.register_forward_hook(post(name)))
+        _forward(model, batch, forward_fn, 0, who)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, shapes
+
+
+def _find_blocks(model: nn.Module) -> List[str]:
+    """Non-leaf children of Sequential/ModuleList containers holding a Linear or conv,
+    outermost first (an inner container of a block is part of the block)."""
+    blocks, stack = [], [("", model)]
+    while stack:
+        prefix, m = stack.pop()
+        container = isinstance(m, (nn.Sequential, nn.ModuleList))
+        for cname, child in m._modules.items():
+            if child is None:
+                continue
+            full = f"{prefix}.{cname}" if prefix else cname
+            if container and child._modules and any(isinstance(x, _WEIGHTED)
+                                                     for x in child.modules()):
+                blocks.append(full)
+            else:
+                stack.append((full, child))
+    return blocks
+
+
+def _plan(run: _Run, granularity: str, order: List[str], s_shapes: Dict[str, Any],
+          t_shapes: Dict[str, Any]) -> List[_Unit]:
+    keep = kept_indices(run.model)
+    pos = {n: i for i, n in enumerate(order)}
+    touched = {k[0] for k in keep}
+    blocks = [b for b in _find_blocks(run.model) if b in pos] if granularity == "block" else []
+    units: List[_Unit] = []
+    inside: List[str] = []  # blocks whose layers are units
+    for b in blocks:
+        unit = _block_unit(run, b, order, s_shapes[b], t_shapes.get(b), keep, touched)
+        if unit is None:
+            run.notes.append(f"{b}: its output channels could not be matched to the teacher's; "
+                             f"its layers were reconstructed one by one instead")
+        else:
+            units.append(unit)
+            inside.append(b + ".")
+    for name in order:
+        m = find_submodule(run.model, name)
+        if not isinstance(m, _WEIGHTED) or any(name.startswith(p) for p in inside):
+            continue
+        unit = _layer_unit(run, name, m, s_shapes[name], t_shapes.get(name), keep, touched)
+        if unit is not None:
+            units.append(unit)
+    units.sort(key=lambda u: pos[u.name])
+    return units
+
+
+def _layer_unit(run: _Run, name: str, m: nn.Module, s_shape, t_shape, keep: Dict[Key, Any],
+                touched: set) -> Optional[_Unit]:
+    if s_shape is None or t_shape is None or len(s_shape) != len(t_shape):
+        run.notes.append(f"{name}: its output does not line up with the teacher's; skipped")
+        return None
+    dim = get_layer_pruner(m).out_dim(m, len(s_shape)) - len(s_shape)
+    kept = keep.get((name, "out", -1))
+    want = list(t_shape)
+    if kept is not None:
+        want[dim] = len(kept)
+    if list(s_shape) != want:
+        run.notes.append(f"{name}: output {tuple(s_shape)} does not match the teacher's "
+                         f"{tuple(t_shape)} after its kept channels; skipped")
+        return None
+    return _Unit(name, "layer", m, find_submodule(run.teacher, name), kept, dim, name in touched)
+
+
+def _block_unit(run: _Run, b: str, order: List[str], s_shape, t_shape, keep: Dict[Key, Any],
+                touched: set) -> Optional[_Unit]:
+    """The block as a unit, with the output channel map taken from the last layer inside it
+    (forward order) whose "out" keep list fits; ``None`` when no map fits."""
+    if s_shape is None or t_shape is None or len(s_shape) != len(t_shape):
+        return None
+    diff = [d for d in range(len(s_shape)) if s_shape[d] != t_shape[d]]
+    kept, dim = None, -1
+    if len(diff) > 1:
+        return None
+    if diff:
+        dim = diff[0] - len(s_shape)
+        size, full = s_shape[diff[0]], t_shape[diff[0]]
+        for n in reversed(order):
+            k = keep.get((n, "out", -1))
+            if n.startswith(b + ".") and k is not None and len(k) == size and int(k.max()) < full:
+                kept = k
+                break
+        if kept is None:
+            return None
+    pruned = any(n == b or n.startswith(b + ".") for n in touched)
+    return _Unit(b, "block", find_submodule(run.model, b), find_submodule(run.teacher, b),
+                 kept, dim, pruned)
+
+
+# --- running and capturing --------------------------------------------------------------------
+
+def _forward(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn], i: int,
+             who: str) -> None:
+    try:
+        run_forward(model, to_device(batch, model_device(model)), forward_fn)
+    except _Stop:
+        pass
+    except Exception as exc:
+        raise RecoveryError(f"batch {i} does not run through the {who}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _capture(run: _Run, unit: _Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
+    """The unit's (args, kwargs) in the model (detached) and the teacher's target at it (kept
+    channels only) on batch ``i``; both forwards stop once the unit has been seen."""
+    got: Dict[str, Any] = {}
+
+    def pre(mod, args, kwargs):
+        got["args"], got["kwargs"] = args, kwargs
+        raise _Stop
+
+    def post(mod, args, out):
+        got["out"] = _first_tensor(out)
+        raise _Stop
+
+    for model, module, hook, who in ((run.model, unit.module, pre, "model"),
+                                     (run.teacher, unit.target, post, "teacher")):
+        h = (module.register_forward_pre_hook(hook, with_kwargs=True) if who == "model"
+             else module.register_forward_hook(hook))
+        try:
+            _forward(model, run.batches[i], run.forward_fn, i, who)
+        finally:
+            h.remove()
+    if "args" not in got or got.get("out") is None:
+        raise RecoveryError(f"reconstruct: {unit.name} was not called (or returned no tensor) "
+                            f"on batch {i}; are all batches alike?")
+    args, kwargs = map_tensors((got["args"], got["kwargs"]), lambda t: t.detach())
+    for t in iter_tensors((args, kwargs)):
+        check_finite(t, f"the input of {unit.name} on batch {i}")
+    target = got["out"].detach()
+    if unit.keep is not None:
+        target = target.index_select(unit.dim, unit.keep.to(target.device))
+    check_finite(target, f"the teacher's output at {unit.name} on batch {i}")
+    return args, kwargs, target.to(model_device(run.model))
+
+
+def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+    return next(iter_tensors(out), None)
+
+
+def _progress(units: Sequence[_Unit], progress: bool) -> Iterator[_Unit]:
+    if not progress:
+        yield from units
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        for k, u in enumerate(units):
+            logger.info("reconstruct: unit %d/%d %s", k + 1, len(units), u.name)
+            yield u
+        return
+    yield from tqdm(units, desc="reconstruct", unit="unit")
+
+
+def _reconstruct_unit(run: _Run, unit: _Unit) -> Dict[str, Any]:
+    if unit.kind == "layer":
+        d = _closed_form_dim(unit.module)
+        if d is not None and d <= MAX_CLOSED_FORM_DIM:
+            return _closed_form(run, unit)
+    return _adam(run, unit)
+
+
+# --- closed form ------------------------------------------------------------------------------
+
+def _closed_form_dim(m: nn.Module) -> Optional[int]:
+    """Unknowns per output channel of the ridge solve, or ``None`` when not solvable here."""
+    if isinstance(m, nn.Linear):
+        return m.in_features + (m.bias is not None)
+    if not hasattr(m, "_reversed_padding_repeated_twice"):
+        return None
+    return m.in_channels // m.groups * math.prod(m.kernel_size) + (m.bias is not None)
+
+
+def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as regression rows ``(rows, groups, d)``: a Linear's features, or a
+    conv's unfolded patches (channel-major, then kernel positions, as in ``weight``)."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, 1, x.shape[-1])
+    nd = len(m.kernel_size)
+    if x.dim() == nd + 1:  # unbatched
+        x = x.unsqueeze(0)
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    x = nn.functional.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+    for i in range(nd):
+        k, dl = m.kernel_size[i], m.dilation[i]
+        x = x.unfold(2 + i, (k - 1) * dl + 1, m.stride[i])
+        if dl > 1:
+            x = x[..., ::dl]
+    n, c = x.shape[:2]  # x: (n, c, *out_spatial, *kernel)
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    return x.reshape(-1, m.groups, c // m.groups * math.prod(m.kernel_size))
+
+
+def _current(m: nn.Module) -> torch.Tensor:
+    """``[W; b]`` as ``(groups, d(+1), out/groups)`` float64, the layout of the solve."""
+    g = getattr(m, "groups", 1)
+    w = m.weight.detach().double().reshape(g, m.weight.shape[0] // g, -1).transpose(1, 2)
+    if m.bias is not None:
+        w = torch.cat([w, m.bias.detach().double().reshape(g, 1, -1)], 1)
+    return w
+
+
+def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
+    m = unit.module
+    g = getattr(m, "groups", 1)
+    bias = m.bias is not None
+    gram = xty = None
+    yy = torch.zeros((), dtype=torch.float64)
+    for i in range(len(run.batches)):
+        args, kwargs, y = _capture(run, unit, i)
+        x = args[0] if args else kwargs["input"]
+        rows = _rows(m, x)
+        y = y.movedim(unit.dim, -1).reshape(rows.shape[0], g, -1)
+        if gram is None:
+            d = rows.shape[-1] + bias
+            gram = torch.zeros(g, d, d, dtype=torch.float64, device=rows.device)
+            xty = torch.zeros(g, d, y.shape[-1], dtype=torch.float64, device=rows.device)
+            yy = yy.to(rows.device)
+        for s in range(0, rows.shape[0], _ROWS_PER_CHUNK):
+            xc = rows[s:s + _ROWS_PER_CHUNK].double()
+            if bias:
+                xc = torch.cat([xc, xc.new_ones(xc.shape[:2] + (1,))], -1)
+            yc = y[s:s + _ROWS_PER_CHUNK].double()
+            gram += torch.einsum("rgi,rgj->gij", xc, xc)
+            xty += torch.einsum("rgi,rgo->gio", xc, yc)
+            yy += (yc * yc).sum()
+    ref = float(yy)
+
+    def error(w: torch.Tensor) -> float:
+        sq = (w * (gram @ w)).sum() - 2 * (w * xty).sum() + yy
+        return relative_error(max(float(sq), 0.0), ref)
+
+    w0 = _current(m)
+    before = error(w0)
+    if not unit.pruned and before < _SKIP_BELOW:
+        return _row(unit, "skipped", before, before)
+    w = _ridge(gram, xty, run.damping, unit.name, w0)
+    after = error(w)
+    if after <= before:
+        d = w.shape[1] - bias
+        with torch.no_grad():
+            m.weight.copy_(w[:, :d].transpose(1, 2).reshape(m.weight.shape))
+            if bias:
+                m.bias.copy_(w[:, d].reshape(-1))
+    else:
+        if before >= _SKIP_BELOW:
+            run.notes.append(f"{unit.name}: the solve did not lower the error; weights kept")
+        after = before
+    return _row(unit, "closed form", before, after)
+
+
+def _ridge(gram: torch.Tensor, xty: torch.Tensor, damping: float, name: str,
+           w0: torch.Tensor) -> torch.Tensor:
+    """Solve ``(G + lam I) W = X^T Y`` per group by Cholesky, lam = damping * mean(diag G),
+    raised x10 (with a warning) until the factorisation succeeds. Groups whose input was all
+    zero keep ``w0``: the data says nothing about them."""
+    diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    empty = diag <= 0
+    lam = torch.where(empty, torch.ones_like(diag), damping * diag)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    for _ in range(20):
+        chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
+        if not bool((info != 0).any()):
+            w = torch.cholesky_solve(xty, chol)
+            return torch.where(empty[:, None, None], w0, w)
+        lam = torch.where(lam > 0, lam * 10, diag * 1e-10)
+        warnings.warn(f"reconstruct: the input Gram matrix of {name} is singular; damping "
+                      f"raised to {float(lam.max() / diag.clamp_min(1e-300).max()):.1e} x "
+                      f"mean(diag)", RuntimeWarning, stacklevel=3)
+    raise RecoveryError(f"reconstruct: cannot solve the least squares of {name} (its input "
+                        f"Gram matrix stays singular); try a larger damping")
+
+
+# --- Adam -------------------------------------------------------------------------------------
+
+def _adam(run: _Run, unit: _Unit) -> Dict[str, Any]:
+    """Train the unit's parameters with Adam on ``||out - target||^2 / ||target||^2``."""
+    m = unit.module
+    dev = model_device(run.model)
+    store = torch.device("cpu") if run.offload else dev
+    data = [map_tensors(_capture(run, unit, i), lambda t: t.to(store))
+            for i in range(len(run.batches))]
+
+    def error() -> float:
+        diff = ref = 0.0
+        for args, kwargs, y in data:
+            out = _first_tensor(m(*to_device(args, dev), **to_device(kwargs, dev))).double()
+            y = y.to(dev).double()
+            diff += float(((out - y) ** 2).sum())
+            ref += float((y * y).sum())
+        return relative_error(diff, ref)
+
+    before = error()
+    params = [p for p in m.parameters() if p.is_floating_point()]
+    if (not unit.pruned and before < _SKIP_BELOW) or not params:
+        return _row(unit, "skipped", before, before)
+    saved = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=run.lr)
+        with torch.enable_grad():
+            for step in range(run.steps):
+                args, kwargs, y = to_device(data[step % len(data)], dev)
+                out = _first_tensor(m(*args, **kwargs))
+                loss = ((out - y) ** 2).mean() / (y * y).mean().clamp_min(1e-30)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    after = error()
+    if not after <= before:  # also NaN
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        run.notes.append(f"{unit.name}: Adam did not lower the error (lr {run.lr:g}); "
+                         f"weights kept")
+        after = before
+    return _row(unit, "adam", before, after)
+
+
+def _row(unit: _Unit, method: str, before: float, after: float) -> Dict[str, Any]:
+    return {"name": unit.name, "kind": unit.kind, "method": method,
+            "error_before": float(before), "error_after": float(after)}

@@ -1,0 +1,203 @@
+"""Closed-form compensation (``StructuredPruner(compensate=...)``): exact where the removed
+channels are linear in the kept ones, least squares otherwise, atomic, saved and replayed."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cleanai
+from cleanai.importance import WeightActivationImportance
+
+
+def _prune(model, x, removals, mode, **kw):
+    """Prune ``removals`` ({group id: channels}) from ``model`` with compensation ``mode``."""
+    pruner = cleanai.StructuredPruner(model, x[:1], compensate=mode, **kw)
+    pruner.calibrate([x])
+    plan = pruner.plan()
+    plan.removals = {g: torch.as_tensor(i) for g, i in removals.items()}
+    pruner.apply(plan)
+    return pruner
+
+
+def _group_of(pruner_or_model, x, layer):
+    graph = cleanai.DependencyGraph(pruner_or_model, x[:1])
+    return next(g.id for g in graph.groups if any(m.name == layer and m.kind == "out"
+                                                   for m in g.members))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    with torch.no_grad():  # hidden unit 3 = 2 * unit 0 - unit 1, exactly
+        m[0].weight[3] = 2 * m[0].weight[0] - m[0].weight[1]
+        m[0].bias[3] = 2 * m[0].bias[0] - m[0].bias[1]
+    return m
+
+
+def test_lstsq_is_exact_when_a_removed_channel_is_a_combination_of_kept_ones():
+    m, x = _mlp(), torch.randn(256, 8)
+    ref = m(x).detach()
+    _prune(m, x, {0: [3]}, "lstsq")
+    assert m[1].in_features == 5
+    torch.testing.assert_close(m(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_lstsq_is_exact_for_a_3x3_conv_reading_a_combined_channel():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.Conv2d(6, 5, 3, padding=1))
+    with torch.no_grad():
+        m[0].weight[4] = 0.5 * m[0].weight[0] + 1.5 * m[0].weight[2]
+    x = torch.randn(16, 3, 10, 10)
+    ref = m(x).detach()
+    _prune(m, x, {0: [4]}, "lstsq")
+    assert m[1].weight.shape == (5, 5, 3, 3)
+    torch.testing.assert_close(m(x), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [None, "bias", "lstsq"])
+def test_removing_a_dead_channel_changes_nothing(mode):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                      nn.Flatten(), nn.Linear(4 * 36, 5))
+    with torch.no_grad():
+        m[0].weight[2].zero_()
+        m[0].bias[2] = -1.0  # ReLU(-1) = 0 everywhere: a dead channel
+    x = torch.randn(32, 3, 6, 6)
+    ref = m(x).detach()
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate=mode)
+    pruner.calibrate([x])
+    plan = pruner.plan()
+    plan.removals = {_group_of(copy.deepcopy(m), x, "0"): torch.tensor([2])}
+    pruner.apply(plan)
+    assert m[2].in_channels == 7
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_lstsq_on_a_linear_equals_a_direct_least_squares_fit():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 3))
+    x = torch.randn(4000, 10)
+    hidden = torch.tanh(m[0](x)).detach()
+    target = m[2](hidden).detach()
+    kept = [i for i in range(12) if i not in (1, 5, 7)]
+    design = torch.cat([hidden[:, kept], torch.ones(len(x), 1)], 1).double()
+    solution = torch.linalg.lstsq(design, target.double()).solution  # [10, 3]
+    _prune(m, x, {0: [1, 5, 7]}, "lstsq")
+    torch.testing.assert_close(m[2].weight.double(), solution[:-1].T, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(m[2].bias.double(), solution[-1], atol=1e-4, rtol=1e-3)
+
+
+def test_bias_mode_adds_the_removed_mean_and_creates_a_bias_that_saves(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False))
+    x = torch.randn(32, 3, 6, 6)
+    ref = m(x).detach()
+    plain = copy.deepcopy(m)
+    gid = _group_of(copy.deepcopy(m), x, "0")
+    pruner = _prune(m, x, {gid: [0, 3, 6]}, "bias")
+    _prune(plain, x, {gid: [0, 3, 6]}, None)
+    assert m[2].bias is not None and m[2].bias.shape == (4,)
+    assert pruner.compensation[-1].added_bias == ["2"]
+    # the mean of each output is kept: the bias took the removed channels' mean contribution
+    torch.testing.assert_close(m(x).mean((0, 2, 3)), ref.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert (m(x) - ref).pow(2).mean() < (plain(x) - ref).pow(2).mean()
+    cleanai.save_pruned(m, tmp_path / "p")
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False))
+    loaded = cleanai.load_pruned(fresh, tmp_path / "p")
+    torch.testing.assert_close(loaded(x), m(x))
+
+
+def test_iterative_steps_follow_the_statistics_and_beat_no_compensation():
+    torch.manual_seed(0)
+
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                             nn.Linear(64, 8))
+    x, held_out = torch.randn(2048, 16), torch.randn(512, 16)
+    dense = make()
+    errors = {}
+    for mode in (None, "lstsq"):
+        m = make()
+        pruner = cleanai.StructuredPruner(m, x[:1], pruning_ratio=0.5, iterative_steps=2,
+                                          compensate=mode,
+                                          importance=WeightActivationImportance())
+        pruner.calibrate([x])
+        pruner.prune()
+        assert m[2].in_features == 32 and m[4].in_features == 32
+        with torch.no_grad():
+            errors[mode] = float((m(held_out) - dense(held_out)).pow(2).mean())
+        if mode:
+            assert len(pruner.compensation) == 2
+            assert pruner.input_stats.moments("2")[1].shape == (32, 32)
+    assert errors["lstsq"] < 0.5 * errors[None]
+
+
+def test_attention_heads_and_lstm_inputs_are_compensated():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.up = nn.Linear(16, 24)
+            self.lstm = nn.LSTM(24, 8, batch_first=True)
+
+        def forward(self, x):
+            h = x + self.attn(x, x, x, need_weights=False)[0]
+            return self.lstm(torch.relu(self.up(h)))[0]
+
+    x = torch.randn(64, 5, 16)
+    dense = Net()
+    errs = {}
+    for mode in (None, "lstsq"):
+        m = copy.deepcopy(dense)
+        pruner = cleanai.StructuredPruner(m, x[:1], pruning_ratio=0.25, compensate=mode,
+                                          kinds=["heads", "channels"])
+        pruner.calibrate([x])
+        pruner.step()
+        assert m.attn.num_heads == 3 and m.lstm.input_size == 18
+        if mode:
+            assert {"attn", "lstm"} <= set(pruner.compensation[-1].compensated)
+        errs[mode] = float((m(x) - dense(x)).pow(2).mean())
+    assert errs["lstsq"] < errs[None]
+
+
+def test_step_without_calibration_fails_and_leaves_the_model_untouched():
+    m, x = _mlp(), torch.randn(8, 8)
+    before = copy.deepcopy(m.state_dict())
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq")
+    with pytest.raises(RuntimeError, match="calibrate"):
+        pruner.step()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="compensate"):
+        cleanai.StructuredPruner(m, x[:1], compensate="ridge")
+
+
+def test_failed_step_rolls_back_the_compensated_weights():
+    m, x = _mlp(), torch.randn(64, 8)
+    before = copy.deepcopy(m.state_dict())
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq")
+    pruner.calibrate([x])
+    plan = pruner.plan()
+    plan.removals = {0: torch.arange(6)}  # every channel: refused
+    with pytest.raises(cleanai.PruningError):
+        pruner.apply(plan)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_one_calibration_pass_feeds_the_hybrid_score_and_compensation():
+    m, x = _mlp(), torch.randn(64, 8)
+    calls = []
+    m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq",
+                                      importance=WeightActivationImportance())
+    calls.clear()
+    pruner.calibrate([x, x])
+    assert len(calls) == 2  # two batches, one pass
+    assert pruner.importance.activation.stats is pruner.input_stats
+    pruner.step()
+    assert all(not mod._forward_pre_hooks for mod in m[0:2])

@@ -1,0 +1,411 @@
+"""reconstruct(): refit a pruned model against its dense teacher, unit by unit."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cleanai
+from cleanai.recover.common import RecoveryError, kept_indices
+from cleanai.recover.reconstruction import ReconstructionReport, reconstruct
+
+
+# --- models -----------------------------------------------------------------------------------
+
+class Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Sep(nn.Module):
+    """Depthwise 3x3 (stride 1) then a grouped 1x1 conv, with a residual add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.gc = nn.Conv2d(c, c, 1, groups=4)
+
+    def forward(self, x):
+        return x + self.gc(torch.relu(self.dw(x)))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(Res(16), Sep(16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln(x))))
+
+
+class Tiny(nn.Module):
+    """A transformer-like stack: blocks in an nn.ModuleList."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(6, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(2)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.norm(h))
+
+
+class Gate(nn.Module):
+    """Scales its input by a learned gate: its output channels are its input's, and no layer
+    inside produces them, so a block reconstruction cannot map them."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.fc = nn.Linear(c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+
+def conv1d_net():
+    """Dilation, reflect padding, stride."""
+    return nn.Sequential(nn.Conv1d(4, 16, 3, padding=2, dilation=2, padding_mode="reflect"),
+                         nn.ReLU(), nn.Conv1d(16, 12, 5, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv1d(12, 6, 1))
+
+
+def conv3d_net():
+    """A 3d kernel, then a strided 1x3x3 kernel with 'valid' padding and no bias."""
+    return nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv3d(8, 4, (1, 3, 3), stride=(1, 2, 2), padding="valid",
+                                   bias=False))
+
+
+def _randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model
+
+
+def pruned_pair(make, example, seed=0):
+    """(pruned model, dense teacher) at pruning ratio 0.4."""
+    torch.manual_seed(seed)
+    teacher = _randomize_bn(make())
+    model = copy.deepcopy(teacher)
+    cleanai.StructuredPruner(model, example, pruning_ratio=0.4).step()
+    return model.eval(), teacher.eval()
+
+
+def batches(shape, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def rel_err(model, teacher, xs):
+    with torch.no_grad():
+        num = sum(float(((model(x) - teacher(x)) ** 2).sum()) for x in xs)
+        den = sum(float((teacher(x) ** 2).sum()) for x in xs)
+    return num / den
+
+
+def direct_error(model, teacher, name, xs):
+    """A layer's relative error measured by running it: its input from ``model``, its target
+    from ``teacher`` (kept output channels only)."""
+    s_mod, t_mod = model.get_submodule(name), teacher.get_submodule(name)
+    keep = kept_indices(model).get((name, "out", -1))
+    dim = -1 if isinstance(s_mod, nn.Linear) else 1
+    got = {}
+    hs = [s_mod.register_forward_hook(lambda m, a, o: got.__setitem__("s", o)),
+          t_mod.register_forward_hook(lambda m, a, o: got.__setitem__("t", o))]
+    num = den = 0.0
+    try:
+        with torch.no_grad():
+            for x in xs:
+                model(x)
+                teacher(x)
+                t = got["t"] if keep is None else got["t"].index_select(dim, keep)
+                num += float(((got["s"].double() - t.double()) ** 2).sum())
+                den += float((t.double() ** 2).sum())
+    finally:
+        for h in hs:
+            h.remove()
+    return num / den
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_values(model, snap):
+    state = model.state_dict()
+    return state.keys() == snap.keys() and all(torch.equal(state[k], snap[k]) for k in snap)
+
+
+def no_hooks(*models):
+    return all(not m._forward_hooks and not m._forward_pre_hooks
+               for model in models for m in model.modules())
+
+
+# --- closed form ------------------------------------------------------------------------------
+
+def test_closed_form_equals_lstsq():
+    model, teacher = pruned_pair(lambda: nn.Sequential(nn.Linear(8, 32), nn.ReLU(),
+                                                       nn.Linear(32, 4)), torch.randn(1, 8))
+    assert model[2].in_features < 32  # the last layer's input was pruned
+    xs = batches((64, 8), 4, seed=1)
+    report = reconstruct(model, teacher, xs, damping=0.0, progress=False)
+    assert [u["name"] for u in report.units] == ["0", "2"]
+    with torch.no_grad():  # the inputs the last layer was solved on: the refit first layer's
+        X = torch.cat([torch.relu(model[0](x)) for x in xs]).double()
+        Y = torch.cat([teacher(x) for x in xs]).double()
+    A = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    sol = torch.linalg.lstsq(A, Y).solution  # (in + 1, out)
+    torch.testing.assert_close(model[2].weight.double(), sol[:-1].T, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model[2].bias.double(), sol[-1], atol=1e-6, rtol=1e-6)
+    resid = float(((A @ sol - Y) ** 2).sum() / (Y ** 2).sum())
+    assert report.units[1]["error_after"] == pytest.approx(resid, rel=1e-6)
+
+
+@pytest.mark.parametrize("make,shape,example", [
+    (ConvNet, (8, 3, 8, 8), torch.randn(1, 3, 8, 8)),
+    (mlp, (64, 8), torch.randn(1, 8)),
+])
+def test_layer_mode_lowers_every_unit_and_held_out_error(make, shape, example):
+    model, teacher = pruned_pair(make, example)
+    calib, held_out = batches(shape, 6, seed=1), batches(shape, 4, seed=2)
+    before = rel_err(model, teacher, held_out)
+    report = reconstruct(model, teacher, calib, progress=False)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert [u["name"] for u in report.units] == names  # every layer, in forward order
+    for u in report.units:
+        assert u["kind"] == "layer" and u["method"] == "closed form"
+        assert u["error_after"] <= u["error_before"]
+    assert any(u["error_after"] < 0.5 * u["error_before"] for u in report.units)
+    after = rel_err(model, teacher, held_out)
+    assert after < 0.7 * before, (before, after)
+    for u in report.units:  # the reported error is the one the layer really has
+        assert direct_error(model, teacher, u["name"], calib) == \
+            pytest.approx(u["error_after"], rel=1e-3, abs=1e-9)
+
+
+def test_grouped_and_depthwise_convs_are_solved_in_closed_form():
+    model, teacher = pruned_pair(ConvNet, torch.randn(1, 3, 8, 8))
+    dw, gc = model.blocks[1].dw, model.blocks[1].gc
+    assert dw.groups == dw.in_channels == dw.out_channels < 16 and gc.groups == 4
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    xs = batches((8, 3, 8, 8), 6, seed=1)
+    # their channels were only sliced (their error is small): disturb their weights
+    with torch.no_grad():
+        for conv in (dw, gc):
+            conv.weight.add_(0.3 * torch.randn_like(conv.weight))
+    report = {u["name"]: u for u in reconstruct(model, teacher, xs, progress=False).units}
+    for name in ("blocks.1.dw", "blocks.1.gc"):
+        u = report[name]
+        assert u["method"] == "closed form" and u["error_after"] < 0.1 * u["error_before"]
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert (dw.groups, gc.groups) == (dw.in_channels, 4)
+
+
+@pytest.mark.parametrize("make,shape", [(conv1d_net, (8, 4, 20)),
+                                        (conv3d_net, (4, 2, 3, 6, 6))])
+def test_conv1d_and_conv3d_closed_form_error_is_the_real_one(make, shape):
+    """The error the closed form computes from X^T X equals the error measured by running
+    the refit layer: the unfolding matches the conv (dilation, stride, padding modes)."""
+    model, teacher = pruned_pair(make, torch.randn(1, *shape[1:]))
+    calib = batches(shape, 4, seed=1)
+    report = reconstruct(model, teacher, calib, progress=False)
+    assert [u["name"] for u in report.units] == [n for n, m in model.named_modules()
+                                                 if isinstance(m, nn.modules.conv._ConvNd)]
+    pruned_inputs = [u for u in report.units if u["name"] != "0"]
+    assert all(u["error_after"] < u["error_before"] for u in pruned_inputs)
+    for u in report.units:
+        assert direct_error(model, teacher, u["name"], calib) == \
+            pytest.approx(u["error_after"], rel=1e-3, abs=1e-9)
+
+
+# --- blocks -----------------------------------------------------------------------------------
+
+def test_block_mode_on_modulelist_blocks():
+    model, teacher = pruned_pair(Tiny, torch.randn(1, 5, 6))
+    assert model.blocks[0].fc1.out_features < 64
+    calib, held_out = batches((16, 5, 6), 4, seed=1), batches((16, 5, 6), 4, seed=2)
+    before = rel_err(model, teacher, held_out)
+    report = reconstruct(model, teacher, calib, granularity="block", steps=150, lr=3e-3,
+                         progress=False)
+    kinds = {u["name"]: (u["kind"], u["method"]) for u in report.units}
+    assert kinds == {"inp": ("layer", "closed form"), "blocks.0": ("block", "adam"),
+                     "blocks.1": ("block", "adam"), "head": ("layer", "closed form")}
+    for u in report.units:
+        assert u["error_after"] <= u["error_before"]
+    for u in report.units[1:3]:
+        assert u["error_after"] < 0.7 * u["error_before"]
+    assert rel_err(model, teacher, held_out) < before
+    assert all(p.requires_grad for p in model.parameters())  # flags back as they were
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_block_mode_on_residual_convnet_keeps_batchnorm_statistics():
+    model, teacher = pruned_pair(ConvNet, torch.randn(1, 3, 8, 8))
+    bn_stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    report = reconstruct(model, teacher, batches((8, 3, 8, 8), 4, seed=1), granularity="block",
+                         steps=40, lr=1e-2, progress=False)
+    assert [(u["name"], u["kind"]) for u in report.units] == [
+        ("stem.0", "layer"), ("blocks.0", "block"), ("blocks.1", "block"), ("head", "layer")]
+    assert not report.notes  # both blocks' output channels mapped (through bn2 / gc)
+    assert report.units[1]["error_after"] < report.units[1]["error_before"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in bn_stats.items())
+
+
+def test_block_without_channel_map_falls_back_to_its_layers():
+    model, teacher = pruned_pair(lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Gate(16),
+                                                       nn.Linear(16, 4)), torch.randn(1, 8))
+    assert model[3].in_features < 16
+    report = reconstruct(model, teacher, batches((64, 8), 4, seed=1), granularity="block",
+                         progress=False)
+    assert [(u["name"], u["kind"]) for u in report.units] == [
+        ("0", "layer"), ("2.fc", "layer"), ("3", "layer")]
+    assert any(n.startswith("2:") and "one by one" in n for n in report.notes)
+
+
+# --- what the user keeps ----------------------------------------------------------------------
+
+def test_shapes_history_and_save_load_round_trip(tmp_path):
+    model, teacher = pruned_pair(ConvNet, torch.randn(1, 3, 8, 8))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    count = sum(p.numel() for p in model.parameters())
+    reconstruct(model, teacher, batches((8, 3, 8, 8), 4, seed=1), progress=False)
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert sum(p.numel() for p in model.parameters()) == count
+    cleanai.save_pruned(model, tmp_path / "m")
+    loaded = cleanai.load_pruned(lambda: _randomize_bn(ConvNet()), tmp_path / "m").eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_modes_restored_and_no_hooks_left():
+    model, teacher = pruned_pair(ConvNet, torch.randn(1, 3, 8, 8))
+    model.train()
+    teacher.blocks.train()
+    report = reconstruct(model, teacher, batches((8, 3, 8, 8), 2, seed=1), progress=False)
+    assert len(report.units) == 6
+    assert all(m.training for m in model.modules())
+    assert all(m.training == (n.startswith("blocks")) for n, m in teacher.named_modules())
+    assert no_hooks(model, teacher)
+
+
+def test_failure_half_way_leaves_model_unchanged_and_no_hooks():
+    model, teacher = pruned_pair(ConvNet, torch.randn(1, 3, 8, 8))
+    model.train()
+    snap = snapshot(model)
+    calls = []
+
+    def flaky(m, x):  # runs a while (units get refit), then breaks
+        calls.append(1)
+        if len(calls) > 20:
+            raise RuntimeError("device lost")
+        return m(x)
+
+    with pytest.raises(RecoveryError, match="does not run through the .*device lost"):
+        reconstruct(model, teacher, batches((8, 3, 8, 8), 3, seed=1), forward_fn=flaky,
+                    progress=False)
+    assert same_values(model, snap)
+    assert no_hooks(model, teacher)
+    assert all(m.training for m in model.modules())
+
+
+BAD = {  # name: (what to change, given model and teacher; the message expected)
+    "data None": (lambda m, t: dict(data=None), "needs data"),
+    "data empty": (lambda m, t: dict(data=[]), "no batches"),
+    "batch does not run": (lambda m, t: dict(data=[torch.randn(4, 7)]),
+                           "batch 0 does not run through the model"),
+    "NaN in data": (lambda m, t: dict(data=[torch.randn(4, 8), torch.full((4, 8), math.nan)]),
+                    "NaN"),
+    "other teacher": (lambda m, t: dict(teacher=nn.Sequential(nn.Linear(8, 4))),
+                      "not the architecture"),
+    "not pruned": (lambda m, t: dict(model=copy.deepcopy(t)), "not pruned"),
+    "granularity": (lambda m, t: dict(granularity="channel"), "granularity"),
+    "steps": (lambda m, t: dict(steps=0), "steps"),
+    "lr": (lambda m, t: dict(lr=0.0), "lr"),
+    "damping": (lambda m, t: dict(damping=-1.0), "damping"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_raises_and_leaves_model_unchanged(case):
+    model, teacher = pruned_pair(mlp, torch.randn(1, 8))
+    change, match = BAD[case]
+    kw = dict(model=model, teacher=teacher, data=batches((16, 8), 2, seed=1))
+    kw.update(change(model, teacher))
+    snaps = {id(m): (m, snapshot(m)) for m in (model, teacher, kw["model"], kw["teacher"])}
+    with pytest.raises(RecoveryError, match=match):
+        reconstruct(kw.pop("model"), kw.pop("teacher"), kw.pop("data"), progress=False, **kw)
+    assert all(same_values(m, snap) for m, snap in snaps.values())
+    assert no_hooks(model, teacher)
+
+
+def test_report_prints_and_is_json():
+    model, teacher = pruned_pair(mlp, torch.randn(1, 8))
+    report = reconstruct(model, teacher, batches((32, 8), 3, seed=1), progress=False)
+    assert isinstance(report, ReconstructionReport) and report.batches == 3
+    lines = str(report).splitlines()
+    assert lines[0].split() == ["unit", "kind", "method", "error", "before", "error", "after"]
+    assert [l.split()[0] for l in lines[2:5]] == ["0", "2", "4"]
+    assert len({len(l) for l in lines[2:5]}) == 1  # aligned columns
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [u["name"] for u in data["units"]] == ["0", "2", "4"]
+    assert data["batches"] == 3 and data["seconds"] >= 0
+
+
+def test_wide_layers_use_adam_and_offload(monkeypatch):
+    import cleanai.recover.reconstruction as rec
+    monkeypatch.setattr(rec, "MAX_CLOSED_FORM_DIM", 8)  # every layer here is wider
+    model, teacher = pruned_pair(mlp, torch.randn(1, 8))
+    report = reconstruct(model, teacher, batches((64, 8), 4, seed=1), steps=100, lr=1e-2,
+                         offload=True, progress=True)
+    assert [u["method"] for u in report.units] == ["adam"] * 3
+    assert all(u["error_after"] <= u["error_before"] for u in report.units)
+    assert report.units[-1]["error_after"] < 0.5 * report.units[-1]["error_before"]
+
+
+def test_singular_gram_raises_damping_with_a_warning():
+    model, teacher = pruned_pair(mlp, torch.randn(1, 8))
+    xs = batches((64, 8), 2, seed=1)
+    for x in xs:
+        x[:, 1] = x[:, 0]  # two equal input features: X^T X is singular
+    with pytest.warns(RuntimeWarning, match="singular"):
+        report = reconstruct(model, teacher, xs, damping=0.0, progress=False)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert report.units[-1]["error_after"] < report.units[-1]["error_before"]
