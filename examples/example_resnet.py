@@ -5,10 +5,12 @@
 
 1. train a baseline briefly (no pretrained weights are downloaded);
 2. calibrate the hybrid importance (weights + activations) on real images;
-3. prune iteratively: each step recalibrates, prunes, re-estimates BatchNorm statistics and
-   fine-tunes for a moment;
-4. save the pruned model without pickled code, load it back, check it is identical;
-5. print accuracy, parameters and latency before and after.
+3. prune iteratively, recovering without labels at each step: the layers that read removed
+   channels are refit in closed form (``compensate="lstsq"``), then every residual block is
+   reconstructed against the dense model (``cleanai.recover.reconstruct``);
+4. distill the pruned model from the dense one for a short while (no labels), then fine-tune;
+5. save the pruned model without pickled code, load it back, check it is identical;
+6. print accuracy, parameters and latency before and after.
 """
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from torch import nn
 import cleanai
 from cleanai.cli.data import FASHION_MNIST_DIR, read_idx
 from cleanai.importance import WeightActivationImportance
-from cleanai.utils import count_params, load_pruned, measure_latency, recalibrate_bn, save_pruned
+from cleanai.utils import count_params, load_pruned, measure_latency, save_pruned
 
 
 def load_data(n_train: int, n_test: int):
@@ -100,15 +102,23 @@ def main() -> None:
 
     pruner = cleanai.StructuredPruner(
         model, x1, importance=WeightActivationImportance(weight_ratio=0.5, activation_ratio=0.5),
-        pruning_ratio=0.5, iterative_steps=steps)
+        pruning_ratio=0.5, iterative_steps=steps, compensate="lstsq", keep_teacher=True)
+    calib = lambda: train_data()[:2 if quick else 8]  # noqa: E731  (unlabeled use only)
     for step in range(1, steps + 1):
-        pruner.calibrate(train_data(), max_batches=2 if quick else 8)   # activations of the current model
-        pruner.step()
-        recalibrate_bn(model, train_data(), max_batches=4 if quick else 20)
-        acc_bn = accuracy(model, test_data)
-        train(model, train_data, epochs=1, lr=3e-4, max_batches=tune)
-        print(f"step {step}/{steps}: params {count_params(model):,}, accuracy after BN "
-              f"recalibration {acc_bn:.3f}, after fine-tuning {accuracy(model, test_data):.3f}")
+        pruner.calibrate(calib())  # activations and input statistics of the current model
+        pruner.step()  # slices, and refits the consumers of removed channels
+        acc_comp = accuracy(model, test_data)
+        cleanai.recover.reconstruct(model, pruner.teacher, calib(), granularity="block",
+                                    steps=20 if quick else 200, progress=False)
+        print(f"step {step}/{steps}: params {count_params(model):,}, accuracy after "
+              f"compensation {acc_comp:.3f}, after reconstruction {accuracy(model, test_data):.3f}")
+
+    report = cleanai.recover.distill(model, pruner.teacher, [x for x, _ in train_data()],
+                                     steps=4 if quick else 300, lr=1e-3, progress=False)
+    print(f"after distillation from the dense model ({report.steps} steps, no labels): "
+          f"accuracy {accuracy(model, test_data):.3f}")
+    train(model, train_data, epochs=1, lr=3e-4, max_batches=tune)
+    print(f"after a short labelled fine-tuning: accuracy {accuracy(model, test_data):.3f}")
 
     with tempfile.TemporaryDirectory() as folder:
         save_pruned(model, folder)

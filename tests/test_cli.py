@@ -154,3 +154,22 @@ def test_factory_spec_and_fashion_mnist_calibration(capsys, tmp_path):
     assert info["meta"]["input_shape"] == [1, 3, 32, 32]
     code, out, err = run(capsys, "report", str(tmp_path / "f"))
     assert code == 0 and "params" in out
+
+
+def test_prune_with_compensation_and_recovery(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("sklearn")
+    for recover in ("reconstruct:block", "distill:3"):
+        code, out, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3",
+                             "--compensate", "lstsq", "--recover", recover,
+                             "--calib-data", "sklearn-digits", "--calib-batches", "2",
+                             "--batch-size", "8", "--input-shape", "1,3,32,32", "--no-latency",
+                             "--out", str(tmp_path / recover.replace(":", "_")))
+        assert code == 0, err
+        assert ("reconstruction" if recover.startswith("re") else "distillation") in out
+        assert "fidelity to the dense model: output cosine" in out
+        saved = json.loads((tmp_path / recover.replace(":", "_") / "report.json").read_text())
+        assert 0 < saved["fidelity"]["cosine"] <= 1
+    code, _, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3",
+                       "--recover", "finetune", "--out", str(tmp_path / "x"))
+    assert code == 2 and "reconstruct, reconstruct:block or distill[:STEPS]" in err

@@ -201,3 +201,32 @@ def test_one_calibration_pass_feeds_the_hybrid_score_and_compensation():
     assert pruner.importance.activation.stats is pruner.input_stats
     pruner.step()
     assert all(not mod._forward_pre_hooks for mod in m[0:2])
+
+
+def test_too_few_samples_are_damped_with_one_warning():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(6, 4)  # 6 samples for 32 channels: a singular second moment
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq", pruning_ratio=0.25)
+    pruner.calibrate([x])
+    with pytest.warns(UserWarning, match="singular") as caught:
+        pruner.step()
+    assert len([w for w in caught if "singular" in str(w.message)]) == 1
+    assert "2" in pruner.compensation[-1].damped
+    assert torch.isfinite(m(x)).all()
+
+
+def test_report_shows_fidelity_to_the_dense_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
+    x = torch.randn(64, 8)
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq", keep_teacher=True)
+    before = cleanai.utils.snapshot(m, x[:1], latency=False)
+    pruner.calibrate([x])
+    pruner.step()
+    rep = cleanai.utils.report(before, m, x[:1], latency=False, teacher=pruner.teacher, data=[x])
+    f = rep.fidelity
+    assert 0 < f["cosine"] < 1 and 0 <= f["agreement"] <= 1
+    assert "fidelity to the dense model" in str(rep)
+    assert cleanai.utils.Report.from_dict(rep.to_dict()).fidelity == f
+    assert pruner.teacher[0].out_features == 32 and m[0].out_features == 16

@@ -34,7 +34,8 @@ def test_example_basic():
 def test_example_resnet():
     pytest.importorskip("torchvision")
     out = run_example("example_resnet.py")
-    assert "step 2/2: params" in out and "accuracy after BN recalibration" in out
+    assert "step 2/2: params" in out and "after reconstruction" in out
+    assert "after distillation from the dense model" in out
     assert "identical outputs = True" in out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
             if line.startswith(("accuracy ", "params "))}

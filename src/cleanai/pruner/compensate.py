@@ -102,6 +102,8 @@ class CompensationReport:
     compensated: List[str] = dataclasses.field(default_factory=list)
     skipped: Dict[str, str] = dataclasses.field(default_factory=dict)
     added_bias: List[str] = dataclasses.field(default_factory=list)
+    #: layers whose singular second moment needed more damping: the factor over the default
+    damped: Dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,6 +112,8 @@ class CompensationReport:
         lines = [f"compensation ({self.mode}): {len(self.compensated)} consumer(s) adjusted"]
         if self.added_bias:
             lines.append(f"  bias added to: {', '.join(self.added_bias)}")
+        if self.damped:
+            lines.append(f"  damped more (singular statistics): {', '.join(self.damped)}")
         for name, why in self.skipped.items():
             lines.append(f"  not compensated: {name}: {why}")
         return "\n".join(lines)
@@ -190,13 +194,19 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
             comp.report.skipped[name] = "no calibration statistics for its input (not reached " \
                                         "by the calibration data)"
             continue
-        mean, second, _ = found
+        mean, second, count = found
         for target in targets:
-            _compensate(comp, name, target, keep, removed, mean, second, mode)
+            _compensate(comp, name, target, keep, removed, mean, second, count, mode)
         comp.report.compensated.append(name)
     if comp.report.skipped:
         warnings.warn("compensation left some consumers as they were: " + "; ".join(
             f"{n} ({why})" for n, why in comp.report.skipped.items()), stacklevel=3)
+    if comp.report.damped:
+        warnings.warn(f"compensation: the input second moments of {len(comp.report.damped)} "
+                      f"layer(s) were singular (fewer calibration samples than channels, or "
+                      f"channels that never vary) and were damped more than the default: "
+                      + ", ".join(f"{n} (x{f:g})" for n, f in comp.report.damped.items())
+                      + "; more calibration data gives a better fit", stacklevel=3)
     return comp
 
 
@@ -208,7 +218,7 @@ def _complement(keep: torch.Tensor, length: int) -> torch.Tensor:
 
 def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tensor,
                 removed: torch.Tensor, mean: torch.Tensor, second: Optional[torch.Tensor],
-                mode: str) -> None:
+                count: float, mode: str) -> None:
     """Fold the removed channels' estimate into ``target``'s kept weights and bias."""
     w = target.weight.detach()
     g = target.groups
@@ -226,7 +236,7 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
         if r_j.numel() == 0:
             continue
         if mode == "lstsq" and k_j.numel():
-            coef, const = _regress(second, mean, r_j, k_j, name)
+            coef, const = _regress(second, mean, count, r_j, k_j, name, comp.report)
         else:
             coef, const = None, mean[r_j]
         rows = slice(j * per_out, (j + 1) * per_out)
@@ -252,19 +262,26 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
                                      f"removed channels' mean")
 
 
-def _regress(second: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor,
-             kept: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _regress(second: torch.Tensor, mean: torch.Tensor, count: float, removed: torch.Tensor,
+             kept: torch.Tensor, name: str, report: "CompensationReport"
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[T | t]`` of the removed channels' least-squares estimate from the kept ones and a
-    constant, with ridge damping (raised tenfold until the Cholesky factorisation holds)."""
+    constant, with ridge damping: ``DAMPING`` times the mean diagonal, 10^4 times more when
+    ``count`` (the samples seen) is below the unknowns, raised tenfold until the Cholesky
+    factorisation holds."""
     kk = second[kept][:, kept]
     a = torch.cat([torch.cat([kk, mean[kept, None]], 1),
                    torch.cat([mean[None, kept], torch.ones(1, 1, dtype=kk.dtype)], 1)], 0)
     b = torch.cat([second[kept][:, removed], mean[None, removed]], 0)  # [k + 1, r]
     scale = float(kk.diagonal().mean()) if kk.numel() else 1.0
     damp = DAMPING * max(scale, 1e-12)
+    start = 0
+    if count < a.shape[0]:  # fewer samples than unknowns: the fit is not determined
+        start = 4
+        damp *= 10 ** start
     eye = torch.eye(a.shape[0], dtype=a.dtype)
     eye[-1, -1] = 0
-    for attempt in range(8):
+    for attempt in range(start, start + 8):
         chol, info = torch.linalg.cholesky_ex(a + damp * eye)
         if int(info) == 0:
             break
@@ -273,7 +290,6 @@ def _regress(second: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor,
         raise RuntimeError(f"{name}: the second moment of its input is not positive definite "
                            f"even with damping {damp:g}")
     if attempt:
-        warnings.warn(f"{name}: the second moment of its kept input channels is singular; "
-                      f"damped it with {damp:g} (x{10 ** attempt} the default)", stacklevel=4)
+        report.damped[name] = max(report.damped.get(name, 0.0), float(10 ** attempt))
     sol = torch.cholesky_solve(b, chol)  # [k + 1, r]
     return sol[:-1].T.contiguous(), sol[-1]

@@ -45,7 +45,7 @@ class DistillationReport:
     def __str__(self) -> str:
         drop = ""
         if self.loss_start > 0 and math.isfinite(self.loss_start):
-            drop = f" ({100.0 * (1.0 - self.loss_end / self.loss_start):+.1f}% lower)".replace("+-", "-")
+            drop = f" ({100.0 * (1.0 - self.loss_end / self.loss_start):.1f}% lower)"
         return (f"distillation ({self.loss} loss): {self.steps} steps, {self.epochs_seen:.2f} "
                 f"epochs, {self.seconds:.1f} s\n"
                 f"  loss {self.loss_start:.4g} -> {self.loss_end:.4g}{drop} "

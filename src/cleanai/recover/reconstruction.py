@@ -60,7 +60,8 @@ class ReconstructionReport:
         lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
                            enumerate(zip(r, widths))).rstrip() for r in [head] + rows]
         lines.insert(1, "-" * len(lines[0]))
-        lines.append(f"{len(self.units)} units, {self.batches} batches, {self.seconds:.2f} s")
+        lines.append(f"reconstruction: {len(self.units)} units, {self.batches} batches, "
+                     f"{self.seconds:.2f} s")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
