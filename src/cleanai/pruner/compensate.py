@@ -258,8 +258,8 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
     elif target.can_add_bias:
         comp.new_bias[name] = (target.owner, bias_delta)
     else:
-        comp.report.skipped[name] = (f"kept columns refit, but it has no bias to take the "
-                                     f"removed channels' mean")
+        comp.report.skipped[name] = ("kept columns refit, but it has no bias to take the "
+                                     "removed channels' mean")
 
 
 def _regress(second: torch.Tensor, mean: torch.Tensor, count: float, removed: torch.Tensor,

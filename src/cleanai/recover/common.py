@@ -82,6 +82,14 @@ def materialize(data: Iterable, max_batches: Optional[int], what: str) -> List[A
         raise RecoveryError(f"{what} needs data: pass a DataLoader or an iterable of batches")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    out = [model_inputs(batch) for batch in take(data, max_batches, what)]
+    if not out:
+        raise RecoveryError(f"{what}: the data yielded no batches")
+    return out
+
+
+def take(data: Iterable, max_batches: Optional[int], what: str) -> List[Any]:
+    """The first ``max_batches`` batches of ``data`` (all when None), as they are."""
     try:
         it = iter(data)
     except TypeError:
@@ -91,9 +99,7 @@ def materialize(data: Iterable, max_batches: Optional[int], what: str) -> List[A
     for batch in it:
         if max_batches is not None and len(out) >= max_batches:
             break
-        out.append(model_inputs(batch))
-    if not out:
-        raise RecoveryError(f"{what}: the data yielded no batches")
+        out.append(batch)
     return out
 
 

@@ -18,7 +18,7 @@ from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn, iter_tensors, run_forward
 from ..utils.fidelity import output_tensor
 from .common import (RecoveryError, all_or_nothing, check_finite, check_pair, kept_indices,
-                     model_device, to_device)
+                     model_device, take, to_device)
 
 __all__ = ["distill", "DistillationReport", "LOSSES"]
 
@@ -64,11 +64,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *,
             label_weight: float = 0.0, forward_fn: Optional[ForwardFn] = None,
             output_fn: Optional[Callable[[Any], torch.Tensor]] = None,
             max_batches: Optional[int] = None, progress: bool = True,
-            seed: int = 0) -> DistillationReport:
+            seed: int = 0, train_mode: bool = True) -> DistillationReport:
     """Train the pruned ``model`` to reproduce the dense ``teacher`` (the model as it was before
     pruning) on ``data``; only values change, never shapes.
 
-    The student trains in train mode; the teacher runs in eval mode under ``no_grad``. It runs
+    The student trains in train mode (see ``train_mode``); the teacher runs in eval mode under ``no_grad``. It runs
     ``steps`` optimizer steps, cycling over ``data`` (re-iterated each pass), or ``epochs`` passes
     (one epoch when neither is given). A pass reads at most ``max_batches`` batches. A ``data``
     without ``len()`` (a generator) is read once and kept in memory.
@@ -89,6 +89,9 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *,
         output_fn: ``output -> tensor`` to compare; by default the output itself, its
             ``.logits``, its ``.last_hidden_state`` or the first tensor of a tuple.
         seed: the run is deterministic for a seed; the caller's RNG state is left untouched.
+        train_mode: the student runs in train mode (dropout on, BatchNorm statistics updated);
+            ``False`` keeps it in eval mode, which suits a short distillation of a pretrained
+            transformer, where dropout noise outweighs the few steps' signal.
 
     Every module's train/eval flag and ``requires_grad`` are restored, every hook removed and
     the model's ``.grad`` fields left as None. Any error (also a NaN loss or KeyboardInterrupt)
@@ -126,7 +129,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *,
             torch.manual_seed(seed)
             captured = stack.enter_context(_Hooks(model, teacher, names))
             opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=lr)
-            model.train()
+            model.train(train_mode)
             teacher.eval()
             state = _State(loss, temperature, output_fn, forward_fn, layer_weight, label_weight,
                            kept_indices(model) if names else {}, names, captured)
@@ -241,16 +244,7 @@ def _source(data: Iterable, max_batches: Optional[int]) -> Tuple[Iterable, Optio
         n = None
     if n is not None:
         return data, min(n, max_batches) if max_batches else n
-    try:
-        it = iter(data)
-    except TypeError:
-        raise RecoveryError(f"distill: data must be an iterable of batches, got "
-                            f"{type(data).__name__}") from None
-    kept = []
-    for batch in it:
-        if max_batches is not None and len(kept) >= max_batches:
-            break
-        kept.append(batch)
+    kept = take(data, max_batches, "distill")
     return kept, len(kept)
 
 
@@ -335,7 +329,7 @@ class _State:
             ("custom" if callable(loss) else "auto")
 
     def loss(self, model, teacher, batch, i, device, t_device) -> torch.Tensor:
-        from ..importance.stats import model_inputs
+        from ..importance.stats import model_inputs, padding_mask
 
         inputs = model_inputs(batch)
         labels = batch[1] if inputs is not batch and isinstance(batch, (tuple, list)) else None
@@ -372,7 +366,12 @@ class _State:
                 raise ValueError("distill: the loss callable must return a scalar tensor")
             value = value.reshape(())
         else:
-            value = _loss_value(self.name, s, t, self.temperature)
+            # token outputs of a batch with an attention_mask: padded positions do not count
+            mask = padding_mask(inputs)
+            real_s, real_t = s, t
+            if mask is not None and s.dim() >= 3 and s.shape[:2] == mask.shape:
+                real_s, real_t = s[mask.to(s.device)], t[mask.to(s.device)]
+            value = _loss_value(self.name, real_s, real_t, self.temperature)
         if self.names and self.layer_weight > 0:
             value = value + self.layer_weight * self._layer_terms(model, device)
         if self.label_weight > 0:

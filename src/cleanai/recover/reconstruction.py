@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn, find_submodule, iter_tensors, map_tensors, run_forward
+from ..importance.stats import drop_padding, padding_mask
 from .common import (Key, RecoveryError, all_or_nothing, check_finite, check_pair, kept_indices,
                      materialize, model_device, relative_error, to_device)
 
@@ -402,8 +403,12 @@ def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
     for i in range(len(run.batches)):
         args, kwargs, y = _capture(run, unit, i)
         x = args[0] if args else kwargs["input"]
+        y = y.movedim(unit.dim, -1)
+        if isinstance(m, nn.Linear):  # padded token positions do not count
+            mask = padding_mask(run.batches[i])
+            x, y = drop_padding(x, x.dim() - 1, mask)[0], drop_padding(y, y.dim() - 1, mask)[0]
         rows = _rows(m, x)
-        y = y.movedim(unit.dim, -1).reshape(rows.shape[0], g, -1)
+        y = y.reshape(rows.shape[0], g, -1)
         if gram is None:
             d = rows.shape[-1] + bias
             gram = torch.zeros(g, d, d, dtype=torch.float64, device=rows.device)
@@ -471,14 +476,14 @@ def _adam(run: _Run, unit: _Unit) -> Dict[str, Any]:
     m = unit.module
     dev = model_device(run.model)
     store = torch.device("cpu") if run.offload else dev
-    data = [map_tensors(_capture(run, unit, i), lambda t: t.to(store))
-            for i in range(len(run.batches))]
+    data = [map_tensors(_capture(run, unit, i) + (padding_mask(run.batches[i]),),
+                        lambda t: t.to(store)) for i in range(len(run.batches))]
 
     def error() -> float:
         diff = ref = 0.0
-        for args, kwargs, y in data:
-            out = _first_tensor(m(*to_device(args, dev), **to_device(kwargs, dev))).double()
-            y = y.to(dev).double()
+        for args, kwargs, y, mask in data:
+            out = _first_tensor(m(*to_device(args, dev), **to_device(kwargs, dev)))
+            out, y = _real_tokens(out.double(), y.to(dev).double(), mask)
             diff += float(((out - y) ** 2).sum())
             ref += float((y * y).sum())
         return relative_error(diff, ref)
@@ -495,8 +500,8 @@ def _adam(run: _Run, unit: _Unit) -> Dict[str, Any]:
         opt = torch.optim.Adam(params, lr=run.lr)
         with torch.enable_grad():
             for step in range(run.steps):
-                args, kwargs, y = to_device(data[step % len(data)], dev)
-                out = _first_tensor(m(*args, **kwargs))
+                args, kwargs, y, mask = to_device(data[step % len(data)], dev)
+                out, y = _real_tokens(_first_tensor(m(*args, **kwargs)), y, mask)
                 loss = ((out - y) ** 2).mean() / (y * y).mean().clamp_min(1e-30)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -514,6 +519,15 @@ def _adam(run: _Run, unit: _Unit) -> Dict[str, Any]:
                          f"weights kept")
         after = before
     return _row(unit, "adam", before, after)
+
+
+def _real_tokens(out: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``out`` and ``y`` without padded token positions (``[batch, tokens, ...]`` outputs of a
+    batch with an ``attention_mask``); unchanged otherwise."""
+    if mask is None or out.dim() < 3 or out.shape[:2] != mask.shape or y.shape != out.shape:
+        return out, y
+    return out[mask], y[mask]
 
 
 def _row(unit: _Unit, method: str, before: float, after: float) -> Dict[str, Any]:
