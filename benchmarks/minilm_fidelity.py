@@ -27,7 +27,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cleanai  # noqa: E402
-from cleanai.importance import WeightActivationImportance, WeightImportance  # noqa: E402
+from cleanai.importance import (OBSImportance, WeightActivationImportance,  # noqa: E402
+                                WeightImportance)
 from cleanai.utils import count_params, measure_latency  # noqa: E402
 
 from _common import cleanai_revision  # noqa: E402
@@ -113,7 +114,7 @@ def prune(dense, example, calib, ratio, importance, compensate=None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calib-sentences", type=int, default=512,
+    ap.add_argument("--calib-sentences", type=int, default=1024,
                     help="calibration sentences (batches of 8) for scores, compensation and "
                          "reconstruction")
     ap.add_argument("--eval-sentences", type=int, default=512)
@@ -154,7 +155,9 @@ def main() -> None:
                                            WeightActivationImportance())),
                   ("hybrid + compensate=lstsq", lambda: prune(
                       dense, example, calib_batches, ratio, WeightActivationImportance(),
-                      "lstsq"))]
+                      "lstsq")),
+                  ("OBS + compensate=lstsq", lambda: prune(
+                      dense, example, calib_batches, ratio, OBSImportance(), "lstsq"))]
         for label, make in stages:
             model, seconds, held = make()
             rows.append(_row(f"{label}, {tag}", model, ref, eval_batches,
@@ -167,14 +170,14 @@ def main() -> None:
             cleanai.recover.reconstruct(rebuilt, dense,
                                         calib_batches[:args.reconstruct_batches],
                                         granularity=granularity, lr=1e-4, progress=False)
-            rows.append(_row(f"+ reconstruct ({granularity}), {tag}", rebuilt, ref,
-                             eval_batches, f"{time.perf_counter() - start:.0f} s"))
-        student = copy.deepcopy(compensated)
+            rows.append(_row(f"OBS + lstsq + reconstruct ({granularity}), {tag}", rebuilt,
+                             ref, eval_batches, f"{time.perf_counter() - start:.0f} s"))
+        student = copy.deepcopy(rebuilt)
         start = time.perf_counter()
         cleanai.recover.distill(student, dense, calib_batches, steps=args.distill_steps,
-                                lr=1e-4, progress=False)
-        rows.append(_row(f"compensate=lstsq + distill {args.distill_steps} steps, {tag}",
-                         student, ref, eval_batches, f"{time.perf_counter() - start:.0f} s"))
+                                lr=5e-5, train_mode=False, progress=False)
+        rows.append(_row(f"... + distill {args.distill_steps} steps, {tag}", student, ref,
+                         eval_batches, f"{time.perf_counter() - start:.0f} s"))
 
     # latency: every model in turn, several rounds, the best median of each (a shared machine
     # slows some rounds; the fastest is the least disturbed)

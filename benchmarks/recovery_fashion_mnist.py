@@ -56,14 +56,14 @@ def prune(dense, ratio: float, calib, mode):
     start = time.perf_counter()
     pruner.calibrate(calib)
     calibrated = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruner.step()
     stats = pruner.input_stats
     held = sum(t.numel() * t.element_size()
                for t in (list(stats.grams.values()) + list(stats.sums.values()) if stats else []))
-    return model, {"calibrate_s": calibrated - start, "step_s": time.perf_counter() - calibrated,
-                   "stats_mb": held / 2 ** 20}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()
+    return model, {"calibrate_s": calibrated - start,
+                   "step_ms": 1e3 * (time.perf_counter() - calibrated), "stats_mb": held / 2 ** 20}
 
 
 def run_one(dense, data, ratio: float, seed: int, epochs: bool) -> Dict[str, float]:
@@ -122,13 +122,14 @@ def table(rows: List[dict], dense_acc: float, dense_macs: float) -> str:
 
 
 def costs(rows: List[dict]) -> str:
-    out = ["| ratio | calibration pass (s) | step with lstsq (s) | statistics held (MB) | "
+    out = ["| ratio | calibration pass (s) | step with lstsq (ms) | statistics held (MB) | "
            "reconstruct layer (s) | reconstruct block (s) | distill 1 epoch (s) |",
            "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted({x["ratio"] for x in rows}):
-        cell = lambda k: f"{_mean(rows, k, r):.1f}" if any(k in x for x in rows) else "n/a"  # noqa: E731
-        out.append(f"| {r} | {cell('cost_calibrate_s')} | {cell('cost_step_s')} | "
-                   f"{cell('cost_stats_mb')} | "
+        cell = lambda k, f=".1f": format(_mean(rows, k, r), f) if any(k in x for x in rows) \
+            else "n/a"  # noqa: E731
+        out.append(f"| {r} | {cell('cost_calibrate_s')} | {cell('cost_step_ms', '.0f')} | "
+                   f"{cell('cost_stats_mb', '.2f')} | "
                    f"{cell('cost_layer_s')} | {cell('cost_block_s')} | {cell('cost_distill_s')} |")
     return "\n".join(out)
 

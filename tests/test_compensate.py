@@ -230,3 +230,32 @@ def test_report_shows_fidelity_to_the_dense_model():
     assert "fidelity to the dense model" in str(rep)
     assert cleanai.utils.Report.from_dict(rep.to_dict()).fidelity == f
     assert pruner.teacher[0].out_features == 32 and m[0].out_features == 16
+
+
+def test_obs_importance_removes_the_redundant_channel_and_lstsq_makes_it_free():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    with torch.no_grad():  # units 0, 1 and 3 are linearly dependent (3 = 2 * 0 - 1) and large
+        m[0].weight[3] = 2 * m[0].weight[0] - m[0].weight[1]
+        m[0].bias[3] = 2 * m[0].bias[0] - m[0].bias[1]
+        m[1].weight[:, [0, 1, 3]] *= 10
+    x = torch.randn(512, 8)
+    ref = m(x).detach()
+    pruner = cleanai.StructuredPruner(m, x[:1], pruning_ratio=0.2, compensate="lstsq",
+                                      importance=cleanai.importance.OBSImportance())
+    pruner.calibrate([x])
+    assert pruner.importance.stats is pruner.input_stats  # one pass
+    plan = pruner.plan()
+    assert plan.removals[0].tolist()[0] in (0, 1, 3)  # a redundant one, though the largest
+    pruner.apply(plan)
+    torch.testing.assert_close(m(x), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_obs_importance_collects_its_own_statistics_without_compensation():
+    m, x = _mlp(), torch.randn(256, 8)
+    imp = cleanai.importance.OBSImportance()
+    pruner = cleanai.StructuredPruner(m, x[:1], pruning_ratio=0.2, importance=imp)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        pruner.plan()
+    pruner.calibrate([x])
+    assert pruner.plan().removals[0].tolist()[0] in (0, 1, 3)

@@ -2,14 +2,16 @@
 
 Data-free: :class:`WeightImportance`, :class:`RandomImportance`. Data-dependent (call
 ``pruner.calibrate(data)`` first): :class:`ActivationImportance`,
-:class:`WeightActivationImportance` (the hybrid), :class:`TaylorImportance`.
+:class:`WeightActivationImportance` (the hybrid), :class:`TaylorImportance`,
+:class:`OBSImportance` (the error left after ``compensate="lstsq"``).
 """
 from .activation import ActivationImportance, WeightActivationImportance
 from .base import Importance, member_weights, normalize
+from .obs import OBSImportance
 from .stats import ActivationStats
 from .taylor import TaylorImportance
 from .weight import RandomImportance, WeightImportance
 
 __all__ = ["Importance", "WeightImportance", "RandomImportance", "ActivationImportance",
-           "WeightActivationImportance", "TaylorImportance", "ActivationStats",
+           "WeightActivationImportance", "TaylorImportance", "OBSImportance", "ActivationStats",
            "member_weights", "normalize"]
