@@ -43,7 +43,7 @@ class BuiltModel:
             ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if not shape:
-            from ..pruner.structured import infer_example_inputs
+            from ..pruner.references import infer_example_inputs
             try:
                 return infer_example_inputs(self.model)
             except ValueError as exc:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import logging
 import math
 import warnings
@@ -23,6 +22,7 @@ from .attributes import update_config
 from .fallback import protect_failing
 from .history import record_step
 from .plan import PruningPlan
+from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class StructuredPruner:
         self.kinds = set(GROUP_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
         if not self.kinds <= set(GROUP_KINDS):
             raise ValueError(f"kinds must be among {GROUP_KINDS}, got {sorted(self.kinds)}")
-        names = _LayerNames(model) if layer_pruning_ratios or ignored_layers else None
+        names = LayerNames(model) if layer_pruning_ratios or ignored_layers else None
         self.layer_ratios: Dict[str, float] = {}
         for key, ratio in (layer_pruning_ratios or {}).items():
             name = names.resolve(key, "layer_pruning_ratios")
@@ -421,48 +421,3 @@ def _positions_per_channel(group: Group) -> int:
         if m.kind == "out":
             return max(1, len(m.positions) // max(1, len(torch.unique(m.channels))))
     return 1
-
-
-class _LayerNames:
-    """Resolves modules and qualified names given by the user, with helpful errors."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.by_module = {m: n for n, m in model.named_modules()}
-        self.names = [n for n in self.by_module.values() if n]
-        self.model_name = type(model).__name__
-
-    def resolve(self, key: LayerRef, what: str) -> str:
-        if isinstance(key, nn.Module):
-            if key not in self.by_module:
-                raise ValueError(f"{what}: the {type(key).__name__} given is not a submodule "
-                                 f"of this {self.model_name}")
-            return self.by_module[key]
-        if not isinstance(key, str):
-            raise TypeError(f"{what}: keys must be modules or qualified names, got {key!r}")
-        if key not in self.names:
-            close = difflib.get_close_matches(key, self.names, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ValueError(f"{what}: {self.model_name} has no layer named {key!r}{hint}")
-        return key
-
-
-def infer_example_inputs(model: nn.Module) -> torch.Tensor:
-    """A batch-1 input shaped for the model's first layer (see :class:`StructuredPruner`)."""
-    for name, m in model.named_modules():
-        p = next(m.parameters(recurse=False), None)
-        kw = {"dtype": p.dtype if p is not None and p.is_floating_point() else torch.float32,
-              "device": p.device if p is not None else "cpu"}
-        if isinstance(m, nn.Conv2d):
-            return torch.randn(1, m.in_channels, 224, 224, **kw)
-        if isinstance(m, nn.Conv1d):
-            return torch.randn(1, m.in_channels, 256, **kw)
-        if isinstance(m, nn.Conv3d):
-            return torch.randn(1, m.in_channels, 16, 112, 112, **kw)
-        if isinstance(m, nn.Linear):
-            return torch.randn(1, m.in_features, **kw)
-        if isinstance(m, nn.Embedding):
-            return torch.randint(0, m.num_embeddings, (1, 16), device=kw["device"])
-        if p is not None:
-            break
-    raise ValueError(f"cannot infer example inputs for {type(model).__name__} from its first "
-                     f"layer; pass example_inputs=... (a tensor, tuple or dict for one forward)")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn, iter_tensors, run_forward
-from ..utils.fidelity import output_tensor
+from .losses import auto_loss, loss_value, pick_output, relative_mse
 from .common import (RecoveryError, all_or_nothing, check_finite, check_pair, kept_indices,
                      model_device, take, to_device)
 
@@ -283,39 +283,6 @@ def _bar(total: Optional[int], progress: bool):
     return tqdm(total=total, desc="distilling", unit="step")
 
 
-def pick_output(output: Any) -> torch.Tensor:
-    """The tensor to compare in a model's output (:func:`cleanai.utils.output_tensor`)."""
-    try:
-        return output_tensor(output)
-    except ValueError as exc:
-        raise RecoveryError(f"distill: {exc}") from None
-
-
-def _auto_loss(output: Any, picked: torch.Tensor, custom_pick: bool) -> str:
-    if not custom_pick:
-        for key, name in (("logits", "kl"), ("last_hidden_state", "cosine")):
-            if (key in output) if isinstance(output, dict) else hasattr(output, key):
-                return name
-    if picked.dim() == 2:
-        return "kl"
-    return "cosine" if picked.dim() >= 3 else "mse"
-
-
-def _rel_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
-
-
-def _loss_value(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    s, t = s.float(), t.float()
-    if name == "kl":
-        log_s = F.log_softmax(s / temperature, dim=-1)
-        log_t = F.log_softmax(t / temperature, dim=-1)
-        return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
-    if name == "cosine":
-        return 1.0 - F.cosine_similarity(s, t, dim=-1).mean()
-    return _rel_mse(s, t)
-
-
 class _State:
     """One step's loss: student and teacher forwards, outputs, layer terms, labels."""
 
@@ -359,7 +326,7 @@ class _State:
                                 f"teacher's has {tuple(t.shape)}; the outputs compared must "
                                 f"match (pass output_fn to pick matching tensors)")
         if self.name == "auto":
-            self.name = _auto_loss(s_out, s, self.output_fn is not None)
+            self.name = auto_loss(s_out, s, self.output_fn is not None)
         if callable(self.loss_arg):
             value = self.loss_arg(s, t)
             if not (isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -371,7 +338,7 @@ class _State:
             real_s, real_t = s, t
             if mask is not None and s.dim() >= 3 and s.shape[:2] == mask.shape:
                 real_s, real_t = s[mask.to(s.device)], t[mask.to(s.device)]
-            value = _loss_value(self.name, real_s, real_t, self.temperature)
+            value = loss_value(self.name, real_s, real_t, self.temperature)
         if self.names and self.layer_weight > 0:
             value = value + self.layer_weight * self._layer_terms(model, device)
         if self.label_weight > 0:
@@ -389,7 +356,7 @@ class _State:
                                     f"match layers that run in every forward")
             for s, t in zip(s_list, t_list):
                 t = self._align(model, name, s, t.to(s.device))
-                total = total + _rel_mse(s.float(), t.float())
+                total = total + relative_mse(s.float(), t.float())
         return total
 
     def _align(self, model, name, s, t) -> torch.Tensor:

@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from ..core.layers import get_layer_pruner
 from ..core.runtime import ForwardFn, find_submodule, iter_tensors, map_tensors, run_forward
 from ..importance.stats import drop_padding, padding_mask
+from .least_squares import closed_form_dim, regression_rows, ridge_solve, solve_layout
 from .common import (Key, RecoveryError, all_or_nothing, check_finite, check_pair, kept_indices,
                      materialize, model_device, relative_error, to_device)
 
@@ -348,51 +348,13 @@ def _progress(units: Sequence[_Unit], progress: bool) -> Iterator[_Unit]:
 
 def _reconstruct_unit(run: _Run, unit: _Unit) -> Dict[str, Any]:
     if unit.kind == "layer":
-        d = _closed_form_dim(unit.module)
+        d = closed_form_dim(unit.module)
         if d is not None and d <= MAX_CLOSED_FORM_DIM:
             return _closed_form(run, unit)
     return _adam(run, unit)
 
 
 # --- closed form ------------------------------------------------------------------------------
-
-def _closed_form_dim(m: nn.Module) -> Optional[int]:
-    """Unknowns per output channel of the ridge solve, or ``None`` when not solvable here."""
-    if isinstance(m, nn.Linear):
-        return m.in_features + (m.bias is not None)
-    if not hasattr(m, "_reversed_padding_repeated_twice"):
-        return None
-    return m.in_channels // m.groups * math.prod(m.kernel_size) + (m.bias is not None)
-
-
-def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as regression rows ``(rows, groups, d)``: a Linear's features, or a
-    conv's unfolded patches (channel-major, then kernel positions, as in ``weight``)."""
-    if isinstance(m, nn.Linear):
-        return x.reshape(-1, 1, x.shape[-1])
-    nd = len(m.kernel_size)
-    if x.dim() == nd + 1:  # unbatched
-        x = x.unsqueeze(0)
-    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-    x = nn.functional.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-    for i in range(nd):
-        k, dl = m.kernel_size[i], m.dilation[i]
-        x = x.unfold(2 + i, (k - 1) * dl + 1, m.stride[i])
-        if dl > 1:
-            x = x[..., ::dl]
-    n, c = x.shape[:2]  # x: (n, c, *out_spatial, *kernel)
-    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
-    return x.reshape(-1, m.groups, c // m.groups * math.prod(m.kernel_size))
-
-
-def _current(m: nn.Module) -> torch.Tensor:
-    """``[W; b]`` as ``(groups, d(+1), out/groups)`` float64, the layout of the solve."""
-    g = getattr(m, "groups", 1)
-    w = m.weight.detach().double().reshape(g, m.weight.shape[0] // g, -1).transpose(1, 2)
-    if m.bias is not None:
-        w = torch.cat([w, m.bias.detach().double().reshape(g, 1, -1)], 1)
-    return w
-
 
 def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
     m = unit.module
@@ -407,7 +369,7 @@ def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
         if isinstance(m, nn.Linear):  # padded token positions do not count
             mask = padding_mask(run.batches[i])
             x, y = drop_padding(x, x.dim() - 1, mask)[0], drop_padding(y, y.dim() - 1, mask)[0]
-        rows = _rows(m, x)
+        rows = regression_rows(m, x)
         y = y.reshape(rows.shape[0], g, -1)
         if gram is None:
             d = rows.shape[-1] + bias
@@ -428,11 +390,11 @@ def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
         sq = (w * (gram @ w)).sum() - 2 * (w * xty).sum() + yy
         return relative_error(max(float(sq), 0.0), ref)
 
-    w0 = _current(m)
+    w0 = solve_layout(m)
     before = error(w0)
     if not unit.pruned and before < _SKIP_BELOW:
         return _row(unit, "skipped", before, before)
-    w = _ridge(gram, xty, run.damping, unit.name, w0)
+    w = ridge_solve(gram, xty, run.damping, unit.name, w0)
     after = error(w)
     if after <= before:
         d = w.shape[1] - bias
@@ -445,28 +407,6 @@ def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
             run.notes.append(f"{unit.name}: the solve did not lower the error; weights kept")
         after = before
     return _row(unit, "closed form", before, after)
-
-
-def _ridge(gram: torch.Tensor, xty: torch.Tensor, damping: float, name: str,
-           w0: torch.Tensor) -> torch.Tensor:
-    """Solve ``(G + lam I) W = X^T Y`` per group by Cholesky, lam = damping * mean(diag G),
-    raised x10 (with a warning) until the factorisation succeeds. Groups whose input was all
-    zero keep ``w0``: the data says nothing about them."""
-    diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
-    empty = diag <= 0
-    lam = torch.where(empty, torch.ones_like(diag), damping * diag)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    for _ in range(20):
-        chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
-        if not bool((info != 0).any()):
-            w = torch.cholesky_solve(xty, chol)
-            return torch.where(empty[:, None, None], w0, w)
-        lam = torch.where(lam > 0, lam * 10, diag * 1e-10)
-        warnings.warn(f"reconstruct: the input Gram matrix of {name} is singular; damping "
-                      f"raised to {float(lam.max() / diag.clamp_min(1e-300).max()):.1e} x "
-                      f"mean(diag)", RuntimeWarning, stacklevel=3)
-    raise RecoveryError(f"reconstruct: cannot solve the least squares of {name} (its input "
-                        f"Gram matrix stays singular); try a larger damping")
 
 
 # --- Adam -------------------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""The closed-form half of layer reconstruction: a Linear's or conv's input as regression
+rows, its weights in the layout of the solve, and the ridge least-squares solve itself."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .common import RecoveryError
+
+
+def closed_form_dim(m: nn.Module) -> Optional[int]:
+    """Unknowns per output channel of the ridge solve, or ``None`` when not solvable here."""
+    if isinstance(m, nn.Linear):
+        return m.in_features + (m.bias is not None)
+    if not hasattr(m, "_reversed_padding_repeated_twice"):
+        return None
+    return m.in_channels // m.groups * math.prod(m.kernel_size) + (m.bias is not None)
+
+
+def regression_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as regression rows ``(rows, groups, d)``: a Linear's features, or a
+    conv's unfolded patches (channel-major, then kernel positions, as in ``weight``)."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, 1, x.shape[-1])
+    nd = len(m.kernel_size)
+    if x.dim() == nd + 1:  # unbatched
+        x = x.unsqueeze(0)
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    x = nn.functional.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+    for i in range(nd):
+        k, dl = m.kernel_size[i], m.dilation[i]
+        x = x.unfold(2 + i, (k - 1) * dl + 1, m.stride[i])
+        if dl > 1:
+            x = x[..., ::dl]
+    n, c = x.shape[:2]  # x: (n, c, *out_spatial, *kernel)
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    return x.reshape(-1, m.groups, c // m.groups * math.prod(m.kernel_size))
+
+
+def solve_layout(m: nn.Module) -> torch.Tensor:
+    """``[W; b]`` as ``(groups, d(+1), out/groups)`` float64, the layout of the solve."""
+    g = getattr(m, "groups", 1)
+    w = m.weight.detach().double().reshape(g, m.weight.shape[0] // g, -1).transpose(1, 2)
+    if m.bias is not None:
+        w = torch.cat([w, m.bias.detach().double().reshape(g, 1, -1)], 1)
+    return w
+
+
+def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, damping: float, name: str,
+           w0: torch.Tensor) -> torch.Tensor:
+    """Solve ``(G + lam I) W = X^T Y`` per group by Cholesky, lam = damping * mean(diag G),
+    raised x10 (with a warning) until the factorisation succeeds. Groups whose input was all
+    zero keep ``w0``: the data says nothing about them."""
+    diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    empty = diag <= 0
+    lam = torch.where(empty, torch.ones_like(diag), damping * diag)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    for _ in range(20):
+        chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
+        if not bool((info != 0).any()):
+            w = torch.cholesky_solve(xty, chol)
+            return torch.where(empty[:, None, None], w0, w)
+        lam = torch.where(lam > 0, lam * 10, diag * 1e-10)
+        warnings.warn(f"reconstruct: the input Gram matrix of {name} is singular; damping "
+                      f"raised to {float(lam.max() / diag.clamp_min(1e-300).max()):.1e} x "
+                      f"mean(diag)", RuntimeWarning, stacklevel=3)
+    raise RecoveryError(f"reconstruct: cannot solve the least squares of {name} (its input "
+                        f"Gram matrix stays singular); try a larger damping")
