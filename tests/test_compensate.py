@@ -259,3 +259,44 @@ def test_obs_importance_collects_its_own_statistics_without_compensation():
         pruner.plan()
     pruner.calibrate([x])
     assert pruner.plan().removals[0].tolist()[0] in (0, 1, 3)
+
+
+def test_multihead_attention_reading_a_pruned_width_is_compensated():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self, cross):
+            super().__init__()
+            self.cross = cross
+            self.up = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.up(x))
+            kv = h.flip(1) if self.cross else h
+            return self.out(self.attn(h, kv, kv, need_weights=False)[0])
+
+    x = torch.randn(64, 6, 8)
+    for cross in (False, True):
+        dense = Net(cross)
+        with torch.no_grad():  # hidden unit 5 = unit 0 + unit 1 before the ReLU is kept linear
+            dense.up.weight[5] = dense.up.weight[0] + dense.up.weight[1]
+            dense.up.bias[5] = dense.up.bias[0] + dense.up.bias[1] + 10
+            dense.up.bias[:2] += 10  # units 0 and 1 stay positive: the ReLU is the identity
+        errors, kv_rows = {}, {}
+        for mode in (None, "lstsq"):
+            m = copy.deepcopy(dense)
+            pruner = _prune(m, x, {_group_of(copy.deepcopy(dense), x, "up"): [5]}, mode)
+            assert m.attn.in_proj_weight.shape == (48, 15)
+            kv_rows[mode] = m.attn.in_proj_weight[16:].detach().clone()
+            with torch.no_grad():
+                errors[mode] = float((m(x) - dense(x)).abs().max())
+        report = pruner.compensation[-1]
+        assert "attn" in report.compensated
+        if cross:  # key and value read another tensor: only the query is refit
+            assert "self-attention" in report.skipped["attn"]
+            assert torch.equal(kv_rows["lstsq"], kv_rows[None])
+        else:
+            assert "attn" not in report.skipped
+            assert errors["lstsq"] < 1e-3 < errors[None]

@@ -34,6 +34,10 @@ class ActivationStats:
         self.gram_keys = frozenset(grams)
         self.grams: Dict[str, torch.Tensor] = {}
         self.batches = 0
+        #: ``nn.MultiheadAttention`` layers seen only as self-attention (query, key and value
+        #: the same tensor on every batch): their input statistics hold for all three
+        self.self_attention: set = set()
+        self._cross: set = set()
         #: the current batch's ``attention_mask`` ([batch, tokens], nonzero for real tokens),
         #: when its inputs carry one: padded positions do not count
         self.mask: Optional[torch.Tensor] = None
@@ -64,6 +68,17 @@ class ActivationStats:
                 self.grams[name] = gram
             else:
                 self.grams[name] += gram
+
+    def note_attention_call(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Record whether an attention layer was called with one tensor as query, key and
+        value (self-attention) or not."""
+        q, k, v = (list(args) + [None] * 3)[:3]
+        q, k, v = kwargs.get("query", q), kwargs.get("key", k), kwargs.get("value", v)
+        if q is not None and q is k and k is v and name not in self._cross:
+            self.self_attention.add(name)
+        else:
+            self._cross.add(name)
+            self.self_attention.discard(name)
 
     def moments(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
         """``(mean, second moment, count)`` of the input of ``name`` in float64 on the CPU:
@@ -155,6 +170,8 @@ def consumer_hooks(model: nn.Module, graph: DependencyGraph, stats: ActivationSt
 
     def hook(name: str, pruner, module):
         def fn(mod, args, kwargs) -> None:
+            if isinstance(mod, nn.MultiheadAttention):
+                stats.note_attention_call(name, args, kwargs)
             x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if x is not None and x.dim() > 0:
                 dim = pruner.in_dim(mod, x.dim())

@@ -50,15 +50,26 @@ class _Target:
     owner: nn.Module
     bias: Optional[str]  # the owner's attribute that holds the bias
     can_add_bias: bool
+    rows: Optional[slice] = None  # only these rows (of dim 0) read the input
 
 
-def _targets(module: nn.Module, kind: str) -> Optional[List[_Target]]:
+def _targets(module: nn.Module, kind: str, self_attention: bool = False
+             ) -> Optional[List[_Target]]:
     """What compensating ``module``'s input (``kind="in"``) or its heads' output
-    (``"internal"``) changes, or ``None`` when CleanAI does not know how."""
-    if kind == "internal":
-        if isinstance(module, nn.MultiheadAttention):
+    (``"internal"``) changes, or ``None`` when CleanAI does not know how. An
+    ``nn.MultiheadAttention``'s input statistics are its query's: its key and value rows are
+    compensated too only when calibration saw it called as self-attention (``self_attention``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if kind == "internal":
             out = module.out_proj
             return [_Target(out.weight, 1, 0, 1, out, "bias", False)]
+        e = module.embed_dim
+        if module.in_proj_weight is not None:
+            rows = slice(0, 3 * e if self_attention else e)
+            return [_Target(module.in_proj_weight, 1, 0, 1, module, "in_proj_bias", False, rows)]
+        return [_Target(module.q_proj_weight, 1, 0, 1, module, "in_proj_bias", False,
+                        slice(0, e))]
+    if kind == "internal":
         return None
     if isinstance(module, nn.Linear):
         return [_Target(module.weight, 1, 0, 1, module, "bias", True)]
@@ -174,7 +185,7 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
         if (name, kind) in done:  # heads and head_dims: the same positions, one refit
             continue
         done.add((name, kind))
-        targets = _targets(module, kind)
+        targets = _targets(module, kind, stats is not None and name in stats.self_attention)
         if targets is None:
             if kind == "in" and getattr(get_layer_pruner(module), "coupling",
                                         lambda m: "")(module) == "same":
@@ -198,6 +209,10 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
         for target in targets:
             _compensate(comp, name, target, keep, removed, mean, second, count, mode)
         comp.report.compensated.append(name)
+        if isinstance(module, nn.MultiheadAttention) and kind == "in" and \
+                name not in stats.self_attention:
+            comp.report.skipped[name] = ("only its query projection refit: calibration did "
+                                         "not see it called as self-attention")
     if comp.report.skipped:
         warnings.warn("compensation left some consumers as they were: " + "; ".join(
             f"{n} ({why})" for n, why in comp.report.skipped.items()), stacklevel=3)
@@ -220,7 +235,8 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
                 removed: torch.Tensor, mean: torch.Tensor, second: Optional[torch.Tensor],
                 count: float, mode: str) -> None:
     """Fold the removed channels' estimate into ``target``'s kept weights and bias."""
-    w = target.weight.detach()
+    full = target.weight.detach()
+    w = full[target.rows] if target.rows is not None else full
     g = target.groups
     per_in = w.shape[target.dim]  # input channels per group
     wm = w.movedim(target.dim, 0).double().cpu()  # [per_in, ...]; outputs on out_dim + 1
@@ -249,10 +265,19 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
         spatial = [d for d in range(1, w_r.dim()) if d != out_axis]
         slab = w_r.sum(spatial) if spatial else w_r  # [removed, per_out]
         bias_delta[rows] += const @ slab
-    comp.updates.append((target.weight, new.movedim(0, target.dim).to(w.device)))
+    value = new.movedim(0, target.dim)
+    if target.rows is not None:
+        whole = full.double().cpu()  # a copy: the rows outside stay as they are
+        whole[target.rows] = value
+        value = whole
+    comp.updates.append((target.weight, value.to(w.device)))
     if not bool(bias_delta.any()):
         return
     bias = getattr(target.owner, target.bias) if target.bias else None
+    if target.rows is not None and isinstance(bias, torch.Tensor):
+        spread = torch.zeros(bias.shape[0], dtype=torch.float64)
+        spread[target.rows] = bias_delta
+        bias_delta = spread
     if isinstance(bias, torch.Tensor):
         comp.updates.append((bias, (bias.detach().double().cpu() + bias_delta).to(bias.device)))
     elif target.can_add_bias:
