@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph
 from ..core.layers import get_layer_pruner
+from ..core.named_layers import TransposedLinearPruner
 from ..core.runtime import find_submodule
 from ..importance.stats import ActivationStats, stats_key
 
@@ -73,6 +74,9 @@ def _targets(module: nn.Module, kind: str, self_attention: bool = False
         return None
     if isinstance(module, nn.Linear):
         return [_Target(module.weight, 1, 0, 1, module, "bias", True)]
+    if isinstance(get_layer_pruner(module), TransposedLinearPruner):  # weight [in, out]
+        return [_Target(module.weight, 0, 1, 1, module,
+                        "bias" if getattr(module, "bias", None) is not None else None, False)]
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         if module.groups > 1 and module.groups == module.in_channels:
             return None  # depthwise: its output channel leaves with its input channel

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core.layers import get_layer_pruner
+from ..core.named_layers import TransposedLinearPruner
 from ..core.runtime import ForwardFn, find_submodule, iter_tensors, map_tensors, run_forward
 from ..importance.stats import drop_padding, padding_mask
 from .least_squares import closed_form_dim, regression_rows, ridge_solve, solve_layout
@@ -193,6 +194,12 @@ def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
     return order, shapes
 
 
+def _weighted(m: nn.Module) -> bool:
+    """A layer reconstruction fits: Linear, Conv1d/2d/3d, or a linear layer stored
+    transposed (Hugging Face ``Conv1D``, trained with Adam)."""
+    return isinstance(m, _WEIGHTED) or isinstance(get_layer_pruner(m), TransposedLinearPruner)
+
+
 def _find_blocks(model: nn.Module) -> List[str]:
     """Non-leaf children of Sequential/ModuleList containers holding a Linear or conv,
     outermost first (an inner container of a block is part of the block)."""
@@ -204,8 +211,7 @@ def _find_blocks(model: nn.Module) -> List[str]:
             if child is None:
                 continue
             full = f"{prefix}.{cname}" if prefix else cname
-            if container and child._modules and any(isinstance(x, _WEIGHTED)
-                                                     for x in child.modules()):
+            if container and child._modules and any(_weighted(x) for x in child.modules()):
                 blocks.append(full)
             else:
                 stack.append((full, child))
@@ -230,7 +236,7 @@ def _plan(run: _Run, granularity: str, order: List[str], s_shapes: Dict[str, Any
             inside.append(b + ".")
     for name in order:
         m = find_submodule(run.model, name)
-        if not isinstance(m, _WEIGHTED) or any(name.startswith(p) for p in inside):
+        if not _weighted(m) or any(name.startswith(p) for p in inside):
             continue
         unit = _layer_unit(run, name, m, s_shapes[name], t_shapes.get(name), keep, touched)
         if unit is not None:
@@ -319,6 +325,10 @@ def _capture(run: _Run, unit: _Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]
         raise RecoveryError(f"reconstruct: {unit.name} was not called (or returned no tensor) "
                             f"on batch {i}; are all batches alike?")
     args, kwargs = map_tensors((got["args"], got["kwargs"]), lambda t: t.detach())
+    # a key/value cache (a Hugging Face ``DynamicCache``...) would grow with every replay
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: None if _is_cache(v) else False if k == "use_cache" else v
+              for k, v in kwargs.items()}
     for t in iter_tensors((args, kwargs)):
         check_finite(t, f"the input of {unit.name} on batch {i}")
     target = got["out"].detach()
@@ -326,6 +336,11 @@ def _capture(run: _Run, unit: _Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]
         target = target.index_select(unit.dim, unit.keep.to(target.device))
     check_finite(target, f"the teacher's output at {unit.name} on batch {i}")
     return args, kwargs, target.to(model_device(run.model))
+
+
+def _is_cache(value: Any) -> bool:
+    """A key/value cache object handed to a block (Hugging Face's ``*Cache`` classes)."""
+    return not isinstance(value, torch.Tensor) and type(value).__name__.endswith("Cache")
 
 
 def _first_tensor(out: Any) -> Optional[torch.Tensor]:
