@@ -95,8 +95,8 @@ def neighbour_agreement(ref: torch.Tensor, emb: torch.Tensor) -> float:
 
 
 def prune(dense, example, calib, ratio, importance, compensate=None):
-    """A pruned copy of ``dense`` (heads and FFN neurons), and the seconds calibration and the
-    step took, and the MB of statistics compensation held."""
+    """A pruned copy of ``dense`` (heads and FFN neurons), the seconds calibration and the
+    step took, and the MB of second moments compensation held (their peak, before the step)."""
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -105,9 +105,9 @@ def prune(dense, example, calib, ratio, importance, compensate=None):
                                           pruning_ratio=ratio, kinds=["heads", "channels"],
                                           compensate=compensate)
         pruner.calibrate(calib)
+        stats = pruner.input_stats  # measured before the step slices them
+        held = sum(t.numel() * t.element_size() for t in stats.grams.values()) if stats else 0
         pruner.step()
-    stats = pruner.input_stats
-    held = sum(t.numel() * t.element_size() for t in stats.grams.values()) if stats else 0
     return model, time.perf_counter() - start, held / 2 ** 20
 
 
