@@ -302,3 +302,20 @@ def test_multihead_attention_reading_a_pruned_width_is_compensated():
         else:
             assert "attn" not in report.skipped
             assert errors["lstsq"] < 1e-3 < errors[None]
+
+
+def test_a_consumer_without_statistics_is_left_as_it_was_and_named():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(128, 4)
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq", pruning_ratio=0.25)
+    pruner.calibrate([x])
+    del pruner.input_stats.grams["2"]  # as if calibration never reached layer "2"
+    del pruner.input_stats.sums["2"]
+    plan = pruner.plan()
+    kept = [i for i in range(16) if i not in plan.removals[0].tolist()]
+    expected = m[2].weight[:, kept].detach().clone()
+    with pytest.warns(UserWarning, match="no calibration statistics"):
+        pruner.apply(plan)
+    assert "no calibration statistics" in pruner.compensation[-1].skipped["2"]
+    assert torch.equal(m[2].weight, expected)  # sliced, not refit
