@@ -18,7 +18,6 @@ are linear in kept ones. ``"bias"`` keeps only the constant: ``t_r = E[x_r]``, `
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -30,8 +29,6 @@ from ..core.layers import get_layer_pruner
 from ..core.named_layers import TransposedLinearPruner
 from ..core.runtime import find_submodule
 from ..importance.stats import ActivationStats, stats_key
-
-logger = logging.getLogger(__name__)
 
 MODES = ("bias", "lstsq")
 #: ridge damping of the kept channels' second moment, relative to its mean diagonal

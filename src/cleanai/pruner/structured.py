@@ -275,12 +275,16 @@ class StructuredPruner:
 
     def calibrate(self, data: Iterable, max_batches: Optional[int] = None,
                   forward_fn: Optional[ForwardFn] = None, progress: bool = False) -> None:
-        """Measure what a data-dependent importance needs (activation statistics, gradients).
+        """Measure what a data-dependent importance needs (activation statistics, gradients)
+        and, with ``compensate``, what compensation needs (each consumer's input mean and
+        second moment, in :attr:`input_stats`), in one pass where the importance can share it.
 
         ``data`` is a DataLoader or any iterable of batches: a tensor, a tuple (an
         ``(inputs, targets)`` pair gives ``inputs`` to the model; other tuples are passed
-        positionally) or a dict (keywords). Statistics are streamed: memory stays O(channels)
-        however many batches run. ``progress=True`` shows a tqdm bar when tqdm is installed.
+        positionally) or a dict (keywords; positions where its ``attention_mask`` is 0 do not
+        count). Statistics are streamed: memory stays O(channels) however many batches run
+        (O(channels^2) per consumer for ``compensate="lstsq"``). ``progress=True`` shows a
+        tqdm bar when tqdm is installed.
         """
         if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
             raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
