@@ -11,6 +11,7 @@ then recovered in stages, each scored on the 10k test images (never used for cal
     + reconstruct      cleanai.recover.reconstruct(granularity="layer", then "block")
     + 1 ep. distill    cleanai.recover.distill, one epoch over the 55k training images, no labels
     + 1 ep. FT         one labelled fine-tuning epoch instead (the recipe of accuracy.md)
+    OBSImportance      the channels chosen by the error left after the lstsq refit instead
 
 Calibration, compensation and reconstruction use the same 16 batches of 128 training images.
 
@@ -36,22 +37,23 @@ from _common import cleanai_revision
 from accuracy_fashion_mnist import (CACHE_DIR, DATA_DIR, EXAMPLE, FT_LR, ROOT, accuracy, fit,
                                     load_average, load_data, log, machine, seed_batches,
                                     shuffled_batches, trained_model)
-from cleanai.importance import WeightActivationImportance
+from cleanai.importance import OBSImportance, WeightActivationImportance
 from cleanai.utils import count_macs, count_params, recalibrate_bn
 
 STAGES = [("pruned", "pruned"), ("bn", "+ BN recal"), ("bias", "compensate=bias"),
           ("lstsq", "compensate=lstsq"), ("layer", "lstsq + reconstruct (layer)"),
           ("block", "lstsq + reconstruct (block)"),
           ("distill", "lstsq + reconstruct (block) + 1 epoch distill"),
-          ("ft", "lstsq + reconstruct (block) + 1 epoch labelled FT")]
+          ("ft", "lstsq + reconstruct (block) + 1 epoch labelled FT"),
+          ("obs", "OBSImportance + lstsq"), ("obs_block", "OBSImportance + lstsq + reconstruct (block)")]
 
 
-def prune(dense, ratio: float, calib, mode):
+def prune(dense, ratio: float, calib, mode, importance=WeightActivationImportance):
     """A pruned copy of ``dense`` (hybrid score), with compensation ``mode``; the seconds the
     calibration pass and the step took, and the memory the statistics hold (their peak: they
     are summed in place, batch after batch)."""
     model = copy.deepcopy(dense).eval()
-    pruner = cleanai.StructuredPruner(model, EXAMPLE, importance=WeightActivationImportance(),
+    pruner = cleanai.StructuredPruner(model, EXAMPLE, importance=importance(),
                                       pruning_ratio=ratio, compensate=mode)
     start = time.perf_counter()
     pruner.calibrate(calib)
@@ -85,6 +87,10 @@ def run_one(dense, data, ratio: float, seed: int, epochs: bool) -> Dict[str, flo
                                     progress=False)
         row[f"cost_{granularity}_s"] = time.perf_counter() - start
         row[granularity] = test(rebuilt)
+    obs = prune(dense, ratio, calib, "lstsq", OBSImportance)[0]
+    row["obs"] = test(obs)
+    cleanai.recover.reconstruct(obs, dense, calib, granularity="block", progress=False)
+    row["obs_block"] = test(obs)
     if epochs:
         g = torch.Generator().manual_seed(seed)
         batches = list(shuffled_batches(data.train_x, data.train_y, g))
