@@ -319,3 +319,51 @@ def test_a_consumer_without_statistics_is_left_as_it_was_and_named():
         pruner.apply(plan)
     assert "no calibration statistics" in pruner.compensation[-1].skipped["2"]
     assert torch.equal(m[2].weight, expected)  # sliced, not refit
+
+
+def test_a_tied_consumer_is_left_alone_so_the_embedding_it_shares_stays():
+    torch.manual_seed(0)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.mid = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.head(h + torch.relu(self.mid(h)))
+
+    m, ids = LM(), torch.randint(0, 20, (64, 10))
+    kept = [0, 1, 2, 4, 5, 6, 7]
+    before = m.emb.weight[:, kept].detach().clone()
+    pruner = cleanai.StructuredPruner(m, ids[:1], compensate="lstsq")
+    pruner.calibrate([ids])
+    plan = pruner.plan()
+    plan.removals = {next(g.id for g in pruner.graph.groups
+                          if any(x.name == "emb" for x in g.members)): torch.tensor([3])}
+    with pytest.warns(UserWarning, match="tied"):
+        pruner.apply(plan)
+    assert m.head.weight is m.emb.weight and torch.equal(m.emb.weight, before)
+    assert "tied" in pruner.compensation[-1].skipped["head"]
+
+
+def test_a_consumer_without_a_bias_is_refit_without_the_constant():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.RNN(6, 5, bias=False, batch_first=True))
+    with torch.no_grad():  # unit 3 = 10 - unit 0: only a constant separates them
+        m[0].weight[3] = -m[0].weight[0]
+        m[0].bias[3] = 10 - m[0].bias[0]
+        m[0].bias[0] += 5
+    x = torch.randn(64, 7, 4)
+    with torch.no_grad():
+        ref = m(x)[0]
+    errors = {}
+    for mode in (None, "lstsq"):
+        pruned = copy.deepcopy(m)
+        _prune(pruned, x, {0: [3]}, mode)
+        with torch.no_grad():
+            errors[mode] = float((pruned(x)[0] - ref).pow(2).mean())
+    assert errors["lstsq"] < 0.5 * errors[None]

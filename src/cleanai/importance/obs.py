@@ -77,11 +77,17 @@ class OBSImportance(Importance):
             s[:n, :n], s[:n, n], s[n, :n] = second, mean, mean
             damp = self.damping * float(second.diagonal().mean().clamp_min(1e-12))
             s[:n, :n] += damp * torch.eye(n, dtype=torch.float64)
+            if not bool(torch.isfinite(s).all()):
+                return None  # overflowed statistics: no score from them
             chol, info = torch.linalg.cholesky_ex(s)
-            while int(info):
+            for _ in range(8):
+                if not int(info):
+                    break
                 damp *= 10
                 s[:n, :n] += damp * torch.eye(n, dtype=torch.float64)
                 chol, info = torch.linalg.cholesky_ex(s)
+            else:
+                return None
             self._inverses[key] = torch.cholesky_inverse(chol)[:n, :n].float()
         return self._inverses[key]
 
@@ -98,13 +104,11 @@ class OBSImportance(Importance):
             if pruner is None or inv is None or inv.shape[0] != m.length:
                 continue
             weights = pruner.weights(module, "in")
-            if not weights:
-                continue
+            if not weights or any(t.shape[d] != m.length for t, d in weights):
+                continue  # a grouped conv's columns (in/groups): not scored here
             counts = torch.bincount(m.channels, minlength=group.size)
             if bool((counts <= 1).all()):  # one position per channel: the diagonal formula
                 per = sum(slice_norms(t, d, 2) for t, d in weights)  # ||W_p||^2 per slice
-                if per.shape[0] != m.length:  # a grouped conv stores in/groups columns
-                    per = per.repeat(m.length // per.shape[0])
                 cost = per / inv.diagonal().clamp_min(1e-30)
                 total.index_add_(0, m.channels, cost[m.positions])
             else:  # a channel over several positions (an attention head): removed as a block
@@ -133,8 +137,6 @@ def _block_costs(member, weights, inv: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros(size)
     for c in torch.unique(member.channels).tolist():
         b = member.positions[member.channels == c]
-        if w.shape[0] != inv.shape[0]:
-            continue  # a grouped layer's columns: not a block this formula covers
         block = inv[b][:, b].double()
         wb = w[b].double()  # [|B|, outputs]
         sol = torch.linalg.solve(block + 1e-12 * torch.eye(len(b), dtype=block.dtype), wb)

@@ -12,8 +12,13 @@ so that ``W_k += sum_r T[r, k] W_r`` and ``b += sum_r t_r W_r`` (a conv's slab s
 kernel). For a Linear (or a 1x1 conv) this is the least-squares refit of the kept columns,
 ``W' = W S[:, K] S[K, K]^-1`` with S the input's second moment. A k x k conv uses its input's
 channel second moments (C x C, the same pixel) rather than its unfolded input ((C k^2)^2): the
-estimate ignores correlations between neighbouring pixels and is exact where removed channels
-are linear in kept ones. ``"bias"`` keeps only the constant: ``t_r = E[x_r]``, ``T = 0``.
+estimate ignores correlations between neighbouring pixels; where removed channels are linear
+in kept ones it is exact, except that with zero padding the constant part is wrong at the
+image borders. ``"bias"`` keeps only the constant: ``t_r = E[x_r]``, ``T = 0``.
+
+A consumer whose bias cannot take the constant (an RNN or attention layer built without one)
+is refit without it: ``T = E[x_r x_K^T] E[x_K x_K^T]^-1``. A consumer whose weight another
+layer shares (tied embeddings) is left as it is: refitting it would change that layer too.
 """
 from __future__ import annotations
 
@@ -77,8 +82,6 @@ def _targets(module: nn.Module, kind: str, self_attention: bool = False
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         if module.groups > 1 and module.groups == module.in_channels:
             return None  # depthwise: its output channel leaves with its input channel
-        if module.padding_mode != "zeros":
-            return None
         return [_Target(module.weight, 1, 0, module.groups, module, "bias", True)]
     if isinstance(module, nn.RNNBase):
         names = ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if module.bidirectional else [])
@@ -178,6 +181,11 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
     :func:`~cleanai.pruner.keeps.layer_keeps`), from calibration ``stats``."""
     comp = Compensation(CompensationReport(mode))
     done = set()
+    owners: Dict[int, int] = {}  # id(tensor) -> how many modules hold it
+    for m in model.modules():
+        for t in m._parameters.values():
+            if t is not None:
+                owners[id(t)] = owners.get(id(t), 0) + 1
     for (name, kind, dim), keep in keeps.items():
         if kind not in ("in", "internal") or (kind == "internal" and dim > 1):
             continue
@@ -192,6 +200,10 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
                                         lambda m: "")(module) == "same":
                 continue
             comp.report.skipped[name] = f"{type(module).__name__} is not a layer compensation knows"
+            continue
+        if any(owners.get(id(t.weight), 0) > 1 for t in targets):
+            comp.report.skipped[name] = ("its weight is shared with another layer (tied); "
+                                         "refitting it would change that layer too")
             continue
         length = targets[0].weight.shape[targets[0].dim] * targets[0].groups
         removed = _complement(keep, length)
@@ -209,7 +221,8 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
         mean, second, count = found
         for target in targets:
             _compensate(comp, name, target, keep, removed, mean, second, count, mode)
-        comp.report.compensated.append(name)
+        if name not in comp.report.skipped:
+            comp.report.compensated.append(name)
         if isinstance(module, nn.MultiheadAttention) and kind == "in" and \
                 name not in stats.self_attention:
             comp.report.skipped[name] = ("only its query projection refit: calibration did "
@@ -246,6 +259,11 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
     per_out = wm.shape[out_axis] // g
     bias_delta = torch.zeros(wm.shape[out_axis], dtype=torch.float64)
     keep = keep.cpu()
+    bias = getattr(target.owner, target.bias) if target.bias else None
+    constant = isinstance(bias, torch.Tensor) or target.can_add_bias
+    if not constant and mode == "bias":
+        comp.report.skipped[name] = "it has no bias to take the removed channels' mean"
+        return
     for j in range(g):
         lo, hi = j * per_in, (j + 1) * per_in
         k_j = keep[(keep >= lo) & (keep < hi)]
@@ -253,7 +271,7 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
         if r_j.numel() == 0:
             continue
         if mode == "lstsq" and k_j.numel():
-            coef, const = _regress(second, mean, count, r_j, k_j, name, comp.report)
+            coef, const = _regress(second, mean, count, r_j, k_j, name, comp.report, constant)
         else:
             coef, const = None, mean[r_j]
         rows = slice(j * per_out, (j + 1) * per_out)
@@ -272,33 +290,32 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
         whole[target.rows] = value
         value = whole
     comp.updates.append((target.weight, value.to(w.device)))
-    if not bool(bias_delta.any()):
+    if not constant or not bool(bias_delta.any()):
         return
-    bias = getattr(target.owner, target.bias) if target.bias else None
     if target.rows is not None and isinstance(bias, torch.Tensor):
         spread = torch.zeros(bias.shape[0], dtype=torch.float64)
         spread[target.rows] = bias_delta
         bias_delta = spread
     if isinstance(bias, torch.Tensor):
         comp.updates.append((bias, (bias.detach().double().cpu() + bias_delta).to(bias.device)))
-    elif target.can_add_bias:
-        comp.new_bias[name] = (target.owner, bias_delta)
     else:
-        comp.report.skipped[name] = ("kept columns refit, but it has no bias to take the "
-                                     "removed channels' mean")
+        comp.new_bias[name] = (target.owner, bias_delta)
 
 
 def _regress(second: torch.Tensor, mean: torch.Tensor, count: float, removed: torch.Tensor,
-             kept: torch.Tensor, name: str, report: "CompensationReport"
+             kept: torch.Tensor, name: str, report: "CompensationReport", constant: bool = True
              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[T | t]`` of the removed channels' least-squares estimate from the kept ones and a
-    constant, with ridge damping: ``DAMPING`` times the mean diagonal, 10^4 times more when
-    ``count`` (the samples seen) is below the unknowns, raised tenfold until the Cholesky
-    factorisation holds."""
+    constant (``t = 0`` and no constant in the fit when ``constant`` is False), with ridge
+    damping: ``DAMPING`` times the mean diagonal, 10^4 times more when ``count`` (the samples
+    seen) is below the unknowns, raised tenfold until the Cholesky factorisation holds."""
     kk = second[kept][:, kept]
-    a = torch.cat([torch.cat([kk, mean[kept, None]], 1),
-                   torch.cat([mean[None, kept], torch.ones(1, 1, dtype=kk.dtype)], 1)], 0)
-    b = torch.cat([second[kept][:, removed], mean[None, removed]], 0)  # [k + 1, r]
+    if constant:
+        a = torch.cat([torch.cat([kk, mean[kept, None]], 1),
+                       torch.cat([mean[None, kept], torch.ones(1, 1, dtype=kk.dtype)], 1)], 0)
+        b = torch.cat([second[kept][:, removed], mean[None, removed]], 0)  # [k + 1, r]
+    else:
+        a, b = kk, second[kept][:, removed]
     scale = float(kk.diagonal().mean()) if kk.numel() else 1.0
     damp = DAMPING * max(scale, 1e-12)
     start = 0
@@ -306,7 +323,8 @@ def _regress(second: torch.Tensor, mean: torch.Tensor, count: float, removed: to
         start = 4
         damp *= 10 ** start
     eye = torch.eye(a.shape[0], dtype=a.dtype)
-    eye[-1, -1] = 0
+    if constant:
+        eye[-1, -1] = 0  # the constant is not damped
     for attempt in range(start, start + 8):
         chol, info = torch.linalg.cholesky_ex(a + damp * eye)
         if int(info) == 0:
@@ -317,5 +335,7 @@ def _regress(second: torch.Tensor, mean: torch.Tensor, count: float, removed: to
                            f"even with damping {damp:g}")
     if attempt:
         report.damped[name] = max(report.damped.get(name, 0.0), float(10 ** attempt))
-    sol = torch.cholesky_solve(b, chol)  # [k + 1, r]
+    sol = torch.cholesky_solve(b, chol)  # [k (+ 1), r]
+    if not constant:
+        return sol.T.contiguous(), torch.zeros(sol.shape[1], dtype=sol.dtype)
     return sol[:-1].T.contiguous(), sol[-1]
