@@ -367,3 +367,18 @@ def test_a_consumer_without_a_bias_is_refit_without_the_constant():
         with torch.no_grad():
             errors[mode] = float((pruned(x)[0] - ref).pow(2).mean())
     assert errors["lstsq"] < 0.5 * errors[None]
+
+
+def test_a_consumer_too_wide_for_second_moments_gets_its_mean_only():
+    from cleanai.importance.stats import MAX_GRAM_CHANNELS
+    torch.manual_seed(0)
+    wide = MAX_GRAM_CHANNELS + 8
+    m = nn.Sequential(nn.Linear(4, wide), nn.ReLU(), nn.Linear(wide, 2))
+    x = torch.randn(16, 4)
+    pruner = cleanai.StructuredPruner(m, x[:1], compensate="lstsq", pruning_ratio=0.25)
+    pruner.calibrate([x])
+    assert not pruner.input_stats.grams  # never built: O(C^2) memory
+    with pytest.warns(UserWarning, match="too wide"):
+        pruner.step()
+    assert "only the removed channels' mean" in pruner.compensation[-1].skipped["2"]
+    assert m[2].in_features == wide - wide // 4

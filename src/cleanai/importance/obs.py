@@ -12,7 +12,7 @@ from ..core.layers import get_layer_pruner
 from ..core.runtime import find_submodule
 from .activation import WeightActivationImportance
 from .base import Importance, normalize, slice_norms
-from .stats import ActivationStats, collect, stats_key
+from .stats import MAX_GRAM_CHANNELS, ActivationStats, collect, stats_key
 
 
 class OBSImportance(Importance):
@@ -50,7 +50,8 @@ class OBSImportance(Importance):
     def calibrate(self, model: nn.Module, graph: DependencyGraph, data: Iterable,
                   max_batches: Optional[int] = None, forward_fn=None, progress: bool = False) -> None:
         keys = {stats_key(m.name, m.kind, m.dim) for g in graph.groups
-                if g.prunable and g.size > 1 for m in g.members if m.kind == "in"}
+                if g.prunable and g.size > 1 for m in g.members
+                if m.kind == "in" and m.length <= MAX_GRAM_CHANNELS}
         self.adopt(collect(model, graph, data, max_batches, forward_fn, progress, grams=keys))
 
     def adopt(self, stats: ActivationStats) -> bool:

@@ -15,6 +15,9 @@ from ..core.runtime import ForwardFn, map_tensors, preserved_state, run_forward
 logger = logging.getLogger(__name__)
 
 STATISTICS = ("l2", "mean_abs", "variance")
+#: the widest input whose second moments are collected (a C x C float64 matrix: 512 MB here);
+#: a wider one (a VGG classifier reading 25088 flattened features) keeps its mean only
+MAX_GRAM_CHANNELS = 8192
 
 
 class ActivationStats:
@@ -60,7 +63,7 @@ class ActivationStats:
         else:
             self.sums[name] += s
             self.count[name] += x.shape[1]
-        if name in self.gram_keys:
+        if name in self.gram_keys and x.shape[0] <= MAX_GRAM_CHANNELS:
             # one batch's products in float32 (several times faster than float64 on a CPU),
             # summed across batches in float64
             gram = (x @ x.T).to(wide)

@@ -33,7 +33,7 @@ from ..core.graph import DependencyGraph
 from ..core.layers import get_layer_pruner
 from ..core.named_layers import TransposedLinearPruner
 from ..core.runtime import find_submodule
-from ..importance.stats import ActivationStats, stats_key
+from ..importance.stats import MAX_GRAM_CHANNELS, ActivationStats, stats_key
 
 MODES = ("bias", "lstsq")
 #: ridge damping of the kept channels' second moment, relative to its mean diagonal
@@ -104,7 +104,8 @@ def compensable_keys(model: nn.Module, graph: DependencyGraph) -> List[str]:
         for m in g.members:
             if m.kind not in ("in", "internal") or (m.kind == "internal" and m.dim > 1):
                 continue
-            if _targets(find_submodule(model, m.name), m.kind) is not None:
+            if m.length <= MAX_GRAM_CHANNELS and \
+                    _targets(find_submodule(model, m.name), m.kind) is not None:
                 keys.append(stats_key(m.name, m.kind, m.dim))
     return list(dict.fromkeys(keys))
 
@@ -210,17 +211,23 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
         if removed.numel() == 0:
             continue
         found = stats.moments(key) if stats is not None else None
-        if found is None and mode == "bias" and stats is not None and key in stats.sums:
+        mean_only = mode == "bias"
+        if found is None and stats is not None and key in stats.sums:
+            if mode == "lstsq":  # too wide for second moments: its mean only
+                mean_only = True
+                comp.report.skipped[name] = (
+                    f"its input is too wide for second moments ({length} channels > "
+                    f"{MAX_GRAM_CHANNELS}); only the removed channels' mean was compensated")
             n = max(stats.count[key], 1.0)
-            mean = stats.sums[key][0].cpu().double() / n
-            found = (mean, None, n)
+            found = (stats.sums[key][0].cpu().double() / n, None, n)
         if found is None or found[0].shape[0] != length:
             comp.report.skipped[name] = "no calibration statistics for its input (not reached " \
                                         "by the calibration data)"
             continue
         mean, second, count = found
         for target in targets:
-            _compensate(comp, name, target, keep, removed, mean, second, count, mode)
+            _compensate(comp, name, target, keep, removed, mean, second, count,
+                        "bias" if mean_only else mode)
         if name not in comp.report.skipped:
             comp.report.compensated.append(name)
         if isinstance(module, nn.MultiheadAttention) and kind == "in" and \
