@@ -1,6 +1,6 @@
 """The production path on real data: ResNet-18 on Fashion-MNIST (or scikit-learn's digits).
 
-    python examples/example_resnet.py            # about 10 minutes on two CPU cores
+    python examples/example_resnet.py            # about 4 minutes on two CPU cores
     python examples/example_resnet.py --quick    # seconds: tiny subsets, for CI
 
 1. train a baseline briefly (no pretrained weights are downloaded);
