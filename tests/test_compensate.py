@@ -382,3 +382,30 @@ def test_a_consumer_too_wide_for_second_moments_gets_its_mean_only():
         pruner.step()
     assert "only the removed channels' mean" in pruner.compensation[-1].skipped["2"]
     assert m[2].in_features == wide - wide // 4
+
+
+def test_padded_token_positions_do_not_count_in_the_statistics():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x, attention_mask):
+            return self.down(torch.relu(self.up(x)))
+
+    m = Net()
+    x = torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[0, 3:] = 0
+    x[0, 3:] = 1e3  # padding that would dominate every statistic
+    pruner = cleanai.StructuredPruner(m, {"x": x[:1], "attention_mask": mask[:1]},
+                                      compensate="lstsq")
+    pruner.calibrate([{"x": x, "attention_mask": mask}])
+    mean, second, count = pruner.input_stats.moments("down")
+    with torch.no_grad():
+        real = torch.relu(m.up(x[mask.bool()])).double()  # the 13 real tokens
+    assert count == 13
+    torch.testing.assert_close(mean, real.mean(0))
+    torch.testing.assert_close(second, real.T @ real / 13)

@@ -318,8 +318,8 @@ class StructuredPruner:
                 raise RuntimeError(f"compensate={self.compensate!r} needs calibration "
                                    f"statistics: call pruner.calibrate(data) before the step")
             plan.validate()
-            comp = plan_compensation(self.model, self.graph,
-                                     layer_keeps(self.graph, plan.removals), self.input_stats,
+            keeps = layer_keeps(self.graph, plan.removals)
+            comp = plan_compensation(self.model, self.graph, keeps, self.input_stats,
                                      self.compensate)
             comp.write()
         try:
@@ -330,9 +330,7 @@ class StructuredPruner:
                 comp.undo()
             raise
         if comp is not None:
-            keeps = {(e["name"], e["kind"], e["dim"]): torch.tensor(e["keep"], dtype=torch.long)
-                     for e in layers if e["kind"] == "out"}
-            layers += comp.finish(keeps)
+            layers += comp.finish(keeps)  # the step's own keeps, from before the renumbering
             self.graph.signature = module_signature(self.model)
             self.compensation.append(comp.report)
             if self.input_stats is not None and not _shares(self.importance, self.input_stats):

@@ -296,7 +296,7 @@ class _State:
             ("custom" if callable(loss) else "auto")
 
     def loss(self, model, teacher, batch, i, device, t_device) -> torch.Tensor:
-        from ..importance.stats import model_inputs, padding_mask
+        from ..importance.stats import drop_padding, model_inputs, padding_mask
 
         inputs = model_inputs(batch)
         labels = batch[1] if inputs is not batch and isinstance(batch, (tuple, list)) else None
@@ -335,9 +335,8 @@ class _State:
         else:
             # token outputs of a batch with an attention_mask: padded positions do not count
             mask = padding_mask(inputs)
-            real_s, real_t = s, t
-            if mask is not None and s.dim() >= 3 and s.shape[:2] == mask.shape:
-                real_s, real_t = s[mask.to(s.device)], t[mask.to(s.device)]
+            real_s = drop_padding(s, s.dim() - 1, mask)[0]
+            real_t = drop_padding(t, t.dim() - 1, mask)[0]
             value = loss_value(self.name, real_s, real_t, self.temperature)
         if self.names and self.layer_weight > 0:
             value = value + self.layer_weight * self._layer_terms(model, device)

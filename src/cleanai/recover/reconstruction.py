@@ -12,18 +12,15 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ..core.layers import get_layer_pruner
-from ..core.named_layers import TransposedLinearPruner
-from ..core.runtime import ForwardFn, find_submodule, iter_tensors, map_tensors, run_forward
+from ..core.runtime import ForwardFn, iter_tensors, map_tensors, run_forward
 from ..importance.stats import drop_padding, padding_mask
 from .least_squares import closed_form_dim, regression_rows, ridge_solve, solve_layout
-from .common import (Key, RecoveryError, all_or_nothing, check_finite, check_pair, kept_indices,
-                     materialize, model_device, relative_error, to_device)
+from .units import Unit, plan_units
+from .common import (RecoveryError, all_or_nothing, check_finite, check_pair, materialize,
+                     model_device, relative_error, to_device)
 
 logger = logging.getLogger(__name__)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_WEIGHTED = (nn.Linear,) + _CONVS
 #: closed form above this many unknowns per output (C_in/groups * prod(kernel)) uses Adam
 MAX_CLOSED_FORM_DIM = 4096
 _SKIP_BELOW = 1e-10  # relative error under which an unpruned unit is left alone
@@ -66,17 +63,6 @@ class ReconstructionReport:
                      f"{self.seconds:.2f} s")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class _Unit:
-    name: str
-    kind: str                    # "layer" | "block"
-    module: nn.Module            # in the pruned model
-    target: nn.Module            # the teacher's module of the same name
-    keep: Optional[torch.Tensor]  # teacher output channels the model kept, on ``dim``
-    dim: int                     # output channel dim, negative
-    pruned: bool
 
 
 @dataclasses.dataclass
@@ -148,7 +134,8 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
             teacher.eval()
             order, s_shapes = _probe(model, batches[0], forward_fn, "model")
             _, t_shapes = _probe(teacher, batches[0], forward_fn, "teacher")
-            units = _plan(run, granularity, order, s_shapes, t_shapes)
+            units = plan_units(model, teacher, granularity, order, s_shapes, t_shapes,
+                               report.notes)
             for unit in _progress(units, progress):
                 report.units.append(_reconstruct_unit(run, unit))
     finally:
@@ -194,99 +181,6 @@ def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
     return order, shapes
 
 
-def _weighted(m: nn.Module) -> bool:
-    """A layer reconstruction fits: Linear, Conv1d/2d/3d, or a linear layer stored
-    transposed (Hugging Face ``Conv1D``, trained with Adam)."""
-    return isinstance(m, _WEIGHTED) or isinstance(get_layer_pruner(m), TransposedLinearPruner)
-
-
-def _find_blocks(model: nn.Module) -> List[str]:
-    """Non-leaf children of Sequential/ModuleList containers holding a Linear or conv,
-    outermost first (an inner container of a block is part of the block)."""
-    blocks, stack = [], [("", model)]
-    while stack:
-        prefix, m = stack.pop()
-        container = isinstance(m, (nn.Sequential, nn.ModuleList))
-        for cname, child in m._modules.items():
-            if child is None:
-                continue
-            full = f"{prefix}.{cname}" if prefix else cname
-            if container and child._modules and any(_weighted(x) for x in child.modules()):
-                blocks.append(full)
-            else:
-                stack.append((full, child))
-    return blocks
-
-
-def _plan(run: _Run, granularity: str, order: List[str], s_shapes: Dict[str, Any],
-          t_shapes: Dict[str, Any]) -> List[_Unit]:
-    keep = kept_indices(run.model)
-    pos = {n: i for i, n in enumerate(order)}
-    touched = {k[0] for k in keep}
-    blocks = [b for b in _find_blocks(run.model) if b in pos] if granularity == "block" else []
-    units: List[_Unit] = []
-    inside: List[str] = []  # blocks whose layers are units
-    for b in blocks:
-        unit = _block_unit(run, b, order, s_shapes[b], t_shapes.get(b), keep, touched)
-        if unit is None:
-            run.notes.append(f"{b}: its output channels could not be matched to the teacher's; "
-                             f"its layers were reconstructed one by one instead")
-        else:
-            units.append(unit)
-            inside.append(b + ".")
-    for name in order:
-        m = find_submodule(run.model, name)
-        if not _weighted(m) or any(name.startswith(p) for p in inside):
-            continue
-        unit = _layer_unit(run, name, m, s_shapes[name], t_shapes.get(name), keep, touched)
-        if unit is not None:
-            units.append(unit)
-    units.sort(key=lambda u: pos[u.name])
-    return units
-
-
-def _layer_unit(run: _Run, name: str, m: nn.Module, s_shape, t_shape, keep: Dict[Key, Any],
-                touched: set) -> Optional[_Unit]:
-    if s_shape is None or t_shape is None or len(s_shape) != len(t_shape):
-        run.notes.append(f"{name}: its output does not line up with the teacher's; skipped")
-        return None
-    dim = get_layer_pruner(m).out_dim(m, len(s_shape)) - len(s_shape)
-    kept = keep.get((name, "out", -1))
-    want = list(t_shape)
-    if kept is not None:
-        want[dim] = len(kept)
-    if list(s_shape) != want:
-        run.notes.append(f"{name}: output {tuple(s_shape)} does not match the teacher's "
-                         f"{tuple(t_shape)} after its kept channels; skipped")
-        return None
-    return _Unit(name, "layer", m, find_submodule(run.teacher, name), kept, dim, name in touched)
-
-
-def _block_unit(run: _Run, b: str, order: List[str], s_shape, t_shape, keep: Dict[Key, Any],
-                touched: set) -> Optional[_Unit]:
-    """The block as a unit, with the output channel map taken from the last layer inside it
-    (forward order) whose "out" keep list fits; ``None`` when no map fits."""
-    if s_shape is None or t_shape is None or len(s_shape) != len(t_shape):
-        return None
-    diff = [d for d in range(len(s_shape)) if s_shape[d] != t_shape[d]]
-    kept, dim = None, -1
-    if len(diff) > 1:
-        return None
-    if diff:
-        dim = diff[0] - len(s_shape)
-        size, full = s_shape[diff[0]], t_shape[diff[0]]
-        for n in reversed(order):
-            k = keep.get((n, "out", -1))
-            if n.startswith(b + ".") and k is not None and len(k) == size and int(k.max()) < full:
-                kept = k
-                break
-        if kept is None:
-            return None
-    pruned = any(n == b or n.startswith(b + ".") for n in touched)
-    return _Unit(b, "block", find_submodule(run.model, b), find_submodule(run.teacher, b),
-                 kept, dim, pruned)
-
-
 # --- running and capturing --------------------------------------------------------------------
 
 def _forward(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn], i: int,
@@ -300,7 +194,7 @@ def _forward(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn], i: i
                             f"{type(exc).__name__}: {exc}") from exc
 
 
-def _capture(run: _Run, unit: _Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
+def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
     """The unit's (args, kwargs) in the model (detached) and the teacher's target at it (kept
     channels only) on batch ``i``; both forwards stop once the unit has been seen."""
     got: Dict[str, Any] = {}
@@ -347,7 +241,7 @@ def _first_tensor(out: Any) -> Optional[torch.Tensor]:
     return next(iter_tensors(out), None)
 
 
-def _progress(units: Sequence[_Unit], progress: bool) -> Iterator[_Unit]:
+def _progress(units: Sequence[Unit], progress: bool) -> Iterator[Unit]:
     if not progress:
         yield from units
         return
@@ -361,7 +255,7 @@ def _progress(units: Sequence[_Unit], progress: bool) -> Iterator[_Unit]:
     yield from tqdm(units, desc="reconstruct", unit="unit")
 
 
-def _reconstruct_unit(run: _Run, unit: _Unit) -> Dict[str, Any]:
+def _reconstruct_unit(run: _Run, unit: Unit) -> Dict[str, Any]:
     if unit.kind == "layer":
         d = closed_form_dim(unit.module)
         if d is not None and d <= MAX_CLOSED_FORM_DIM:
@@ -371,7 +265,7 @@ def _reconstruct_unit(run: _Run, unit: _Unit) -> Dict[str, Any]:
 
 # --- closed form ------------------------------------------------------------------------------
 
-def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
+def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
     m = unit.module
     g = getattr(m, "groups", 1)
     bias = m.bias is not None
@@ -426,7 +320,7 @@ def _closed_form(run: _Run, unit: _Unit) -> Dict[str, Any]:
 
 # --- Adam -------------------------------------------------------------------------------------
 
-def _adam(run: _Run, unit: _Unit) -> Dict[str, Any]:
+def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
     """Train the unit's parameters with Adam on ``||out - target||^2 / ||target||^2``."""
     m = unit.module
     dev = model_device(run.model)
@@ -478,13 +372,13 @@ def _adam(run: _Run, unit: _Unit) -> Dict[str, Any]:
 
 def _real_tokens(out: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``out`` and ``y`` without padded token positions (``[batch, tokens, ...]`` outputs of a
-    batch with an ``attention_mask``); unchanged otherwise."""
-    if mask is None or out.dim() < 3 or out.shape[:2] != mask.shape or y.shape != out.shape:
+    """``out`` and ``y`` without padded token positions (see
+    :func:`~cleanai.importance.stats.drop_padding`); unchanged when their shapes differ."""
+    if y.shape != out.shape:
         return out, y
-    return out[mask], y[mask]
+    return drop_padding(out, out.dim() - 1, mask)[0], drop_padding(y, y.dim() - 1, mask)[0]
 
 
-def _row(unit: _Unit, method: str, before: float, after: float) -> Dict[str, Any]:
+def _row(unit: Unit, method: str, before: float, after: float) -> Dict[str, Any]:
     return {"name": unit.name, "kind": unit.kind, "method": method,
             "error_before": float(before), "error_after": float(after)}
