@@ -22,6 +22,8 @@ class PruningPlan:
     graph: DependencyGraph
     removals: Dict[int, torch.Tensor]
     step: int = 1
+    #: with a budget: the targets and what the plan reaches (a ``BudgetResult``)
+    budget: Any = None
 
     def __post_init__(self) -> None:
         self.removals = {int(g): torch.as_tensor(idx, dtype=torch.long).flatten().sort().values
@@ -61,6 +63,8 @@ class PruningPlan:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"PruningPlan(step {self.step}: {self.num_removed} channels from "
                  f"{len(rows) - 1} groups)"]
+        if self.budget is not None:
+            lines.append("  " + self.budget.summary())
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         return "\n".join(lines)

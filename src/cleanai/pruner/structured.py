@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import math
 import warnings
@@ -14,13 +15,14 @@ from ..core.graph import DependencyGraph, Group, module_signature
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from ..importance.stats import ActivationStats, collect, stats_key
-from .apply import PruningError, apply_removals
+from .apply import PruningError, apply_removals, copy_model, slice_model
 from .compensate import MODES as COMPENSATION_MODES
 from .compensate import CompensationReport, compensable_keys, plan_compensation
 from .keeps import layer_keeps
-from .attributes import update_config
+from .attributes import attribute_updates, set_attributes, update_config
 from .fallback import protect_failing
 from .history import record_step
+from .budget import Target, BudgetResult, budget_removals, latency_removals, parse_targets
 from .plan import PruningPlan
 from .references import LayerNames, infer_example_inputs
 
@@ -79,6 +81,17 @@ class StructuredPruner:
             type allows (Linear, conv); ``pruner.compensation`` reports each step.
         keep_teacher: keep ``pruner.teacher``, a deep copy of the model as it is now, for
             :func:`cleanai.recover.reconstruct` and :func:`cleanai.recover.distill`.
+        target_macs, target_params: a budget instead of a ratio: a fraction of the dense model
+            in (0, 1) or an absolute count. The plan ranks the channels of every group not
+            named in ``layer_pruning_ratios`` together, by score per unit of what they cost
+            (:class:`cleanai.budget.CostModel`), and takes as few as meet the budget (within
+            one channel); both may be given. ``pruning_ratio`` and ``global_pruning`` are then
+            unused; ``ignored_layers``, ``kinds``, ``max_pruning_ratio``, ``round_to`` and the
+            iterative schedule still apply. :class:`~cleanai.pruner.budget.BudgetError` says
+            why when the budget cannot be met.
+        target_latency: a latency budget, a fraction of the dense latency in (0, 1) or a
+            ``datetime.timedelta``: candidates are timed on the model's device (median of 30
+            runs at ``example_inputs``) and the MACs budget corrected until they fit.
 
     Module attributes that store pruned widths (``num_heads``, ``head_dim``, ``split_size``,
     ``intermediate_size``...) and a Hugging Face ``model.config`` are updated with the tensors
@@ -94,7 +107,9 @@ class StructuredPruner:
                  round_to: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
                  attention: str = "heads", kinds: Optional[Iterable[str]] = None,
                  check_forward: Union[bool, str] = "auto", compensate: Optional[str] = None,
-                 keep_teacher: bool = False) -> None:
+                 keep_teacher: bool = False, target_macs: Optional[float] = None,
+                 target_params: Optional[float] = None,
+                 target_latency: Union[float, "datetime.timedelta", None] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_ratio("pruning_ratio", pruning_ratio)
@@ -106,6 +121,7 @@ class StructuredPruner:
             raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
         if compensate not in (None,) + COMPENSATION_MODES:
             raise ValueError(f"compensate must be None, 'bias' or 'lstsq', got {compensate!r}")
+        targets = parse_targets(target_macs, target_params, target_latency)
         if importance is not None and not callable(importance):
             raise TypeError("importance must be callable: importance(group, model) -> scores")
         self.kinds = set(GROUP_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
@@ -146,6 +162,20 @@ class StructuredPruner:
         self.compensation: List[CompensationReport] = []
         #: the model as it was when the pruner was built (``keep_teacher=True``), else None
         self.teacher: Optional[nn.Module] = copy.deepcopy(model) if keep_teacher else None
+        #: the budgets (``target_macs`` / ``target_params`` / ``target_latency``)
+        self.targets: List[Target] = targets
+        #: params and MACs of any plan, when a budget is set (:class:`cleanai.budget.CostModel`)
+        self.cost_model = None
+        self._dense_latency: Optional[float] = None
+        if targets:
+            from ..budget.cost import CostModel
+            self.cost_model = CostModel(model, self.graph)
+            for t in targets:
+                if t.absolute is not None and t.metric != "latency" and \
+                        t.absolute >= getattr(self.cost_model.dense, t.metric):
+                    raise ValueError(f"target_{t.metric}={t.absolute:g} is not below the "
+                                     f"model's {getattr(self.cost_model.dense, t.metric):.0f} "
+                                     f"{t.metric}: nothing to prune")
 
     # --- policy ------------------------------------------------------------------------
 
@@ -174,7 +204,8 @@ class StructuredPruner:
 
     def _rounded(self, group: Group, n: int) -> int:
         """``n`` channels removed in total, adjusted so the kept count is a multiple of
-        ``round_to`` (counted in positions per channel, for flattened members)."""
+        ``round_to`` (counted in positions per channel, for flattened members), never past
+        ``max_pruning_ratio``."""
         size0 = self.original_size[group.id]
         if not self.round_to or n <= 0:
             return n
@@ -182,6 +213,9 @@ class StructuredPruner:
         unit = self.round_to // math.gcd(self.round_to, per)
         keep = size0 - n
         keep = max(unit, int(round(keep / unit)) * unit) if size0 >= unit else size0
+        most = math.floor(size0 * self.max_pruning_ratio + 1e-9)
+        if size0 - keep > most:  # rounding down went past the cap: round up instead
+            keep = min(size0, math.ceil((size0 - most) / unit) * unit)
         return max(0, min(size0 - keep, size0 - 1))
 
     def plan(self) -> PruningPlan:
@@ -196,6 +230,7 @@ class StructuredPruner:
                                f"call pruner.calibrate(data) before planning")
         scores: Dict[int, torch.Tensor] = {}
         quota: Dict[int, int] = {}
+        caps: Dict[int, int] = {}  # with a budget: how many each ranked group may lose
         pool: List[int] = []
         for g in self.graph.groups:
             ratio = self.group_ratio(g)
@@ -204,9 +239,14 @@ class StructuredPruner:
             prunable = g.prunable
             if prunable == 0:
                 continue
-            r = self._scheduled(step, ratio)
             already = self.original_size[g.id] - g.size
-            n = min(self._target_removed(g, r) - already, prunable, g.size - 1)
+            named = any(_inside(m.name, k) for m in g.members for k in self.layer_ratios)
+            if self.targets and not named:
+                n = min(prunable, g.size - 1, math.floor(
+                    self.original_size[g.id] * self.max_pruning_ratio + 1e-9) - already)
+            else:
+                r = self._scheduled(step, ratio)
+                n = min(self._target_removed(g, r) - already, prunable, g.size - 1)
             if n <= 0:
                 continue
             s = self.importance(g, self.model).detach().float().cpu()
@@ -214,17 +254,46 @@ class StructuredPruner:
                 raise ValueError(f"{type(self.importance).__name__} returned shape "
                                  f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
             scores[g.id] = s.masked_fill(g.protected, float("inf")) if prunable < g.size else s
+            if self.targets and not named:
+                caps[g.id] = n
+                continue
             quota[g.id] = n
-            if self.global_pruning and not any(_inside(m.name, k) for m in g.members
-                                               for k in self.layer_ratios):
+            if self.global_pruning and not named:
                 pool.append(g.id)
         removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                     if gid not in pool}
+        if self.targets:
+            return self._plan_budget(step, scores, caps, removals)
         removals.update(self._global(pool, scores, quota))
         by_id = {g.id: g for g in self.graph.groups}
         removals = {gid: _spare_members(by_id[gid], idx, scores[gid])
                     for gid, idx in removals.items()}
         return PruningPlan(self.graph, removals, step)
+
+    def _plan_budget(self, step: int, scores: Dict[int, torch.Tensor], caps: Dict[int, int],
+                     fixed: Dict[int, torch.Tensor]) -> PruningPlan:
+        """The plan of a budgeted step: this step's share of the targets, met by the cost
+        model's ranking (see :mod:`cleanai.pruner.budget`)."""
+        frac = self.schedule(step, self.iterative_steps, 1.0)
+        if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+            raise ValueError(f"iterative_schedule returned {frac!r} for step {step} with "
+                             f"ratio 1.0; it must return a number in [0, 1]")
+        cm = self.cost_model
+        rows: Dict[str, Dict[str, float]] = {}
+        if self.targets[0].metric == "latency":
+            removals, rows = latency_removals(self, step, float(frac), scores, caps, fixed)
+        else:
+            wanted = {}
+            for t in self.targets:
+                dense = getattr(cm.dense, t.metric)
+                final = t.value(dense)
+                wanted[t.metric] = dense - (dense - final) * float(frac)
+            removals, planned = budget_removals(self, scores, caps, fixed, wanted)
+            rows = {m: {"dense": getattr(cm.dense, m), "target": wanted[m],
+                        "planned": planned[m]} for m in wanted}
+        plan = PruningPlan(self.graph, removals, step)
+        plan.budget = BudgetResult(rows)
+        return plan
 
     def _scheduled(self, step: int, ratio: float) -> float:
         """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
@@ -345,6 +414,28 @@ class StructuredPruner:
         record_step(self.model, self.history[-1], signature, self.graph.signature)
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
+
+    def pruned_copy(self, plan: PruningPlan, compensate: bool = True) -> nn.Module:
+        """A deep copy of the model with ``plan`` applied (and compensated, with the pruner's
+        ``compensate``, calibration statistics and ``compensate=True``); the model, the graph
+        and :attr:`history` stay as they are. For measuring a candidate plan."""
+        if plan.graph is not self.graph:
+            raise PruningError("this plan was made for another pruner's graph")
+        plan.validate()
+        model = copy_model(self.model)
+        keeps = layer_keeps(self.graph, plan.removals)
+        comp = None
+        if compensate and self.compensate is not None and self.input_stats is not None:
+            with warnings.catch_warnings():  # the step itself reports them; a preview is quiet
+                warnings.simplefilter("ignore")
+                comp = plan_compensation(model, self.graph, keeps, self.input_stats,
+                                         self.compensate)
+            comp.write()
+        slice_model(model, keeps)
+        set_attributes(model, attribute_updates(self.model, self.graph, plan.removals, keeps))
+        if comp is not None:
+            comp.finish(keeps)
+        return model
 
     def step(self) -> PruningPlan:
         """Plan and apply the next step; returns the applied plan.

@@ -1,0 +1,301 @@
+"""Budgets: a plan that removes the least important channels per unit of cost until the model
+fits a target of MACs, parameters or latency.
+
+Channels of every group the pruner may touch are ranked together by their normalised score
+divided by what removing them saves (:meth:`~cleanai.budget.CostModel.channel_costs`), so a
+cheap, unimportant channel goes before an expensive, important one. The number taken from that
+ranking is bisected until the plan's cost, computed exactly by the cost model, meets the
+target. A latency target is met through MACs: the pruned candidates are timed on the model's
+device and the MACs target is corrected until the measured latency fits.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .apply import PruningError
+from .plan import PruningPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .structured import StructuredPruner
+
+METRICS = ("macs", "params", "latency")
+LATENCY_REPEATS = 30  # timed runs per candidate of a latency budget (their median counts)
+LATENCY_CANDIDATES = 6  # candidate plans timed at most per step
+logger = logging.getLogger(__name__)
+
+
+class BudgetError(PruningError):
+    """The budget cannot be met: everything the pruner may remove still costs too much."""
+
+
+@dataclasses.dataclass
+class Target:
+    """One budget: ``metric`` ("macs", "params" or "latency") must fall to ``fraction`` of
+    the dense model, or to ``absolute`` (MACs, parameters, seconds)."""
+
+    metric: str
+    fraction: Optional[float] = None
+    absolute: Optional[float] = None
+
+    def value(self, dense: float) -> float:
+        """The target in the metric's unit, given the dense model's value."""
+        return self.absolute if self.absolute is not None else self.fraction * dense
+
+
+def parse_targets(target_macs: Any, target_params: Any, target_latency: Any) -> List[Target]:
+    """Check the pruner's budget arguments; a clear ``ValueError`` for bad ones."""
+    out = []
+    for metric, value in (("macs", target_macs), ("params", target_params)):
+        if value is None:
+            continue
+        arg = f"target_{metric}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{arg} must be a fraction of the dense model in (0, 1) or an "
+                             f"absolute number of {metric} (>= 1), got {value!r}")
+        if isinstance(value, float) and value < 1:
+            out.append(Target(metric, fraction=float(value)))
+        elif value == 1 or value != int(value):
+            raise ValueError(f"{arg} must be a fraction of the dense model in (0, 1) (0.5: "
+                             f"half of it) or a whole number of {metric}, got {value!r}")
+        else:
+            out.append(Target(metric, absolute=float(value)))
+    if target_latency is not None:
+        if out:
+            raise ValueError("target_latency cannot be combined with target_macs or "
+                             "target_params: latency is met through MACs; give one budget")
+        if isinstance(target_latency, datetime.timedelta):
+            seconds = target_latency.total_seconds()
+            if seconds <= 0:
+                raise ValueError(f"target_latency must be positive, got {target_latency!r}")
+            out.append(Target("latency", absolute=seconds))
+        elif isinstance(target_latency, (int, float)) and not isinstance(target_latency, bool) \
+                and 0 < target_latency < 1:
+            out.append(Target("latency", fraction=float(target_latency)))
+        else:
+            raise ValueError(f"target_latency must be a fraction of the dense latency in "
+                             f"(0, 1) or a datetime.timedelta, got {target_latency!r}")
+    return out
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    """What a budgeted plan was asked for and what it reaches, per metric: ``dense``, this
+    step's ``target`` and the ``planned`` value (all in the metric's unit; latency in
+    seconds, ``measured`` on the device and ``predicted`` from the MACs)."""
+
+    rows: Dict[str, Dict[str, float]]
+
+    def summary(self) -> str:
+        parts = []
+        for metric, r in self.rows.items():
+            dense = r["dense"]
+            got = r.get("measured", r["planned"])
+            parts.append(f"{metric} {got / dense:.3f} of dense (target {r['target'] / dense:.3f}"
+                         + (f", predicted {r['predicted'] / dense:.3f}" if "predicted" in r
+                            else "") + ")")
+        return "budget: " + "; ".join(parts)
+
+
+def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
+                    caps: Dict[int, int], fixed: Dict[int, torch.Tensor],
+                    targets: Dict[str, float]) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:
+    """The removals that meet every ``targets`` value (metric -> this step's cost) with the
+    fewest channels from the ranking. ``scores``: per candidate group (protected channels
+    ``inf``); ``caps``: how many each may lose; ``fixed``: removals decided by layer ratios.
+    Returns the removals and their predicted costs."""
+    from .structured import _spare_members
+
+    cm = pruner.cost_model
+    costs = cm.channel_costs(fixed)
+    dense = cm.dense
+    by_id = {g.id: g for g in pruner.graph.groups}
+    keys, owner, local = [], [], []
+    for gid, cap in caps.items():
+        s = scores[gid]
+        c = costs.get(gid)
+        per = 0.0
+        if c is not None:
+            per = sum((c.macs / max(dense.macs, 1)) if m == "macs" else
+                      (c.params / max(dense.params, 1)) for m in targets)
+        finite = s[torch.isfinite(s)]
+        scale = float(finite.abs().mean()) if finite.numel() else 1.0
+        key = (s / (scale if scale > 0 else 1.0)) / per if per > 0 else \
+            torch.full_like(s, float("inf"))
+        order = s.argsort(stable=True)[:cap]  # a group gives its worst channels first
+        order = order[torch.isfinite(key[order])]
+        keys.append(key[order])
+        owner.append(torch.full((order.numel(),), gid, dtype=torch.long))
+        local.append(order)
+    if keys:
+        flat = torch.cat(keys)
+        ranked = flat.argsort(stable=True)
+        owner_r, local_r = torch.cat(owner)[ranked], torch.cat(local)[ranked]
+    else:
+        owner_r = local_r = torch.zeros(0, dtype=torch.long)
+
+    def removals(n: int) -> Dict[int, torch.Tensor]:
+        out = dict(fixed)
+        if n:
+            own, loc = owner_r[:n], local_r[:n]
+            for gid in torch.unique(own).tolist():
+                idx = loc[own == gid]
+                if pruner.round_to:
+                    g = by_id[gid]
+                    already = pruner.original_size[gid] - g.size
+                    k = min(pruner._rounded(g, already + idx.numel()) - already, caps[gid])
+                    idx = scores[gid].argsort(stable=True)[:max(0, k)]
+                if idx.numel():
+                    out[gid] = idx
+        return {gid: _spare_members(by_id[gid], idx, scores[gid]) for gid, idx in out.items()}
+
+    def fits(n: int) -> Tuple[bool, Dict[int, torch.Tensor], Any]:
+        r = removals(n)
+        cost = cm.evaluate(r)
+        ok = all(getattr(cost, m) <= t * (1 + 1e-9) for m, t in targets.items())
+        return ok, r, cost
+
+    total = owner_r.numel()
+    ok, best, cost = fits(total)
+    if not ok:
+        raise BudgetError(_unreachable(pruner, targets, cost, dense))
+    lo, hi = 0, total  # fits(hi) holds; find the smallest n that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ok, r, c = fits(mid)
+        if ok:
+            hi, best, cost = mid, r, c
+        else:
+            lo = mid + 1
+    if hi == 0:
+        best, cost = removals(0), cm.evaluate(removals(0))
+    return best, {m: getattr(cost, m) for m in targets}
+
+
+def _unreachable(pruner: "StructuredPruner", targets: Dict[str, float], cost: Any,
+                 dense: Any) -> str:
+    """Why a budget cannot be met, and how close the pruner can get."""
+    got = "; ".join(f"{m} {getattr(cost, m) / max(getattr(dense, m), 1):.3f} of dense "
+                    f"(target {t / max(getattr(dense, m), 1):.3f})" for m, t in targets.items())
+    reasons: Dict[str, int] = {}
+    ignored = 0
+    for g in pruner.graph.groups:
+        if pruner.group_ratio(g) is None:
+            ignored += g.size
+        for reason, n in g.reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    why = [f"{n} channels protected ({r})" for r, n in top]
+    if ignored:
+        why.append(f"{ignored} channels in ignored layers or kinds not pruned")
+    if pruner.max_pruning_ratio < 1:
+        why.append(f"max_pruning_ratio={pruner.max_pruning_ratio} caps every group")
+    why.append("every group keeps one channel at least")
+    return (f"the budget cannot be met: removing every channel the pruner may remove leaves "
+            f"{got}. What stays: " + "; ".join(why) + ". Raise the target, or allow more "
+            "(ignored_layers, kinds, max_pruning_ratio).")
+
+
+def paired_latency(model: Any, other: Any, inputs: Any, forward_fn: Any,
+                   repeats: int) -> Tuple[float, Optional[float]]:
+    """Median seconds of a forward of ``model`` and of ``other`` (or ``None``), timed in
+    turns after a warm-up of each, so that both see the same load on the machine."""
+    import statistics
+    import time
+
+    from ..core.runtime import preserved_state, run_forward
+
+    models = [m for m in (model, other) if m is not None]
+    times: List[List[float]] = [[] for _ in models]
+    cuda = any(p.is_cuda for m in models for p in m.parameters())
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for m in models:
+            stack.enter_context(preserved_state(m, same_modes=True))
+            for _ in range(3):
+                run_forward(m, inputs, forward_fn)
+        for _ in range(repeats):
+            for m, ts in zip(models, times):
+                sync()
+                start = time.perf_counter()
+                run_forward(m, inputs, forward_fn)
+                sync()
+                ts.append(time.perf_counter() - start)
+    medians = [statistics.median(ts) for ts in times]
+    return medians[0], (medians[1] if other is not None else None)
+
+
+def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
+                     scores: Dict[int, torch.Tensor], caps: Dict[int, int],
+                     fixed: Dict[int, torch.Tensor]) -> Tuple[Dict[int, torch.Tensor], dict]:
+    """Meet a latency target through MACs: each candidate plan is timed on a copy, in
+    turns with the model as it is (so both see the same machine load), and the MACs
+    target is corrected along the measured latency-MACs line (``LATENCY_CANDIDATES``)."""
+    cm = pruner.cost_model
+    macs_now = cm.evaluate({}).macs
+    now, _ = paired_latency(pruner.model, None, pruner.example_inputs,
+                            pruner.graph.forward_fn, LATENCY_REPEATS)
+    if pruner._dense_latency is None:
+        pruner._dense_latency = now
+    dense = pruner._dense_latency
+    wanted = dense - (dense - pruner.targets[0].value(dense)) * frac
+    want = wanted / now  # the latency ratio to the model as it is
+    measured: List[Tuple[float, float, Dict[int, torch.Tensor]]] = [(macs_now, 1.0, {})]
+    guess: Optional[float] = macs_now * min(want, 0.999)
+    for _ in range(LATENCY_CANDIDATES):
+        removals, planned = budget_removals(pruner, scores, caps, fixed, {"macs": guess})
+        candidate = pruner.pruned_copy(PruningPlan(pruner.graph, removals, step),
+                                       compensate=False)
+        t_now, t_new = paired_latency(pruner.model, candidate, pruner.example_inputs,
+                                      pruner.graph.forward_fn, LATENCY_REPEATS)
+        measured.append((planned["macs"], t_new / t_now, removals))
+        logger.info("latency budget: %.4g MACs -> latency x%.3f of the model (want x%.3f)",
+                    planned["macs"], t_new / t_now, want)
+        if abs(t_new / t_now - want) <= 0.03 * want:
+            break
+        guess = _next_guess(measured, want, macs_now)
+        if guess is None:
+            break
+    fit = [p for p in measured[1:] if p[1] <= want * 1.03]
+    chosen = max(fit, key=lambda p: p[0]) if fit else min(measured[1:], key=lambda p: p[1])
+    predicted = _line(measured, chosen[0])
+    return chosen[2], {
+        "latency": {"dense": pruner._dense_latency, "target": wanted,
+                    "planned": chosen[1] * now, "measured": chosen[1] * now,
+                    "predicted": predicted * now},
+        "macs": {"dense": cm.dense.macs, "target": chosen[0], "planned": chosen[0]}}
+
+
+def _next_guess(measured, want: float, macs_now: float) -> Optional[float]:
+    """The next MACs to try for a latency ratio ``want``, from the measured (MACs, latency
+    ratio) points: between the nearest points on either side of it, else along the line
+    through the model as it is and the last point."""
+    below = [p for p in measured if p[1] <= want]
+    above = [p for p in measured if p[1] > want]
+    a = max(above, key=lambda p: -p[0]) if above else measured[0]  # smallest MACs too slow
+    b = max(below, key=lambda p: p[0]) if below else measured[-1]  # largest MACs that fits
+    if a[0] == b[0] or a[1] == b[1]:
+        return None if below else measured[-1][0] * want / max(measured[-1][1], 1e-9)
+    guess = b[0] + (want - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
+    if below and above:  # stay inside the bracket
+        guess = min(max(guess, b[0]), a[0])
+    if any(abs(guess - p[0]) <= 1e-3 * macs_now for p in measured):
+        return None
+    return max(1.0, min(guess, 0.999 * macs_now))
+
+
+def _line(measured, macs: float) -> float:
+    """Latency ratio at ``macs`` on the least-squares line through the measured points."""
+    x = torch.tensor([p[0] for p in measured], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in measured], dtype=torch.float64)
+    if len(measured) < 2 or float(x.var()) == 0:
+        return float(y.mean())
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return float(y.mean() + slope * (macs - x.mean()))
