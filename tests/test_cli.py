@@ -173,3 +173,28 @@ def test_prune_with_compensation_and_recovery(capsys, tmp_path):
     code, _, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3",
                        "--recover", "finetune", "--out", str(tmp_path / "x"))
     assert code == 2 and "reconstruct, reconstruct:block or distill[:STEPS]" in err
+
+
+def test_prune_to_a_budget_and_by_search(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--target-macs", "0.5",
+                         "--input-shape", "1,3,32,32", "--no-latency", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "budget: macs 0.49" in out or "budget: macs 0.50" in out
+    saved = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert saved["after"]["macs"] <= 0.5 * saved["before"]["macs"]
+    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--target-params", "0.6",
+                         "--search", "--evaluations", "2", "--calib-batches", "2",
+                         "--batch-size", "4", "--input-shape", "1,3,32,32", "--no-latency",
+                         "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "search_ratios:" in out and "budget:" not in err
+    saved = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert saved["after"]["params"] <= 0.6 * saved["before"]["params"]
+    for argv, message in [(["--ratio", "0.3", "--target-macs", "0.5"], "not both"),
+                          ([], "give --ratio or a budget"),
+                          (["--ratio", "0.3", "--search"], "--search needs a budget"),
+                          (["--target-macs", "1.5"], "--target-macs: must be a fraction")]:
+        code, _, err = run(capsys, "prune", "torchvision:resnet18", *argv, "--out",
+                           str(tmp_path / "x"))
+        assert code == 2 and message in err, err

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/en/recovery.md", "docs/tr/kurtarma.md", "docs/en/api.md", "docs/tr/api.md"]
+PAGES = ["docs/en/recovery.md", "docs/tr/kurtarma.md", "docs/en/api.md", "docs/tr/api.md",
+         "docs/en/budget.md", "docs/tr/butce.md"]
 
 
 def blocks(text):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -29,6 +30,17 @@ def _ratio(text: str) -> float:
         value = -1.0
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the dense model in (0, 1), "
+                                         f"got {text!r}")
     return value
 
 
@@ -66,8 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune MODEL, print the before/after table and write DIR "
                                    "(cleanai.json + weights.pt, report.json, report.md, kept.png).")
     p.add_argument("model", metavar="MODEL", help="the model to prune (see below)")
-    p.add_argument("--ratio", type=_ratio, required=True,
-                   help="fraction of each group's channels to remove, in [0, 1)")
+    p.add_argument("--ratio", type=_ratio, default=None,
+                   help="fraction of each group's channels to remove, in [0, 1) (or give a "
+                        "budget: --target-macs / --target-params / --target-latency)")
+    p.add_argument("--target-macs", type=_fraction, default=None, metavar="F",
+                   help="prune to this fraction of the dense MACs, ranking channels by score "
+                        "per MAC across the model")
+    p.add_argument("--target-params", type=_fraction, default=None, metavar="F",
+                   help="prune to this fraction of the dense parameters")
+    p.add_argument("--target-latency", type=_fraction, default=None, metavar="F",
+                   help="prune to this fraction of the dense latency, timed on this machine")
+    p.add_argument("--search", action="store_true",
+                   help="with a target: search per-layer ratios on the calibration data "
+                        "(cleanai.budget.search_ratios) instead of one global ranking")
+    p.add_argument("--evaluations", type=_positive, default=24, metavar="N",
+                   help="--search: candidate ratio sets scored (default 24)")
     p.add_argument("--importance", choices=IMPORTANCES, default="weight",
                    help="how channels are scored (default: weight, data-free; hybrid mixes "
                         "weights and activations)")
@@ -164,28 +189,55 @@ def _prune(args: argparse.Namespace) -> int:
     from ..pruner import StructuredPruner
     from ..utils import report, save_pruned, snapshot
 
+    targets = {k: getattr(args, k) for k in ("target_macs", "target_params", "target_latency")
+               if getattr(args, k) is not None}
+    if (args.ratio is None) == (not targets):
+        raise CLIError("give --ratio or a budget (--target-macs, --target-params, "
+                       "--target-latency), not both" if targets else
+                       "give --ratio or a budget (--target-macs, --target-params, "
+                       "--target-latency)")
+    if args.search and not targets:
+        raise CLIError("--search needs a budget: --target-macs, --target-params or "
+                       "--target-latency")
     built = build_model(args.model)
     inputs = built.example_inputs(args.input_shape)
     importance = _importance(args)
-    pruner = StructuredPruner(built.model, inputs, importance=importance,
-                              pruning_ratio=args.ratio, ignored_layers=args.ignore,
-                              global_pruning=args.global_pruning, iterative_steps=args.steps,
-                              round_to=args.round_to, compensate=args.compensate,
-                              keep_teacher=args.recover is not None)
+    options = dict(importance=importance, ignored_layers=args.ignore,
+                   iterative_steps=args.steps, round_to=args.round_to,
+                   compensate=args.compensate)
     before = snapshot(built.model, inputs, latency=not args.no_latency)
+    needs_data = getattr(importance, "requires_data", False) or args.compensate or \
+        args.recover or args.search
     batches = None
-    if getattr(importance, "requires_data", False) or args.compensate or args.recover:
+    if needs_data:
         source = args.calib_data or "random"
         if args.calib_data is None:
             print("cleanai: note: calibrating on random inputs; give --calib-data for "
-                  "meaningful activation scores and recovery", file=sys.stderr)
+                  "meaningful activation scores, search and recovery", file=sys.stderr)
         batches = calibration_batches(source, inputs, args.calib_batches, args.batch_size)
-        pruner.calibrate(batches)
-    pruner.prune()
+    teacher = copy.deepcopy(built.model) if args.recover is not None else None
+    if args.search:
+        from ..budget import search_ratios
+
+        found = search_ratios(built.model, inputs, batches, evaluations=args.evaluations,
+                              progress=False, **targets, **options)
+        print(found.summary())
+        found.pruner.apply(found.plan)
+        budget = found.plan.budget
+    else:
+        pruner = StructuredPruner(built.model, inputs, pruning_ratio=args.ratio or 0.0,
+                                  global_pruning=args.global_pruning, **targets, **options)
+        if batches is not None:
+            pruner.calibrate(batches)
+        budget = None
+        while pruner.current_step < pruner.iterative_steps:
+            budget = pruner.step().budget or budget
+    if budget is not None:
+        print(budget.summary())
     if args.recover is not None:
-        print(_recover(built.model, pruner.teacher, batches, args.recover))
+        print(_recover(built.model, teacher, batches, args.recover))
     rep = report(before, built.model, inputs, latency=not args.no_latency,
-                 teacher=pruner.teacher, data=batches if pruner.teacher is not None else None)
+                 teacher=teacher, data=batches if teacher is not None else None)
     out = Path(args.out)
     shape = _shape_of(inputs)
     save_pruned(built.model, out, metadata={

@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 METRICS = ("macs", "params", "latency")
 LATENCY_REPEATS = 30  # timed runs per candidate of a latency budget (their median counts)
 LATENCY_CANDIDATES = 6  # candidate plans timed at most per step
+#: channels are ranked by ``score / (cost / typical cost) ** COST_EXPONENT``: 0 ignores cost
+#: (a plain global ranking of normalised scores), 1 is score per unit of cost
+COST_EXPONENT = 0.0
 logger = logging.getLogger(__name__)
 
 
@@ -118,17 +121,22 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
     dense = cm.dense
     by_id = {g.id: g for g in pruner.graph.groups}
     keys, owner, local = [], [], []
+    per: Dict[int, float] = {}  # what one channel of each group saves, summed over targets
+    for gid in caps:
+        c = costs.get(gid)
+        per[gid] = 0.0 if c is None else sum(
+            (c.macs / max(dense.macs, 1)) if m == "macs" else (c.params / max(dense.params, 1))
+            for m in targets)
+    positive = [v for v in per.values() if v > 0]
+    typical = sum(positive) / len(positive) if positive else 1.0
     for gid, cap in caps.items():
         s = scores[gid]
-        c = costs.get(gid)
-        per = 0.0
-        if c is not None:
-            per = sum((c.macs / max(dense.macs, 1)) if m == "macs" else
-                      (c.params / max(dense.params, 1)) for m in targets)
         finite = s[torch.isfinite(s)]
         scale = float(finite.abs().mean()) if finite.numel() else 1.0
-        key = (s / (scale if scale > 0 else 1.0)) / per if per > 0 else \
-            torch.full_like(s, float("inf"))
+        if per[gid] > 0:
+            key = (s / (scale if scale > 0 else 1.0)) / (per[gid] / typical) ** COST_EXPONENT
+        else:  # removing it saves nothing the budget counts
+            key = torch.full_like(s, float("inf"))
         order = s.argsort(stable=True)[:cap]  # a group gives its worst channels first
         order = order[torch.isfinite(key[order])]
         keys.append(key[order])

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 LayerRef = Union[str, nn.Module]
 Schedule = Callable[[int, int, float], float]
 GROUP_KINDS = ("heads", "head_dims", "hidden", "channels")
+RATIO_KINDS = ("out", "same", "internal")  # the members through which a layer ratio applies
 
 
 def linear_schedule(step: int, steps: int, ratio: float) -> float:
@@ -185,7 +186,7 @@ class StructuredPruner:
             return None
         if not self.ignored and not self.layer_ratios:
             return self.pruning_ratio
-        layers = [m.name for m in group.members if m.kind in ("out", "same", "internal")]
+        layers = [m.name for m in group.members if m.kind in RATIO_KINDS]
         if any(_inside(layer, ig) for layer in layers for ig in self.ignored):
             return None
         best, depth = self.pruning_ratio, -1
@@ -240,7 +241,8 @@ class StructuredPruner:
             if prunable == 0:
                 continue
             already = self.original_size[g.id] - g.size
-            named = any(_inside(m.name, k) for m in g.members for k in self.layer_ratios)
+            named = any(_inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
+                        for k in self.layer_ratios)
             if self.targets and not named:
                 n = min(prunable, g.size - 1, math.floor(
                     self.original_size[g.id] * self.max_pruning_ratio + 1e-9) - already)

@@ -1,0 +1,8 @@
+"""Budgets: what pruning costs (:class:`CostModel`), how sensitive each part of a model is to
+it (:func:`sensitivity`), and per-layer ratios that meet a budget (:func:`search_ratios`)."""
+from .cost import Cost, CostModel
+from .search import SearchResult, search_ratios
+from .sensitivity import SensitivityTable, Unit, prunable_units, sensitivity
+
+__all__ = ["Cost", "CostModel", "SensitivityTable", "Unit", "sensitivity", "prunable_units",
+           "SearchResult", "search_ratios"]
