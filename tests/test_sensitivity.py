@@ -1,7 +1,6 @@
 """Sensitivity analysis (``cleanai.budget.sensitivity``): each unit pruned alone on a copy,
 measured, the model untouched."""
 import copy
-import importlib
 import json
 import logging
 import math
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 import cleanai
-from cleanai.budget import SensitivityTable, prunable_units, sensitivity
+from cleanai.budget import SensitivityTable, measure, prunable_units, sensitivity
 from cleanai.importance import WeightActivationImportance
 
 
@@ -102,7 +101,8 @@ def test_one_row_per_group_exact_values_and_the_model_untouched():
         p, m = table.params[u.name], table.macs[u.name]
         assert 1.0 > p[0] > p[1] > p[2] > 0 and 1.0 > m[0] > m[1] > m[2] > 0
 
-    # a point is exactly the model pruned by hand with that one layer ratio
+    # a point is exactly the model pruned by hand with that one layer ratio: its metric, and
+    # its size (read off the plan by the cost model) as the counters count the pruned model
     dense = copy.deepcopy(model).eval()
     for name, i in [("blocks.0.conv1", 1), ("stem.0", 2)]:
         by_hand = copy.deepcopy(model)
@@ -111,7 +111,10 @@ def test_one_row_per_group_exact_values_and_the_model_untouched():
         by_hand.eval()
         assert table.values[name][i] == agreement(by_hand, dense, data)
         assert table.params[name][i] == (cleanai.utils.count_params(by_hand)
-                                         / cleanai.utils.count_params(model))
+                                         / cleanai.utils.count_params(dense))
+        assert table.macs[name][i] == pytest.approx(cleanai.utils.count_macs(by_hand, X)
+                                                    / cleanai.utils.count_macs(dense, X),
+                                                    rel=1e-9)
 
 
 def test_a_user_metric_sees_eval_mode_and_scores_the_dense_model_once():
@@ -301,7 +304,7 @@ def test_progress_is_a_tqdm_bar_or_log_lines_without_tqdm(monkeypatch, caplog, c
     sensitivity(tiny_res(), X, batches(1), ratios=[0.25, 0.5], progress=True)
     assert "sensitivity" in capsys.readouterr().err  # the bar
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # importing it now fails
-    with caplog.at_level(logging.INFO, logger="cleanai.budget.sensitivity"):
+    with caplog.at_level(logging.INFO, logger="cleanai.budget"):
         sensitivity(tiny_res(), X, batches(1), ratios=[0.25, 0.5], progress=True)
     assert "sensitivity: 6/6 points" in caplog.text
     assert not capsys.readouterr().err
@@ -340,7 +343,6 @@ def _vision(name):
 @pytest.mark.parametrize("build", ["resnet18", "mobilenet_v2", "bert"])
 def test_replaying_the_dense_blocks_before_a_unit_changes_no_value(build, monkeypatch):
     # a copy pruned from some layer on replays the dense outputs of the blocks before it
-    sens = importlib.import_module("cleanai.budget.sensitivity")  # (the name is the function)
     model, data, first = _bert() if build == "bert" else _vision(build)
     calls = []  # of a layer inside an early block: not called where the block is replayed
     handle = model.get_submodule(first).register_forward_hook(lambda *a: calls.append(1))
@@ -349,7 +351,7 @@ def test_replaying_the_dense_blocks_before_a_unit_changes_no_value(build, monkey
     fast = sensitivity(model, data[0], data, ratios=[0.5], by="block", forward_fn=fn,
                        progress=False)
     replayed = len(calls)
-    monkeypatch.setattr(sens, "_REPLAY_BYTES", 0)  # no room for any block: every copy runs whole
+    monkeypatch.setattr(measure, "_REPLAY_BYTES", 0)  # no room for any block: every copy runs whole
     slow = sensitivity(model, data[0], data, ratios=[0.5], by="block", forward_fn=fn,
                        progress=False)
     handle.remove()

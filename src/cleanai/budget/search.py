@@ -21,8 +21,8 @@ from ..importance.stats import iterate_batches
 from ..pruner import PruningPlan, StructuredPruner
 from ..pruner.budget import BudgetError, parse_targets
 from .cost import Cost, CostModel
-from .sensitivity import (SensitivityTable, Unit, _changed, _check_options, _checked,
-                          _Progress, _Reference, prunable_units, sensitivity)
+from .measure import Progress, Reference, changed_layers, check_pruner_options, checked_metric
+from .sensitivity import SensitivityTable, Unit, prunable_units, sensitivity
 
 __all__ = ["SearchResult", "search_ratios"]
 
@@ -123,7 +123,7 @@ def search_ratios(model: nn.Module, example_inputs: Any, data: Optional[Iterable
         raise ValueError(f"evaluations must be an int >= 2, got {evaluations!r}")
     if metric is not None and not callable(metric):
         raise TypeError("metric must be callable: metric(model) -> float")
-    _check_options(pruner_options)
+    check_pruner_options(pruner_options)
     calibrating = compensate is not None or bool(getattr(importance, "requires_data", False))
     if data is None and (metric is None or calibrating):
         raise ValueError("search_ratios needs data: the default metric compares outputs on "
@@ -157,13 +157,13 @@ def search_ratios(model: nn.Module, example_inputs: Any, data: Optional[Iterable
 
     with preserved_state(model):
         model.eval()
-        reference = _Reference(model, batches, forward_fn) if metric is None else None
+        reference = Reference(model, batches, forward_fn) if metric is None else None
         dense = reference.dense if reference is not None else \
-            _checked(metric(model), "the dense model")
+            checked_metric(metric(model), "the dense model")
     name = reference.name if reference is not None else getattr(metric, "__name__", "metric")
     search = _Search(pruner, cm, units, wanted, metric, reference)
     gen = torch.Generator().manual_seed(seed)
-    bar = _Progress(evaluations, progress)
+    bar = Progress(evaluations, progress)
     try:
         start = _from_sensitivity(table, units, wanted, cm)
         for direction in (start, {u.name: 1.0 for u in units}):
@@ -246,8 +246,9 @@ class _Search:
         else:
             copy = self.pruner.pruned_copy(plan).eval()
             where = "a candidate allocation"
-            value = _checked(self.metric(copy) if self.metric is not None else
-                             self.reference.score(copy, _changed(self.pruner, plan)), where)
+            value = checked_metric(self.metric(copy) if self.metric is not None else
+                                   self.reference.score(copy, changed_layers(self.pruner, plan)),
+                                   where)
             self.seen[key] = value
         self.history.append((ratios, value, cost.fraction_of(self.cm.dense)))
         if self.best is None or value > self.best[1]:
