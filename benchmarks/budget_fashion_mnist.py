@@ -7,7 +7,7 @@ same recovery (``compensate="lstsq"``, then ``reconstruct(granularity="block")``
 16 calibration batches of 128 training images:
 
     uniform      one pruning_ratio for every group, the largest whose MACs meet the budget
-    target_macs  StructuredPruner(target_macs=...): channels ranked by score per MAC
+    target_macs  StructuredPruner(target_macs=...): one ranking of normalised scores
     search       cleanai.budget.search_ratios(target_macs=...) on the calibration batches
                  (default metric: agreement with the dense model, no labels)
 
@@ -15,7 +15,7 @@ Each is scored on the 10k test images (never seen by calibration or search) befo
 training, after recovery, and after one labelled fine-tuning epoch (the recipe of accuracy.md).
 
     python benchmarks/budget_fashion_mnist.py              # writes docs/budget.md
-    python benchmarks/budget_fashion_mnist.py --quick      # one seed, 8 search candidates
+    python benchmarks/budget_fashion_mnist.py --quick      # one seed, 16 search candidates
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from cleanai.budget import search_ratios
 from cleanai.importance import WeightActivationImportance
 from cleanai.utils import count_macs, count_params
 
-METHODS = [("uniform", "uniform ratio"), ("target", "target_macs (score per MAC)"),
+METHODS = [("uniform", "uniform ratio"), ("target", "target_macs (global ranking)"),
            ("search", "search_ratios")]
 
 
@@ -136,7 +136,7 @@ def table(rows: List[dict], dense_acc: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, 8 candidates, no epoch")
+    ap.add_argument("--quick", action="store_true", help="one seed, 16 candidates, no epoch")
     ap.add_argument("--macs", type=float, default=0.25, help="the budget, a share of the MACs")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--evaluations", type=int, default=None)
@@ -145,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1])
-    evaluations = args.evaluations or (8 if args.quick else 24)
+    evaluations = args.evaluations or (16 if args.quick else 128)
     out = args.out or os.path.join(CACHE_DIR if args.quick else os.path.join(ROOT, "docs"),
                                    "budget.md")
     start, load = time.perf_counter(), load_average()

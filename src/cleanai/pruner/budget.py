@@ -107,6 +107,32 @@ class BudgetResult:
         return "budget: " + "; ".join(parts)
 
 
+def plan_budget(pruner: "StructuredPruner", step: int, scores: Dict[int, torch.Tensor],
+                caps: Dict[int, int], fixed: Dict[int, torch.Tensor]) -> PruningPlan:
+    """The plan of a budgeted step: this step's share of the targets, met by the cost
+    model's ranking (see :mod:`cleanai.pruner.budget`)."""
+    frac = pruner.schedule(step, pruner.iterative_steps, 1.0)
+    if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+        raise ValueError(f"iterative_schedule returned {frac!r} for step {step} with "
+                         f"ratio 1.0; it must return a number in [0, 1]")
+    cm = pruner.cost_model
+    rows: Dict[str, Dict[str, float]] = {}
+    if pruner.targets[0].metric == "latency":
+        removals, rows = latency_removals(pruner, step, float(frac), scores, caps, fixed)
+    else:
+        wanted = {}
+        for t in pruner.targets:
+            dense = getattr(cm.dense, t.metric)
+            final = t.value(dense)
+            wanted[t.metric] = dense - (dense - final) * float(frac)
+        removals, planned = budget_removals(pruner, scores, caps, fixed, wanted)
+        rows = {m: {"dense": getattr(cm.dense, m), "target": wanted[m],
+                    "planned": planned[m]} for m in wanted}
+    plan = PruningPlan(pruner.graph, removals, step)
+    plan.budget = BudgetResult(rows)
+    return plan
+
+
 def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                     caps: Dict[int, int], fixed: Dict[int, torch.Tensor],
                     targets: Dict[str, float]) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:

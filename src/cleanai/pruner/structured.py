@@ -22,7 +22,7 @@ from .keeps import layer_keeps
 from .attributes import attribute_updates, set_attributes, update_config
 from .fallback import protect_failing
 from .history import record_step
-from .budget import Target, BudgetResult, budget_removals, latency_removals, parse_targets
+from .budget import Target, parse_targets, plan_budget
 from .plan import PruningPlan
 from .references import LayerNames, infer_example_inputs
 
@@ -265,37 +265,12 @@ class StructuredPruner:
         removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                     if gid not in pool}
         if self.targets:
-            return self._plan_budget(step, scores, caps, removals)
+            return plan_budget(self, step, scores, caps, removals)
         removals.update(self._global(pool, scores, quota))
         by_id = {g.id: g for g in self.graph.groups}
         removals = {gid: _spare_members(by_id[gid], idx, scores[gid])
                     for gid, idx in removals.items()}
         return PruningPlan(self.graph, removals, step)
-
-    def _plan_budget(self, step: int, scores: Dict[int, torch.Tensor], caps: Dict[int, int],
-                     fixed: Dict[int, torch.Tensor]) -> PruningPlan:
-        """The plan of a budgeted step: this step's share of the targets, met by the cost
-        model's ranking (see :mod:`cleanai.pruner.budget`)."""
-        frac = self.schedule(step, self.iterative_steps, 1.0)
-        if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
-            raise ValueError(f"iterative_schedule returned {frac!r} for step {step} with "
-                             f"ratio 1.0; it must return a number in [0, 1]")
-        cm = self.cost_model
-        rows: Dict[str, Dict[str, float]] = {}
-        if self.targets[0].metric == "latency":
-            removals, rows = latency_removals(self, step, float(frac), scores, caps, fixed)
-        else:
-            wanted = {}
-            for t in self.targets:
-                dense = getattr(cm.dense, t.metric)
-                final = t.value(dense)
-                wanted[t.metric] = dense - (dense - final) * float(frac)
-            removals, planned = budget_removals(self, scores, caps, fixed, wanted)
-            rows = {m: {"dense": getattr(cm.dense, m), "target": wanted[m],
-                        "planned": planned[m]} for m in wanted}
-        plan = PruningPlan(self.graph, removals, step)
-        plan.budget = BudgetResult(rows)
-        return plan
 
     def _scheduled(self, step: int, ratio: float) -> float:
         """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
