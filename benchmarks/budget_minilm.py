@@ -36,8 +36,8 @@ KINDS = ["heads", "channels"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--macs", type=float, default=0.75)
-    ap.add_argument("--evaluations", type=int, default=16)
-    ap.add_argument("--search-batches", type=int, default=16)
+    ap.add_argument("--evaluations", type=int, default=24)
+    ap.add_argument("--search-batches", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

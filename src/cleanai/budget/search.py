@@ -1,11 +1,12 @@
 """Per-layer ratios that meet a budget and keep the model as good as possible.
 
-:func:`search_ratios` starts from an allocation read off a sensitivity sweep (a unit that
-loses little per MAC saved gives more), then refines it by a seeded evolutionary search: each
+:func:`search_ratios` starts from three allocations: one read off a sensitivity sweep (a
+unit that loses little per MAC saved gives more), the uniform one and the pruner's own
+budgeted ranking (``target_macs=...``). A seeded evolutionary search refines the best: each
 candidate perturbs a few units' ratios of the best so far, is scaled until its plan meets the
 budget (exactly, by the :class:`~cleanai.budget.CostModel`), and is scored on a pruned copy.
-The uniform allocation under the same budget is always one of the candidates, so the result
-is never worse than it on the search's own data.
+The uniform allocation and the ranking under the same budget are always candidates, so the
+result is never worse than either on the search's own data.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from ..core.runtime import ForwardFn, preserved_state
 from ..importance.stats import iterate_batches
 from ..pruner import PruningPlan, StructuredPruner
-from ..pruner.budget import BudgetError, parse_targets
+from ..pruner.budget import BudgetError, Target, parse_targets
 from .cost import Cost, CostModel
 from .measure import Progress, Reference, changed_layers, check_pruner_options, checked_metric
 from .sensitivity import SensitivityTable, Unit, prunable_units, sensitivity
@@ -165,12 +166,15 @@ def search_ratios(model: nn.Module, example_inputs: Any, data: Optional[Iterable
     gen = torch.Generator().manual_seed(seed)
     bar = Progress(evaluations, progress)
     try:
-        start = _from_sensitivity(table, units, wanted, cm)
-        for direction in (start, {u.name: 1.0 for u in units}):
+        firsts = [_from_sensitivity(table, units, wanted, cm), {u.name: 1.0 for u in units}]
+        if evaluations > 2:
+            firsts.append(_from_ranking(pruner, cm, units, wanted))
+        for i, direction in enumerate(firsts):
             search.score(direction)
+            if i == 1:
+                uniform = search.history[-1][1] if search.history[-1][0] else -math.inf
             bar.update()
-        uniform = search.history[-1][1] if search.history[-1][0] else -math.inf
-        for _ in range(evaluations - 2):
+        for _ in range(evaluations - len(firsts)):
             search.score(_mutate(search.best_direction, units, gen))
             bar.update()
     finally:
@@ -326,6 +330,29 @@ def _from_sensitivity(table: SensitivityTable, units: List[Unit], wanted: Dict[s
     if max(direction.values()) <= 0:
         return {u.name: 1.0 for u in units}
     return direction
+
+
+def _from_ranking(pruner: StructuredPruner, cm: CostModel, units: List[Unit],
+                  wanted: Dict[str, float]) -> Dict[str, float]:
+    """The allocation the pruner's own budgeted ranking makes (``target_macs=...``), as
+    per-unit ratios; uniform where that ranking cannot meet the budget."""
+    saved = pruner.targets, pruner.cost_model, pruner.layer_ratios
+    pruner.targets = [Target(m, absolute=v) for m, v in wanted.items()]
+    pruner.cost_model, pruner.layer_ratios = cm, {}
+    try:
+        plan = pruner.plan()
+    except BudgetError:
+        return {u.name: 1.0 for u in units}
+    finally:
+        pruner.targets, pruner.cost_model, pruner.layer_ratios = saved
+    sizes = {g.id: g.size for g in pruner.graph.groups}
+    out = {}
+    for u in units:
+        total = sum(sizes[g] for g in u.groups)
+        gone = sum(len(plan.removals.get(g, ())) for g in u.groups)
+        # half a channel more per group: floor(size * ratio) gives back the ranking's count
+        out[u.name] = min(MAX_RATIO, (gone + 0.5 * len(u.groups)) / total) if gone else 0.0
+    return out
 
 
 def _mutate(direction: Dict[str, float], units: List[Unit], gen: torch.Generator) -> Dict[str, float]:

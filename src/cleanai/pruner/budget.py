@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 METRICS = ("macs", "params", "latency")
 LATENCY_REPEATS = 30  # timed runs per candidate of a latency budget (their median counts)
-LATENCY_CANDIDATES = 6  # candidate plans timed at most per step
+LATENCY_CANDIDATES = 8  # candidate plans timed at most per step
 #: channels are ranked by ``score / (cost / typical cost) ** COST_EXPONENT``: 0 ignores cost
 #: (a plain global ranking of normalised scores), 1 is score per unit of cost
 COST_EXPONENT = 0.0
@@ -309,20 +309,25 @@ def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
 
 def _next_guess(measured, want: float, macs_now: float) -> Optional[float]:
     """The next MACs to try for a latency ratio ``want``, from the measured (MACs, latency
-    ratio) points: between the nearest points on either side of it, else along the line
-    through the model as it is and the last point."""
+    ratio) points: on the line between the nearest points on either side of it, or, while
+    every candidate is too slow (or every one fits), on the line through the last two."""
     below = [p for p in measured if p[1] <= want]
     above = [p for p in measured if p[1] > want]
-    a = max(above, key=lambda p: -p[0]) if above else measured[0]  # smallest MACs too slow
-    b = max(below, key=lambda p: p[0]) if below else measured[-1]  # largest MACs that fits
-    if a[0] == b[0] or a[1] == b[1]:
-        return None if below else measured[-1][0] * want / max(measured[-1][1], 1e-9)
-    guess = b[0] + (want - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
+    if below and above:
+        a = min(above, key=lambda p: p[0])  # the smallest MACs still too slow
+        b = max(below, key=lambda p: p[0])  # the largest MACs that fits
+    else:
+        a, b = measured[-2], measured[-1]
+    if a[0] != b[0] and (a[1] - b[1]) / (a[0] - b[0]) > 0:
+        guess = b[0] + (want - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
+    else:  # no usable slope (noise): scale the last MACs by the latency still to gain
+        guess = b[0] * want / max(b[1], 1e-9)
     if below and above:  # stay inside the bracket
         guess = min(max(guess, b[0]), a[0])
+    guess = max(1.0, min(guess, 0.999 * macs_now))
     if any(abs(guess - p[0]) <= 1e-3 * macs_now for p in measured):
         return None
-    return max(1.0, min(guess, 0.999 * macs_now))
+    return guess
 
 
 def _line(measured, macs: float) -> float:
