@@ -1,7 +1,7 @@
 """The production path on real data: ResNet-18 on Fashion-MNIST (or scikit-learn's digits).
 
     python examples/example_resnet.py            # about 4 minutes on two CPU cores
-    python examples/example_resnet.py --quick    # seconds: tiny subsets, for CI
+    python examples/example_resnet.py --quick    # about 10 seconds: tiny subsets, for CI
 
 1. train a baseline briefly (no pretrained weights are downloaded);
 2. calibrate the hybrid importance (weights + activations) on real images;
@@ -109,7 +109,7 @@ def main() -> None:
         pruner.step()  # slices, and refits the consumers of removed channels
         acc_comp = accuracy(model, test_data)
         cleanai.recover.reconstruct(model, pruner.teacher, calib(), granularity="block",
-                                    steps=20 if quick else 200, progress=False)
+                                    steps=10 if quick else 200, progress=False)
         print(f"step {step}/{steps}: params {count_params(model):,}, accuracy after "
               f"compensation {acc_comp:.3f}, after reconstruction {accuracy(model, test_data):.3f}")
 

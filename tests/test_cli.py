@@ -1,4 +1,5 @@
 """The ``cleanai`` command line, run in-process through ``cleanai.cli.main``."""
+import importlib
 import json
 import subprocess
 import sys
@@ -57,6 +58,15 @@ def test_prune_resnet18_then_report_then_load(capsys, tmp_path):
     assert code == 0, err
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["before"]["params"] == 5_079_126 > again["after"]["params"]
+
+    # a second run onto the same directory is refused, and overwrites it with --force
+    argv = ["prune", str(out_dir), "--ratio", "0.5", "--no-latency", "--out", str(tmp_path / "again")]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "holds a pruned model; give --force" in err
+    code, _, err = run(capsys, *argv, "--force")
+    assert code == 0, err
+    forced = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert forced["before"]["params"] == 5_079_126 > again["after"]["params"] > forced["after"]["params"]
 
 
 def test_prune_hybrid_on_images_with_options(capsys, tmp_path):
@@ -118,25 +128,72 @@ def test_inspect_lists_groups(capsys, tmp_path):
     assert (tmp_path / "g.dot").read_text().startswith("digraph")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["prune", "torchvision:resnet1", "--ratio", "0.3", "--out", "x"], "no model 'resnet1'"),
-    (["prune", "nosuchthing", "--ratio", "0.3", "--out", "x"], "unknown model"),
-    (["prune", "torchvision:resnet18", "--ratio", "1.5", "--out", "x"], "--ratio: must be a number in [0, 1)"),
+@pytest.mark.parametrize("argv, message, status", [
+    (["prune", "torchvision:resnet1", "--ratio", "0.3", "--out", "x"], "no model 'resnet1'", 2),
+    (["prune", "nosuchthing", "--ratio", "0.3", "--out", "x"], "unknown model", 2),
+    (["prune", "torchvision:resnet18", "--ratio", "1.5", "--out", "x"], "--ratio: must be a number in [0, 1)", 2),
     (["prune", "torchvision:resnet18", "--ratio", "0.3", "--out", "x", "--input-shape", "1,3,32,32",
-      "--ignore", "fcc"], "no layer named 'fcc'; did you mean 'fc'"),
+      "--ignore", "fcc"], "no layer named 'fcc'; did you mean 'fc'", 1),
     (["prune", "torchvision:resnet18", "--ratio", "0.3", "--out", "x", "--importance", "magic"],
-     "invalid choice"),
-    (["prune", "hf:/no/such/dir", "--ratio", "0.3", "--out", "x"], "never downloads"),
-    (["report", "/no/such/dir"], "is not a directory"),
-    (["frobnicate"], "invalid choice"),
+     "invalid choice", 2),
+    (["prune", "hf:/no/such/dir", "--ratio", "0.3", "--out", "x"], "never downloads", 2),
+    (["report", "/no/such/dir"], "cleanai: error: /no/such/dir does not exist", 2),
+    (["frobnicate"], "invalid choice", 2),
+    # a mistyped option is named, with the one meant, before any other complaint (--out missing)
+    (["prune", "torchvision:resnet18", "--ration", "0.35", "--out", "x"],
+     "cleanai: error: unknown option --ration; did you mean --ratio? (see cleanai prune --help)", 2),
+    (["prune", "torchvision:resnet18", "--ration", "0.35"], "unknown option --ration; did you mean --ratio?", 2),
+    (["inspect", "torchvision:resnet18", "--input_shape=1,3,32,32"],
+     "unknown option --input_shape; did you mean --input-shape?", 2),
+    (["inspect", "/no/such/dir"], "cleanai: error: /no/such/dir does not exist (a MODEL path must be "
+                                  "a directory written by `cleanai prune --out DIR`)", 2),
+    (["prune", "torchvision:resnet18", "--ratio", "0.3", "--out", "x", "--input-shape", "1,3,224"],
+     "cleanai: error: --input-shape 1,3,224 does not fit torchvision:resnet18: it takes 4 numbers, "
+     "N,C,H,W (e.g. 1,3,224,224)", 2),
+    (["inspect", "torchvision:r3d_18", "--input-shape", "1,3,32,32"],
+     "it takes 5 numbers, N,C,T,H,W (e.g. 1,3,16,112,112)", 2),
 ])
-def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, message):
+def test_bad_arguments_give_one_line_and_nonzero_exit(capsys, argv, message, status):
     pytest.importorskip("torchvision")
     code, out, err = run(capsys, *argv)
-    assert code != 0
+    assert code == status
     lines = [l for l in err.splitlines() if l.startswith("cleanai: error")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def test_out_is_checked_before_any_pruning_work(capsys, tmp_path, monkeypatch):
+    cli_main = importlib.import_module("cleanai.cli.main")  # the package exports main() by that name
+    monkeypatch.setattr(cli_main, "build_model", lambda spec: pytest.fail("built the model"))
+    file, old, full = tmp_path / "file", tmp_path / "old", tmp_path / "full"
+    file.write_text("not a directory")
+    old.mkdir()
+    (old / "cleanai.json").write_text("{}")
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    for out, message in [
+            (file, f"--out {file} is a file; give a directory (new or empty)"),
+            (file / "sub", f"--out {file / 'sub'}: {file} is a file, not a directory"),
+            (old, f"--out {old} holds a pruned model; give --force to overwrite, or a new directory"),
+            (full, f"--out {full} is not empty; give --force to overwrite, or a new directory")]:
+        code, _, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3", "--out", str(out))
+        assert (code, err) == (2, f"cleanai: error: {message}\n")
+    code, _, err = run(capsys, "prune", "torchvision:resnet18", "--ratio", "0.3", "--force",
+                       "--out", str(file))
+    assert code == 2 and "is a file" in err  # --force never replaces a file by a directory
+
+
+def test_report_of_a_directory_without_a_model(capsys, tmp_path):
+    code, _, err = run(capsys, "report", str(tmp_path))
+    assert (code, err) == (2, f"cleanai: error: {tmp_path} holds no report.json or cleanai.json; "
+                              f"give a directory written by `cleanai prune --out DIR` or "
+                              f"cleanai.save_pruned\n")
+    (tmp_path / "f").write_text("")
+    code, _, err = run(capsys, "report", str(tmp_path / "f"))
+    assert code == 2 and err.startswith(f"cleanai: error: {tmp_path / 'f'} is not a directory")
+    (tmp_path / "cleanai.json").write_text("{not json")
+    code, _, err = run(capsys, "report", str(tmp_path))
+    assert code == 2 and "is not a readable CleanAI file" in err and "Traceback" not in err
 
 
 def test_factory_spec_and_fashion_mnist_calibration(capsys, tmp_path):

@@ -85,3 +85,17 @@ def test_render_graph_writes_dot_and_calls_graphviz(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ["PATH"])
     out = render_graph(graph, tmp_path / "g2.svg")
     assert out == tmp_path / "g2.svg" and out.read_text() == (tmp_path / "g2.dot").read_text()
+
+
+def test_text_and_markdown_count_the_same_changed_layers():
+    torchvision = pytest.importorskip("torchvision")
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    before = snapshot(model, x, latency=False)
+    cleanai.StructuredPruner(model, x, pruning_ratio=0.35).prune()
+    rep = report(before, model, x, latency=False)
+    # 20 convs and fc lose channels, and the 20 BatchNorms after the convs follow them
+    assert ("layers changed: 41 (channels in/out; not listed: 20 norm or depthwise layers "
+            "whose channels follow another's)") in str(rep).splitlines()
+    assert "### Layers changed (41; channels in/out)" in rep.to_markdown().splitlines()
+    assert len(rep.layer_rows()) == 41
+    assert sum(r[1] == "BatchNorm2d" for r in rep.layer_rows()) == 20

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import os
 import sys
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank channels across all groups instead of within each")
     p.add_argument("--steps", type=_positive, default=1, metavar="N", help="reach the ratio in this many steps")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
-                   help="example input shape (default 1,3,224,224 for images, 1,16 tokens for hf:)")
+                   help="example input shape: N,C,H,W for images (default 1,3,224,224), "
+                        "N,C,T,H,W for video (1,3,16,112,112), N,T tokens for hf: (1,16)")
     p.add_argument("--compensate", choices=("bias", "lstsq"), default=None,
                    help="refit the layers that read removed channels from calibration "
                         "statistics (bias: their mean; lstsq: least squares)")
@@ -119,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "data: reconstruct, reconstruct:block, or distill[:STEPS] "
                         "(default 100 steps)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="directory to write: a new or empty one (see --force)")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even if it is not empty or holds a pruned model "
+                        "(its cleanai.json, weights.pt and reports are replaced)")
 
     i = sub.add_parser("inspect", help="show the channel groups and what pruning each touches",
                        formatter_class=fmt, epilog=MODEL_HELP,
@@ -144,7 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     User errors (unknown model, bad ratio, unknown layer, damaged files) print one line on
     stderr and return a non-zero status, without a traceback."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _check_options(parser, argv)
         args = parser.parse_args(argv)
     except CLIError as exc:
         return _fail(exc, 2)
@@ -164,6 +172,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         except Exception as exc:  # library errors name what was wrong; no traceback for users
             return _fail(exc, 1)
+
+
+def _check_options(parser: argparse.ArgumentParser, argv: List[str]) -> None:
+    """Name the first unknown ``--option`` and the closest known one, before argparse reports
+    something less to the point about the same line (``--ration 0.35`` would otherwise read as
+    a missing ``--ratio``). Abbreviations argparse accepts are left to it."""
+    commands = next((a.choices for a in parser._actions
+                     if isinstance(a, argparse._SubParsersAction)), {})
+    command = next((a for a in argv if not a.startswith("-")), None)
+    target = commands.get(command, parser)
+    known = list(target._option_string_actions)
+    for arg in argv:
+        if arg == "--":
+            return
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--") or any(k.startswith(flag) for k in known):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise CLIError(f"unknown option {flag}{hint} (see {target.prog} --help)")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that cannot or should not be written, before any pruning work."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a directory (new or empty)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "holds a pruned model" if (out / "cleanai.json").exists() else "is not empty"
+        raise CLIError(f"--out {out} {what}; give --force to overwrite, or a new directory")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise CLIError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out}: {parent} is not writable")
 
 
 def _fail(exc: BaseException, code: int) -> int:
@@ -199,6 +241,8 @@ def _prune(args: argparse.Namespace) -> int:
     if args.search and not targets:
         raise CLIError("--search needs a budget: --target-macs, --target-params or "
                        "--target-latency")
+    out = Path(args.out)
+    _check_out(out, args.force)
     built = build_model(args.model)
     inputs = built.example_inputs(args.input_shape)
     importance = _importance(args)
@@ -238,17 +282,16 @@ def _prune(args: argparse.Namespace) -> int:
         print(_recover(built.model, teacher, batches, args.recover))
     rep = report(before, built.model, inputs, latency=not args.no_latency,
                  teacher=teacher, data=batches if teacher is not None else None)
-    out = Path(args.out)
     shape = _shape_of(inputs)
     save_pruned(built.model, out, metadata={
         "model": built.spec, "input_shape": shape,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "command")}})
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "force", "command")}})
     (out / "report.json").write_text(json.dumps(rep.to_dict(), indent=1))
     (out / "report.md").write_text(rep.to_markdown())
     try:
         rep.plot(str(out / "kept.png"))
-    except ImportError:
-        pass  # the picture is optional
+    except ImportError:  # the picture is optional; never leave an older run's behind
+        (out / "kept.png").unlink(missing_ok=True)
     print(rep)
     print(f"\nsaved to {out} (load with cleanai.load_pruned(<fresh {built.spec} model>, "
           f"{str(out)!r}))")
@@ -303,10 +346,15 @@ def _weights_per_channel(group: Any, model: Any) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..utils import Report, read_pruned_info
+    from ..utils import LoadError, Report, read_pruned_info
 
     folder = Path(args.dir)
     file = folder / "report.json"
+    if not folder.exists():
+        raise CLIError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is not a directory; give one written by "
+                       f"`cleanai prune --out DIR`")
     if file.is_file():
         try:
             rep = Report.from_dict(json.loads(file.read_text()))
@@ -314,9 +362,13 @@ def _report(args: argparse.Namespace) -> int:
             raise CLIError(f"{file} is not a CleanAI report: {exc}") from exc
         print(rep.to_markdown() if args.markdown else rep)
         return 0
-    if not folder.is_dir():
-        raise CLIError(f"{folder} is not a directory")
-    info = read_pruned_info(folder)  # a model saved from Python: the counts the file holds
+    if not (folder / "cleanai.json").is_file():
+        raise CLIError(f"{folder} holds no report.json or cleanai.json; give a directory "
+                       f"written by `cleanai prune --out DIR` or cleanai.save_pruned")
+    try:
+        info = read_pruned_info(folder)  # a model saved from Python: the counts the file holds
+    except LoadError as exc:
+        raise CLIError(str(exc)) from exc
     b, a = info["original"]["params"], info["final"]["params"]
     print(f"{info.get('model_class')}: {len(info['steps'])} pruning steps; params {b:,} -> "
           f"{a:,} ({a / b - 1:+.1%}). No report.json here: `cleanai prune` writes one.")

@@ -5,7 +5,7 @@ import difflib
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ class BuiltModel:
 
     def example_inputs(self, shape: Optional[Sequence[int]] = None) -> Any:
         """Random inputs of ``shape`` (or the default shape for this kind of model)."""
-        shape = list(shape or self.input_shape or default_shape(self.kind) or [])
+        given = list(shape or self.input_shape or [])
+        shape = given or list(default_shape(self.kind) or [])
         if self.kind == "hf":
             if len(shape) != 2:
                 raise CLIError(f"a Hugging Face model takes token ids: --input-shape must be "
@@ -42,6 +43,13 @@ class BuiltModel:
             vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 100) or 100)
             ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        form = _vision_form(self.model) if self.kind in ("torchvision", "timm") else None
+        if form is not None and not given:
+            shape = form[1]
+        elif form is not None and len(shape) != len(form[1]):
+            raise CLIError(f"--input-shape {','.join(map(str, shape))} does not fit {self.spec}: "
+                           f"it takes {len(form[1])} numbers, {form[0]} (e.g. "
+                           f"{','.join(map(str, form[1]))})")
         if not shape:
             from ..pruner.references import infer_example_inputs
             try:
@@ -53,6 +61,17 @@ class BuiltModel:
 
 def default_shape(kind: str) -> Optional[List[int]]:
     return {"torchvision": [1, 3, 224, 224], "timm": [1, 3, 224, 224], "hf": [1, 16]}.get(kind)
+
+
+def _vision_form(model: nn.Module) -> Optional[Tuple[str, List[int]]]:
+    """``("N,C,H,W", default shape)`` for an image model, ``("N,C,T,H,W", ...)`` where the first
+    conv is 3-D (video models), ``None`` without convs. Only the rank can be told this way: the
+    first conv in module order is not always the first to run, so its channels are not."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    if first is None:
+        return None
+    return ("N,C,H,W", [1, 3, 224, 224]) if isinstance(first, nn.Conv2d) else \
+        ("N,C,T,H,W", [1, 3, 16, 112, 112])
 
 
 def parse_shape(text: str) -> List[int]:
@@ -74,6 +93,9 @@ def build_model(spec: str) -> BuiltModel:
     if path.is_dir() and (path / "cleanai.json").is_file():
         return _load_saved(path)
     kind, sep, name = spec.partition(":")
+    if not path.exists() and (os.sep in kind or "/" in kind or kind in (".", "..")):
+        raise CLIError(f"{spec} does not exist (a MODEL path must be a directory written by "
+                       f"`cleanai prune --out DIR`)")
     if not sep or not name:
         if path.exists():
             raise CLIError(f"{spec} is not a pruned model directory (no cleanai.json in it)")

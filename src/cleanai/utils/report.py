@@ -173,15 +173,22 @@ class Report:
 
     def table(self, max_layers: Optional[int] = 40) -> str:
         """The text table; at most ``max_layers`` changed layers are listed (None: all).
-        Norm layers, whose channels follow the layer before them, are left out."""
+        The count of changed layers is the Markdown's (every layer with parameters); norm and
+        depthwise layers, whose channels follow the layer before them, are counted but not
+        listed."""
         head = ["", "before", "after", "change"]
         lines = [f"{self.before.model}: pruning report", _text_table(head, self._total_cells())]
         if self.fidelity_line():
             lines.append("  " + self.fidelity_line())
         cells = self._layer_cells(max_layers, producers_only=True)
         n = len(self.layer_rows(producers_only=True))
+        followers = len(self.layer_rows()) - n
         if cells:
-            lines += ["", f"layers changed: {n} (channels in/out)",
+            count = f"layers changed: {n + followers} (channels in/out"
+            if followers:
+                count += (f"; not listed: {followers} norm or depthwise "
+                          f"layer{'s' if followers > 1 else ''} whose channels follow another's")
+            lines += ["", count + ")",
                       _text_table(["layer", "type", "channels", "params", "MACs"], cells)]
             if n > len(cells):
                 lines.append(f"  ... {n - len(cells)} more (report.to_markdown() lists all)")
