@@ -5,6 +5,7 @@ unit that loses little per MAC saved gives more), the uniform one and the pruner
 budgeted ranking (``target_macs=...``). A seeded evolutionary search refines the best: each
 candidate perturbs a few units' ratios of the best so far, is scaled until its plan meets the
 budget (exactly, by the :class:`~cleanai.budget.CostModel`), and is scored on a pruned copy.
+The last candidate is the best with what the per-group floors left of the budget given back.
 The uniform allocation and the ranking under the same budget are always candidates, so the
 result is never worse than either on the search's own data.
 """
@@ -28,6 +29,7 @@ from .sensitivity import SensitivityTable, Unit, prunable_units, sensitivity
 __all__ = ["SearchResult", "search_ratios"]
 
 MAX_RATIO = 0.95  # no unit is asked for more (a group keeps one channel anyway)
+_Fitted = Tuple[Dict[str, float], PruningPlan, Cost]  # ratios, their plan, its cost
 
 
 @dataclasses.dataclass
@@ -174,8 +176,15 @@ def search_ratios(model: nn.Module, example_inputs: Any, data: Optional[Iterable
             if i == 1:
                 uniform = search.history[-1][1] if search.history[-1][0] else -math.inf
             bar.update()
-        for _ in range(evaluations - len(firsts)):
+        for _ in range(evaluations - len(firsts) - 1):
             search.score(_mutate(search.best_direction, units, gen))
+            bar.update()
+        if evaluations > len(firsts):  # the last: the best with the floors' leftovers spent
+            topped = search.top_up(search.best[0]) if search.best is not None else None
+            if topped is not None:
+                search.evaluate(*topped, search.best_direction)
+            else:
+                search.score(_mutate(search.best_direction, units, gen))
             bar.update()
     finally:
         bar.close()
@@ -209,7 +218,7 @@ class _Search:
     def _fits(self, cost: Cost) -> bool:
         return all(getattr(cost, m) <= t * (1 + 1e-9) for m, t in self.wanted.items())
 
-    def fit(self, direction: Dict[str, float]) -> Optional[Tuple[Dict[str, float], PruningPlan, Cost]]:
+    def fit(self, direction: Dict[str, float]) -> Optional[_Fitted]:
         """The smallest scale ``t`` of ``direction`` whose ratios ``min(t * d, MAX_RATIO)``
         meet the budget (bisection on ``t``), or None."""
         top = max(direction.values(), default=0.0)
@@ -238,12 +247,36 @@ class _Search:
                 lo = mid
         return best
 
+    def top_up(self, ratios: Dict[str, float]) -> Optional[_Fitted]:
+        """``ratios`` with the budget that the per-group floors left unspent given back: each
+        unit in turn, the most pruned first, keeps one more channel while the plan still meets
+        the budget. None when nothing could be given back."""
+        ratios, changed = dict(ratios), False
+        size = {u.name: min(self.pruner.original_size[g] for g in u.groups) for u in self.units}
+        for u in sorted(self.units, key=lambda u: (-ratios.get(u.name, 0.0), u.name)):
+            while ratios.get(u.name, 0.0) > 0:
+                trial = dict(ratios)
+                trial[u.name] = round(max(0.0, ratios[u.name] - 1.0 / max(1, size[u.name])), 4)
+                plan, cost = self._plan(trial)
+                if not self._fits(cost):
+                    break
+                ratios, changed = trial, True
+        if not changed:
+            return None
+        plan, cost = self._plan(ratios)
+        return ratios, plan, cost
+
     def score(self, direction: Dict[str, float]) -> None:
+        """Scale ``direction`` to the budget and score it."""
         fitted = self.fit(direction)
         if fitted is None:
             self.history.append(({}, -math.inf, Cost(math.inf, math.inf)))
             return
-        ratios, plan, cost = fitted
+        self.evaluate(*fitted, direction)
+
+    def evaluate(self, ratios: Dict[str, float], plan: PruningPlan, cost: Cost,
+                 direction: Dict[str, float]) -> None:
+        """Score a plan that meets the budget; keep it if it is the best so far."""
         key = tuple(sorted((g, tuple(i.tolist())) for g, i in plan.removals.items() if len(i)))
         if key in self.seen:
             value = self.seen[key]
@@ -355,7 +388,8 @@ def _from_ranking(pruner: StructuredPruner, cm: CostModel, units: List[Unit],
     return out
 
 
-def _mutate(direction: Dict[str, float], units: List[Unit], gen: torch.Generator) -> Dict[str, float]:
+def _mutate(direction: Dict[str, float], units: List[Unit],
+            gen: torch.Generator) -> Dict[str, float]:
     """A few units' ratios moved up or down by 0.05 to 0.2 (the budget fit rescales all)."""
     out = dict(direction)
     names = [u.name for u in units]
