@@ -225,8 +225,9 @@ def test_save_pretrained_round_trip(tmp_path, name, kinds):
 
 @pytest.mark.parametrize("name", ["bert", "vit"])
 def test_heads_the_config_cannot_describe_round_trip_with_save_pruned(tmp_path, name):
-    # BERT and ViT configs derive head size from hidden_size / num_attention_heads, so pruned
-    # heads cannot go through save_pretrained; the library's own save/load replays them
+    # BERT's config derives the head size from hidden_size / num_attention_heads, so pruned
+    # heads cannot go through save_pretrained (ViT's reads config.head_dim, which the pruner
+    # writes); the library's own save/load replays them either way
     model, x = tiny(name)
     config = copy.deepcopy(model.config)
     prune(model, x, kinds=["heads", "channels"])
@@ -301,3 +302,48 @@ def test_vision_transformers_prune(name):
         model = getattr(pytest.importorskip("torchvision").models, arch)(weights=None)
     size = 64 if arch == "swin_t" else 224
     _vision_step(model, torch.randn(1, 3, size, size))
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Phi3", "Mistral"])
+def test_configs_that_derive_head_dim_reload_after_pruning_the_hidden_size(family, tmp_path):
+    """Qwen2 and Phi-3 derive head_dim from hidden_size // num_attention_heads when the config
+    does not set it: after the hidden size is pruned, the config must say head_dim."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=100, pad_token_id=0)
+    cls = getattr(transformers, f"{family}ForCausalLM")
+    model = cls(config).eval()
+    x = torch.randint(1, 100, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "config cannot describe" warning
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.25, kinds=["hidden"]).step()
+    assert model.config.hidden_size == 48 and model.config.head_dim == 16
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    model.save_pretrained(tmp_path)
+    again = cls.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
+
+
+def test_a_derived_size_the_modeling_code_ignores_is_not_written():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.StableLmConfig(hidden_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=128, vocab_size=100)
+    model = transformers.StableLmForCausalLM(config).eval()
+    with pytest.warns(UserWarning, match="cannot describe the pruned shapes"):
+        cleanai.StructuredPruner(model, torch.randint(0, 100, (2, 8)), pruning_ratio=0.25,
+                                 kinds=["hidden"]).step()
+    assert "head_dim" not in model.config.to_dict() or model.config.head_dim is None
+
+
+def test_vit_heads_reload_through_save_pretrained(tmp_path):
+    model, x = tiny("vit")
+    prune(model, x, kinds=["heads", "channels"])
+    assert model.config.head_dim == 8  # written down: the config derived it before
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert torch.equal(out(loaded, x), out(model, x))

@@ -187,24 +187,64 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             setattr(config, f, v)
             changed.append((f, v))
     if changed:
-        _check_config(model)
+        wrong = _config_mismatch(model)
+        if wrong:
+            before_fields = set(vars(config))
+            derived = _write_derived(model, config)
+            still = _config_mismatch(model)
+            if still:  # the modeling code does not read them: leave the config as it was
+                for field, _ in derived:
+                    if field in before_fields:
+                        setattr(config, field, None)
+                    else:
+                        delattr(config, field)
+            else:
+                changed += derived
+            wrong = still
+        if wrong:
+            _warn_config(model, wrong)
     return changed
 
 
-def _check_config(model: nn.Module) -> None:
-    """Warn when ``type(model)(model.config)`` would not have the pruned model's shapes."""
+#: sizes the modeling code derives when the config does not set them (Qwen2, Mistral, Gemma:
+#: ``head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads)``); a pruned
+#: hidden size changes the derived value, so the module's own value is written down instead
+DERIVED_CONFIG = ("head_dim",)
+
+
+def _write_derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
+    """Write each derived size the config leaves unset, as the model's modules hold it."""
+    written = []
+    for field in DERIVED_CONFIG:
+        if getattr(config, field, None) is not None:
+            continue
+        values = {getattr(m, field) for m in model.modules()
+                  if type(getattr(m, field, None)) is int and getattr(m, field) > 0}
+        if len(values) == 1:
+            value = values.pop()
+            setattr(config, field, value)
+            written.append((field, value))
+    return written
+
+
+def _config_mismatch(model: nn.Module) -> List[Tuple[str, tuple, tuple]]:
+    """The parameters whose shape ``type(model)(model.config)`` would not reproduce, as
+    ``(name, pruned shape, config's shape)``; empty when it would, or cannot be built."""
     try:
         with torch.device("meta"):
             fresh = type(model)(model.config)
     except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
         logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
-        return
+        return []
     expected = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
-    wrong = [n for n, p in model.named_parameters() if expected.get(n, tuple(p.shape)) != tuple(p.shape)]
-    if wrong:
-        warnings.warn(f"model.config of {type(model).__name__} cannot describe the pruned shapes "
-                      f"(e.g. {wrong[0]}: {tuple(model.get_parameter(wrong[0]).shape)}, the config "
-                      f"gives {expected[wrong[0]]}); from_pretrained would fail on a "
-                      f"save_pretrained copy. Save the model with its pruning history instead.",
-                      stacklevel=4)
+    return [(n, tuple(p.shape), expected[n]) for n, p in model.named_parameters()
+            if expected.get(n, tuple(p.shape)) != tuple(p.shape)]
+
+
+def _warn_config(model: nn.Module, wrong: List[Tuple[str, tuple, tuple]]) -> None:
+    """Warn that ``model.config`` cannot describe the pruned shapes."""
+    warnings.warn(f"model.config of {type(model).__name__} cannot describe the pruned shapes "
+                  f"(e.g. {wrong[0][0]}: {wrong[0][1]}, the config gives {wrong[0][2]}); "
+                  f"from_pretrained would fail on a save_pretrained copy. Save the model with "
+                  f"its pruning history instead.", stacklevel=4)
 

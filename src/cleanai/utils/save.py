@@ -151,7 +151,8 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
 
     config = getattr(model, "config", None)
     fields = {e["attr"] for st in info["steps"] for e in st["layers"] if e["kind"] == "config"}
-    config_before = {f: getattr(config, f) for f in fields}
+    config_before = {f: getattr(config, f, None) for f in fields}
+    config_had = {f for f in fields if hasattr(config, f)}
 
     try:
         # atomic puts every module back when anything below raises; the config is not a module
@@ -159,7 +160,10 @@ def load_pruned(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
             _replay_and_load(model, info, state, where)
     except BaseException:
         for f, v in config_before.items():
-            setattr(config, f, v)
+            if f in config_had:
+                setattr(config, f, v)
+            elif hasattr(config, f):  # a derived size the replay added
+                delattr(config, f)
         raise
     return model
 
@@ -280,7 +284,9 @@ def _check_setting(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[
         owner = getattr(model, "config", None)
         if owner is None:
             raise LoadError(f"{here}: {type(model).__name__} has no config to update")
-    if not hasattr(owner, attr):
+    from ..pruner.attributes import DERIVED_CONFIG  # sizes a config may lack until pruned
+
+    if not hasattr(owner, attr) and not (kind == "config" and attr in DERIVED_CONFIG):
         raise LoadError(f"{here}: {type(owner).__name__} has no attribute {attr!r}")
 
 
