@@ -264,7 +264,8 @@ class CostModel:
                     continue
                 rest = math.prod(s for k, s in enumerate(sizes) if k != j)
                 for i, a, b in d.laws:
-                    scale = (_law(a, b, kept[i]) and sizes[j] / _law(a, b, kept[i])) or 0.0
+                    law = _law(a, b, kept[i])  # d size / d kept = a * size / law
+                    scale = sizes[j] / law if law else 0.0
                     grad_p[i] += rest * a * scale
                     grad_m[i] += p.macs_per_element * rest * a * scale
         dense = self.dense_lengths.clamp(min=1)

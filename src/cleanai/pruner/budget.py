@@ -21,6 +21,7 @@ import torch
 
 from .apply import PruningError
 from .plan import PruningPlan
+from .ranking import spare_members
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
@@ -140,8 +141,6 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
     fewest channels from the ranking. ``scores``: per candidate group (protected channels
     ``inf``); ``caps``: how many each may lose; ``fixed``: removals decided by layer ratios.
     Returns the removals and their predicted costs."""
-    from .structured import _spare_members
-
     cm = pruner.cost_model
     costs = cm.channel_costs(fixed)
     dense = cm.dense
@@ -188,7 +187,7 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                     idx = scores[gid].argsort(stable=True)[:max(0, k)]
                 if idx.numel():
                     out[gid] = idx
-        return {gid: _spare_members(by_id[gid], idx, scores[gid]) for gid, idx in out.items()}
+        return {gid: spare_members(by_id[gid], idx, scores[gid]) for gid, idx in out.items()}
 
     def fits(n: int) -> Tuple[bool, Dict[int, torch.Tensor], Any]:
         r = removals(n)

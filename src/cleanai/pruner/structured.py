@@ -24,6 +24,7 @@ from .fallback import protect_failing
 from .history import record_step
 from .budget import Target, parse_targets, plan_budget
 from .plan import PruningPlan
+from .ranking import global_removals, positions_per_channel, spare_members
 from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class StructuredPruner:
             :func:`cleanai.recover.reconstruct` and :func:`cleanai.recover.distill`.
         target_macs, target_params: a budget instead of a ratio: a fraction of the dense model
             in (0, 1) or an absolute count. The plan ranks the channels of every group not
-            named in ``layer_pruning_ratios`` together, by score per unit of what they cost
-            (:class:`cleanai.budget.CostModel`), and takes as few as meet the budget (within
-            one channel); both may be given. ``pruning_ratio`` and ``global_pruning`` are then
+            named in ``layer_pruning_ratios`` together, by normalised score, and takes as few
+            as meet the budget, computed by :class:`cleanai.budget.CostModel` (within one
+            channel; see :mod:`cleanai.pruner.budget`); both may be given. ``pruning_ratio`` and ``global_pruning`` are then
             unused; ``ignored_layers``, ``kinds``, ``max_pruning_ratio``, ``round_to`` and the
             iterative schedule still apply. :class:`~cleanai.pruner.budget.BudgetError` says
             why when the budget cannot be met.
@@ -203,6 +204,13 @@ class StructuredPruner:
         n = min(n, math.floor(size0 * self.max_pruning_ratio + 1e-9), size0 - 1)
         return self._rounded(group, n)
 
+    def _cap(self, group: Group) -> int:
+        """How many more channels ``group`` may lose: not its protected ones, not its last, not
+        past ``max_pruning_ratio`` of its original size."""
+        size0 = self.original_size[group.id]
+        return min(group.prunable, group.size - 1,
+                   math.floor(size0 * self.max_pruning_ratio + 1e-9) - (size0 - group.size))
+
     def _rounded(self, group: Group, n: int) -> int:
         """``n`` channels removed in total, adjusted so the kept count is a multiple of
         ``round_to`` (counted in positions per channel, for flattened members), never past
@@ -210,7 +218,7 @@ class StructuredPruner:
         size0 = self.original_size[group.id]
         if not self.round_to or n <= 0:
             return n
-        per = _positions_per_channel(group)
+        per = positions_per_channel(group)
         unit = self.round_to // math.gcd(self.round_to, per)
         keep = size0 - n
         keep = max(unit, int(round(keep / unit)) * unit) if size0 >= unit else size0
@@ -244,8 +252,7 @@ class StructuredPruner:
             named = any(_inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
                         for k in self.layer_ratios)
             if self.targets and not named:
-                n = min(prunable, g.size - 1, math.floor(
-                    self.original_size[g.id] * self.max_pruning_ratio + 1e-9) - already)
+                n = self._cap(g)
             else:
                 r = self._scheduled(step, ratio)
                 n = min(self._target_removed(g, r) - already, prunable, g.size - 1)
@@ -266,9 +273,9 @@ class StructuredPruner:
                     if gid not in pool}
         if self.targets:
             return plan_budget(self, step, scores, caps, removals)
-        removals.update(self._global(pool, scores, quota))
+        removals.update(global_removals(self, pool, scores, quota))
         by_id = {g.id: g for g in self.graph.groups}
-        removals = {gid: _spare_members(by_id[gid], idx, scores[gid])
+        removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                     for gid, idx in removals.items()}
         return PruningPlan(self.graph, removals, step)
 
@@ -279,43 +286,6 @@ class StructuredPruner:
             raise ValueError(f"iterative_schedule returned {r!r} for step {step} of "
                              f"{self.iterative_steps}; it must return a ratio in [0, 1)")
         return float(r)
-
-    def _global(self, pool: List[int], scores: Dict[int, torch.Tensor],
-                quota: Dict[int, int]) -> Dict[int, torch.Tensor]:
-        """Remove the lowest scores across ``pool`` groups, as many as their quotas add up to,
-        with no group going past its own cap."""
-        if not pool:
-            return {}
-        total = sum(quota[g] for g in pool)
-        by_id = {g.id: g for g in self.graph.groups}
-        cap = {}
-        for gid in pool:
-            g = by_id[gid]
-            cap[gid] = min(g.prunable, g.size - 1,
-                           math.floor(self.original_size[gid] * self.max_pruning_ratio)
-                           - (self.original_size[gid] - g.size))
-        flat = torch.cat([scores[g] for g in pool])
-        owner = torch.cat([torch.full((len(scores[g]),), i) for i, g in enumerate(pool)])
-        local = torch.cat([torch.arange(len(scores[g])) for g in pool])
-        taken: Dict[int, List[int]] = {g: [] for g in pool}
-        n = 0
-        for i in flat.argsort(stable=True).tolist():
-            if n >= total or not math.isfinite(float(flat[i])):
-                break
-            gid = pool[int(owner[i])]
-            if len(taken[gid]) < cap[gid]:
-                taken[gid].append(int(local[i]))
-                n += 1
-        out = {}
-        for gid, idx in taken.items():
-            if self.round_to:  # the global ranking sets how many leave; round_to trims that
-                g = by_id[gid]
-                already = self.original_size[gid] - g.size
-                n = min(self._rounded(g, already + len(idx)) - already, cap[gid])
-                idx = scores[gid].argsort(stable=True)[:max(0, n)].tolist()
-            if idx:
-                out[gid] = torch.tensor(idx, dtype=torch.long)
-        return out
 
     # --- actions -----------------------------------------------------------------------
 
@@ -459,35 +429,5 @@ def _check_ratio(name: str, ratio: Any) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
 
 
-def _spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Never empty a layer: where ``idx`` takes every channel a member holds in this group (a
-    producer tied to part of a group), its best-scored channel stays."""
-    # a member that holds every channel of the group keeps some: a plan leaves one at least
-    members = [m for m in group.members if not m.identity and m.channels.shape[0]]
-    if not members:
-        return idx  # (PruningPlan sorts it)
-    removed = torch.zeros(group.size, dtype=torch.bool)
-    removed[idx] = True
-    # one pass finds the members that lose every position; sparing a channel only helps the
-    # others, so each candidate is checked again, in member order, before it is spared
-    counts = torch.tensor([m.channels.shape[0] for m in members], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(members)), counts)
-    lost = torch.zeros(len(members), dtype=torch.long).index_add_(
-        0, owner, removed.index_select(0, torch.cat([m.channels for m in members])).long())
-    for i in torch.nonzero(lost == counts).flatten().tolist():
-        m = members[i]
-        if bool(removed.index_select(0, m.channels).all()):
-            held = torch.unique(m.channels)
-            removed[held[scores[held].argmax()]] = False
-    return torch.nonzero(removed).flatten()
-
-
 def _inside(layer: str, key: str) -> bool:
     return key == "" or layer == key or layer.startswith(key + ".")
-
-
-def _positions_per_channel(group: Group) -> int:
-    for m in group.members:
-        if m.kind == "out":
-            return max(1, len(m.positions) // max(1, len(torch.unique(m.channels))))
-    return 1
