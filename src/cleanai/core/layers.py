@@ -139,6 +139,21 @@ def _keep(t: Optional[Tensor], dim: int, idx: Tensor) -> None:
         t.grad = None
 
 
+def drop_grad_accumulator(t: Tensor) -> None:
+    """Forget the gradient accumulator autograd keeps for a leaf whose ``.data`` changed shape.
+
+    Autograd reuses a leaf's accumulator while any graph holds it (a training loop's last
+    ``loss`` keeps its whole graph), and assigning ``.data`` renews it only when the dtype or
+    device changes: the next backward would then expect the old shape. Assigning data of
+    another dtype, then the data back, renews it."""
+    if not t.requires_grad:
+        return
+    data = t.data
+    t.data = torch.empty(0, dtype=torch.float64 if data.dtype != torch.float64 else torch.float32,
+                         device=data.device)
+    t.data = data
+
+
 def _local(keep: Tensor, blocks: int, size: int) -> Tensor:
     """Positions kept inside one block of a grouped layer; every block must keep the same."""
     per = size // blocks

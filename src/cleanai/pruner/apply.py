@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, module_signature
 from ..core.runtime import find_submodule, preserved_state, run_forward
-from ..core.layers import _keep, get_layer_pruner
+from ..core.layers import _keep, drop_grad_accumulator, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
 from .attributes import attribute_updates, set_attributes, set_config
@@ -183,14 +183,27 @@ class atomic:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self.restore()
+        else:
+            self._renew_accumulators()
         return False
+
+    def _renew_accumulators(self) -> None:
+        """Parameters whose shape changed get a new gradient accumulator (the old one, kept
+        alive by a graph from before, expects the old shape)."""
+        for _, tensors, _, _, _, _ in self.saved:
+            for t, data, _ in tensors:
+                if isinstance(t, nn.Parameter) and t.shape != data.shape:
+                    drop_grad_accumulator(t)
 
     def restore(self) -> None:
         for m, tensors, params, buffers, attrs, cls in self.saved:
             m.__class__ = cls  # a pruner may swap a layer's class (PrunedMultiheadAttention)
             for t, data, grad in tensors:
+                changed = t.shape != data.shape
                 t.data = data
                 if isinstance(t, nn.Parameter):
+                    if changed:
+                        drop_grad_accumulator(t)
                     t.grad = grad
             m._parameters.clear()
             m._parameters.update(params)

@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..core.layers import drop_grad_accumulator
 from ..core.graph import module_signature
 from ..core.runtime import map_tensors, state_tensors
 from ..pruner.history import get_history, signature_json
@@ -138,6 +139,7 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
                     t.copy_(copy)
                 else:
                     t.data = copy
+                    drop_grad_accumulator(t)
         for m, mode in modes:
             m.training = mode
         for p, flag in flags:

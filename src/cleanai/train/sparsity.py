@@ -1,0 +1,205 @@
+"""Group-sparsity regularisation: a penalty that drives whole coupled channels towards zero
+while the model trains, so that the channels a later pruning step removes carry little.
+
+Each channel of a group is one unit: every weight that holds it, in every member (producer
+rows and biases, norm scales and shifts, consumer columns, attention internals), enters one
+norm. ``GroupSparsity`` is used as a loss term, ``loss = loss + reg()``: autograd then adds
+its gradient to whatever the optimizer does (SGD, Adam, a fused or foreach implementation),
+and ``torch.amp``'s ``GradScaler`` scales it with the rest of the loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph, Group
+from ..importance.base import member_weights
+from ..pruner.structured import GROUP_KINDS, StructuredPruner
+
+Layout = List[Tuple[Group, Optional[torch.Tensor]]]  # a group, its unprotected channels
+Squares = Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]]
+EPS = 1e-12  # inside the square root: a finite gradient at an all-zero channel
+
+
+class GroupSparsity:
+    """``lam * sum over groups and channels c of ||W_c||``, ``W_c`` every weight of channel c
+    across the group's members (group lasso over coupled channels).
+
+    Args:
+        pruner: a :class:`~cleanai.StructuredPruner` (its ``ignored_layers`` and ``kinds``
+            choose the groups, as they would for pruning) or a
+            :class:`~cleanai.DependencyGraph` (every prunable group).
+        lam: the penalty's weight, ``>= 0``.
+        kinds: only groups of these kinds (``"heads"``, ``"head_dims"``, ``"channels"``,
+            ``"hidden"``); ``None`` keeps the pruner's choice (all, for a graph).
+        norm: ``"l2"`` (one norm per channel, the group lasso) or ``"l1"`` (the sum of the
+            channel's absolute weights).
+        schedule: ``schedule(t) -> factor`` multiplying ``lam`` at the ``t``-th call
+            (``t`` from 0), for a warm-up or a ramp; ``None`` keeps ``lam``.
+
+    Protected channels (model outputs, ops CleanAI cannot follow) are never penalised: they
+    cannot be pruned. The groups follow pruning steps taken between calls.
+    Call once per training step: ``loss = criterion(model(x), y) + reg()``.
+    """
+
+    def __init__(self, pruner: Union[StructuredPruner, DependencyGraph], lam: float, *,
+                 kinds: Optional[Iterable[str]] = None, norm: str = "l2",
+                 schedule: Optional[Callable[[int], float]] = None) -> None:
+        if isinstance(pruner, StructuredPruner):
+            self.graph, self._pruner = pruner.graph, pruner
+        elif isinstance(pruner, DependencyGraph):
+            self.graph, self._pruner = pruner, None
+        else:
+            raise TypeError(f"GroupSparsity takes a StructuredPruner or a DependencyGraph, "
+                            f"got {type(pruner).__name__}")
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) \
+                or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+        if schedule is not None and not callable(schedule):
+            raise TypeError("schedule must be callable: schedule(t) -> factor")
+        self.kinds = None if kinds is None else set([kinds] if isinstance(kinds, str) else kinds)
+        if self.kinds is not None and not self.kinds <= set(GROUP_KINDS):
+            raise ValueError(f"kinds must be among {GROUP_KINDS}, got {sorted(self.kinds)}")
+        self.lam = float(lam)
+        self.norm = norm
+        self.schedule = schedule
+        #: how many times the penalty was computed (the ``t`` passed to ``schedule``)
+        self.calls = 0
+        self._layout: Optional[Layout] = None
+        self._signature = None
+
+    @property
+    def model(self) -> nn.Module:
+        model = self.graph._model()
+        if model is None:
+            raise RuntimeError("the model this regulariser was built for no longer exists")
+        return model
+
+    def groups(self) -> List[Group]:
+        """The groups penalised now."""
+        return [g for g, _ in self._current_layout()]
+
+    def __call__(self, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """The penalty now (a scalar tensor with autograd), ``lam * schedule(calls)``-weighted."""
+        if model is not None and model is not self.model:
+            raise ValueError("this regulariser was built for another model")
+        factor = 1.0 if self.schedule is None else float(self.schedule(self.calls))
+        self.calls += 1
+        if not math.isfinite(factor) or factor < 0:
+            raise ValueError(f"schedule returned {factor!r} at call {self.calls - 1}; it must "
+                             f"return a finite factor >= 0")
+        lam = self.lam * factor
+        if lam == 0:
+            return torch.zeros((), device=_device(self.model))
+        return lam * self.penalty()
+
+    def penalty(self) -> torch.Tensor:
+        """The unweighted sum of channel norms (a scalar tensor with autograd)."""
+        model = self.model
+        total = None
+        squares: Squares = {}  # each tensor reduced once per dim
+        for group, keep in self._current_layout():
+            per_channel = self._channel_sums(group, model, squares)
+            if keep is not None:
+                per_channel = per_channel.index_select(0, keep.to(per_channel.device))
+            term = (per_channel + EPS).sqrt().sum() if self.norm == "l2" else per_channel.sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros((), device=_device(model))
+        return total
+
+    def _members(self, group: Group, model: nn.Module):
+        """``(member, tensor, dim)`` for every weight of the group's channels."""
+        return member_weights(group, model)
+
+    def _channel_sums(self, group: Group, model: nn.Module,
+                      squares: Squares) -> torch.Tensor:
+        """Per group channel: the sum of its weights' squares (``l2``) or absolute values."""
+        total = None
+        for member, tensor, dim in self._members(group, model):
+            key = (id(tensor), dim)
+            hit = squares.get(key)
+            if hit is None:  # (the tensor is held too: a view's id is not reused meanwhile)
+                hit = squares[key] = (tensor, _reduce(tensor, dim, self.norm))
+            per_slice = hit[1]
+            n = per_slice.shape[0]
+            if member.identity and n == group.size:
+                part = per_slice
+            else:
+                positions = member.positions if n == member.length else member.positions % n
+                part = torch.zeros(group.size, dtype=per_slice.dtype, device=per_slice.device)
+                part = part.index_add(0, member.channels.to(part.device),
+                                      per_slice.index_select(0, positions.to(part.device)))
+            total = part if total is None else total + part
+        if total is None:
+            return torch.zeros(group.size, device=_device(model))
+        return total
+
+    def _current_layout(self) -> Layout:
+        """The penalised groups with their unprotected channels; rebuilt after a pruning step."""
+        if self._layout is None or self._signature != self.graph.signature:
+            layout = []
+            for g in self.graph.groups:
+                if g.size <= 1 or g.prunable == 0 or not self._selected(g):
+                    continue
+                keep = None if g.prunable == g.size else torch.nonzero(~g.protected).flatten()
+                layout.append((g, keep))
+            self._layout, self._signature = layout, self.graph.signature
+        return self._layout
+
+    def _selected(self, group: Group) -> bool:
+        if self.kinds is not None and group.kind not in self.kinds:
+            return False
+        return self._pruner is None or self._pruner.group_ratio(group) is not None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(lam={self.lam:g}, norm={self.norm!r}, "
+                f"groups={len(self._current_layout())})")
+
+
+class BatchNormScaleSparsity(GroupSparsity):
+    """Network Slimming: ``lam * sum |gamma|`` over the scales of the BatchNorm layers in the
+    prunable groups (an L1 penalty on each channel's BatchNorm scale only)."""
+
+    def __init__(self, pruner: Union[StructuredPruner, DependencyGraph], lam: float, *,
+                 schedule: Optional[Callable[[int], float]] = None) -> None:
+        super().__init__(pruner, lam, norm="l1", schedule=schedule)
+
+    def _members(self, group: Group, model: nn.Module):
+        out = []
+        for m in group.members:
+            if m.kind != "same":
+                continue
+            module = model.get_submodule(m.name)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                out.append((m, module.weight, 0))
+        return out
+
+    def _selected(self, group: Group) -> bool:
+        return super()._selected(group) and any(
+            m.kind == "same" and isinstance(self.model.get_submodule(m.name),
+                                            nn.modules.batchnorm._BatchNorm)
+            for m in group.members)
+
+
+def _reduce(tensor: torch.Tensor, dim: int, norm: str) -> torch.Tensor:
+    """Per slice along ``dim``: the sum of squares (``l2``) or of absolute values (``l1``),
+    in float32 at least (a bf16 or fp16 weight is summed in float32)."""
+    t = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    t = t * t if norm == "l2" else t.abs()
+    if t.dim() == 1:
+        return t
+    if dim == 0:
+        return t.reshape(t.shape[0], -1).sum(1)
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dims)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
