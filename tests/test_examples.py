@@ -41,3 +41,16 @@ def test_example_resnet():
             if line.startswith(("accuracy ", "params "))}
     before, after = (int(v.replace(",", "")) for v in rows["params"])
     assert after < before / 3
+
+
+def test_example_train_prune():
+    pytest.importorskip("sklearn")
+    out = run_example("example_train_prune.py")
+    rows = {line[:34].strip(): line for line in out.splitlines() if "accuracy" in line}
+    assert set(rows) == {"dense", "aimed sparsity + cut + 1 epoch", "gradual pruning"}
+    for name in ("aimed sparsity + cut + 1 epoch", "gradual pruning"):
+        macs = float(rows[name].split("MACs")[1].split("%")[0])
+        accuracy = float(rows[name].split("accuracy")[1].split("%")[0])
+        assert macs <= 30.0 and accuracy > 50, rows[name]  # the budget met, the model still works
+    steps = [float(v.split("%")[0]) for v in out.split("after each step: ")[1].splitlines()[0].split(", ")]
+    assert steps == sorted(steps, reverse=True) and len(steps) >= 4

@@ -236,6 +236,25 @@ def test_sparse_training_zeroes_whole_channels_and_the_prune_is_then_lossless():
     torch.testing.assert_close(model(x), before, atol=1e-2, rtol=0)
 
 
+def test_a_loop_that_keeps_its_last_loss_alive_trains_on_after_a_step():
+    """The last ``loss`` holds its graph, and with it each weight's gradient accumulator; a
+    step changes the weights' shapes, and the next backward must not expect the old ones."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = cleanai.StructuredPruner(model, batch()[0][:1], pruning_ratio=0.5)
+    for s in range(3):
+        x, y = batch(s)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if s == 1:
+            with slice_optimizer_state(opt, model):
+                pruner.step()
+    assert model.conv1.out_channels == 4 and model.conv1.weight.grad.shape == (4, 3, 3, 3)
+
+
 def test_amp_grad_scaler_and_lr_scheduler_keep_working():
     torch.manual_seed(0)
     model = Net()

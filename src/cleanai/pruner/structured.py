@@ -321,7 +321,8 @@ class StructuredPruner:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
 
         Tensors are sliced in place: the model keeps its ``nn.Parameter`` and buffer objects
-        (an optimizer's references stay attached; its per-parameter state must be rebuilt).
+        (an optimizer's references stay attached; take the step inside
+        :class:`cleanai.train.slice_optimizer_state` to cut its per-parameter state too).
         On any failure every tensor, attribute and hook is exactly as it was before.
         """
         if plan.graph is not self.graph:

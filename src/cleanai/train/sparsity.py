@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from ..importance.base import member_weights
+from ..pruner.plan import PruningPlan
 from ..pruner.structured import GROUP_KINDS, StructuredPruner
 
 Layout = List[Tuple[Group, Optional[torch.Tensor]]]  # a group, its unprotected channels
@@ -71,7 +72,19 @@ class GroupSparsity:
         #: how many times the penalty was computed (the ``t`` passed to ``schedule``)
         self.calls = 0
         self._layout: Optional[Layout] = None
-        self._signature = None
+        self._signature = self.graph.signature
+        self._target: Optional[Dict[int, torch.Tensor]] = None
+
+    def target(self, plan: Optional[PruningPlan]) -> None:
+        """Penalise only the channels ``plan`` removes (``pruner.plan()``, made now), so that
+        the coming step cuts channels that already carry little while the others train
+        freely; ``None`` penalises every prunable channel again. Re-plan from time to time
+        (the channels chosen move as the weights do); a pruning step clears the target."""
+        if plan is not None and plan.graph is not self.graph:
+            raise ValueError("this plan was made for another graph than the regulariser's")
+        self._target = None if plan is None else {
+            gid: idx.clone() for gid, idx in plan.removals.items() if idx.numel()}
+        self._layout, self._signature = None, self.graph.signature
 
     @property
     def model(self) -> nn.Module:
@@ -141,16 +154,22 @@ class GroupSparsity:
         return total
 
     def _current_layout(self) -> Layout:
-        """The penalised groups with their unprotected channels; rebuilt after a pruning step."""
-        if self._layout is None or self._signature != self.graph.signature:
+        """The penalised groups with their channels (``None``: all); rebuilt after a step."""
+        if self._layout is not None and self._signature is self.graph.signature:
+            return self._layout
+        if self._signature is not self.graph.signature:  # (a step sets a new signature)
+            self._target = None  # pruned since it was set: the targeted channels are gone
+        if self._target is not None:
+            layout = [(g, self._target[g.id]) for g in self.graph.groups if g.id in self._target]
+        else:
             layout = []
             for g in self.graph.groups:
                 if g.size <= 1 or g.prunable == 0 or not self._selected(g):
                     continue
                 keep = None if g.prunable == g.size else torch.nonzero(~g.protected).flatten()
                 layout.append((g, keep))
-            self._layout, self._signature = layout, self.graph.signature
-        return self._layout
+        self._layout, self._signature = layout, self.graph.signature
+        return layout
 
     def _selected(self, group: Group) -> bool:
         if self.kinds is not None and group.kind not in self.kinds:

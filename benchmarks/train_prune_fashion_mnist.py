@@ -1,0 +1,312 @@
+"""Pruning while training, on Fashion-MNIST: at 25% of the dense MACs, with the dense model's
+epoch budget, how much accuracy is left.
+
+The SmallResNet and recipe of ``accuracy_fashion_mnist.py`` (55k training images, augmentation,
+SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, one-cycle lr 0.1, 8 epochs; the
+dense checkpoint is cached). Every variant prunes to ``--macs`` of the dense MACs with the
+data-free ``WeightImportance`` and ``StructuredPruner(target_macs=...)``; accuracy is on the 10k
+test images:
+
+    one-shot   the trained dense model pruned once, then one fine-tuning epoch (lr 0.01,
+               cosine): 9 epochs in all, the reference from accuracy.md's recipe
+    sparse     7 epochs with ``GroupSparsity`` aimed at the channels the pruner would remove
+               (``reg.target(pruner.plan())``, re-planned every ``--replan`` iterations; the
+               penalty grows linearly over the first epochs), one prune, then the same
+               fine-tuning epoch: 8 epochs
+    gradual    8 epochs with ``GradualPruner`` (cubic schedule from ``--gradual-start`` to
+               ``--gradual-end`` epochs, a step every ``--every`` iterations), the optimizer's
+               momentum sliced at every step: 8 epochs
+
+Then the regulariser's cost: a resnet18 training step (batch 16, 3x224x224, SGD) with and
+without ``loss + reg()``, alternated, median of ``--overhead-steps`` each.
+
+    python benchmarks/train_prune_fashion_mnist.py            # writes docs/train_prune.md
+    python benchmarks/train_prune_fashion_mnist.py --quick    # 1 epoch + 1 fine-tuning, 5k images
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cleanai
+from _common import cleanai_revision
+from accuracy_fashion_mnist import (BATCH, CACHE_DIR, DATA_DIR, EXAMPLE, FT_LR, ROOT, SmallResNet,
+                                    accuracy, fit, load_average, load_data, log, machine,
+                                    sample_batches, shuffled_batches, trained_model)
+from cleanai.importance import WeightActivationImportance, WeightImportance
+from cleanai.train import GradualPruner, GroupSparsity
+from cleanai.utils import count_macs, count_params
+
+EPOCHS = 8
+LR = 0.1
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
+          extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+          after_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None) -> None:
+    """The dense recipe (one-cycle lr 0.1), with a loss term and a per-iteration callback."""
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(x) / BATCH)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps,
+                                                pct_start=0.25)
+    model.train()
+    it = 0
+    for epoch in range(epochs):
+        total = 0.0
+        for xb, yb in shuffled_batches(x, y, g):
+            loss = F.cross_entropy(model(xb), yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            it += 1
+            if after_step is not None:
+                after_step(it, opt)
+            total += loss.item() * len(xb)
+        log(f"  epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, "
+            f"{count_macs(model, EXAMPLE) / 1e6:.2f} M MACs")
+    model.eval()
+
+
+def pruner_for(model: nn.Module, macs: float, importance: str = "weight"
+               ) -> cleanai.StructuredPruner:
+    score = WeightImportance() if importance == "weight" else WeightActivationImportance()
+    return cleanai.StructuredPruner(model, EXAMPLE, importance=score, target_macs=macs)
+
+
+def widths(model: nn.Module) -> List[int]:
+    """Output channels of every conv, in order."""
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def one_shot(dense: nn.Module, data, macs: float, seed: int) -> Dict[str, float]:
+    model = copy.deepcopy(dense)
+    pruner_for(model, macs).step()
+    pruned = accuracy(model, data.test_x, data.test_y)
+    fit(model, data.train_x, data.train_y, 1, FT_LR, seed=seed, schedule="cosine")
+    return {"pruned": pruned, "final": accuracy(model, data.test_x, data.test_y),
+            "macs": count_macs(model, EXAMPLE), "params": count_params(model), "epochs": 9,
+            "widths": widths(model)}
+
+
+def sparse(data, macs: float, seed: int, epochs: int, lam: float, ramp_epochs: float,
+           replan: int, importance: str, aim_epoch: float, calib) -> Dict[str, float]:
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    pruner = pruner_for(model, macs, importance)
+    per_epoch = math.ceil(len(data.train_x) / BATCH)
+    first = int(aim_epoch * per_epoch)
+    ramp = max(1, int(ramp_epochs * per_epoch))
+    reg = GroupSparsity(pruner, lam, schedule=lambda t: min(1.0, max(0, t - first) / ramp))
+
+    def aim() -> None:
+        if importance != "weight":
+            pruner.calibrate(calib)
+        reg.target(pruner.plan())
+
+    def replanned(it: int, opt) -> None:
+        if it >= first and (it - first) % replan == 0:
+            aim()
+
+    if first == 0:
+        aim()
+    start = time.perf_counter()
+    train(model, data.train_x, data.train_y, epochs - 1, seed, reg, replanned)
+    before = accuracy(model, data.test_x, data.test_y)
+    if importance != "weight":
+        pruner.calibrate(calib)
+    pruner.step()
+    pruned = accuracy(model, data.test_x, data.test_y)
+    fit(model, data.train_x, data.train_y, 1, FT_LR, seed=seed, schedule="cosine")
+    return {"before_prune": before, "pruned": pruned, "widths": widths(model),
+            "final": accuracy(model, data.test_x, data.test_y), "macs": count_macs(model, EXAMPLE),
+            "params": count_params(model), "epochs": epochs, "train_s": time.perf_counter() - start}
+
+
+def gradual(data, macs: float, seed: int, epochs: int, start_epoch: float, end_epoch: float,
+            every: int, importance: str, calib) -> Dict[str, float]:
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    pruner = pruner_for(model, macs, importance)
+    per_epoch = math.ceil(len(data.train_x) / BATCH)
+    first = max(1, int(start_epoch * per_epoch))
+    last = first + ((int(end_epoch * per_epoch) - first) // every) * every
+    holder: Dict[str, GradualPruner] = {}
+
+    def step(it: int, opt) -> None:
+        if "g" not in holder:  # the optimizer exists once training starts
+            holder["g"] = GradualPruner(pruner, start=first, end=last, every=every,
+                                        optimizer=opt, total_steps=epochs * per_epoch,
+                                        data=calib if importance != "weight" else None)
+        holder["g"].step()
+
+    start = time.perf_counter()
+    train(model, data.train_x, data.train_y, epochs, seed, None, step)
+    return {"final": accuracy(model, data.test_x, data.test_y), "macs": count_macs(model, EXAMPLE),
+            "params": count_params(model), "epochs": epochs, "steps": len(holder["g"].events),
+            "widths": widths(model),
+            "first": first, "last": last, "train_s": time.perf_counter() - start}
+
+
+def overhead(steps: int) -> Dict[str, float]:
+    """Seconds per resnet18 training step, plain and with the penalty, alternated."""
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    model = resnet18()
+    x, y = torch.randn(16, 3, 224, 224), torch.randint(0, 1000, (16,))
+    reg = GroupSparsity(cleanai.StructuredPruner(model, x[:1]), 1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def one(with_reg: bool) -> float:
+        t = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        if with_reg:
+            loss = loss + reg()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    one(False), one(True)  # warm-up
+    plain, regd = [], []
+    for _ in range(steps):
+        plain.append(one(False))
+        regd.append(one(True))
+    t = time.perf_counter()
+    for _ in range(20):
+        reg().backward()
+    alone = (time.perf_counter() - t) / 20
+    return {"plain": statistics.median(plain), "reg": statistics.median(regd),
+            "alone": alone, "groups": len(reg.groups())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--macs", type=float, default=0.25)
+    ap.add_argument("--lam", type=float, default=5e-3)
+    ap.add_argument("--ramp-epochs", type=float, default=3.0)
+    ap.add_argument("--replan", type=int, default=100)
+    ap.add_argument("--gradual-start", type=float, default=1.0)
+    ap.add_argument("--gradual-end", type=float, default=5.0)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--importance", choices=["weight", "hybrid"], default="weight",
+                    help="the score of sparse and gradual (hybrid: calibrated on 8 batches of "
+                         "training images before each plan)")
+    ap.add_argument("--aim-epoch", type=float, default=0.0,
+                    help="sparse: the epoch at which the penalty is first aimed and starts")
+    ap.add_argument("--overhead-steps", type=int, default=5)
+    ap.add_argument("--only", choices=["one-shot", "sparse", "gradual", "overhead"], nargs="+")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = set(args.only or ["one-shot", "sparse", "gradual", "overhead"])
+    started, load = time.perf_counter(), load_average()
+    data = load_data(DATA_DIR)
+    dense, info = trained_model(data, EPOCHS, LR, CACHE_DIR, False)
+    epochs = EPOCHS
+    if args.quick:
+        data.train_x, data.train_y = data.train_x[:5000], data.train_y[:5000]
+        epochs = 2
+    calib = [b[0] for b in sample_batches(data.train_x, data.train_y, 8,
+                                          torch.Generator().manual_seed(1000 + args.seed))]
+    cache = os.path.join(CACHE_DIR, "train_prune_results.json")
+    results = json.load(open(cache)) if os.path.exists(cache) and not args.quick else {}
+    if "one-shot" in only:
+        log("one-shot ...")
+        results["one-shot"] = one_shot(dense, data, args.macs, args.seed)
+    if "sparse" in only:
+        log(f"sparse training, lam {args.lam} ...")
+        results["sparse"] = sparse(data, args.macs, args.seed, epochs, args.lam,
+                                   args.ramp_epochs if not args.quick else 0.5, args.replan,
+                                   args.importance, args.aim_epoch, calib)
+        results["sparse"].update(lam=args.lam, ramp_epochs=args.ramp_epochs, replan=args.replan,
+                                 importance=args.importance, aim_epoch=args.aim_epoch)
+        log(f"sparse: {results['sparse']}")
+    if "gradual" in only:
+        log("gradual pruning ...")
+        start, end = (args.gradual_start, args.gradual_end) if not args.quick else (0.25, 1.0)
+        results["gradual"] = gradual(data, args.macs, args.seed, epochs, start, end, args.every,
+                                     args.importance, calib)
+        results["gradual"].update(importance=args.importance)
+        log(f"gradual: {results['gradual']}")
+    if "overhead" in only:
+        log("regulariser overhead on resnet18 ...")
+        results["overhead"] = overhead(args.overhead_steps)
+    for key, row in results.items():
+        log(f"{key}: {row}")
+    if args.quick:
+        return
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    json.dump(results, open(cache, "w"), indent=1)
+    write_report(results, info, args, dense, (time.perf_counter() - started) / 60, load)
+
+
+def write_report(results: dict, info: dict, args, dense: nn.Module, minutes: float,
+                 load: str) -> None:
+    dense_macs, dense_acc = count_macs(dense, EXAMPLE), info["test_acc"]
+    rows = []
+    for key, label in (("one-shot", "one-shot, then 1 epoch fine-tuning"),
+                       ("sparse", "sparse training (7 epochs), prune, 1 epoch fine-tuning"),
+                       ("gradual", "gradual pruning during the 8 epochs")):
+        r = results.get(key)
+        if r is None:
+            continue
+        pruned = f"{r['pruned']:.2f}" if "pruned" in r else "-"
+        rows.append(f"| {label} | {r['epochs']} | {r['macs'] / dense_macs:.3f} | "
+                    f"{r['params'] / count_params(dense):.3f} | {pruned} | {r['final']:.2f} | "
+                    f"{r['final'] - dense_acc:+.2f} |")
+    o = results.get("overhead")
+    over = (f"resnet18, batch 16 at 3x224x224, SGD, {args.threads} threads: a plain training "
+            f"step {o['plain']:.2f} s, with `loss + reg()` {o['reg']:.2f} s "
+            f"(median of {args.overhead_steps}, alternated: **{100 * (o['reg'] / o['plain'] - 1):+.1f}%**); "
+            f"the penalty's forward and backward alone {1000 * o['alone']:.0f} ms "
+            f"({100 * o['alone'] / o['plain']:.1f}% of a plain step) over {o['groups']} groups."
+            if o else "not measured in this run.")
+    s, g = results.get("sparse", {}), results.get("gradual", {})
+    text = f"""# Pruning while training: Fashion-MNIST at {args.macs:.0%} of the dense MACs
+
+_Generated by `benchmarks/train_prune_fashion_mnist.py` on {datetime.date.today()} in
+{minutes:.1f} min ({cleanai_revision()}, torch {torch.__version__}, {machine()}, {args.threads}
+thread(s); load average {load} at start, {load_average()} at end). One seed ({args.seed})._
+
+The dense SmallResNet of [accuracy.md](accuracy.md): {dense_acc:.2f}% on the 10k test images
+after 8 epochs. Every variant prunes with `WeightImportance()` and
+`StructuredPruner(target_macs={args.macs})`; test accuracy in %.
+
+| variant | epochs | MACs / dense | params / dense | right after the cut | final | vs dense |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+- sparse: `GroupSparsity(pruner, lam={s.get('lam')})` aimed with `reg.target(pruner.plan())`
+  every {s.get('replan')} iterations, the penalty growing linearly over the first
+  {s.get('ramp_epochs')} epochs; accuracy before the cut {s.get('before_prune', float('nan')):.2f}%.
+- gradual: `GradualPruner(pruner, start={g.get('first')}, end={g.get('last')}, every={args.every},
+  optimizer=opt)`: {g.get('steps')} steps, cubic, inside the same one-cycle schedule.
+
+Regulariser cost: {over}
+"""
+    path = os.path.join(ROOT, "docs", "train_prune.md")
+    with open(path, "w") as f:
+        f.write(text)
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
