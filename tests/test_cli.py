@@ -255,3 +255,22 @@ def test_prune_to_a_budget_and_by_search(capsys, tmp_path):
         code, _, err = run(capsys, "prune", "torchvision:resnet18", *argv, "--out",
                            str(tmp_path / "x"))
         assert code == 2 and message in err, err
+
+
+def test_prune_then_quantize_and_export(capsys, tmp_path):
+    pytest.importorskip("torchao")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    code, out, err = run(capsys, "prune", f"hf:{tmp_path / 'llama'}", "--ratio", "0.25",
+                         "--input-shape", "1,8", "--no-latency", "--quantize", "int8",
+                         "--export", "pt2", "--out", str(tmp_path / "p"))
+    assert code == 0, err
+    assert "quantized: dynamic int8" in out and "int8 size on disk" in out
+    assert f"exported pt2 to {tmp_path / 'p' / 'model.pt2'}" in out  # use_cache left aside
+    assert (tmp_path / "p" / "model.pt2").is_file()
+    code, _, err = run(capsys, "prune", f"hf:{tmp_path / 'llama'}", "--ratio", "0.25",
+                       "--quantize", "int4", "--out", str(tmp_path / "q"))
+    assert code == 2 and "invalid choice: 'int4'" in err

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+from . import deploy
 from .data import DATA_HELP, calibration_batches
 from .models import MODEL_HELP, CLIError, build_model, parse_shape
 
@@ -120,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after pruning, recover against the dense model on the calibration "
                         "data: reconstruct, reconstruct:block, or distill[:STEPS] "
                         "(default 100 steps)")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip the latency measurement (it keeps a copy of the dense model, to "
+                        "time it in turns with the pruned one)")
+    deploy.add_arguments(p)
+    p.add_argument("--latency-repeats", type=_positive, default=10, metavar="N",
+                   help="timed forward passes of each model for the latency rows (default 10); "
+                        "the report gives their median and spread, or 'too noisy'")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="directory to write: a new or empty one (see --force)")
     p.add_argument("--force", action="store_true",
@@ -249,9 +256,10 @@ def _prune(args: argparse.Namespace) -> int:
     options = dict(importance=importance, ignored_layers=args.ignore,
                    iterative_steps=args.steps, round_to=args.round_to,
                    compensate=args.compensate)
-    before = snapshot(built.model, inputs, latency=not args.no_latency)
+    # with latency, the dense model (`dense` below) is timed in turns with the pruned one
+    before = snapshot(built.model, inputs, latency=False) if args.no_latency else None
     needs_data = getattr(importance, "requires_data", False) or args.compensate or \
-        args.recover or args.search
+        args.recover or args.search or deploy.needs_data(args)
     batches = None
     if needs_data:
         source = args.calib_data or "random"
@@ -260,6 +268,9 @@ def _prune(args: argparse.Namespace) -> int:
                   "meaningful activation scores, search and recovery", file=sys.stderr)
         batches = calibration_batches(source, inputs, args.calib_batches, args.batch_size)
     teacher = copy.deepcopy(built.model) if args.recover is not None else None
+    dense = None
+    if not args.no_latency:
+        dense = teacher if teacher is not None else copy.deepcopy(built.model)
     if args.search:
         from ..budget import search_ratios
 
@@ -280,7 +291,8 @@ def _prune(args: argparse.Namespace) -> int:
         print(budget.summary())
     if args.recover is not None:
         print(_recover(built.model, teacher, batches, args.recover))
-    rep = report(before, built.model, inputs, latency=not args.no_latency,
+    rep = report(before if dense is None else dense, built.model, inputs,
+                 latency=not args.no_latency, repeats=args.latency_repeats,
                  teacher=teacher, data=batches if teacher is not None else None)
     shape = _shape_of(inputs)
     save_pruned(built.model, out, metadata={
@@ -293,6 +305,8 @@ def _prune(args: argparse.Namespace) -> int:
     except ImportError:  # the picture is optional; never leave an older run's behind
         (out / "kept.png").unlink(missing_ok=True)
     print(rep)
+    for line in deploy.run(args, built.model, dense, inputs, batches, out):
+        print(line)
     print(f"\nsaved to {out} (load with cleanai.load_pruned(<fresh {built.spec} model>, "
           f"{str(out)!r}))")
     return 0

@@ -10,7 +10,6 @@ device and the MACs target is corrected until the measured latency fits.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import logging
@@ -239,30 +238,14 @@ def _unreachable(pruner: "StructuredPruner", targets: Dict[str, float], cost: An
 def paired_latency(model: Any, other: Any, inputs: Any, forward_fn: Any,
                    repeats: int) -> Tuple[float, Optional[float]]:
     """Median seconds of a forward of ``model`` and of ``other`` (or ``None``), timed in
-    turns after a warm-up of each, so that both see the same load on the machine."""
-    import statistics
-    import time
+    turns after a warm-up of each, so that both see the same load on the machine
+    (:func:`cleanai.utils.compare_latency`)."""
+    from ..utils.latency import compare_latency, latency_stats
 
-    from ..core.runtime import preserved_state, run_forward
-
-    models = [m for m in (model, other) if m is not None]
-    times: List[List[float]] = [[] for _ in models]
-    cuda = any(p.is_cuda for m in models for p in m.parameters())
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    with contextlib.ExitStack() as stack, torch.no_grad():
-        for m in models:
-            stack.enter_context(preserved_state(m, same_modes=True))
-            for _ in range(3):
-                run_forward(m, inputs, forward_fn)
-        for _ in range(repeats):
-            for m, ts in zip(models, times):
-                sync()
-                start = time.perf_counter()
-                run_forward(m, inputs, forward_fn)
-                sync()
-                ts.append(time.perf_counter() - start)
-    medians = [statistics.median(ts) for ts in times]
-    return medians[0], (medians[1] if other is not None else None)
+    if other is None:
+        return latency_stats(model, inputs, forward_fn, repeats=repeats).median, None
+    found = compare_latency(model, other, inputs, forward_fn, repeats=repeats)
+    return found.a.median, found.b.median
 
 
 def latency_removals(pruner: "StructuredPruner", step: int, frac: float,

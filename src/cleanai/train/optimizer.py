@@ -120,6 +120,8 @@ def follow(optimizer: torch.optim.Optimizer, model: nn.Module, probe: nn.Module,
             if name is None:
                 continue  # not this model's
             new = model.get_parameter(name)
+            if new is old and tuple(new.shape) == shapes[name]:
+                continue  # not cut by the steps
             positions = probe.get_parameter(name).detach()
             if tuple(new.shape) != tuple(positions.shape):
                 raise RuntimeError(f"{name}: the replayed step gives shape "
@@ -156,11 +158,10 @@ def sliced_state(entry: dict, old_shape: Tuple[int, ...], positions: torch.Tenso
     flat = positions.reshape(-1).to(torch.long)
     keeps: Optional[List[torch.Tensor]] = None
     for key, value in entry.items():
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or \
-                (value.numel() == 1 and len(old_shape) != 1):
-            out[key] = value  # a step count, a scalar
-        elif tuple(value.shape) == old_shape:
+        if isinstance(value, torch.Tensor) and tuple(value.shape) == old_shape:
             out[key] = value.reshape(-1).index_select(0, flat.to(value.device)).view(positions.shape)
+        elif not isinstance(value, torch.Tensor) or value.numel() == 1:
+            out[key] = value  # a step count, a scalar
         else:
             if keeps is None:
                 keeps = per_dim_keeps(positions, old_shape)

@@ -10,6 +10,7 @@ counter has no formula for (oneDNN's LSTM on CPU, cuDNN on GPU), so they are cou
 """
 from __future__ import annotations
 
+import io
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional
 
@@ -154,3 +155,31 @@ def recurrent_macs(module: nn.Module, x: Any) -> int:
     else:
         steps = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
     return steps * per_step
+
+
+def disk_size(model: nn.Module) -> Optional[int]:
+    """Bytes ``torch.save(model.state_dict())`` writes: the model's size on disk, counted
+    without keeping the bytes; ``None`` for a model on the meta device, whose tensors hold no
+    bytes to save."""
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values() if isinstance(t, torch.Tensor)):
+        return None
+    sink = _CountingWriter()
+    torch.save(state, sink)
+    return sink.written
+
+
+class _CountingWriter(io.RawIOBase):
+    """A write-only stream that only counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.written += n
+        return n

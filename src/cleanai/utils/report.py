@@ -1,8 +1,11 @@
-"""Before/after reports of a pruned model: per-layer channels, params and MACs, totals, latency.
+"""Before/after reports of a pruned model: per-layer channels, params and MACs, totals, sizes,
+latency with its spread.
 
 Take a :func:`snapshot` of the model before pruning (counts only, no copy of the model), prune,
 then ``report(before_snapshot, model, example_inputs)``; or pass two models. The
 :class:`Report` prints as a table and converts to Markdown, a JSON-able dict and a PNG plot.
+Two models are timed in turns (:func:`compare_latency`); a latency difference within the noise
+is reported as "too noisy", not as a speed-up.
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from torch import nn
 
 from ..core.runtime import ForwardFn
 from .fidelity import fidelity
-from .counting import count_params, counted_forward
-from .latency import measure_latency
+from .counting import count_params, counted_forward, disk_size
+from .latency import LatencyComparison, LatencyStats, compare_latency, latency_stats
 
 __all__ = ["LayerStats", "Snapshot", "Report", "snapshot", "report"]
 
@@ -38,7 +41,10 @@ class Snapshot:
     """Counts of a model at one moment: totals and :class:`LayerStats` per layer.
 
     ``latency_ms`` is the median CPU/GPU latency of one forward on the example inputs
-    (``None`` when not measured); ``size_mb`` counts parameters and buffers (10^6 bytes)."""
+    (``None`` when not measured), ``latency_q1_ms``/``latency_q3_ms`` its quartiles,
+    ``latency_min_ms`` the fastest run and ``latency_runs`` the timed runs (``None`` in
+    snapshots from before they were recorded); ``size_mb`` counts parameters and buffers and
+    ``disk_size_mb`` the bytes ``torch.save(model.state_dict())`` writes (10^6 bytes)."""
 
     model: str
     params: int
@@ -46,6 +52,31 @@ class Snapshot:
     size_mb: float
     latency_ms: Optional[float]
     layers: Dict[str, LayerStats]
+    latency_q1_ms: Optional[float] = None
+    latency_q3_ms: Optional[float] = None
+    latency_min_ms: Optional[float] = None
+    latency_runs: Optional[int] = None
+    disk_size_mb: Optional[float] = None
+
+    @property
+    def latency_stats(self) -> Optional[LatencyStats]:
+        """The latency in seconds with its spread, or ``None`` when it was not measured or its
+        spread not recorded."""
+        ms = (self.latency_ms, self.latency_q1_ms, self.latency_q3_ms, self.latency_min_ms)
+        if any(v is None for v in ms) or not self.latency_runs:
+            return None
+        median, q1, q3, fastest = (v / 1e3 for v in ms)
+        return LatencyStats(median, q1, q3, fastest, self.latency_runs)
+
+    def with_latency(self, stats: Optional[LatencyStats]) -> "Snapshot":
+        """A copy holding ``stats`` (seconds, as :func:`latency_stats` gives) as its latency."""
+        if stats is None:
+            return dataclasses.replace(self, latency_ms=None, latency_q1_ms=None,
+                                       latency_q3_ms=None, latency_min_ms=None,
+                                       latency_runs=None)
+        return dataclasses.replace(self, latency_ms=stats.median * 1e3,
+                                   latency_q1_ms=stats.q1 * 1e3, latency_q3_ms=stats.q3 * 1e3,
+                                   latency_min_ms=stats.min * 1e3, latency_runs=stats.runs)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able: the totals and one entry per layer."""
@@ -55,14 +86,19 @@ class Snapshot:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Snapshot":
+        """The snapshot :meth:`to_dict` wrote; fields an older CleanAI did not write are
+        ``None``, and fields it does not know are left out."""
         layers = {s["name"]: LayerStats(**s) for s in d["layers"]}
-        return cls(**{**d, "layers": layers})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and k != "layers"},
+                   layers=layers)
 
 
 def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None,
              latency: bool = True, repeats: int = 10) -> Snapshot:
-    """Measure ``model`` now: per-layer channels, params and MACs, totals, size and (when
-    ``latency``) the median latency over ``repeats`` forward passes. Leaves the model as it was."""
+    """Measure ``model`` now: per-layer channels, params and MACs, totals, sizes in memory and
+    on disk and (when ``latency``) the median latency over ``repeats`` forward passes with its
+    quartiles (:func:`latency_stats`). Leaves the model as it was."""
     from ..core.layers import get_layer_pruner
 
     counter, recurrent = counted_forward(model, example_inputs, forward_fn, "snapshot")
@@ -88,8 +124,12 @@ def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[Forward
                                   int(flops.get(name, 0)) // 2, producer)
     tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
     size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
-    ms = measure_latency(model, example_inputs, forward_fn, repeats=repeats) * 1e3 if latency else None
-    return Snapshot(root, count_params(model), recurrent.total(counter), size, ms, layers)
+    disk = disk_size(model)
+    snap = Snapshot(root, count_params(model), recurrent.total(counter), size, None, layers,
+                    disk_size_mb=disk / 1e6 if disk is not None else None)
+    if latency:
+        snap = snap.with_latency(latency_stats(model, example_inputs, forward_fn, repeats=repeats))
+    return snap
 
 
 class Report:
@@ -101,21 +141,46 @@ class Report:
     """
 
     def __init__(self, before: Snapshot, after: Snapshot,
-                 fidelity: Optional[Dict[str, float]] = None) -> None:
+                 fidelity: Optional[Dict[str, float]] = None,
+                 latency: Optional[LatencyComparison] = None) -> None:
         self.before, self.after = before, after
         #: ``{"cosine", "agreement"?, "batches"}`` against the dense model on data, when given
         self.fidelity = fidelity
+        if latency is None and before.latency_stats and after.latency_stats:
+            latency = LatencyComparison.from_stats(before.latency_stats, after.latency_stats)
+        #: ``after`` judged against ``before`` (timed apart unless given), or ``None`` when
+        #: either latency or its spread is unknown
+        self.latency = latency
 
     # --- data ---------------------------------------------------------------------------
 
     def totals(self) -> List[tuple]:
-        """``(metric, before, after)`` rows: params, MACs, size in MB, latency in ms."""
-        rows = [("params", self.before.params, self.after.params),
-                ("MACs", self.before.macs, self.after.macs),
-                ("size MB", self.before.size_mb, self.after.size_mb)]
-        if self.before.latency_ms is not None and self.after.latency_ms is not None:
-            rows.append(("latency ms", self.before.latency_ms, self.after.latency_ms))
+        """``(metric, before, after)`` rows: params, MACs, size in MB, size on disk in MB (when
+        known), latency in ms and its spread (interquartile range / median; when measured)."""
+        b, a = self.before, self.after
+        rows = [("params", b.params, a.params), ("MACs", b.macs, a.macs),
+                ("size MB", b.size_mb, a.size_mb)]
+        if b.disk_size_mb is not None and a.disk_size_mb is not None:
+            rows.append(("size on disk MB", b.disk_size_mb, a.disk_size_mb))
+        if b.latency_ms is not None and a.latency_ms is not None:
+            rows.append(("latency ms", b.latency_ms, a.latency_ms))
+        if self.latency is not None:
+            rows.append(("latency spread", self.latency.a.spread, self.latency.b.spread))
         return rows
+
+    def latency_line(self) -> Optional[str]:
+        """One line on the latency: the speed-up, or why the difference is too noisy to tell,
+        and how it was timed; ``None`` without latency."""
+        if self.before.latency_ms is None or self.after.latency_ms is None:
+            return None
+        c = self.latency
+        if c is None:
+            return ("latency: its spread was not recorded for both models (a report from an "
+                    "older CleanAI?), so the change may be noise")
+        runs = (f"{c.a.runs} runs each" if c.a.runs == c.b.runs
+                else f"{c.a.runs} and {c.b.runs} runs")
+        return (f"latency: {c}; median of {runs}, timed {'in turns' if c.paired else 'apart'}, "
+                f"spread = interquartile range / median")
 
     def fidelity_line(self) -> Optional[str]:
         """One line on how close the pruned model stays to the dense one, or ``None``."""
@@ -143,17 +208,25 @@ class Report:
         return rows
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-able: ``{"before": snapshot, "after": snapshot}``."""
+        """JSON-able: ``{"before": snapshot, "after": snapshot}``, with ``"fidelity"`` and
+        ``"latency"`` (verdict, speed-up, reason, paired) when measured."""
         out = {"before": self.before.to_dict(), "after": self.after.to_dict()}
         if self.fidelity:
             out["fidelity"] = dict(self.fidelity)
+        if self.latency is not None:
+            out["latency"] = self.latency.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Report":
-        """The report that :meth:`to_dict` wrote."""
-        return cls(Snapshot.from_dict(d["before"]), Snapshot.from_dict(d["after"]),
-                   d.get("fidelity"))
+        """The report that :meth:`to_dict` wrote (the latency verdict is judged again from
+        the snapshots' quartiles)."""
+        before, after = Snapshot.from_dict(d["before"]), Snapshot.from_dict(d["after"])
+        latency = None
+        if "latency" in d and before.latency_stats and after.latency_stats:
+            latency = LatencyComparison.from_stats(before.latency_stats, after.latency_stats,
+                                                   paired=bool(d["latency"].get("paired")))
+        return cls(before, after, d.get("fidelity"), latency)
 
     # --- presentation -------------------------------------------------------------------
 
@@ -161,8 +234,17 @@ class Report:
         out = []
         for metric, b, a in self.totals():
             fmt = (lambda v: f"{v:,.2f}") if isinstance(b, float) else (lambda v: f"{v:,}")
-            out.append([metric, fmt(b), fmt(a), f"{a / b - 1:+.1%}" if b else "n/a"])
+            change = f"{a / b - 1:+.1%}" if b else "n/a"
+            if metric == "latency spread":
+                fmt, change = (lambda v: f"{v:.1%}"), ""
+            elif metric == "latency ms" and self.latency is not None:
+                noisy = self.latency.verdict == "too noisy"
+                change = "too noisy" if noisy else str(self.latency)  # "1.52x faster"
+            out.append([metric, fmt(b), fmt(a), change])
         return out
+
+    def _notes(self) -> List[str]:
+        return [line for line in (self.latency_line(), self.fidelity_line()) if line]
 
     def _layer_cells(self, max_layers: Optional[int], producers_only: bool = False) -> List[List[str]]:
         rows = self.layer_rows(producers_only=producers_only)
@@ -178,8 +260,7 @@ class Report:
         listed."""
         head = ["", "before", "after", "change"]
         lines = [f"{self.before.model}: pruning report", _text_table(head, self._total_cells())]
-        if self.fidelity_line():
-            lines.append("  " + self.fidelity_line())
+        lines += ["  " + line for line in self._notes()]
         cells = self._layer_cells(max_layers, producers_only=True)
         n = len(self.layer_rows(producers_only=True))
         followers = len(self.layer_rows()) - n
@@ -208,8 +289,8 @@ class Report:
                              + ["| " + " | ".join(r) + " |" for r in rows])
         parts = [f"## {self.before.model}: pruning report", "",
                  md(["", "before", "after", "change"], self._total_cells())]
-        if self.fidelity_line():
-            parts += ["", self.fidelity_line()[0].upper() + self.fidelity_line()[1:] + "."]
+        for line in self._notes():
+            parts += ["", line[0].upper() + line[1:] + "."]
         cells = self._layer_cells(None)
         if cells:
             parts += ["", f"### Layers changed ({len(cells)}; channels in/out)", "",
@@ -254,22 +335,28 @@ class Report:
 def report(before: Union[nn.Module, Snapshot], after: Union[nn.Module, Snapshot],
            example_inputs: Any = None, forward_fn: Optional[ForwardFn] = None,
            latency: bool = True, teacher: Optional[nn.Module] = None,
-           data: Optional[Iterable] = None, max_batches: Optional[int] = 8) -> Report:
+           data: Optional[Iterable] = None, max_batches: Optional[int] = 8,
+           repeats: int = 10) -> Report:
     """Compare ``before`` and ``after`` (models or :func:`snapshot` results).
 
     Models are measured on ``example_inputs`` (needed unless both are snapshots); latency is
-    measured when ``latency`` is True. Keep a snapshot instead of a deep copy of the original
-    model when memory matters.
+    measured when ``latency`` is True, over ``repeats`` timed runs. Two models are timed in
+    turns (:func:`compare_latency`), so both see the same load on the machine; a snapshot's
+    latency was timed when it was taken. Keep a snapshot instead of a deep copy of the
+    original model when memory matters (the latencies are then timed apart).
 
     With ``data`` (batches as :meth:`StructuredPruner.calibrate` takes them) the report also
     gives the pruned model's fidelity to the dense one (:func:`cleanai.utils.fidelity`): the
     dense model is ``teacher``, or ``before`` when that is a model."""
+    paired = latency and isinstance(before, nn.Module) and isinstance(after, nn.Module)
+
     def measure(x):
         if isinstance(x, Snapshot):
             return x
         if example_inputs is None:
             raise ValueError("report: example_inputs are needed to measure a model")
-        return snapshot(x, example_inputs, forward_fn, latency=latency)
+        return snapshot(x, example_inputs, forward_fn, latency=latency and not paired,
+                        repeats=repeats)
     found = None
     if data is not None:
         dense = teacher if teacher is not None else before
@@ -277,7 +364,11 @@ def report(before: Union[nn.Module, Snapshot], after: Union[nn.Module, Snapshot]
             raise ValueError("report: fidelity needs the pruned model and the dense model "
                              "(teacher=...) as modules, not snapshots")
         found = fidelity(after, dense, data, max_batches, forward_fn)
-    return Report(measure(before), measure(after), found)
+    b, a = measure(before), measure(after)
+    if not paired:
+        return Report(b, a, found)
+    timed = compare_latency(before, after, example_inputs, forward_fn, repeats=repeats)
+    return Report(b.with_latency(timed.a), a.with_latency(timed.b), found, timed)
 
 
 def _ch(s: LayerStats) -> str:

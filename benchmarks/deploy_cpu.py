@@ -1,0 +1,213 @@
+"""Deploying pruned models on the CPU: file size, latency and quality of pruned + int8 models
+against the dense float model, measured in the same run.
+
+Fashion-MNIST: the SmallResNet of ``accuracy_fashion_mnist.py`` (cached dense checkpoint),
+pruned at ratio 0.3 with the hybrid score and ``compensate="lstsq"``, reconstructed block by
+block against the dense model on the same 16 calibration batches (no labels), then quantized
+with ``cleanai.deploy.quantize`` (static int8, PT2E, x86 inductor, calibrated on those batches,
+run through ``torch.compile``). Accuracy on the 10k test images.
+
+MiniLM: the pretrained all-MiniLM-L6-v2 with 25% of its heads and FFN neurons removed (hybrid
+score, ``compensate="lstsq"``, calibrated on pydoc text as in ``minilm_fidelity.py``), then
+dynamic int8 (torchao, eager). Fidelity to the dense embeddings on held-out text.
+
+Latency: ``cleanai.utils.compare_latency`` (each variant timed in turns with the dense float
+model, median of ``--repeats`` runs, "too noisy" when the interquartile ranges overlap or
+exceed 25% of the median). Sizes: bytes of ``torch.save(model.state_dict())``.
+
+    python benchmarks/deploy_cpu.py                 # writes docs/deploy.md
+    python benchmarks/deploy_cpu.py --only fmnist   # one half (docs/deploy.md keeps the other)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import io
+import json
+import os
+import time
+import warnings
+from typing import Dict, List
+
+import torch
+
+import cleanai
+from _common import cleanai_revision
+from cleanai.deploy import quantize
+from cleanai.importance import WeightActivationImportance
+from cleanai.utils import compare_latency, count_params
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, ".cache", "deploy_results.json")
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def timing(dense, variants: Dict[str, torch.nn.Module], inputs, repeats: int) -> Dict[str, dict]:
+    """Each variant timed in turns with the dense model: medians, spreads, verdict."""
+    out = {}
+    for name, model in variants.items():
+        c = compare_latency(dense, model, inputs, warmup=5, repeats=repeats)
+        out[name] = {"dense_ms": c.a.median * 1e3, "ms": c.b.median * 1e3,
+                     "dense_spread": c.a.spread, "spread": c.b.spread, "speedup": c.speedup,
+                     "verdict": c.verdict, "reason": c.reason}
+    return out
+
+
+def fmnist(repeats: int) -> dict:
+    from accuracy_fashion_mnist import (CACHE_DIR, DATA_DIR, EXAMPLE, accuracy, load_data,
+                                        seed_batches, trained_model)
+    data = load_data(DATA_DIR)
+    dense, info = trained_model(data, 8, 0.1, CACHE_DIR, False)
+    calib, _ = seed_batches(data, 0)
+    pruned = copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = cleanai.StructuredPruner(pruned, EXAMPLE, importance=WeightActivationImportance(),
+                                          pruning_ratio=0.3, compensate="lstsq")
+        pruner.calibrate(calib)
+        pruner.step()
+        cleanai.recover.reconstruct(pruned, dense, calib, granularity="block", progress=False)
+    inputs = [x for x, _ in calib]
+    int8 = quantize(pruned, inputs, mode="static")
+    dense_int8 = quantize(dense, inputs, mode="static")
+    acc = {name: accuracy(m, data.test_x, data.test_y) for name, m in
+           (("dense", dense), ("pruned", pruned), ("pruned int8", int8.model),
+            ("dense int8", dense_int8.model))}
+    compiled = torch.compile(dense, dynamic=False)
+    variants = {"dense, torch.compile": compiled, "pruned": pruned,
+                "dense int8": dense_int8.model, "pruned int8": int8.model}
+    lat = {f"batch {n}": timing(dense, variants, torch.randn(n, 1, 28, 28), repeats)
+           for n in (1, 64)}
+    size = {"dense": state_bytes(dense), "pruned": state_bytes(pruned),
+            "dense int8": state_bytes(dense_int8.model), "pruned int8": state_bytes(int8.model)}
+    return {"accuracy": acc, "latency": lat, "size": size, "params": {
+        "dense": count_params(dense), "pruned": count_params(pruned)},
+        "quantization": int8.summary()}
+
+
+def minilm(repeats: int) -> dict:
+    from minilm_fidelity import (batched, calibration_text, embed, held_out_text, load_minilm,
+                                 neighbour_agreement)
+    tokenizer, dense = load_minilm()
+    calib = calibration_text()
+    evals = [s for s in held_out_text() if s not in set(calib)][:512]
+    calib_batches = batched(tokenizer, calib[::max(1, len(calib) // 512)][:512], 8)
+    eval_batches = batched(tokenizer, evals, 32)
+    pruned = copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = cleanai.StructuredPruner(pruned, calib_batches[0],
+                                          importance=WeightActivationImportance(),
+                                          pruning_ratio=0.25, kinds=["heads", "channels"],
+                                          compensate="lstsq")
+        pruner.calibrate(calib_batches)
+        pruner.step()
+    int8 = quantize(pruned, mode="dynamic")
+    dense_int8 = quantize(dense, mode="dynamic")
+    ref = embed(dense, eval_batches)
+    fidelity = {}
+    for name, m in (("pruned", pruned), ("pruned int8", int8.model),
+                    ("dense int8", dense_int8.model)):
+        e = embed(m, eval_batches)
+        fidelity[name] = {"cosine": float((e * ref).sum(1).mean()),
+                          "neighbours": neighbour_agreement(ref, e)}
+    lat_in = dict(tokenizer([" ".join(evals)] * 8, truncation=True, max_length=128,
+                            return_tensors="pt"))
+    assert lat_in["input_ids"].shape == (8, 128)
+    variants = {"pruned": pruned, "dense int8": dense_int8.model, "pruned int8": int8.model}
+    return {"fidelity": fidelity, "latency": {"8 x 128 tokens": timing(dense, variants, lat_in,
+                                                                       repeats)},
+            "size": {"dense": state_bytes(dense), "pruned": state_bytes(pruned),
+                     "dense int8": state_bytes(dense_int8.model),
+                     "pruned int8": state_bytes(int8.model)},
+            "params": {"dense": count_params(dense), "pruned": count_params(pruned)},
+            "quantization": int8.summary()}
+
+
+def latency_table(lat: Dict[str, Dict[str, dict]]) -> str:
+    rows = ["| input | variant | ms | dense ms | speed-up vs dense float | verdict |",
+            "|---|---|---|---|---|---|"]
+    for shape, by in lat.items():
+        for name, r in by.items():
+            verdict = r["verdict"] if r["verdict"] != "too noisy" else f"too noisy ({r['reason']})"
+            rows.append(f"| {shape} | {name} | {r['ms']:.3g} (IQR {r['spread']:.0%}) | "
+                        f"{r['dense_ms']:.3g} (IQR {r['dense_spread']:.0%}) | "
+                        f"{r['speedup']:.2f}x | {verdict} |")
+    return "\n".join(rows)
+
+
+def size_table(size: Dict[str, int]) -> str:
+    rows = ["| variant | MB | dense / variant |", "|---|---|---|"]
+    rows += [f"| {k} | {v / 1e6:.3f} | {size['dense'] / v:.1f}x |" for k, v in size.items()]
+    return "\n".join(rows)
+
+
+def report(results: dict, threads: int, minutes: float) -> str:
+    parts = [f"""# Deploying pruned models on the CPU: measured
+
+_Generated by `benchmarks/deploy_cpu.py` on {datetime.date.today()} ({cleanai_revision()},
+torch {torch.__version__}, {threads} thread(s), {minutes:.1f} min). Latency: each variant timed
+in turns with the dense float model (`cleanai.utils.compare_latency`, median of the runs, IQR
+relative to the median); "too noisy" where the rule cannot tell._
+"""]
+    f = results.get("fmnist")
+    if f:
+        a = f["accuracy"]
+        parts.append(f"""## Fashion-MNIST SmallResNet: pruned 0.3 + compensation + reconstruction, static int8
+
+Accuracy on the 10k test images: dense {a['dense']:.2f}%, pruned {a['pruned']:.2f}%, pruned int8
+{a['pruned int8']:.2f}% ({a['pruned int8'] - a['dense']:+.2f} points), dense int8 {a['dense int8']:.2f}%.
+Parameters {f['params']['pruned']:,} of {f['params']['dense']:,}. {f['quantization'].splitlines()[0]}.
+
+{size_table(f['size'])}
+
+{latency_table(f['latency'])}
+""")
+    m = results.get("minilm")
+    if m:
+        fid = m["fidelity"]
+        parts.append(f"""## MiniLM-L6: 25% heads + FFN pruned (compensate="lstsq"), dynamic int8
+
+Fidelity to the dense embeddings on 512 held-out sentences (mean cosine / same nearest
+neighbour): pruned {fid['pruned']['cosine']:.3f} / {fid['pruned']['neighbours']:.3f}; pruned int8
+{fid['pruned int8']['cosine']:.3f} / {fid['pruned int8']['neighbours']:.3f}; dense int8
+{fid['dense int8']['cosine']:.3f} / {fid['dense int8']['neighbours']:.3f}.
+Parameters {m['params']['pruned']:,} of {m['params']['dense']:,}. {m['quantization'].splitlines()[0]}.
+
+{size_table(m['size'])}
+
+{latency_table(m['latency'])}
+""")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=["fmnist", "minilm"], nargs="+")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    results = json.load(open(CACHE)) if os.path.exists(CACHE) else {}
+    for name, run in (("fmnist", fmnist), ("minilm", minilm)):
+        if args.only and name not in args.only:
+            continue
+        results[name] = run(args.repeats)
+        print(json.dumps(results[name], indent=1))
+    os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+    json.dump(results, open(CACHE, "w"), indent=1)
+    path = os.path.join(os.path.dirname(HERE), "docs", "deploy.md")
+    with open(path, "w") as f:
+        f.write(report(results, args.threads, (time.perf_counter() - start) / 60))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
