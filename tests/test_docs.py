@@ -23,7 +23,8 @@ PAGES = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("docs/en/*.md"),
 README_PRINTS = [("11689512 1814073344", r"11689512 1814073344"),
                  ("budget: macs 0.500 of dense (target 0.500)",
                   r"budget: macs 0\.(49\d|500) of dense \(target 0\.500\)"),
-                 ("2 1 32", r"2 1 32")]
+                 ("2 1 32", r"2 1 32"), ("static 21", r"static 21"),
+                 ("torch.export.load", r"torch\.export\.load")]
 
 
 def blocks(text):
