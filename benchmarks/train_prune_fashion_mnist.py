@@ -233,7 +233,7 @@ def main() -> None:
         results["one-shot"] = one_shot(dense, data, args.macs, args.seed)
     if "sparse" in only:
         log(f"sparse training, lam {args.lam} ...")
-        key = f"sparse/{args.importance}"
+        key = f"sparse/{args.importance}/aim{args.aim_epoch:g}/lam{args.lam:g}/ramp{args.ramp_epochs:g}"
         results[key] = sparse(data, args.macs, args.seed, epochs, args.lam,
                               args.ramp_epochs if not args.quick else 0.5, args.replan,
                               args.importance, args.aim_epoch, calib)
@@ -270,9 +270,13 @@ def write_report(results: dict, info: dict, args, dense: nn.Module, minutes: flo
     for key in sorted((k for k in results if k != "overhead"),
                       key=lambda k: (list(labels).index(k.split("/")[0]), k)):
         r = results[key]
-        variant, _, importance = key.partition("/")
+        variant, importance = (key.split("/") + ["weight"])[:2]
         pruned = f"{r['pruned']:.2f}" if "pruned" in r else "-"
-        rows.append(f"| {labels[variant]} | {importance or 'weight'} | {r['epochs']} | "
+        label = labels[variant]
+        if variant == "sparse":
+            label += (f"; aimed from epoch {r['aim_epoch']:g}, lam {r['lam']:g} reached over "
+                      f"{r['ramp_epochs']:g} epochs")
+        rows.append(f"| {label} | {importance} | {r['epochs']} | "
                     f"{r['macs'] / dense_macs:.3f} | {r['params'] / count_params(dense):.3f} | "
                     f"{pruned} | {r['final']:.2f} | {r['final'] - dense_acc:+.2f} | "
                     f"{'-'.join(map(str, r.get('widths', [])))} |")
@@ -303,10 +307,10 @@ Scores: `weight` is `WeightImportance()`; `hybrid` is `WeightActivationImportanc
 0.5), calibrated on 8 batches of 128 training images before each plan. The dense conv widths
 are 32-32-32-32-64-64-64-128-128-128.
 
-- aimed sparse training: `GroupSparsity(pruner, lam={s.get('lam')})`, aimed with
-  `reg.target(pruner.plan())` every {s.get('replan')} iterations from epoch {s.get('aim_epoch')}
-  on, the penalty growing linearly over {s.get('ramp_epochs')} epochs; "right after the cut" is
-  the accuracy once the channels it emptied are removed, before fine-tuning.
+- aimed sparse training: `GroupSparsity(pruner, lam)`, aimed with `reg.target(pruner.plan())`
+  every {s.get('replan')} iterations from the epoch given in the row on, the penalty growing
+  linearly to `lam` over the epochs given; "right after the cut" is the accuracy once the
+  channels it emptied are removed, before fine-tuning.
 - gradual: `GradualPruner(pruner, start={g.get('first')}, end={g.get('last')},
   every={g.get('every')}, optimizer=opt)`: {g.get('steps')} steps, cubic, inside the same
   one-cycle schedule; the optimizer's momentum is cut with every step.

@@ -67,6 +67,7 @@ def test_static_recipe_calibrates_runs_at_any_batch_and_shrinks_the_file():
             x = torch.randn(n, 1, 28, 28)
             assert relative_error(result.model(x), model(x)) < 0.05
     assert state_bytes(result.model) < state_bytes(model)  # no float weights left behind
+    assert result.model.eval() is result.model  # an exported graph alone refuses eval()
 
 
 class Block(nn.Module):
@@ -99,7 +100,7 @@ def test_static_recipe_compiled_matches_its_eager_form():
     torch._dynamo.reset()
     compiled = quantize(model, data)
     plain = quantize(model, data, compile=False)
-    assert compiled.compiled and isinstance(compiled.model, cleanai.deploy.FrozenCompiled)
+    assert compiled.compiled and isinstance(compiled.model, cleanai.deploy.StaticInt8Model)
     with torch.no_grad():
         for n in (3, 1):
             x = torch.randn(n, 1, 28, 28)

@@ -8,6 +8,6 @@ torchao, onnx, onnxscript and onnxruntime are optional (``pip install cleanai[de
 imported when these functions run.
 """
 from .export import ExportResult, export
-from .quantize import FrozenCompiled, QuantizationResult, quantize
+from .quantize import StaticInt8Model, QuantizationResult, quantize
 
-__all__ = ["quantize", "QuantizationResult", "FrozenCompiled", "export", "ExportResult"]
+__all__ = ["quantize", "QuantizationResult", "StaticInt8Model", "export", "ExportResult"]

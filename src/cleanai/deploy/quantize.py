@@ -164,6 +164,7 @@ def _weights(model: nn.Module, mode: str, kinds: Dict[str, List[str]],
 def _static(model: nn.Module, data: Optional[Iterable], example_inputs: Any,
             max_batches: Optional[int], kinds: Dict[str, List[str]],
             compile: bool) -> QuantizationResult:
+    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -193,10 +194,11 @@ def _static(model: nn.Module, data: Optional[Iterable], example_inputs: Any,
         for b in batches or [example]:
             prepared(*b)
     converted = convert_pt2e(prepared)
+    move_exported_model_to_eval(converted)
     _drop_unused(converted)
     skipped = {n: "not annotated by the x86 inductor quantizer" for n in kinds["other_conv"]}
     skipped.update(_recurrent_note(kinds))
-    run = FrozenCompiled(converted) if compile else converted
+    run = StaticInt8Model(converted, compile)
     return QuantizationResult(run, "static", kinds["conv"] + kinds["linear"], skipped, compile)
 
 
@@ -278,22 +280,31 @@ def _drop_unused(graph: torch.fx.GraphModule) -> None:
             delattr(graph.get_submodule(path) if path else graph, attr)
 
 
-class FrozenCompiled(nn.Module):
-    """A converted int8 graph run through ``torch.compile`` with inductor's freezing on, which
-    its int8 conv and linear kernels need; the setting holds only during this model's calls.
-    Shapes are static (a new batch size compiles again): inductor's int8 convs fail on a
-    dynamic batch."""
+class StaticInt8Model(nn.Module):
+    """The converted int8 graph of the static recipe, for inference.
 
-    def __init__(self, graph: nn.Module) -> None:
+    With ``compile``, it runs through ``torch.compile`` with inductor's freezing on, which its
+    int8 conv and linear kernels need; the setting holds only during this model's calls.
+    Shapes are then static (a new batch size compiles again): inductor's int8 convs fail on a
+    dynamic batch. Without ``compile`` the graph runs float reference math (correct, slow).
+    ``train()`` / ``eval()`` only set the flag: the graph is in inference form for good."""
+
+    def __init__(self, graph: nn.Module, compile: bool) -> None:
         super().__init__()
         self.graph = graph
         # kept outside the module tree: the state_dict holds the int8 graph's tensors once
-        object.__setattr__(self, "_compiled", torch.compile(graph, dynamic=False))
+        object.__setattr__(self, "_compiled",
+                           torch.compile(graph, dynamic=False) if compile else None)
+
+    def train(self, mode: bool = True) -> "StaticInt8Model":
+        self.training = mode  # an exported graph refuses train()/eval() of its own
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is None:
+            return self.graph(*args, **kwargs)
         import torch._inductor.config as inductor_config
         with inductor_config.patch(freezing=True), warnings.catch_warnings():
             # inductor's int8 lowering copies a tensor the way torch warns about; not ours
             warnings.filterwarnings("ignore", message="To copy construct from a tensor")
             return self._compiled(*args, **kwargs)
-
