@@ -295,6 +295,7 @@ class StaticInt8Model(nn.Module):
         # kept outside the module tree: the state_dict holds the int8 graph's tensors once
         object.__setattr__(self, "_compiled",
                            torch.compile(graph, dynamic=False) if compile else None)
+        self._seen: set = set()  # input shapes compiled so far, with inductor's freezing
 
     def train(self, mode: bool = True) -> "StaticInt8Model":
         self.training = mode  # an exported graph refuses train()/eval() of its own
@@ -303,8 +304,15 @@ class StaticInt8Model(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._compiled is None:
             return self.graph(*args, **kwargs)
+        key = (torch.is_grad_enabled(),) + tuple(
+            (tuple(t.shape), t.dtype) for t in list(args) + list(kwargs.values())
+            if isinstance(t, torch.Tensor))
+        if key in self._seen:  # compiled already: skip the settings (a batch-1 call is short)
+            return self._compiled(*args, **kwargs)
         import torch._inductor.config as inductor_config
         with inductor_config.patch(freezing=True), warnings.catch_warnings():
             # inductor's int8 lowering copies a tensor the way torch warns about; not ours
             warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-            return self._compiled(*args, **kwargs)
+            out = self._compiled(*args, **kwargs)
+        self._seen.add(key)
+        return out
