@@ -170,9 +170,10 @@ class SmallResNet(nn.Module):
 
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int,
-        schedule: str, verbose: bool = False) -> None:
+        schedule: str, verbose: bool = False, extra_loss=None, after_step=None) -> None:
     """SGD (momentum 0.9, Nesterov, weight decay 5e-4) on augmented batches, with a one-cycle
-    or cosine schedule; ``seed`` fixes the order and the augmentation."""
+    or cosine schedule; ``seed`` fixes the order and the augmentation. ``extra_loss()`` is
+    added to every batch's loss; ``after_step(iteration, optimizer)`` runs after every step."""
     g = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(x) / BATCH)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -184,14 +185,20 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: flo
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
+    it = 0
     for epoch in range(epochs):
         total = 0.0
         for xb, yb in shuffled_batches(x, y, g):
             loss = F.cross_entropy(model(xb), yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            it += 1
+            if after_step is not None:
+                after_step(it, opt)
             total += loss.item() * len(xb)
         if verbose:
             log(f"epoch {epoch + 1}/{epochs}: training loss {total / len(x):.4f}")

@@ -43,7 +43,7 @@ import cleanai
 from _common import cleanai_revision
 from accuracy_fashion_mnist import (BATCH, CACHE_DIR, DATA_DIR, EXAMPLE, FT_LR, ROOT, SmallResNet,
                                     accuracy, fit, load_average, load_data, log, machine,
-                                    sample_batches, shuffled_batches, trained_model)
+                                    sample_batches, trained_model)
 from cleanai.importance import WeightActivationImportance, WeightImportance
 from cleanai.train import GradualPruner, GroupSparsity
 from cleanai.utils import count_macs, count_params
@@ -56,31 +56,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
           extra_loss: Optional[Callable[[], torch.Tensor]] = None,
           after_step: Optional[Callable[[int, torch.optim.Optimizer], None]] = None) -> None:
     """The dense recipe (one-cycle lr 0.1), with a loss term and a per-iteration callback."""
-    g = torch.Generator().manual_seed(seed)
-    steps = epochs * math.ceil(len(x) / BATCH)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps,
-                                                pct_start=0.25)
-    model.train()
-    it = 0
-    for epoch in range(epochs):
-        total = 0.0
-        for xb, yb in shuffled_batches(x, y, g):
-            loss = F.cross_entropy(model(xb), yb)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            it += 1
-            if after_step is not None:
-                after_step(it, opt)
-            total += loss.item() * len(xb)
-        log(f"  epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}, "
-            f"{count_macs(model, EXAMPLE) / 1e6:.2f} M MACs")
-    model.eval()
+    fit(model, x, y, epochs, LR, seed, "onecycle", verbose=True, extra_loss=extra_loss,
+        after_step=after_step)
+    log(f"  {count_macs(model, EXAMPLE) / 1e6:.2f} M MACs at the end")
 
 
 def pruner_for(model: nn.Module, macs: float, importance: str = "weight"
