@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the latency measurement (it keeps a copy of the dense model, to "
                         "time it in turns with the pruned one)")
     deploy.add_arguments(p)
-    p.add_argument("--latency-repeats", type=_positive, default=10, metavar="N",
-                   help="timed forward passes of each model for the latency rows (default 10); "
+    p.add_argument("--latency-repeats", type=_positive, default=30, metavar="N",
+                   help="timed forward passes of each model for the latency rows (default 30); "
                         "the report gives their median and spread, or 'too noisy'")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="directory to write: a new or empty one (see --force)")

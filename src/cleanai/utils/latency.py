@@ -143,7 +143,7 @@ def latency_stats(model: nn.Module, example_inputs: Any, forward_fn: Optional[Fo
 
 def compare_latency(a: nn.Module, b: nn.Module, example_inputs: Any,
                     forward_fn: Optional[ForwardFn] = None, warmup: int = 3,
-                    repeats: int = 10) -> LatencyComparison:
+                    repeats: int = 30) -> LatencyComparison:
     """Time ``a`` and ``b`` in turns on the same inputs (``repeats`` runs each, after ``warmup``
     untimed passes of each) and judge ``b`` against ``a``: see :class:`LatencyComparison`.
 

@@ -95,7 +95,7 @@ class Snapshot:
 
 
 def snapshot(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn] = None,
-             latency: bool = True, repeats: int = 10) -> Snapshot:
+             latency: bool = True, repeats: int = 30) -> Snapshot:
     """Measure ``model`` now: per-layer channels, params and MACs, totals, sizes in memory and
     on disk and (when ``latency``) the median latency over ``repeats`` forward passes with its
     quartiles (:func:`latency_stats`). Leaves the model as it was."""
@@ -336,7 +336,7 @@ def report(before: Union[nn.Module, Snapshot], after: Union[nn.Module, Snapshot]
            example_inputs: Any = None, forward_fn: Optional[ForwardFn] = None,
            latency: bool = True, teacher: Optional[nn.Module] = None,
            data: Optional[Iterable] = None, max_batches: Optional[int] = 8,
-           repeats: int = 10) -> Report:
+           repeats: int = 30) -> Report:
     """Compare ``before`` and ``after`` (models or :func:`snapshot` results).
 
     Models are measured on ``example_inputs`` (needed unless both are snapshots); latency is
