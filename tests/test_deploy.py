@@ -93,6 +93,27 @@ def test_static_recipe_takes_a_module_called_twice():
         assert relative_error(result.model(x), model(x)) < 0.05
 
 
+def test_int8_models_export(tmp_path):
+    """The static recipe's int8 graph saves as a .pt2 and converts to a QDQ ONNX graph; the
+    Linear recipes' torchao tensors save as .pt2, and ONNX says why it cannot convert them."""
+    model = cnn()
+    x = torch.randn(2, 1, 28, 28)
+    static = quantize(model, [torch.randn(8, 1, 28, 28)])  # compiled: the graph goes out
+    saved = export(static.model, x, str(tmp_path / "int8.pt2"))
+    assert saved.max_abs_diff == 0.0
+    loaded = torch.export.load(str(tmp_path / "int8.pt2")).module()
+    with torch.no_grad():
+        assert relative_error(loaded(x), model(x)) < 0.05
+    dynamic = quantize(Tagger().eval(), mode="dynamic")
+    assert export(dynamic.model, torch.randn(2, 7, 8), str(tmp_path / "d.pt2")).max_abs_diff == 0
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    assert export(static.model, x, str(tmp_path / "int8.onnx")).max_abs_diff < 1e-2  # int8 rounding
+    mlp = quantize(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval())
+    with pytest.raises(RuntimeError, match="tensor subclasses .* mode='static'"):
+        export(mlp.model, torch.randn(2, 16), str(tmp_path / "d.onnx"))
+
+
 @pytest.mark.slow
 def test_static_recipe_compiled_matches_its_eager_form():
     model = cnn()

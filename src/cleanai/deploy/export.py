@@ -43,11 +43,13 @@ class ExportResult:
 
 
 def export(model: nn.Module, example_inputs: Any, path: str, format: Optional[str] = None, *,
-           check: bool = True, atol: float = 1e-4) -> ExportResult:
+           check: bool = True, atol: Optional[float] = None) -> ExportResult:
     """Write ``model`` to ``path`` as ``format`` (``"onnx"`` or ``"pt2"``; by default from the
     file's suffix) and check that the file runs and matches the model on ``example_inputs``
-    within ``atol``. The model is exported in eval mode and left as it was; a Hugging Face
-    model with ``config.use_cache`` is exported without its key/value cache.
+    within ``atol`` (default 1e-4; for an int8 model, 1% of the outputs' largest magnitude: an
+    int8 runtime rounds differently). The model is exported in eval mode and left as it was; a
+    Hugging Face model with ``config.use_cache`` is exported without its key/value cache; a
+    static int8 result of :func:`quantize` exports its int8 graph.
 
     ``example_inputs``: a tensor, a tuple (positional) or a dict (keywords), as for the pruner.
 
@@ -64,11 +66,19 @@ def export(model: nn.Module, example_inputs: Any, path: str, format: Optional[st
                              f"or pass format='onnx' | 'pt2'")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    from .quantize import StaticInt8Model
+    int8 = isinstance(model, StaticInt8Model) or any(
+        type(p.data) is not torch.Tensor for p in model.parameters())
+    if isinstance(model, StaticInt8Model):  # its int8 graph (what compile would run) goes out
+        model = model.graph
     args, kwargs = _split(example_inputs)
     config = getattr(model, "config", None)
     cache = getattr(config, "use_cache", None)
     with preserved_state(model), torch.no_grad():
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:  # an exported graph keeps the mode it was exported in
+            pass
         if cache:  # a Hugging Face decoder exports without its key/value cache object
             config.use_cache = False
         try:
@@ -84,6 +94,9 @@ def export(model: nn.Module, example_inputs: Any, path: str, format: Optional[st
                              f"{len(expected)}")
         diff = max((float((a.float() - b).abs().max()) for a, b in zip(outputs, expected)
                     if b.numel()), default=0.0)
+        if atol is None:
+            scale = max((float(b.abs().max()) for b in expected if b.numel()), default=1.0)
+            atol = 1e-2 * max(scale, 1.0) if int8 else 1e-4
         if diff > atol:
             raise ValueError(f"the exported {format} file's outputs differ from the model's by "
                              f"{diff:.3g} (atol {atol:g}); the file is at {path}")
@@ -148,8 +161,12 @@ def _onnx(model, args, kwargs, path, check) -> Tuple[str, Optional[List[torch.Te
                           dynamic_shapes=_batch_dims(args, kwargs), external_data=False,
                           verbose=False)
     except Exception as exc:
+        subclass = any(type(p.data) is not torch.Tensor for p in model.parameters())
+        hint = (" Its weights are tensor subclasses (torchao's dynamic or weight-only int8), "
+                "which the ONNX converter does not know: export the float model, or quantize "
+                "with mode='static', whose int8 graph exports." if subclass else "")
         raise RuntimeError(f"ONNX export of {type(model).__name__} failed: "
-                           f"{type(exc).__name__}: {exc}") from exc
+                           f"{type(exc).__name__}: {exc}.{hint}") from exc
     if not check:
         return "nothing (check=False)", None
     try:
