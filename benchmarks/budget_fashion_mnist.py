@@ -27,7 +27,7 @@ import os
 import statistics
 import time
 import warnings
-from typing import Dict, List
+from typing import List
 
 import torch
 

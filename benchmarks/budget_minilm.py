@@ -29,8 +29,7 @@ from _common import cleanai_revision
 from cleanai.budget import search_ratios
 from cleanai.importance import WeightActivationImportance
 from cleanai.utils import count_macs, count_params
-from minilm_fidelity import (batched, calibration_text, embed, held_out_text, load_minilm,
-                             neighbour_agreement)
+from minilm_fidelity import embed, minilm_data, neighbour_agreement
 
 KINDS = ["heads", "channels"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tokenizer, dense = load_minilm()
-    calib = calibration_text()
-    evals = [s for s in held_out_text() if s not in set(calib)][:512]
-    calib_batches = batched(tokenizer, calib[::max(1, len(calib) // 512)][:512], 8)
-    eval_batches = batched(tokenizer, evals, 32)
+    _, dense, calib_batches, eval_batches, evals = minilm_data()
     example = calib_batches[0]
     ref = embed(dense, eval_batches)
     macs0, params0 = count_macs(dense, example), count_params(dense)

@@ -92,13 +92,8 @@ def fmnist(repeats: int) -> dict:
 
 
 def minilm(repeats: int) -> dict:
-    from minilm_fidelity import (batched, calibration_text, embed, held_out_text, load_minilm,
-                                 neighbour_agreement)
-    tokenizer, dense = load_minilm()
-    calib = calibration_text()
-    evals = [s for s in held_out_text() if s not in set(calib)][:512]
-    calib_batches = batched(tokenizer, calib[::max(1, len(calib) // 512)][:512], 8)
-    eval_batches = batched(tokenizer, evals, 32)
+    from minilm_fidelity import embed, minilm_data, neighbour_agreement
+    tokenizer, dense, calib_batches, eval_batches, evals = minilm_data()
     pruned = copy.deepcopy(dense)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

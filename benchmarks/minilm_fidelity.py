@@ -92,6 +92,17 @@ def batched(tokenizer, texts, batch_size, max_length=128):
             for i in range(0, len(texts), batch_size)]
 
 
+def minilm_data(calib_sentences: int = 512, eval_sentences: int = 512):
+    """``(tokenizer, dense, calib_batches, eval_batches, evals)``: the pretrained encoder,
+    ``calib_sentences`` pydoc sentences spread over the text in batches of 8, and the first
+    ``eval_sentences`` stdlib docstring sentences not in the calibration text (batches of 32)."""
+    tokenizer, dense = load_minilm()
+    calib = calibration_text()
+    evals = [s for s in held_out_text() if s not in set(calib)][:eval_sentences]
+    chosen = calib[::max(1, len(calib) // calib_sentences)][:calib_sentences]
+    return tokenizer, dense, batched(tokenizer, chosen, 8), batched(tokenizer, evals, 32), evals
+
+
 def neighbour_agreement(ref: torch.Tensor, emb: torch.Tensor) -> float:
     """The fraction of sentences whose nearest neighbour (cosine, among the other evaluation
     sentences) is the same under the pruned model as under the dense one: what a search
@@ -134,12 +145,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    tokenizer, dense = load_minilm()
-    calib = calibration_text()
-    evals = [s for s in held_out_text() if s not in set(calib)][:args.eval_sentences]
-    chosen = calib[::max(1, len(calib) // args.calib_sentences)][:args.calib_sentences]
-    calib_batches = batched(tokenizer, chosen, 8)
-    eval_batches = batched(tokenizer, evals, 32)
+    tokenizer, dense, calib_batches, eval_batches, evals = minilm_data(args.calib_sentences,
+                                                                        args.eval_sentences)
     example = calib_batches[0]
     # latency input: 8 sequences of exactly 128 tokens
     long_text = " ".join(evals)
