@@ -102,3 +102,14 @@ def test_no_data_with_the_default_metric():
     model, x, _ = _setup()
     with pytest.raises(ValueError, match="needs data"):
         search_ratios(model, x, None, target_macs=0.5, progress=False)
+
+
+def test_a_latency_budget_with_a_score_that_needs_data():
+    """The latency target is planned by the calibrated pruner (a second, uncalibrated one
+    refused to plan), and the result's pruner scores with the caller's importance."""
+    from cleanai.importance import ActivationImportance
+    model, x, data = _setup()
+    result = search_ratios(model, x, data, target_latency=0.8,
+                           importance=ActivationImportance(), evaluations=3, progress=False)
+    assert isinstance(result.pruner.importance, ActivationImportance)
+    assert result.cost.macs < 1.0

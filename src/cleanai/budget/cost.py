@@ -18,7 +18,8 @@ Built once from the dense model (one counted forward and a few shape probes per 
   ``qkv``).
 
 The cost of a plan is a sum of such terms, so its derivative per channel of a group, the
-channel's cost, is known too: the budgeted pruner ranks channels by importance per unit of it.
+channel's cost, is known too (:meth:`CostModel.channel_costs`); the budgeted pruner uses it to
+skip channels whose removal saves nothing the budget counts.
 """
 from __future__ import annotations
 

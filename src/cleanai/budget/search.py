@@ -11,6 +11,8 @@ result is never worse than either on the search's own data.
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -140,11 +142,11 @@ def search_ratios(model: nn.Module, example_inputs: Any, data: Optional[Iterable
     pruner = StructuredPruner(model, example_inputs, importance=importance, pruning_ratio=0.0,
                               compensate=compensate, forward_fn=forward_fn, **pruner_options)
     cm = CostModel(model, pruner.graph)
-    wanted = _wanted(targets, cm, model, example_inputs, forward_fn, importance,
-                     pruner_options)
     if calibrating:
         pruner.calibrate(batches, max_batches=max_batches, forward_fn=forward_fn)
-    pruner.importance = _Cached(pruner.importance)
+    wanted = _wanted(targets, cm, pruner)
+    scorer = pruner.importance
+    pruner.importance = _Cached(scorer)
     units = prunable_units(pruner, by)
     if not units:
         raise BudgetError(f"{type(model).__name__} has no units that can lose channels")
@@ -189,6 +191,7 @@ def search_ratios(model: nn.Module, example_inputs: Any, data: Optional[Iterable
     finally:
         bar.close()
         pruner.layer_ratios = {}
+        pruner.importance = scorer  # the result's pruner scores as the caller asked
     if search.best is None:
         raise BudgetError(f"no allocation of ratios meets the budget ({_describe(wanted, cm)}); "
                           f"the protected channels and limits leave too much")
@@ -257,6 +260,8 @@ class _Search:
             while ratios.get(u.name, 0.0) > 0:
                 trial = dict(ratios)
                 trial[u.name] = round(max(0.0, ratios[u.name] - 1.0 / max(1, size[u.name])), 4)
+                if trial[u.name] == ratios[u.name]:  # one channel is below the rounding
+                    break
                 plan, cost = self._plan(trial)
                 if not self._fits(cost):
                     break
@@ -293,18 +298,14 @@ class _Search:
             self.best_direction = dict(direction)
 
 
-def _wanted(targets, cm: CostModel, model, example_inputs, forward_fn, importance,
-            options) -> Dict[str, float]:
+def _wanted(targets, cm: CostModel, pruner: StructuredPruner) -> Dict[str, float]:
     """Each budget as an absolute MACs / params count; latency through the pruner's own
-    latency budget on this device."""
+    latency budget on this device (the calibrated pruner plans it)."""
     wanted = {}
     for t in targets:
         if t.metric == "latency":
-            lat = StructuredPruner(model, example_inputs, importance=importance,
-                                   forward_fn=forward_fn, target_latency=t.fraction
-                                   if t.fraction is not None else _seconds(t.absolute),
-                                   **options)
-            wanted["macs"] = lat.plan().budget.rows["macs"]["planned"]
+            with _budgeted(pruner, [t], cm):
+                wanted["macs"] = pruner.plan().budget.rows["macs"]["planned"]
         else:
             dense = getattr(cm.dense, t.metric)
             wanted[t.metric] = t.value(dense)
@@ -314,9 +315,15 @@ def _wanted(targets, cm: CostModel, model, example_inputs, forward_fn, importanc
     return wanted
 
 
-def _seconds(value: float):
-    import datetime
-    return datetime.timedelta(seconds=value)
+@contextlib.contextmanager
+def _budgeted(pruner: StructuredPruner, targets: List[Target], cm: CostModel):
+    """``pruner`` planning to ``targets`` with no layer ratios, for the block only."""
+    saved = pruner.targets, pruner.cost_model, pruner.layer_ratios
+    pruner.targets, pruner.cost_model, pruner.layer_ratios = targets, cm, {}
+    try:
+        yield pruner
+    finally:
+        pruner.targets, pruner.cost_model, pruner.layer_ratios = saved
 
 
 def _describe(wanted: Dict[str, float], cm: CostModel) -> str:
@@ -369,15 +376,11 @@ def _from_ranking(pruner: StructuredPruner, cm: CostModel, units: List[Unit],
                   wanted: Dict[str, float]) -> Dict[str, float]:
     """The allocation the pruner's own budgeted ranking makes (``target_macs=...``), as
     per-unit ratios; uniform where that ranking cannot meet the budget."""
-    saved = pruner.targets, pruner.cost_model, pruner.layer_ratios
-    pruner.targets = [Target(m, absolute=v) for m, v in wanted.items()]
-    pruner.cost_model, pruner.layer_ratios = cm, {}
     try:
-        plan = pruner.plan()
+        with _budgeted(pruner, [Target(m, absolute=v) for m, v in wanted.items()], cm):
+            plan = pruner.plan()
     except BudgetError:
         return {u.name: 1.0 for u in units}
-    finally:
-        pruner.targets, pruner.cost_model, pruner.layer_ratios = saved
     sizes = {g.id: g.size for g in pruner.graph.groups}
     out = {}
     for u in units:
