@@ -128,6 +128,20 @@ def test_static_recipe_compiled_matches_its_eager_form():
             assert relative_error(compiled.model(x), plain.model(x)) < 0.02
 
 
+def test_static_recipe_reads_only_max_batches_and_leaves_modes_alone():
+    model = cnn()
+    model[1].train()  # a BatchNorm left in training mode inside an eval model
+    read = []
+
+    def batches():
+        for i in range(200):
+            read.append(i)
+            yield torch.randn(4, 1, 28, 28)
+    quantize(model, batches(), max_batches=2, compile=False)
+    assert read == [0, 1]
+    assert model[1].training and not model.training and not model[0].training
+
+
 def test_quantize_refuses_bad_input_clearly():
     model = cnn()
     with pytest.raises(ValueError, match="static quantization calibrates on data"):

@@ -100,7 +100,6 @@ def test_compare_latency_times_the_models_in_turns():
     assert c.paired and c.a.runs == c.b.runs == 3
     assert not a.training and b.training  # modes left as they were
     assert c.speedup == pytest.approx(c.a.median / c.b.median)
-    assert c.verdict in ("faster", "slower", "too noisy")
 
 
 def test_paired_latency_of_the_budget_uses_the_same_loop(monkeypatch):

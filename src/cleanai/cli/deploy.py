@@ -22,18 +22,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run it back and compare with the model")
 
 
-def needs_data(args: argparse.Namespace) -> bool:
-    """Whether the deployment steps asked for need calibration batches."""
-    return args.quantize in ("int8", "int8-static")
+def needs_data(args: argparse.Namespace, inputs: Any) -> bool:
+    """Whether the deployment steps asked for calibrate: static int8, for a model that takes
+    positional tensors (a keyword-input model gets dynamic int8, which needs no data)."""
+    return args.quantize in ("int8", "int8-static") and not isinstance(inputs, dict)
 
 
 def run(args: argparse.Namespace, model: Any, dense: Optional[Any], inputs: Any,
-        batches: Optional[List[Any]], out: Path) -> List[str]:
+        batches: Optional[List[Any]], out: Path, dense_mb: Optional[float]) -> List[str]:
     """Quantize and export as asked; returns the lines to print. ``dense`` (the model before
-    pruning, or None without latency) is the baseline the int8 model is timed against."""
+    pruning, or None without latency) is the baseline the int8 model is timed against;
+    ``dense_mb`` its size on disk, as the report measured it."""
     lines: List[str] = []
     if args.quantize is not None:
-        lines += _quantize(args, model, dense, inputs, batches)
+        lines += _quantize(args, model, dense, inputs, batches, dense_mb)
     if args.export is not None:
         from ..deploy import export
         try:
@@ -44,24 +46,23 @@ def run(args: argparse.Namespace, model: Any, dense: Optional[Any], inputs: Any,
     return lines
 
 
-def _quantize(args, model, dense, inputs, batches) -> List[str]:
+def _quantize(args, model, dense, inputs, batches, dense_mb) -> List[str]:
     from ..deploy import quantize
     from ..utils import compare_latency
     from ..utils import disk_size
 
     mode = QUANTIZE[args.quantize]
-    data = None
-    if mode in ("auto", "static") and batches is not None and not isinstance(inputs, dict):
-        data = batches
+    data = batches if needs_data(args, inputs) else None
     try:
         result = quantize(model, data, mode=mode)
     except ImportError as exc:
         raise CLIError(str(exc)) from exc
     lines = [result.summary()]
-    size = disk_size(result.model)
-    base = dense if dense is not None else model
-    lines.append(f"int8 size on disk {size / 1e6:.2f} MB (the dense float model: "
-                 f"{disk_size(base) / 1e6:.2f} MB, {disk_size(base) / size:.1f}x)")
+    size = disk_size(result.model) / 1e6
+    line = f"int8 size on disk {size:.2f} MB"
+    if dense_mb:
+        line += f" (the dense float model: {dense_mb:.2f} MB, {dense_mb / size:.1f}x)"
+    lines.append(line)
     if dense is not None and not args.no_latency:
         comparison = compare_latency(dense, result.model, inputs, repeats=args.latency_repeats)
         lines.append(f"int8 latency {comparison.b} against the dense float model's "

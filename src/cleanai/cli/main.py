@@ -259,7 +259,7 @@ def _prune(args: argparse.Namespace) -> int:
     # with latency, the dense model (`dense` below) is timed in turns with the pruned one
     before = snapshot(built.model, inputs, latency=False) if args.no_latency else None
     needs_data = getattr(importance, "requires_data", False) or args.compensate or \
-        args.recover or args.search or deploy.needs_data(args)
+        args.recover or args.search or deploy.needs_data(args, inputs)
     batches = None
     if needs_data:
         source = args.calib_data or "random"
@@ -305,7 +305,8 @@ def _prune(args: argparse.Namespace) -> int:
     except ImportError:  # the picture is optional; never leave an older run's behind
         (out / "kept.png").unlink(missing_ok=True)
     print(rep)
-    for line in deploy.run(args, built.model, dense, inputs, batches, out):
+    for line in deploy.run(args, built.model, dense, inputs, batches, out,
+                           rep.before.disk_size_mb):
         print(line)
     print(f"\nsaved to {out} (load with cleanai.load_pruned(<fresh {built.spec} model>, "
           f"{str(out)!r}))")

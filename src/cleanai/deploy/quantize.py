@@ -19,6 +19,7 @@ result says so.
 from __future__ import annotations
 
 import copy
+import itertools
 import dataclasses
 import logging
 import warnings
@@ -27,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from ..core.runtime import preserved_state
 from ..importance.stats import model_inputs
 
 logger = logging.getLogger(__name__)
@@ -168,24 +170,21 @@ def _static(model: nn.Module, data: Optional[Iterable], example_inputs: Any,
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-    batches = [_positional(model_inputs(b)) for i, b in enumerate(data or [])
-               if max_batches is None or i < max_batches]
+    batches = [_positional(model_inputs(b)) for b in itertools.islice(data or [], max_batches)]
     if data is not None and not batches:
         raise ValueError("static quantization: the data yielded no batches")
     example = _positional(example_inputs) if example_inputs is not None else batches[0]
     if not kinds["conv"] and not kinds["linear"]:
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to quantize")
-    was_training = model.training
-    model.eval()
     try:
-        dims = tuple({0: torch.export.Dim.AUTO} for _ in example)
-        graph = torch.export.export(model, example, dynamic_shapes=dims).module()
+        with preserved_state(model):  # every submodule's mode comes back as it was
+            model.eval()
+            dims = tuple({0: torch.export.Dim.AUTO} for _ in example)
+            graph = torch.export.export(model, example, dynamic_shapes=dims).module()
     except Exception as exc:
         raise ValueError(f"static quantization exports the model with torch.export, which "
                          f"failed: {type(exc).__name__}: {exc}. Use mode='dynamic', or make "
                          f"the forward exportable") from exc
-    finally:
-        model.train(was_training)
     _separate_calls(graph)
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())

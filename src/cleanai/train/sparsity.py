@@ -18,6 +18,7 @@ from torch import nn
 from ..core.graph import DependencyGraph, Group
 from ..importance.base import member_weights
 from ..pruner.plan import PruningPlan
+from ..recover.common import model_device
 from ..pruner.structured import GROUP_KINDS, StructuredPruner
 
 Layout = List[Tuple[Group, Optional[torch.Tensor]]]  # a group, its unprotected channels
@@ -108,7 +109,7 @@ class GroupSparsity:
                              f"return a finite factor >= 0")
         lam = self.lam * factor
         if lam == 0:
-            return torch.zeros((), device=_device(self.model))
+            return torch.zeros((), device=model_device(self.model))
         return lam * self.penalty()
 
     def penalty(self) -> torch.Tensor:
@@ -123,7 +124,7 @@ class GroupSparsity:
             term = (per_channel + EPS).sqrt().sum() if self.norm == "l2" else per_channel.sum()
             total = term if total is None else total + term
         if total is None:
-            return torch.zeros((), device=_device(model))
+            return torch.zeros((), device=model_device(model))
         return total
 
     def _members(self, group: Group, model: nn.Module):
@@ -150,7 +151,7 @@ class GroupSparsity:
                                       per_slice.index_select(0, positions.to(part.device)))
             total = part if total is None else total + part
         if total is None:
-            return torch.zeros(group.size, device=_device(model))
+            return torch.zeros(group.size, device=model_device(model))
         return total
 
     def _current_layout(self) -> Layout:
@@ -217,8 +218,3 @@ def _reduce(tensor: torch.Tensor, dim: int, norm: str) -> torch.Tensor:
         return t.reshape(t.shape[0], -1).sum(1)
     dims = [d for d in range(t.dim()) if d != dim]
     return t.sum(dims)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
