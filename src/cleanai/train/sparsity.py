@@ -75,6 +75,7 @@ class GroupSparsity:
         self._layout: Optional[Layout] = None
         self._signature = self.graph.signature
         self._target: Optional[Dict[int, torch.Tensor]] = None
+        self._indices: Dict[tuple, torch.Tensor] = {}  # index tensors on the weights' device
 
     def target(self, plan: Optional[PruningPlan]) -> None:
         """Penalise only the channels ``plan`` removes (``pruner.plan()``, made now), so that
@@ -86,6 +87,7 @@ class GroupSparsity:
         self._target = None if plan is None else {
             gid: idx.clone() for gid, idx in plan.removals.items() if idx.numel()}
         self._layout, self._signature = None, self.graph.signature
+        self._indices = {}
 
     @property
     def model(self) -> nn.Module:
@@ -120,7 +122,8 @@ class GroupSparsity:
         for group, keep in self._current_layout():
             per_channel = self._channel_sums(group, model, squares)
             if keep is not None:
-                per_channel = per_channel.index_select(0, keep.to(per_channel.device))
+                per_channel = per_channel.index_select(
+                    0, self._on(("keep", group.id), keep, per_channel.device))
             term = (per_channel + EPS).sqrt().sum() if self.norm == "l2" else per_channel.sum()
             total = term if total is None else total + term
         if total is None:
@@ -143,16 +146,26 @@ class GroupSparsity:
             per_slice = hit[1]
             n = per_slice.shape[0]
             if member.identity and n == group.size:
-                part = per_slice
-            else:
-                positions = member.positions if n == member.length else member.positions % n
-                part = torch.zeros(group.size, dtype=per_slice.dtype, device=per_slice.device)
-                part = part.index_add(0, member.channels.to(part.device),
-                                      per_slice.index_select(0, positions.to(part.device)))
-            total = part if total is None else total + part
+                total = per_slice if total is None else total + per_slice
+                continue
+            if total is None:
+                total = per_slice.new_zeros(group.size)
+            device = per_slice.device
+            channels = self._on(("channels", id(member)), member.channels, device)
+            positions = self._on(("positions", id(member), n), member.positions if
+                                 n == member.length else member.positions % n, device)
+            total = total.index_add(0, channels, per_slice.index_select(0, positions))
         if total is None:
             return torch.zeros(group.size, device=model_device(model))
         return total
+
+    def _on(self, key: tuple, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``index`` on ``device``, moved once per layout (not on every training step)."""
+        key = key + (device,)
+        hit = self._indices.get(key)
+        if hit is None:
+            hit = self._indices[key] = index.to(device)
+        return hit
 
     def _current_layout(self) -> Layout:
         """The penalised groups with their channels (``None``: all); rebuilt after a step."""
@@ -170,6 +183,7 @@ class GroupSparsity:
                 keep = None if g.prunable == g.size else torch.nonzero(~g.protected).flatten()
                 layout.append((g, keep))
         self._layout, self._signature = layout, self.graph.signature
+        self._indices = {}  # the members' index tensors changed with the step
         return layout
 
     def _selected(self, group: Group) -> bool:
