@@ -1,7 +1,8 @@
 """Probe: does CleanAI prune real models it has no test for?
 
 For each model (random weights, nothing downloaded) the probe builds it, prunes it with
-``StructuredPruner(model, x, pruning_ratio=0.5).step()`` and checks what a user notices:
+``StructuredPruner(model, x, pruning_ratio=0.5).step()`` (``--ratio`` sets another) and checks
+what a user notices:
 
 * the forward output has the same structure (keys, tuple lengths) and shapes as before,
   and is finite;
@@ -10,14 +11,16 @@ For each model (random weights, nothing downloaded) the probe builds it, prunes 
 * the parameter count dropped.
 
 It also reports how much of the model CleanAI refused to touch: the fraction of channels in
-protected groups (model outputs left out, they are never pruned) and the most common reasons,
-plus any layer class the pruner had to protect after a failed validation forward.
+protected groups (model outputs left out, they are never pruned) when the pruner is built and
+after its step (``after``: with what the fallback protected once a pruned forward failed), the
+most common reasons, and the fallback's warnings.
 
 Families: timm CNNs and vision transformers, torchvision segmentation / video / detection
 backbones, Hugging Face transformers (tiny random configs). Run:
 
     python benchmarks/probe_models.py [--quick] [--only NAME ...] [--family timm|tv|hf]
-                                      [--limit SECONDS] [--out docs/probe_models_table.md]
+                                      [--limit SECONDS] [--ratio 0.5]
+                                      [--out docs/probe_models_table.md]
 
 ``--quick`` runs one or two models per family (about a minute). The table at the end has one row
 per model: parameters before -> after, protected %, seconds, status, the top protection reason.
@@ -89,11 +92,15 @@ TIMM = {  # name: (input size, create_model kwargs)
     "resmlp_12_224": (64, {"img_size": 64}), "gmlp_ti16_224": (64, {"img_size": 64}),
     "tiny_vit_5m_224": (224, {}), "davit_tiny": (64, {}), "focalnet_tiny_srf": (64, {}),
     "maxvit_nano_rw_256": (256, {}), "swinv2_cr_tiny_224": (224, {}),
-    "hiera_tiny_224": (224, {}), "vit_small_patch16_rope_224": (64, {"img_size": 64,
+    "hiera_tiny_224": (224, {}),
+    "vit_pwee_patch16_reg1_gap_256": (64, {"img_size": 64}),
+    "vit_small_patch16_rope_224": (64, {"img_size": 64,
                                                                       "depth": 2}),
     "bat_resnext26ts": (256, {}), "halonet26t": (256, {}), "botnet26t_256": (256, {}),
     "lambda_resnet26t": (256, {}), "visformer_tiny": (224, {}), "mambaout_femto": (64, {}),
     "rdnet_tiny": (64, {}), "sequencer2d_s": (64, {}),
+    "vit_relpos_small_patch16_224": (64, {"img_size": 64, "depth": 2}),
+    "maxxvit_rmlp_nano_rw_256": (256, {}), "nextvit_small": (64, {}),
 }
 
 
@@ -320,15 +327,17 @@ def batch_of_two(x: Any) -> Any:
     return x
 
 
-def protection(graph: "cleanai.DependencyGraph") -> Tuple[float, List[Tuple[str, int]]]:
+def protection(graph: "cleanai.DependencyGraph", sizes: Optional[Dict[int, int]] = None
+               ) -> Tuple[float, List[Tuple[str, int]]]:
     """Protected channels as a fraction of all channels outside the model's outputs, and the
-    most common reasons."""
+    most common reasons; ``sizes`` (group id -> size before a step) counts a pruned graph's
+    channels as they were."""
     total = protected = 0
     reasons: collections.Counter = collections.Counter()
     for g in graph.groups:
         if g.reasons.get("model output", 0) >= g.size:
             continue
-        total += g.size
+        total += (sizes or {}).get(g.id, g.size)
         protected += int(g.protected.sum())
         for why, n in g.reasons.items():
             if why != "model output":
@@ -344,8 +353,9 @@ def _alarm(signum, frame):
     raise Timeout()
 
 
-def probe(name: str, build: Callable[[], Case], limit: float) -> Dict[str, Any]:
+def probe(name: str, build: Callable[[], Case], limit: float, ratio: float = 0.5) -> Dict[str, Any]:
     row: Dict[str, Any] = {"model": name, "before": 0, "after": 0, "protected": float("nan"),
+                           "protected_after": float("nan"),
                            "seconds": 0.0, "status": "ok", "note": ""}
     start = time.perf_counter()
     stage = "build"
@@ -362,12 +372,13 @@ def probe(name: str, build: Callable[[], Case], limit: float) -> Dict[str, Any]:
         stage = "prune"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5, forward_fn=forward_fn)
+            pruner = cleanai.StructuredPruner(model, x, pruning_ratio=ratio, forward_fn=forward_fn)
             frac, top = protection(pruner.graph)
             row["protected"] = frac
             row["note"] = "; ".join(f"{n}: {why[:70]}" for why, n in top)
             pruner.step()
-        fallbacks = [str(w.message) for w in caught if "plans again" in str(w.message)]
+            row["protected_after"] = protection(pruner.graph, pruner.original_size)[0]
+        fallbacks = [str(w.message) for w in caught if " no longer runs when " in str(w.message)]
         row["after"] = count_params(model)
         stage = "forward after"
         out = run(model, x, forward_fn)
@@ -418,6 +429,7 @@ def main() -> None:
     parser.add_argument("--family", choices=["timm", "tv", "hf"], help="one family only")
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ratio", type=float, default=0.5, help="pruning_ratio (default 0.5)")
     parser.add_argument("--out", help="also write the table as markdown to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -432,18 +444,20 @@ def main() -> None:
         family, build = cases[name]
         if args.family and family != args.family:
             continue
-        row = probe(name, build, args.limit)
+        row = probe(name, build, args.limit, args.ratio)
         rows.append(row)
         print(f"{row['model']:<40} {row['status']:<8} {row['seconds']:6.1f}s  {row['note'][:200]}",
               flush=True)
     print()
     print(f"cleanai {cleanai.__file__}, torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"{'model':<40} {'params before -> after':>26} {'prot%':>6} {'s':>6}  status    note")
+    print(f"{'model':<40} {'params before -> after':>26} {'prot%':>6} {'after':>6} {'s':>6}  "
+          f"status    note")
     for r in rows:
         params = f"{r['before']:,} -> {r['after']:,}"
-        prot = f"{100 * r['protected']:5.1f}" if r["protected"] == r["protected"] else "    -"
-        print(f"{r['model']:<40} {params:>26} {prot:>6} {r['seconds']:6.1f}  {r['status']:<8}  "
-              f"{r['note'][:160]}")
+        prot, after = (f"{100 * r[k]:5.1f}" if r[k] == r[k] else "    -"
+                       for k in ("protected", "protected_after"))
+        print(f"{r['model']:<40} {params:>26} {prot:>6} {after:>6} {r['seconds']:6.1f}  "
+              f"{r['status']:<8}  {r['note'][:160]}")
     bad = [r["model"] for r in rows if r["status"] in ("FAIL", "WRONG")]
     print(f"\n{len(rows)} models: {len(rows) - len(bad)} without failure; failing: {bad}")
     if args.out:
@@ -456,12 +470,13 @@ def write_markdown(path: str, rows: List[Dict[str, Any]], argv: str) -> None:
     from _common import cleanai_revision
     lines = [f"Produced by `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/probe_models.py "
              f"{argv}` ({cleanai_revision()}, torch {torch.__version__}).", "",
-             "| model | params before -> after | protected % | s | status | note |",
-             "|---|---:|---:|---:|---|---|"]
+             "| model | params before -> after | protected % | after step % | s | status | note |",
+             "|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        prot = f"{100 * r['protected']:.1f}" if r["protected"] == r["protected"] else "-"
+        prot, after = (f"{100 * r[k]:.1f}" if r[k] == r[k] else "-"
+                       for k in ("protected", "protected_after"))
         note = r["note"][:200].replace("|", "/")
-        lines.append(f"| {r['model']} | {r['before']:,} -> {r['after']:,} | {prot} | "
+        lines.append(f"| {r['model']} | {r['before']:,} -> {r['after']:,} | {prot} | {after} | "
                      f"{r['seconds']:.1f} | {r['status']} | {note} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 import cleanai
-from cleanai.cli.data import FASHION_MNIST_DIR, read_idx
+from cleanai.cli.data import FASHION_MNIST_DIR, fashion_mnist
 from cleanai.importance import WeightActivationImportance
 from cleanai.utils import count_params, load_pruned, measure_latency, save_pruned
 
@@ -29,11 +29,10 @@ from cleanai.utils import count_params, load_pruned, measure_latency, save_prune
 def load_data(n_train: int, n_test: int):
     """(train_x, train_y, test_x, test_y, name): 1 x 28 x 28 images, standardised."""
     if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        root = FASHION_MNIST_DIR  # idx files of the Debian package dataset-fashion-mnist
-        xs = [read_idx(root / f"{s}-images-idx3-ubyte.gz").float().div(255).unsqueeze(1)
-              for s in ("train", "t10k")]
-        ys = [read_idx(root / f"{s}-labels-idx1-ubyte.gz").long() for s in ("train", "t10k")]
-        train_x, train_y, test_x, test_y = xs[0][:n_train], ys[0][:n_train], xs[1][:n_test], ys[1][:n_test]
+        # idx files of the Debian package dataset-fashion-mnist
+        (train_x, train_y), (test_x, test_y) = fashion_mnist("train"), fashion_mnist("t10k")
+        train_x, train_y = train_x[:n_train].div(255), train_y[:n_train]
+        test_x, test_y = test_x[:n_test].div(255), test_y[:n_test]
         name = "Fashion-MNIST"
     else:
         from sklearn.datasets import load_digits

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cleanai
-from cleanai.cli.data import FASHION_MNIST_DIR, read_idx
+from cleanai.cli.data import FASHION_MNIST_DIR, fashion_mnist
 from cleanai.train import GradualPruner, GroupSparsity
 from cleanai.utils import count_macs, count_params
 
@@ -39,13 +39,8 @@ def load_data():
         train_x, train_y, test_x, test_y = x[:1400], y[:1400], x[1400:], y[1400:]
         name = "sklearn digits (8x8)"
     else:
-        def images(s):
-            return read_idx(FASHION_MNIST_DIR / f"{s}-images-idx3-ubyte.gz").float().unsqueeze(1)
-
-        def labels(s):
-            return read_idx(FASHION_MNIST_DIR / f"{s}-labels-idx1-ubyte.gz").long()
-        train_x, train_y = images("train")[:20000], labels("train")[:20000]
-        test_x, test_y = images("t10k"), labels("t10k")
+        (train_x, train_y), (test_x, test_y) = fashion_mnist("train"), fashion_mnist("t10k")
+        train_x, train_y = train_x[:20000], train_y[:20000]
         name = "Fashion-MNIST (20k training images)"
     mean, std = train_x.mean(), train_x.std()
     return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y, name

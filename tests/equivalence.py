@@ -5,7 +5,7 @@ from torch import nn
 
 from cleanai.core.layers import get_layer_pruner
 from cleanai.pruner.apply import PruningError, layer_keeps
-from cleanai.pruner.fallback import protect_failing
+from cleanai.pruner.fallback import protect_breaking
 
 
 @torch.no_grad()
@@ -54,11 +54,10 @@ def check_equivalence(model: nn.Module, pruner, x, atol: float = 1e-5) -> None:
     """Plan with ``pruner``, zero the consumers, record the output, prune, compare.
 
     A plan the pruned model cannot run (a block that keeps a width of its own) goes through
-    the same fallback as ``pruner.step()``: the weights are put back, the failing layer's
-    channels protected, and the step planned again."""
+    the same fallback as ``pruner.step()``: the weights are put back, the groups that break
+    it protected, and the step planned again."""
     model.eval()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    tried = set()
     while True:
         plan = pruner.plan()
         assert plan.num_removed > 0
@@ -70,8 +69,7 @@ def check_equivalence(model: nn.Module, pruner, x, atol: float = 1e-5) -> None:
             break
         except PruningError as exc:
             model.load_state_dict(weights)
-            if exc.layer is None or not protect_failing(model, pruner.graph.groups, exc.layer,
-                                                        str(exc), tried):
+            if not protect_breaking(model, pruner.graph, plan.removals, exc):
                 raise
     with torch.no_grad():
         after = model(x)

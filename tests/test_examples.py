@@ -54,3 +54,15 @@ def test_example_train_prune():
         assert macs <= 30.0 and accuracy > 50, rows[name]  # the budget met, the model still works
     steps = [float(v.split("%")[0]) for v in out.split("after each step: ")[1].splitlines()[0].split(", ")]
     assert steps == sorted(steps, reverse=True) and len(steps) >= 4
+
+
+def test_example_distributed():
+    pytest.importorskip("sklearn")
+    out = run_example("example_distributed.py")
+    rows = {line.split()[0]: line for line in out.splitlines() if "accuracy" in line}
+    assert set(rows) == {"dense", "pruned", "+1"}
+    params = {k: int(v.split("params")[1].split()[0].replace(",", "")) for k, v in rows.items()}
+    accuracy = {k: float(v.split("accuracy")[1].split("%")[0]) for k, v in rows.items()}
+    assert params["pruned"] == params["+1"] < params["dense"] / 2
+    assert accuracy["+1"] > 70 and accuracy["dense"] > 70  # training went on after the step
+    assert "every rank holds the same model: True" in out

@@ -33,11 +33,14 @@ def net():
 def test_a_layer_that_breaks_is_found_rolled_back_and_protected():
     model, x = net(), torch.randn(1, 3, 12, 12)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-    with pytest.warns(UserWarning, match=r"RuntimeError in 2: expected 8 .*CheckedConv"):
+    with pytest.warns(UserWarning, match=r"group 0 \(8 channels: 0 and 1 more layer\) loses "
+                                         r"channels: RuntimeError in 2 \(CheckedConv\) at "
+                                         r"test_forward_check.py:\d+ `raise .*: expected 8 "
+                                         r"channels, got 4\. CleanAI keeps its channels"):
         pruner.step()
-    # the groups that touch the block keep their channels; the one after it is pruned
-    assert model[0].out_channels == model[2].conv.out_channels == 8
-    assert model[4].out_channels == 4
+    # only the group the block checks keeps its channels; the block's own output is pruned
+    assert model[0].out_channels == 8
+    assert model[2].conv.out_channels == model[4].out_channels == 4
     assert model(x).shape == (1, 4, 8, 8)
 
 
@@ -120,7 +123,13 @@ def test_auto_checks_where_code_may_hold_a_width(block, found):
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
     assert found in pruner.graph.check_reason
     with pytest.raises(cleanai.PruningError, match="in 1: "):
-        pruner.step()  # the check forward fails in the block; the step is rolled back
+        pruner.apply(pruner.plan())  # the check forward fails in the block: rolled back
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # step() finds the one group the block breaks and keeps it: nothing is left to prune
+    with pytest.warns(UserWarning, match=rf"group 0 .* in 1 \({type(block).__name__}\) at "
+                                         rf"test_forward_check.py:\d+"):
+        plan = pruner.step()
+    assert plan.num_removed == 0 and bool(pruner.graph.groups[0].protected.all())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert model(x).shape == (1, 4, 10, 10)
 
@@ -132,6 +141,9 @@ def test_a_forward_hook_on_a_layer_is_code_the_trace_cannot_see():
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
     assert pruner.graph.check_reason == "a forward hook on 4"  # model[1] is net()'s layer 4
     with pytest.raises(cleanai.PruningError, match="in 4: "):
+        pruner.apply(pruner.plan())
+    with pytest.warns(UserWarning, match=r"in 4 \(Conv2d\) at test_forward_check.py:\d+ "
+                                         r"`lambda m, args, out"):
         pruner.step()
     assert model[1].out_channels == 8 and model(x).shape == (1, 4, 6, 6)
 
@@ -257,5 +269,7 @@ def test_a_hook_added_after_the_trace_brings_the_check_back():
             raise RuntimeError("needs 8 channels")
     model[3].register_forward_pre_hook(needs_eight)
     with pytest.raises(cleanai.PruningError, match="needs 8 channels"):
-        pruner.step()
-    assert model(x).shape == (1, 4, 6, 6)
+        pruner.apply(pruner.plan())
+    with pytest.warns(UserWarning, match="needs 8 channels"):
+        assert pruner.step().num_removed == 0  # the only group is the one the hook checks
+    assert model[1].out_channels == 8 and model(x).shape == (1, 4, 6, 6)

@@ -372,14 +372,14 @@ class FixedSplit(nn.Module):
 
 def test_regression_split_with_fixed_sizes_protects_what_feeds_the_failing_layer():
     """The tracer cannot tell ``split(x, [3, C - 3])`` at C = 6 from ``chunk(2)``; the validation
-    forward fails in the conv after it, and step() protects only the groups that feed that conv
-    (once it protected every Conv2d of the model)."""
+    forward fails in the conv after it, and step() protects only the group whose removal breaks
+    it (once it protected every Conv2d of the model)."""
     torch.manual_seed(0)
     model = FuzzNet(Conv(3, 6, 3, 1, True), [Stage([FixedSplit(), Conv(6, 8, 3, 1, True)])],
                     nn.Linear(8, 5), flatten=False).eval()
     x = torch.randn(*X_SHAPE)
-    with pytest.warns(UserWarning, match="keeps the channels of the 1 groups that feed "
-                                         "stages.0.blocks.0.conv"):
+    with pytest.warns(UserWarning, match=r"when group 0 \(3 channels: stem.body.0 .*\) loses "
+                                         r"channels: RuntimeError in stages.0.blocks.0.conv"):
         StructuredPruner(model, x, pruning_ratio=0.5).prune()
     assert model.stem.body[0].out_channels == 6  # protected: the split's sizes are fixed
     assert model.stages[0].blocks[1].body[0].out_channels == 4  # pruned

@@ -295,7 +295,7 @@ class FixedWidth(nn.Module):
 
 
 @pytest.mark.parametrize("first_strict", [False, True])
-def test_failing_layer_is_protected_alone_then_its_whole_class(first_strict):
+def test_exactly_the_groups_a_failing_layer_breaks_are_protected(first_strict):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), FixedWidth(8, first_strict), nn.Conv2d(8, 8, 1),
                           FixedWidth(8, True), nn.Conv2d(8, 2, 1)).eval()
@@ -305,10 +305,16 @@ def test_failing_layer_is_protected_alone_then_its_whole_class(first_strict):
         cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
     said = [str(w.message) for w in caught]
     assert model(x).shape == (1, 2, 4, 4)
-    assert model[3].conv.out_channels == model[2].out_channels == 8  # the layer and its input
-    if first_strict:  # the one layer was not enough: every FixedWidth is kept
-        assert len(said) == 2 and "inside 2 FixedWidth layers" in said[1]
-        assert model[1].conv.out_channels == model[0].out_channels == 8
+    # a strict layer's own output keeps its width; its input and every other group are pruned
+    assert model[3].conv.out_channels == 8 and model[2].out_channels == 4
+    assert model[0].out_channels == 4
+    assert model[1].conv.out_channels == (8 if first_strict else 4)
+    assert len(said) == 1  # one failure site, one warning
+    if first_strict:  # both strict layers fail on the same line: one warning names both
+        assert said[0].startswith("Sequential no longer runs when groups 1 (8 channels: 1.conv "
+                                  "and 1 more layer), 3 (8 channels: 3.conv and 1 more layer) "
+                                  "lose channels: RuntimeError in 1 (FixedWidth) at ")
     else:
-        assert len(said) == 1 and "inside 3 (FixedWidth)" in said[0]
-        assert model[1].conv.out_channels == model[0].out_channels == 4
+        assert said[0].startswith("Sequential no longer runs when group 3 (8 channels: 3.conv "
+                                  "and 1 more layer) loses channels: RuntimeError in 3 "
+                                  "(FixedWidth) at test_model_widths.py:")

@@ -37,6 +37,13 @@ def read_idx(path: Union[str, Path]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(dims)
 
 
+def fashion_mnist(split: str = "train") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's ``"train"`` (60k) or ``"t10k"`` (10k) images as floats in [0, 255],
+    ``[N, 1, 28, 28]``, and their labels, from the idx files in :data:`FASHION_MNIST_DIR`."""
+    x = read_idx(FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz").float().unsqueeze(1)
+    return x, read_idx(FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz").long()
+
+
 def _images(source: str, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``count`` grayscale images in [0, 1] as ``[count, 1, H, W]`` and their labels."""
     if source == "fashion-mnist":

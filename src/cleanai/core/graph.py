@@ -1,6 +1,7 @@
 """DependencyGraph: which channels of which layers must be removed together."""
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from .groups import Group, build_groups
-from .runtime import ForwardFn, find_submodule
+from .runtime import ForwardFn, find_submodule, map_tensors
 from .trace import trace
 from .walk import resolve_edges
 
@@ -26,6 +27,11 @@ class DependencyGraph:
             attention) makes removable: ``"heads"`` (default; whole heads go, ``head_dim``
             stays) or ``"head_dims"`` (the same dims leave every head; the head count stays).
 
+    A model built on the meta device (``with torch.device("meta"): model = Net()``) is
+    traced for its shapes alone, its weights never materialised: the example inputs are moved
+    to the meta device, and its forward must not read tensor values (``Tensor.item()``, a
+    branch on the data); see :func:`cleanai.prune_checkpoint`.
+
     ``graph.groups`` lists the :class:`Group` objects; ``graph.group_of(layer)`` finds the
     groups a layer belongs to; ``print(graph)`` shows them; ``graph.to_dot()`` draws the layers.
     ``graph.check_reason`` says why a pruned forward could still fail on a channel count the
@@ -40,6 +46,7 @@ class DependencyGraph:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model_name = type(model).__name__
+        example_inputs = on_meta(model, example_inputs)
         self.example_inputs = example_inputs
         self.forward_fn = forward_fn
         self.attention = attention
@@ -50,6 +57,10 @@ class DependencyGraph:
         self._modules = {n: weakref.ref(m) for n, m in result.modules.items()}
         self._edges = (result.edges, result.junctions)
         self.groups: List[Group] = build_groups(result)
+        #: splits by sizes a module stores as integer attributes: (layer split, module, the
+        #: attribute of each part or None, the sizes at trace time); see
+        #: pruner/attributes.py, which keeps those attributes in step
+        self.split_attributes = result.attr_splits
         self.check_reason: Optional[str] = result.check_reason
         self._code = result.code  # hooks and instance forwards the trace saw
         self.signature = module_signature(model)
@@ -177,6 +188,24 @@ class _WeakModules(Mapping):
 
     def __len__(self) -> int:
         return len(self._refs)
+
+
+def is_meta_model(model: nn.Module) -> bool:
+    """True when ``model`` has tensors and every one is on the meta device (shapes, no data)."""
+    found = False
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if not t.is_meta:
+            return False
+        found = True
+    return found
+
+
+def on_meta(model: nn.Module, example_inputs: Any) -> Any:
+    """``example_inputs`` with every tensor moved to the meta device when ``model`` lives
+    there (a model that does not fit in memory is traced for its shapes); else as given."""
+    if not is_meta_model(model):
+        return example_inputs
+    return map_tensors(example_inputs, lambda t: t if t.is_meta else t.to("meta"))
 
 
 def module_signature(model: nn.Module) -> Dict[str, tuple]:

@@ -4,7 +4,7 @@ vectorised passes."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,15 @@ class Group:
     #: modules whose code splits these channels into parts of sizes it wrote down
     #: (``x.split(64)``): pruning works only if that code reads a width CleanAI updates
     fixed_splits: List[str] = dataclasses.field(default_factory=list)
+    #: ``outputs[j]`` is True for a channel of a model output that nothing else protects:
+    #: the channels :func:`release_outputs` frees (``StructuredPruner(prune_outputs=...)``);
+    #: None when the group holds none
+    outputs: Optional[torch.Tensor] = None
+    #: the ids of the groups (this one among them) that must lose as many channels as each
+    #: other: the parts of ``x.chunk(2)`` read by separate layers, or the parts a module's
+    #: attribute sizes (``split([self.key_dim, self.key_dim, self.d])`` in every head);
+    #: empty when the group is free
+    equal_counts: List[int] = dataclasses.field(default_factory=list)
 
     @property
     def prunable(self) -> int:
@@ -83,16 +92,100 @@ class Group:
             lines.append("  tie: " + c)
         for reason, n in self.reasons.items():
             lines.append(f"  protected {n}: {reason}")
+        freed = self.released_outputs
+        if freed:
+            lines.append(f"  output {freed}: model output, prunable on request")
         return "\n".join(lines)
+
+    @property
+    def released_outputs(self) -> int:
+        """How many of the group's channels are model outputs that may be pruned
+        (:func:`release_outputs`)."""
+        if self.outputs is None:
+            return 0
+        return int((self.outputs & ~self.protected).sum())
 
 
 
 def build_groups(r: TraceResult) -> List[Group]:
     """Units linked by a shared producer form a group; every layer dim and parameter that holds
-    a group's units becomes a member, with vectorised position -> channel maps."""
+    a group's units becomes a member, with vectorised position -> channel maps.
+
+    Parts that must keep equal counts (``r.count_ties``) stay free where each part is a
+    whole group (its positions hold every channel of one group once): those groups must
+    lose as many channels each (``Group.equal_counts``). A part that shares a group with
+    other channels is tied to the other parts position by position instead, and the groups
+    are assigned again."""
+    while True:
+        roots, group_of, channel_of, groups = _assign(r)
+        ties, loose = [], []
+        for parts, what in r.count_ties:
+            held = _whole_groups(parts, roots, group_of, channel_of, groups)
+            (loose if held is None else ties).append((parts, what) if held is None else (held, what))
+        if not loose:
+            break
+        for parts, what in loose:
+            for p in parts[1:]:
+                r.uf.union_all(parts[0], p)
+            r.notes.append((int(parts[0][0]), f"{what}: each part keeps the same positions "
+                                              f"(a part shares its channels with others)"))
+        kept = {id(p) for p, _ in loose}
+        r.count_ties = [(p, w) for p, w in r.count_ties if id(p) not in kept]
+    _finish(r, roots, group_of, channel_of, groups)
+    _equal_counts(groups, ties)
+    return groups
+
+
+def _whole_groups(parts: List[torch.Tensor], roots: torch.Tensor, group_of: torch.Tensor,
+                  channel_of: torch.Tensor, groups: List[Group]) -> Optional[List[int]]:
+    """The group of each part when every part holds all channels of one group, each once."""
+    held = []
+    for p in parts:
+        units = roots.index_select(0, p.reshape(-1))
+        gi = group_of.index_select(0, units)
+        if not len(gi) or bool((gi < 0).any()) or bool((gi != gi[0]).any()):
+            return None
+        g = int(gi[0])
+        chans = channel_of.index_select(0, units)
+        if len(chans) != groups[g].size or torch.unique(chans).shape[0] != len(chans):
+            return None
+        held.append(g)
+    return held
+
+
+def _equal_counts(groups: List[Group], ties: List[Tuple[List[int], str]]) -> None:
+    """Join the ties that share a group and give each group of a joint tie its members."""
+    link = UnionFind()
+    link.new(len(groups))
+    for held, _ in ties:
+        for g in held[1:]:
+            link.union(held[0], g)
+    sets: Dict[int, List[int]] = {}
+    for gi in range(len(groups)):
+        sets.setdefault(link.find(gi), []).append(gi)
+    whats: Dict[int, List[str]] = {}
+    for held, what in ties:
+        whats.setdefault(link.find(held[0]), []).append(what)
+    for root, members in sets.items():
+        if len(members) < 2:
+            continue
+        why = ", ".join(dict.fromkeys(whats.get(root, [])))
+        for gi in members:
+            g = groups[gi]
+            g.equal_counts = list(members)
+            others = [m for m in members if m != gi]
+            shown = ", ".join(map(str, others[:6])) + (" ..." if len(others) > 6 else "")
+            g.constraints.append(f"loses as many channels as group{'s' if len(others) > 1 else ''}"
+                                 f" {shown} ({why})")
+
+
+def _assign(r: TraceResult):
+    """Each unit's group and channel in it, and the (still empty) groups."""
     roots = r.uf.roots()
     n_units = len(roots)
-    made = [r.module_out[name] for name in r.producers]  # each producer's fresh ids
+    # each producer's fresh ids; the parts of one cut by a split with sizes (r.cuts) apart
+    made = [p for name in r.producers for p in r.module_out[name].split(r.cuts.get(name) or
+                                                                       len(r.module_out[name]))]
     made += [ids for dims in r.internal.values() for ids in dims if ids is not None]
 
     # producers that share a unit share a group; channels keep their first-appearance order
@@ -137,7 +230,12 @@ def build_groups(r: TraceResult) -> List[Group]:
             torch.tensor(block_shift, dtype=torch.long), blocks))
         for gi, n in enumerate(sizes):
             groups.append(Group(gi, n, [], torch.zeros(n, dtype=torch.bool), {}, []))
+    return roots, group_of, channel_of, groups
 
+
+def _finish(r: TraceResult, roots: torch.Tensor, group_of: torch.Tensor,
+            channel_of: torch.Tensor, groups: List[Group]) -> None:
+    """Members, protection, kinds and notes of the assigned groups."""
     entries: List[Tuple[str, str, int, torch.Tensor]] = []
     for name in r.modules:
         out, inp = r.module_out.get(name), r.module_in.get(name)
@@ -175,7 +273,6 @@ def build_groups(r: TraceResult) -> List[Group]:
         gi = int(group_of[roots[i]])
         if gi >= 0 and text not in groups[gi].constraints:
             groups[gi].constraints.append(text)
-    return groups
 
 
 def _mark_protected(groups: List[Group], r: TraceResult, roots: torch.Tensor,
@@ -220,6 +317,19 @@ def _mark_protected(groups: List[Group], r: TraceResult, roots: torch.Tensor,
         counts = torch.bincount(k, minlength=len(names)).tolist()
         for code in dict.fromkeys(k.tolist()):
             g.reasons[names[code]] = g.reasons.get(names[code], 0) + counts[code]
+    # the output channels nothing else protects: what prune_outputs may free
+    if r.output_ids:
+        outs = torch.unique(roots.index_select(0, torch.cat([i.reshape(-1) for i in r.output_ids])))
+        if r.protected:
+            other = roots.index_select(0, torch.tensor(list(r.protected), dtype=torch.long))
+            outs = outs[~torch.isin(outs, other)]
+        gis, chans = group_of.index_select(0, outs), channel_of.index_select(0, outs)
+        inside = gis >= 0
+        gis, chans = gis[inside], chans[inside]
+        for gi in torch.unique(gis).tolist():
+            g = groups[gi]
+            g.outputs = torch.zeros(g.size, dtype=torch.bool)
+            g.outputs[chans[gis == gi]] = True
 
 
 def _add_members(groups: List[Group], entries: List[Tuple[str, str, int, torch.Tensor]],
@@ -278,4 +388,25 @@ def _align_head_dims(groups: List[Group]) -> None:
             if not bool(g.protected.all()):
                 g.reasons[why] = int((~g.protected).sum())
                 g.protected[:] = True
+                g.outputs = None  # pinned by its block, model output or not
+
+
+def release_outputs(groups: List[Group], chosen: Callable[[Group], bool]) -> List[Group]:
+    """Let the model-output channels of the ``chosen`` groups be pruned: the explicit opt-in
+    of ``StructuredPruner(prune_outputs=...)`` for a backbone whose head will be retrained or
+    replaced. Channels protected for any other reason stay protected. Returns the groups
+    freed."""
+    freed = []
+    for g in groups:
+        if g.outputs is None or not bool((g.outputs & g.protected).any()) or not chosen(g):
+            continue
+        n = int((g.outputs & g.protected).sum())
+        g.protected = g.protected & ~g.outputs
+        left = g.reasons.get("model output", 0) - n
+        if left > 0:
+            g.reasons["model output"] = left
+        else:
+            g.reasons.pop("model output", None)
+        freed.append(g)
+    return freed
 

@@ -88,7 +88,8 @@ def preserved_state(model: nn.Module, modules: Optional[List[nn.Module]] = None,
                 ids.update(id(b) for b in m._buffers.values() if b is not None)
         if fixed:
             buffers = [b for b in buffers if id(b) not in fixed or id(b) in held]
-    saved = [(b, b.detach().clone()) for b in buffers]
+    # a buffer on the meta device holds no values to restore (a model traced for its shapes)
+    saved = [(b, b.detach().clone()) for b in buffers if not b.is_meta]
     rng = torch.get_rng_state()
     try:
         yield

@@ -96,9 +96,14 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 break
         if best is None:
             exc = errors[-1]
+            hint = ""
+            if scan.params and all(p.is_meta for p in scan.params):
+                hint = (" (the model is on the meta device, where a forward sees shapes but no "
+                        "values: pass inputs or a forward_fn that take no branch on the data, "
+                        "e.g. no attention_mask)")
             raise TraceError(
                 f"{type(model).__name__} failed on the example inputs "
-                f"({describe_inputs(example_inputs)}): {type(exc).__name__}: {exc}") from exc
+                f"({describe_inputs(example_inputs)}): {type(exc).__name__}: {exc}{hint}") from exc
         calls, intervals, output, watched = best[0]
         if errors:
             logger.info("traced %s after %d failed attempt(s): %s", type(model).__name__,
@@ -117,9 +122,11 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
         with_subclasses.update(owned)  # a weight a known layer holds too is that layer's
         result = walk(model, calls, output, layers, names_of_params, with_subclasses,
                             intervals, with_inputs(watched, best[2]), attention, scan)
-        if result.fixed_splits or any("" in wheres for wheres in result.unknown.values()):
-            # say where each unknown op or fixed split ran: once more, with module ranges
-            # (an unsupported layer already has its name)
+        if result.fixed_splits or result.wants_location or \
+                any("" in wheres for wheres in result.unknown.values()):
+            # say where each unknown op or fixed split ran, and read the attributes of the
+            # module that split by sizes: once more, with module ranges (an unsupported
+            # layer already has its name)
             if best[3]:
                 save_all()
             calls, intervals, output, watched = record_forward(
@@ -137,6 +144,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             f"computed before the forward)" if result.unwatched else None) or (
             "an op CleanAI does not know" if result.unknown else None) or (
             "a split into sizes written in the code" if result.fixed_splits else None) or (
+            "a split by sizes a module stores" if result.attr_splits else None) or (
             "traced in train mode, used in eval mode" if best[3] and not all_train else None)
         result.code = code_fingerprint(scan.modules)
         warn_unreached(known, calls, set(result.module_in) | set(result.module_out))

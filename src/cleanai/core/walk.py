@@ -46,6 +46,9 @@ class TraceResult:
     unknown: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     #: (ids, module that ran the split) of splits into equal parts of sizes fixed in the code
     fixed_splits: List[Tuple[torch.Tensor, str]] = dataclasses.field(default_factory=list)
+    #: producer -> the sizes a split with a list of sizes cuts its output into
+    #: (``torch.split(self.in_proj(x), [mlp, d, d, d])``): each part is a group of its own
+    cuts: Dict[str, List[int]] = dataclasses.field(default_factory=dict)
     #: why a pruned forward may fail on a width the graph cannot see (the first such call
     #: outside the known layers, a hook...), or None: see core/widths.py
     check_reason: Optional[str] = "not checked"
@@ -53,6 +56,17 @@ class TraceResult:
     unwatched: Optional[str] = None
     #: the hooks and instance forwards at trace time (core/widths.py ``code_fingerprint``)
     code: tuple = ()
+    #: parts that must keep equal counts, each with what ties them (``x.chunk(2)``, a split
+    #: by ``self.key_dim``): build_groups checks that each part is a whole group, and ties
+    #: them position by position where it is not
+    count_ties: List[Tuple[List[torch.Tensor], str]] = dataclasses.field(default_factory=list)
+    #: splits by sizes the running module stores as integer attributes: (producer, module,
+    #: the attribute each part's size is, None for a part that keeps its size, those sizes)
+    attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = dataclasses.field(
+        default_factory=list)
+    #: a split's sizes may be attributes of the module that ran it: walk again with module
+    #: ranges (see core/trace.py)
+    wants_location: bool = False
 
 
 class _Tracer:
@@ -78,6 +92,82 @@ class _Tracer:
         self.operand_shapes: Dict[Any, list] = {}
         # (ids, grad_fn) of splits into equal parts whose sizes the model's code wrote down
         self.fixed_splits: List[Tuple[torch.Tensor, Any]] = []
+        # layer -> where splits by a list its parent module stores cut its output (see cut())
+        self.cut_bounds: Dict[str, set] = {}
+        self.module_out: Dict[str, torch.Tensor] = {}  # the walk's, once it starts
+        self.producers: List[str] = []  # likewise
+        self.intervals: list = []  # module autograd ranges, when the recording located them
+        # (module, attribute) or a split's own key -> the parts that must keep equal counts
+        self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str]] = {}
+        self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
+        self.wants_location = False
+
+    def producer_of(self, ids: torch.Tensor) -> Optional[str]:
+        """The layer whose whole output ``ids`` are (through element-wise ops), or None."""
+        if len(ids) == 0:
+            return None
+        name = next((n for n in self.producers if self.module_out[n] is ids), None)
+        if name is None:  # the same ids through an element-wise op: compare representatives
+            canon = self.uf.canonical(ids)
+            name = next((n for n in self.producers if len(self.module_out[n]) == len(ids)
+                         and torch.equal(self.uf.canonical(self.module_out[n]), canon)), None)
+        return name
+
+    def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
+        """``parts`` (channel ids of equal length) must lose as many channels each; parts
+        under one ``key`` (the attribute that sizes them) are tied across calls."""
+        held = self.count_ties.setdefault(key, ([], what))[0]
+        held.extend(parts)
+
+    def cut_at(self, name: str, sizes: List[int]) -> None:
+        """Let the parts of ``sizes`` of layer ``name``'s output be groups of their own."""
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        self.cut_bounds.setdefault(name, {0}).update(ends)
+
+    def split_attributes(self, node, sizes: List[int]) -> Optional[Tuple[str, List[Optional[str]]]]:
+        """The module that ran split ``node`` (or its parent) and, per part, the integer
+        attribute of it that equals the part's size (None where none or several do, or the
+        part is one channel): ``qkv.split([self.key_dim, self.key_dim, self.d])``. None when
+        no part's size is such an attribute, or the recording did not locate modules."""
+        if not self.intervals:
+            self.wants_location = True
+            return None
+        where = _innermost(self.intervals, node._sequence_nr())  # "" for the model itself
+        modules = dict(self._scan.named)
+        for owner in ((where, where.rpartition(".")[0]) if where else ("",)):
+            module = modules.get(owner)
+            if module is None:
+                continue
+            ints = [(a, v) for a, v in module.__dict__.items()
+                    if type(v) is int and v > 1 and not a.startswith("_")]
+            names: List[Optional[str]] = []
+            for s in sizes:
+                hits = [a for a, v in ints if v == s]
+                names.append(hits[0] if len(hits) == 1 else None)
+            if any(n is not None for n in names):
+                return owner, names
+        return None
+
+    def cut(self, ids: torch.Tensor, sizes: List[int]) -> bool:
+        """A split of ``ids`` into parts of ``sizes`` (a list): when ``ids`` are a producing
+        layer's whole output and the layer's parent module stores ``sizes`` as a list or tuple
+        (``torch.split(self.in_proj(x), self.in_split)``), each part becomes a group of its own
+        (build_groups reads the cuts; pruner/attributes.py updates the list): True. False for
+        sizes no such module stores, which would not follow a slice."""
+        name = self.producer_of(ids)
+        if name is None:
+            return False
+        owner = name.rpartition(".")[0]
+        parent = next((m for n, m in self._scan.named if n == owner), None)
+        if parent is None or not any(type(v) in (list, tuple) and list(v) == list(sizes)
+                                     for v in parent.__dict__.values()):
+            return False
+        self.cut_at(name, sizes)
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        for a in [0] + ends[:-1]:
+            self.note(ids[a:a + 1], f"split by {list(sizes)} (stored beside {name}): each part "
+                                    f"loses channels of its own")
+        return True
 
     def fresh(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
         ids = self.uf.new(n)
@@ -130,6 +220,7 @@ def with_inputs(watched, inputs):
 def walk(model, calls, output, known, names_of_params, owned, intervals,
                watched, attention="heads", scan=None) -> TraceResult:
     ctx = _Tracer(model, attention, scan)
+    ctx.intervals = intervals
     ctx.operand_shapes.update(watched.shapes)
     made, unwatched = watched.made, None
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
@@ -168,6 +259,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     module_in: Dict[str, torch.Tensor] = {}
     module_out: Dict[str, torch.Tensor] = {}
     producers: List[str] = []
+    ctx.module_out, ctx.producers = module_out, producers
     params: Dict[str, Slots] = {}
     internal: Dict[str, List[Optional[torch.Tensor]]] = {}
     edges = set()
@@ -270,7 +362,13 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                        output_ids, ctx.notes, list(edges), {n: m for m, (n, _) in known.items()},
                        internal, ctx.kinds, junctions, ctx.unknown,
                        [(ids, _innermost(intervals, fn._sequence_nr()))
-                        for ids, fn in ctx.fixed_splits], unwatched=unwatched)
+                        for ids, fn in ctx.fixed_splits],
+                       cuts={n: torch.diff(torch.tensor(sorted(b))).tolist()
+                             for n, b in ctx.cut_bounds.items()},
+                       unwatched=unwatched,
+                       count_ties=[(parts, what) for parts, what in ctx.count_ties.values()
+                                   if len(parts) > 1],
+                       attr_splits=ctx.attr_splits, wants_location=ctx.wants_location)
 
 
 def _reached_inside(call: ModuleCall, visited: set) -> bool:

@@ -47,6 +47,11 @@ class ActivationImportance(Importance):
         self.stats = stats
         return True
 
+    def synchronize(self, model: nn.Module, process_group) -> None:
+        if self.stats is not None:
+            from ..distributed import all_reduce_stats
+            all_reduce_stats(self.stats, process_group)
+
     def follow(self, layers: List[dict]) -> None:
         if self.stats is not None:
             for e in layers:
@@ -118,6 +123,9 @@ class WeightActivationImportance(Importance):
 
     def adopt(self, stats: ActivationStats) -> bool:
         return self.activation.adopt(stats) if self.requires_data else True
+
+    def synchronize(self, model: nn.Module, process_group) -> None:
+        self.activation.synchronize(model, process_group)
 
     def follow(self, layers: List[dict]) -> None:
         self.activation.follow(layers)

@@ -37,6 +37,9 @@ class Importance:
 
     #: True when the scores need :meth:`StructuredPruner.calibrate` to run first.
     requires_data: bool = False
+    #: False when the scores need no weight values, so a model on the meta device (shapes
+    #: only) can be planned: random scores, or norms read from a checkpoint.
+    needs_values: bool = True
 
     @property
     def ready(self) -> bool:
@@ -51,6 +54,12 @@ class Importance:
         """Take activation statistics another pass already collected (the pruner's, when it
         calibrates for compensation); True when they are all this importance needs."""
         return False
+
+    def synchronize(self, model: nn.Module, process_group) -> None:
+        """Make what :meth:`calibrate` measured on this rank's data hold for every rank's data
+        together (a sum across ranks, see :mod:`cleanai.distributed`). Called on every rank
+        after calibration under a process group; a data-dependent importance that does not
+        override it plans from rank 0's data alone."""
 
     def follow(self, layers: List[dict]) -> None:
         """Called after a pruning step with its history entry (``name``, ``kind``, ``keep``),

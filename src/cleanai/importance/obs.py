@@ -62,6 +62,12 @@ class OBSImportance(Importance):
         self._inverses.clear()
         return True
 
+    def synchronize(self, model: nn.Module, process_group) -> None:
+        if self.stats is not None:
+            from ..distributed import all_reduce_stats
+            all_reduce_stats(self.stats, process_group)  # the fallback's too: the same object
+            self._inverses.clear()
+
     def follow(self, layers: List[dict]) -> None:
         self.fallback.follow(layers)
         self._inverses.clear()

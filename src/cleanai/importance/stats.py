@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
@@ -29,7 +30,8 @@ class ActivationStats:
     """
 
     def __init__(self, grams: Iterable[str] = ()) -> None:
-        self.count: Dict[str, float] = {}
+        #: positions seen per key (a 0-dim tensor on the device while padded batches run)
+        self.count: Dict[str, Any] = {}
         self.sums: Dict[str, torch.Tensor] = {}  # name -> [3, channels]: sum, sum_sq, sum_abs
         #: the keys whose second moments are also summed: ``sum x x^T`` over every position
         #: (token, pixel) of the input, [channels, channels] in float64 (closed-form
@@ -50,23 +52,40 @@ class ActivationStats:
 
         Token positions that :attr:`mask` marks as padding are left out."""
         x = x.detach().float()
-        x, dim = drop_padding(x, dim, self.mask)
-        x = x.movedim(dim, 0).reshape(x.shape[dim], -1)
-        # summed where the activations are: a copy to the CPU here would wait for the device
-        # on every layer of every batch; float64 where the device has it
+        dim = dim % x.dim()
+        real = _real_tokens(x, dim, self.mask)
+        if real is not None:  # padded tokens zeroed, not indexed away: no wait for the device
+            x = x * real.reshape(real.shape + (1,) * (x.dim() - 2)).to(x.dtype)
+        # reduced where the tensor lies, no transposed copy (channels last: down the rows;
+        # channels inside: fused norms over the contiguous positions after them), so the hooks
+        # cost little next to the layers; summed where the activations are: a copy to the CPU
+        # here would wait for the device on every layer of every batch; float64 where the
+        # device has it
         wide = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
-        s = torch.stack([x.sum(1), x.pow(2).sum(1), x.abs().sum(1)]).to(wide)
+        channels = x.shape[dim]
+        if dim == x.dim() - 1:
+            rows = x.reshape(-1, channels)
+            s = torch.stack([rows.sum(0), (rows * rows).sum(0), rows.abs().sum(0)]).to(wide)
+        else:
+            m = x.reshape(math.prod(x.shape[:dim]), channels, -1)
+            s = torch.stack([m.sum((0, 2)), torch.linalg.vector_norm(m, 2, 2).square().sum(0),
+                             torch.linalg.vector_norm(m, 1, 2).sum(0)]).to(wide)
+        positions: Any = x.numel() // max(channels, 1)
+        if real is not None:  # a 0-dim tensor on the device, read once calibration ends
+            positions = real.sum(dtype=torch.float64) * (positions // real.numel())
         fresh = not (name in self.sums and self.sums[name].shape == s.shape)
         if fresh:
             self.sums[name] = s
-            self.count[name] = float(x.shape[1])
+            self.count[name] = positions if real is not None else float(positions)
         else:
             self.sums[name] += s
-            self.count[name] += x.shape[1]
-        if name in self.gram_keys and x.shape[0] <= MAX_GRAM_CHANNELS:
+            self.count[name] += positions
+        if name in self.gram_keys and channels <= MAX_GRAM_CHANNELS:
             # one batch's products in float32 (several times faster than float64 on a CPU),
-            # summed across batches in float64
-            gram = (x @ x.T).to(wide)
+            # summed across batches in float64; channels last is a free view
+            if dim != x.dim() - 1:
+                rows = x.movedim(dim, -1).reshape(-1, channels)
+            gram = (rows.T @ rows).to(wide)
             if fresh or name not in self.grams:
                 self.grams[name] = gram
             else:
@@ -89,16 +108,23 @@ class ActivationStats:
         ``None`` when its second moments were not collected."""
         if name not in self.grams:
             return None
-        n = max(self.count[name], 1.0)
+        n = max(self.positions(name), 1.0)
         return (self.sums[name][0].cpu().double() / n, self.grams[name].cpu().double() / n,
-                self.count[name])
+                self.positions(name))
+
+    def positions(self, name: str) -> float:
+        """How many positions (tokens, pixels, samples) of the input of ``name`` were seen."""
+        n = self.count[name]
+        if isinstance(n, torch.Tensor):
+            n = self.count[name] = float(n)
+        return n
 
     def per_position(self, name: str, statistic: str) -> Optional[torch.Tensor]:
         """One value per input channel of layer ``name``: ``l2`` is the root of the mean square,
         ``mean_abs`` the mean of ``|a|``, ``variance`` the variance."""
         if name not in self.sums:
             return None
-        s, n = self.sums[name].cpu().double(), max(self.count[name], 1.0)
+        s, n = self.sums[name].cpu().double(), max(self.positions(name), 1.0)
         if statistic == "l2":
             return (s[1] / n).sqrt().float()
         if statistic == "mean_abs":
@@ -141,6 +167,16 @@ def padding_mask(inputs: Any) -> Optional[torch.Tensor]:
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return mask.bool()
     return None
+
+
+def _real_tokens(x: torch.Tensor, dim: int, mask: Optional[torch.Tensor]
+                 ) -> Optional[torch.Tensor]:
+    """``mask`` on ``x``'s device when it marks ``x``'s padded tokens (``x`` is
+    ``[batch, tokens, ..., channels]`` with channels last and leading dims matching), else
+    ``None``."""
+    if mask is None or x.dim() < 3 or dim != x.dim() - 1 or x.shape[:2] != mask.shape:
+        return None
+    return mask.to(x.device, non_blocking=True)
 
 
 def drop_padding(x: torch.Tensor, dim: int, mask: Optional[torch.Tensor]
@@ -256,9 +292,9 @@ def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
     with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
         model.eval()
         for batch in iterate_batches(data, max_batches, progress):
-            inputs = model_inputs(batch)
+            inputs = _to_device(model_inputs(batch), model)
             stats.mask = padding_mask(inputs)
-            run_forward(model, _to_device(inputs, model), fn)
+            run_forward(model, inputs, fn)
             stats.batches += 1
         stats.mask = None
     if stats.batches == 0:

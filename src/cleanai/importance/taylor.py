@@ -80,6 +80,15 @@ class TaylorImportance(Importance):
             raise ValueError("calibration data yielded no batches")
         self.grads = grads
 
+    def synchronize(self, model: nn.Module, process_group) -> None:
+        if self.grads is None:
+            return
+        from ..distributed import all_reduce_tensors
+        params = list(model.parameters())
+        summed = all_reduce_tensors([self.grads.get(id(p)) for p in params],
+                                    [p.shape for p in params], process_group)
+        self.grads = {id(p): g for p, g in zip(params, summed) if g is not None}
+
     def follow(self, layers: List[dict]) -> None:
         self.grads = None  # the weights changed shape: gradients must be measured again
 

@@ -92,6 +92,8 @@ def _forget(cache: dict, key: tuple):
 class RandomImportance(Importance):
     """Uniform random scores: a baseline. ``seed`` makes the draw reproducible."""
 
+    needs_values = False
+
     def __init__(self, seed: Optional[int] = None) -> None:
         self.generator = torch.Generator()
         if seed is not None:

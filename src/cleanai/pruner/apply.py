@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..core.graph import DependencyGraph, module_signature
+from ..core.graph import DependencyGraph, Group, module_signature
 from ..core.runtime import find_submodule, preserved_state, run_forward
 from ..core.layers import _keep, drop_grad_accumulator, get_layer_pruner
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
 from .attributes import attribute_updates, set_attributes, set_config
+from .failure import Failure, describe_failure
 from .history import record_step
 from .keeps import Key, _kept_channels, layer_keeps, renumber
 
@@ -21,48 +22,32 @@ class PruningError(RuntimeError):
     """A plan could not be applied; the model is left exactly as it was.
 
     ``layer`` names the module whose forward failed after slicing, when that is known.
+    ``failure`` (a :class:`Failure`) is set when the sliced model itself broke (slicing or
+    its check forward failed), not the plan's checks: :meth:`StructuredPruner.step` then
+    looks for the groups at fault.
     """
 
-    def __init__(self, message: str, layer: Optional[str] = None) -> None:
+    def __init__(self, message: str, layer: Optional[str] = None,
+                 failure: Optional[Failure] = None) -> None:
         super().__init__(message)
         self.layer = layer
+        self.failure = failure
 
 
 def forward_with_location(model: nn.Module, inputs: Any, forward_fn=None) -> None:
-    """Run one forward; on an exception, return it with the innermost running module's name
-    attached as ``exc.cleanai_layer``.
-
-    The forward runs without hooks; only when it fails does a second forward, with a hook on
-    every module, find where (``cleanai_layer`` is None when that one does not fail).
-    """
+    """Run one forward; on an exception, re-raise it with the innermost running module's name
+    attached as ``exc.cleanai_layer`` (None when unknown, ``""`` for the model's own code)
+    and a :class:`Failure` as ``exc.cleanai_failure``, both read from the traceback."""
     try:
         run_forward(model, inputs, forward_fn)
-        return
     except Exception as exc:
-        first = exc
-    running: List[str] = []
+        failure = describe_failure(exc, model)
+        exc.cleanai_layer, exc.cleanai_failure = failure.layer, failure
+        raise
 
-    def enter(name: str):
-        def hook(module, args) -> None:
-            running.append(name)
-        return hook
 
-    def leave(module, args, output) -> None:
-        running.pop()
-
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(enter(name)))
-        handles.append(m.register_forward_hook(leave))
-    try:
-        run_forward(model, inputs, forward_fn)
-        first.cleanai_layer = None
-    except Exception as exc:
-        first.cleanai_layer = exc.cleanai_layer = running[-1] if running else None
-    finally:
-        for h in handles:
-            h.remove()
-    raise first
+def _tie(group: Group) -> str:
+    return next((c for c in group.constraints if c.startswith("loses as many")), "tied")
 
 
 def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor]) -> None:
@@ -106,6 +91,13 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
     for g, idx in todo:  # distinct and in range by now: as many as the group has is all
         if idx.shape[0] >= g.size:
             raise PruningError(f"the plan removes all {g.size} channels of group {g.id}")
+        for other in g.equal_counts:  # the parts of a chunk, or of one attribute's split
+            n = removals.get(other)
+            if (0 if n is None else n.shape[0]) != idx.shape[0]:
+                raise PruningError(f"group {g.id} and group {other} must lose as many "
+                                   f"channels as each other ({_tie(g)}); the plan "
+                                   f"removes {idx.shape[0]} and "
+                                   f"{0 if n is None else n.shape[0]}")
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],
@@ -259,14 +251,17 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                            f"keep at least one channel in each layer")
     updates = attribute_updates(model, graph, removals, keeps)
     containers = synced_containers(model)
-    owners = {id(m): m for m in touched_modules(model, keeps, containers)}
-    owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
+    owners = _owners(model, keeps, updates, containers)
     # "auto": unless the trace found no code that could hold a width, and none came since
     check = check_forward is True or (check_forward == "auto" and (
         getattr(graph, "check_reason", "") is not None
         or code_fingerprint(model.modules()) != getattr(graph, "_code", None)))
-    with atomic(list(owners.values())) as guard:
-        slice_model(model, keeps, containers)
+    with atomic(owners) as guard:
+        try:
+            slice_model(model, keeps, containers)
+        except PruningError as exc:  # layers that share a weight disagree: the plan breaks it
+            exc.failure = describe_failure(exc, model)
+            raise
         set_attributes(model, updates)
         if check:
             try:
@@ -274,13 +269,15 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)
             except Exception as exc:
                 guard.restore()
-                layer = getattr(exc, "cleanai_layer", None)
+                failure = getattr(exc, "cleanai_failure", None) or describe_failure(exc, model)
+                layer = failure.layer
                 where = f" in {layer}" if layer else ""
+                at = f" (at {failure.source})" if failure.source else ""
                 raise PruningError(
                     f"{type(model).__name__} no longer runs after pruning: "
-                    f"{type(exc).__name__}{where}: {exc}. The model was restored. The layer "
+                    f"{type(exc).__name__}{where}: {exc}{at}. The model was restored. The layer "
                     f"probably keeps a channel count of its own: register a LayerPruner for it "
-                    f"or list it in ignored_layers.", layer) from exc
+                    f"or list it in ignored_layers.", layer, failure) from exc
     renumber(graph, removals, keeps, kept)
     graph.signature = module_signature(model)
     lists: Dict[int, List[int]] = {}  # the dims of one group share its kept channels' tensor
@@ -288,6 +285,36 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
              for (n, k, d), keep in keeps.items()]
             + [{"name": n, "kind": "attr", "attr": a,  # a stored shape as a JSON list
                 "value": list(v) if isinstance(v, tuple) else v} for n, a, v in updates])
+
+
+def _owners(model: nn.Module, keeps: Dict[Key, torch.Tensor], updates: List[Tuple[str, str, Any]],
+            containers: List[nn.Module]) -> List[nn.Module]:
+    """Every module that slicing ``keeps`` and setting ``updates`` may change."""
+    owners = {id(m): m for m in touched_modules(model, keeps, containers)}
+    owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
+    return list(owners.values())
+
+
+def try_removals(model: nn.Module, graph: DependencyGraph,
+                 removals: Dict[int, torch.Tensor]) -> Optional[Failure]:
+    """Slice ``removals`` (part of a validated plan) into ``model``, run it once on the
+    graph's example inputs, and put every tensor and attribute back: how it failed, or None
+    when it ran. The graph is not renumbered; nothing is recorded."""
+    kept = _kept_channels(graph, removals)
+    keeps = layer_keeps(graph, removals, kept)
+    updates = attribute_updates(model, graph, removals, keeps)
+    containers = synced_containers(model)
+    guard = atomic(_owners(model, keeps, updates, containers))
+    try:
+        slice_model(model, keeps, containers)
+        set_attributes(model, updates)
+        with preserved_state(model, same_modes=True), torch.no_grad():
+            run_forward(model, graph.example_inputs, graph.forward_fn)
+    except Exception as exc:
+        return describe_failure(exc, model)
+    finally:
+        guard.restore()
+    return None
 
 
 def _as_list(keep: torch.Tensor, lists: Dict[int, List[int]]) -> List[int]:

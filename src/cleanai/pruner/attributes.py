@@ -7,12 +7,12 @@ that holds all its layers) or of a module inside it that holds some of those lay
 a parameter of the group) is scaled
 by the fraction of units kept, when its name says it measures that kind of width and its value
 is a multiple of the group's size.
-A model's ``config`` (Hugging Face style) is updated the same way when every layer was pruned
-alike; otherwise a warning says that the config can no longer describe the model.
+A module that stores a shape it views its own parameter with, or the sizes it splits a child
+layer's output into, gets the sliced sizes too. A model's ``config`` (Hugging Face style) is
+kept in step by :mod:`cleanai.pruner.model_config`.
 """
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from fractions import Fraction
@@ -23,8 +23,8 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from ..core.layers import get_layer_pruner
+from .model_config import DERIVED_CONFIG, set_config, update_config  # noqa: F401 (re-exported)
 
-logger = logging.getLogger(__name__)
 
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads",
           "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
@@ -42,13 +42,6 @@ _ROLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "channels": (_MLP, ()),
 }
 _NAMES = frozenset(a for exact, multiple in _ROLES.values() for a in exact + multiple)
-_CONFIG = {
-    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key_value_heads",
-              "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
-    "head_dims": ("head_dim",),
-    "hidden": _HIDDEN,
-    "channels": _MLP,
-}
 
 Update = Tuple[str, str, Any]  # (module name, attribute, new int or shape tuple)
 
@@ -101,6 +94,12 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[i
                 if new.denominator == 1:
                     proposals.setdefault((name, attr), set()).add(int(new))
     _stored_shapes(model, keeps, proposals)
+    _stored_splits(model, graph, keeps, proposals)
+    # what a traced split reads wins over a guess from the attribute's name (MobileViTv2
+    # names the width of its keys and values ``embed_dim``)
+    proposals.update(_attribute_splits(model, graph, keeps))
+    _shapes_with_heads(model, proposals)
+    _parameter_free_norms(model, graph, removals, proposals)
     updates = []
     for (name, attr), values in proposals.items():
         if len(values) == 1:
@@ -134,117 +133,126 @@ def _stored_shapes(model: nn.Module, keeps: Dict[Tuple[str, str, int], torch.Ten
                     tuple(old - n if e == old else e for e in v))
 
 
+def _stored_splits(model: nn.Module, graph: DependencyGraph,
+                   keeps: Dict[Tuple[str, str, int], torch.Tensor],
+                   proposals: Dict[Tuple[str, str], set]) -> None:
+    """A module that keeps the sizes it splits a child layer's output into (timm's parallel
+    block: ``torch.split(self.in_proj(x), self.in_split, -1)`` with ``self.in_split = [mlp,
+    d, d, d]``): each size becomes the number of positions its part keeps. The trace made
+    each part channels of its own (``_Tracer.cut``): the layer's output is held by several
+    groups, each over whole parts (q, k and v share the heads), so every group begins and
+    ends where a part does."""
+    for (name, kind, _), keep in keeps.items():
+        if kind != "out":
+            continue
+        owner = name.rpartition(".")[0]
+        layer = model.get_submodule(name)
+        pr = get_layer_pruner(layer)
+        old = pr.out_channels(layer) if pr is not None else None
+        if not old or keep.shape[0] == old:
+            continue
+        module = model.get_submodule(owner)
+        lists = [(a, v) for a, v in module.__dict__.items()
+                 if type(v) in (list, tuple) and len(v) > 1 and
+                 all(type(e) is int and e > 0 for e in v) and sum(v) == old]
+        if not lists:
+            continue
+        # where the groups that hold the layer's output begin and end
+        bounds = {int(e) for g in graph.groups for m in g.members
+                  if m.name == name and m.kind == "out"
+                  for e in (m.positions.min(), m.positions.max() + 1)}
+        for attr, v in lists:
+            ends = torch.tensor(v).cumsum(0)
+            if len(bounds) < 3 or not bounds <= set(ends.tolist()) | {0}:
+                continue  # one group holds it all: no split by these sizes was cut there
+            ends = torch.searchsorted(keep, ends)
+            counts = torch.diff(ends, prepend=ends.new_zeros(1))
+            proposals.setdefault((owner, attr), set()).add(tuple(counts.tolist()))
+
+
+def _attribute_splits(model: nn.Module, graph: DependencyGraph,
+                      keeps: Dict[Tuple[str, str, int], torch.Tensor]
+                      ) -> Dict[Tuple[str, str], set]:
+    """A module that splits a layer's output by sizes it stores as integers (EfficientViT's
+    ``qkv(x).split([self.key_dim, self.key_dim, self.val_dim])``, MobileViTv2's ``[1,
+    self.embed_dim, self.embed_dim]``): each attribute becomes the number of positions its
+    parts keep. The trace made each part channels of its own and tied the parts one
+    attribute sizes to equal counts (``DependencyGraph.split_attributes``)."""
+    out: Dict[Tuple[str, str], set] = {}
+    for layer, owner, attrs, sizes in getattr(graph, "split_attributes", ()):
+        keep = keeps.get((layer, "out", -1))
+        if keep is None:
+            continue
+        module = model.get_submodule(owner)
+        now = [getattr(module, a, None) if a else n for a, n in zip(attrs, sizes)]
+        if not all(type(n) is int for n in now):
+            continue
+        ends = torch.searchsorted(keep, torch.tensor(now).cumsum(0))
+        counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+        for attr, n in zip(attrs, counts):
+            if attr:
+                out.setdefault((owner, attr), set()).add(int(n))
+    return out
+
+
+def _shapes_with_heads(model: nn.Module, proposals: Dict[Tuple[str, str], set]) -> None:
+    """A shape a module stores beside the head count it views a tensor into (timm's
+    ``RelPosMlp.bias_shape = (window_area, window_area, num_heads)`` for
+    ``bias.view(self.bias_shape)``): the head count in it follows ``num_heads``. Only a
+    tuple named as a shape, holding the old count once."""
+    for (name, attr), values in list(proposals.items()):
+        if attr not in _HEADS or len(values) != 1:
+            continue
+        module = model.get_submodule(name)
+        old, new = module.__dict__.get(attr), next(iter(values))
+        if type(old) is not int or type(new) is not int or old == new:
+            continue
+        for a, v in module.__dict__.items():
+            if "shape" in a and type(v) is tuple and v.count(old) == 1 and \
+                    all(type(e) is int for e in v) and (name, a) not in proposals:
+                proposals[(name, a)] = {tuple(new if e == old else e for e in v)}
+
+
+def _parameter_free_norms(model: nn.Module, graph: DependencyGraph,
+                          removals: Dict[int, torch.Tensor],
+                          proposals: Dict[Tuple[str, str], set]) -> None:
+    """A norm without parameters (OLMo's ``F.layer_norm(x, self.normalized_shape)``) has no
+    layer pruner and no weight in any group, yet stores the width it normalises. It follows
+    a group of that width when it sits beside the group's layers (its parent holds some) in
+    the group's scope, as a block's input norm sits beside its attention."""
+    norms = [(n, v) for n, m in model.named_modules()
+             if type(m.__dict__.get("normalized_shape")) in (tuple, list)
+             and not m._modules and all(p is None for p in m._parameters.values())
+             and get_layer_pruner(m) is None
+             for v in (m.__dict__["normalized_shape"],)
+             if v and all(type(e) is int for e in v)]
+    if not norms:
+        return
+    for g in graph.groups:
+        idx = removals.get(g.id)
+        if idx is None or idx.shape[0] == 0:
+            continue
+        scope = scope_of(g)
+        layers = {m.name.rpartition(".")[0] if m.kind == "param" else m.name for m in g.members}
+        for name, shape in norms:
+            parent = name.rpartition(".")[0]
+            if shape[-1] != g.size or (scope and not (parent + ".").startswith(scope + ".")):
+                continue
+            beside = not parent or any(n == parent or n.startswith(parent + ".") for n in layers)
+            if beside:
+                proposals.setdefault((name, "normalized_shape"), set()).add(
+                    tuple(shape[:-1]) + (g.size - idx.shape[0],))
+
+
 def set_attributes(model: nn.Module, updates: List[Update]) -> None:
     """Write ``updates`` (from :func:`attribute_updates` or a history entry) into the model:
-    an integer, or a stored shape (a tuple, a list once read back from JSON)."""
+    an integer, or a stored shape or list of sizes (a tuple, a list once read back from JSON;
+    it takes the type the attribute has, so a list the module stores stays a list)."""
     for name, attr, value in updates:
-        value = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else int(value)
-        setattr(model.get_submodule(name), attr, value)
-
-
-def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
-    """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one."""
-    config = getattr(model, "config", None)
-    if config is not None:
-        for f, v in fields:
-            setattr(config, f, int(v))
-
-
-def update_config(model: nn.Module, graph: DependencyGraph,
-                  before: Dict[int, int]) -> List[Tuple[str, int]]:
-    """Scale the sizes in ``model.config`` by the fraction each kind of group kept in the last
-    step (``before``: group id -> size before it), when all groups of a kind kept the same
-    fraction; then warn if the config still cannot describe the model's shapes.
-    Returns the ``(field, new value)`` pairs written."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return []
-    changed: List[Tuple[str, int]] = []
-    for kind, fields in _CONFIG.items():
-        groups = [g for g in graph.groups if g.kind == kind and not bool(g.protected.all())]
-        fractions = {Fraction(g.size, before.get(g.id, g.size)) for g in groups}
-        if not fractions or fractions == {Fraction(1)}:
-            continue
-        if len(fractions) > 1:
-            warnings.warn(f"the {kind} of {type(model).__name__} were pruned unevenly across "
-                          f"layers; model.config keeps the original sizes and cannot rebuild "
-                          f"this model: save it with its pruning history instead of "
-                          f"save_pretrained (or prune every layer by the same ratio)", stacklevel=3)
-            continue
-        kept = fractions.pop()
-        if kind == "head_dims":
-            warnings.warn(f"{type(model).__name__} lost dims inside its attention heads: its "
-                          f"modules keep the original attention scale 1/sqrt(head_dim), but a "
-                          f"copy rebuilt from model.config computes it from the smaller head_dim "
-                          f"and gives different outputs; save it with its pruning history",
-                          stacklevel=3)
-        new_values = {}
-        for f in fields:
-            v = getattr(config, f, None)
-            if type(v) is int and v > 0 and (v * kept).denominator == 1:
-                new_values[f] = int(v * kept)
-        for f, v in new_values.items():
-            setattr(config, f, v)
-            changed.append((f, v))
-    if changed:
-        wrong = _config_mismatch(model)
-        if wrong:
-            before_fields = set(vars(config))
-            derived = _write_derived(model, config)
-            still = _config_mismatch(model)
-            if still:  # the modeling code does not read them: leave the config as it was
-                for field, _ in derived:
-                    if field in before_fields:
-                        setattr(config, field, None)
-                    else:
-                        delattr(config, field)
-            else:
-                changed += derived
-            wrong = still
-        if wrong:
-            _warn_config(model, wrong)
-    return changed
-
-
-#: sizes the modeling code derives when the config does not set them (Qwen2, Mistral, Gemma:
-#: ``head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads)``); a pruned
-#: hidden size changes the derived value, so the module's own value is written down instead
-DERIVED_CONFIG = ("head_dim",)
-
-
-def _write_derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
-    """Write each derived size the config leaves unset, as the model's modules hold it."""
-    written = []
-    for field in DERIVED_CONFIG:
-        if getattr(config, field, None) is not None:
-            continue
-        values = {getattr(m, field) for m in model.modules()
-                  if type(getattr(m, field, None)) is int and getattr(m, field) > 0}
-        if len(values) == 1:
-            value = values.pop()
-            setattr(config, field, value)
-            written.append((field, value))
-    return written
-
-
-def _config_mismatch(model: nn.Module) -> List[Tuple[str, tuple, tuple]]:
-    """The parameters whose shape ``type(model)(model.config)`` would not reproduce, as
-    ``(name, pruned shape, config's shape)``; empty when it would, or cannot be built."""
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(model.config)
-    except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
-        logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
-        return []
-    expected = {n: tuple(p.shape) for n, p in fresh.named_parameters()}
-    return [(n, tuple(p.shape), expected[n]) for n, p in model.named_parameters()
-            if expected.get(n, tuple(p.shape)) != tuple(p.shape)]
-
-
-def _warn_config(model: nn.Module, wrong: List[Tuple[str, tuple, tuple]]) -> None:
-    """Warn that ``model.config`` cannot describe the pruned shapes."""
-    warnings.warn(f"model.config of {type(model).__name__} cannot describe the pruned shapes "
-                  f"(e.g. {wrong[0][0]}: {wrong[0][1]}, the config gives {wrong[0][2]}); "
-                  f"from_pretrained would fail on a save_pretrained copy. Save the model with "
-                  f"its pruning history instead.", stacklevel=4)
-
+        module = model.get_submodule(name)
+        if isinstance(value, (list, tuple)):
+            value = (list if isinstance(getattr(module, attr, None), list) else tuple)(
+                int(v) for v in value)
+        else:
+            value = int(value)
+        setattr(module, attr, value)

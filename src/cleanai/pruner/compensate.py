@@ -218,7 +218,7 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
                 comp.report.skipped[name] = (
                     f"its input is too wide for second moments ({length} channels > "
                     f"{MAX_GRAM_CHANNELS}); only the removed channels' mean was compensated")
-            n = max(stats.count[key], 1.0)
+            n = max(stats.positions(key), 1.0)
             found = (stats.sums[key][0].cpu().double() / n, None, n)
         if found is None or found[0].shape[0] != length:
             comp.report.skipped[name] = "no calibration statistics for its input (not reached " \

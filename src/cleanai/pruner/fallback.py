@@ -1,96 +1,176 @@
 """What ``StructuredPruner.step()`` protects when a pruned model no longer runs.
 
-A layer that keeps a width of its own (a split with sizes written in its code, an attention
-block that rebuilds its head size from the input width) fails the forward after slicing. The
-step is rolled back and, while the model still fails in a module of the same class, more is
-protected each time: the channels that class splits into parts of fixed sizes, then the
-channels inside the failing module, then those inside every module of its class. A layer
-CleanAI prunes itself (a conv) that fails got an input of the wrong width from the code around
-it: the groups that feed it are protected.
+Code that keeps a width of its own (``gate.view(-1, 16, 1, 1)`` in a model's forward, a split
+with sizes written down, an attention block that rebuilds its head size) fails the check
+forward after slicing; no trace can see it. The step is rolled back and the groups whose
+removal breaks the model are found by bisection over the plan's groups: the plan's first
+``k`` groups are sliced in, the model run and put back, and ``k`` halved towards the
+smallest prefix that fails, whose last group is one at fault (``log2(n)`` forwards for ``n``
+groups). It is set aside and the rest tried again, until the rest runs (see
+:func:`find_breaking`). Exactly those groups are protected, with one warning per failure
+that names the exception and where it happened (the module, or the model's own forward, and
+the line of code); the others are pruned as planned. Every try is checked by a real forward,
+and so is the step that follows, so a search misled by groups that only fail in some
+combinations still ends with a model that runs.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
-from ..core.graph import Group
-from ..core.layers import get_layer_pruner
+from ..core.graph import DependencyGraph, Group
+from .apply import PruningError, try_removals
+from .failure import Failure
 
 
-def protect_failing(model: nn.Module, groups: List[Group], layer: str, error: str,
-                    tried: set) -> bool:
-    """Protect the next set of channels for a failure in module ``layer`` (``error``: the
-    message); ``tried`` remembers earlier stages across calls of one step. False when there
-    is nothing new to protect (the caller then raises)."""
-    if get_layer_pruner(model.get_submodule(layer)) is not None:
-        return _protect_inputs(groups, layer, error, tried)
-    cls = type(model.get_submodule(layer))
-    if cls in tried or cls is type(model):
+def protect_breaking(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                     error: PruningError) -> bool:
+    """Protect the groups of ``removals`` (a plan that failed with ``error``) whose removal
+    breaks ``model``, warning once per failure; False when none is found (the caller then
+    raises ``error``)."""
+    if getattr(error, "failure", None) is None:
         return False
-    scopes = {n for n, m in model.named_modules() if type(m) is cls}
-    if (cls, "splits") not in tried:  # first the channels its code splits by fixed sizes
-        tried.add((cls, "splits"))
-        if _protect_fixed_splits(groups, cls, scopes, error):
-            return True
-    reason = f"pruning breaks {cls.__name__}"
-    if (cls, "one") not in tried:  # then the failing layer alone (its siblings may differ)
-        tried.add((cls, "one"))
-        hit = _protect_within(groups, {layer}, f"{reason} {layer}")
-        if hit:
-            warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels "
-                          f"of {hit} groups inside {layer} ({cls.__name__}) and plans again.",
-                          stacklevel=3)
-            return True
-    tried.add(cls)
-    hit = _protect_within(groups, scopes, reason)
-    if hit:
-        warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
-                      f"{hit} groups inside {len(scopes)} {cls.__name__} layers and plans "
-                      f"again.", stacklevel=3)
-    return hit > 0
-
-
-def _protect_within(groups: List[Group], scopes: set, reason: str) -> int:
-    """Protect every group with a member inside ``scopes``; how many were not yet."""
-    return _protect([g for g in groups if not g.protected.all()
-                     and any(_within(m.name, scopes) for m in g.members)], reason)
-
-
-def _protect_fixed_splits(groups: List[Group], cls: type, scopes: set, error: str) -> bool:
-    """Protect the groups that ``cls``'s code splits into parts of fixed sizes."""
-    reason = f"split by {cls.__name__} into parts of sizes fixed in its code"
-    hit = _protect([g for g in groups if not g.protected.all()
-                    and any(_within(w, scopes) for w in g.fixed_splits)], reason)
-    if hit:
-        warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the {hit} "
-                      f"groups that {cls.__name__} splits into parts of fixed sizes and "
-                      f"plans again.", stacklevel=4)
-    return hit > 0
-
-
-def _protect_inputs(groups: List[Group], layer: str, error: str, tried: set) -> bool:
-    if layer in tried:
+    culprits = find_breaking(model, graph, removals, error.failure)
+    if not culprits:
         return False
-    tried.add(layer)
-    reason = f"pruning breaks the input of {layer}"
-    hit = _protect([g for g in groups if not g.protected.all() and
-                    any(m.name == layer and m.kind in ("in", "same") for m in g.members)],
-                   reason)
-    if hit:
-        warnings.warn(f"{error.split('. The model')[0]}. CleanAI now keeps the channels of "
-                      f"the {hit} groups that feed {layer} and plans again.", stacklevel=4)
-    return hit > 0
+    by_id = {g.id: g for g in graph.groups}
+    sites: Dict[Tuple, List[Tuple[Group, Failure, Optional[str]]]] = {}
+    for gid, failure in culprits:
+        g = by_id[gid]
+        fixed = _fixed_split(model, g, failure)
+        site = (failure.error, failure.source or failure.layer_type or failure.layer, fixed)
+        sites.setdefault(site, []).append((g, failure, fixed))
+    name = type(model).__name__
+    for hits in sites.values():
+        groups = [g for g, _, _ in hits]
+        failure, fixed = hits[0][1], hits[0][2]
+        if fixed:
+            reason = f"split by {fixed} into parts of sizes fixed in its code"
+            tail = (f"CleanAI keeps the {_plural(len(groups), 'group')} that {fixed} splits "
+                    f"into parts of fixed sizes and prunes the rest")
+        else:
+            reason = f"pruning it breaks the forward: {failure.error}{failure.where(name)}"
+            tail = (f"CleanAI keeps {'its' if len(groups) == 1 else 'their'} channels and "
+                    f"prunes the rest")
+        _protect(groups, reason)
+        listed = ", ".join(_describe(g) for g in groups[:4])
+        if len(groups) > 4:
+            listed += f" and {len(groups) - 4} more"
+        what = f"group {listed}" if len(groups) == 1 else f"groups {listed}"
+        verb = "loses" if len(groups) == 1 else "lose"
+        warnings.warn(f"{name} no longer runs when {what} {verb} channels: "
+                      f"{failure.describe(name)}. {tail}.", stacklevel=_caller_level())
+    return True
 
 
-def _protect(groups: List[Group], reason: str) -> int:
-    """Protect every channel of ``groups``, with ``reason`` counting those newly protected;
-    returns how many groups."""
+def find_breaking(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                  failure: Optional[Failure] = None) -> List[Tuple[int, Failure]]:
+    """The groups of ``removals`` (which, applied together, break ``model``; ``failure``: how)
+    whose removal breaks it, each with the failure it causes, found by bisection on the model
+    itself (every try is rolled back).
+
+    The unpruned model runs; the smallest failing prefix of the plan's groups, in plan order,
+    ends with a group at fault. That group is set aside and, while the rest still fails, the
+    search goes on from there (the prefix before it is known to run): one try of the rest,
+    then bisection, about ``log2(n)`` forwards per group at fault among ``n``. Where groups at
+    fault come one after another (every attention block of a transformer), the search
+    gallops instead, trying 1, 2, 4, ... more groups: about one forward each.
+    """
+    # groups that must lose as many channels as each other go in and out together
+    tied = {g.id: g.equal_counts for g in graph.groups if g.equal_counts}
+    order: List[List[int]] = []
+    placed: set = set()
+    for gid, idx in removals.items():
+        if idx.numel() and gid not in placed:
+            unit = [t for t in tied.get(gid, [gid]) if t in removals and removals[t].numel()]
+            placed.update(unit)
+            order.append(unit)
+    found: List[Tuple[int, Failure]] = []
+
+    def attempt(k: int) -> Optional[Failure]:
+        return try_removals(model, graph, {g: removals[g] for unit in order[:k] for g in unit})
+
+    good, close = 0, 0  # order[:good] runs; how many groups at fault in a row came close
+    while good < len(order):
+        lo, hi, at_hi = good, None, None
+        if close >= 2:  # gallop: the next one at fault is likely close by
+            step = 1
+            while hi is None:
+                k = min(lo + step, len(order))
+                f = attempt(k)
+                if f is not None:
+                    hi, at_hi = k, f
+                elif k == len(order):
+                    return found  # the rest runs
+                else:
+                    lo, step = k, step * 2
+        else:
+            at_hi = failure if failure is not None else attempt(len(order))
+            if at_hi is None:
+                return found
+            hi = len(order)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            f = attempt(mid)
+            if f is None:
+                lo = mid
+            else:
+                hi, at_hi = mid, f
+        found += [(gid, at_hi) for gid in order.pop(hi - 1)]
+        close = close + 1 if hi - 1 - good <= 1 else 0
+        good, failure = hi - 1, None
+    return found
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning from the function calling this one at the
+    first frame outside CleanAI (the user's ``pruner.step()`` or ``pruner.prune()``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _fixed_split(model: nn.Module, group: Group, failure: Failure) -> Optional[str]:
+    """The class of the module that splits ``group`` into parts of fixed sizes, when the
+    failure happened inside it."""
+    for where in group.fixed_splits:
+        if failure.layer is not None and _within(failure.layer, {where}):
+            try:
+                return type(model.get_submodule(where)).__name__
+            except AttributeError:
+                return None
+    return None
+
+
+def _describe(group: Group) -> str:
+    """``3 (16 channels: stem and 3 more layers)``."""
+    layers = list(dict.fromkeys(m.name for m in group.members))
+    first = next((m.name for m in group.members if m.kind == "out"), layers[0] if layers else "")
+    more = f" and {len(layers) - 1} more layers" if len(layers) > 2 else \
+        (" and 1 more layer" if len(layers) == 2 else "")
+    return f"{group.id} ({group.size} channels: {first}{more})"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _protect(groups: List[Group], reason: str) -> None:
+    """Protect every channel of ``groups``, ``reason`` counting those newly protected."""
     for g in groups:
-        g.reasons[reason] = int((~g.protected).sum())
+        n = int((~g.protected).sum())
+        if n:
+            g.reasons[reason] = g.reasons.get(reason, 0) + n
         g.protected[:] = True
-    return len(groups)
 
 
 def _within(layer: str, scopes: set) -> bool:

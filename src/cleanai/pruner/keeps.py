@@ -194,8 +194,10 @@ def renumber(graph: DependencyGraph, removals: Dict[int, torch.Tensor],
         counts = list(after.values())
         protected = torch.cat([g.protected for g in kept.groups]).index_select(
             0, torch.nonzero(~kept.gone).flatten())
-        for g, p, n in zip(kept.groups, protected.split(counts), counts):
+        for g, p, n, k in zip(kept.groups, protected.split(counts), counts, kept.kept):
             g.protected, g.size = p, n
+            if g.outputs is not None:
+                g.outputs = g.outputs.index_select(0, k)
 
 
 def _renumber_members(graph: DependencyGraph, removals: Dict[int, torch.Tensor],

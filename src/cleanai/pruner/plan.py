@@ -24,10 +24,29 @@ class PruningPlan:
     step: int = 1
     #: with a budget: the targets and what the plan reaches (a ``BudgetResult``)
     budget: Any = None
+    #: each group's size when the plan was made (the summary stays right after apply)
+    sizes: Dict[int, int] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    #: the model outputs the plan narrows (only with ``prune_outputs``): one
+    #: ``{"layer", "before", "after"}`` per group, counting its output channels
+    outputs: List[Dict[str, Any]] = dataclasses.field(default_factory=list, init=False,
+                                                      repr=False)
 
     def __post_init__(self) -> None:
         self.removals = {int(g): torch.as_tensor(idx, dtype=torch.long).flatten().sort().values
                          for g, idx in self.removals.items()}
+        by_id = {g.id: g for g in self.graph.groups}
+        for gid, idx in self.removals.items():
+            g = by_id.get(gid)
+            if g is None:
+                continue  # validate() says so
+            self.sizes[gid] = g.size
+            if g.outputs is None or not idx.numel():
+                continue
+            idx = idx[(idx >= 0) & (idx < g.size)]
+            lost = int(g.outputs[idx].sum())
+            if lost:
+                n = int(g.outputs.sum())
+                self.outputs.append({"layer": _first_layer(g), "before": n, "after": n - lost})
 
     @property
     def num_removed(self) -> int:
@@ -58,8 +77,9 @@ class PruningPlan:
             if not len(idx):
                 continue
             g = by_id[gid]
-            first = next((m.name for m in g.members if m.kind == "out"), g.members[0].name)
-            rows.append((str(gid), first, f"{g.size} -> {g.size - len(idx)}", str(len(idx))))
+            size = self.sizes.get(gid, g.size)
+            rows.append((str(gid), _first_layer(g), f"{size} -> {size - len(idx)}",
+                         str(len(idx))))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"PruningPlan(step {self.step}: {self.num_removed} channels from "
                  f"{len(rows) - 1} groups)"]
@@ -67,6 +87,9 @@ class PruningPlan:
             lines.append("  " + self.budget.summary())
         for r in rows:
             lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if self.outputs:
+            lines.append("  model outputs narrowed on request: " + ", ".join(
+                f"{o['layer']} {o['before']} -> {o['after']}" for o in self.outputs))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -85,3 +108,9 @@ class PruningPlan:
         fn = self.graph.forward_fn
         return {"params_before": count_params(model), "params_after": count_params(after),
                 "macs_before": count_macs(model, inputs, fn), "macs_after": count_macs(after, inputs, fn)}
+
+
+def _first_layer(group: Any) -> str:
+    """The group's first producing layer (its first member when none produces it)."""
+    return next((m.name for m in group.members if m.kind == "out"),
+                group.members[0].name if group.members else "?")

@@ -12,7 +12,7 @@ from ..core.graph import Group
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
-__all__ = ["global_removals", "spare_members", "positions_per_channel"]
+__all__ = ["global_removals", "spare_members", "positions_per_channel", "equal_counts"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
@@ -78,3 +78,34 @@ def positions_per_channel(group: Group) -> int:
         if m.kind == "out":
             return max(1, len(m.positions) // max(1, len(torch.unique(m.channels))))
     return 1
+
+
+def equal_counts(groups: List[Group], removals: Dict[int, torch.Tensor],
+                 scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """Groups that must lose as many channels as each other (``Group.equal_counts``: the
+    parts of a chunk, the parts one attribute sizes) lose the fewest any of them was to
+    lose, each its lowest-scored channels among those planned. Returns ``removals`` itself
+    when it keeps every tie."""
+    by_id = {g.id: g for g in groups}
+    done = set()
+    out = removals
+    for g in groups:
+        if not g.equal_counts or g.id in done:
+            continue
+        tied = [gid for gid in g.equal_counts if gid in by_id]
+        done.update(tied)
+        n = min(len(removals.get(gid, ())) for gid in tied)
+        for gid in tied:
+            idx = removals.get(gid)
+            if idx is None or len(idx) == n:
+                continue
+            if out is removals:
+                out = dict(removals)
+            s = scores.get(gid)
+            if n == 0:
+                out.pop(gid, None)
+            elif s is None:
+                out[gid] = idx[:n]
+            else:
+                out[gid] = idx[s.index_select(0, idx).argsort(stable=True)[:n]]
+    return out

@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.graph import DependencyGraph, Group, module_signature
+from ..core.graph import DependencyGraph, Group, is_meta_model, module_signature
+from .. import distributed
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
 from ..importance.stats import ActivationStats, collect, stats_key
@@ -20,11 +21,12 @@ from .compensate import MODES as COMPENSATION_MODES
 from .compensate import CompensationReport, compensable_keys, plan_compensation
 from .keeps import layer_keeps
 from .attributes import attribute_updates, set_attributes, update_config
-from .fallback import protect_failing
+from .fallback import protect_breaking
 from .history import record_step
 from .budget import Target, parse_targets, plan_budget
+from .outputs import free_outputs
 from .plan import PruningPlan
-from .ranking import global_removals, positions_per_channel, spare_members
+from .ranking import equal_counts, global_removals, positions_per_channel, spare_members
 from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
@@ -65,10 +67,11 @@ class StructuredPruner:
         kinds: which kinds of groups may lose channels, any of ``"heads"`` / ``"head_dims"``
             (attention), ``"channels"`` (MLP intermediate neurons, conv channels) and
             ``"hidden"`` (widths shared through residual additions: a transformer's hidden
-            size); ``None`` means all. Model outputs are never pruned, whatever the kind.
+            size); ``None`` means all. Model outputs are kept, whatever the kind, unless
+            ``prune_outputs`` says otherwise.
         check_forward: after slicing, run the model once on ``example_inputs`` and roll the
-            step back if it fails (then :meth:`step` protects the failing layer and plans
-            again). ``"auto"`` (default) runs it unless the trace found no code that could
+            step back if it fails (then :meth:`step` protects the groups that break it and
+            plans again). ``"auto"`` (default) runs it unless the trace found no code that could
             hold a channel count of its own: every torch call outside the known layers was
             width-free (no ``x.shape``, ``view``, hook or custom layer; see
             ``DependencyGraph.check_reason`` and :mod:`cleanai.core.widths`), as in most CNNs. ``True`` always runs it;
@@ -94,6 +97,20 @@ class StructuredPruner:
         target_latency: a latency budget, a fraction of the dense latency in (0, 1) or a
             ``datetime.timedelta``: candidates are timed on the model's device (median of 30
             runs at ``example_inputs``) and the MACs budget corrected until they fit.
+        prune_outputs: the model's outputs keep their width by default (they are its contract
+            with its callers). For a backbone whose head will be retrained or replaced
+            (a timm ``features_only`` model, a detector's FPN inputs), ``True`` lets every
+            output lose channels like any other group; a list of layers (modules or names, a
+            container meaning every layer inside it) frees only the outputs they produce.
+            A layer named exactly in ``layer_pruning_ratios`` frees its own output too. The
+            plan's summary and each :attr:`history` entry (``"outputs"``) say which outputs
+            narrowed; :func:`cleanai.save_pruned` / :func:`cleanai.load_pruned` replay them.
+        process_group: under ``torch.distributed``, the ranks that prune together (default:
+            every rank, when a process group is initialised): calibration statistics are summed
+            across them, rank 0 plans, every rank applies the same plan and the models are
+            compared (see :mod:`cleanai.distributed`). A ``DistributedDataParallel`` model is
+            pruned through its ``module``; wrap it again afterwards
+            (:func:`cleanai.distributed.rewrap`).
 
     Module attributes that store pruned widths (``num_heads``, ``head_dim``, ``split_size``,
     ``intermediate_size``...) and a Hugging Face ``model.config`` are updated with the tensors
@@ -111,9 +128,12 @@ class StructuredPruner:
                  check_forward: Union[bool, str] = "auto", compensate: Optional[str] = None,
                  keep_teacher: bool = False, target_macs: Optional[float] = None,
                  target_params: Optional[float] = None,
-                 target_latency: Union[float, "datetime.timedelta", None] = None) -> None:
+                 target_latency: Union[float, "datetime.timedelta", None] = None,
+                 prune_outputs: Union[bool, Iterable[LayerRef]] = False,
+                 process_group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = distributed.unwrap(model)
         _check_ratio("pruning_ratio", pruning_ratio)
         if not 0 < max_pruning_ratio <= 1:
             raise ValueError(f"max_pruning_ratio must be in (0, 1], got {max_pruning_ratio}")
@@ -150,13 +170,15 @@ class StructuredPruner:
             raise ValueError(f"check_forward must be True, False or 'auto', got {check_forward!r}")
         self.check_forward = check_forward
         self.graph = DependencyGraph(model, self.example_inputs, forward_fn, attention)
+        #: the groups whose model-output channels may be pruned (``prune_outputs``)
+        self.freed_outputs = free_outputs(model, self.graph, prune_outputs, self.layer_ratios)
         self.original_size = {g.id: g.size for g in self.graph.groups}
         if not any(g.prunable and g.size > 1 for g in self.graph.groups):
-            warnings.warn(f"{type(model).__name__} has no channels CleanAI can prune (no group "
-                          f"outside the model's outputs and protected channels); pruning will "
-                          f"leave it unchanged", stacklevel=2)
+            from .protection import unchanged_message  # names the largest protected groups
+            warnings.warn(unchanged_message(type(model).__name__, self.graph.groups), stacklevel=2)
         self.current_step = 0
         self.history: List[Dict[str, Any]] = []
+        self.process_group = process_group
         self.compensate = compensate
         #: the calibration statistics compensation reads (set by :meth:`calibrate`)
         self.input_stats: Optional[ActivationStats] = None
@@ -228,7 +250,37 @@ class StructuredPruner:
         return max(0, min(size0 - keep, size0 - 1))
 
     def plan(self) -> PruningPlan:
-        """The plan for the next step; nothing changes until :meth:`apply`."""
+        """The plan for the next step; nothing changes until :meth:`apply`.
+
+        Under a process group, rank 0 plans and every rank receives its plan."""
+        group = distributed.active_group(self.process_group)
+        if group is None:
+            return self._plan_here()
+        distributed.check_same_model(self.model, group, "before planning", self.graph)
+        plan, error, payload = None, None, None
+        if distributed.is_leader(group):
+            try:
+                plan = self._plan_here()
+                payload = {"step": plan.step, "budget": plan.budget,
+                           "removals": {g: idx.tolist() for g, idx in plan.removals.items()}}
+            except Exception as exc:  # every rank must hear of it, not wait for a plan
+                error = exc
+                payload = {"error": f"{type(exc).__name__}: {exc}"}
+        sent = distributed.broadcast_object(payload, group)
+        if error is not None:
+            raise error
+        if "error" in sent:
+            raise distributed.DistributedError(f"rank 0 could not plan: {sent['error']}")
+        if plan is None:
+            plan = PruningPlan(self.graph, sent["removals"], sent["step"], sent["budget"])
+        return plan
+
+    def _plan_here(self) -> PruningPlan:
+        if getattr(self.importance, "needs_values", True) and is_meta_model(self.model):
+            raise RuntimeError(f"{type(self.importance).__name__} reads weight values, but "
+                               f"{type(self.model).__name__} is on the meta device (shapes "
+                               f"only): prune its checkpoint with cleanai.prune_checkpoint(), "
+                               f"or build the model with its weights")
         step = self.current_step + 1
         if step > self.iterative_steps:
             raise RuntimeError(f"all {self.iterative_steps} pruning steps are done; "
@@ -272,11 +324,15 @@ class StructuredPruner:
         removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                     if gid not in pool}
         if self.targets:
-            return plan_budget(self, step, scores, caps, removals)
+            plan = plan_budget(self, step, scores, caps, removals)
+            tied = equal_counts(self.graph.groups, plan.removals, scores)
+            return plan if tied is plan.removals else \
+                PruningPlan(self.graph, tied, step, plan.budget)
         removals.update(global_removals(self, pool, scores, quota))
         by_id = {g.id: g for g in self.graph.groups}
         removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                     for gid, idx in removals.items()}
+        removals = equal_counts(self.graph.groups, removals, scores)
         return PruningPlan(self.graph, removals, step)
 
     def _scheduled(self, step: int, ratio: float) -> float:
@@ -304,6 +360,25 @@ class StructuredPruner:
         """
         if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
             raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        group = distributed.active_group(self.process_group)
+        if group is None:
+            return self._calibrate_here(data, max_batches, forward_fn, progress)
+        distributed.check_same_model(self.model, group, "before calibration", self.graph)
+        distributed.broadcast_buffers(self.model, group)
+        error = None
+        try:
+            self._calibrate_here(data, max_batches, forward_fn, progress)
+        except Exception as exc:  # a rank without data must not leave the others waiting
+            error = exc
+        distributed.agree(error, group, "calibration")
+        if self.input_stats is not None:
+            distributed.all_reduce_stats(self.input_stats, group)
+        synchronize = getattr(self.importance, "synchronize", None)
+        if synchronize is not None:
+            synchronize(self.model, group)
+
+    def _calibrate_here(self, data: Iterable, max_batches: Optional[int],
+                        forward_fn: Optional[ForwardFn], progress: bool) -> None:
         if self.compensate is not None:
             # one pass for both: the second moments compensation needs, and the activation
             # statistics a data-dependent importance reads, when it can take them
@@ -316,6 +391,12 @@ class StructuredPruner:
         calibrate = getattr(self.importance, "calibrate", None)
         if calibrate is not None:
             calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
+        if getattr(self.importance, "requires_data", False) and \
+                distributed.active_group(self.process_group) is not None and \
+                getattr(type(self.importance), "synchronize", None) in (None, Importance.synchronize):
+            logger.warning("%s does not define synchronize(): under torch.distributed its "
+                           "scores come from rank 0's calibration data alone",
+                           type(self.importance).__name__)
 
     def apply(self, plan: PruningPlan) -> None:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
@@ -324,7 +405,21 @@ class StructuredPruner:
         (an optimizer's references stay attached; take the step inside
         :class:`cleanai.train.slice_optimizer_state` to cut its per-parameter state too).
         On any failure every tensor, attribute and hook is exactly as it was before.
+        Under a process group every rank applies the plan, then the ranks' models are compared.
         """
+        group = distributed.active_group(self.process_group)
+        if group is None:
+            return self._apply_here(plan)
+        error = None
+        try:
+            self._apply_here(plan)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error, group, f"pruning step {plan.step}")
+        distributed.check_same_model(self.model, group, f"after pruning step {plan.step}",
+                                     self.graph)
+
+    def _apply_here(self, plan: PruningPlan) -> None:
         if plan.graph is not self.graph:
             raise PruningError("this plan was made for another pruner's graph")
         signature = self.graph.signature
@@ -358,7 +453,10 @@ class StructuredPruner:
         if follow is not None:
             follow(layers)
         self.current_step = max(self.current_step, plan.step)
-        self.history.append({"step": plan.step, "layers": layers})
+        entry: Dict[str, Any] = {"step": plan.step, "layers": layers}
+        if plan.outputs:  # the model's outputs narrowed, on request (prune_outputs)
+            entry["outputs"] = [dict(o) for o in plan.outputs]
+        self.history.append(entry)
         record_step(self.model, self.history[-1], signature, self.graph.signature)
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
@@ -388,21 +486,28 @@ class StructuredPruner:
     def step(self) -> PruningPlan:
         """Plan and apply the next step; returns the applied plan.
 
-        If the pruned model fails inside some layer (one that stores a channel count CleanAI
-        cannot see), the step is rolled back, and, while the model still fails, the channels its
-        class splits into parts of fixed sizes, then those inside that layer, then those inside
-        every layer of its class are protected with a warning, and the step is planned again.
+        If the pruned model no longer runs (code that keeps a channel count CleanAI cannot
+        see: ``x.view(-1, 16, 1, 1)`` in a forward, a split by fixed sizes, a layer that checks
+        its width), the step is rolled back, the groups whose removal breaks it are found by
+        bisection (about ``log2(groups)`` forwards each; see :mod:`cleanai.pruner.fallback`),
+        protected with a warning that names the failure and where it happened, and the step
+        is planned again: the other groups are pruned as planned.
         """
-        tried = set()
+        fell_back = False
         while True:
             plan = self.plan()
             try:
                 self.apply(plan)
-                return plan
             except PruningError as exc:
-                if exc.layer is None or not protect_failing(self.model, self.graph.groups,
-                                                            exc.layer, str(exc), tried):
+                if not protect_breaking(self.model, self.graph, plan.removals, exc):
                     raise
+                fell_back = True
+                continue
+            if fell_back and plan.num_removed == 0:
+                from .protection import unchanged_message
+                warnings.warn(unchanged_message(type(self.model).__name__, self.graph.groups),
+                              stacklevel=2)
+            return plan
 
     def prune(self) -> nn.Module:
         """Run every remaining step and return the (same, now smaller) model."""

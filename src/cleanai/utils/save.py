@@ -8,6 +8,8 @@ A saved pruned model is a directory with two files:
   user metadata (the command line stores how to rebuild the architecture there).
 * ``weights.pt``: the ``state_dict`` as plain tensors, read back with
   ``torch.load(..., weights_only=True)``: no code is ever executed on load.
+  (:func:`cleanai.prune_checkpoint` writes safetensors shards instead; ``cleanai.json``
+  lists them, and loading reads either.)
 
 Loading builds the original architecture (your model or factory), checks the whole history
 against it before anything changes, replays it, then loads the weights strictly. Like a PEFT
@@ -25,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["save_pruned", "load_pruned", "read_pruned_info", "LoadError",
+__all__ = ["save_pruned", "load_pruned", "read_pruned_info", "pruned_info", "LoadError",
            "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "cleanai-pruned"
@@ -81,16 +83,9 @@ def save_pruned(model_or_pruner: Any, path: PathLike,
         original, steps = current, []
     param_names = {n for n, _ in model.named_parameters()}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    info = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "model_class": type(model).__name__,
-        "original": {"params": _params_of(original, param_names), "signature": original},
-        "steps": steps,
-        "final": {"params": _params_of(current, param_names),
-                  "state_dict": {k: list(v.shape) for k, v in state.items()}},
-        "weights": {"file": WEIGHTS_FILE},
-        "meta": dict(metadata or {}),
-    }
+    info = pruned_info(type(model).__name__, original, steps,
+                       {k: list(v.shape) for k, v in state.items()}, param_names,
+                       {"file": WEIGHTS_FILE}, metadata)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / WEIGHTS_FILE)
@@ -101,6 +96,25 @@ def save_pruned(model_or_pruner: Any, path: PathLike,
         raise ValueError(f"save_pruned: metadata must be JSON-able: {exc}") from exc
     (out / INFO_FILE).write_text(text)
     return out
+
+
+def pruned_info(model_class: str, original: Dict[str, List[int]], steps: List[Any],
+                final_shapes: Dict[str, List[int]], param_names: set, weights: Dict[str, Any],
+                metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The content of ``cleanai.json``: ``original`` is the unpruned model's signature
+    (name -> shape), ``final_shapes`` the pruned ``state_dict``'s, ``weights`` says where the
+    weights are: ``{"file": "weights.pt"}``, or safetensors shards
+    ``{"format": "safetensors", "files": {name: sha256}, "aliases": {name: stored name}}``
+    (:func:`cleanai.prune_checkpoint`; an alias is a tied weight stored once)."""
+    return {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "model_class": model_class,
+        "original": {"params": _params_of(original, param_names), "signature": original},
+        "steps": steps,
+        "final": {"params": _params_of(final_shapes, param_names), "state_dict": final_shapes},
+        "weights": dict(weights),
+        "meta": dict(metadata or {}),
+    }
 
 
 def read_pruned_info(path: PathLike) -> Dict[str, Any]:
@@ -322,6 +336,13 @@ def _initial_length(model, modules, params, name, kind, dim, here, get_layer_pru
 
 
 def _read_weights(folder: Path, info: Dict[str, Any], where: Path) -> Dict[str, torch.Tensor]:
+    if info["weights"].get("format") == "safetensors":
+        state = _read_safetensors(folder, info["weights"], where)
+        shapes = {k: list(v.shape) for k, v in state.items()}
+        if shapes != info["final"].get("state_dict"):
+            raise LoadError(f"the weights in {folder} do not match {where}: "
+                            f"{_first_diff(shapes, info['final'].get('state_dict') or {})}")
+        return state
     file = folder / str(info["weights"].get("file", WEIGHTS_FILE))
     if not file.is_file():
         raise LoadError(f"{where}: the weights file {file} is missing")
@@ -338,6 +359,36 @@ def _read_weights(folder: Path, info: Dict[str, Any], where: Path) -> Dict[str, 
     shapes = {k: list(v.shape) for k, v in state.items()}
     if shapes != info["final"].get("state_dict"):
         raise LoadError(f"{file} does not match {where}: {_first_diff(shapes, info['final'].get('state_dict') or {})}")
+    return state
+
+
+def _read_safetensors(folder: Path, weights: Dict[str, Any], where: Path
+                      ) -> Dict[str, torch.Tensor]:
+    """The shards :func:`cleanai.prune_checkpoint` wrote (checksums checked), tied weights
+    filled in under each of their names."""
+    from ..checkpoint.files import import_safetensors
+
+    files, aliases = weights.get("files"), weights.get("aliases") or {}
+    if not isinstance(files, dict) or not files or not isinstance(aliases, dict):
+        raise LoadError(f"{where}: field 'weights' must list the safetensors files")
+    load_file = import_safetensors().torch.load_file
+    state: Dict[str, torch.Tensor] = {}
+    for name, digest in files.items():
+        file = folder / str(name)
+        if not file.is_file():
+            raise LoadError(f"{where}: the weights file {file} is missing")
+        if digest is not None and _sha256(file) != digest:
+            raise LoadError(f"{file} is not the weights file saved with {where} "
+                            f"(checksum differs)")
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:
+            raise LoadError(f"{file} could not be read as safetensors: {type(exc).__name__}: "
+                            f"{exc}") from exc
+    for alias, stored in aliases.items():
+        if stored not in state:
+            raise LoadError(f"{where}: {alias!r} is stored as {stored!r}, which no file holds")
+        state[alias] = state[stored]
     return state
 
 

@@ -180,18 +180,82 @@ def _split(ctx, call: OpCall):
     if x.dim != dim:
         return [x for _ in call.out_shapes]
     sizes = [s[dim] for s in call.out_shapes]
+    sized = ("split", call.node) in ctx.operand_shapes  # sizes given, not a number of parts
     if len(set(sizes)) != 1:
+        if call.name() == "SplitWithSizesBackward0" and sized:
+            # ``torch.split(self.in_proj(x), self.in_split)`` with ``in_split = [mlp, d, d, d]``:
+            # each part is channels of its own (a fused projection read as an MLP and q, k, v)
+            # and the stored list follows them; sizes written in the code would not
+            parts = _parts(x.ids, sizes) if ctx.cut(x.ids, sizes) else \
+                by_attributes(ctx, call, x.ids, sizes)
+            if parts is not None:
+                return [Slots(dim, p) for p in parts]
         ctx.protect(x, f"{call.name()} into unequal sizes {sizes}")
         return none(call)
     pieces = list(x.ids.split(sizes[0]))
+    if len(pieces) > 1 and not sized and _distinct(ctx, x.ids):
+        # ``a, b = x.chunk(2)``: each part needs only as many channels as the others (the
+        # code splits whatever width comes in); where the parts' channels meet again
+        # (``a * b.sigmoid()``), they are tied there, and build_groups ties them position by
+        # position where a part is not a whole group
+        name = ctx.producer_of(x.ids)
+        if name is not None:
+            ctx.cut_at(name, sizes)
+        ctx.tie_counts(call.node, pieces, f"{call.name()} into {len(pieces)} equal parts")
+        return [Slots(dim, p.clone()) for p in pieces]
+    if len(pieces) > 1:
+        parts = by_attributes(ctx, call, x.ids, sizes)
+        if parts is not None:
+            return [Slots(dim, p) for p in parts]
     for piece in pieces[1:]:
         ctx.uf.union_all(pieces[0], piece)
-    if len(pieces) > 1 and ("split", call.node) in ctx.operand_shapes:
+    if len(pieces) > 1 and sized:
         ctx.fixed_splits.append((pieces[0], call.node))  # sizes written in the code
     if len(pieces) > 1:
         ctx.note(pieces[0], f"{call.name()} into {len(pieces)} equal parts: each keeps the same "
                             f"positions")
     return [Slots(dim, p) for p in pieces]
+
+
+def _distinct(ctx, ids: torch.Tensor) -> bool:
+    """True when no two positions of ``ids`` hold one unit (a flatten or a channel shuffle
+    repeats them): only then can each part of a split be a whole group."""
+    return torch.unique(ctx.uf.canonical(ids)).shape[0] == ids.shape[0]
+
+
+def _parts(ids: torch.Tensor, sizes) -> list:
+    bounds = [0] + torch.tensor(sizes).cumsum(0).tolist()
+    return [ids[a:b].clone() for a, b in zip(bounds, bounds[1:])]
+
+
+def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]:
+    """A split of a layer's whole output into sizes the module running it stores as integer
+    attributes (``qkv(x).split([self.key_dim, self.key_dim, self.d])``): each part becomes
+    channels of its own, the parts one attribute sizes keep equal counts (across every
+    split that reads it), a part of a size no attribute gives keeps its channels, and
+    pruner/attributes.py sets each attribute to its parts' new size. None when the sizes
+    are not such attributes or ``ids`` are not one layer's whole output."""
+    name = ctx.producer_of(ids)
+    if name is None:
+        return None
+    found = ctx.split_attributes(call.node, sizes)
+    if found is None:
+        return None
+    module, attrs = found
+    parts = _parts(ids, sizes)
+    ctx.cut_at(name, sizes)
+    for part, attr, size in zip(parts, attrs, sizes):
+        if attr is None:
+            ctx.protect(part, f"part of {size} channel{'s' if size > 1 else ''} of a split by "
+                              f"{list(sizes)} in {module}: " + (
+                                  "it keeps its size" if size == 1 else
+                                  "no single integer attribute of it holds that size"))
+        else:
+            ctx.tie_counts((module, attr), [part], f"split by {module}.{attr}")
+            ctx.note(part, f"split by {module}.{attr}: the parts it sizes keep equal counts "
+                           f"and the attribute follows")
+    ctx.attr_splits.append((name, module, list(attrs), list(sizes)))
+    return parts
 
 
 @register("SliceBackward0")

@@ -1,0 +1,294 @@
+"""Keeping a model's ``config`` (Hugging Face style) able to rebuild the pruned model.
+
+After a step, the sizes in ``model.config`` are scaled by the fraction each kind of group kept
+(``hidden_size``, ``num_attention_heads``, ``intermediate_size``...), when every group of the
+kind kept the same fraction. The config is then checked the only way that is sure: the model
+class is built from it on the meta device (no memory, no weights) and compared with the pruned
+model, parameter and buffer shapes and the float attributes its modules derive from sizes.
+Where they differ, sizes the modeling code derives when the config leaves them unset
+(``head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads)``) are written
+down, then other size fields the differing shapes point to (``shared_expert_intermediate_size``
+for a Qwen2-MoE shared expert), each kept only if the rebuilt copy then differs in fewer
+places. If differences remain, the extra fields are taken back and a warning says what a copy
+rebuilt from the config would get wrong.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from fractions import Fraction
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..core.graph import DependencyGraph
+
+logger = logging.getLogger(__name__)
+
+_HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim")
+_MLP = ("intermediate_size", "n_inner", "ffn_dim", "mlp_dim", "d_ff", "ffn_hidden_size")
+#: config fields scaled by the fraction each kind of group kept
+CONFIG_FIELDS = {
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key_value_heads",
+              "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
+    "head_dims": ("head_dim",),
+    "hidden": _HIDDEN,
+    "channels": _MLP,
+}
+
+#: sizes the modeling code derives when the config does not set them (Qwen2, Mistral, OLMo:
+#: ``head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads)``); a pruned
+#: hidden size or head count changes the derived value, so the modules' own value is written
+DERIVED_CONFIG = ("head_dim",)
+
+# words of the config fields that may hold a width (the fields a differing shape may point to)
+_SIZE_WORDS = ("size", "dim", "head", "embd", "inner", "model", "ff", "kv", "channels",
+               "width", "hidden", "intermediate")
+_NOT_SIZES = ("vocab", "position", "layer", "token", "window", "bucket", "experts", "max_",
+              "num_labels", "seq", "length", "group_size", "chunk", "sparse_step")
+
+Mismatch = Tuple[str, Any, Any]  # (name, the pruned model's, a copy built from the config's)
+
+
+def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
+    """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        for f, v in fields:
+            setattr(config, f, int(v))
+
+
+def update_config(model: nn.Module, graph: DependencyGraph,
+                  before: Dict[int, int]) -> List[Tuple[str, int]]:
+    """Scale the sizes in ``model.config`` by the fraction each kind of group kept in the last
+    step (``before``: group id -> size before it), when all groups of a kind that could lose
+    channels kept the same fraction; then make sure a copy built from the config has the
+    pruned shapes (see module doc), warning where it cannot. Returns the ``(field, new
+    value)`` pairs written."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    changed: List[Tuple[str, int]] = []
+    old: Dict[str, Any] = {}  # field -> its value before this step (absent: not set)
+    for kind, fields in CONFIG_FIELDS.items():
+        # a group of one channel never loses it (a gate's single output): it says nothing
+        groups = [g for g in graph.groups if g.kind == kind and not bool(g.protected.all())
+                  and before.get(g.id, g.size) > 1]
+        fractions = {Fraction(g.size, before.get(g.id, g.size)) for g in groups}
+        if not fractions or fractions == {Fraction(1)}:
+            continue
+        if len(fractions) > 1:
+            warnings.warn(f"the {kind} of {type(model).__name__} were pruned unevenly across "
+                          f"layers; model.config keeps the original sizes and cannot rebuild "
+                          f"this model: save it with its pruning history instead of "
+                          f"save_pretrained (or prune every layer by the same ratio)", stacklevel=3)
+            continue
+        kept = fractions.pop()
+        if kind == "head_dims":
+            warnings.warn(f"{type(model).__name__} lost dims inside its attention heads: its "
+                          f"modules keep the original attention scale 1/sqrt(head_dim), but a "
+                          f"copy rebuilt from model.config computes it from the smaller head_dim "
+                          f"and gives different outputs; save it with its pruning history",
+                          stacklevel=3)
+        # read every field before writing any: aliases (GPT-2's n_head is num_attention_heads)
+        # would be scaled twice
+        new = {f: int(v * kept) for f in fields for v in (getattr(config, f, None),)
+               if type(v) is int and v > 0 and (v * kept).denominator == 1}
+        for f, v in new.items():
+            old.setdefault(f, getattr(config, f))
+        for f, v in new.items():
+            setattr(config, f, v)
+            changed.append((f, v))
+    if not changed:
+        return changed
+    wrong = config_mismatch(model, old)
+    if wrong:
+        written: List[Tuple[str, int]] = []
+        tried: List[Tuple[str, int]] = []
+        wrong = _complete(model, config, old, wrong, written, tried)
+        if wrong:
+            _undo(config, old, [f for f, _ in written])
+            _warn_config(model, wrong, tried, [f for f, _ in changed])
+        else:
+            changed += written
+    return changed
+
+
+def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mismatch],
+              written: List[Tuple[str, int]], tried: List[Tuple[str, int]]) -> List[Mismatch]:
+    """Write the fields that bring a copy built from ``config`` closer to ``model``: first
+    the derived sizes the config leaves unset, then the size fields the differing shapes point
+    to, one at a time, each kept only when the copy differs in a strict subset of the places
+    it did. Appends what it keeps to ``written`` and every try to ``tried``; returns what
+    still differs."""
+    if not any(isinstance(w[1], tuple) or w[1] is None for w in wrong):
+        return wrong  # only derived floats differ: no size field sets them
+    for field, value in _derived(model, config) + _pointed(config, wrong, set(old)):
+        if any(f == field for f, _ in written):
+            continue
+        tried.append((field, value))
+        had = field in vars(config)
+        previous = getattr(config, field, None)
+        setattr(config, field, value)
+        now = config_mismatch(model, {**old, field: previous if had else _UNSET})
+        if {w[0] for w in now} < {w[0] for w in wrong}:
+            old.setdefault(field, previous if had else _UNSET)
+            written.append((field, value))
+            wrong = now
+            if not wrong:
+                break
+        elif had:
+            setattr(config, field, previous)
+        else:
+            delattr(config, field)
+    return wrong
+
+
+class _Unset:
+    """A config field that did not exist before CleanAI wrote it."""
+
+
+_UNSET = _Unset()
+
+
+def _undo(config: Any, old: Dict[str, Any], fields: List[str]) -> None:
+    """Give ``fields`` of ``config`` back their values from before (or remove them)."""
+    for f in fields:
+        if old.get(f) is _UNSET:
+            delattr(config, f)
+        else:
+            setattr(config, f, old[f])
+        old.pop(f, None)
+
+
+def _derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
+    """Each derived size the config leaves unset, as the model's modules all hold it."""
+    out = []
+    for field in DERIVED_CONFIG:
+        if getattr(config, field, None) is not None:
+            continue
+        values = {getattr(m, field) for m in model.modules()
+                  if type(getattr(m, field, None)) is int and getattr(m, field) > 0}
+        if len(values) == 1:
+            out.append((field, values.pop()))
+    return out
+
+
+def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str, int]]:
+    """Size fields of ``config`` that could explain a differing shape: a dim the config makes
+    ``n * v`` (``v`` the field's value) where the pruned model has ``n * v'``: ``(field, v')``,
+    in the config's field order, each once; not the fields the step ``scaled`` already."""
+    ratios = set()
+    for _, pruned, built in wrong:
+        if isinstance(pruned, tuple) and isinstance(built, tuple) and len(pruned) == len(built):
+            ratios.update(Fraction(p, b) for p, b in zip(pruned, built) if p != b and b)
+    out = []
+    for field, v in vars(config).items():
+        if type(v) is not int or v <= 0 or field in scaled or not _is_size(field):
+            continue
+        for r in sorted(ratios):
+            new = v * r
+            if new.denominator == 1 and new >= 1 and (field, int(new)) not in out:
+                out.append((field, int(new)))
+    return out
+
+
+def _is_size(field: str) -> bool:
+    f = field.lower()
+    return any(w in f for w in _SIZE_WORDS) and not any(w in f for w in _NOT_SIZES)
+
+
+def _rebuilt(model: nn.Module, config: Any) -> Optional[nn.Module]:
+    """``type(model)(config)`` on the meta device, or None when it cannot be built so."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return type(model)(config)
+    except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
+        logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
+        return None
+
+
+def config_mismatch(model: nn.Module, old: Optional[Dict[str, Any]] = None) -> List[Mismatch]:
+    """Where ``type(model)(model.config)`` would differ from ``model``: parameters of another
+    shape (or missing on one side); buffers of another shape (``inv_freq`` follows the rotary
+    dims) and float attributes of its modules (a scale computed from a size), those two only
+    where the config's last changes made them differ (``old``: the changed fields' previous
+    values; a buffer a forward grows, a float set at run time differ anyway). Empty when it
+    would not differ, or when the model cannot be built from its config."""
+    fresh = _rebuilt(model, model.config)
+    if fresh is None:
+        return []
+    wrong = _shape_differences(model.named_parameters(), fresh.named_parameters())
+    derived = _shape_differences(model.named_buffers(), fresh.named_buffers()) + \
+        _float_differences(model, fresh)
+    if derived and old:
+        config = copy.deepcopy(model.config)
+        for f, v in old.items():
+            if v is _UNSET:
+                if f in vars(config):
+                    delattr(config, f)
+            else:
+                setattr(config, f, v)
+        before = _rebuilt(model, config)
+        if before is not None:  # what differed with the old sizes too is not the change's
+            anyway = {n for n, _, _ in _shape_differences(model.named_buffers(),
+                                                            before.named_buffers())
+                      + _float_differences(model, before)}
+            derived = [w for w in derived if w[0] not in anyway]
+    return wrong + derived
+
+
+def _shape_differences(mine, built) -> List[Mismatch]:
+    """``(name, shape, built shape)`` for each named tensor whose shape differs, or that one
+    side lacks (``None``)."""
+    mine = {n: tuple(t.shape) for n, t in mine}
+    built = {n: tuple(t.shape) for n, t in built}
+    return [(n, mine.get(n), built.get(n)) for n in list(mine) + [n for n in built if n not in mine]
+            if mine.get(n) != built.get(n)]
+
+
+def _float_differences(model: nn.Module, fresh: nn.Module) -> List[Mismatch]:
+    """Float attributes (``embed_scale = hidden_size ** 0.5``) that differ between the modules
+    of ``model`` and those of ``fresh``, by qualified name."""
+    built = dict(fresh.named_modules())
+    out = []
+    for name, m in model.named_modules():
+        other = built.get(name)
+        if other is None:
+            continue
+        for attr, v in m.__dict__.items():
+            w = other.__dict__.get(attr)
+            if type(v) is float and type(w) is float and math.isfinite(v) and \
+                    not math.isclose(v, w, rel_tol=1e-6):
+                out.append((f"{name}.{attr}" if name else attr, v, w))
+    return out
+
+
+def _warn_config(model: nn.Module, wrong: List[Mismatch], tried: List[Tuple[str, int]],
+                 changed: List[str]) -> None:
+    """Warn that ``model.config`` cannot describe the pruned model, saying where and why."""
+    name, mine, built = wrong[0]
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    # a field and its alias (GPT-2's n_embd for hidden_size) are named once
+    real = [f for f in changed if f in vars(model.config)]
+    fields = ", ".join(real or changed)
+    if isinstance(mine, float):
+        what = (f"{name} is {mine:g} in the pruned model, but a copy built from the config "
+                f"computes {built:g}{more}: the modeling code derives it from a size that "
+                f"changed ({fields}) and no config field sets it, so a save_pretrained copy "
+                f"loads but gives different outputs")
+    else:
+        shape = lambda s: "missing" if s is None else str(s)  # noqa: E731
+        tries = ", ".join(f"{f}={v}" for f, v in tried)
+        what = (f"{name} is {shape(mine)} in the pruned model, but {shape(built)} in a copy "
+                f"built from the config{more}: the modeling code derives this width from "
+                f"other sizes ({fields}) and no config field CleanAI knows sets it "
+                f"({'tried ' + tries if tries else 'none to try'}), so from_pretrained would "
+                f"fail on a save_pretrained copy")
+    warnings.warn(f"model.config of {type(model).__name__} cannot describe the pruned shapes: "
+                  f"{what}. Save the model with its pruning history (cleanai.save_pruned) "
+                  f"instead, or prune only the kinds the config can describe.", stacklevel=4)

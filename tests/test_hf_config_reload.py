@@ -1,0 +1,149 @@
+"""Hugging Face decoders whose config derives sizes (``head_dim = hidden_size //
+num_attention_heads`` unless set, a shared expert's own intermediate size): after pruning,
+``save_pretrained`` -> ``from_pretrained`` rebuilds the same model, or a warning says why it
+cannot. Tiny random configs, nothing downloaded."""
+import warnings
+
+import pytest
+import torch
+
+import cleanai
+
+transformers = pytest.importorskip("transformers")
+
+EXTRA = {
+    "Qwen2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                     shared_expert_intermediate_size=32),
+    "Gemma": dict(head_dim=8),
+}
+
+
+def tiny(family):
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=0,
+        eos_token_id=0, **EXTRA.get(family, {}))
+    cls = getattr(transformers, f"{family}ForCausalLM")
+    return cls(config).eval(), torch.randint(1, 100, (2, 8))
+
+
+def prune(model, x, ratio, kinds=None):
+    """One step; the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cleanai.StructuredPruner(model, x, pruning_ratio=ratio, kinds=kinds).step()
+    return [str(w.message) for w in caught]
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def reloaded(model, path):
+    model.save_pretrained(path)
+    return type(model).from_pretrained(path).eval()
+
+
+# family, kinds, ratio: every case prunes what the family lets it, generates and reloads
+RELOADS = [
+    ("Qwen2", None, 0.5),
+    ("Qwen2", ["hidden"], 0.25),  # head_dim written down: 24 // 4 would be 6
+    ("Qwen2Moe", None, 0.5),  # experts stay (see test below); heads and shared expert go
+    ("Phi3", None, 0.5),  # qkv sliced at config-derived bounds: heads stay, hidden and MLP go
+    ("Gemma", ["heads", "channels"], 0.5),
+    ("Mistral", None, 0.5),
+    ("StableLm", None, 0.5),  # hidden and heads halve together: head_dim stays 8
+    ("Olmo", None, 0.5),  # its parameter-free LayerNorm stores the hidden size
+    ("Olmo", ["hidden"], 0.25),
+]
+
+
+@pytest.mark.parametrize("family,kinds,ratio", RELOADS,
+                         ids=[f"{f}-{'+'.join(k or ['all'])}-{r}" for f, k, r in RELOADS])
+def test_pruned_decoder_generates_and_reloads(family, kinds, ratio, tmp_path):
+    model, x = tiny(family)
+    n0 = sum(p.numel() for p in model.parameters())
+    shape = logits(model, x).shape
+    said = prune(model, x, ratio, kinds)
+    assert not [w for w in said if "model.config" in w or "unevenly" in w], said
+    assert sum(p.numel() for p in model.parameters()) < n0
+    assert logits(model, x).shape == shape
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    again = reloaded(model, tmp_path)
+    assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
+
+
+def test_qwen2_moe_prunes_its_shared_expert_and_config_says_so(tmp_path):
+    model, x = tiny("Qwen2Moe")
+    experts = {n: p.shape for n, p in model.named_parameters() if ".experts." in n}
+    prune(model, x, 0.5)
+    cfg = model.config
+    # the shared expert has a size field of its own; the routed experts are not pruned (their
+    # grouped matmul is an op CleanAI does not follow), so neither is the hidden size
+    assert cfg.shared_expert_intermediate_size == 16 and cfg.moe_intermediate_size == 16
+    assert cfg.hidden_size == 32 and cfg.num_attention_heads == 2
+    assert {n: p.shape for n, p in model.named_parameters() if ".experts." in n} == experts
+    assert model.model.layers[0].mlp.shared_expert.up_proj.out_features == 16
+
+
+def test_olmo_parameter_free_norm_follows_the_hidden_size():
+    model, x = tiny("Olmo")
+    prune(model, x, 0.25, ["hidden"])
+    assert model.config.hidden_size == 24
+    assert model.model.layers[0].input_layernorm.normalized_shape == (24,)
+    assert model.model.norm.normalized_shape == (24,)
+
+
+def test_gemma_hidden_size_warns_about_its_embedding_scale(tmp_path):
+    # Gemma scales token embeddings by sqrt(config.hidden_size): the pruned model keeps the
+    # scale it was trained with, a copy built from the smaller hidden size would not
+    model, x = tiny("Gemma")
+    said = prune(model, x, 0.25, ["hidden"])
+    assert any("scalar_embed_scale" in w and "different outputs" in w for w in said), said
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+
+
+def test_stablelm_hidden_alone_warns_with_the_reason():
+    # StableLM's attention derives head_dim = hidden_size // num_heads itself: a hidden size
+    # pruned apart from the heads has no config that describes it
+    model, x = tiny("StableLm")
+    said = prune(model, x, 0.25, ["hidden"])
+    hit = [w for w in said if "cannot describe the pruned shapes" in w]
+    assert hit and "q_proj.weight" in hit[0] and "tried head_dim=8" in hit[0], said
+    assert "head_dim" not in model.config.to_dict() or model.config.head_dim is None
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+
+
+def parallel(family):
+    """GPT-NeoX (use_parallel_residual) and GPT-J: attention and MLP read the same input."""
+    torch.manual_seed(0)
+    if family == "GPTNeoX":
+        config = transformers.GPTNeoXConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, use_parallel_residual=True, bos_token_id=0, eos_token_id=0)
+    else:
+        config = transformers.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
+                                         rotary_dim=4, n_positions=64, bos_token_id=0,
+                                         eos_token_id=0)
+    cls = getattr(transformers, f"{family}ForCausalLM")
+    return cls(config).eval(), torch.randint(1, 100, (2, 8))
+
+
+@pytest.mark.parametrize("family", ["GPTNeoX", "GPTJ"])
+def test_parallel_blocks_prune_and_reload(family, tmp_path):
+    model, x = parallel(family)
+    n0 = sum(p.numel() for p in model.parameters())
+    said = prune(model, x, 0.5)  # heads and hidden halve together: head size 8 stays
+    assert not [w for w in said if "model.config" in w], said
+    assert sum(p.numel() for p in model.parameters()) < n0 / 2
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    assert torch.allclose(logits(reloaded(model, tmp_path), x), logits(model, x), atol=1e-5)
+
+
+def test_neox_hidden_alone_warns_that_its_attention_reads_the_hidden_size():
+    model, x = parallel("GPTNeoX")
+    said = prune(model, x, 0.25, ["hidden"])
+    assert any("query_key_value.weight is (96, 24) in the pruned model, but (72, 24)" in w
+               for w in said), said
