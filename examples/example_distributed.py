@@ -23,28 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 import cleanai
 from cleanai import distributed
-from cleanai.cli.data import FASHION_MNIST_DIR, fashion_mnist
+from cleanai.cli.data import labelled_images
 from cleanai.importance import WeightActivationImportance
 from cleanai.train import slice_optimizer_state
 from cleanai.utils import count_params
 
 QUICK = "--quick" in sys.argv
 WORLD = 2
-
-
-def load_data():
-    """(train_x, train_y, test_x, test_y), images standardised, ``[N, 1, H, W]``."""
-    if QUICK or not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
-        y = torch.tensor(d.target)
-        train_x, train_y, test_x, test_y = x[:1400], y[:1400], x[1400:], y[1400:]
-    else:
-        (train_x, train_y), (test_x, test_y) = fashion_mnist("train"), fashion_mnist("t10k")
-        train_x, train_y, test_x, test_y = train_x[:12000], train_y[:12000], test_x[:2000], test_y[:2000]
-    mean, std = train_x.mean(), train_x.std()
-    return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y
 
 
 def make_model() -> nn.Module:
@@ -83,7 +68,7 @@ def main(rank: int, world: int, port: int) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(minutes=5))
     torch.set_num_threads(1)
-    train_x, train_y, test_x, test_y = load_data()
+    train_x, train_y, test_x, test_y, _ = labelled_images("sklearn-digits" if QUICK else "fashion-mnist", 12000, 2000)
     ddp = DistributedDataParallel(make_model())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(2):

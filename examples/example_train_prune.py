@@ -21,29 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import cleanai
-from cleanai.cli.data import FASHION_MNIST_DIR, fashion_mnist
+from cleanai.cli.data import labelled_images
 from cleanai.train import GradualPruner, GroupSparsity
 from cleanai.utils import count_macs, count_params
 
 QUICK = "--quick" in sys.argv
 TARGET = 0.3  # of the dense MACs
-
-
-def load_data():
-    """(train_x, train_y, test_x, test_y, name), images standardised, ``[N, 1, H, W]``."""
-    if QUICK or not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)
-        y = torch.tensor(d.target)
-        train_x, train_y, test_x, test_y = x[:1400], y[:1400], x[1400:], y[1400:]
-        name = "sklearn digits (8x8)"
-    else:
-        (train_x, train_y), (test_x, test_y) = fashion_mnist("train"), fashion_mnist("t10k")
-        train_x, train_y = train_x[:20000], train_y[:20000]
-        name = "Fashion-MNIST (20k training images)"
-    mean, std = train_x.mean(), train_x.std()
-    return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y, name
 
 
 class Block(nn.Module):
@@ -112,7 +95,7 @@ def summary(name, model, data, dense_macs, dense_params, example):
 
 def main():
     torch.manual_seed(0)
-    data = load_data()
+    data = labelled_images("sklearn-digits" if QUICK else "fashion-mnist", n_train=20000)
     epochs = 12 if QUICK else 3
     example = data[0][:1]
     print(f"data: {data[4]}; {epochs} epochs each; pruned to {TARGET:.0%} of the dense MACs")

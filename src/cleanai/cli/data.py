@@ -5,7 +5,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,26 @@ def fashion_mnist(split: str = "train") -> Tuple[torch.Tensor, torch.Tensor]:
     ``[N, 1, 28, 28]``, and their labels, from the idx files in :data:`FASHION_MNIST_DIR`."""
     x = read_idx(FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz").float().unsqueeze(1)
     return x, read_idx(FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz").long()
+
+
+def labelled_images(source: str = "fashion-mnist", n_train: Optional[int] = None,
+                    n_test: Optional[int] = None) -> Tuple[torch.Tensor, ...]:
+    """``(train_x, train_y, test_x, test_y, name)`` for the examples: Fashion-MNIST
+    (``[N, 1, 28, 28]``), or scikit-learn's digits (``[N, 1, 8, 8]``, the first 1400 for
+    training) when ``source="sklearn-digits"`` or the idx files are missing; images
+    standardised with the training mean and deviation, each split cut to its ``n_``."""
+    if source == "fashion-mnist" and (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        (train_x, train_y), (test_x, test_y) = fashion_mnist("train"), fashion_mnist("t10k")
+        name = "Fashion-MNIST"
+    else:
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x, y = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1), torch.tensor(d.target)
+        train_x, train_y, test_x, test_y = x[:1400], y[:1400], x[1400:], y[1400:]
+        name = "sklearn digits (8x8)"
+    train_x, train_y, test_x, test_y = train_x[:n_train], train_y[:n_train], test_x[:n_test], test_y[:n_test]
+    mean, std = train_x.mean(), train_x.std()
+    return (train_x - mean) / std, train_y, (test_x - mean) / std, test_y, name
 
 
 def _images(source: str, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
