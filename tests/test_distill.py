@@ -178,6 +178,38 @@ def test_unknown_layer_name_suggests_close_matches(classifier):
     assert same(state(model), before)
 
 
+
+class MaskedEncoder(nn.Module):
+    """Dict batches {"x": (N, L, 16), "attention_mask": (N, L)} -> last_hidden_state."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 48)
+        self.down = nn.Linear(48, 16)
+
+    def forward(self, x, attention_mask):
+        return {"last_hidden_state": self.down(F.gelu(self.up(x)))}
+
+
+def test_layer_matching_leaves_padded_tokens_out():
+    torch.manual_seed(0)
+    model = MaskedEncoder()
+    teacher = copy.deepcopy(model)
+    x = torch.randn(4, 6, 16)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1:, 3:] = 0
+    cleanai.StructuredPruner(model, {"x": x, "attention_mask": mask}, pruning_ratio=0.5).step()
+    with torch.no_grad():  # padded positions get a huge error that must not count
+        x_pad = x.clone()
+        x_pad[mask == 0] = 1e3
+        model.eval()(x_pad, mask)
+        s, t = model.down(F.gelu(model.up(x_pad))), teacher.down(F.gelu(teacher.up(x_pad)))
+        real = mask.bool()
+        expected = float((s[real] - t[real]).pow(2).mean() / t[real].pow(2).mean())
+    report = distill(model, teacher, [{"x": x_pad, "attention_mask": mask}], steps=1,
+                     layers=["down"], loss=lambda s, t: s.sum() * 0, progress=False)
+    assert report.losses[0] == pytest.approx(expected, rel=1e-5)
+
 # ---- labels ------------------------------------------------------------------------------
 
 def test_label_weight_mixes_cross_entropy_on_labelled_batches(classifier):

@@ -83,7 +83,8 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *,
             require grad, with the lr decayed to 0 along a cosine over the run.
         layers: names of modules whose outputs are matched too (MSE / teacher mean square,
             times ``layer_weight``); a pruned layer's teacher output keeps the channels the
-            model kept.
+            model kept. For a pretrained transformer whose hidden size was kept, every
+            layer's output (``encoder.layer.{i}``) is a good choice.
         label_weight: mixes cross-entropy on the labels of ``(inputs, labels)`` batches:
             ``(1 - label_weight) * distillation + label_weight * CE``.
         output_fn: ``output -> tensor`` to compare; by default the output itself, its
@@ -92,6 +93,9 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *,
         train_mode: the student runs in train mode (dropout on, BatchNorm statistics updated);
             ``False`` keeps it in eval mode, which suits a short distillation of a pretrained
             transformer, where dropout noise outweighs the few steps' signal.
+
+    Padded token positions (where a dict batch's ``attention_mask`` is 0) count neither in the
+    output loss nor in the layer terms.
 
     Every module's train/eval flag and ``requires_grad`` are restored, every hook removed and
     the model's ``.grad`` fields left as None. Any error (also a NaN loss or KeyboardInterrupt)
@@ -327,6 +331,7 @@ class _State:
                                 f"match (pass output_fn to pick matching tensors)")
         if self.name == "auto":
             self.name = auto_loss(s_out, s, self.output_fn is not None)
+        mask = padding_mask(inputs)
         if callable(self.loss_arg):
             value = self.loss_arg(s, t)
             if not (isinstance(value, torch.Tensor) and value.numel() == 1):
@@ -334,17 +339,21 @@ class _State:
             value = value.reshape(())
         else:
             # token outputs of a batch with an attention_mask: padded positions do not count
-            mask = padding_mask(inputs)
             real_s = drop_padding(s, s.dim() - 1, mask)[0]
             real_t = drop_padding(t, t.dim() - 1, mask)[0]
             value = loss_value(self.name, real_s, real_t, self.temperature)
         if self.names and self.layer_weight > 0:
-            value = value + self.layer_weight * self._layer_terms(model, device)
+            value = value + self.layer_weight * self._layer_terms(model, device, mask)
         if self.label_weight > 0:
             value = (1 - self.label_weight) * value + self.label_weight * self._ce(s, labels, i)
         return value
 
-    def _layer_terms(self, model, device) -> torch.Tensor:
+    def _layer_terms(self, model, device, mask) -> torch.Tensor:
+        """The sum over ``layers`` of each output's MSE / the teacher's mean square; token
+        outputs ``[batch, tokens, ..., channels]`` of a batch with an ``attention_mask`` count
+        their real tokens only."""
+        from ..importance.stats import drop_padding
+
         total = torch.zeros((), device=device)
         student, teacher = self.captured["model"], self.captured["teacher"]
         for name in self.names:
@@ -355,6 +364,8 @@ class _State:
                                     f"match layers that run in every forward")
             for s, t in zip(s_list, t_list):
                 t = self._align(model, name, s, t.to(s.device))
+                s = drop_padding(s, s.dim() - 1, mask)[0]
+                t = drop_padding(t, t.dim() - 1, mask)[0]
                 total = total + relative_mse(s.float(), t.float())
         return total
 
