@@ -142,6 +142,7 @@ _tv("fasterrcnn_mobilenet_v3_large_fpn", lambda: _img(128), sub="backbone",
 _tv("retinanet_resnet50_fpn", lambda: _img(128), sub="backbone", weights_backbone=None)
 _tv("ssdlite320_mobilenet_v3_large", lambda: _img(128), sub="backbone", weights_backbone=None)
 _tv("raft_small", lambda: (_img(128), _img(128)))
+_tv("shufflenet_v2_x0_5", lambda: _img(64))  # channel_shuffle + chunk
 
 
 def _detector() -> Case:

@@ -11,6 +11,7 @@ from torch import nn
 
 import cleanai
 from cleanai import CheckpointError, DependencyGraph, StructuredPruner, prune_checkpoint
+from cleanai.checkpoint import build_on_meta
 from cleanai.importance import WeightImportance
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -345,3 +346,58 @@ def test_a_meta_model_with_a_value_reading_importance_says_what_to_do():
                                       importance=cleanai.importance.RandomImportance(0))
     random.step()  # shapes alone suffice for random scores
     assert model.fc.in_features == 256
+
+
+def _torchvision_classifiers():
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", _torchvision_classifiers())
+def test_meta_trace_gives_the_same_groups_on_the_torchvision_zoo(name):
+    tv = pytest.importorskip("torchvision")
+    kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") \
+        else {}
+    size = 299 if name == "inception_v3" else 224
+    x = torch.randn(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = DependencyGraph(tv.models.get_model(name, weights=None, **kw).eval(), x)
+        model = build_on_meta(lambda: tv.models.get_model(name, weights=None, **kw).eval())
+        meta = DependencyGraph(model, x)
+    assert all(t.is_meta for t in model.state_dict().values())
+    assert signature(meta) == signature(real)
+
+
+class ComputedWidth(nn.Module):
+    """A constructor that computes its width with tensor values (as RegNet does): it cannot run
+    inside ``torch.device("meta")``."""
+
+    def __init__(self):
+        super().__init__()
+        width = int(torch.tensor(2.0).pow(4).item())
+        self.a = nn.Linear(8, width)
+        self.b = nn.Linear(width, 4)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_constructor_that_computes_with_tensors_builds_on_meta_and_prunes(tmp_path):
+    model = build_on_meta(ComputedWidth)
+    assert all(t.is_meta for t in model.state_dict().values()) and model.a.out_features == 16
+    assert nn.Module.register_parameter.__name__ == "register_parameter"  # patch undone
+    torch.manual_seed(0)
+    dense = ComputedWidth()
+    safetensors_torch.save_file(dense.state_dict(), str(tmp_path / "model.safetensors"))
+    out = prune_checkpoint(ComputedWidth, tmp_path, tmp_path / "out", torch.randn(1, 8),
+                           pruning_ratio=0.5)
+    StructuredPruner(dense, torch.randn(1, 8), pruning_ratio=0.5).prune()
+    got = _read_all(out)
+    assert got["a.weight"].shape == (8, 8)
+    assert all(torch.equal(got[k], v) for k, v in dense.state_dict().items())

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.graph import is_meta_model, module_signature
+from .meta import build_on_meta
 from ..core.layers import recorded_slices
 from ..importance import WeightImportance
 from ..importance.base import member_weights, slice_norms
@@ -54,7 +55,8 @@ def prune_checkpoint(model_factory: Callable[[], nn.Module], checkpoint: PathLik
 
     Args:
         model_factory: ``model_factory() -> nn.Module`` builds the (unpruned) architecture;
-            it is called inside ``with torch.device("meta")``, so no weight is allocated.
+            it is called inside ``with torch.device("meta")``, so no weight is allocated
+            (see :func:`build_on_meta` for constructors that compute with tensor values).
             For Hugging Face: ``lambda: AutoModelForCausalLM.from_config(config)``.
         checkpoint: a folder with ``model.safetensors`` or sharded safetensors and
             ``model.safetensors.index.json`` (as ``save_pretrained`` writes them), or with
@@ -108,8 +110,7 @@ def prune_checkpoint(model_factory: Callable[[], nn.Module], checkpoint: PathLik
     if out.resolve() == reader.folder.resolve():
         raise ValueError(f"out_dir {out} is the checkpoint's own folder; write elsewhere")
 
-    with torch.device("meta"):
-        model = model_factory()
+    model = build_on_meta(model_factory)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory returned {type(model).__name__}, not an nn.Module")
     if not is_meta_model(model):

@@ -119,18 +119,24 @@ def build_groups(r: TraceResult) -> List[Group]:
     while True:
         roots, group_of, channel_of, groups = _assign(r)
         ties, loose = [], []
-        for parts, what in r.count_ties:
-            held = _whole_groups(parts, roots, group_of, channel_of, groups)
-            (loose if held is None else ties).append((parts, what) if held is None else (held, what))
+        for tie in r.count_ties:
+            held = _whole_groups(tie[0], roots, group_of, channel_of, groups)
+            if held is None:
+                loose.append(tie)
+            else:
+                ties.append((held, tie[1]))
         if not loose:
             break
-        for parts, what in loose:
+        # a part shares its channels with others: tied position by position, the note where
+        # the walk met the split (``print(graph)`` lists ties in the order they were made)
+        for parts, what, at in sorted(loose, key=lambda t: -t[2]):
             for p in parts[1:]:
                 r.uf.union_all(parts[0], p)
-            r.notes.append((int(parts[0][0]), f"{what}: each part keeps the same positions "
-                                              f"(a part shares its channels with others)"))
-        kept = {id(p) for p, _ in loose}
-        r.count_ties = [(p, w) for p, w in r.count_ties if id(p) not in kept]
+            r.notes.insert(at, (int(parts[0][0]), f"{what}: each keeps the same positions"))
+        gone = {id(t[0]) for t in loose}
+        moved = sorted(t[2] for t in loose)  # notes inserted before a later tie's place
+        r.count_ties = [(p, w, at + sum(m <= at for m in moved)) for p, w, at in r.count_ties
+                        if id(p) not in gone]
     _finish(r, roots, group_of, channel_of, groups)
     _equal_counts(groups, ties)
     return groups

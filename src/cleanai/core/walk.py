@@ -59,7 +59,8 @@ class TraceResult:
     #: parts that must keep equal counts, each with what ties them (``x.chunk(2)``, a split
     #: by ``self.key_dim``): build_groups checks that each part is a whole group, and ties
     #: them position by position where it is not
-    count_ties: List[Tuple[List[torch.Tensor], str]] = dataclasses.field(default_factory=list)
+    count_ties: List[Tuple[List[torch.Tensor], str, int]] = dataclasses.field(
+        default_factory=list)  # (parts, what ties them, where its note goes in ``notes``)
     #: splits by sizes the running module stores as integer attributes: (producer, module,
     #: the attribute each part's size is, None for a part that keeps its size, those sizes)
     attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = dataclasses.field(
@@ -98,7 +99,7 @@ class _Tracer:
         self.producers: List[str] = []  # likewise
         self.intervals: list = []  # module autograd ranges, when the recording located them
         # (module, attribute) or a split's own key -> the parts that must keep equal counts
-        self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str]] = {}
+        self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
         self.wants_location = False
 
@@ -116,7 +117,7 @@ class _Tracer:
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
         """``parts`` (channel ids of equal length) must lose as many channels each; parts
         under one ``key`` (the attribute that sizes them) are tied across calls."""
-        held = self.count_ties.setdefault(key, ([], what))[0]
+        held = self.count_ties.setdefault(key, ([], what, len(self.notes)))[0]
         held.extend(parts)
 
     def cut_at(self, name: str, sizes: List[int]) -> None:
@@ -366,8 +367,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                        cuts={n: torch.diff(torch.tensor(sorted(b))).tolist()
                              for n, b in ctx.cut_bounds.items()},
                        unwatched=unwatched,
-                       count_ties=[(parts, what) for parts, what in ctx.count_ties.values()
-                                   if len(parts) > 1],
+                       count_ties=[t for t in ctx.count_ties.values() if len(t[0]) > 1],
                        attr_splits=ctx.attr_splits, wants_location=ctx.wants_location)
 
 

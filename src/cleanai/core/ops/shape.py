@@ -203,10 +203,6 @@ def _split(ctx, call: OpCall):
             ctx.cut_at(name, sizes)
         ctx.tie_counts(call.node, pieces, f"{call.name()} into {len(pieces)} equal parts")
         return [Slots(dim, p.clone()) for p in pieces]
-    if len(pieces) > 1:
-        parts = by_attributes(ctx, call, x.ids, sizes)
-        if parts is not None:
-            return [Slots(dim, p) for p in parts]
     for piece in pieces[1:]:
         ctx.uf.union_all(pieces[0], piece)
     if len(pieces) > 1 and sized:
@@ -232,9 +228,10 @@ def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]
     """A split of a layer's whole output into sizes the module running it stores as integer
     attributes (``qkv(x).split([self.key_dim, self.key_dim, self.d])``): each part becomes
     channels of its own, the parts one attribute sizes keep equal counts (across every
-    split that reads it), a part of a size no attribute gives keeps its channels, and
-    pruner/attributes.py sets each attribute to its parts' new size. None when the sizes
-    are not such attributes or ``ids`` are not one layer's whole output."""
+    split that reads it), a part of one channel keeps it, and pruner/attributes.py sets
+    each attribute to its parts' new size. None when ``ids`` are not one layer's whole
+    output, or a part of more than one channel matches no attribute, or several of equal
+    value (its size may come from the input's shape: ``split([k, C - k])``)."""
     name = ctx.producer_of(ids)
     if name is None:
         return None
@@ -242,14 +239,14 @@ def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]
     if found is None:
         return None
     module, attrs = found
+    if any(a is None and n > 1 for a, n in zip(attrs, sizes)):
+        return None
     parts = _parts(ids, sizes)
     ctx.cut_at(name, sizes)
     for part, attr, size in zip(parts, attrs, sizes):
         if attr is None:
-            ctx.protect(part, f"part of {size} channel{'s' if size > 1 else ''} of a split by "
-                              f"{list(sizes)} in {module}: " + (
-                                  "it keeps its size" if size == 1 else
-                                  "no single integer attribute of it holds that size"))
+            ctx.protect(part, f"the one-channel part of a split by {list(sizes)} in "
+                              f"{module}: it keeps its size")
         else:
             ctx.tie_counts((module, attr), [part], f"split by {module}.{attr}")
             ctx.note(part, f"split by {module}.{attr}: the parts it sizes keep equal counts "
