@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import cleanai
 from cleanai import StructuredPruner
 from cleanai.importance import (ActivationImportance, TaylorImportance, WeightActivationImportance,
                                 WeightImportance)
@@ -171,3 +172,26 @@ def test_recalibrate_bn_with_no_batches_keeps_the_statistics():
     with pytest.raises(ValueError, match="no batches"):
         recalibrate_bn(model, [])
     assert torch.equal(model[1].running_mean, torch.full((4,), 5.0))
+
+
+def test_calibration_keeps_only_the_sums_its_statistic_reads():
+    from cleanai.importance.stats import ActivationStats
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    data = [torch.randn(8, 4) for _ in range(3)]
+    graph = cleanai.DependencyGraph(model, data[0])
+    full = ActivationImportance("variance")
+    lean = ActivationImportance("l2")
+    full.calibrate(model, graph, data)
+    lean.calibrate(model, graph, data)
+    assert lean.stats.kept == ("sum_sq",) and full.stats.kept == ("sum", "sum_sq")
+    group = graph.groups[0]
+    # the l2 score is the same whichever sums were kept alongside
+    everything = ActivationImportance("l2")
+    from cleanai.importance.stats import collect
+    assert everything.adopt(collect(model, graph, data))
+    torch.testing.assert_close(lean.raw(group, model), everything.raw(group, model))
+    with pytest.raises(ValueError, match="'mean_abs' statistic reads .*calibrate again"):
+        lean.stats.per_position("2", "mean_abs")
+    assert not ActivationImportance("mean_abs").adopt(lean.stats)  # collects its own instead
+    with pytest.raises(ValueError, match="moments must be among"):
+        ActivationStats(moments=("sum", "cube"))

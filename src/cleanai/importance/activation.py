@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from .base import Importance, normalize
-from .stats import STATISTICS, ActivationStats, collect, stats_key
+from .stats import NEEDS, STATISTICS, ActivationStats, collect, stats_key
 from .weight import WeightImportance
 
 logger = logging.getLogger(__name__)
@@ -41,9 +41,12 @@ class ActivationImportance(Importance):
 
     def calibrate(self, model: nn.Module, graph: DependencyGraph, data: Iterable,
                   max_batches: Optional[int] = None, forward_fn=None, progress: bool = False) -> None:
-        self.stats = collect(model, graph, data, max_batches, forward_fn, progress)
+        self.stats = collect(model, graph, data, max_batches, forward_fn, progress,
+                             moments=NEEDS[self.statistic])
 
     def adopt(self, stats: ActivationStats) -> bool:
+        if not set(NEEDS[self.statistic]) <= set(stats.kept):
+            return False  # calibrate() collects what this statistic reads
         self.stats = stats
         return True
 

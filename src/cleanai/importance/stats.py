@@ -16,6 +16,9 @@ from ..core.runtime import ForwardFn, map_tensors, preserved_state, run_forward
 logger = logging.getLogger(__name__)
 
 STATISTICS = ("l2", "mean_abs", "variance")
+#: the running sums :class:`ActivationStats` can keep per channel, and those each statistic reads
+MOMENTS = ("sum", "sum_sq", "sum_abs")
+NEEDS = {"l2": ("sum_sq",), "mean_abs": ("sum_abs",), "variance": ("sum", "sum_sq")}
 #: the widest input whose second moments are collected (a C x C float64 matrix: 512 MB here);
 #: a wider one (a VGG classifier reading 25088 flattened features) keeps its mean only
 MAX_GRAM_CHANNELS = 8192
@@ -29,7 +32,13 @@ class ActivationStats:
     so a channel that every consumer sees as zero scores zero.
     """
 
-    def __init__(self, grams: Iterable[str] = ()) -> None:
+    def __init__(self, grams: Iterable[str] = (), moments: Iterable[str] = MOMENTS) -> None:
+        #: the sums kept (rows of :attr:`sums` not kept stay zero): a score that reads one
+        #: statistic lets calibration skip the others
+        self.kept = tuple(m for m in MOMENTS if m in set(moments))
+        if not self.kept or set(moments) - set(MOMENTS):
+            raise ValueError(f"moments must be among {MOMENTS}, got {tuple(moments)}")
+        self._rows = tuple(MOMENTS.index(m) for m in self.kept)
         #: positions seen per key (a 0-dim tensor on the device while padded batches run)
         self.count: Dict[str, Any] = {}
         self.sums: Dict[str, torch.Tensor] = {}  # name -> [3, channels]: sum, sum_sq, sum_abs
@@ -65,21 +74,25 @@ class ActivationStats:
         channels = x.shape[dim]
         if dim == x.dim() - 1:
             rows = x.reshape(-1, channels)
-            s = torch.stack([rows.sum(0), (rows * rows).sum(0), rows.abs().sum(0)]).to(wide)
+            moment = {"sum": lambda: rows.sum(0), "sum_sq": lambda: (rows * rows).sum(0),
+                      "sum_abs": lambda: rows.abs().sum(0)}
         else:
             m = x.reshape(math.prod(x.shape[:dim]), channels, -1)
-            s = torch.stack([m.sum((0, 2)), torch.linalg.vector_norm(m, 2, 2).square().sum(0),
-                             torch.linalg.vector_norm(m, 1, 2).sum(0)]).to(wide)
+            moment = {"sum": lambda: m.sum((0, 2)),
+                      "sum_sq": lambda: torch.linalg.vector_norm(m, 2, 2).square().sum(0),
+                      "sum_abs": lambda: torch.linalg.vector_norm(m, 1, 2).sum(0)}
         positions: Any = x.numel() // max(channels, 1)
         if real is not None:  # a 0-dim tensor on the device, read once calibration ends
             positions = real.sum(dtype=torch.float64) * (positions // real.numel())
-        fresh = not (name in self.sums and self.sums[name].shape == s.shape)
+        fresh = not (name in self.sums and self.sums[name].shape == (3, channels))
         if fresh:
-            self.sums[name] = s
+            self.sums[name] = torch.zeros(3, channels, dtype=wide, device=x.device)
             self.count[name] = positions if real is not None else float(positions)
         else:
-            self.sums[name] += s
             self.count[name] += positions
+        sums = self.sums[name]
+        for row, key in zip(self._rows, self.kept):
+            sums[row].add_(moment[key]())  # float32 batch sums into float64 totals
         if name in self.gram_keys and channels <= MAX_GRAM_CHANNELS:
             # one batch's products in float32 (several times faster than float64 on a CPU),
             # summed across batches in float64; channels last is a free view
@@ -124,6 +137,9 @@ class ActivationStats:
         ``mean_abs`` the mean of ``|a|``, ``variance`` the variance."""
         if name not in self.sums:
             return None
+        if statistic in NEEDS and not set(NEEDS[statistic]) <= set(self.kept):
+            raise ValueError(f"the {statistic!r} statistic reads {NEEDS[statistic]}, but these "
+                             f"statistics kept only {self.kept}: calibrate again")
         s, n = self.sums[name].cpu().double(), max(self.positions(name), 1.0)
         if statistic == "l2":
             return (s[1] / n).sqrt().float()
@@ -284,10 +300,12 @@ def model_inputs(batch: Any) -> Any:
 
 def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
             max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
-            progress: bool = False, grams: Iterable[str] = ()) -> ActivationStats:
+            progress: bool = False, grams: Iterable[str] = (),
+            moments: Iterable[str] = MOMENTS) -> ActivationStats:
     """Run calibration batches in eval mode under ``no_grad`` and return the statistics;
-    ``grams``: the keys (:func:`stats_key`) whose second moments are summed too."""
-    stats = ActivationStats(grams)
+    ``grams``: the keys (:func:`stats_key`) whose second moments are summed too;
+    ``moments``: the per-channel sums kept (see :data:`NEEDS`)."""
+    stats = ActivationStats(grams, moments)
     fn = forward_fn or graph.forward_fn
     with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
         model.eval()
