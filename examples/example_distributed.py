@@ -93,6 +93,7 @@ def main(rank: int, world: int, port: int) -> None:
         print(f"pruned     params {count_params(ddp.module):,}  accuracy {pruned_acc:.1f}%")
         print(f"+1 epoch   params {count_params(ddp.module):,}  accuracy {tuned_acc:.1f}%")
         print("every rank holds the same model: True")
+    dist.barrier()  # no rank leaves while another still talks to it
     dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@ would, on its own shard of the batches; every result is saved for the test to co
 import datetime
 import os
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -139,6 +140,21 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                           "state": {k: v.clone() for k, v in ddp.module.state_dict().items()},
                           "losses": losses}
 
+        # a slot missing on one rank sums as zeros of the parameter's dtype (bf16 here)
+        like = torch.ones(3, dtype=torch.bfloat16)
+        mine = [like * (rank + 1) if rank == 0 else None, like * (rank + 1)]
+        results["summed"] = distributed.all_reduce_tensors(mine, [like, like], dist.group.WORLD)
+        # ranks that fail with different kinds of error do not take different paths
+        try:
+            distributed.agree(ValueError("a") if rank == 0 else KeyError("b"), dist.group.WORLD,
+                              "a step")
+        except distributed.DistributedError as exc:
+            results["mixed"] = str(exc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            local = nn.parallel.DistributedDataParallel(make_model(), broadcast_buffers=False)
+        results["rewrapped_sync"] = distributed.rewrap(local).forward_sync_buffers
+
         # bad input: rank 1 has no data; then rank 1's model differs
         try:
             prune(make_model(), batches[:3] if rank == 0 else [], ActivationImportance)
@@ -156,4 +172,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         results["error"] = traceback.format_exc()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        try:
+            dist.barrier()  # no rank leaves while another still talks to it
+        finally:
+            dist.destroy_process_group()

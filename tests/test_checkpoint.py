@@ -401,3 +401,23 @@ def test_a_constructor_that_computes_with_tensors_builds_on_meta_and_prunes(tmp_
     got = _read_all(out)
     assert got["a.weight"].shape == (8, 8)
     assert all(torch.equal(got[k], v) for k, v in dense.state_dict().items())
+
+
+class NumpyWidth(nn.Module):
+    """Its width goes through numpy, which a meta tensor cannot reach (a ``TypeError``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, int(torch.tensor([6]).numpy()[0]))
+
+
+def test_build_on_meta_falls_back_for_numpy_and_out_dir_may_not_hold_the_source(tmp_path):
+    assert build_on_meta(NumpyWidth).a.weight.is_meta
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    torch.manual_seed(0)
+    safetensors_torch.save_file(ComputedWidth().state_dict(), str(source / "model.safetensors"))
+    with pytest.raises(ValueError, match="holds the checkpoint's own folder"):
+        prune_checkpoint(ComputedWidth, source, tmp_path, torch.randn(1, 8), overwrite=True,
+                         pruning_ratio=0.5)
+    assert (source / "model.safetensors").is_file()

@@ -86,6 +86,15 @@ def test_ddp_model_prunes_through_its_module_and_trains_on(ranks):
             torch.testing.assert_close(r1["state"][key], value, rtol=1e-6, atol=1e-7)
 
 
+def test_collective_helpers_keep_dtypes_settings_and_paths(ranks):
+    for res in ranks:
+        first, second = res["summed"]
+        assert first.dtype == torch.bfloat16 and first.tolist() == [1.0, 1.0, 1.0]
+        assert second.tolist() == [3.0, 3.0, 3.0]
+        assert "a step failed on 2 of 2 ranks" in res["mixed"] and "KeyError" in res["mixed"]
+        assert res["rewrapped_sync"] is False  # broadcast_buffers=False survives the rewrap
+
+
 def test_a_rank_without_data_fails_on_every_rank(ranks):
     for res in ranks:
         msg = res["no_data"]

@@ -195,3 +195,19 @@ def test_calibration_keeps_only_the_sums_its_statistic_reads():
     assert not ActivationImportance("mean_abs").adopt(lean.stats)  # collects its own instead
     with pytest.raises(ValueError, match="moments must be among"):
         ActivationStats(moments=("sum", "cube"))
+
+
+def test_padded_positions_never_reach_the_sums_and_empty_batches_add_nothing():
+    from cleanai.importance.stats import ActivationStats
+    stats = ActivationStats()
+    x = torch.randn(2, 4, 5)
+    x[1, 3] = float("nan")  # a padded position may hold anything
+    stats.mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    stats.update("a", x, 2)
+    real = x[stats.mask]
+    torch.testing.assert_close(stats.sums["a"][0].float(), real.sum(0))
+    torch.testing.assert_close(stats.sums["a"][1].float(), (real * real).sum(0))
+    assert stats.positions("a") == 7.0
+    stats.mask = None
+    stats.update("b", torch.randn(0, 3, 4, 4), 1)  # an empty last batch
+    assert "b" not in stats.sums

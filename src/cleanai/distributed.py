@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -106,16 +107,17 @@ def _gather(obj: Any, group: Any) -> List[Any]:
 
 
 def agree(error: Optional[BaseException], group: Any, what: str) -> None:
-    """Collective: every rank says whether ``what`` failed on it. When every rank failed alike
-    the local error is raised again on each (they all take the same path); when only some did,
-    every rank raises a :class:`DistributedError` naming them."""
+    """Collective: every rank says whether ``what`` failed on it. When every rank failed with
+    the same kind of error the local error is raised again on each (they all take the same
+    path); otherwise every rank raises a :class:`DistributedError` naming the failed ones."""
     note = None if error is None else f"{type(error).__name__}: {error}"
     notes = _gather(note, group)
     failed = [(r, n) for r, n in enumerate(notes) if n is not None]
     if not failed:
         return
-    if len(failed) == len(notes) and error is not None:
-        raise error
+    kinds = {n.split(":", 1)[0] for _, n in failed}
+    if len(failed) == len(notes) and len(kinds) == 1 and error is not None:
+        raise error  # the same kind of failure everywhere: every rank takes the same path
     where = "; ".join(f"rank {r}: {n}" for r, n in failed)
     raise DistributedError(f"{what} failed on {len(failed)} of {len(notes)} ranks ({where}); "
                            f"every rank stops here") from error
@@ -172,18 +174,19 @@ def all_reduce_stats(stats: "ActivationStats", group: Any) -> None:
     stats.reduced_over = group
 
 
-def all_reduce_tensors(tensors: Sequence[Optional[torch.Tensor]], shapes: Sequence[torch.Size],
+def all_reduce_tensors(tensors: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor],
                        group: Any) -> List[Optional[torch.Tensor]]:
     """Sum a list of optional tensors across ranks (one per parameter, say): a slot that is
     ``None`` on every rank stays ``None``; one that is ``None`` on some ranks counts as zeros
-    there (``shapes[i]`` gives its shape). Every rank must pass the same number of slots."""
+    there, of the shape, dtype and device of ``like[i]`` (the parameter). Every rank must pass
+    the same number of slots."""
     present = [i for i, t in enumerate(tensors) if t is not None]
     union = sorted(set().union(*(set(p) for p in _gather(present, group))))
     out: List[Optional[torch.Tensor]] = [None] * len(tensors)
     for i in union:
         t = tensors[i]
         if t is None:
-            t = torch.zeros(shapes[i], device=_device(group))
+            t = torch.zeros_like(like[i], memory_format=torch.contiguous_format)
         _sum_(t, group)
         out[i] = t
     return out
@@ -204,8 +207,8 @@ def model_digest(model: nn.Module, graph: Any = None) -> Dict[str, Any]:
             continue
         x = t.detach()
         names.append(name)
-        sums.append(torch.stack([x.sum(dtype=torch.float64),
-                                 torch.linalg.vector_norm(x, dtype=torch.float64)]))
+        sums.append(torch.stack([x.sum(dtype=torch.float64),  # on the CPU: a model may span
+                                 torch.linalg.vector_norm(x, dtype=torch.float64)]).cpu())
     if graph is not None:
         h.update(repr([(g.id, g.size, int(g.prunable)) for g in graph.groups]).encode())
     values = torch.stack(sums).cpu().tolist() if sums else []  # one copy from the device
@@ -239,14 +242,16 @@ def broadcast_buffers(model: nn.Module, group: Any) -> None:
     DDP does before each forward, so calibration runs the same model on every rank."""
     dist = _dist()
     src = dist.get_global_rank(group, 0) if group is not dist.group.WORLD else 0
+    dev = _device(group)
     for b in model.buffers():
         if b.is_floating_point() and b.device.type != "meta":
-            dev = _device(group)
-            moved = b.detach().to(dev) if b.device != dev else b.detach()
+            if b.device == dev and b.is_contiguous():
+                dist.broadcast(b.data, src=src, group=group)
+                continue
+            moved = b.detach().to(dev).contiguous()
             dist.broadcast(moved, src=src, group=group)
-            if moved is not b:
-                with torch.no_grad():
-                    b.copy_(moved)
+            with torch.no_grad():
+                b.copy_(moved)
 
 
 def broadcast_object(obj: Any, group: Any) -> Any:
@@ -265,8 +270,9 @@ def is_leader(group: Any) -> bool:
 
 def rewrap(ddp: nn.Module, **overrides: Any) -> nn.Module:
     """A new ``DistributedDataParallel`` around ``ddp.module`` after pruning, with the old
-    wrapper's settings (devices, process group, unused-parameter search, bucket size, ...);
-    ``overrides`` are passed to the constructor as well.
+    wrapper's settings (devices, process group, buffer syncing, unused-parameter search,
+    bucket size, ...); ``overrides`` are passed to the constructor as well. Communication hooks
+    registered on the old wrapper are not carried over: register them again.
 
     DDP lays out gradient buckets for the parameter shapes it saw when it was built, so a
     pruned module needs a new wrapper; train with the returned one and drop the old."""
@@ -281,5 +287,9 @@ def rewrap(ddp: nn.Module, **overrides: Any) -> nn.Module:
                   static_graph=ddp.static_graph,
                   bucket_cap_mb=ddp.bucket_bytes_cap / 1024 ** 2,
                   mixed_precision=getattr(ddp, "mixed_precision", None))
+    if not getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", True)):
+        kwargs["broadcast_buffers"] = False  # rank-local buffers: not synced at init either
     kwargs.update(overrides)
-    return DistributedDataParallel(ddp.module, **kwargs)
+    with warnings.catch_warnings():  # broadcast_buffers' deprecation: it alone keeps that
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(ddp.module, **kwargs)

@@ -20,7 +20,8 @@ def build_on_meta(model_factory: Callable[[], nn.Module]) -> nn.Module:
     try:
         with torch.device("meta"):
             return model_factory()
-    except RuntimeError as exc:  # "Cannot copy out of meta tensor", ".item() ... meta": a value
+    except (RuntimeError, TypeError) as exc:  # "Cannot copy out of meta tensor", ".item()" or
+        # ".numpy()" on meta: the constructor read a value
         if "meta" not in str(exc):
             raise
     with _registered_on_meta():

@@ -107,8 +107,8 @@ def prune_checkpoint(model_factory: Callable[[], nn.Module], checkpoint: PathLik
     reader = CheckpointReader(checkpoint)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    if out.resolve() == reader.folder.resolve():
-        raise ValueError(f"out_dir {out} is the checkpoint's own folder; write elsewhere")
+    if out.resolve() == reader.folder.resolve() or out.resolve() in reader.folder.resolve().parents:
+        raise ValueError(f"out_dir {out} is or holds the checkpoint's own folder; write elsewhere")
 
     model = build_on_meta(model_factory)
     if not isinstance(model, nn.Module):

@@ -63,8 +63,10 @@ class ActivationStats:
         x = x.detach().float()
         dim = dim % x.dim()
         real = _real_tokens(x, dim, self.mask)
+        if x.numel() == 0:
+            return
         if real is not None:  # padded tokens zeroed, not indexed away: no wait for the device
-            x = x * real.reshape(real.shape + (1,) * (x.dim() - 2)).to(x.dtype)
+            x = torch.where(real.reshape(real.shape + (1,) * (x.dim() - 2)), x, 0.0)
         # reduced where the tensor lies, no transposed copy (channels last: down the rows;
         # channels inside: fused norms over the contiguous positions after them), so the hooks
         # cost little next to the layers; summed where the activations are: a copy to the CPU
@@ -83,7 +85,7 @@ class ActivationStats:
                       "sum_abs": lambda: torch.linalg.vector_norm(m, 1, 2).sum(0)}
         positions: Any = x.numel() // max(channels, 1)
         if real is not None:  # a 0-dim tensor on the device, read once calibration ends
-            positions = real.sum(dtype=torch.float64) * (positions // real.numel())
+            positions = real.sum(dtype=wide) * (positions // real.numel())
         fresh = not (name in self.sums and self.sums[name].shape == (3, channels))
         if fresh:
             self.sums[name] = torch.zeros(3, channels, dtype=wide, device=x.device)

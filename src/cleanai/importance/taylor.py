@@ -85,8 +85,8 @@ class TaylorImportance(Importance):
             return
         from ..distributed import all_reduce_tensors
         params = list(model.parameters())
-        summed = all_reduce_tensors([self.grads.get(id(p)) for p in params],
-                                    [p.shape for p in params], process_group)
+        summed = all_reduce_tensors([self.grads.get(id(p)) for p in params], params,
+                                    process_group)
         self.grads = {id(p): g for p, g in zip(params, summed) if g is not None}
 
     def follow(self, layers: List[dict]) -> None:
