@@ -63,12 +63,17 @@ def accuracy(model, x, y) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def main(rank: int, world: int, port: int) -> None:
+def load():
+    """The images, read once (by the launching process when it spawns the ranks)."""
+    return labelled_images("sklearn-digits" if QUICK else "fashion-mnist", 12000, 2000)[:4]
+
+
+def main(rank: int, world: int, port: int, data) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=datetime.timedelta(minutes=5))
     torch.set_num_threads(1)
-    train_x, train_y, test_x, test_y, _ = labelled_images("sklearn-digits" if QUICK else "fashion-mnist", 12000, 2000)
+    train_x, train_y, test_x, test_y = data
     ddp = DistributedDataParallel(make_model())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(2):
@@ -106,6 +111,6 @@ def free_port() -> int:
 if __name__ == "__main__":
     if "RANK" in os.environ:  # launched by torchrun
         dist.init_process_group("gloo")
-        main(dist.get_rank(), dist.get_world_size(), 0)
+        main(dist.get_rank(), dist.get_world_size(), 0, load())
     else:
-        torch.multiprocessing.spawn(main, args=(WORLD, free_port()), nprocs=WORLD)
+        torch.multiprocessing.spawn(main, args=(WORLD, free_port(), load()), nprocs=WORLD)
