@@ -4,7 +4,7 @@ The dependency graph needs shapes, not values. :func:`prune_checkpoint` builds t
 the meta device, traces it, and plans with :class:`~cleanai.importance.WeightImportance`
 whose weight norms are read from the checkpoint tensor by tensor. The plan is applied to the
 meta model (shapes, module attributes and ``model.config`` follow), and again to a meta copy
-whose layer pruners' slices are logged (:func:`cleanai.core.layers.recorded_slices`): each
+whose layer pruners' slices are logged (:func:`cleanai.core.slicing.recorded_slices`): each
 parameter's kept indices per dim, exactly as the in-memory pruner cuts them (packed qkv,
 heads, grouped-query attention...). The checkpoint is then rewritten shard by shard, each
 tensor read, sliced with those indices and written straight to its shard, so that memory
@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.graph import is_meta_model, module_signature
 from .meta import build_on_meta
-from ..core.layers import recorded_slices
+from ..core.slicing import recorded_slices
 from ..importance import WeightImportance
 from ..importance.base import member_weights, slice_norms
 from . import files

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group, module_signature
 from ..core.runtime import find_submodule, preserved_state, run_forward
-from ..core.layers import _keep, drop_grad_accumulator, get_layer_pruner
+from ..core.layers import get_layer_pruner
+from ..core.slicing import _keep, drop_grad_accumulator
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
 from .attributes import attribute_updates, set_attributes, set_config

@@ -24,6 +24,7 @@ from .attributes import attribute_updates, set_attributes, update_config
 from .fallback import protect_breaking
 from .history import record_step
 from .budget import Target, parse_targets, plan_budget
+from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
 from .plan import PruningPlan
 from .ranking import equal_counts, global_removals, positions_per_channel, spare_members
@@ -256,24 +257,7 @@ class StructuredPruner:
         group = distributed.active_group(self.process_group)
         if group is None:
             return self._plan_here()
-        distributed.check_same_model(self.model, group, "before planning", self.graph)
-        plan, error, payload = None, None, None
-        if distributed.is_leader(group):
-            try:
-                plan = self._plan_here()
-                payload = {"step": plan.step, "budget": plan.budget,
-                           "removals": {g: idx.tolist() for g, idx in plan.removals.items()}}
-            except Exception as exc:  # every rank must hear of it, not wait for a plan
-                error = exc
-                payload = {"error": f"{type(exc).__name__}: {exc}"}
-        sent = distributed.broadcast_object(payload, group)
-        if error is not None:
-            raise error
-        if "error" in sent:
-            raise distributed.DistributedError(f"rank 0 could not plan: {sent['error']}")
-        if plan is None:
-            plan = PruningPlan(self.graph, sent["removals"], sent["step"], sent["budget"])
-        return plan
+        return plan_together(self, group, self._plan_here)
 
     def _plan_here(self) -> PruningPlan:
         if getattr(self.importance, "needs_values", True) and is_meta_model(self.model):
@@ -363,19 +347,8 @@ class StructuredPruner:
         group = distributed.active_group(self.process_group)
         if group is None:
             return self._calibrate_here(data, max_batches, forward_fn, progress)
-        distributed.check_same_model(self.model, group, "before calibration", self.graph)
-        distributed.broadcast_buffers(self.model, group)
-        error = None
-        try:
-            self._calibrate_here(data, max_batches, forward_fn, progress)
-        except Exception as exc:  # a rank without data must not leave the others waiting
-            error = exc
-        distributed.agree(error, group, "calibration")
-        if self.input_stats is not None:
-            distributed.all_reduce_stats(self.input_stats, group)
-        synchronize = getattr(self.importance, "synchronize", None)
-        if synchronize is not None:
-            synchronize(self.model, group)
+        calibrate_together(self, group,
+                           lambda: self._calibrate_here(data, max_batches, forward_fn, progress))
 
     def _calibrate_here(self, data: Iterable, max_batches: Optional[int],
                         forward_fn: Optional[ForwardFn], progress: bool) -> None:
@@ -391,12 +364,6 @@ class StructuredPruner:
         calibrate = getattr(self.importance, "calibrate", None)
         if calibrate is not None:
             calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
-        if getattr(self.importance, "requires_data", False) and \
-                distributed.active_group(self.process_group) is not None and \
-                getattr(type(self.importance), "synchronize", None) in (None, Importance.synchronize):
-            logger.warning("%s does not define synchronize(): under torch.distributed its "
-                           "scores come from rank 0's calibration data alone",
-                           type(self.importance).__name__)
 
     def apply(self, plan: PruningPlan) -> None:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
@@ -410,14 +377,7 @@ class StructuredPruner:
         group = distributed.active_group(self.process_group)
         if group is None:
             return self._apply_here(plan)
-        error = None
-        try:
-            self._apply_here(plan)
-        except Exception as exc:
-            error = exc
-        distributed.agree(error, group, f"pruning step {plan.step}")
-        distributed.check_same_model(self.model, group, f"after pruning step {plan.step}",
-                                     self.graph)
+        apply_together(self, group, plan, self._apply_here)
 
     def _apply_here(self, plan: PruningPlan) -> None:
         if plan.graph is not self.graph:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..core.layers import drop_grad_accumulator
+from ..core.slicing import drop_grad_accumulator
 from ..core.graph import module_signature
 from ..core.runtime import map_tensors, state_tensors
 from ..pruner.history import get_history, signature_json
