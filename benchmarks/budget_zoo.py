@@ -59,12 +59,15 @@ def latency(name: str, target: float) -> tuple:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plan = cleanai.StructuredPruner(model, x, target_latency=target, round_to=8).step()
+        pruner = cleanai.StructuredPruner(model, x, target_latency=target, round_to=8)
+        plan = pruner.step()
     seconds = time.perf_counter() - start
     row = plan.budget.rows["latency"]
+    table = pruner.latency_table
     t_dense, t_pruned = paired_latency(dense, model, x, None, 20)
     out = (name, target, row["predicted"] / row["dense"], row["measured"] / row["dense"],
-           t_pruned / t_dense, t_dense * 1e3, seconds)
+           t_pruned / t_dense, t_dense * 1e3, len(table.timings) - 1, len(table.layers),
+           table.build_seconds, seconds)
     print(out, flush=True)
     return out
 
@@ -110,15 +113,19 @@ pruning over the dense model's.
         lines.append("""
 ## Latency targets on this CPU
 
-`target_latency=0.6, round_to=8`, batch 1. "in the search" is what the pruner measured for its
-chosen candidate (paired with the model, median of 30); "re-measured" times the pruned model
-and the dense one again, in turns, median of 20 each.
+`target_latency=0.6, round_to=8`, batch 1. The pruner plans with its latency lookup table
+(`pruner.latency_table`: every prunable layer timed alone at 25-100% of its input and output
+widths, and a line from the layers' sum to the model's latency through the whole-model timings
+nearest the target). "predicted" is the table's latency for the chosen plan before that plan
+was timed; "measured in the search" is its timing then (paired with the model, median of 30);
+"re-measured" times the pruned model and the dense one again, in turns, median of 20 each.
+"timed" counts the candidate plans timed whole; "table (s)" is the time spent timing layers.
 
-| model | target | predicted from MACs | measured in the search | re-measured | dense (ms) | seconds |
-|---|---:|---:|---:|---:|---:|---:|""")
-        for name, target, pred, meas, again, dense_ms, seconds in lat:
+| model | target | predicted by the table | measured in the search | re-measured | dense (ms) | timed | layers in the table | table (s) | seconds in all |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|""")
+        for name, target, pred, meas, again, dense_ms, timed, layers, build, seconds in lat:
             lines.append(f"| {name} | {target} | {pred:.3f} | {meas:.3f} | {again:.3f} | "
-                         f"{dense_ms:.1f} | {seconds:.0f} |")
+                         f"{dense_ms:.1f} | {timed} | {layers} | {build:.0f} | {seconds:.0f} |")
     if sweep:
         units, ratios, seconds = sweep
         lines.append(f"""

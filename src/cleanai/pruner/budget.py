@@ -7,8 +7,10 @@ budget counts are left out. Dividing by what a channel saves
 (:meth:`~cleanai.budget.CostModel.channel_costs`) is the knob :data:`COST_EXPONENT`, 0 by
 default: on Fashion-MNIST score per unit of cost kept much less accuracy. The number taken from
 the ranking is bisected until the plan's cost, computed exactly by the cost model, meets the
-target. A latency target is met through MACs: the pruned candidates are timed on the model's
-device and the MACs target is corrected until the measured latency fits.
+target. A latency target is met the same way, with the plan's latency predicted by a lookup
+table of the layers' timings (:class:`~cleanai.budget.LatencyTable`); the plan found is timed
+on the model's device, the table refitted to that timing, and the plan found again until the
+measured latency fits.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 METRICS = ("macs", "params", "latency")
 LATENCY_REPEATS = 30  # timed runs per candidate of a latency budget (their median counts)
-LATENCY_CANDIDATES = 8  # candidate plans timed at most per step
+LATENCY_CANDIDATES = 6  # candidate plans timed at most per step
+LATENCY_TOLERANCE = 0.03  # a candidate this close to the target (relative) is taken at once
 #: channels are ranked by ``score / (cost / typical cost) ** COST_EXPONENT``: 0 ignores cost
 #: (a plain global ranking of normalised scores), 1 is score per unit of cost
 COST_EXPONENT = 0.0
@@ -94,7 +97,8 @@ def parse_targets(target_macs: Any, target_params: Any, target_latency: Any) -> 
 class BudgetResult:
     """What a budgeted plan was asked for and what it reaches, per metric: ``dense``, this
     step's ``target`` and the ``planned`` value (all in the metric's unit; latency in
-    seconds, ``measured`` on the device and ``predicted`` from the MACs)."""
+    seconds, ``measured`` on the device and ``predicted`` by the latency table before it was
+    measured)."""
 
     rows: Dict[str, Dict[str, float]]
 
@@ -137,11 +141,14 @@ def plan_budget(pruner: "StructuredPruner", step: int, scores: Dict[int, torch.T
 
 def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                     caps: Dict[int, int], fixed: Dict[int, torch.Tensor],
-                    targets: Dict[str, float]) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:
+                    targets: Dict[str, float], latency: Any = None, fastest: bool = False,
+                    ) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:
     """The removals that meet every ``targets`` value (metric -> this step's cost) with the
     fewest channels from the ranking. ``scores``: per candidate group (protected channels
-    ``inf``); ``caps``: how many each may lose; ``fixed``: removals decided by layer ratios.
-    Returns the removals and their predicted costs."""
+    ``inf``); ``caps``: how many each may lose; ``fixed``: removals decided by layer ratios;
+    ``latency``: the :class:`~cleanai.budget.LatencyTable` that predicts a ``"latency"``
+    target; ``fastest``: when nothing fits, return everything the ranking may remove instead
+    of raising. Returns the removals and their predicted costs."""
     cm = pruner.cost_model
     costs = cm.channel_costs(fixed)
     dense = cm.dense
@@ -150,9 +157,10 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
     per: Dict[int, float] = {}  # what one channel of each group saves, summed over targets
     for gid in caps:
         c = costs.get(gid)
+        # a channel saves time where it saves MACs or parameters
         per[gid] = 0.0 if c is None else sum(
-            (c.macs / max(dense.macs, 1)) if m == "macs" else (c.params / max(dense.params, 1))
-            for m in targets)
+            (c.macs / max(dense.macs, 1)) if m in ("macs", "latency")
+            else (c.params / max(dense.params, 1)) for m in targets)
     positive = [v for v in per.values() if v > 0]
     typical = sum(positive) / len(positive) if positive else 1.0
     for gid, cap in caps.items():
@@ -190,16 +198,23 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                     out[gid] = idx
         return {gid: spare_members(by_id[gid], idx, scores[gid]) for gid, idx in out.items()}
 
-    def fits(n: int) -> Tuple[bool, Dict[int, torch.Tensor], Any]:
-        r = removals(n)
+    def values(r: Dict[int, torch.Tensor]) -> Dict[str, float]:
         cost = cm.evaluate(r)
-        ok = all(getattr(cost, m) <= t * (1 + 1e-9) for m, t in targets.items())
-        return ok, r, cost
+        return {m: latency.predict(r) if m == "latency" else getattr(cost, m) for m in targets}
+
+    def fits(n: int) -> Tuple[bool, Dict[int, torch.Tensor], Dict[str, float]]:
+        r = removals(n)
+        got = values(r)
+        return all(got[m] <= t * (1 + 1e-9) for m, t in targets.items()), r, got
 
     total = owner_r.numel()
     ok, best, cost = fits(total)
+    if not ok and fastest:
+        return best, cost
     if not ok:
-        raise BudgetError(_unreachable(pruner, targets, cost, dense))
+        full = {m: (latency.predict({}) if m == "latency" else getattr(dense, m))
+                for m in targets}
+        raise BudgetError(_unreachable(pruner, targets, cost, full))
     lo, hi = 0, total  # fits(hi) holds; find the smallest n that fits
     while lo < hi:
         mid = (lo + hi) // 2
@@ -209,15 +224,18 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
         else:
             lo = mid + 1
     if hi == 0:
-        best, cost = removals(0), cm.evaluate(removals(0))
-    return best, {m: getattr(cost, m) for m in targets}
+        best = removals(0)
+        cost = values(best)
+    return best, cost
 
 
-def _unreachable(pruner: "StructuredPruner", targets: Dict[str, float], cost: Any,
-                 dense: Any) -> str:
-    """Why a budget cannot be met, and how close the pruner can get."""
-    got = "; ".join(f"{m} {getattr(cost, m) / max(getattr(dense, m), 1):.3f} of dense "
-                    f"(target {t / max(getattr(dense, m), 1):.3f})" for m, t in targets.items())
+def _unreachable(pruner: "StructuredPruner", targets: Dict[str, float],
+                 got: Dict[str, float], dense: Dict[str, float]) -> str:
+    """Why a budget cannot be met, and how close the pruner can get: ``got`` per metric with
+    everything allowed removed, ``dense`` as it is now."""
+    reached = "; ".join(f"{m} {got[m] / max(dense[m], 1e-12):.3f} of "
+                        f"{'the model' if m == 'latency' else 'dense'} (target "
+                        f"{t / max(dense[m], 1e-12):.3f})" for m, t in targets.items())
     reasons: Dict[str, int] = {}
     ignored = 0
     for g in pruner.graph.groups:
@@ -233,7 +251,7 @@ def _unreachable(pruner: "StructuredPruner", targets: Dict[str, float], cost: An
         why.append(f"max_pruning_ratio={pruner.max_pruning_ratio} caps every group")
     why.append("every group keeps one channel at least")
     return (f"the budget cannot be met: removing every channel the pruner may remove leaves "
-            f"{got}. What stays: " + "; ".join(why) + ". Raise the target, or allow more "
+            f"{reached}. What stays: " + "; ".join(why) + ". Raise the target, or allow more "
             "(ignored_layers, kinds, max_pruning_ratio).")
 
 
@@ -253,79 +271,50 @@ def paired_latency(model: Any, other: Any, inputs: Any, forward_fn: Any,
 def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
                      scores: Dict[int, torch.Tensor], caps: Dict[int, int],
                      fixed: Dict[int, torch.Tensor]) -> Tuple[Dict[int, torch.Tensor], dict]:
-    """Meet a latency target through MACs: each candidate plan is timed on a copy, in
-    turns with the model as it is (so both see the same machine load), and the MACs
-    target is corrected along the measured latency-MACs line (``LATENCY_CANDIDATES``)."""
+    """Meet a latency target with the pruner's :class:`~cleanai.budget.LatencyTable`: the
+    ranking is cut where the predicted latency fits, that plan is timed on a copy in turns with
+    the model as it is (so both see the same machine load), the table is refitted to the
+    timing, and the cut is found again until a timed plan fits (``LATENCY_CANDIDATES``)."""
     cm = pruner.cost_model
-    macs_now = cm.evaluate({}).macs
     now, _ = paired_latency(pruner.model, None, pruner.example_inputs,
                             pruner.graph.forward_fn, LATENCY_REPEATS)
     if pruner._dense_latency is None:
         pruner._dense_latency = now
     dense = pruner._dense_latency
     wanted = dense - (dense - pruner.targets[0].value(dense)) * frac
-    want = wanted / now  # the latency ratio to the model as it is
-    measured: List[Tuple[float, float, Dict[int, torch.Tensor]]] = [(macs_now, 1.0, {})]
-    guess: Optional[float] = macs_now * min(want, 0.999)
+    table = pruner.latency_table
+    table.observe({}, now, near=wanted)
+    # (predicted, measured, MACs, removals) of every candidate timed
+    timed: List[Tuple[float, float, float, Dict[int, torch.Tensor]]] = []
     for _ in range(LATENCY_CANDIDATES):
-        try:
-            removals, planned = budget_removals(pruner, scores, caps, fixed, {"macs": guess})
-        except BudgetError:  # below what the pruner can reach: the fastest plan it can make
-            if len(measured) == 1:
-                raise
-            break
+        # when the table says nothing fits, the fastest plan is timed: the table may be wrong
+        removals, planned = budget_removals(pruner, scores, caps, fixed, {"latency": wanted},
+                                            latency=table, fastest=True)
+        if any(_same(removals, t[3]) for t in timed):
+            break  # the refit changed nothing the ranking can express
         candidate = pruner.pruned_copy(PruningPlan(pruner.graph, removals, step),
                                        compensate=False)
         t_now, t_new = paired_latency(pruner.model, candidate, pruner.example_inputs,
                                       pruner.graph.forward_fn, LATENCY_REPEATS)
-        measured.append((planned["macs"], t_new / t_now, removals))
-        logger.info("latency budget: %.4g MACs -> latency x%.3f of the model (want x%.3f)",
-                    planned["macs"], t_new / t_now, want)
-        if abs(t_new / t_now - want) <= 0.03 * want:
+        measured = now * t_new / t_now
+        timed.append((planned["latency"], measured, cm.evaluate(removals).macs, removals))
+        logger.info("latency budget: predicted %.4g s, measured %.4g s (target %.4g s)",
+                    planned["latency"], measured, wanted)
+        table.observe(removals, measured, near=wanted)
+        if abs(measured - wanted) <= LATENCY_TOLERANCE * wanted:
             break
-        guess = _next_guess(measured, want, macs_now)
-        if guess is None:
-            break
-    fit = [p for p in measured[1:] if p[1] <= want * 1.03]
-    chosen = max(fit, key=lambda p: p[0]) if fit else min(measured[1:], key=lambda p: p[1])
-    predicted = _line(measured, chosen[0])
-    return chosen[2], {
-        "latency": {"dense": pruner._dense_latency, "target": wanted,
-                    "planned": chosen[1] * now, "measured": chosen[1] * now,
-                    "predicted": predicted * now},
-        "macs": {"dense": cm.dense.macs, "target": chosen[0], "planned": chosen[0]}}
+    fit = [t for t in timed if t[1] <= wanted * (1 + LATENCY_TOLERANCE)]
+    if not fit and _same(min(timed, key=lambda t: t[1])[3], budget_removals(
+            pruner, scores, caps, fixed, {"latency": 0.0}, latency=table, fastest=True)[0]):
+        fast = min(t[1] for t in timed)
+        raise BudgetError(_unreachable(pruner, {"latency": wanted}, {"latency": fast},
+                                       {"latency": now}) + " (latency as timed on this device)")
+    chosen = max(fit, key=lambda t: t[1]) if fit else min(timed, key=lambda t: t[1])
+    return chosen[3], {
+        "latency": {"dense": dense, "target": wanted, "planned": chosen[1],
+                    "measured": chosen[1], "predicted": chosen[0]},
+        "macs": {"dense": cm.dense.macs, "target": chosen[2], "planned": chosen[2]}}
 
 
-def _next_guess(measured, want: float, macs_now: float) -> Optional[float]:
-    """The next MACs to try for a latency ratio ``want``, from the measured (MACs, latency
-    ratio) points: on the line between the nearest points on either side of it, or, while
-    every candidate is too slow (or every one fits), on the line through the last two."""
-    below = [p for p in measured if p[1] <= want]
-    above = [p for p in measured if p[1] > want]
-    if below and above:
-        a = min(above, key=lambda p: p[0])  # the smallest MACs still too slow
-        b = max(below, key=lambda p: p[0])  # the largest MACs that fits
-    else:
-        a, b = measured[-2], measured[-1]
-    if a[0] != b[0] and (a[1] - b[1]) / (a[0] - b[0]) > 0:
-        guess = b[0] + (want - b[1]) * (a[0] - b[0]) / (a[1] - b[1])
-    else:  # no usable slope (noise): scale the last MACs by the latency still to gain
-        guess = b[0] * want / max(b[1], 1e-9)
-    if below and above:  # stay inside the bracket
-        guess = min(max(guess, b[0]), a[0])
-    # one step never more than halves the MACs: a secant through two noisy timings can point
-    # far below anything that fits
-    guess = max(0.5 * min(p[0] for p in measured), min(guess, 0.999 * macs_now))
-    if any(abs(guess - p[0]) <= 1e-3 * macs_now for p in measured):
-        return None
-    return guess
-
-
-def _line(measured, macs: float) -> float:
-    """Latency ratio at ``macs`` on the least-squares line through the measured points."""
-    x = torch.tensor([p[0] for p in measured], dtype=torch.float64)
-    y = torch.tensor([p[1] for p in measured], dtype=torch.float64)
-    if len(measured) < 2 or float(x.var()) == 0:
-        return float(y.mean())
-    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    return float(y.mean() + slope * (macs - x.mean()))
+def _same(a: Dict[int, torch.Tensor], b: Dict[int, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[g], b[g]) for g in a)

@@ -22,7 +22,7 @@ from .compensate import CompensationReport, compensable_keys, plan_compensation
 from .keeps import layer_keeps
 from .attributes import attribute_updates, set_attributes, update_config
 from .fallback import protect_breaking
-from .history import record_step
+from .history import get_history, record_step
 from .budget import Target, parse_targets, plan_budget
 from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
@@ -96,8 +96,9 @@ class StructuredPruner:
             iterative schedule still apply. :class:`~cleanai.pruner.budget.BudgetError` says
             why when the budget cannot be met.
         target_latency: a latency budget, a fraction of the dense latency in (0, 1) or a
-            ``datetime.timedelta``: candidates are timed on the model's device (median of 30
-            runs at ``example_inputs``) and the MACs budget corrected until they fit.
+            ``datetime.timedelta``: plans are found with a lookup table of the layers'
+            timings on the model's device (:attr:`latency_table`), and the plan found is timed
+            (median of 30 runs at ``example_inputs``) and the table refitted until one fits.
         prune_outputs: the model's outputs keep their width by default (they are its contract
             with its callers). For a backbone whose head will be retrained or replaced
             (a timm ``features_only`` model, a detector's FPN inputs), ``True`` lets every
@@ -192,11 +193,16 @@ class StructuredPruner:
         #: params and MACs of any plan, when a budget is set (:class:`cleanai.budget.CostModel`)
         self.cost_model = None
         self._dense_latency: Optional[float] = None
+        self._latency_table = None
         if targets:
             from ..budget.cost import CostModel
             self.cost_model = CostModel(model, self.graph)
+            # a model CleanAI pruned before (reloaded to resume a schedule) may be below an
+            # absolute target already: its dense reference comes with the resumed state
+            # (GradualPruner.load_state_dict), and a met target then plans no removals
+            pruned = bool((get_history(model) or {}).get("steps"))
             for t in targets:
-                if t.absolute is not None and t.metric != "latency" and \
+                if t.absolute is not None and t.metric != "latency" and not pruned and \
                         t.absolute >= getattr(self.cost_model.dense, t.metric):
                     raise ValueError(f"target_{t.metric}={t.absolute:g} is not below the "
                                      f"model's {getattr(self.cost_model.dense, t.metric):.0f} "
@@ -420,6 +426,16 @@ class StructuredPruner:
         record_step(self.model, self.history[-1], signature, self.graph.signature)
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
+
+    @property
+    def latency_table(self):
+        """The :class:`cleanai.budget.LatencyTable` a latency budget plans with, timed on the
+        model's device the first time it is read."""
+        if self._latency_table is None:
+            from ..budget.latency import LatencyTable
+            self._latency_table = LatencyTable(self.model, self.cost_model, self.example_inputs,
+                                               self.graph.forward_fn)
+        return self._latency_table
 
     def pruned_copy(self, plan: PruningPlan, compensate: bool = True) -> nn.Module:
         """A deep copy of the model with ``plan`` applied (and compensated, with the pruner's
