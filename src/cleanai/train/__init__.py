@@ -5,6 +5,9 @@ optimizer state that follows a pruning step.
   added to the loss, so the channels a later step removes carry little;
 - :class:`GradualPruner`: a pruner's steps spread over training iterations (cubic or linear);
 - :class:`slice_optimizer_state`: slices an optimizer's state with a pruning step.
+
+``GradualPruner`` and the penalties have ``state_dict()`` / ``load_state_dict()`` to resume an
+interrupted run (the model itself is saved with :func:`cleanai.save_pruned`).
 """
 from .gradual import GradualPruner
 from .optimizer import slice_optimizer_state

@@ -3,13 +3,15 @@ with the optimizer kept valid across every step."""
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 
 from ..pruner.plan import PruningPlan
 from ..pruner.structured import StructuredPruner
 from .optimizer import slice_optimizer_state
+from .resume import check_pruner_state, load_pruner_state, optimizer_names, pruner_state, \
+    saved_order
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ class GradualPruner:
             importance or ``compensate``; required by those.
         total_steps: the training's length in iterations, when known: a schedule that ends
             past it is an error.
+
+    A run is resumed like an LR scheduler's: :meth:`state_dict` with the model saved by
+    :func:`cleanai.save_pruned` and the optimizer's own ``state_dict``; then
+    :func:`cleanai.load_pruned`, a new optimizer, pruner and ``GradualPruner`` built as
+    before, and :meth:`load_state_dict` (see the guide, "Resuming a run").
     """
 
     def __init__(self, pruner: StructuredPruner, *, start: int, end: int, every: int,
@@ -108,6 +115,65 @@ class GradualPruner:
         pruner.iterative_steps = n
         pruner.schedule = self._ratio
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The schedule's progress as plain data (ints, floats, strings, lists, dicts), for
+        ``torch.save`` or JSON: the iteration count, the steps taken, the schedule itself
+        (checked on load), the pruner's settings and its dense reference (each group's
+        original width, the dense MACs and parameters of a budget, the dense latency), and
+        the order of the optimizer's parameters. The model and the optimizer's state are not
+        in it: save them with :func:`cleanai.save_pruned` and ``optimizer.state_dict()``."""
+        return {
+            "iteration": self.iteration,
+            "events": list(self.events),
+            "fractions": list(self.fractions),
+            "pruner": pruner_state(self.pruner),
+            "optimizer": None if self.optimizer is None else
+            optimizer_names(self.optimizer, self.pruner.model),
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next :meth:`step` continues the saved run.
+
+        Build this ``GradualPruner`` as the saved one was (same ``start``, ``end``,
+        ``every``, ``schedule``), over a new :class:`~cleanai.StructuredPruner` with the same
+        settings, built on the model :func:`cleanai.load_pruned` rebuilt at its saved widths.
+        The pruner then continues from the saved step, with ratios and budgets still relative
+        to the dense model the run started from. With ``optimizer=``, its parameters are put
+        in their saved order (a bias that compensation added sits last in its group), so call
+        this before ``optimizer.load_state_dict()``.
+
+        Raises:
+            ValueError: the state comes from another schedule, other pruner settings or
+                another model, or the model is not at the saved widths; nothing changes.
+        """
+        if not isinstance(state_dict, dict) or not {"iteration", "events", "fractions",
+                                                    "pruner"} <= set(state_dict):
+            raise ValueError("load_state_dict needs a dict from GradualPruner.state_dict()")
+        events, fractions = list(state_dict["events"]), list(state_dict["fractions"])
+        if events != self.events:
+            raise ValueError(f"this state was saved for steps at iterations {_span(events)}; "
+                             f"this GradualPruner steps at {_span(self.events)}: build it with "
+                             f"the start, end and every of the run you resume")
+        if len(fractions) != len(self.fractions) or \
+                any(abs(a - b) > 1e-12 for a, b in zip(fractions, self.fractions)):
+            raise ValueError(f"this state was saved for a schedule reaching "
+                             f"{[round(f, 4) for f in fractions]} of the target; this one "
+                             f"reaches {[round(f, 4) for f in self.fractions]}: build it with "
+                             f"the schedule of the run you resume")
+        check_pruner_state(self.pruner, state_dict["pruner"])
+        order = None
+        if self.optimizer is not None:
+            if state_dict.get("optimizer") is None:
+                raise ValueError("this state was saved without an optimizer; build the "
+                                 "GradualPruner without optimizer= to resume it")
+            order = saved_order(self.optimizer, self.pruner.model, state_dict["optimizer"])
+        # checked: now change
+        load_pruner_state(self.pruner, state_dict["pruner"])
+        if order is not None:
+            for group, params in zip(self.optimizer.param_groups, order):
+                group["params"] = params
+        self.iteration = int(state_dict["iteration"])
+
     def _ratio(self, step: int, steps: int, ratio: float) -> float:
         return ratio * self.fractions[step - 1]
 
@@ -137,3 +203,8 @@ class GradualPruner:
         return (f"GradualPruner(steps at iterations {self.events[0]}..{self.events[-1]} every "
                 f"{self.events[1] - self.events[0] if len(self.events) > 1 else 0}, "
                 f"{self.pruner.current_step}/{len(self.events)} done)")
+
+
+def _span(events: List[int]) -> str:
+    every = events[1] - events[0] if len(events) > 1 else 0
+    return f"{events[0]}..{events[-1]} every {every}" if events else "none"

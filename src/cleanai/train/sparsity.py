@@ -10,7 +10,7 @@ and ``torch.amp``'s ``GradScaler`` scales it with the rest of the loss.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from ..importance.base import member_weights
 from ..pruner.plan import PruningPlan
 from ..recover.common import model_device
 from ..pruner.structured import GROUP_KINDS, StructuredPruner
+from .resume import check_groups, group_keys
 
 Layout = List[Tuple[Group, Optional[torch.Tensor]]]  # a group, its unprotected channels
 Squares = Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]]
@@ -86,6 +87,61 @@ class GroupSparsity:
             raise ValueError("this plan was made for another graph than the regulariser's")
         self._target = None if plan is None else {
             gid: idx.clone() for gid, idx in plan.removals.items() if idx.numel()}
+        self._layout, self._signature = None, self.graph.signature
+        self._indices = {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The regulariser's state as plain data: ``lam``, ``norm``, ``kinds``, the calls
+        counted so far (the position in ``schedule``) and the channels :meth:`target` aims
+        at (``None``: every prunable channel), with the groups' layout to check on load.
+        ``schedule`` is code, not state: pass the same one to the resumed regulariser."""
+        self._current_layout()  # a target set before a pruning step is gone
+        return {
+            "type": type(self).__name__,
+            "lam": self.lam, "norm": self.norm,
+            "kinds": None if self.kinds is None else sorted(self.kinds),
+            "calls": self.calls,
+            "target": None if self._target is None else
+            {str(gid): idx.tolist() for gid, idx in self._target.items()},
+            "groups": [{"members": k, "size": g.size}
+                       for k, g in zip(group_keys(self.graph), self.graph.groups)],
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`, on a regulariser built as the saved one was over
+        the resumed run's pruner (the model reloaded at its saved widths): ``lam``, the call
+        count and the target are restored. Raises ``ValueError`` for a state of another
+        kind of penalty, another ``norm`` or ``kinds``, or another model or widths; nothing
+        changes then."""
+        if not isinstance(state_dict, dict) or not {"lam", "norm", "calls", "target",
+                                                    "groups"} <= set(state_dict):
+            raise ValueError(f"load_state_dict needs a dict from "
+                             f"{type(self).__name__}.state_dict()")
+        mine = {"type": type(self).__name__, "norm": self.norm,
+                "kinds": None if self.kinds is None else sorted(self.kinds)}
+        for key, value in mine.items():
+            if state_dict.get(key) != value:
+                raise ValueError(f"this state was saved from a regulariser with {key}="
+                                 f"{state_dict.get(key)!r}; this one has {key}={value!r}")
+        check_groups(self.graph, state_dict["groups"], type(self).__name__)
+        target = state_dict["target"]
+        if target is not None:
+            target = {int(gid): torch.tensor(idx, dtype=torch.long)
+                      for gid, idx in target.items()}
+            sizes = {g.id: g.size for g in self.graph.groups}
+            bad = next((gid for gid, idx in target.items() if gid not in sizes or
+                        not idx.numel() or int(idx.min()) < 0 or int(idx.max()) >= sizes[gid]),
+                       None)
+            if bad is not None:
+                raise ValueError(f"this state's target names channels group {bad} does not "
+                                 f"have; it does not belong to this model")
+        lam = state_dict["lam"]
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or \
+                not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        self.lam = float(lam)
+        self.calls = int(state_dict["calls"])
+        self._target = target
         self._layout, self._signature = None, self.graph.signature
         self._indices = {}
 
