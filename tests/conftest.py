@@ -1,5 +1,6 @@
 """Helpers shared by the dependency-graph tests (imported as ``from conftest import ...``):
 group layouts, structural invariants and a data-flow oracle for index maps."""
+import pytest
 import torch
 from torch import nn
 
@@ -160,3 +161,34 @@ class Double(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * 2
+
+
+PER_ELEMENT = 1e-8  # fake seconds per weight element, for the fake_clock fixture
+
+
+def model_seconds(model, rest):
+    """A fake whole-model latency: a constant plus every weight element of the model's
+    Linear and Conv layers."""
+    return rest + PER_ELEMENT * sum(m.weight.numel() for m in model.modules()
+                                    if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """A deterministic clock for latency budgets: a layer alone takes PER_ELEMENT per weight
+    element, the whole model that plus ``rest[0]``. Yields (rest, calls): ``rest`` is
+    settable, ``calls`` lists the models each whole-model timing compared (None: alone)."""
+    import cleanai.budget.latency as latency_mod
+    import cleanai.pruner.budget as budget_mod
+
+    rest, calls = [2e-4], []
+    monkeypatch.setattr(latency_mod, "_time_call",
+                        lambda module, x, repeats: PER_ELEMENT * module.weight.numel())
+
+    def paired(model, other, inputs, fn, repeats):
+        calls.append(other)
+        return (model_seconds(model, rest[0]),
+                None if other is None else model_seconds(other, rest[0]))
+
+    monkeypatch.setattr(budget_mod, "paired_latency", paired)
+    return rest, calls

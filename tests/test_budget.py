@@ -224,9 +224,10 @@ def test_bad_budgets_are_clear_errors(kwargs, message):
 
 def test_latency_budget_times_candidates():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10)).eval()
-    x = torch.randn(8, 64)
+    # wide enough that compute, not per-call overhead, sets the latency: 0.5 is reachable
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                          nn.Linear(1024, 10)).eval()
+    x = torch.randn(64, 256)
     pruner = StructuredPruner(model, x, target_latency=0.5)
     plan = pruner.step()
     row = plan.budget.rows["latency"]

@@ -4,42 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-import cleanai.budget.latency as latency_mod
-import cleanai.pruner.budget as budget_mod
 from cleanai import StructuredPruner
 from cleanai.budget import LatencyTable
 from cleanai.pruner.budget import BudgetError
 
-PER_ELEMENT = 1e-8  # fake seconds per weight element of a Linear
+from conftest import model_seconds as _model_seconds
 
 
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 128), nn.ReLU(),
                          nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
-
-
-def _model_seconds(model, rest):
-    """A fake whole-model latency: a constant plus every Linear's weight elements."""
-    return rest + PER_ELEMENT * sum(m.weight.numel() for m in model.modules()
-                                    if isinstance(m, nn.Linear))
-
-
-@pytest.fixture
-def fake_clock(monkeypatch):
-    """Layers take PER_ELEMENT per weight element alone; the model that plus ``rest[0]``.
-    Returns the list of whole-model timings asked for (and the settable rest)."""
-    rest, calls = [2e-4], []
-    monkeypatch.setattr(latency_mod, "_time_call",
-                        lambda module, x, repeats: PER_ELEMENT * module.weight.numel())
-
-    def paired(model, other, inputs, fn, repeats):
-        calls.append(other)
-        return (_model_seconds(model, rest[0]),
-                None if other is None else _model_seconds(other, rest[0]))
-
-    monkeypatch.setattr(budget_mod, "paired_latency", paired)
-    return rest, calls
 
 
 def test_table_predicts_any_plan_exactly_once_fitted(fake_clock):

@@ -104,7 +104,7 @@ def test_no_data_with_the_default_metric():
         search_ratios(model, x, None, target_macs=0.5, progress=False)
 
 
-def test_a_latency_budget_with_a_score_that_needs_data():
+def test_a_latency_budget_with_a_score_that_needs_data(fake_clock):
     """The latency target is planned by the calibrated pruner (a second, uncalibrated one
     refused to plan), and the result's pruner scores with the caller's importance."""
     from cleanai.importance import ActivationImportance

@@ -24,6 +24,7 @@ import torch
 
 from .apply import PruningError
 from .plan import PruningPlan
+from .quota import rounded
 from .ranking import spare_members
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,7 +193,9 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                 if pruner.round_to:
                     g = by_id[gid]
                     already = pruner.original_size[gid] - g.size
-                    k = min(pruner._rounded(g, already + idx.numel()) - already, caps[gid])
+                    k = min(rounded(g, already + idx.numel(), pruner.original_size[gid],
+                                    pruner.max_pruning_ratio, pruner.round_to) - already,
+                            caps[gid])
                     idx = scores[gid].argsort(stable=True)[:max(0, k)]
                 if idx.numel():
                     out[gid] = idx

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Dict, List
 import torch
 
 from ..core.graph import Group
+from .quota import cap as quota_cap
+from .quota import rounded
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
-__all__ = ["global_removals", "spare_members", "positions_per_channel", "equal_counts"]
+__all__ = ["global_removals", "spare_members", "equal_counts"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
@@ -24,7 +26,8 @@ def global_removals(pruner: "StructuredPruner", pool: List[int],
         return {}
     total = sum(quota[g] for g in pool)
     by_id = {g.id: g for g in pruner.graph.groups}
-    cap = {gid: pruner._cap(by_id[gid]) for gid in pool}
+    cap = {gid: quota_cap(by_id[gid], pruner.original_size[gid], pruner.max_pruning_ratio)
+           for gid in pool}
     flat = torch.cat([scores[g] for g in pool])
     owner = torch.cat([torch.full((len(scores[g]),), i) for i, g in enumerate(pool)])
     local = torch.cat([torch.arange(len(scores[g])) for g in pool])
@@ -42,7 +45,8 @@ def global_removals(pruner: "StructuredPruner", pool: List[int],
         if pruner.round_to:  # the global ranking sets how many leave; round_to trims that
             g = by_id[gid]
             already = pruner.original_size[gid] - g.size
-            n = min(pruner._rounded(g, already + len(idx)) - already, cap[gid])
+            n = min(rounded(g, already + len(idx), pruner.original_size[gid],
+                            pruner.max_pruning_ratio, pruner.round_to) - already, cap[gid])
             idx = scores[gid].argsort(stable=True)[:max(0, n)].tolist()
         if idx:
             out[gid] = torch.tensor(idx, dtype=torch.long)
@@ -70,14 +74,6 @@ def spare_members(group: Group, idx: torch.Tensor, scores: torch.Tensor) -> torc
             held = torch.unique(m.channels)
             removed[held[scores[held].argmax()]] = False
     return torch.nonzero(removed).flatten()
-
-
-def positions_per_channel(group: Group) -> int:
-    """Positions of the group's producer per channel (more than one after a flatten)."""
-    for m in group.members:
-        if m.kind == "out":
-            return max(1, len(m.positions) // max(1, len(torch.unique(m.channels))))
-    return 1
 
 
 def equal_counts(groups: List[Group], removals: Dict[int, torch.Tensor],

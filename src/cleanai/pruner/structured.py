@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-import math
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
@@ -27,7 +26,8 @@ from .budget import Target, parse_targets, plan_budget
 from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
 from .plan import PruningPlan
-from .ranking import equal_counts, global_removals, positions_per_channel, spare_members
+from .quota import cap, target_removed
+from .ranking import equal_counts, global_removals, spare_members
 from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
@@ -226,36 +226,6 @@ class StructuredPruner:
                     best, depth = ratio, len(key)
         return best
 
-    def _target_removed(self, group: Group, ratio: float) -> int:
-        """Channels the group should have lost, in total, once ``ratio`` is reached."""
-        size0 = self.original_size[group.id]
-        n = math.floor(size0 * ratio + 1e-9)
-        n = min(n, math.floor(size0 * self.max_pruning_ratio + 1e-9), size0 - 1)
-        return self._rounded(group, n)
-
-    def _cap(self, group: Group) -> int:
-        """How many more channels ``group`` may lose: not its protected ones, not its last, not
-        past ``max_pruning_ratio`` of its original size."""
-        size0 = self.original_size[group.id]
-        return min(group.prunable, group.size - 1,
-                   math.floor(size0 * self.max_pruning_ratio + 1e-9) - (size0 - group.size))
-
-    def _rounded(self, group: Group, n: int) -> int:
-        """``n`` channels removed in total, adjusted so the kept count is a multiple of
-        ``round_to`` (counted in positions per channel, for flattened members), never past
-        ``max_pruning_ratio``."""
-        size0 = self.original_size[group.id]
-        if not self.round_to or n <= 0:
-            return n
-        per = positions_per_channel(group)
-        unit = self.round_to // math.gcd(self.round_to, per)
-        keep = size0 - n
-        keep = max(unit, int(round(keep / unit)) * unit) if size0 >= unit else size0
-        most = math.floor(size0 * self.max_pruning_ratio + 1e-9)
-        if size0 - keep > most:  # rounding down went past the cap: round up instead
-            keep = min(size0, math.ceil((size0 - most) / unit) * unit)
-        return max(0, min(size0 - keep, size0 - 1))
-
     def plan(self) -> PruningPlan:
         """The plan for the next step; nothing changes until :meth:`apply`.
 
@@ -294,10 +264,11 @@ class StructuredPruner:
             named = any(_inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
                         for k in self.layer_ratios)
             if self.targets and not named:
-                n = self._cap(g)
+                n = cap(g, self.original_size[g.id], self.max_pruning_ratio)
             else:
                 r = self._scheduled(step, ratio)
-                n = min(self._target_removed(g, r) - already, prunable, g.size - 1)
+                n = min(target_removed(g, r, self.original_size[g.id], self.max_pruning_ratio,
+                                       self.round_to) - already, prunable, g.size - 1)
             if n <= 0:
                 continue
             s = self.importance(g, self.model).detach().float().cpu()
