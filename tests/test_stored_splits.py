@@ -60,7 +60,7 @@ def _pwee():
 def test_timm_parallel_block_prunes_its_mlp_part_and_updates_in_split(tmp_path):
     # ParallelScalingBlock: in_proj -> split(self.in_split) into [mlp, q, k, v]; its attention
     # output is reshaped to the block's input width C, so heads and hidden size prune only
-    # together (not at 0.3: 3 heads of 64 are not 180 wide): the fallback keeps those
+    # together: the fallback ties them (3 of 4 heads of 64, and 3/4 of the width)
     model, x = _pwee(), torch.randn(1, 3, 64, 64)
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -73,15 +73,16 @@ def test_timm_parallel_block_prunes_its_mlp_part_and_updates_in_split(tmp_path):
     said = [str(w.message) for w in caught]
     assert any("reshape(B, N, C)" in w for w in said), said
     for block in model.blocks:
-        assert block.in_split == [896, 256, 256, 256]
-        assert block.in_proj.out_features == 896 + 768 == block.in_proj.bias.shape[0]
+        assert block.in_split == [896, 192, 192, 192]
+        assert block.in_proj.out_features == 896 + 576 == block.in_proj.bias.shape[0]
+        assert block.in_proj.in_features == 192 == block.attn_out_proj.out_features
         assert block.mlp_out_proj.in_features == 896
     y = model(x)
     y.sum().backward()
     assert y.shape == shape and sum(p.numel() for p in model.parameters()) < n0
     cleanai.save_pruned(model, tmp_path)
     loaded = cleanai.load_pruned(fresh, tmp_path)
-    assert loaded.blocks[1].in_split == [896, 256, 256, 256]
+    assert loaded.blocks[1].in_split == [896, 192, 192, 192]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
 

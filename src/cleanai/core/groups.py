@@ -76,6 +76,12 @@ class Group:
     #: attribute sizes (``split([self.key_dim, self.key_dim, self.d])`` in every head);
     #: empty when the group is free
     equal_counts: List[int] = dataclasses.field(default_factory=list)
+    #: the ids of the groups (this one among them) that must keep the same fraction of
+    #: ``fraction_base`` channels, their sizes when the tie was found: an attention block
+    #: that derives its head size from its input's width (``C // self.num_heads``) runs only
+    #: while its heads and that width shrink together; empty when the group is free
+    equal_fractions: List[int] = dataclasses.field(default_factory=list)
+    fraction_base: int = 0
 
     @property
     def prunable(self) -> int:
@@ -90,6 +96,10 @@ class Group:
             lines.append("  " + m.describe())
         for c in self.constraints:
             lines.append("  tie: " + c)
+        others = [str(i) for i in self.equal_fractions if i != self.id]
+        if others:
+            lines.append(f"  tie: keeps the same fraction of its {self.fraction_base} channels "
+                         f"as group{'s' if len(others) > 1 else ''} {', '.join(others)}")
         for reason, n in self.reasons.items():
             lines.append(f"  protected {n}: {reason}")
         freed = self.released_outputs

@@ -92,6 +92,7 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
     for g, idx in todo:  # distinct and in range by now: as many as the group has is all
         if idx.shape[0] >= g.size:
             raise PruningError(f"the plan removes all {g.size} channels of group {g.id}")
+        _check_fraction(g, removals, by_id)
         for other in g.equal_counts:  # the parts of a chunk, or of one attribute's split
             n = removals.get(other)
             if (0 if n is None else n.shape[0]) != idx.shape[0]:
@@ -99,6 +100,21 @@ def validate_removals(graph: DependencyGraph, removals: Dict[int, torch.Tensor])
                                    f"channels as each other ({_tie(g)}); the plan "
                                    f"removes {idx.shape[0]} and "
                                    f"{0 if n is None else n.shape[0]}")
+
+
+def _check_fraction(g: Group, removals: Dict[int, torch.Tensor], by_id: Dict[int, Group]) -> None:
+    """Raise unless ``g`` and the groups it must shrink with keep the same fraction."""
+    kept = g.size - len(removals.get(g.id, ()))
+    for other in g.equal_fractions:
+        o = by_id.get(other)
+        if o is None or o is g:
+            continue
+        theirs = o.size - len(removals.get(other, ()))
+        if kept * o.fraction_base != theirs * g.fraction_base:
+            raise PruningError(f"group {g.id} and group {other} must keep the same fraction "
+                               f"of their {g.fraction_base} and {o.fraction_base} channels "
+                               f"(an attention block derives its head size from the width); "
+                               f"the plan keeps {kept} and {theirs}")
 
 
 def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],

@@ -199,7 +199,9 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                     idx = scores[gid].argsort(stable=True)[:max(0, k)]
                 if idx.numel():
                     out[gid] = idx
-        return {gid: spare_members(by_id[gid], idx, scores[gid]) for gid, idx in out.items()}
+        # the graph's ties (equal counts, equal fractions) before the cost is read
+        return pruner._tied({gid: spare_members(by_id[gid], idx, scores[gid])
+                             for gid, idx in out.items()}, scores)
 
     def values(r: Dict[int, torch.Tensor]) -> Dict[str, float]:
         cost = cm.evaluate(r)

@@ -26,6 +26,7 @@ from torch import nn
 from ..core.graph import DependencyGraph, Group
 from .apply import PruningError, try_removals
 from .failure import Failure
+from .ranking import tie_fraction
 
 
 def protect_breaking(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
@@ -39,6 +40,7 @@ def protect_breaking(model: nn.Module, graph: DependencyGraph, removals: Dict[in
     if not culprits:
         return False
     by_id = {g.id: g for g in graph.groups}
+    culprits = _tie_together(model, graph, removals, culprits)
     sites: Dict[Tuple, List[Tuple[Group, Failure, Optional[str]]]] = {}
     for gid, failure in culprits:
         g = by_id[gid]
@@ -125,6 +127,98 @@ def find_breaking(model: nn.Module, graph: DependencyGraph, removals: Dict[int, 
         close = close + 1 if hi - 1 - good <= 1 else 0
         good, failure = hi - 1, None
     return found
+
+
+def _tie_together(model: nn.Module, graph: DependencyGraph, removals: Dict[int, torch.Tensor],
+                  culprits: List[Tuple[int, Failure]]) -> List[Tuple[int, Failure]]:
+    """Tie the groups at fault that run when they shrink by the same fraction, and return
+    the others (to protect).
+
+    An attention block that derives its head size from its input's width
+    (``x.reshape(B, N, 3, self.num_heads, C // self.num_heads)``) breaks when its heads or
+    that width lose channels alone, and runs when both keep the same fraction (5 of 6 heads
+    and 5/6 of the width). Groups at fault that share a layer are tried together: each
+    loses channels to the common fraction nearest the plan's, next to the rest of the plan,
+    in one check forward (rolled back). Where the model runs, the groups keep that tie in
+    every later plan (``Group.equal_fractions``), with one warning."""
+    by_id = {g.id: g for g in graph.groups}
+    failures = dict(culprits)
+    ids = [gid for gid, _ in culprits if not by_id[gid].equal_fractions]  # not tied in vain
+    # a partner the plan left alone (3 heads keep all 3 at ratio 0.25) is tried too
+    at_layer: Dict[str, List[int]] = {}
+    for g in graph.groups:
+        if not len(removals.get(g.id, ())) and g.prunable and not g.equal_fractions:
+            for name in {m.name for m in g.members}:
+                at_layer.setdefault(name, []).append(g.id)
+    for gid in list(ids):
+        for name in {m.name for m in by_id[gid].members}:
+            ids += [h for h in at_layer.get(name, ()) if h not in ids and
+                    by_id[h].kind != by_id[gid].kind]
+    parent = {gid: gid for gid in ids}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # heads go with the widths they share a layer with; two widths are never tied this way
+    # (a patch-merging layer reads one stage's width and writes the next's)
+    layers = {gid: {m.name for m in by_id[gid].members} for gid in ids}
+    for a in ids:
+        for b in ids:
+            if a < b and by_id[a].kind != by_id[b].kind and layers[a] & layers[b]:
+                parent[root(a)] = root(b)
+    parts: Dict[int, List[int]] = {}
+    for gid in ids:
+        parts.setdefault(root(gid), []).append(gid)
+    at_fault = {gid for gid, _ in culprits}
+    trial = {g: idx for g, idx in removals.items() if g not in at_fault}
+    tied: set = set()
+    sites: Dict[Tuple, List[Tuple[List[Group], Dict[int, int]]]] = {}
+    for part in parts.values():
+        groups = [by_id[i] for i in part]
+        if len(groups) < 2:
+            continue
+        for g in groups:
+            g.fraction_base = g.size
+        planned = [(g.size - len(removals.get(g.id, ()))) / g.size for g in groups]
+        keep = tie_fraction(groups, sum(planned) / len(planned),
+                            {g.id: min(g.prunable, g.size - 1) for g in groups}, shrink=True)
+        cut = {g.id: _some(g, g.size - keep[g.id], removals.get(g.id)) for g in groups}
+        if all(len(idx) for idx in cut.values()) and \
+                try_removals(model, graph, {**trial, **cut}) is None:
+            trial.update(cut)
+            tied.update(part)
+            for g in groups:
+                g.equal_fractions = sorted(part)
+            first = failures[next(i for i in part if i in failures)]
+            site = (first.error, first.source or first.layer_type or first.layer)
+            sites.setdefault(site, []).append((groups, keep))
+        else:
+            for g in groups:
+                g.fraction_base = 0
+    name = type(model).__name__
+    for site, found in sites.items():
+        groups = [g for part, _ in found for g in part]
+        listed = ", ".join(_describe(g) for g in groups[:4]) + \
+            (f" and {len(groups) - 4} more" if len(groups) > 4 else "")
+        keep = found[0][1]
+        example = next(g for g in found[0][0] if g.id in failures)
+        sets = f" ({len(found)} sets, each tied within)" if len(found) > 1 else ""
+        warnings.warn(f"{name} no longer runs when groups {listed} lose channels apart"
+                      f"{sets}: {failures[example.id].describe(name)}. It runs when the heads "
+                      f"and the width they share keep the same fraction of their channels "
+                      f"(e.g. {keep[example.id]} of {example.size} in group {example.id}): "
+                      f"CleanAI prunes them together.", stacklevel=_caller_level())
+    return [(gid, f) for gid, f in culprits if gid not in tied]
+
+
+def _some(group: Group, n: int, planned: Optional[torch.Tensor]) -> torch.Tensor:
+    """``n`` unprotected channels of ``group`` for a check forward: the planned ones first."""
+    order = [] if planned is None else planned.tolist()
+    free = [i for i in range(group.size) if not bool(group.protected[i]) and i not in set(order)]
+    return torch.tensor((order + free)[:n], dtype=torch.long)
 
 
 def _caller_level() -> int:

@@ -3,7 +3,7 @@ the rule that no layer is emptied."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -14,7 +14,8 @@ from .quota import rounded
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
-__all__ = ["global_removals", "spare_members", "equal_counts"]
+__all__ = ["global_removals", "spare_members", "equal_counts", "equal_fractions",
+           "tie_fraction"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
@@ -105,3 +106,62 @@ def equal_counts(groups: List[Group], removals: Dict[int, torch.Tensor],
             else:
                 out[gid] = idx[s.index_select(0, idx).argsort(stable=True)[:n]]
     return out
+
+
+def equal_fractions(groups: List[Group], removals: Dict[int, torch.Tensor],
+                    score_of: Callable[[int], Optional[torch.Tensor]],
+                    cap_of: Callable[[int], int]) -> Dict[int, torch.Tensor]:
+    """Groups that must keep the same fraction of their ``fraction_base`` channels
+    (``Group.equal_fractions``) keep the one nearest the mean of what the plan gave them
+    (:func:`tie_fraction`), each losing its lowest-scored channels. ``score_of(id)``: a
+    group's scores (protected channels ``inf``), None when it may not lose channels (then
+    the whole tie keeps its width); ``cap_of(id)``: how many it may still lose. Returns
+    ``removals`` itself when it keeps every tie."""
+    by_id = {g.id: g for g in groups}
+    done = set()
+    out = removals
+    for g in groups:
+        if not g.equal_fractions or g.id in done:
+            continue
+        tied = [by_id[i] for i in g.equal_fractions if i in by_id]
+        done.update(t.id for t in tied)
+        planned = [(t.size - len(removals.get(t.id, ()))) / t.fraction_base for t in tied]
+        scores = {t.id: score_of(t.id) for t in tied}
+        if any(s is None for s in scores.values()):
+            keep = {t.id: t.size for t in tied}
+        else:
+            keep = tie_fraction(tied, sum(planned) / len(planned), {t.id: cap_of(t.id)
+                                                                   for t in tied})
+        for t in tied:
+            n = t.size - keep[t.id]
+            if len(removals.get(t.id, ())) == n:
+                continue  # the plan's own choice already keeps the tie
+            if out is removals:
+                out = dict(removals)
+            if n == 0:
+                out.pop(t.id, None)
+            else:
+                out[t.id] = scores[t.id].argsort(stable=True)[:n]
+    return out
+
+
+def tie_fraction(tied: List[Group], wanted: float, caps: Dict[int, int],
+                 shrink: bool = False) -> Dict[int, int]:
+    """Channels each of ``tied`` keeps at the common fraction of their ``fraction_base``
+    nearest ``wanted`` (the larger on a tie) that gives each a whole number of channels, no
+    more than it has now, and removes no more than ``caps`` allows (with ``shrink``, fewer
+    than it has now); their present widths when no such fraction exists."""
+    least = min(tied, key=lambda t: t.fraction_base)
+    best: Optional[Tuple[float, Dict[int, int]]] = None
+    for k in range(1, least.size + (0 if shrink else 1)):
+        f = k / least.fraction_base
+        keep = {}
+        for t in tied:
+            n = f * t.fraction_base
+            if abs(n - round(n)) > 1e-9 or round(n) > t.size or t.size - round(n) > caps[t.id]:
+                break
+            keep[t.id] = int(round(n))
+        else:
+            if best is None or abs(f - wanted) <= abs(best[0] - wanted) + 1e-12:
+                best = (f, keep)
+    return best[1] if best is not None else {t.id: t.size for t in tied}

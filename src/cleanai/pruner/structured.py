@@ -27,7 +27,7 @@ from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
 from .plan import PruningPlan
 from .quota import cap, target_removed
-from .ranking import equal_counts, global_removals, spare_members
+from .ranking import equal_counts, equal_fractions, global_removals, spare_members
 from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
@@ -271,11 +271,7 @@ class StructuredPruner:
                                        self.round_to) - already, prunable, g.size - 1)
             if n <= 0:
                 continue
-            s = self.importance(g, self.model).detach().float().cpu()
-            if s.shape != (g.size,):
-                raise ValueError(f"{type(self.importance).__name__} returned shape "
-                                 f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
-            scores[g.id] = s.masked_fill(g.protected, float("inf")) if prunable < g.size else s
+            scores[g.id] = self._score(g)
             if self.targets and not named:
                 caps[g.id] = n
                 continue
@@ -286,15 +282,40 @@ class StructuredPruner:
                     if gid not in pool}
         if self.targets:
             plan = plan_budget(self, step, scores, caps, removals)
-            tied = equal_counts(self.graph.groups, plan.removals, scores)
+            tied = self._tied(plan.removals, scores)
             return plan if tied is plan.removals else \
                 PruningPlan(self.graph, tied, step, plan.budget)
         removals.update(global_removals(self, pool, scores, quota))
         by_id = {g.id: g for g in self.graph.groups}
         removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                     for gid, idx in removals.items()}
+        return PruningPlan(self.graph, self._tied(removals, scores), step)
+
+    def _score(self, g: Group) -> torch.Tensor:
+        """The importance of ``g``'s channels, checked; protected ones ``inf``."""
+        s = self.importance(g, self.model).detach().float().cpu()
+        if s.shape != (g.size,):
+            raise ValueError(f"{type(self.importance).__name__} returned shape "
+                             f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
+        return s.masked_fill(g.protected, float("inf")) if g.prunable < g.size else s
+
+    def _tied(self, removals: Dict[int, torch.Tensor],
+              scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """``removals`` made to keep the graph's ties: equal counts, then equal fractions
+        (scoring a tied group the plan left alone, when it may lose channels)."""
         removals = equal_counts(self.graph.groups, removals, scores)
-        return PruningPlan(self.graph, removals, step)
+        by_id = {g.id: g for g in self.graph.groups}
+
+        def score_of(gid: int) -> Optional[torch.Tensor]:
+            g = by_id[gid]
+            if gid not in scores:
+                if self.group_ratio(g) is None or g.prunable == 0:
+                    return None
+                scores[gid] = self._score(g)
+            return scores[gid]
+
+        return equal_fractions(self.graph.groups, removals, score_of, lambda gid: cap(
+            by_id[gid], self.original_size[gid], self.max_pruning_ratio))
 
     def _scheduled(self, step: int, ratio: float) -> float:
         """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
