@@ -291,12 +291,21 @@ def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
     table.observe({}, now, near=wanted)
     # (predicted, measured, MACs, removals) of every candidate timed
     timed: List[Tuple[float, float, float, Dict[int, torch.Tensor]]] = []
+    goal = wanted  # what the table is asked for
     for _ in range(LATENCY_CANDIDATES):
         # when the table says nothing fits, the fastest plan is timed: the table may be wrong
-        removals, planned = budget_removals(pruner, scores, caps, fixed, {"latency": wanted},
+        removals, planned = budget_removals(pruner, scores, caps, fixed, {"latency": goal},
                                             latency=table, fastest=True)
         if any(_same(removals, t[3]) for t in timed):
-            break  # the refit changed nothing the ranking can express
+            last = timed[-1][1]
+            if last <= wanted * (1 + LATENCY_TOLERANCE):
+                break
+            # the refit leads back to a plan timed too slow: ask the table for less
+            goal *= wanted / last
+            removals, planned = budget_removals(pruner, scores, caps, fixed,
+                                                {"latency": goal}, latency=table, fastest=True)
+            if any(_same(removals, t[3]) for t in timed):
+                break
         candidate = pruner.pruned_copy(PruningPlan(pruner.graph, removals, step),
                                        compensate=False)
         t_now, t_new = paired_latency(pruner.model, candidate, pruner.example_inputs,
