@@ -88,3 +88,20 @@ def test_table_times_convs_norms_and_skips_nothing_it_can_run():
     assert all(s > 0 for g in grids.values() for row in g["seconds"] for s in row)
     with pytest.raises(ValueError, match="repeats"):
         LatencyTable(model, table.cost_model, repeats=0)
+
+
+def test_a_grid_point_slowed_by_a_busy_moment_is_timed_again():
+    from cleanai.budget.latency import _retime_outliers
+    true = [[(i + 1) * (j + 1) * 1e-4 for j in range(4)] for i in range(4)]
+    grid = [row[:] for row in true]
+    grid[3][3] *= 7  # the corner, measured while something else ran
+    grid[0][2] *= 5  # an edge point
+    again = []
+
+    def timed(i, j):
+        again.append((i, j))
+        return true[i][j]
+
+    _retime_outliers(grid, timed)
+    assert sorted(again) == [(0, 2), (3, 3)]
+    assert sum(grid, []) == pytest.approx(sum(true, []))
