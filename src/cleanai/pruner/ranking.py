@@ -83,14 +83,8 @@ def equal_counts(groups: List[Group], removals: Dict[int, torch.Tensor],
     parts of a chunk, the parts one attribute sizes) lose the fewest any of them was to
     lose, each its lowest-scored channels among those planned. Returns ``removals`` itself
     when it keeps every tie."""
-    by_id = {g.id: g for g in groups}
-    done = set()
     out = removals
-    for g in groups:
-        if not g.equal_counts or g.id in done:
-            continue
-        tied = [gid for gid in g.equal_counts if gid in by_id]
-        done.update(tied)
+    for tied in _ties(groups, "equal_counts"):
         n = min(len(removals.get(gid, ())) for gid in tied)
         for gid in tied:
             idx = removals.get(gid)
@@ -108,6 +102,19 @@ def equal_counts(groups: List[Group], removals: Dict[int, torch.Tensor],
     return out
 
 
+def _ties(groups: List[Group], attr: str) -> List[List[int]]:
+    """Each tie among ``groups`` once: the group ids listed in their ``attr`` field."""
+    known = {g.id for g in groups}
+    done: set = set()
+    out = []
+    for g in groups:
+        if getattr(g, attr) and g.id not in done:
+            ids = [i for i in getattr(g, attr) if i in known]
+            done.update(ids)
+            out.append(ids)
+    return out
+
+
 def equal_fractions(groups: List[Group], removals: Dict[int, torch.Tensor],
                     score_of: Callable[[int], Optional[torch.Tensor]],
                     cap_of: Callable[[int], int]) -> Dict[int, torch.Tensor]:
@@ -118,13 +125,9 @@ def equal_fractions(groups: List[Group], removals: Dict[int, torch.Tensor],
     the whole tie keeps its width); ``cap_of(id)``: how many it may still lose. Returns
     ``removals`` itself when it keeps every tie."""
     by_id = {g.id: g for g in groups}
-    done = set()
     out = removals
-    for g in groups:
-        if not g.equal_fractions or g.id in done:
-            continue
-        tied = [by_id[i] for i in g.equal_fractions if i in by_id]
-        done.update(t.id for t in tied)
+    for ids in _ties(groups, "equal_fractions"):
+        tied = [by_id[i] for i in ids]
         planned = [(t.size - len(removals.get(t.id, ()))) / t.fraction_base for t in tied]
         scores = {t.id: score_of(t.id) for t in tied}
         if any(s is None for s in scores.values()):
