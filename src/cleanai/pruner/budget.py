@@ -184,10 +184,16 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
     else:
         owner_r = local_r = torch.zeros(0, dtype=torch.long)
 
-    def removals(n: int) -> Dict[int, torch.Tensor]:
+    def removals(n: int, back: int = 0) -> Dict[int, torch.Tensor]:
+        """The first ``n`` channels of the ranking, less the ``back`` last of them that
+        belong to untied groups (given back to fill what a tie's coarse step left)."""
         out = dict(fixed)
         if n:
             own, loc = owner_r[:n], local_r[:n]
+            if back:
+                keep = torch.ones(n, dtype=torch.bool)
+                keep[untied[untied < n][-back:]] = False
+                own, loc = own[keep], loc[keep]
             for gid in torch.unique(own).tolist():
                 idx = loc[own == gid]
                 if pruner.round_to:
@@ -207,10 +213,15 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
         cost = cm.evaluate(r)
         return {m: latency.predict(r) if m == "latency" else getattr(cost, m) for m in targets}
 
-    def fits(n: int) -> Tuple[bool, Dict[int, torch.Tensor], Dict[str, float]]:
-        r = removals(n)
+    def fits(n: int, back: int = 0) -> Tuple[bool, Dict[int, torch.Tensor], Dict[str, float]]:
+        r = removals(n, back)
         got = values(r)
         return all(got[m] <= t * (1 + 1e-9) for m, t in targets.items()), r, got
+
+    # ranking positions of channels whose group is in no tie: they can be given back one by one
+    tied_ids = {g.id for g in pruner.graph.groups if g.equal_fractions or g.equal_counts}
+    untied = torch.nonzero(~torch.isin(owner_r, torch.tensor(sorted(tied_ids),
+                                                             dtype=torch.long))).flatten()
 
     total = owner_r.numel()
     ok, best, cost = fits(total)
@@ -231,6 +242,17 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
     if hi == 0:
         best = removals(0)
         cost = values(best)
+    elif tied_ids and not pruner.round_to:
+        # the n-th channel may have moved a tie a whole step (a head and its share of the
+        # width): give back the last untied channels while the budget still holds
+        lo, top = 0, int((untied < hi).sum())
+        while lo < top:
+            mid = (lo + top + 1) // 2
+            ok, r, c = fits(hi, mid)
+            if ok:
+                lo, best, cost = mid, r, c
+            else:
+                top = mid - 1
     return best, cost
 
 
