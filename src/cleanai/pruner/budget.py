@@ -25,7 +25,7 @@ import torch
 from .apply import PruningError
 from .plan import PruningPlan
 from .quota import rounded
-from .ranking import spare_members
+from .ranking import spare_members, tied_removals
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
@@ -206,8 +206,8 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                 if idx.numel():
                     out[gid] = idx
         # the graph's ties (equal counts, equal fractions) before the cost is read
-        return pruner._tied({gid: spare_members(by_id[gid], idx, scores[gid])
-                             for gid, idx in out.items()}, scores)
+        return tied_removals(pruner, {gid: spare_members(by_id[gid], idx, scores[gid])
+                                      for gid, idx in out.items()}, scores)
 
     def values(r: Dict[int, torch.Tensor]) -> Dict[str, float]:
         cost = cm.evaluate(r)

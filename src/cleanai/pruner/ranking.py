@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
 __all__ = ["global_removals", "spare_members", "equal_counts", "equal_fractions",
-           "tie_fraction"]
+           "tie_fraction", "tied_removals"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
@@ -168,3 +168,22 @@ def tie_fraction(tied: List[Group], wanted: float, caps: Dict[int, int],
             if best is None or abs(f - wanted) <= abs(best[0] - wanted) + 1e-12:
                 best = (f, keep)
     return best[1] if best is not None else {t.id: t.size for t in tied}
+
+
+def tied_removals(pruner: "StructuredPruner", removals: Dict[int, torch.Tensor],
+                  scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """``removals`` made to keep the graph's ties: equal counts, then equal fractions
+    (scoring a tied group the plan left alone, when it may lose channels)."""
+    removals = equal_counts(pruner.graph.groups, removals, scores)
+    by_id = {g.id: g for g in pruner.graph.groups}
+
+    def score_of(gid: int) -> Optional[torch.Tensor]:
+        g = by_id[gid]
+        if gid not in scores:
+            if pruner.group_ratio(g) is None or g.prunable == 0:
+                return None
+            scores[gid] = pruner._score(g)
+        return scores[gid]
+
+    return equal_fractions(pruner.graph.groups, removals, score_of, lambda gid: quota_cap(
+        by_id[gid], pruner.original_size[gid], pruner.max_pruning_ratio))

@@ -27,7 +27,7 @@ from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
 from .plan import PruningPlan
 from .quota import cap, target_removed
-from .ranking import equal_counts, equal_fractions, global_removals, spare_members
+from .ranking import global_removals, spare_members, tied_removals
 from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
@@ -282,14 +282,14 @@ class StructuredPruner:
                     if gid not in pool}
         if self.targets:
             plan = plan_budget(self, step, scores, caps, removals)
-            tied = self._tied(plan.removals, scores)
+            tied = tied_removals(self, plan.removals, scores)
             return plan if tied is plan.removals else \
                 PruningPlan(self.graph, tied, step, plan.budget)
         removals.update(global_removals(self, pool, scores, quota))
         by_id = {g.id: g for g in self.graph.groups}
         removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                     for gid, idx in removals.items()}
-        return PruningPlan(self.graph, self._tied(removals, scores), step)
+        return PruningPlan(self.graph, tied_removals(self, removals, scores), step)
 
     def _score(self, g: Group) -> torch.Tensor:
         """The importance of ``g``'s channels, checked; protected ones ``inf``."""
@@ -298,24 +298,6 @@ class StructuredPruner:
             raise ValueError(f"{type(self.importance).__name__} returned shape "
                              f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
         return s.masked_fill(g.protected, float("inf")) if g.prunable < g.size else s
-
-    def _tied(self, removals: Dict[int, torch.Tensor],
-              scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
-        """``removals`` made to keep the graph's ties: equal counts, then equal fractions
-        (scoring a tied group the plan left alone, when it may lose channels)."""
-        removals = equal_counts(self.graph.groups, removals, scores)
-        by_id = {g.id: g for g in self.graph.groups}
-
-        def score_of(gid: int) -> Optional[torch.Tensor]:
-            g = by_id[gid]
-            if gid not in scores:
-                if self.group_ratio(g) is None or g.prunable == 0:
-                    return None
-                scores[gid] = self._score(g)
-            return scores[gid]
-
-        return equal_fractions(self.graph.groups, removals, score_of, lambda gid: cap(
-            by_id[gid], self.original_size[gid], self.max_pruning_ratio))
 
     def _scheduled(self, step: int, ratio: float) -> float:
         """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
