@@ -217,7 +217,8 @@ def _tie_together(model: nn.Module, graph: DependencyGraph, removals: Dict[int, 
 def _some(group: Group, n: int, planned: Optional[torch.Tensor]) -> torch.Tensor:
     """``n`` unprotected channels of ``group`` for a check forward: the planned ones first."""
     order = [] if planned is None else planned.tolist()
-    free = [i for i in range(group.size) if not bool(group.protected[i]) and i not in set(order)]
+    taken = set(order)
+    free = [i for i in (~group.protected).nonzero().flatten().tolist() if i not in taken]
     return torch.tensor((order + free)[:n], dtype=torch.long)
 
 
