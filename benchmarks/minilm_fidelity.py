@@ -282,7 +282,6 @@ def main() -> None:
     ref = embed(dense, eval_batches)
     dense_params = count_params(dense)
     rows = [("dense", dense.config.num_attention_heads, 1.0, 1.0, dense_params, "", dense)]
-    layers = [f"encoder.layer.{i}" for i in range(dense.config.num_hidden_layers)]
     wider = {wide: distill_text(wide) for wide in (False, True)}
     texts = {wide: batched(tokenizer, t, 8) for wide, t in wider.items()}
     for ratio in args.ratios:
@@ -321,16 +320,7 @@ def main() -> None:
         rows.append(_row(f"... + distill {args.distill_steps} steps, {tag}", student, ref,
                          eval_batches, f"{time.perf_counter() - start:.0f} s"))
         # distillation on more unlabeled text, every encoder layer's output matched too
-        for wide, what in ((False, "all pydoc text"), (True, "pydoc + other stdlib docstrings")):
-            steps = args.distill_steps if not wide else args.wide_steps
-            student = copy.deepcopy(rebuilt)
-            start = time.perf_counter()
-            cleanai.recover.distill(student, dense, texts[wide], steps=steps,
-                                    lr=5e-5 if not wide else 1e-4, layers=layers,
-                                    train_mode=False, progress=False)
-            rows.append(_row(f"... + distill {steps} steps on {what} ({len(wider[wide])} "
-                             f"sentences), layers matched, {tag}", student, ref, eval_batches,
-                             f"{time.perf_counter() - start:.0f} s"))
+        rows += wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts, wider)
         rows += sensitivity_rows(dense, example, calib_batches, ratio, tag, ref, eval_batches,
                                  args, texts, wider)
 
@@ -371,7 +361,15 @@ def sensitivity_rows(dense, example, calib_batches, ratio, tag, ref, eval_batche
                                 granularity="block", lr=1e-4, progress=False)
     rows.append(_row(f"... + reconstruct (block), {tag}", rebuilt, ref, eval_batches,
                      f"{time.perf_counter() - start:.0f} s"))
+    return rows + wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts, wider)
+
+
+def wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts, wider):
+    """Two distillations of ``rebuilt`` with every encoder layer's output matched: on all
+    pydoc text (``--distill-steps``, lr 5e-5), and on pydoc plus other stdlib docstrings
+    (``--wide-steps``, lr 1e-4); a row each."""
     layers = [f"encoder.layer.{i}" for i in range(dense.config.num_hidden_layers)]
+    rows = []
     for wide, what in ((False, "all pydoc text"), (True, "pydoc + other stdlib docstrings")):
         steps = args.distill_steps if not wide else args.wide_steps
         student = copy.deepcopy(rebuilt)
