@@ -209,8 +209,10 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
         return tied_removals(pruner, {gid: spare_members(by_id[gid], idx, scores[gid])
                                       for gid, idx in out.items()}, scores)
 
+    counted = any(m != "latency" for m in targets)
+
     def values(r: Dict[int, torch.Tensor]) -> Dict[str, float]:
-        cost = cm.evaluate(r)
+        cost = cm.evaluate(r) if counted else None  # the table reads its own widths
         return {m: latency.predict(r) if m == "latency" else getattr(cost, m) for m in targets}
 
     def fits(n: int, back: int = 0) -> Tuple[bool, Dict[int, torch.Tensor], Dict[str, float]]:
@@ -219,9 +221,9 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
         return all(got[m] <= t * (1 + 1e-9) for m, t in targets.items()), r, got
 
     # ranking positions of channels whose group is in no tie: they can be given back one by one
-    tied_ids = {g.id for g in pruner.graph.groups if g.equal_fractions or g.equal_counts}
-    untied = torch.nonzero(~torch.isin(owner_r, torch.tensor(sorted(tied_ids),
-                                                             dtype=torch.long))).flatten()
+    tied_ids = [g.id for g in pruner.graph.groups if g.equal_fractions or g.equal_counts]
+    untied = torch.nonzero(~torch.isin(owner_r, torch.tensor(tied_ids, dtype=torch.long))
+                           ).flatten() if tied_ids else owner_r[:0]
 
     total = owner_r.numel()
     ok, best, cost = fits(total)

@@ -180,10 +180,8 @@ def _tie_together(model: nn.Module, graph: DependencyGraph, removals: Dict[int, 
         groups = [by_id[i] for i in part]
         if len(groups) < 2:
             continue
-        for g in groups:
-            g.fraction_base = g.size
         planned = [(g.size - len(removals.get(g.id, ()))) / g.size for g in groups]
-        keep = tie_fraction(groups, sum(planned) / len(planned),
+        keep = tie_fraction(groups, {g.id: g.size for g in groups}, sum(planned) / len(planned),
                             {g.id: min(g.prunable, g.size - 1) for g in groups}, shrink=True)
         cut = {g.id: _some(g, g.size - keep[g.id], removals.get(g.id)) for g in groups}
         if all(len(idx) for idx in cut.values()) and \
@@ -191,13 +189,10 @@ def _tie_together(model: nn.Module, graph: DependencyGraph, removals: Dict[int, 
             trial.update(cut)
             tied.update(part)
             for g in groups:
-                g.equal_fractions = sorted(part)
+                g.equal_fractions, g.fraction_base = sorted(part), g.size
             first = failures[next(i for i in part if i in failures)]
             site = (first.error, first.source or first.layer_type or first.layer)
             sites.setdefault(site, []).append((groups, keep))
-        else:
-            for g in groups:
-                g.fraction_base = 0
     name = type(model).__name__
     for site, found in sites.items():
         groups = [g for part, _ in found for g in part]

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
 __all__ = ["global_removals", "spare_members", "equal_counts", "equal_fractions",
-           "tie_fraction", "tied_removals"]
+           "tie_fraction", "tied_removals", "group_score"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
@@ -133,8 +133,8 @@ def equal_fractions(groups: List[Group], removals: Dict[int, torch.Tensor],
         if any(s is None for s in scores.values()):
             keep = {t.id: t.size for t in tied}
         else:
-            keep = tie_fraction(tied, sum(planned) / len(planned), {t.id: cap_of(t.id)
-                                                                   for t in tied})
+            keep = tie_fraction(tied, {t.id: t.fraction_base for t in tied},
+                                sum(planned) / len(planned), {t.id: cap_of(t.id) for t in tied})
         for t in tied:
             n = t.size - keep[t.id]
             if len(removals.get(t.id, ())) == n:
@@ -148,19 +148,19 @@ def equal_fractions(groups: List[Group], removals: Dict[int, torch.Tensor],
     return out
 
 
-def tie_fraction(tied: List[Group], wanted: float, caps: Dict[int, int],
-                 shrink: bool = False) -> Dict[int, int]:
-    """Channels each of ``tied`` keeps at the common fraction of their ``fraction_base``
-    nearest ``wanted`` (the larger on a tie) that gives each a whole number of channels, no
-    more than it has now, and removes no more than ``caps`` allows (with ``shrink``, fewer
-    than it has now); their present widths when no such fraction exists."""
-    least = min(tied, key=lambda t: t.fraction_base)
+def tie_fraction(tied: List[Group], bases: Dict[int, int], wanted: float,
+                 caps: Dict[int, int], shrink: bool = False) -> Dict[int, int]:
+    """Channels each of ``tied`` keeps at the common fraction of its ``bases`` width nearest
+    ``wanted`` (the larger on a tie) that gives each a whole number of channels, no more than
+    it has now, and removes no more than ``caps`` allows (with ``shrink``, fewer than it has
+    now); their present widths when no such fraction exists."""
+    least = min(tied, key=lambda t: bases[t.id])
     best: Optional[Tuple[float, Dict[int, int]]] = None
     for k in range(1, least.size + (0 if shrink else 1)):
-        f = k / least.fraction_base
+        f = k / bases[least.id]
         keep = {}
         for t in tied:
-            n = f * t.fraction_base
+            n = f * bases[t.id]
             if abs(n - round(n)) > 1e-9 or round(n) > t.size or t.size - round(n) > caps[t.id]:
                 break
             keep[t.id] = int(round(n))
@@ -182,8 +182,18 @@ def tied_removals(pruner: "StructuredPruner", removals: Dict[int, torch.Tensor],
         if gid not in scores:
             if pruner.group_ratio(g) is None or g.prunable == 0:
                 return None
-            scores[gid] = pruner._score(g)
+            scores[gid] = group_score(pruner, g)
         return scores[gid]
 
     return equal_fractions(pruner.graph.groups, removals, score_of, lambda gid: quota_cap(
         by_id[gid], pruner.original_size[gid], pruner.max_pruning_ratio))
+
+
+def group_score(pruner: "StructuredPruner", g: Group) -> torch.Tensor:
+    """The importance of ``g``'s channels (shape ``[g.size]``), checked; protected ones
+    ``inf``, so that no ranking takes them."""
+    s = pruner.importance(g, pruner.model).detach().float().cpu()
+    if s.shape != (g.size,):
+        raise ValueError(f"{type(pruner.importance).__name__} returned shape "
+                         f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
+    return s.masked_fill(g.protected, float("inf")) if g.prunable < g.size else s

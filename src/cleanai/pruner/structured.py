@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..core.graph import DependencyGraph, Group, is_meta_model, module_signature
+from ..core.graph import DependencyGraph, Group, module_signature
 from .. import distributed
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
@@ -22,12 +22,11 @@ from .keeps import layer_keeps
 from .attributes import attribute_updates, set_attributes, update_config
 from .fallback import protect_breaking
 from .history import get_history, record_step
-from .budget import Target, parse_targets, plan_budget
+from .budget import Target, parse_targets
 from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
 from .plan import PruningPlan
-from .quota import cap, target_removed
-from .ranking import global_removals, spare_members, tied_removals
+from .planning import RATIO_KINDS, inside, plan_step
 from .references import LayerNames, infer_example_inputs
 
 logger = logging.getLogger(__name__)
@@ -35,7 +34,6 @@ logger = logging.getLogger(__name__)
 LayerRef = Union[str, nn.Module]
 Schedule = Callable[[int, int, float], float]
 GROUP_KINDS = ("heads", "head_dims", "hidden", "channels")
-RATIO_KINDS = ("out", "same", "internal")  # the members through which a layer ratio applies
 
 
 def linear_schedule(step: int, steps: int, ratio: float) -> float:
@@ -217,12 +215,12 @@ class StructuredPruner:
         if not self.ignored and not self.layer_ratios:
             return self.pruning_ratio
         layers = [m.name for m in group.members if m.kind in RATIO_KINDS]
-        if any(_inside(layer, ig) for layer in layers for ig in self.ignored):
+        if any(inside(layer, ig) for layer in layers for ig in self.ignored):
             return None
         best, depth = self.pruning_ratio, -1
         for key, ratio in self.layer_ratios.items():
             for layer in layers:
-                if _inside(layer, key) and (len(key) > depth or (len(key) == depth and ratio > best)):
+                if inside(layer, key) and (len(key) > depth or (len(key) == depth and ratio > best)):
                     best, depth = ratio, len(key)
         return best
 
@@ -232,80 +230,8 @@ class StructuredPruner:
         Under a process group, rank 0 plans and every rank receives its plan."""
         group = distributed.active_group(self.process_group)
         if group is None:
-            return self._plan_here()
-        return plan_together(self, group, self._plan_here)
-
-    def _plan_here(self) -> PruningPlan:
-        if getattr(self.importance, "needs_values", True) and is_meta_model(self.model):
-            raise RuntimeError(f"{type(self.importance).__name__} reads weight values, but "
-                               f"{type(self.model).__name__} is on the meta device (shapes "
-                               f"only): prune its checkpoint with cleanai.prune_checkpoint(), "
-                               f"or build the model with its weights")
-        step = self.current_step + 1
-        if step > self.iterative_steps:
-            raise RuntimeError(f"all {self.iterative_steps} pruning steps are done; "
-                               f"build a new StructuredPruner to prune further")
-        if getattr(self.importance, "requires_data", False) and \
-                not getattr(self.importance, "ready", True):
-            raise RuntimeError(f"{type(self.importance).__name__} scores channels from data: "
-                               f"call pruner.calibrate(data) before planning")
-        scores: Dict[int, torch.Tensor] = {}
-        quota: Dict[int, int] = {}
-        caps: Dict[int, int] = {}  # with a budget: how many each ranked group may lose
-        pool: List[int] = []
-        for g in self.graph.groups:
-            ratio = self.group_ratio(g)
-            if ratio is None or g.size <= 1:
-                continue
-            prunable = g.prunable
-            if prunable == 0:
-                continue
-            already = self.original_size[g.id] - g.size
-            named = any(_inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
-                        for k in self.layer_ratios)
-            if self.targets and not named:
-                n = cap(g, self.original_size[g.id], self.max_pruning_ratio)
-            else:
-                r = self._scheduled(step, ratio)
-                n = min(target_removed(g, r, self.original_size[g.id], self.max_pruning_ratio,
-                                       self.round_to) - already, prunable, g.size - 1)
-            if n <= 0:
-                continue
-            scores[g.id] = self._score(g)
-            if self.targets and not named:
-                caps[g.id] = n
-                continue
-            quota[g.id] = n
-            if self.global_pruning and not named:
-                pool.append(g.id)
-        removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
-                    if gid not in pool}
-        if self.targets:
-            plan = plan_budget(self, step, scores, caps, removals)
-            tied = tied_removals(self, plan.removals, scores)
-            return plan if tied is plan.removals else \
-                PruningPlan(self.graph, tied, step, plan.budget)
-        removals.update(global_removals(self, pool, scores, quota))
-        by_id = {g.id: g for g in self.graph.groups}
-        removals = {gid: spare_members(by_id[gid], idx, scores[gid])
-                    for gid, idx in removals.items()}
-        return PruningPlan(self.graph, tied_removals(self, removals, scores), step)
-
-    def _score(self, g: Group) -> torch.Tensor:
-        """The importance of ``g``'s channels, checked; protected ones ``inf``."""
-        s = self.importance(g, self.model).detach().float().cpu()
-        if s.shape != (g.size,):
-            raise ValueError(f"{type(self.importance).__name__} returned shape "
-                             f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
-        return s.masked_fill(g.protected, float("inf")) if g.prunable < g.size else s
-
-    def _scheduled(self, step: int, ratio: float) -> float:
-        """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
-        r = self.schedule(step, self.iterative_steps, ratio)
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:
-            raise ValueError(f"iterative_schedule returned {r!r} for step {step} of "
-                             f"{self.iterative_steps}; it must return a ratio in [0, 1)")
-        return float(r)
+            return plan_step(self)
+        return plan_together(self, group, lambda: plan_step(self))
 
     # --- actions -----------------------------------------------------------------------
 
@@ -483,7 +409,3 @@ def _follow(stats: ActivationStats, layers: List[Dict[str, Any]]) -> None:
 def _check_ratio(name: str, ratio: Any) -> None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {ratio!r}")
-
-
-def _inside(layer: str, key: str) -> bool:
-    return key == "" or layer == key or layer.startswith(key + ".")

@@ -1,0 +1,93 @@
+"""The policy of a step: how many channels each group should lose (its ratio, the schedule,
+the budget) and which, from the importance scores; the pruner applies what this decides."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, List
+
+import torch
+
+from ..core.graph import is_meta_model
+from .budget import plan_budget
+from .plan import PruningPlan
+from .quota import cap, target_removed
+from .ranking import global_removals, group_score, spare_members, tied_removals
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .structured import StructuredPruner
+
+__all__ = ["plan_step", "scheduled_ratio", "inside", "RATIO_KINDS"]
+
+RATIO_KINDS = ("out", "same", "internal")  # the members through which a layer ratio applies
+
+
+def plan_step(pruner: "StructuredPruner") -> PruningPlan:
+    """The plan of ``pruner``'s next step, made on this process (see
+    :meth:`~cleanai.StructuredPruner.plan`)."""
+    if getattr(pruner.importance, "needs_values", True) and is_meta_model(pruner.model):
+        raise RuntimeError(f"{type(pruner.importance).__name__} reads weight values, but "
+                           f"{type(pruner.model).__name__} is on the meta device (shapes "
+                           f"only): prune its checkpoint with cleanai.prune_checkpoint(), "
+                           f"or build the model with its weights")
+    step = pruner.current_step + 1
+    if step > pruner.iterative_steps:
+        raise RuntimeError(f"all {pruner.iterative_steps} pruning steps are done; "
+                           f"build a new StructuredPruner to prune further")
+    if getattr(pruner.importance, "requires_data", False) and \
+            not getattr(pruner.importance, "ready", True):
+        raise RuntimeError(f"{type(pruner.importance).__name__} scores channels from data: "
+                           f"call pruner.calibrate(data) before planning")
+    scores: Dict[int, torch.Tensor] = {}
+    quota: Dict[int, int] = {}
+    caps: Dict[int, int] = {}  # with a budget: how many each ranked group may lose
+    pool: List[int] = []
+    for g in pruner.graph.groups:
+        ratio = pruner.group_ratio(g)
+        if ratio is None or g.size <= 1:
+            continue
+        prunable = g.prunable
+        if prunable == 0:
+            continue
+        already = pruner.original_size[g.id] - g.size
+        named = any(inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
+                    for k in pruner.layer_ratios)
+        if pruner.targets and not named:
+            n = cap(g, pruner.original_size[g.id], pruner.max_pruning_ratio)
+        else:
+            r = scheduled_ratio(pruner, step, ratio)
+            n = min(target_removed(g, r, pruner.original_size[g.id], pruner.max_pruning_ratio,
+                                   pruner.round_to) - already, prunable, g.size - 1)
+        if n <= 0:
+            continue
+        scores[g.id] = group_score(pruner, g)
+        if pruner.targets and not named:
+            caps[g.id] = n
+            continue
+        quota[g.id] = n
+        if pruner.global_pruning and not named:
+            pool.append(g.id)
+    removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
+                if gid not in pool}
+    if pruner.targets:
+        plan = plan_budget(pruner, step, scores, caps, removals)
+        tied = tied_removals(pruner, plan.removals, scores)
+        return plan if tied is plan.removals else \
+            PruningPlan(pruner.graph, tied, step, plan.budget)
+    removals.update(global_removals(pruner, pool, scores, quota))
+    by_id = {g.id: g for g in pruner.graph.groups}
+    removals = {gid: spare_members(by_id[gid], idx, scores[gid])
+                for gid, idx in removals.items()}
+    return PruningPlan(pruner.graph, tied_removals(pruner, removals, scores), step)
+
+
+def scheduled_ratio(pruner: "StructuredPruner", step: int, ratio: float) -> float:
+    """The schedule's ratio after ``step``, checked: a bad value fails before any change."""
+    r = pruner.schedule(step, pruner.iterative_steps, ratio)
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1:
+        raise ValueError(f"iterative_schedule returned {r!r} for step {step} of "
+                         f"{pruner.iterative_steps}; it must return a ratio in [0, 1)")
+    return float(r)
+
+
+def inside(layer: str, key: str) -> bool:
+    """Whether ``layer`` is ``key`` or inside it (``""``: the whole model)."""
+    return key == "" or layer == key or layer.startswith(key + ".")
