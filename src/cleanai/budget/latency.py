@@ -37,6 +37,7 @@ from .cost import CostModel
 
 __all__ = ["LatencyTable"]
 
+_Input = Tuple[Tuple[int, ...], torch.dtype, torch.device]  # a recorded layer input
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # widths timed per layer side, as fractions of the current
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class LatencyTable:
 
     # --- building ----------------------------------------------------------------------
 
-    def _time_layers(self, model: nn.Module, seen: Dict[str, List[torch.Tensor]],
+    def _time_layers(self, model: nn.Module, seen: Dict[str, List[_Input]],
                      repeats: int) -> List[_Layer]:
         cm = self.cost_model
         # layer dims some group may narrow; the others are timed at their width only
@@ -134,7 +135,7 @@ class LatencyTable:
             def timed(i: int, j: int) -> float:
                 k_in, k_out = sides[0][i][1], sides[1][j][1]
                 clone = _pruned(module, pruner, k_in, k_out, same)
-                return sum(_time_call(clone, _sliced(x, pruner.in_dim(module, x.dim()),
+                return sum(_time_call(clone, _sliced(x, pruner.in_dim(module, len(x[0])),
                                                      k_out if same else k_in), repeats)
                            for x in inputs)
 
@@ -207,18 +208,19 @@ class LatencyTable:
 
 
 def _layer_inputs(model: nn.Module, cm: CostModel, inputs: Any,
-                  fn: Any) -> Dict[str, List[torch.Tensor]]:
+                  fn: Any) -> Dict[str, List[_Input]]:
     """The positional input of every call of each layer the cost model slices, recorded as
-    empty tensors of its shape (only single-tensor calls; others are left to the fit)."""
+    its shape, dtype and device (only single-tensor calls; others are left to the fit)."""
     names = {name for name, kind, _ in cm.keys if kind in ("in", "out")}
-    seen: Dict[str, List[torch.Tensor]] = {}
+    seen: Dict[str, List[_Input]] = {}
     bad = set()
     handles = []
 
     def hook(name):
         def record(module, args, kwargs):
             if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-                seen.setdefault(name, []).append(torch.empty_like(args[0]))
+                x = args[0]
+                seen.setdefault(name, []).append((tuple(x.shape), x.dtype, x.device))
             else:
                 bad.add(name)
         return record
@@ -263,10 +265,12 @@ def _pruned(module: nn.Module, pruner: Any, k_in: Optional[torch.Tensor],
     return clone
 
 
-def _sliced(x: torch.Tensor, dim: int, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """A random input like ``x`` with only ``keep`` of its channels (along ``dim``)."""
-    x = torch.randn(x.shape, dtype=x.dtype, device=x.device) if x.is_floating_point() \
-        else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+def _sliced(spec: _Input, dim: int, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """A random input of ``spec`` (shape, dtype, device) with only ``keep`` of its channels
+    (along ``dim``)."""
+    shape, dtype, device = spec
+    x = torch.randn(shape, dtype=dtype, device=device) if dtype.is_floating_point \
+        else torch.zeros(shape, dtype=dtype, device=device)
     if keep is None:
         return x
     return x.index_select(dim, keep.to(x.device))
