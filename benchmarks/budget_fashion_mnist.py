@@ -10,12 +10,17 @@ same recovery (``compensate="lstsq"``, then ``reconstruct(granularity="block")``
     target_macs  StructuredPruner(target_macs=...): one ranking of normalised scores
     search       cleanai.budget.search_ratios(target_macs=...) on the calibration batches
                  (default metric: agreement with the dense model, no labels)
+    sensitivity  StructuredPruner(target_macs=..., allocation=OutputSensitivity()): one
+                 ranking of the output's change per MAC saved sets each group's count, the
+                 hybrid score picks which channels
 
 Each is scored on the 10k test images (never seen by calibration or search) before any
 training, after recovery, and after one labelled fine-tuning epoch (the recipe of accuracy.md).
 
     python benchmarks/budget_fashion_mnist.py              # writes docs/budget.md
     python benchmarks/budget_fashion_mnist.py --quick      # one seed, 16 search candidates
+    python benchmarks/budget_fashion_mnist.py --methods sensitivity   # the others' rows from
+                                                   # the last run (.cache/budget_results.json)
 """
 from __future__ import annotations
 
@@ -37,11 +42,12 @@ from accuracy_fashion_mnist import (CACHE_DIR, DATA_DIR, EXAMPLE, FT_LR, ROOT, a
                                     load_average, load_data, log, machine, seed_batches,
                                     trained_model)
 from cleanai.budget import search_ratios
-from cleanai.importance import WeightActivationImportance
+from cleanai.importance import OutputSensitivity, WeightActivationImportance
 from cleanai.utils import count_macs, count_params
 
 METHODS = [("uniform", "uniform ratio"), ("target", "target_macs (global ranking)"),
-           ("search", "search_ratios")]
+           ("search", "search_ratios"),
+           ("sensitivity", "target_macs + allocation=OutputSensitivity()")]
 
 
 def uniform_ratio(dense, budget: float) -> float:
@@ -76,7 +82,10 @@ def pruned(dense, calib, method: str, budget: float, ratio: float, evaluations: 
             log(found.summary())
             found.pruner.apply(found.plan)
         else:
-            options = {"target_macs": budget} if method == "target" else {"pruning_ratio": ratio}
+            options = {"pruning_ratio": ratio} if method == "uniform" else \
+                {"target_macs": budget}
+            if method == "sensitivity":
+                options["allocation"] = OutputSensitivity()
             pruner = cleanai.StructuredPruner(model, EXAMPLE,
                                               importance=WeightActivationImportance(),
                                               compensate="lstsq", **options)
@@ -85,14 +94,15 @@ def pruned(dense, calib, method: str, budget: float, ratio: float, evaluations: 
     return model, time.perf_counter() - start
 
 
-def run_one(dense, data, budget: float, seed: int, evaluations: int, epochs: bool) -> List[dict]:
+def run_one(dense, data, budget: float, seed: int, evaluations: int, epochs: bool,
+            methods: List[str]) -> List[dict]:
     calib, _ = seed_batches(data, seed)
     inputs = [x for x, _ in calib]
     test = lambda m: accuracy(m, data.test_x, data.test_y)  # noqa: E731
     ratio = uniform_ratio(dense, budget)
     macs0, params0 = count_macs(dense, EXAMPLE), count_params(dense)
     rows = []
-    for method, _ in METHODS:
+    for method in methods:
         model, seconds = pruned(dense, calib, method, budget, ratio, evaluations, seed)
         row = {"method": method, "seed": seed, "plan_s": seconds,
                "macs": count_macs(model, EXAMPLE) / macs0,
@@ -142,6 +152,8 @@ def main() -> None:
     ap.add_argument("--evaluations", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--methods", nargs="+", choices=[m for m, _ in METHODS], default=None,
+                    help="run these only; the other rows come from the last run's results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1])
@@ -151,9 +163,19 @@ def main() -> None:
     start, load = time.perf_counter(), load_average()
     data = load_data(DATA_DIR)
     dense, info = trained_model(data, 8, 0.1, CACHE_DIR, False)
+    methods = args.methods or [m for m, _ in METHODS]
     rows = [r for s in seeds for r in run_one(dense, data, args.macs, s, evaluations,
-                                              not args.quick)]
+                                              not args.quick, methods)]
+    saved = os.path.join(CACHE_DIR, "budget_results.json")
+    if args.methods and os.path.exists(saved):
+        with open(saved) as f:
+            rows += [r for r in json.load(f) if r["method"] not in methods and r["seed"] in seeds]
+    rows.sort(key=lambda r: [m for m, _ in METHODS].index(r["method"]))
     minutes = (time.perf_counter() - start) / 60
+    others = sorted({r["method"] for r in rows} - set(methods))
+    reused = (f"\nThis run measured {', '.join(methods)}; the rows of {', '.join(others)} are "
+              f"those of the previous run (its results cache), same seeds and settings."
+              if others else "")
     text = f"""# Pruning to a budget on Fashion-MNIST: which allocation keeps the accuracy
 
 _Generated by `benchmarks/budget_fashion_mnist.py` on {datetime.date.today()} in {minutes:.1f}
@@ -166,14 +188,14 @@ the 10k test images), pruned to {args.macs:.0%} of its MACs. Every row uses the 
 16 batches of 128 training images; `search_ratios` scores {evaluations} candidates on those
 batches by agreement with the dense model (no labels). The fine-tuning column adds one
 labelled epoch (SGD, cosine, the recipe of accuracy.md). Cells: test accuracy (%), mean ± s.d.
-over seeds {seeds}; MACs and params as fractions of the dense model.
+over seeds {seeds}; MACs and params as fractions of the dense model.{reused}
 
 {table(rows, info['test_acc'])}
 """
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(text)
-    with open(os.path.join(CACHE_DIR, "budget_results.json"), "w") as f:
+    with open(saved, "w") as f:
         json.dump(rows, f, indent=1)
     log(f"wrote {out}")
 

@@ -1,13 +1,16 @@
 """A budget on the real pretrained MiniLM-L6: at 75% of the encoder's MACs (attention heads
 and FFN neurons only), which allocation keeps the embeddings closest to the dense model.
 
-Same model, calibration text and held-out evaluation text as ``minilm_fidelity.py``. Three
+Same model, calibration text and held-out evaluation text as ``minilm_fidelity.py``. Four
 allocations, each with ``compensate="lstsq"`` and the same score:
 
     uniform      one pruning_ratio for every heads and FFN group, the largest within budget
     target_macs  StructuredPruner(target_macs=0.75): one ranking of normalised scores
     search       cleanai.budget.search_ratios(target_macs=0.75) scored on calibration
                  batches (default metric: cosine to the dense hidden states, padding left out)
+    sensitivity  StructuredPruner(target_macs=0.75, allocation=OutputSensitivity(...)): one
+                 ranking of how much each unit moves the pooled embedding, per MAC saved,
+                 sets the counts; the score picks which units
 
 Fidelity is measured on other text: the mean cosine between pruned and dense sentence
 embeddings, and the fraction of sentences with the same nearest neighbour.
@@ -27,9 +30,9 @@ import torch
 import cleanai
 from _common import cleanai_revision
 from cleanai.budget import search_ratios
-from cleanai.importance import WeightActivationImportance
+from cleanai.importance import OutputSensitivity, WeightActivationImportance
 from cleanai.utils import count_macs, count_params
-from minilm_fidelity import embed, minilm_data, neighbour_agreement
+from minilm_fidelity import embed, minilm_data, neighbour_agreement, pooled_embedding
 
 KINDS = ["heads", "channels"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +89,10 @@ def main() -> None:
                               evaluations=args.evaluations, progress=False)
         found.pruner.apply(found.plan)
     rows.append((f"search_ratios ({args.evaluations} candidates)", model,
+                 time.perf_counter() - start))
+    start = time.perf_counter()
+    rows.append(("target_macs + allocation=OutputSensitivity()", prune_with(
+        target_macs=args.macs, allocation=OutputSensitivity(output_fn=pooled_embedding)),
                  time.perf_counter() - start))
     print(found.summary())
     lines = [f"# MiniLM-L6 at {args.macs:.0%} of the MACs\n",

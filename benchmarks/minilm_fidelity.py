@@ -17,8 +17,8 @@ sentences dropped): what more varied unlabeled text gives.
 
 The last four rows per ratio keep the total count of heads and of FFN neurons but not each
 layer's share: a global ranking of how much removing a unit moves the final sentence embedding
-(:func:`sensitivity_ratios`) sets how many units each layer loses, ``OBSImportance`` picks which;
-then compensation, block reconstruction and the two layer-matched distillations, as above.
+(``allocation=OutputSensitivity()``) sets how many units each layer loses, ``OBSImportance``
+picks which; then compensation, block reconstruction and the two layer-matched distillations, as above.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py --ratios 0.25 --recipe-only
@@ -39,8 +39,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cleanai  # noqa: E402
-from cleanai.importance import (OBSImportance, WeightActivationImportance,  # noqa: E402
-                                WeightImportance)
+from cleanai.importance import (OBSImportance, OutputSensitivity,  # noqa: E402
+                                WeightActivationImportance, WeightImportance)
 from cleanai.utils import count_params, measure_latency  # noqa: E402
 
 from _common import cleanai_revision  # noqa: E402
@@ -172,66 +172,15 @@ def neighbour_agreement(ref: torch.Tensor, emb: torch.Tensor) -> float:
     return float((nearest(ref) == nearest(emb)).float().mean())
 
 
-def sensitivity_ratios(model, batches, ratio, seed: int = 0):
-    """Per-layer ratios (``layer_pruning_ratios``) that remove ``ratio`` of all heads and of all
-    FFN neurons, but not ``ratio`` of each layer's: the units whose removal moves the final
-    sentence embedding least, ranked across layers within each kind.
-
-    A unit's sensitivity is the squared Jacobian norm of the normalised mean-pooled embedding
-    with respect to a multiplicative mask on the unit (1 = kept), summed over ``batches``:
-    each sentence gets its own mask, and the norm is estimated with one random projection of
-    the embedding per batch (its expectation is the squared Frobenius norm). First order
-    only; it sets how many units each layer loses, and ``OBSImportance`` still picks which."""
-    heads, head_dim = model.config.num_attention_heads, \
-        model.config.hidden_size // model.config.num_attention_heads
-    readers = [m for layer in model.encoder.layer
-               for m in (layer.attention.output.dense, layer.output.dense)]
-    masks = {}
-
-    def hook(module, args):
-        x = args[0]
-        mask = torch.ones(x.shape[0], 1, x.shape[-1], requires_grad=True)
-        masks[module] = mask
-        return (x * mask,) + tuple(args[1:])
-
-    # per reader: one score per head (attention output) or per neuron (FFN output)
-    sizes = [heads if i % 2 == 0 else m.in_features for i, m in enumerate(readers)]
-    totals = [torch.zeros(n, dtype=torch.float64) for n in sizes]
-    handles = [m.register_forward_pre_hook(hook) for m in readers]
-    gen = torch.Generator().manual_seed(seed)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for b in batches:
-            h = model(**b).last_hidden_state
-            mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-            e = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-            r = torch.randn(e.shape, generator=gen)
-            grads = torch.autograd.grad((e * r).sum(), [masks[m] for m in readers])
-            for total, g in zip(totals, grads):
-                g = g[:, 0].double()  # [sentences, inputs]: d(r . embedding) / d mask
-                if len(total) != g.shape[1]:  # a head's mask is its head_dim inputs' masks
-                    g = g.reshape(g.shape[0], heads, head_dim).sum(-1)
-                total += (g * g).sum(0)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    out = {}
-    for kind, first in (("attention", 0), ("intermediate", 1)):
-        scores = totals[first::2]
-        flat = torch.cat(scores)
-        owner = torch.cat([torch.full((len(t),), j) for j, t in enumerate(scores)])
-        gone = torch.bincount(owner[flat.argsort()[:int(ratio * len(flat) + 1e-9)]],
-                              minlength=len(scores))
-        for j, (t, n) in enumerate(zip(scores, gone.tolist())):
-            out[f"encoder.layer.{j}.{kind}"] = n / len(t)
-    return out
+def pooled_embedding(outputs, inputs):
+    """The sentence embedding the encoder is used for: the normalised mean of its last hidden
+    states over the real tokens (``OutputSensitivity``'s ``output_fn``)."""
+    h = outputs.last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).to(h.dtype)
+    return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
 
-def prune(dense, example, calib, ratio, importance, compensate=None, layer_ratios=None):
+def prune(dense, example, calib, ratio, importance, compensate=None, allocation=None):
     """A pruned copy of ``dense`` (heads and FFN neurons), the seconds calibration and the
     step took, and the MB of second moments compensation held (their peak, before the step)."""
     model = copy.deepcopy(dense)
@@ -241,7 +190,7 @@ def prune(dense, example, calib, ratio, importance, compensate=None, layer_ratio
         pruner = cleanai.StructuredPruner(model, example, importance=importance,
                                           pruning_ratio=ratio, kinds=["heads", "channels"],
                                           compensate=compensate,
-                                          layer_pruning_ratios=layer_ratios)
+                                          allocation=allocation)
         pruner.calibrate(calib)
         stats = pruner.input_stats  # measured before the step slices them
         held = sum(t.numel() * t.element_size() for t in stats.grams.values()) if stats else 0
@@ -345,16 +294,14 @@ def main() -> None:
 
 def sensitivity_rows(dense, example, calib_batches, ratio, tag, ref, eval_batches, args,
                      texts, wider):
-    """OBS + lstsq with the per-layer ratios of :func:`sensitivity_ratios` (the same total
-    count of heads and of neurons as the uniform rows), then block reconstruction, then the
-    two layer-matched distillations of the uniform rows (same text, steps and lr)."""
-    start = time.perf_counter()
-    layer_ratios = sensitivity_ratios(dense, calib_batches, ratio)
-    seconds = time.perf_counter() - start
-    model, prune_seconds, _ = prune(dense, example, calib_batches, ratio, OBSImportance(),
-                                    "lstsq", layer_ratios)
-    rows = [_row(f"OBS + lstsq, layer ratios from output sensitivity, {tag}", model, ref,
-                 eval_batches, f"sensitivity {seconds:.0f} s, prune {prune_seconds:.0f} s")]
+    """OBS + lstsq with ``allocation=OutputSensitivity(output_fn=pooled_embedding)`` (the same
+    total count of heads and of neurons as the uniform rows, each layer's share from one
+    ranking of how much removing a unit moves the embedding), then block reconstruction, then
+    the two layer-matched distillations of the uniform rows (same text, steps and lr)."""
+    model, seconds, _ = prune(dense, example, calib_batches, ratio, OBSImportance(), "lstsq",
+                              OutputSensitivity(output_fn=pooled_embedding))
+    rows = [_row(f"OBS + lstsq, allocation=OutputSensitivity(), {tag}", model, ref,
+                 eval_batches, f"calibrate + prune {seconds:.0f} s")]
     rebuilt = copy.deepcopy(model)
     start = time.perf_counter()
     cleanai.recover.reconstruct(rebuilt, dense, calib_batches[:args.reconstruct_batches],

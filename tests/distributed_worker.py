@@ -12,8 +12,8 @@ from torch import nn
 
 import cleanai
 from cleanai import distributed
-from cleanai.importance import (ActivationImportance, OBSImportance, TaylorImportance,
-                                WeightActivationImportance, WeightImportance)
+from cleanai.importance import (ActivationImportance, OBSImportance, OutputSensitivity,
+                                TaylorImportance, WeightActivationImportance, WeightImportance)
 from cleanai.train import slice_optimizer_state
 
 
@@ -106,6 +106,14 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
             results[name], _ = prune(make_model(), list(distributed.shard(batches)), **kw)
             ddp = nn.parallel.DistributedDataParallel(make_model())
             results[f"ddp {name}"], _ = prune(ddp, list(distributed.shard(batches)), **kw)
+
+        # an allocation's output sensitivities are summed across the ranks
+        pruner = cleanai.StructuredPruner(make_model(), torch.randn(1, 3, 8, 8),
+                                          allocation=OutputSensitivity(), pruning_ratio=0.4)
+        pruner.calibrate(list(distributed.shard(batches)))
+        results["allocation"] = {g: s.clone() for g, s in pruner.allocation.scores.items()}
+        pruner.step()
+        results["allocation state"] = {k: v.clone() for k, v in pruner.model.state_dict().items()}
 
         # another process group than the default: the same ranks, a new group
         group = dist.new_group([0, 1])

@@ -248,7 +248,18 @@ def test_prune_to_a_budget_and_by_search(capsys, tmp_path):
     assert "search_ratios:" in out and "budget:" not in err
     saved = json.loads((tmp_path / "s" / "report.json").read_text())
     assert saved["after"]["params"] <= 0.6 * saved["before"]["params"]
+    code, out, err = run(capsys, "prune", "torchvision:resnet18", "--target-macs", "0.5",
+                         "--allocation", "sensitivity", "--calib-data", "sklearn-digits",
+                         "--calib-batches", "2", "--batch-size", "4", "--input-shape",
+                         "1,3,32,32", "--no-latency", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert 0.49 * saved["before"]["macs"] <= saved["after"]["macs"] <= 0.5 * saved["before"]["macs"]
+    assert saved["after"]["params"] != json.loads(
+        (tmp_path / "b" / "report.json").read_text())["after"]["params"]  # other widths
     for argv, message in [(["--ratio", "0.3", "--target-macs", "0.5"], "not both"),
+                          (["--target-macs", "0.5", "--search", "--allocation", "sensitivity"],
+                           "give one"),
                           ([], "give --ratio or a budget"),
                           (["--ratio", "0.3", "--search"], "--search needs a budget"),
                           (["--target-macs", "1.5"], "--target-macs: must be a fraction")]:

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import cleanai
 import distributed_worker as worker
+from cleanai.importance import OutputSensitivity
 
 WORLD = 2
 
@@ -68,6 +70,23 @@ def test_two_ranks_equal_one_process_on_all_data(ranks, name, wrapped):
             torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6)
     for key, value in ranks[0][wrapped + name]["state"].items():  # every rank: one model
         assert torch.equal(ranks[1][wrapped + name]["state"][key], value)
+
+
+def test_allocation_sums_every_rank_s_sensitivities(ranks):
+    batches = worker.make_batches()
+    local = []
+    for r in range(WORLD):  # what each rank measured on its own shard
+        pruner = cleanai.StructuredPruner(worker.make_model(), torch.randn(1, 3, 8, 8),
+                                          allocation=OutputSensitivity(), pruning_ratio=0.4)
+        pruner.calibrate(batches[r::WORLD])
+        local.append(pruner.allocation.scores)
+    for res in ranks:
+        assert res["allocation"].keys() == local[0].keys()
+        for gid, got in res["allocation"].items():
+            torch.testing.assert_close(got, local[0][gid] + local[1][gid], rtol=1e-6, atol=0,
+                                       equal_nan=True)  # nan: groups nobody reads
+    for key, value in ranks[0]["allocation state"].items():
+        assert torch.equal(ranks[1]["allocation state"][key], value)
 
 
 def test_a_process_group_other_than_the_default(ranks):

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kept channel counts become multiples of this")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank channels across all groups instead of within each")
+    p.add_argument("--allocation", choices=("sensitivity",), default=None,
+                   help="sensitivity: how many channels each layer loses comes from one "
+                        "ranking of the output's sensitivity on the calibration data "
+                        "(OutputSensitivity), --importance picks which")
     p.add_argument("--steps", type=_positive, default=1, metavar="N", help="reach the ratio in this many steps")
     p.add_argument("--input-shape", type=parse_shape, default=None, metavar="N,C,H,W",
                    help="example input shape: N,C,H,W for images (default 1,3,224,224), "
@@ -248,6 +252,8 @@ def _prune(args: argparse.Namespace) -> int:
     if args.search and not targets:
         raise CLIError("--search needs a budget: --target-macs, --target-params or "
                        "--target-latency")
+    if args.search and args.allocation:
+        raise CLIError("--allocation and --search both choose per-layer counts: give one")
     out = Path(args.out)
     _check_out(out, args.force)
     built = build_model(args.model)
@@ -258,8 +264,11 @@ def _prune(args: argparse.Namespace) -> int:
                    compensate=args.compensate)
     # with latency, the dense model (`dense` below) is timed in turns with the pruned one
     before = snapshot(built.model, inputs, latency=False) if args.no_latency else None
-    needs_data = getattr(importance, "requires_data", False) or args.compensate or \
-        args.recover or args.search or deploy.needs_data(args, inputs)
+    if args.allocation:
+        from ..importance import OutputSensitivity
+        options["allocation"] = OutputSensitivity()
+    needs_data = getattr(importance, "requires_data", False) or args.allocation or \
+        args.compensate or args.recover or args.search or deploy.needs_data(args, inputs)
     batches = None
     if needs_data:
         source = args.calib_data or "random"
@@ -282,10 +291,10 @@ def _prune(args: argparse.Namespace) -> int:
     else:
         pruner = StructuredPruner(built.model, inputs, pruning_ratio=args.ratio or 0.0,
                                   global_pruning=args.global_pruning, **targets, **options)
-        if batches is not None:
-            pruner.calibrate(batches)
         budget = None
         while pruner.current_step < pruner.iterative_steps:
+            if batches is not None:  # every step scores the model as it is now
+                pruner.calibrate(batches)
             budget = pruner.step().budget or budget
     if budget is not None:
         print(budget.summary())

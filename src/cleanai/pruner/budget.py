@@ -37,6 +37,9 @@ LATENCY_TOLERANCE = 0.03  # a candidate this close to the target (relative) is t
 #: channels are ranked by ``score / (cost / typical cost) ** COST_EXPONENT``: 0 ignores cost
 #: (a plain global ranking of normalised scores), 1 is score per unit of cost
 COST_EXPONENT = 0.0
+#: the same knob for an allocation's scores (one unit across groups, e.g. the output's change):
+#: 1 removes the channels that cost the least output change per unit of budget saved
+ALLOCATION_COST_EXPONENT = 1.0
 logger = logging.getLogger(__name__)
 
 
@@ -162,14 +165,17 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
         per[gid] = 0.0 if c is None else sum(
             (c.macs / max(dense.macs, 1)) if m in ("macs", "latency")
             else (c.params / max(dense.params, 1)) for m in targets)
+    exponent = COST_EXPONENT if pruner.allocation is None else ALLOCATION_COST_EXPONENT
     positive = [v for v in per.values() if v > 0]
     typical = sum(positive) / len(positive) if positive else 1.0
     for gid, cap in caps.items():
         s = scores[gid]
         finite = s[torch.isfinite(s)]
-        scale = float(finite.abs().mean()) if finite.numel() else 1.0
+        # an allocation's scores share one unit across groups: they are ranked as they are
+        scale = float(finite.abs().mean()) if finite.numel() and pruner.allocation is None \
+            else 1.0
         if per[gid] > 0:
-            key = (s / (scale if scale > 0 else 1.0)) / (per[gid] / typical) ** COST_EXPONENT
+            key = (s / (scale if scale > 0 else 1.0)) / (per[gid] / typical) ** exponent
         else:  # removing it saves nothing the budget counts
             key = torch.full_like(s, float("inf"))
         order = s.argsort(stable=True)[:cap]  # a group gives its worst channels first

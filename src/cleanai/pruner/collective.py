@@ -29,15 +29,16 @@ def calibrate_together(pruner: "StructuredPruner", group: Any,
     distributed.agree(error, group, "calibration")
     if pruner.input_stats is not None:
         distributed.all_reduce_stats(pruner.input_stats, group)
-    synchronize = getattr(pruner.importance, "synchronize", None)
-    if synchronize is None or getattr(type(pruner.importance), "synchronize", None) is \
-            Importance.synchronize:
-        if getattr(pruner.importance, "requires_data", False):
-            logger.warning("%s does not define synchronize(): under torch.distributed its "
-                           "scores come from rank 0's calibration data alone",
-                           type(pruner.importance).__name__)
-        return
-    synchronize(pruner.model, group)
+    for scorer in (pruner.importance, pruner.allocation):
+        synchronize = getattr(scorer, "synchronize", None)
+        if synchronize is None or getattr(type(scorer), "synchronize", None) is \
+                Importance.synchronize:
+            if getattr(scorer, "requires_data", False):
+                logger.warning("%s does not define synchronize(): under torch.distributed its "
+                               "scores come from rank 0's calibration data alone",
+                               type(scorer).__name__)
+            continue
+        synchronize(pruner.model, group)
 
 
 def plan_together(pruner: "StructuredPruner", group: Any,

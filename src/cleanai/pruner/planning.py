@@ -2,6 +2,7 @@
 the budget) and which, from the importance scores; the pruner applies what this decides."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Dict, List
 
 import torch
@@ -10,13 +11,15 @@ from ..core.graph import is_meta_model
 from .budget import plan_budget
 from .plan import PruningPlan
 from .quota import cap, target_removed
-from .ranking import global_removals, group_score, spare_members, tied_removals
+from .ranking import (allocated_score, global_removals, group_score, spare_members,
+                      tied_removals)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
 __all__ = ["plan_step", "scheduled_ratio", "inside", "RATIO_KINDS"]
 
+logger = logging.getLogger(__name__)
 RATIO_KINDS = ("out", "same", "internal")  # the members through which a layer ratio applies
 
 
@@ -32,11 +35,12 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
     if step > pruner.iterative_steps:
         raise RuntimeError(f"all {pruner.iterative_steps} pruning steps are done; "
                            f"build a new StructuredPruner to prune further")
-    if getattr(pruner.importance, "requires_data", False) and \
-            not getattr(pruner.importance, "ready", True):
-        raise RuntimeError(f"{type(pruner.importance).__name__} scores channels from data: "
-                           f"call pruner.calibrate(data) before planning")
+    for scorer in (pruner.importance, pruner.allocation):
+        if getattr(scorer, "requires_data", False) and not getattr(scorer, "ready", True):
+            raise RuntimeError(f"{type(scorer).__name__} scores channels from data: "
+                               f"call pruner.calibrate(data) before planning")
     scores: Dict[int, torch.Tensor] = {}
+    unmeasured: List[int] = []  # groups the allocation could not score
     quota: Dict[int, int] = {}
     caps: Dict[int, int] = {}  # with a budget: how many each ranked group may lose
     pool: List[int] = []
@@ -50,7 +54,8 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
         already = pruner.original_size[g.id] - g.size
         named = any(inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
                     for k in pruner.layer_ratios)
-        if pruner.targets and not named:
+        budgeted = bool(pruner.targets) and not named
+        if budgeted:
             n = cap(g, pruner.original_size[g.id], pruner.max_pruning_ratio)
         else:
             r = scheduled_ratio(pruner, step, ratio)
@@ -59,12 +64,29 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
         if n <= 0:
             continue
         scores[g.id] = group_score(pruner, g)
-        if pruner.targets and not named:
+        ranked = not named and (budgeted or pruner.global_pruning or
+                                pruner.allocation is not None)
+        if ranked and pruner.allocation is not None:
+            carried = allocated_score(pruner, g, scores[g.id])
+            if carried is None:  # no sensitivity: its own ratio, or out of the budget
+                unmeasured.append(g.id)
+                if budgeted:
+                    continue
+                ranked = False
+            else:
+                scores[g.id] = carried
+        if budgeted:
             caps[g.id] = n
             continue
         quota[g.id] = n
-        if pruner.global_pruning and not named:
+        if ranked:
             pool.append(g.id)
+    if unmeasured:
+        logger.warning("%s measured no sensitivity for %d group(s) (ids %s%s): %s",
+                       type(pruner.allocation).__name__, len(unmeasured),
+                       ", ".join(map(str, unmeasured[:5])), ", ..." if len(unmeasured) > 5
+                       else "", "the budget leaves them as they are" if pruner.targets
+                       else "each loses its own ratio")
     removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                 if gid not in pool}
     if pruner.targets:
@@ -72,8 +94,13 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
         tied = tied_removals(pruner, plan.removals, scores)
         return plan if tied is plan.removals else \
             PruningPlan(pruner.graph, tied, step, plan.budget)
-    removals.update(global_removals(pruner, pool, scores, quota))
     by_id = {g.id: g for g in pruner.graph.groups}
+    # an allocation ranks each kind of unit (heads, channels) apart: each keeps its total
+    kinds = sorted({by_id[gid].kind for gid in pool}) if pruner.allocation is not None \
+        else [None]
+    for kind in kinds:
+        removals.update(global_removals(pruner, [gid for gid in pool if kind in
+                                                 (None, by_id[gid].kind)], scores, quota))
     removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                 for gid, idx in removals.items()}
     return PruningPlan(pruner.graph, tied_removals(pruner, removals, scores), step)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
 __all__ = ["global_removals", "spare_members", "equal_counts", "equal_fractions",
-           "tie_fraction", "tied_removals", "group_score"]
+           "tie_fraction", "tied_removals", "group_score", "allocated_score"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
@@ -197,3 +197,22 @@ def group_score(pruner: "StructuredPruner", g: Group) -> torch.Tensor:
         raise ValueError(f"{type(pruner.importance).__name__} returned shape "
                          f"{tuple(s.shape)} for group {g.id} of {g.size} channels")
     return s.masked_fill(g.protected, float("inf")) if g.prunable < g.size else s
+
+
+def allocated_score(pruner: "StructuredPruner", g: Group, scores: torch.Tensor
+                    ) -> Optional[torch.Tensor]:
+    """``pruner.allocation``'s scores of ``g`` carried onto the order of its importance
+    ``scores`` (from :func:`group_score`): the channel the importance ranks k-th lowest gets the
+    k-th lowest allocation score, protected channels stay ``inf``. A ranking across groups by
+    these sets how many channels each group loses, and the importance which. ``None`` when
+    the allocation could not score ``g`` (``nan``)."""
+    a = pruner.allocation(g, pruner.model).detach().float().cpu()
+    if a.shape != (g.size,):
+        raise ValueError(f"{type(pruner.allocation).__name__} returned shape "
+                         f"{tuple(a.shape)} for group {g.id} of {g.size} channels")
+    free = torch.isfinite(scores)
+    if not bool(torch.isfinite(a[free]).all()):
+        return None
+    out = torch.full_like(scores, float("inf"))
+    out[scores.argsort(stable=True)[:int(free.sum())]] = a[free].sort().values
+    return out

@@ -55,6 +55,11 @@ class StructuredPruner:
             a container applies to every layer inside it (the most specific key wins).
         ignored_layers: modules or names whose output channels are kept.
         global_pruning: rank normalised scores across all groups instead of within each.
+        allocation: an importance whose scores compare channels across groups, e.g.
+            :class:`~cleanai.importance.OutputSensitivity`: how many channels each group loses
+            comes from one ranking of these scores across the groups of each kind (the
+            kind's total stays what the ratios give), and ``importance`` picks which. With a
+            budget, the budget's ranking reads it too. Calibrated with ``importance``.
         max_pruning_ratio: no group loses more than this fraction (and never all channels).
         iterative_steps: reach the ratio in this many steps; ratios are relative to the
             original width.
@@ -130,7 +135,7 @@ class StructuredPruner:
                  target_params: Optional[float] = None,
                  target_latency: Union[float, "datetime.timedelta", None] = None,
                  prune_outputs: Union[bool, Iterable[LayerRef]] = False,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, allocation: Optional[Importance] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model = distributed.unwrap(model)
@@ -146,6 +151,8 @@ class StructuredPruner:
         targets = parse_targets(target_macs, target_params, target_latency)
         if importance is not None and not callable(importance):
             raise TypeError("importance must be callable: importance(group, model) -> scores")
+        if allocation is not None and not callable(allocation):
+            raise TypeError("allocation must be callable: allocation(group, model) -> scores")
         self.kinds = set(GROUP_KINDS if kinds is None else ([kinds] if isinstance(kinds, str) else kinds))
         if not self.kinds <= set(GROUP_KINDS):
             raise ValueError(f"kinds must be among {GROUP_KINDS}, got {sorted(self.kinds)}")
@@ -162,6 +169,7 @@ class StructuredPruner:
         self.importance = importance if importance is not None else WeightImportance()
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning = global_pruning
+        self.allocation = allocation
         self.max_pruning_ratio = max_pruning_ratio
         self.iterative_steps = iterative_steps
         self.schedule = iterative_schedule or linear_schedule
@@ -258,18 +266,19 @@ class StructuredPruner:
 
     def _calibrate_here(self, data: Iterable, max_batches: Optional[int],
                         forward_fn: Optional[ForwardFn], progress: bool) -> None:
+        adopted = False
         if self.compensate is not None:
             # one pass for both: the second moments compensation needs, and the activation
             # statistics a data-dependent importance reads, when it can take them
             grams = compensable_keys(self.model, self.graph) if self.compensate == "lstsq" else ()
             self.input_stats = collect(self.model, self.graph, data, max_batches, forward_fn,
                                        progress, grams=grams)
-            if getattr(self.importance, "requires_data", False) and \
-                    self.importance.adopt(self.input_stats):
-                return
-        calibrate = getattr(self.importance, "calibrate", None)
-        if calibrate is not None:
-            calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
+            adopted = getattr(self.importance, "requires_data", False) and \
+                self.importance.adopt(self.input_stats)
+        for scorer in ((self.allocation,) if adopted else (self.importance, self.allocation)):
+            calibrate = getattr(scorer, "calibrate", None)
+            if calibrate is not None:
+                calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
 
     def apply(self, plan: PruningPlan) -> None:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
@@ -315,9 +324,10 @@ class StructuredPruner:
                 _follow(self.input_stats, layers)
         layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
                    for f, v in update_config(self.model, self.graph, before)]
-        follow = getattr(self.importance, "follow", None)
-        if follow is not None:
-            follow(layers)
+        for scorer in (self.importance, self.allocation):
+            follow = getattr(scorer, "follow", None)
+            if follow is not None:
+                follow(layers)
         self.current_step = max(self.current_step, plan.step)
         entry: Dict[str, Any] = {"step": plan.step, "layers": layers}
         if plan.outputs:  # the model's outputs narrowed, on request (prune_outputs)

@@ -89,11 +89,14 @@ class GradualPruner:
         if pruner.current_step:
             raise ValueError(f"the pruner already took {pruner.current_step} step(s); give "
                              f"GradualPruner a pruner that has not pruned yet")
-        needs_data = getattr(pruner.importance, "requires_data", False) or pruner.compensate
+        needs_data = getattr(pruner.importance, "requires_data", False) or pruner.compensate \
+            or getattr(pruner.allocation, "requires_data", False)
         if needs_data and data is None:
             raise ValueError(f"{type(pruner.importance).__name__}"
-                             f"{' with compensate' if pruner.compensate else ''} needs "
-                             f"calibration data: pass data= (a few batches, run before each step)")
+                             f"{' with compensate' if pruner.compensate else ''}"
+                             f"{' with an allocation' if pruner.allocation is not None else ''}"
+                             f" needs calibration data: pass data= (a few batches, run before "
+                             f"each step)")
         #: the iterations at which a step is taken
         self.events: List[int] = list(range(start, end + 1, every))
         n = len(self.events)

@@ -56,6 +56,7 @@ def pruner_config(pruner: StructuredPruner) -> Dict[str, Any]:
         "max_pruning_ratio": float(pruner.max_pruning_ratio),
         "round_to": pruner.round_to,
         "global_pruning": bool(pruner.global_pruning),
+        "allocation": None if pruner.allocation is None else type(pruner.allocation).__name__,
         "kinds": sorted(pruner.kinds),
         "targets": [[t.metric, t.fraction, t.absolute] for t in pruner.targets],
     }
