@@ -44,7 +44,7 @@ from _common import cleanai_revision
 from accuracy_fashion_mnist import (BATCH, CACHE_DIR, DATA_DIR, EXAMPLE, FT_LR, ROOT, SmallResNet,
                                     accuracy, fit, load_average, load_data, log, machine,
                                     sample_batches, trained_model)
-from cleanai.importance import WeightActivationImportance, WeightImportance
+from cleanai.importance import OutputSensitivity, WeightActivationImportance, WeightImportance
 from cleanai.train import GradualPruner, GroupSparsity
 from cleanai.utils import count_macs, count_params
 
@@ -64,7 +64,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
 def pruner_for(model: nn.Module, macs: float, importance: str = "weight"
                ) -> cleanai.StructuredPruner:
     score = WeightImportance() if importance == "weight" else WeightActivationImportance()
-    return cleanai.StructuredPruner(model, EXAMPLE, importance=score, target_macs=macs)
+    allocation = OutputSensitivity() if importance == "sensitivity" else None
+    return cleanai.StructuredPruner(model, EXAMPLE, importance=score, target_macs=macs,
+                                    allocation=allocation)
 
 
 def widths(model: nn.Module) -> List[int]:
@@ -183,9 +185,11 @@ def main() -> None:
     ap.add_argument("--gradual-start", type=float, default=1.0)
     ap.add_argument("--gradual-end", type=float, default=5.0)
     ap.add_argument("--every", type=int, default=50)
-    ap.add_argument("--importance", choices=["weight", "hybrid"], default="weight",
+    ap.add_argument("--importance", choices=["weight", "hybrid", "sensitivity"],
+                    default="weight",
                     help="the score of sparse and gradual (hybrid: calibrated on 8 batches of "
-                         "training images before each plan)")
+                         "training images before each plan; sensitivity: hybrid with "
+                         "allocation=OutputSensitivity())")
     ap.add_argument("--aim-epoch", type=float, default=0.0,
                     help="sparse: the epoch at which the penalty is first aimed and starts")
     ap.add_argument("--overhead-steps", type=int, default=5)
@@ -291,7 +295,9 @@ score of its row; test accuracy in %.
 {chr(10).join(rows)}
 
 Scores: `weight` is `WeightImportance()`; `hybrid` is `WeightActivationImportance()` (α = β =
-0.5), calibrated on 8 batches of 128 training images before each plan. The dense conv widths
+0.5), calibrated on 8 batches of 128 training images before each plan; `sensitivity` is the
+hybrid score with `allocation=OutputSensitivity()` (how many channels each group loses from
+the output's sensitivity per MAC saved, on the same batches). The dense conv widths
 are 32-32-32-64-64-64-128-128-128 (stem; then each block's conv1, conv2 and shortcut conv).
 
 - aimed sparse training: `GroupSparsity(pruner, lam)`, aimed with `reg.target(pruner.plan())`

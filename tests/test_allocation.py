@@ -159,3 +159,77 @@ def test_iterative_steps_measure_again():
     pruner.step()
     assert model.a.out_features + model.b.out_features == 32
     assert model(torch.randn(2, 8)).shape == (2, 4)
+
+
+class Branches(nn.Module):
+    """Four hidden layers of 48 read into one output; branch 0 is read out quietly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hid = nn.ModuleList(nn.Linear(8, 48) for _ in range(4))
+        self.outs = nn.ModuleList(nn.Linear(48, 4) for _ in range(4))
+        with torch.no_grad():
+            self.outs[0].weight.mul_(1e-3)
+
+    def forward(self, x):
+        return sum(o(torch.relu(h(x))) for h, o in zip(self.hid, self.outs))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_every_step_keeps_the_total_and_round_to_keeps_multiples(steps):
+    data = _data()
+    for round_to in (None, 16):
+        torch.manual_seed(0)
+        model = Branches()
+        pruner = _pruner(model, allocation=OutputSensitivity(), pruning_ratio=0.5,
+                         max_pruning_ratio=0.9, iterative_steps=steps, round_to=round_to)
+        for _ in range(steps):
+            pruner.calibrate(iter(data))  # a one-shot iterator is read once
+            pruner.step()
+        widths = [h.out_features for h in model.hid]
+        # what one ratio keeps: 4 x 24, or 4 x 32 once 24 is rounded to a multiple of 16
+        assert sum(widths) == (96 if round_to is None else 128), (round_to, widths)
+        assert widths[0] < min(widths[1:])  # the quiet branch gave most
+        if round_to:
+            assert all(w % 16 == 0 for w in widths), widths
+
+
+def test_channels_the_allocation_cannot_tell_apart_go_by_importance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].weight[:, 6:] = 0  # channels 6-15 move nothing: equal (zero) sensitivity
+        model[0].weight[12:] *= 1e-2  # and the weight score ranks 12-15 lowest
+    pruner = _pruner(model, allocation=OutputSensitivity(), pruning_ratio=0.25)
+    pruner.calibrate(_data())
+    assert sorted(pruner.plan().removals[0].tolist()) == [12, 13, 14, 15]
+
+
+def test_a_loss_in_the_outputs_and_recomputed_blocks_change_nothing():
+    from torch.utils.checkpoint import checkpoint
+
+    class Model(nn.Module):
+        def __init__(self, recompute=False):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.recompute = recompute
+
+        def forward(self, x, labels=None):
+            h = checkpoint(self.a, x, use_reentrant=False) if self.recompute else self.a(x)
+            logits = self.b(torch.relu(h))
+            loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+            return {"loss": loss, "logits": logits}
+
+    data = _data(3)
+    labelled = [{"x": x, "labels": torch.randint(0, 4, (16,))} for x in data]
+    scores = []
+    for recompute, batches in ((False, [{"x": x} for x in data]), (False, labelled),
+                               (True, labelled)):
+        torch.manual_seed(0)
+        model = Model(recompute)
+        sens = OutputSensitivity()
+        pruner = cleanai.StructuredPruner(model, {"x": torch.randn(2, 8)}, allocation=sens)
+        pruner.calibrate(batches)
+        scores.append(sens(next(g for g in pruner.graph.groups if g.size == 16), model))
+    torch.testing.assert_close(scores[1], scores[0])
+    torch.testing.assert_close(scores[2], scores[0])

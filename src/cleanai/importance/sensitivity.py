@@ -53,7 +53,6 @@ class OutputSensitivity(Importance):
         self.seed = int(seed)
         self.normalizer = normalizer
         self.scores: Optional[Dict[int, torch.Tensor]] = None
-        self._sizes: Dict[int, int] = {}
 
     @property
     def ready(self) -> bool:
@@ -76,7 +75,7 @@ class OutputSensitivity(Importance):
                     p.requires_grad_(False)
                 for batch in iterate_batches(data, max_batches, progress, "sensitivity"):
                     inputs = _to_device(model_inputs(batch), model)
-                    readers.start()
+                    readers.start(_batch_size(inputs))
                     out = run_forward(model, inputs, fn)
                     target = _projected(self.output_fn(out, inputs) if self.output_fn else out,
                                         padding_mask(inputs), gen)
@@ -90,7 +89,6 @@ class OutputSensitivity(Importance):
         for gid in readers.unmeasured(groups):
             totals[gid].fill_(math.nan)
         self.scores = totals
-        self._sizes = {g.id: g.size for g in groups}
 
     def synchronize(self, model: nn.Module, process_group) -> None:
         if self.scores is None:
@@ -114,20 +112,24 @@ class OutputSensitivity(Importance):
         return normalize(s.float(), self.normalizer)
 
     def __repr__(self) -> str:
-        return "OutputSensitivity()"
+        fn = "" if self.output_fn is None else \
+            f"output_fn={getattr(self.output_fn, '__name__', type(self.output_fn).__name__)}, "
+        return f"OutputSensitivity({fn}seed={self.seed}, normalizer={self.normalizer!r})"
 
 
 class _Readers:
     """Forward pre-hooks that multiply the input of every layer reading a group's channels by
-    a ones mask that requires grad ([rows, ..., channels, ...], one row per sample), and the
-    per-group sums of the masks' squared gradients."""
+    a ones mask that requires grad (one row per sample where the input has a batch dim), and
+    the per-group sums of the masks' squared gradients."""
 
     def __init__(self, model: nn.Module, groups: List[Group]) -> None:
         self.model = model
         self.groups = groups
         self.names = sorted({m.name for g in groups for m in g.members if m.kind == "in"})
-        self.masks: Dict[str, List[Tuple[torch.Tensor, int]]] = {}  # name -> (mask, rows)
+        self.masks: Dict[str, List[Tuple[torch.Tensor, int, int]]] = {}  # (mask, rows dim, dim)
         self.seen: set = set()
+        self.batch: Optional[int] = None  # this forward's batch size
+        self.recording = True  # off while gradients run: a checkpointed block runs again
         self._handles: list = []
 
     def __enter__(self) -> "_Readers":
@@ -158,56 +160,83 @@ class _Readers:
             dim = pruner.in_dim(module, x.dim()) % x.dim()
             if x.shape[dim] != pruner.in_channels(module):
                 return None
+            # one row per sample: the first other dim of the batch's size ([T, B, C] too)
+            rows = next((d for d in range(x.dim()) if d != dim and x.shape[d] == self.batch),
+                        None)
             shape = [1] * x.dim()
             shape[dim] = x.shape[dim]
-            if dim != 0:
-                shape[0] = x.shape[0]
+            if rows is not None:
+                shape[rows] = x.shape[rows]
             mask = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
-            self.masks.setdefault(name, []).append((mask, shape[0] if dim != 0 else 1))
+            if self.recording:
+                self.masks.setdefault(name, []).append((mask, rows, dim))
             y = x * mask  # every argument that is this tensor (query is key is value) reads y
             return (tuple(y if a is x else a for a in args),
                     {k: (y if v is x else v) for k, v in kwargs.items()})
         return fn
 
-    def start(self) -> None:
+    def start(self, batch: Optional[int]) -> None:
         self.masks.clear()
+        self.batch = batch
 
     def add_scores(self, target: Optional[torch.Tensor], totals: Dict[int, torch.Tensor]) -> None:
-        """Add this batch's squared mask gradients of ``target`` (a scalar) to ``totals``."""
-        names = [n for n in self.masks]
-        masks = [m for n in names for m, _ in self.masks[n]]
-        if target is None or not masks or not target.requires_grad:
+        """Add this batch's squared mask gradients of ``target`` (a scalar) to ``totals``.
+
+        ``target`` projects every output on independent Gaussian draws, so the squared
+        gradient is an unbiased estimate of the output's squared change whether it is
+        taken per sample or over a whole batch; per sample it varies less. Readers whose
+        rows differ (a ``[B*T, C]`` view next to a ``[B, T, C]`` input) are added over the
+        batch before squaring, so their effects still add up."""
+        entries = [(n, m) for n, calls in self.masks.items() for m in calls]
+        if target is None or not entries or not target.requires_grad:
             return
-        grads = torch.autograd.grad(target, masks, allow_unused=True)
+        self.recording = False
+        try:
+            grads = torch.autograd.grad(target, [m[0] for _, m in entries], allow_unused=True)
+        finally:
+            self.recording = True
         per: Dict[str, torch.Tensor] = {}  # name -> [rows, channels], summed over calls
-        i = 0
-        for n in names:
-            for m, rows in self.masks[n]:
-                g = grads[i]
-                i += 1
-                g = torch.zeros_like(m) if g is None else g
-                g = g.detach().reshape(rows, -1).double().cpu()
-                if n in per and per[n].shape != g.shape:  # calls of other batch sizes
-                    per[n] = per[n].sum(0, keepdim=True) + g.sum(0, keepdim=True)
-                else:
-                    per[n] = per[n] + g if n in per else g
+        for (n, (mask, rows, dim)), g in zip(entries, grads):
+            g = torch.zeros_like(mask) if g is None else g.detach()
+            if rows is None:
+                g = g.reshape(1, -1)
+            else:
+                g = g.movedim((rows, dim), (0, 1)).reshape(mask.shape[rows], mask.shape[dim])
+            g = g.double().cpu()
+            if n in per and per[n].shape != g.shape:  # calls with other rows: the batch's sum
+                g = per[n].sum(0, keepdim=True) + g.sum(0, keepdim=True)
+            elif n in per:
+                g = per[n] + g
+            per[n] = g
         self.seen.update(per)
         for grp in self.groups:
-            by_rows: Dict[int, torch.Tensor] = {}
+            parts = []
             for m in grp.members:
                 g = per.get(m.name) if m.kind == "in" else None
-                if g is None or g.shape[1] != m.length:
-                    continue
-                acc = by_rows.setdefault(g.shape[0], torch.zeros(g.shape[0], grp.size,
-                                                                  dtype=torch.float64))
-                acc.index_add_(1, m.channels, g[:, m.positions])
-            for acc in by_rows.values():
-                totals[grp.id] += (acc * acc).sum(0)
+                if g is not None and g.shape[1] == m.length:
+                    parts.append(torch.zeros(g.shape[0], grp.size, dtype=torch.float64)
+                                 .index_add_(1, m.channels, g[:, m.positions]))
+            if not parts:
+                continue
+            if len({p.shape[0] for p in parts}) > 1:
+                parts = [p.sum(0, keepdim=True) for p in parts]
+            acc = torch.stack(parts).sum(0)
+            totals[grp.id] += (acc * acc).sum(0)
 
     def unmeasured(self, groups: List[Group]) -> List[int]:
-        """The groups none of whose readers was masked on any batch."""
+        """The groups not every reader of which was masked: one read by no layer the hooks
+        reach, or also read where no mask is (a bare parameter in a functional call, the
+        inside of a fused layer), whose score would miss that part."""
         return [g.id for g in groups
-                if not any(m.kind == "in" and m.name in self.seen for m in g.members)]
+                if not any(m.kind == "in" and m.name in self.seen for m in g.members)
+                or any(m.kind in ("param", "internal") or
+                       (m.kind == "in" and m.name not in self.seen) for m in g.members)]
+
+
+def _batch_size(inputs: Any) -> Optional[int]:
+    """The leading dim of the first tensor of a batch's inputs."""
+    t = next((t for t in iter_tensors(inputs) if t.dim() > 0), None)
+    return None if t is None else t.shape[0]
 
 
 def _projected(out: Any, mask: Optional[torch.Tensor], gen: torch.Generator
@@ -216,10 +245,10 @@ def _projected(out: Any, mask: Optional[torch.Tensor], gen: torch.Generator
     ``r`` standard normal (zero at padded tokens when ``mask`` marks them)."""
     total = None
     for t in iter_tensors(out):
-        if not (t.is_floating_point() and t.requires_grad):
-            continue
+        if not (t.is_floating_point() and t.requires_grad) or t.dim() == 0:
+            continue  # a 0-dim output is a loss (labels in the batch), not the model's output
         r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
-        if mask is not None and t.dim() >= 2 and t.shape[:2] == mask.shape:
+        if mask is not None and t.dim() >= 3 and t.shape[:2] == mask.shape:  # [B, T, ...]
             r = r * mask.to(t.device).reshape(mask.shape + (1,) * (t.dim() - 2)).to(t.dtype)
         term = (t * r).sum()
         total = term if total is None else total + term

@@ -118,9 +118,11 @@ class BudgetResult:
 
 
 def plan_budget(pruner: "StructuredPruner", step: int, scores: Dict[int, torch.Tensor],
-                caps: Dict[int, int], fixed: Dict[int, torch.Tensor]) -> PruningPlan:
+                caps: Dict[int, int], fixed: Dict[int, torch.Tensor],
+                keys: Optional[Dict[int, torch.Tensor]] = None) -> PruningPlan:
     """The plan of a budgeted step: this step's share of the targets, met by the cost
-    model's ranking (see :mod:`cleanai.pruner.budget`)."""
+    model's ranking (see :mod:`cleanai.pruner.budget`); ``keys``: what the groups are ranked
+    by instead of their scores (an allocation's, see :func:`budget_removals`)."""
     frac = pruner.schedule(step, pruner.iterative_steps, 1.0)
     if not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
         raise ValueError(f"iterative_schedule returned {frac!r} for step {step} with "
@@ -128,14 +130,14 @@ def plan_budget(pruner: "StructuredPruner", step: int, scores: Dict[int, torch.T
     cm = pruner.cost_model
     rows: Dict[str, Dict[str, float]] = {}
     if pruner.targets[0].metric == "latency":
-        removals, rows = latency_removals(pruner, step, float(frac), scores, caps, fixed)
+        removals, rows = latency_removals(pruner, step, float(frac), scores, caps, fixed, keys)
     else:
         wanted = {}
         for t in pruner.targets:
             dense = getattr(cm.dense, t.metric)
             final = t.value(dense)
             wanted[t.metric] = dense - (dense - final) * float(frac)
-        removals, planned = budget_removals(pruner, scores, caps, fixed, wanted)
+        removals, planned = budget_removals(pruner, scores, caps, fixed, wanted, keys=keys)
         rows = {m: {"dense": getattr(cm.dense, m), "target": wanted[m],
                     "planned": planned[m]} for m in wanted}
     plan = PruningPlan(pruner.graph, removals, step)
@@ -146,18 +148,22 @@ def plan_budget(pruner: "StructuredPruner", step: int, scores: Dict[int, torch.T
 def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                     caps: Dict[int, int], fixed: Dict[int, torch.Tensor],
                     targets: Dict[str, float], latency: Any = None, fastest: bool = False,
+                    keys: Optional[Dict[int, torch.Tensor]] = None,
                     ) -> Tuple[Dict[int, torch.Tensor], Dict[str, float]]:
     """The removals that meet every ``targets`` value (metric -> this step's cost) with the
     fewest channels from the ranking. ``scores``: per candidate group (protected channels
     ``inf``); ``caps``: how many each may lose; ``fixed``: removals decided by layer ratios;
     ``latency``: the :class:`~cleanai.budget.LatencyTable` that predicts a ``"latency"``
     target; ``fastest``: when nothing fits, return everything the ranking may remove instead
-    of raising. Returns the removals and their predicted costs."""
+    of raising; ``keys``: per group, what it is ranked by across groups when not its scores
+    (an allocation's scores in the scores' order, one unit for all groups: not normalised,
+    divided by cost with :data:`ALLOCATION_COST_EXPONENT`); each group still gives its
+    lowest-scored channels first. Returns the removals and their predicted costs."""
     cm = pruner.cost_model
     costs = cm.channel_costs(fixed)
     dense = cm.dense
     by_id = {g.id: g for g in pruner.graph.groups}
-    keys, owner, local = [], [], []
+    group_keys, owner, local = [], [], []
     per: Dict[int, float] = {}  # what one channel of each group saves, summed over targets
     for gid in caps:
         c = costs.get(gid)
@@ -165,26 +171,26 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
         per[gid] = 0.0 if c is None else sum(
             (c.macs / max(dense.macs, 1)) if m in ("macs", "latency")
             else (c.params / max(dense.params, 1)) for m in targets)
-    exponent = COST_EXPONENT if pruner.allocation is None else ALLOCATION_COST_EXPONENT
+    exponent = COST_EXPONENT if not keys else ALLOCATION_COST_EXPONENT
     positive = [v for v in per.values() if v > 0]
     typical = sum(positive) / len(positive) if positive else 1.0
     for gid, cap in caps.items():
         s = scores[gid]
-        finite = s[torch.isfinite(s)]
+        k = keys[gid] if keys else s
+        finite = k[torch.isfinite(k)]
         # an allocation's scores share one unit across groups: they are ranked as they are
-        scale = float(finite.abs().mean()) if finite.numel() and pruner.allocation is None \
-            else 1.0
+        scale = float(finite.abs().mean()) if finite.numel() and not keys else 1.0
         if per[gid] > 0:
-            key = (s / (scale if scale > 0 else 1.0)) / (per[gid] / typical) ** exponent
+            key = (k / (scale if scale > 0 else 1.0)) / (per[gid] / typical) ** exponent
         else:  # removing it saves nothing the budget counts
             key = torch.full_like(s, float("inf"))
         order = s.argsort(stable=True)[:cap]  # a group gives its worst channels first
         order = order[torch.isfinite(key[order])]
-        keys.append(key[order])
+        group_keys.append(key[order])
         owner.append(torch.full((order.numel(),), gid, dtype=torch.long))
         local.append(order)
-    if keys:
-        flat = torch.cat(keys)
+    if group_keys:
+        flat = torch.cat(group_keys)
         ranked = flat.argsort(stable=True)
         owner_r, local_r = torch.cat(owner)[ranked], torch.cat(local)[ranked]
     else:
@@ -305,7 +311,9 @@ def paired_latency(model: Any, other: Any, inputs: Any, forward_fn: Any,
 
 def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
                      scores: Dict[int, torch.Tensor], caps: Dict[int, int],
-                     fixed: Dict[int, torch.Tensor]) -> Tuple[Dict[int, torch.Tensor], dict]:
+                     fixed: Dict[int, torch.Tensor],
+                     keys: Optional[Dict[int, torch.Tensor]] = None
+                     ) -> Tuple[Dict[int, torch.Tensor], dict]:
     """Meet a latency target with the pruner's :class:`~cleanai.budget.LatencyTable`: the
     ranking is cut where the predicted latency fits, that plan is timed on a copy in turns with
     the model as it is (so both see the same machine load), the table is refitted to the
@@ -325,7 +333,7 @@ def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
     for _ in range(LATENCY_CANDIDATES):
         # when the table says nothing fits, the fastest plan is timed: the table may be wrong
         removals, planned = budget_removals(pruner, scores, caps, fixed, {"latency": goal},
-                                            latency=table, fastest=True)
+                                            latency=table, fastest=True, keys=keys)
         if any(_same(removals, t[3]) for t in timed):
             last = timed[-1][1]
             if last <= wanted * (1 + LATENCY_TOLERANCE):
@@ -333,7 +341,8 @@ def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
             # the refit leads back to a plan timed too slow: ask the table for less
             goal *= wanted / last
             removals, planned = budget_removals(pruner, scores, caps, fixed,
-                                                {"latency": goal}, latency=table, fastest=True)
+                                                {"latency": goal}, latency=table, fastest=True,
+                                                keys=keys)
             if any(_same(removals, t[3]) for t in timed):
                 break
         candidate = pruner.pruned_copy(PruningPlan(pruner.graph, removals, step),
@@ -349,7 +358,8 @@ def latency_removals(pruner: "StructuredPruner", step: int, frac: float,
             break
     fit = [t for t in timed if t[1] <= wanted * (1 + LATENCY_TOLERANCE)]
     if not fit and _same(min(timed, key=lambda t: t[1])[3], budget_removals(
-            pruner, scores, caps, fixed, {"latency": 0.0}, latency=table, fastest=True)[0]):
+            pruner, scores, caps, fixed, {"latency": 0.0}, latency=table, fastest=True,
+            keys=keys)[0]):
         fast = min(t[1] for t in timed)
         raise BudgetError(_unreachable(pruner, {"latency": wanted}, {"latency": fast},
                                        {"latency": now}) + " (latency as timed on this device)")

@@ -41,9 +41,11 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
                                f"call pruner.calibrate(data) before planning")
     scores: Dict[int, torch.Tensor] = {}
     unmeasured: List[int] = []  # groups the allocation could not score
-    quota: Dict[int, int] = {}
+    quota: Dict[int, int] = {}  # how many each group should lose this step (its ratio)
+    keys: Dict[int, torch.Tensor] = {}  # what ranked groups are ranked by, across groups
     caps: Dict[int, int] = {}  # with a budget: how many each ranked group may lose
-    pool: List[int] = []
+    pool: List[int] = []  # the groups ranked together (global ranking, allocation)
+    spent: Dict[str, int] = {}  # per kind: what ranked groups that may lose no more owe
     for g in pruner.graph.groups:
         ratio = pruner.group_ratio(g)
         if ratio is None or g.size <= 1:
@@ -51,30 +53,40 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
         prunable = g.prunable
         if prunable == 0:
             continue
-        already = pruner.original_size[g.id] - g.size
+        size0 = pruner.original_size[g.id]
         named = any(inside(m.name, k) for m in g.members if m.kind in RATIO_KINDS
                     for k in pruner.layer_ratios)
         budgeted = bool(pruner.targets) and not named
-        if budgeted:
-            n = cap(g, pruner.original_size[g.id], pruner.max_pruning_ratio)
-        else:
-            r = scheduled_ratio(pruner, step, ratio)
-            n = min(target_removed(g, r, pruner.original_size[g.id], pruner.max_pruning_ratio,
-                                   pruner.round_to) - already, prunable, g.size - 1)
-        if n <= 0:
-            continue
-        scores[g.id] = group_score(pruner, g)
         ranked = not named and (budgeted or pruner.global_pruning or
                                 pruner.allocation is not None)
+        most = cap(g, size0, pruner.max_pruning_ratio)
+        if budgeted:
+            n = most
+        else:
+            r = scheduled_ratio(pruner, step, ratio)
+            # a ranked group that lost more than its share at an earlier step still counts:
+            # the ranking's total is what the ratio gives all of them together
+            n = target_removed(g, r, size0, pruner.max_pruning_ratio, pruner.round_to) - \
+                (size0 - g.size)
+            if not ranked:
+                n = min(n, prunable, g.size - 1)
+        if ranked and not budgeted and most <= 0:
+            spent[g.kind] = spent.get(g.kind, 0) + n  # past its share: the others lose less
+            continue
+        if n <= 0 and not ranked:
+            continue
+        scores[g.id] = group_score(pruner, g)
         if ranked and pruner.allocation is not None:
             carried = allocated_score(pruner, g, scores[g.id])
             if carried is None:  # no sensitivity: its own ratio, or out of the budget
                 unmeasured.append(g.id)
                 if budgeted:
                     continue
-                ranked = False
+                ranked, n = False, min(n, prunable, g.size - 1)
+                if n <= 0:
+                    continue
             else:
-                scores[g.id] = carried
+                keys[g.id] = carried
         if budgeted:
             caps[g.id] = n
             continue
@@ -90,17 +102,32 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
     removals = {gid: scores[gid].argsort(stable=True)[:n] for gid, n in quota.items()
                 if gid not in pool}
     if pruner.targets:
-        plan = plan_budget(pruner, step, scores, caps, removals)
+        plan = plan_budget(pruner, step, scores, caps, removals, keys)
         tied = tied_removals(pruner, plan.removals, scores)
         return plan if tied is plan.removals else \
             PruningPlan(pruner.graph, tied, step, plan.budget)
     by_id = {g.id: g for g in pruner.graph.groups}
+    keys = {gid: keys.get(gid, scores[gid]) for gid in pool}
     # an allocation ranks each kind of unit (heads, channels) apart: each keeps its total
     kinds = sorted({by_id[gid].kind for gid in pool}) if pruner.allocation is not None \
         else [None]
     for kind in kinds:
-        removals.update(global_removals(pruner, [gid for gid in pool if kind in
-                                                 (None, by_id[gid].kind)], scores, quota))
+        ranked = [gid for gid in pool if kind in (None, by_id[gid].kind)]
+        total = max(0, sum(quota[gid] for gid in ranked) +
+                    sum(v for k, v in spent.items() if kind in (None, k)))
+        removals.update(global_removals(pruner, ranked, keys, scores, total))
+        # groups tied to lose equal counts lose the fewest any of them was given: the
+        # untied groups make up the difference
+        untied = [gid for gid in ranked if not (by_id[gid].equal_counts or
+                                                by_id[gid].equal_fractions)]
+        short = total - sum(len(i) for gid, i in tied_removals(
+            pruner, {gid: removals[gid] for gid in ranked if gid in removals},
+            scores).items() if gid in ranked)
+        if short > 0 and len(untied) < len(ranked):
+            taken = sum(len(removals.get(gid, ())) for gid in untied)
+            for gid in untied:
+                removals.pop(gid, None)
+            removals.update(global_removals(pruner, untied, keys, scores, taken + short))
     removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                 for gid, idx in removals.items()}
     return PruningPlan(pruner.graph, tied_removals(pruner, removals, scores), step)

@@ -9,48 +9,73 @@ import torch
 
 from ..core.graph import Group
 from .quota import cap as quota_cap
-from .quota import rounded
+from .quota import positions_per_channel
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
-__all__ = ["global_removals", "spare_members", "equal_counts", "equal_fractions",
+__all__ = ["global_removals", "ranked_counts", "spare_members", "equal_counts", "equal_fractions",
            "tie_fraction", "tied_removals", "group_score", "allocated_score"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
-                    scores: Dict[int, torch.Tensor],
-                    quota: Dict[int, int]) -> Dict[int, torch.Tensor]:
-    """Remove the lowest scores across ``pool`` groups, as many as their quotas add up to,
-    with no group going past its own cap."""
-    if not pool:
+                    keys: Dict[int, torch.Tensor], scores: Dict[int, torch.Tensor],
+                    total: int) -> Dict[int, torch.Tensor]:
+    """Remove ``total`` channels across the ``pool`` groups: one ranking of ``keys`` across
+    the groups (each group's taken lowest first, never past its cap; with ``round_to``, in
+    blocks that keep its width a multiple of it, the total then met to the nearest block)
+    sets how many each group loses, and each loses its lowest-``scores`` channels."""
+    counts = ranked_counts(pruner, pool, keys, total)
+    return {gid: scores[gid].argsort(stable=True)[:n] for gid, n in counts.items() if n > 0}
+
+
+def ranked_counts(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, torch.Tensor],
+                  total: int) -> Dict[int, int]:
+    """How many channels each ``pool`` group loses when ``total`` leave by one ranking of
+    ``keys`` (see :func:`global_removals`)."""
+    if not pool or total <= 0:
         return {}
-    total = sum(quota[g] for g in pool)
     by_id = {g.id: g for g in pruner.graph.groups}
-    cap = {gid: quota_cap(by_id[gid], pruner.original_size[gid], pruner.max_pruning_ratio)
-           for gid in pool}
-    flat = torch.cat([scores[g] for g in pool])
-    owner = torch.cat([torch.full((len(scores[g]),), i) for i, g in enumerate(pool)])
-    local = torch.cat([torch.arange(len(scores[g])) for g in pool])
-    taken: Dict[int, List[int]] = {g: [] for g in pool}
+    rows = []  # (mean key of the block, group index, block index, channels)
+    for i, gid in enumerate(pool):
+        g = by_id[gid]
+        most = quota_cap(g, pruner.original_size[gid], pruner.max_pruning_ratio)
+        k = keys[gid].sort().values[:max(0, most)]
+        k = k[torch.isfinite(k)]
+        for j, (start, stop) in enumerate(_blocks(g, pruner.original_size[gid], k.numel(),
+                                                  pruner.round_to)):
+            rows.append((float(k[start:stop].mean()), i, j, stop - start))
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))
+    counts = {gid: 0 for gid in pool}
+    closed: set = set()
     n = 0
-    for i in flat.argsort(stable=True).tolist():
-        if n >= total or not math.isfinite(float(flat[i])):
+    for _, i, j, size in rows:
+        if n >= total:
             break
-        gid = pool[int(owner[i])]
-        if len(taken[gid]) < cap[gid]:
-            taken[gid].append(int(local[i]))
-            n += 1
-    out = {}
-    for gid, idx in taken.items():
-        if pruner.round_to:  # the global ranking sets how many leave; round_to trims that
-            g = by_id[gid]
-            already = pruner.original_size[gid] - g.size
-            n = min(rounded(g, already + len(idx), pruner.original_size[gid],
-                            pruner.max_pruning_ratio, pruner.round_to) - already, cap[gid])
-            idx = scores[gid].argsort(stable=True)[:max(0, n)].tolist()
-        if idx:
-            out[gid] = torch.tensor(idx, dtype=torch.long)
+        if i in closed:
+            continue
+        if n + size > total + size // 2:  # past the total by more than half a block
+            closed.add(i)  # its later blocks cannot go before this one
+            continue
+        counts[pool[i]] += size
+        n += size
+    return counts
+
+
+def _blocks(g: Group, size0: int, most: int, round_to: Optional[int]) -> List[Tuple[int, int]]:
+    """The runs of a group's ranked channels that may leave together, at most ``most`` in all:
+    single channels, or with ``round_to`` runs that leave a multiple of it (counted in
+    producer positions) and at least one multiple."""
+    if not round_to:
+        return [(i, i + 1) for i in range(most)]
+    unit = round_to // math.gcd(round_to, positions_per_channel(g))
+    if size0 < unit:
+        return []
+    out, start = [], 0
+    step = g.size % unit or unit
+    while start + step <= most and g.size - (start + step) >= unit:
+        out.append((start, start + step))
+        start, step = start + step, unit
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
@@ -266,6 +267,10 @@ class StructuredPruner:
 
     def _calibrate_here(self, data: Iterable, max_batches: Optional[int],
                         forward_fn: Optional[ForwardFn], progress: bool) -> None:
+        passes = (self.compensate is not None or getattr(self.importance, "requires_data", False)) \
+            + getattr(self.allocation, "requires_data", False)
+        if passes > 1 and iter(data) is data:  # a one-shot iterator: read it once for all
+            data = list(itertools.islice(data, max_batches))
         adopted = False
         if self.compensate is not None:
             # one pass for both: the second moments compensation needs, and the activation

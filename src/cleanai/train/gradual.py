@@ -92,11 +92,12 @@ class GradualPruner:
         needs_data = getattr(pruner.importance, "requires_data", False) or pruner.compensate \
             or getattr(pruner.allocation, "requires_data", False)
         if needs_data and data is None:
-            raise ValueError(f"{type(pruner.importance).__name__}"
-                             f"{' with compensate' if pruner.compensate else ''}"
-                             f"{' with an allocation' if pruner.allocation is not None else ''}"
-                             f" needs calibration data: pass data= (a few batches, run before "
-                             f"each step)")
+            what = [type(s).__name__ for s in (pruner.importance, pruner.allocation)
+                    if getattr(s, "requires_data", False)] + \
+                (["compensate"] if pruner.compensate else [])
+            raise ValueError(f"{' and '.join(what)} need{'s' if len(what) == 1 else ''} "
+                             f"calibration data: pass data= (a few batches, run before each "
+                             f"step)")
         #: the iterations at which a step is taken
         self.events: List[int] = list(range(start, end + 1, every))
         n = len(self.events)
