@@ -208,3 +208,48 @@ def test_optimizer_loaded_before_the_order_is_restored_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"before optimizer\.load_state_dict"):
         gradual.load_state_dict(json.loads((tmp_path / "gradual.json").read_text()))
     assert pruner.current_step == 0
+
+
+@pytest.mark.parametrize("settings", [dict(pruning_ratio=0.5), dict(target_macs=0.4)])
+def test_a_structured_pruner_resumes_between_its_steps(tmp_path, settings):
+    """Iterative steps with fine-tuning between them, stopped after step 1 of 3: a new
+    process rebuilds the model and a pruner, loads the state and ends where the
+    uninterrupted run does."""
+    def pruner_for(model):
+        return cleanai.StructuredPruner(model, batch()[0][:1], iterative_steps=3, **settings)
+
+    def tune(model, seed):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x, y = batch(seed)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    whole = Net((16, 12))
+    pruner = pruner_for(whole)
+    for step in range(3):
+        pruner.step()
+        tune(whole, step)
+
+    torch.manual_seed(0)
+    first = Net((16, 12))
+    pruner = pruner_for(first)
+    pruner.step()
+    tune(first, 0)
+    cleanai.save_pruned(first, tmp_path / "model")
+    (tmp_path / "pruner.json").write_text(json.dumps(pruner.state_dict()))
+
+    model = cleanai.load_pruned(Net((16, 12)), tmp_path / "model")
+    resumed = pruner_for(model)
+    state = json.loads((tmp_path / "pruner.json").read_text())
+    with pytest.raises(ValueError, match="iterative_steps"):
+        cleanai.StructuredPruner(model, batch()[0][:1], iterative_steps=2,
+                                 **settings).load_state_dict(state)
+    resumed.load_state_dict(state)
+    for step in (1, 2):
+        resumed.step()
+        tune(model, step)
+    assert resumed.current_step == 3
+    for (name, a), b in zip(whole.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -342,6 +342,31 @@ class StructuredPruner:
         logger.info("pruning step %d/%d: removed %d channels", plan.step, self.iterative_steps,
                     plan.num_removed)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The pruner's progress as plain data (JSON-able): the steps taken, each group's
+        original width, a budget's dense MACs and parameters, the dense latency, and the
+        settings that decide what the steps reach (checked on load). To stop between two
+        steps and go on in another process, save it next to the model
+        (:func:`cleanai.save_pruned`); calibration statistics are not in it (calibrate again),
+        nor is an ``iterative_schedule`` function (give the same one)."""
+        from .state import pruner_state
+        return pruner_state(self)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Go on from :meth:`state_dict`: build this pruner with the saved settings over the
+        model :func:`cleanai.load_pruned` rebuilt at its saved widths; the next :meth:`step`
+        is the saved run's next, with ratios and budgets still relative to its dense model.
+
+        Raises:
+            ValueError: the state comes from other settings or another model, or the model
+                is not at the saved widths; nothing changes.
+        """
+        from .state import check_pruner_state, load_pruner_state
+        if not isinstance(state, dict) or not {"config", "groups", "current_step"} <= set(state):
+            raise ValueError("load_state_dict needs a dict from StructuredPruner.state_dict()")
+        check_pruner_state(self, state)
+        load_pruner_state(self, state)
+
     @property
     def latency_table(self):
         """The :class:`cleanai.budget.LatencyTable` a latency budget plans with, timed on the

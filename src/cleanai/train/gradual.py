@@ -8,10 +8,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from ..pruner.plan import PruningPlan
+from ..pruner.state import check_pruner_state, load_pruner_state
 from ..pruner.structured import StructuredPruner
 from .optimizer import slice_optimizer_state
-from .resume import check_pruner_state, load_pruner_state, optimizer_names, pruner_state, \
-    saved_order
+from .resume import optimizer_names, saved_order
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class GradualPruner:
             "iteration": self.iteration,
             "events": list(self.events),
             "fractions": list(self.fractions),
-            "pruner": pruner_state(self.pruner),
+            "pruner": self.pruner.state_dict(),
             "optimizer": None if self.optimizer is None else
             optimizer_names(self.optimizer, self.pruner.model),
         }

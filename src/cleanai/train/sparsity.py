@@ -20,7 +20,7 @@ from ..importance.base import member_weights
 from ..pruner.plan import PruningPlan
 from ..recover.common import model_device
 from ..pruner.structured import GROUP_KINDS, StructuredPruner
-from .resume import check_groups, group_keys
+from ..pruner.state import check_groups, group_keys
 
 Layout = List[Tuple[Group, Optional[torch.Tensor]]]  # a group, its unprotected channels
 Squares = Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]]
