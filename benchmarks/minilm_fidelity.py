@@ -206,6 +206,8 @@ def main() -> None:
                          "reconstruction")
     ap.add_argument("--eval-sentences", type=int, default=512)
     ap.add_argument("--reconstruct-batches", type=int, default=32)
+    ap.add_argument("--reconstruct-steps", type=int, default=200,
+                    help="Adam steps per block of the block reconstruction")
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--wide-steps", type=int, default=600,
                     help="steps of the distillation rows on the wider unlabeled text")
@@ -259,7 +261,8 @@ def main() -> None:
             start = time.perf_counter()
             cleanai.recover.reconstruct(rebuilt, dense,
                                         calib_batches[:args.reconstruct_batches],
-                                        granularity=granularity, lr=1e-4, progress=False)
+                                        granularity=granularity, lr=1e-4, progress=False,
+                                        steps=args.reconstruct_steps)
             rows.append(_row(f"OBS + lstsq + reconstruct ({granularity}), {tag}", rebuilt,
                              ref, eval_batches, f"{time.perf_counter() - start:.0f} s"))
         student = copy.deepcopy(rebuilt)
@@ -282,7 +285,8 @@ def main() -> None:
 
     print(f"MiniLM-L6 fidelity ({cleanai_revision()}, torch {torch.__version__}, "
           f"{args.threads} thread(s)); calibration: {len(calib_batches)} batches of 8 pydoc "
-          f"topic sentences (reconstruction: the first {args.reconstruct_batches}); "
+          f"topic sentences (reconstruction: the first {args.reconstruct_batches}, "
+          f"{args.reconstruct_steps} steps per block); "
           f"evaluation: {len(evals)} stdlib docstring sentences\n")
     print("| setting | heads/layer | mean cosine vs dense | same nearest neighbour | params "
           "| params vs dense | latency 8x128 (ms) | latency vs dense | cost |")
@@ -305,7 +309,8 @@ def sensitivity_rows(dense, example, calib_batches, ratio, tag, ref, eval_batche
     rebuilt = copy.deepcopy(model)
     start = time.perf_counter()
     cleanai.recover.reconstruct(rebuilt, dense, calib_batches[:args.reconstruct_batches],
-                                granularity="block", lr=1e-4, progress=False)
+                                granularity="block", lr=1e-4, progress=False,
+                                steps=args.reconstruct_steps)
     rows.append(_row(f"... + reconstruct (block), {tag}", rebuilt, ref, eval_batches,
                      f"{time.perf_counter() - start:.0f} s"))
     return rows + wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts, wider)
