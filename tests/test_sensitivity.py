@@ -197,7 +197,7 @@ def _forward_counter(model):
     (dict(iterative_steps=2), "iterative_steps"), (dict(global_pruning=True), "global_pruning"),
     (dict(layer_pruning_ratios={"stem.0": 0.5}), "layer_pruning_ratios"),
     (dict(pruning_ratio=0.3), "pruning_ratio"), (dict(target_macs=1e6), "target_macs"),
-    (dict(max_batches=0), "max_batches"),
+    (dict(max_batches=0), "max_batches"), (dict(allocation=object()), "allocation"),
 ])
 def test_bad_arguments_fail_before_any_work(kwargs, match):
     model = tiny_res()

@@ -40,7 +40,9 @@ _REJECTED = {"layer_pruning_ratios": "the ratios are set per unit by sensitivity
              "pruning_ratio": "the ratios are set per unit by sensitivity (pass ratios=...)",
              "target_macs": "a budget is met by a search over ratios, not by sensitivity",
              "target_params": "a budget is met by a search over ratios, not by sensitivity",
-             "target_latency": "a budget is met by a search over ratios, not by sensitivity"}
+             "target_latency": "a budget is met by a search over ratios, not by sensitivity",
+             "allocation": "the ratios are set per unit by the sweep or the search, not by an "
+                           "allocation"}
 
 
 class Reference:
