@@ -11,7 +11,7 @@ from ..core.graph import is_meta_model
 from .budget import plan_budget
 from .plan import PruningPlan
 from .quota import cap, target_removed
-from .ranking import (allocated_score, global_removals, group_score, spare_members,
+from .ranking import (allocated_score, group_score, pool_removals, spare_members,
                       tied_removals)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,28 +106,9 @@ def plan_step(pruner: "StructuredPruner") -> PruningPlan:
         tied = tied_removals(pruner, plan.removals, scores)
         return plan if tied is plan.removals else \
             PruningPlan(pruner.graph, tied, step, plan.budget)
+    keys = {gid: keys.get(gid, scores[gid]) for gid in pool}  # a plain global ranking: scores
+    removals.update(pool_removals(pruner, pool, keys, scores, quota, spent))
     by_id = {g.id: g for g in pruner.graph.groups}
-    keys = {gid: keys.get(gid, scores[gid]) for gid in pool}
-    # an allocation ranks each kind of unit (heads, channels) apart: each keeps its total
-    kinds = sorted({by_id[gid].kind for gid in pool}) if pruner.allocation is not None \
-        else [None]
-    for kind in kinds:
-        ranked = [gid for gid in pool if kind in (None, by_id[gid].kind)]
-        total = max(0, sum(quota[gid] for gid in ranked) +
-                    sum(v for k, v in spent.items() if kind in (None, k)))
-        removals.update(global_removals(pruner, ranked, keys, scores, total))
-        # groups tied to lose equal counts lose the fewest any of them was given: the
-        # untied groups make up the difference
-        untied = [gid for gid in ranked if not (by_id[gid].equal_counts or
-                                                by_id[gid].equal_fractions)]
-        short = total - sum(len(i) for gid, i in tied_removals(
-            pruner, {gid: removals[gid] for gid in ranked if gid in removals},
-            scores).items() if gid in ranked)
-        if short > 0 and len(untied) < len(ranked):
-            taken = sum(len(removals.get(gid, ())) for gid in untied)
-            for gid in untied:
-                removals.pop(gid, None)
-            removals.update(global_removals(pruner, untied, keys, scores, taken + short))
     removals = {gid: spare_members(by_id[gid], idx, scores[gid])
                 for gid, idx in removals.items()}
     return PruningPlan(pruner.graph, tied_removals(pruner, removals, scores), step)

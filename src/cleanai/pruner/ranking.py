@@ -14,7 +14,7 @@ from .quota import positions_per_channel
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
-__all__ = ["global_removals", "ranked_counts", "spare_members", "equal_counts", "equal_fractions",
+__all__ = ["global_removals", "pool_removals", "ranked_counts", "spare_members", "equal_counts", "equal_fractions",
            "tie_fraction", "tied_removals", "group_score", "allocated_score"]
 
 
@@ -27,6 +27,36 @@ def global_removals(pruner: "StructuredPruner", pool: List[int],
     sets how many each group loses, and each loses its lowest-``scores`` channels."""
     counts = ranked_counts(pruner, pool, keys, total)
     return {gid: scores[gid].argsort(stable=True)[:n] for gid, n in counts.items() if n > 0}
+
+
+def pool_removals(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, torch.Tensor],
+                  scores: Dict[int, torch.Tensor], quota: Dict[int, int],
+                  spent: Dict[str, int]) -> Dict[int, torch.Tensor]:
+    """The removals of the groups ranked together (``global_pruning``, an allocation): as
+    many as their ``quota`` of this step add up to, less what ranked groups that may lose no
+    more are past their share (``spent``, per kind), by :func:`global_removals`. With an
+    allocation each kind of unit (heads, channels) is ranked apart and keeps its own total.
+    Groups tied to lose equal counts lose the fewest any of them was given; the untied groups
+    make up the difference where their caps allow."""
+    by_id = {g.id: g for g in pruner.graph.groups}
+    kinds = sorted({by_id[gid].kind for gid in pool}) if pruner.allocation is not None \
+        else [None]
+    out: Dict[int, torch.Tensor] = {}
+    for kind in kinds:
+        ranked = [gid for gid in pool if kind in (None, by_id[gid].kind)]
+        total = max(0, sum(quota[gid] for gid in ranked) +
+                    sum(v for k, v in spent.items() if kind in (None, k)))
+        removals = global_removals(pruner, ranked, keys, scores, total)
+        untied = [gid for gid in ranked if not (by_id[gid].equal_counts or
+                                                by_id[gid].equal_fractions)]
+        short = total - sum(len(i) for gid, i in tied_removals(pruner, removals, scores).items()
+                            if gid in ranked)
+        if short > 0 and len(untied) < len(ranked):
+            taken = sum(len(removals.get(gid, ())) for gid in untied)
+            removals = {gid: i for gid, i in removals.items() if gid not in untied}
+            removals.update(global_removals(pruner, untied, keys, scores, taken + short))
+        out.update(removals)
+    return out
 
 
 def ranked_counts(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, torch.Tensor],
