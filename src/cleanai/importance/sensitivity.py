@@ -127,7 +127,8 @@ class _Readers:
         self.groups = groups
         self.names = sorted({m.name for g in groups for m in g.members if m.kind == "in"})
         self.masks: Dict[str, List[Tuple[torch.Tensor, int, int]]] = {}  # (mask, rows dim, dim)
-        self.seen: set = set()
+        self.seen: set = set()  # readers masked on some batch
+        self.called: set = set()  # readers that ran (a layer the forward skips reads nothing)
         self.batch: Optional[int] = None  # this forward's batch size
         self.recording = True  # off while gradients run: a checkpointed block runs again
         self._handles: list = []
@@ -153,6 +154,7 @@ class _Readers:
 
     def _hook(self, name: str, pruner: Any):
         def fn(module, args, kwargs):
+            self.called.add(name)
             x = next((a for a in list(args) + list(kwargs.values())
                       if isinstance(a, torch.Tensor)), None)
             if x is None or x.dim() == 0 or not x.is_floating_point():
@@ -226,11 +228,14 @@ class _Readers:
     def unmeasured(self, groups: List[Group]) -> List[int]:
         """The groups not every reader of which was masked: one read by no layer the hooks
         reach, or also read where no mask is (a bare parameter in a functional call, the
-        inside of a fused layer), whose score would miss that part."""
+        inside of a fused layer, a layer called with an input the hook could not mask),
+        whose score would miss that part. A reader the forward never calls (an auxiliary
+        head in eval mode) reads nothing."""
         return [g.id for g in groups
                 if not any(m.kind == "in" and m.name in self.seen for m in g.members)
                 or any(m.kind in ("param", "internal") or
-                       (m.kind == "in" and m.name not in self.seen) for m in g.members)]
+                       (m.kind == "in" and m.name in self.called and m.name not in self.seen)
+                       for m in g.members)]
 
 
 def _batch_size(inputs: Any) -> Optional[int]:
