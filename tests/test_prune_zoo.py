@@ -44,3 +44,25 @@ def test_prune_representative_models(name):
 @pytest.mark.parametrize("name", ALL)
 def test_prune_every_torchvision_model(name):
     _prune_and_check(name)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121",
+                                  "convnext_tiny", "vit_b_16", "swin_t", "googlenet"])
+def test_allocation_meets_a_budget_on_torchvision_models(name):
+    """``allocation=OutputSensitivity()`` under ``target_macs=0.5``: met, and the model runs."""
+    from cleanai.importance import OutputSensitivity
+    from cleanai.utils import count_macs
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    size = FIXED_SIZE.get(name, 128)
+    x = torch.randn(1, 3, size, size)
+    macs = count_macs(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = StructuredPruner(model, x, allocation=OutputSensitivity(), target_macs=0.5)
+        pruner.calibrate([torch.randn(2, 3, size, size) for _ in range(2)])
+        pruner.step()
+    assert 0.49 * macs <= count_macs(model, x) <= 0.5 * macs
+    assert model(x).shape == (1, 10)
