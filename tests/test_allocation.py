@@ -233,3 +233,28 @@ def test_a_loss_in_the_outputs_and_recomputed_blocks_change_nothing():
         scores.append(sens(next(g for g in pruner.graph.groups if g.size == 16), model))
     torch.testing.assert_close(scores[1], scores[0])
     torch.testing.assert_close(scores[2], scores[0])
+
+
+def test_groups_tied_to_equal_counts_rank_as_one_unit():
+    class Gated(nn.Module):  # the halves of a chunk lose as many channels as each other
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 64)
+            self.la, self.lb = nn.Linear(32, 4), nn.Linear(32, 4)
+            self.other, self.lo = nn.Linear(8, 32), nn.Linear(32, 4)
+            with torch.no_grad():
+                self.la.weight.mul_(1e-3)
+
+        def forward(self, x):
+            a, b = torch.relu(self.lin(x)).chunk(2, -1)
+            return self.la(a) + self.lb(b) + self.lo(torch.relu(self.other(x)))
+
+    torch.manual_seed(0)
+    model = Gated()
+    pruner = _pruner(model, allocation=OutputSensitivity(), pruning_ratio=0.5)
+    pruner.calibrate(_data())
+    pruner.step()
+    assert model.la.in_features == model.lb.in_features
+    removed = 96 - model.lin.out_features - model.other.out_features
+    assert abs(removed - 48) <= 1  # the ratio's total, to the nearest step of the tie (2)
+    assert model(torch.randn(2, 8)).shape == (2, 4)

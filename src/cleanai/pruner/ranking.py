@@ -36,8 +36,8 @@ def pool_removals(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, t
     many as their ``quota`` of this step add up to, less what ranked groups that may lose no
     more are past their share (``spent``, per kind), by :func:`global_removals`. With an
     allocation each kind of unit (heads, channels) is ranked apart and keeps its own total.
-    Groups tied to lose equal counts lose the fewest any of them was given; the untied groups
-    make up the difference where their caps allow."""
+    Where the graph's ties still take channels back (a tied group outside the pool, equal
+    fractions), the untied groups make up the difference where their caps allow."""
     by_id = {g.id: g for g in pruner.graph.groups}
     kinds = sorted({by_id[gid].kind for gid in pool}) if pruner.allocation is not None \
         else [None]
@@ -62,19 +62,34 @@ def pool_removals(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, t
 def ranked_counts(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, torch.Tensor],
                   total: int) -> Dict[int, int]:
     """How many channels each ``pool`` group loses when ``total`` leave by one ranking of
-    ``keys`` (see :func:`global_removals`)."""
+    ``keys`` (see :func:`global_removals`). Groups tied to lose equal counts
+    (``Group.equal_counts``) are ranked as one unit: its k-th step takes a channel from each,
+    at the mean of their k-th keys."""
     if not pool or total <= 0:
         return {}
     by_id = {g.id: g for g in pruner.graph.groups}
-    rows = []  # (mean key of the block, group index, block index, channels)
-    for i, gid in enumerate(pool):
-        g = by_id[gid]
-        most = quota_cap(g, pruner.original_size[gid], pruner.max_pruning_ratio)
-        k = keys[gid].sort().values[:max(0, most)]
-        k = k[torch.isfinite(k)]
-        for j, (start, stop) in enumerate(_blocks(g, pruner.original_size[gid], k.numel(),
+    units: List[List[int]] = []
+    placed: set = set()
+    for gid in pool:
+        if gid in placed:
+            continue
+        tie = [t for t in (by_id[gid].equal_counts or [gid]) if t in pool and t not in placed]
+        tie = tie if gid in tie else [gid]
+        placed.update(tie)
+        units.append(tie)
+    rows = []  # (mean key per channel of the block, unit index, block index, channels)
+    for i, unit in enumerate(units):
+        sorted_keys = []
+        for gid in unit:
+            most = quota_cap(by_id[gid], pruner.original_size[gid], pruner.max_pruning_ratio)
+            k = keys[gid].sort().values[:max(0, most)]
+            sorted_keys.append(k[torch.isfinite(k)])
+        length = min(k.numel() for k in sorted_keys)
+        k = torch.stack([k[:length] for k in sorted_keys]).mean(0)
+        first = by_id[unit[0]]
+        for j, (start, stop) in enumerate(_blocks(first, pruner.original_size[unit[0]], length,
                                                   pruner.round_to)):
-            rows.append((float(k[start:stop].mean()), i, j, stop - start))
+            rows.append((float(k[start:stop].mean()), i, j, (stop - start) * len(unit)))
     rows.sort(key=lambda r: (r[0], r[1], r[2]))
     counts = {gid: 0 for gid in pool}
     closed: set = set()
@@ -87,7 +102,8 @@ def ranked_counts(pruner: "StructuredPruner", pool: List[int], keys: Dict[int, t
         if n + size > total + size // 2:  # past the total by more than half a block
             closed.add(i)  # its later blocks cannot go before this one
             continue
-        counts[pool[i]] += size
+        for gid in units[i]:
+            counts[gid] += size // len(units[i])
         n += size
     return counts
 
