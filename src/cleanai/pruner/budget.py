@@ -97,6 +97,26 @@ def parse_targets(target_macs: Any, target_params: Any, target_latency: Any) -> 
     return out
 
 
+def budget_cost_model(model: Any, graph: Any, targets: List[Target]) -> Any:
+    """The :class:`~cleanai.budget.CostModel` a budgeted pruner plans with; a clear
+    ``ValueError`` for an absolute target the model already meets."""
+    from ..budget.cost import CostModel
+    from .history import get_history
+
+    cm = CostModel(model, graph)
+    # a model CleanAI pruned before (reloaded to resume a schedule) may be below an absolute
+    # target already: its dense reference comes with the resumed state
+    # (StructuredPruner.load_state_dict), and a met target then plans no removals
+    pruned = bool((get_history(model) or {}).get("steps"))
+    for t in targets:
+        dense = getattr(cm.dense, t.metric, None)
+        if t.absolute is not None and t.metric != "latency" and not pruned and \
+                t.absolute >= dense:
+            raise ValueError(f"target_{t.metric}={t.absolute:g} is not below the model's "
+                             f"{dense:.0f} {t.metric}: nothing to prune")
+    return cm
+
+
 @dataclasses.dataclass
 class BudgetResult:
     """What a budgeted plan was asked for and what it reaches, per metric: ``dense``, this

@@ -3,27 +3,26 @@ from __future__ import annotations
 
 import copy
 import datetime
-import itertools
 import logging
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
-import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph, Group, module_signature
 from .. import distributed
 from ..core.runtime import ForwardFn
 from ..importance import Importance, WeightImportance
-from ..importance.stats import ActivationStats, collect, stats_key
+from ..importance.stats import ActivationStats
 from .apply import PruningError, apply_removals, copy_model, slice_model
 from .compensate import MODES as COMPENSATION_MODES
-from .compensate import CompensationReport, compensable_keys, plan_compensation
+from .compensate import CompensationReport, plan_compensation
+from .calibration import calibrate_here, follow_step
 from .keeps import layer_keeps
 from .attributes import attribute_updates, set_attributes, update_config
 from .fallback import protect_breaking
-from .history import get_history, record_step
-from .budget import Target, parse_targets
+from .history import record_step
+from .budget import Target, budget_cost_model, parse_targets
 from .collective import apply_together, calibrate_together, plan_together
 from .outputs import free_outputs
 from .plan import PruningPlan
@@ -202,18 +201,7 @@ class StructuredPruner:
         self._dense_latency: Optional[float] = None
         self._latency_table = None
         if targets:
-            from ..budget.cost import CostModel
-            self.cost_model = CostModel(model, self.graph)
-            # a model CleanAI pruned before (reloaded to resume a schedule) may be below an
-            # absolute target already: its dense reference comes with the resumed state
-            # (GradualPruner.load_state_dict), and a met target then plans no removals
-            pruned = bool((get_history(model) or {}).get("steps"))
-            for t in targets:
-                if t.absolute is not None and t.metric != "latency" and not pruned and \
-                        t.absolute >= getattr(self.cost_model.dense, t.metric):
-                    raise ValueError(f"target_{t.metric}={t.absolute:g} is not below the "
-                                     f"model's {getattr(self.cost_model.dense, t.metric):.0f} "
-                                     f"{t.metric}: nothing to prune")
+            self.cost_model = budget_cost_model(model, self.graph, targets)
 
     # --- policy ------------------------------------------------------------------------
 
@@ -267,23 +255,7 @@ class StructuredPruner:
 
     def _calibrate_here(self, data: Iterable, max_batches: Optional[int],
                         forward_fn: Optional[ForwardFn], progress: bool) -> None:
-        passes = (self.compensate is not None or getattr(self.importance, "requires_data", False)) \
-            + getattr(self.allocation, "requires_data", False)
-        if passes > 1 and iter(data) is data:  # a one-shot iterator: read it once for all
-            data = list(itertools.islice(data, max_batches))
-        adopted = False
-        if self.compensate is not None:
-            # one pass for both: the second moments compensation needs, and the activation
-            # statistics a data-dependent importance reads, when it can take them
-            grams = compensable_keys(self.model, self.graph) if self.compensate == "lstsq" else ()
-            self.input_stats = collect(self.model, self.graph, data, max_batches, forward_fn,
-                                       progress, grams=grams)
-            adopted = getattr(self.importance, "requires_data", False) and \
-                self.importance.adopt(self.input_stats)
-        for scorer in ((self.allocation,) if adopted else (self.importance, self.allocation)):
-            calibrate = getattr(scorer, "calibrate", None)
-            if calibrate is not None:
-                calibrate(self.model, self.graph, data, max_batches, forward_fn, progress)
+        calibrate_here(self, data, max_batches, forward_fn, progress)
 
     def apply(self, plan: PruningPlan) -> None:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.
@@ -325,14 +297,9 @@ class StructuredPruner:
             layers += comp.finish(keeps)  # the step's own keeps, from before the renumbering
             self.graph.signature = module_signature(self.model)
             self.compensation.append(comp.report)
-            if self.input_stats is not None and not _shares(self.importance, self.input_stats):
-                _follow(self.input_stats, layers)
         layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
                    for f, v in update_config(self.model, self.graph, before)]
-        for scorer in (self.importance, self.allocation):
-            follow = getattr(scorer, "follow", None)
-            if follow is not None:
-                follow(layers)
+        follow_step(self, layers)
         self.current_step = max(self.current_step, plan.step)
         entry: Dict[str, Any] = {"step": plan.step, "layers": layers}
         if plan.outputs:  # the model's outputs narrowed, on request (prune_outputs)
@@ -430,20 +397,6 @@ class StructuredPruner:
         while self.current_step < self.iterative_steps:
             self.step()
         return self.model
-
-
-def _shares(importance: Any, stats: ActivationStats) -> bool:
-    """Whether ``importance`` reads ``stats`` (it then makes them follow each step)."""
-    return any(getattr(o, "stats", None) is stats
-               for o in (importance, getattr(importance, "activation", None)))
-
-
-def _follow(stats: ActivationStats, layers: List[Dict[str, Any]]) -> None:
-    """Keep only the statistics of the input channels a step kept."""
-    for e in layers:
-        if e["kind"] in ("in", "internal"):
-            stats.keep(stats_key(e["name"], e["kind"], e["dim"]),
-                       torch.tensor(e["keep"], dtype=torch.long))
 
 
 def _check_ratio(name: str, ratio: Any) -> None:
