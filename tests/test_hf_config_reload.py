@@ -53,6 +53,8 @@ RELOADS = [
     ("Qwen2Moe", None, 0.5),  # experts stay (see test below); heads and shared expert go
     ("Phi3", None, 0.5),  # qkv sliced at config-derived bounds: heads stay, hidden and MLP go
     ("Gemma", ["heads", "channels"], 0.5),
+    ("Gemma", None, 0.5),  # embedding scale sqrt(hidden) follows: weights rescaled to match
+    ("Gemma", ["hidden"], 0.25),
     ("Mistral", None, 0.5),
     ("StableLm", None, 0.5),  # hidden and heads halve together: head_dim stays 8
     ("Olmo", None, 0.5),  # its parameter-free LayerNorm stores the hidden size
@@ -96,12 +98,60 @@ def test_olmo_parameter_free_norm_follows_the_hidden_size():
     assert model.model.norm.normalized_shape == (24,)
 
 
-def test_gemma_hidden_size_warns_about_its_embedding_scale(tmp_path):
-    # Gemma scales token embeddings by sqrt(config.hidden_size): the pruned model keeps the
-    # scale it was trained with, a copy built from the smaller hidden size would not
+def gemma(tied):
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, head_dim=8, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
+    return transformers.GemmaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gemma_embedding_scale_follows_the_pruned_hidden_size(tied, tmp_path):
+    # Gemma scales token embeddings by sqrt(config.hidden_size): the pruned model takes the
+    # scale the smaller config derives, its embedding weight and (tied) final norm rescaled
+    model, x = gemma(tied), torch.randint(1, 100, (2, 8))
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.25, kinds=["hidden"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.step()
+    assert not [str(w.message) for w in caught if "model.config" in str(w.message)]
+    emb = model.model.embed_tokens
+    assert model.config.hidden_size == 24 and emb.weight.shape == (100, 24)
+    assert emb.scalar_embed_scale == 24 ** 0.5
+    assert float(emb.embed_scale) == pytest.approx(24 ** 0.5)
+    assert (model.lm_head.weight is emb.weight) == tied
+    assert [e for e in pruner.history[-1]["layers"] if e["kind"] == "scale"] == [
+        {"name": "model.embed_tokens", "kind": "scale", "attr": "scalar_embed_scale",
+         "value": 24 ** 0.5}]
+    again = reloaded(model, tmp_path / "hf")
+    assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
+    cleanai.save_pruned(model, tmp_path / "cleanai")
+    back = cleanai.load_pruned(gemma(tied), tmp_path / "cleanai")
+    assert float(back.model.embed_tokens.embed_scale) == pytest.approx(24 ** 0.5)
+    assert torch.allclose(logits(back, x), logits(model, x), atol=1e-5)
+
+
+class OddNorm(torch.nn.Module):
+    """An RMSNorm scaled by ``2 + weight``: a form CleanAI does not rescale."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(dim) * 0.1)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (2 + self.weight)
+
+
+def test_gemma_scale_stays_with_a_warning_when_the_head_input_cannot_be_rescaled():
     model, x = tiny("Gemma")
+    model.model.norm = OddNorm(32)
     said = prune(model, x, 0.25, ["hidden"])
     assert any("scalar_embed_scale" in w and "different outputs" in w for w in said), said
+    emb = model.model.embed_tokens
+    assert emb.scalar_embed_scale == 32 ** 0.5
+    assert float(emb.embed_scale) == pytest.approx(32 ** 0.5)
     assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
 
 

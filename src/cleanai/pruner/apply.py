@@ -14,6 +14,7 @@ from ..core.slicing import _keep, drop_grad_accumulator
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
 from .attributes import attribute_updates, set_attributes, set_config
+from .derived_scales import replay_scales
 from .failure import Failure, describe_failure
 from .history import record_step
 from .keeps import Key, _kept_channels, layer_keeps, renumber
@@ -348,12 +349,17 @@ def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     architecture, atomically. Entries of kind ``"attr"`` set a module's integer attribute
     (``num_heads``, ``split_size``...) or stored shape (a list, set as a tuple) to ``value``;
     kind ``"config"`` sets a field of ``model.config`` (Hugging Face models); kind ``"bias"``
-    gives a layer without one a zero bias (compensation put one there)."""
+    gives a layer without one a zero bias (compensation put one there); kind ``"scale"`` sets
+    an embedding's float scale that the config derives (:mod:`cleanai.pruner.derived_scales`;
+    the weights rescaled with it come with the saved weights)."""
     keeps: Dict[Key, torch.Tensor] = {}
-    updates, config, biases = [], [], []
+    updates, config, biases, scales = [], [], [], []
     for entry in layers:
         if entry["kind"] == "bias":
             biases.append(entry["name"])
+            continue
+        if entry["kind"] == "scale":
+            scales.append(entry)
             continue
         if entry["kind"] in ("attr", "config"):
             (updates if entry["kind"] == "attr" else config).append(
@@ -365,11 +371,13 @@ def replay(model: nn.Module, layers: List[Dict[str, Any]]) -> None:
     owners = {id(m): m for m in touched_modules(model, keeps)}
     owners.update((id(m), m) for m in (model.get_submodule(n) for n, _, _ in updates))
     owners.update((id(m), m) for m in (model.get_submodule(n) for n in biases))
+    owners.update((id(m), m) for m in (model.get_submodule(e["name"]) for e in scales))
     with atomic(list(owners.values())):
         slice_model(model, keeps)
         set_attributes(model, updates)
         for name in biases:
             add_zero_bias(model.get_submodule(name))
+        replay_scales(model, scales)
     set_config(model, [(f, v) for _, f, v in config])
     record_step(model, {"layers": layers}, before)
 

@@ -9,8 +9,10 @@ Where they differ, sizes the modeling code derives when the config leaves them u
 (``head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads)``) are written
 down, then other size fields the differing shapes point to (``shared_expert_intermediate_size``
 for a Qwen2-MoE shared expert), each kept only if the rebuilt copy then differs in fewer
-places. If differences remain, the extra fields are taken back and a warning says what a copy
-rebuilt from the config would get wrong.
+places. An embedding scale the config derives from a pruned size (Gemma's
+``sqrt(hidden_size)``) is given the rebuilt copy's value, the model's outputs kept by
+rescaling weights (:mod:`cleanai.pruner.derived_scales`). If differences remain, the extra
+fields are taken back and a warning says what a copy rebuilt from the config would get wrong.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from ..core.graph import DependencyGraph
+from .derived_scales import match_scales
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +65,14 @@ def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
 
 
 def update_config(model: nn.Module, graph: DependencyGraph,
-                  before: Dict[int, int]) -> List[Tuple[str, int]]:
+                  before: Dict[int, int]) -> List[Dict[str, Any]]:
     """Scale the sizes in ``model.config`` by the fraction each kind of group kept in the last
     step (``before``: group id -> size before it), when all groups of a kind that could lose
     channels kept the same fraction; then make sure a copy built from the config has the
-    pruned shapes (see module doc), warning where it cannot. Returns the ``(field, new
-    value)`` pairs written."""
+    pruned shapes and derived scales (see module doc), warning where it cannot. Returns the
+    history entries of what changed: each field written (``{"name": "config", "kind":
+    "config", "attr", "value"}``), then any scale made to follow the config (see
+    :func:`~cleanai.pruner.derived_scales.match_scales`)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return []
@@ -103,18 +108,22 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             setattr(config, f, v)
             changed.append((f, v))
     if not changed:
-        return changed
+        return []
     wrong = config_mismatch(model, old)
+    scales: List[Dict[str, Any]] = []
     if wrong:
         written: List[Tuple[str, int]] = []
         tried: List[Tuple[str, int]] = []
         wrong = _complete(model, config, old, wrong, written, tried)
+        if wrong and all(isinstance(w[1], float) for w in wrong):
+            wrong, scales = match_scales(model, graph, wrong)
         if wrong:
             _undo(config, old, [f for f, _ in written])
             _warn_config(model, wrong, tried, [f for f, _ in changed])
         else:
             changed += written
-    return changed
+    return [{"name": "config", "kind": "config", "attr": f, "value": v}
+            for f, v in changed] + scales
 
 
 def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mismatch],

@@ -297,8 +297,7 @@ class StructuredPruner:
             layers += comp.finish(keeps)  # the step's own keeps, from before the renumbering
             self.graph.signature = module_signature(self.model)
             self.compensation.append(comp.report)
-        layers += [{"name": "config", "kind": "config", "attr": f, "value": v}
-                   for f, v in update_config(self.model, self.graph, before)]
+        layers += update_config(self.model, self.graph, before)
         follow_step(self, layers)
         self.current_step = max(self.current_step, plan.step)
         entry: Dict[str, Any] = {"step": plan.step, "layers": layers}

@@ -243,6 +243,9 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
             if isinstance(entry, dict) and entry.get("kind") in ("attr", "config"):
                 _check_setting(model, modules, entry, f"{where}: step {i}")
                 continue
+            if isinstance(entry, dict) and entry.get("kind") == "scale":
+                _check_scale(model, modules, entry, f"{where}: step {i}")
+                continue
             if isinstance(entry, dict) and entry.get("kind") == "bias":
                 module = modules.get(entry.get("name"))
                 if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
@@ -256,7 +259,7 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
             if not isinstance(name, str) or not isinstance(dim, int) or \
                     kind not in ("in", "out", "param", "internal"):
                 raise LoadError(f"{here}: malformed entry (name must be a string, dim an int, "
-                                f"kind one of in/out/param/internal/attr/config/bias)")
+                                f"kind one of in/out/param/internal/attr/config/bias/scale)")
             if not isinstance(keep, list) or not keep or \
                     not all(isinstance(k, int) and not isinstance(k, bool) for k in keep):
                 raise LoadError(f"{here}: 'keep' must be a non-empty list of channel indices")
@@ -302,6 +305,23 @@ def _check_setting(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[
 
     if not hasattr(owner, attr) and not (kind == "config" and attr in DERIVED_CONFIG):
         raise LoadError(f"{here}: {type(owner).__name__} has no attribute {attr!r}")
+
+
+def _check_scale(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[str, Any],
+                 where: str) -> None:
+    """A ``scale`` entry sets a float scale the module holds to a positive ``value``."""
+    attr, value = entry.get("attr"), entry.get("value")
+    here = f"{where}, {entry.get('name')!r} (scale {attr!r})"
+    module = modules.get(entry.get("name"))
+    if module is None:
+        raise LoadError(f"{here}: {type(model).__name__} has no module named "
+                        f"{entry.get('name')!r}")
+    if not isinstance(attr, str) or not isinstance(value, (int, float)) or \
+            isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise LoadError(f"{here}: malformed entry (attr must be a string, value a positive "
+                        f"number)")
+    if type(getattr(module, attr, None)) is not float:
+        raise LoadError(f"{here}: {type(module).__name__} has no float scale {attr!r}")
 
 
 def _is_int(v: Any) -> bool:
