@@ -11,6 +11,10 @@ MiniLM: the pretrained all-MiniLM-L6-v2 with 25% of its heads and FFN neurons re
 score, ``compensate="lstsq"``, calibrated on pydoc text as in ``minilm_fidelity.py``), then
 dynamic int8 (torchao, eager). Fidelity to the dense embeddings on held-out text.
 
+"AOTInductor" rows: the model written with ``cleanai.deploy.export(..., format="aoti")``
+(compiled ahead of time, checked against the model) and run back with
+``cleanai.deploy.load``, compiled for each batch size it is timed at.
+
 Latency: ``cleanai.utils.compare_latency`` (each variant timed in turns with the dense float
 model, median of ``--repeats`` runs, "too noisy" when the interquartile ranges overlap or
 exceed 25% of the median). Sizes: bytes of ``torch.save(model.state_dict())``.
@@ -26,7 +30,9 @@ import datetime
 import io
 import json
 import os
+import tempfile
 import time
+import types
 import warnings
 from typing import Dict
 
@@ -34,7 +40,7 @@ import torch
 
 import cleanai
 from _common import cleanai_revision
-from cleanai.deploy import quantize
+from cleanai.deploy import export, load, quantize
 from cleanai.importance import WeightActivationImportance
 from cleanai.utils import compare_latency, count_params
 
@@ -46,6 +52,33 @@ def state_bytes(model: torch.nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
+
+
+def aot(model: torch.nn.Module, inputs, name: str, sizes: Dict[str, int]) -> torch.nn.Module:
+    """``model`` as an AOTInductor package, loaded back; its file size goes into ``sizes``."""
+    path = os.path.join(tempfile.mkdtemp(prefix="cleanai-aoti-"), "model.pt2")
+    sizes[name] = export(model, inputs, path, "aoti").size_bytes
+    return load(path)
+
+
+class OnnxRuntime(torch.nn.Module):
+    """An ONNX file run by onnxruntime (as many threads as torch), called like the Hugging
+    Face encoder it came from: keywords in, ``.last_hidden_state`` out."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        # its threads would otherwise spin after each run, slowing the model timed next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(path, options,
+                                                    providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def forward(self, **inputs):
+        out = self.session.run(None, {n: inputs[n].numpy() for n in self.names})
+        return types.SimpleNamespace(last_hidden_state=torch.from_numpy(out[0]))
 
 
 def timing(dense, variants: Dict[str, torch.nn.Module], inputs, repeats: int) -> Dict[str, dict]:
@@ -80,13 +113,19 @@ def fmnist(repeats: int) -> dict:
            (("dense", dense), ("pruned", pruned), ("pruned int8", int8.model),
             ("dense int8", dense_int8.model))}
     compiled = torch.compile(dense, dynamic=False)
-    variants = {"dense, torch.compile": compiled, "pruned": pruned,
-                "dense int8": dense_int8.model, "pruned int8": int8.model}
-    lat = {f"batch {n}": timing(dense, variants, torch.randn(n, 1, 28, 28), repeats)
-           for n in (1, 64)}
+    packages: Dict[str, int] = {}
+    lat = {}
+    for n in (1, 64):  # each package compiled at the batch size it is timed at
+        x = torch.randn(n, 1, 28, 28)
+        variants = {"dense, torch.compile": compiled, "pruned": pruned,
+                    "dense int8": dense_int8.model, "pruned int8": int8.model,
+                    "dense, AOTInductor": aot(dense, x, "dense", packages),
+                    "pruned, AOTInductor": aot(pruned, x, "pruned", packages),
+                    "pruned int8, AOTInductor": aot(int8.model, x, "pruned int8", packages)}
+        lat[f"batch {n}"] = timing(dense, variants, x, repeats)
     size = {"dense": state_bytes(dense), "pruned": state_bytes(pruned),
             "dense int8": state_bytes(dense_int8.model), "pruned int8": state_bytes(int8.model)}
-    return {"accuracy": acc, "latency": lat, "size": size, "params": {
+    return {"accuracy": acc, "latency": lat, "size": size, "packages": packages, "params": {
         "dense": count_params(dense), "pruned": count_params(pruned)},
         "quantization": int8.summary()}
 
@@ -119,13 +158,28 @@ def minilm(repeats: int) -> dict:
     e = embed(compiled.model, eval_batches[:4])  # compiles for those shapes; checks it agrees
     fidelity["pruned int8, compiled"] = {"cosine": float((e * ref[:len(e)]).sum(1).mean()),
                                          "neighbours": float("nan")}
+    packages: Dict[str, int] = {}
+    onnx = {}  # ONNX files at 128 tokens (a dynamic batch), run by onnxruntime
+    for name, m in (("pruned", pruned), ("pruned int8", int8.model)):
+        path = os.path.join(tempfile.mkdtemp(prefix="cleanai-onnx-"), "model.onnx")
+        onnx[name] = OnnxRuntime(export(m, lat_in, path).path)
+    padded = [dict(tokenizer(evals[i:i + 32], padding="max_length", truncation=True,
+                             max_length=128, return_tensors="pt"))
+              for i in range(0, len(evals), 32)]
+    for name, m in onnx.items():
+        e = embed(m, padded)
+        fidelity[f"{name}, onnxruntime"] = {"cosine": float((e * ref).sum(1).mean()),
+                                            "neighbours": neighbour_agreement(ref, e)}
     variants = {"pruned": pruned, "dense int8": dense_int8.model, "pruned int8": int8.model,
-                "pruned int8, torch.compile": compiled.model}
+                "pruned int8, torch.compile": compiled.model,
+                "pruned int8, AOTInductor": aot(int8.model, lat_in, "pruned int8", packages),
+                "pruned, ONNX in onnxruntime": onnx["pruned"],
+                "pruned int8 (onnxruntime's), ONNX in onnxruntime": onnx["pruned int8"]}
     return {"fidelity": fidelity, "latency": {"8 x 128 tokens": timing(dense, variants, lat_in,
                                                                        repeats)},
             "size": {"dense": state_bytes(dense), "pruned": state_bytes(pruned),
                      "dense int8": state_bytes(dense_int8.model),
-                     "pruned int8": state_bytes(int8.model)},
+                     "pruned int8": state_bytes(int8.model)}, "packages": packages,
             "params": {"dense": count_params(dense), "pruned": count_params(pruned)},
             "quantization": int8.summary()}
 
@@ -186,6 +240,25 @@ def size_table(size: Dict[str, int]) -> str:
     return "\n".join(rows)
 
 
+def onnx_fidelity(fid: Dict[str, dict]) -> str:
+    """The ONNX files' fidelity, run by onnxruntime on the same sentences padded to 128."""
+    rows = [(k, v) for k, v in fid.items() if k.endswith("onnxruntime")]
+    if not rows:
+        return ""
+    said = "; ".join(f"{k} {v['cosine']:.3f} / {v['neighbours']:.3f}" for k, v in rows)
+    return (f" ONNX files (`export(..., \"model.onnx\")`, the int8 one quantized by "
+            f"onnxruntime's dynamic recipe: activations per tensor), on the same sentences "
+            f"padded to 128 tokens: {said}.")
+
+
+def packages_line(packages: Dict[str, int]) -> str:
+    """The AOTInductor files' sizes: compiled code plus weights, so larger than a state_dict."""
+    if not packages:
+        return ""
+    sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in packages.items())
+    return (f"AOTInductor packages (compiled code and weights in one file): {sizes}.\n")
+
+
 def report(results: dict, threads: int) -> str:
     parts = [f"""# Deploying pruned models on the CPU: measured
 
@@ -205,6 +278,7 @@ Parameters {f['params']['pruned']:,} of {f['params']['dense']:,}. {f['quantizati
 
 {size_table(f['size'])}
 
+{packages_line(f.get('packages', {}))}
 {latency_table(f['latency'])}
 """)
     m = results.get("minilm")
@@ -217,11 +291,12 @@ neighbour): pruned {fid['pruned']['cosine']:.3f} / {fid['pruned']['neighbours']:
 {fid['pruned int8']['cosine']:.3f} / {fid['pruned int8']['neighbours']:.3f}; dense int8
 {fid['dense int8']['cosine']:.3f} / {fid['dense int8']['neighbours']:.3f}; pruned int8 through `torch.compile`
 (`quantize(..., compile=True)`), on the first 128 sentences: cosine
-{fid.get('pruned int8, compiled', {}).get('cosine', float('nan')):.3f}.
+{fid.get('pruned int8, compiled', {}).get('cosine', float('nan')):.3f}.{onnx_fidelity(fid)}
 Parameters {m['params']['pruned']:,} of {m['params']['dense']:,}. {m['quantization'].splitlines()[0]}.
 
 {size_table(m['size'])}
 
+{packages_line(m.get('packages', {}))}
 {latency_table(m['latency'])}
 """)
     h = results.get("honesty")

@@ -285,3 +285,17 @@ def test_prune_then_quantize_and_export(capsys, tmp_path):
     code, _, err = run(capsys, "prune", f"hf:{tmp_path / 'llama'}", "--ratio", "0.25",
                        "--quantize", "int4", "--out", str(tmp_path / "q"))
     assert code == 2 and "invalid choice: 'int4'" in err
+    code, out, err = run(capsys, "prune", f"hf:{tmp_path / 'llama'}", "--ratio", "0.25",
+                         "--input-shape", "1,8", "--no-latency", "--export", "aoti", "--out",
+                         str(tmp_path / "a"))
+    assert code == 0, err
+    package = tmp_path / "a" / "model.aoti.pt2"
+    assert f"exported aoti to {package}" in out and "checked with AOTInductor" in out
+    from cleanai.deploy import load
+    compiled = load(str(package))
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert compiled(input_ids=ids, attention_mask=torch.ones_like(ids))[0].shape[:2] == (1, 8)
+        ids = torch.randint(0, 64, (3, 8))  # --input-shape 1,8 compiled a batch of 1
+        with pytest.raises(ValueError, match=r"kwargs\['input_ids'\] of shape \(1, 8\), got"):
+            compiled(input_ids=ids, attention_mask=torch.ones_like(ids))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cleanai
-from cleanai.deploy import export, quantize
+from cleanai.deploy import CompiledPackage, export, load, quantize
 
 pytest.importorskip("torchao")
 
@@ -95,7 +95,8 @@ def test_static_recipe_takes_a_module_called_twice():
 
 def test_int8_models_export(tmp_path):
     """The static recipe's int8 graph saves as a .pt2 and converts to a QDQ ONNX graph; the
-    Linear recipes' torchao tensors save as .pt2, and ONNX says why it cannot convert them."""
+    Linear recipes' torchao tensors save as .pt2; a dynamic int8 model goes to ONNX as its float
+    graph quantized by onnxruntime, and weight-only int8 says why it cannot."""
     model = cnn()
     x = torch.randn(2, 1, 28, 28)
     static = quantize(model, [torch.randn(8, 1, 28, 28)])  # compiled: the graph goes out
@@ -109,9 +110,18 @@ def test_int8_models_export(tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
     assert export(static.model, x, str(tmp_path / "int8.onnx")).max_abs_diff < 1e-2  # int8 rounding
-    mlp = quantize(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval())
-    with pytest.raises(RuntimeError, match="tensor subclasses .* mode='static'"):
-        export(mlp.model, torch.randn(2, 16), str(tmp_path / "d.onnx"))
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    dynamic = export(quantize(mlp).model, x, str(tmp_path / "d.onnx"))  # onnxruntime's int8
+    assert dynamic.checked_with == "onnxruntime" and dynamic.max_abs_diff < 1e-2
+    import onnx
+    ops = {n.op_type for n in onnx.load(dynamic.path).graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops, ops
+    assert not list(tmp_path.glob("*.float.onnx"))  # the float intermediate is gone
+    weight_only = quantize(mlp, mode="weight_only").model
+    with pytest.raises(RuntimeError, match="weight-only int8 has no ONNX form"):
+        export(weight_only, x, str(tmp_path / "w.onnx"))
 
 
 @pytest.mark.slow
@@ -173,6 +183,43 @@ def test_a_pruned_model_quantizes_and_exports(tmp_path):
     onnx = export(model, x, str(tmp_path / "pruned.onnx"))
     assert onnx.checked_with == "onnxruntime" and onnx.max_abs_diff <= 1e-4
     assert "onnxruntime: outputs within" in onnx.summary()
+
+
+def test_aoti_packages_run_back_like_the_model(tmp_path):
+    """A pruned float model compiles ahead of time with a dynamic batch; its static int8 graph
+    compiles for the example's batch; ``load`` runs both, and a torch.export file too."""
+    model = cnn()
+    x = torch.randn(2, 1, 28, 28)
+    cleanai.StructuredPruner(model, x[:1], pruning_ratio=0.5).prune()
+    result = export(model, x, str(tmp_path / "pruned.pt2"), "aoti")
+    assert (result.format, result.checked_with) == ("aoti", "AOTInductor (cleanai.deploy.load)")
+    assert result.max_abs_diff <= 1e-4
+    package = load(result.path)
+    assert isinstance(package, CompiledPackage) and not list(package.parameters())
+    five = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(package(five), model(five), atol=1e-4, rtol=1e-4)
+        static = quantize(model, [torch.randn(8, 1, 28, 28)])
+        int8 = export(static.model, x, str(tmp_path / "int8.pt2"), "aoti")
+        assert int8.max_abs_diff < 1e-4  # the same int8 graph, compiled
+        assert relative_error(load(int8.path)(x), model(x)) < 0.05
+        with pytest.raises(ValueError, match=r"compiled for args\[0\] of shape \(2, 1, 28, 28\)"):
+            load(int8.path)(five)  # an int8 package keeps the example's batch
+        export(model, x, str(tmp_path / "program.pt2"))  # the suffix alone means torch.export
+        assert not isinstance(load(str(tmp_path / "program.pt2")), CompiledPackage)
+
+
+def test_load_refuses_what_it_cannot_run(tmp_path):
+    import zipfile
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        load(str(tmp_path / "missing.pt2"))
+    (tmp_path / "model.onnx").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a .pt2 archive"):
+        load(str(tmp_path / "model.onnx"))
+    with zipfile.ZipFile(tmp_path / "other.pt2", "w") as archive:
+        archive.writestr("other/readme.txt", "hello")
+    with pytest.raises(ValueError, match="neither a torch.export program nor an AOTInductor"):
+        load(str(tmp_path / "other.pt2"))
 
 
 def test_export_refuses_bad_input_clearly(tmp_path):

@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from cleanai import StructuredPruner
 from cleanai.core.runtime import iter_tensors
-from cleanai.deploy import export
+from cleanai.deploy import export, load
 from cleanai.utils import count_params
 
 ATOL = 1e-4
@@ -200,6 +200,17 @@ def test_onnx_file_runs_like_eager_in_onnxruntime(pruned, name, tmp_path):
     result = export(model, inputs, str(tmp_path / "model.onnx"))
     assert (result.format, result.checked_with) == ("onnx", "onnxruntime")
     assert result.size_bytes > 0 and result.max_abs_diff <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_aoti_package_runs_like_eager(pruned, name, tmp_path):
+    model, inputs, _ = pruned(name)
+    result = export(model, inputs, str(tmp_path / "model.pt2"), "aoti")
+    assert result.max_abs_diff <= ATOL
+    three = _batch(inputs, 3)  # compiled with a dynamic batch
+    with torch.no_grad():
+        assert_matches(_eager(load(result.path), three), _eager(model, three))
 
 
 @pytest.mark.slow

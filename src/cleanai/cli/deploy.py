@@ -1,4 +1,5 @@
-"""``cleanai prune ... --quantize int8 --export onnx|pt2``: the deployment steps after pruning."""
+"""``cleanai prune ... --quantize int8 --export onnx|pt2|aoti``: the deployment steps after
+pruning."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,8 @@ from .models import CLIError
 
 QUANTIZE = {"int8": "auto", "int8-dynamic": "dynamic", "int8-static": "static",
             "int8-weight-only": "weight_only"}
-EXPORTS = ("onnx", "pt2")
+#: --export choice -> the file written in OUT
+EXPORTS = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model.aoti.pt2"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,9 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after pruning, an int8 copy through torchao (int8: the recipe that "
                         "fits the model, static for CNNs, calibrated on --calib-data; "
                         "dynamic for transformers); its size and latency are reported")
-    p.add_argument("--export", choices=EXPORTS, default=None,
-                   help="write the pruned (float) model to OUT/model.onnx or OUT/model.pt2, "
-                        "run it back and compare with the model")
+    p.add_argument("--export", choices=list(EXPORTS), default=None,
+                   help="write the pruned (float) model to OUT/model.onnx, OUT/model.pt2 "
+                        "(torch.export) or OUT/model.aoti.pt2 (compiled ahead of time by "
+                        "AOTInductor; run it with cleanai.deploy.load), run it back and "
+                        "compare with the model")
 
 
 def needs_data(args: argparse.Namespace, inputs: Any) -> bool:
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace, model: Any, dense: Optional[Any], inputs: Any,
     if args.export is not None:
         from ..deploy import export
         try:
-            result = export(model, inputs, str(out / f"model.{args.export}"), args.export)
+            result = export(model, inputs, str(out / EXPORTS[args.export]), args.export)
         except ImportError as exc:
             raise CLIError(str(exc)) from exc
         lines.append(result.summary())
