@@ -168,9 +168,6 @@ def test_split_on_a_spatial_dim_keeps_channels():
 
 PROTECTING = {
     "split_unequal": (lambda s, a, b: a.split([1, 3], dim=1)[1], 3, "unequal sizes"),
-    "narrow": (lambda s, a, b: a.narrow(1, 0, 2), 2, "slice of the channel dim"),
-    "slice": (lambda s, a, b: a[:, 1:3], 2, "slice of the channel dim"),
-    "strided_slice": (lambda s, a, b: a[:, ::2], 2, "slice of the channel dim"),
     "select": (lambda s, a, b: a[:, 2].unsqueeze(1), 1, "select of one channel"),
     "unbind": (lambda s, a, b: torch.stack(a.unbind(1)[:2], 1), 2, "unbind on the channel dim"),
     "pad_channels": (lambda s, a, b: F.pad(a, (0, 0, 0, 0, 1, 0)), 5, "padding of the channel"),
@@ -189,6 +186,46 @@ def test_ops_that_pick_channels_by_position_protect_them(op):
     assert not any(grp.protected.any() for grp in g.groups
                    if "a.out" not in layout(grp) and "head.out" not in layout(grp))
     assert_well_formed(g)
+
+
+# ops that take fixed positions of the channel dim: the channels whose removal would move what
+# they take are protected (those before a bound counted from the start, those from a bound
+# counted from the end on); the part taken goes on to the consumer, whose channels it shares
+FIXED_PICKS = {
+    "narrow": (lambda s, a, b: a.narrow(1, 0, 2), [0, 1], [0, 1]),
+    "slice": (lambda s, a, b: a[:, 1:3], [1, 2], [0, 1, 2]),
+    "slice_to_the_end": (lambda s, a, b: a[:, 1:], [1, 2, 3, 4, 5], [0]),
+    "all_but_the_last": (lambda s, a, b: a[:, :-1], [0, 1, 2, 3, 4], [5]),
+    "inner_from_both_ends": (lambda s, a, b: a[:, 1:-1], [1, 2, 3, 4], [0, 5]),
+    "strided_slice": (lambda s, a, b: a[:, ::2], [0, 2, 4], [0, 1, 2, 3, 4, 5]),
+    "index_from_the_end": (lambda s, a, b: a[:, [-2]] * 2, [4], [4, 5]),
+    "index": (lambda s, a, b: a[:, [1, 0]], [1, 0], [0, 1, 2, 3, 4, 5]),  # maybe from data
+}
+
+
+@pytest.mark.parametrize("op", sorted(FIXED_PICKS))
+def test_fixed_picks_protect_what_would_move_them_and_pass_the_rest_on(op):
+    fn, taken, fixed = FIXED_PICKS[op]
+    model = Between(fn, head_in=len(taken), ca=6)  # 6: halves are rotary's case, not this
+    g = graph(model)
+    grp = group_with(g, "a.out")
+    assert layout(grp)["head.in"] == taken  # the consumer reads the channels taken
+    assert torch.nonzero(grp.protected).flatten().tolist() == fixed
+    assert len(grp.reasons) == 1
+    check(g, model, channels=6)
+    pruner = cleanai.StructuredPruner(model, g.x, pruning_ratio=0.5)
+    plan = pruner.plan()
+    gone = set(plan.removals.get(grp.id, torch.zeros(0, dtype=torch.long)).tolist())
+    assert len(gone) == min(3, 6 - len(fixed)) and not gone & set(fixed)
+    pruner.apply(plan)  # the check forward ran the pruned model
+    assert model.a.out_channels == 6 - len(gone)
+    assert model.head.in_channels == len([t for t in taken if t not in gone])
+
+
+def test_a_one_channel_part_stays_it_gates_the_rest():
+    # FocalNet's ctx * gates[:, l:l + 1]: emptied, the gate would break the product
+    g = graph(Between(lambda s, a, b: a[:, :4] * a[:, 5:], head_in=4, ca=6))
+    assert group_with(g, "a.out").protected.all()  # 0-4 anchor the slices, 5 is the gate
 
 
 SPATIAL_PICKS = {

@@ -197,3 +197,39 @@ def test_neox_hidden_alone_warns_that_its_attention_reads_the_hidden_size():
     said = prune(model, x, 0.25, ["hidden"])
     assert any("query_key_value.weight is (96, 24) in the pruned model, but (72, 24)" in w
                for w in said), said
+
+
+def falcon():
+    """Falcon with multi-query attention and rotary positions (the config's defaults)."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, bos_token_id=0, eos_token_id=0)
+    return transformers.FalconForCausalLM(config).eval(), torch.randint(1, 100, (2, 8))
+
+
+def test_falcon_multi_query_heads_prune_behind_their_fixed_key_value_slots(tmp_path):
+    # Falcon's multi-query attention reads one fused projection as num_heads + 2 slots
+    # (view(..., num_heads + 2, head_dim), then [..., :-2, :], [..., [-2], :], [..., [-1], :]):
+    # the query slots prune, the key and value slots stay, and the head count follows
+    model, x = falcon()
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
+    heads = [g for g in pruner.graph.groups if g.kind == "heads"]
+    assert len(heads) == 2 and all(int(g.protected.sum()) == 2 and g.size == 6 for g in heads)
+    prune(model, x, 0.5, ["heads"])
+    attn = model.transformer.h[0].self_attention
+    assert attn.num_heads == 1 and attn.query_key_value.out_features == (1 + 2) * 8
+    assert attn.dense.in_features == 8 and model.config.num_attention_heads == 1
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    cleanai.save_pruned(model, tmp_path / "cleanai")
+    back = cleanai.load_pruned(falcon()[0], tmp_path / "cleanai")
+    assert torch.allclose(logits(back, x), logits(model, x), atol=1e-5)
+
+
+def test_falcon_hidden_size_prunes_through_its_attention():
+    # the attention output used to lose its channel ids at the fixed-slot slices, which left
+    # the residual width (and every layer writing it) protected
+    model, x = falcon()
+    prune(model, x, 0.5, ["hidden"])
+    assert model.transformer.h[0].self_attention.dense.out_features == 16
+    assert model.config.hidden_size == 16
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)

@@ -102,6 +102,7 @@ def update_config(model: nn.Module, graph: DependencyGraph,
         # would be scaled twice
         new = {f: int(v * kept) for f in fields for v in (getattr(config, f, None),)
                if type(v) is int and v > 0 and (v * kept).denominator == 1}
+        new.update(_free_counts(config, fields, groups, before) if kind == "heads" else {})
         for f, v in new.items():
             old.setdefault(f, getattr(config, f))
         for f, v in new.items():
@@ -126,6 +127,19 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             for f, v in changed] + scales
 
 
+def _free_counts(config: Any, fields: Tuple[str, ...], groups: List[Any],
+                 before: Dict[int, int]) -> Dict[str, int]:
+    """Head counts that leave out the fixed slots every heads group holds (Falcon's
+    multi-query key and value slots beside the query heads): ``v`` equal to the groups' free
+    slots before the step becomes their free slots after it."""
+    fixed = {int(g.protected.sum()) for g in groups}
+    sizes = {(before.get(g.id, g.size), g.size) for g in groups}
+    if len(fixed) != 1 or len(sizes) != 1:
+        return {}
+    p, ((was, now),) = fixed.pop(), sizes
+    return {f: now - p for f in fields if p and getattr(config, f, None) == was - p}
+
+
 def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mismatch],
               written: List[Tuple[str, int]], tried: List[Tuple[str, int]]) -> List[Mismatch]:
     """Write the fields that bring a copy built from ``config`` closer to ``model``: first
@@ -135,7 +149,8 @@ def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mi
     still differs."""
     if not any(isinstance(w[1], tuple) or w[1] is None for w in wrong):
         return wrong  # only derived floats differ: no size field sets them
-    for field, value in _derived(model, config) + _pointed(config, wrong, set(old)):
+    for field, value in _derived(model, config) + _held(model, config) + \
+            _pointed(config, wrong, set(old)):
         if any(f == field for f, _ in written):
             continue
         tried.append((field, value))
@@ -184,6 +199,20 @@ def _derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
         if len(values) == 1:
             out.append((field, values.pop()))
     return out
+
+
+def _held(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
+    """The config's head counts as the model's attention modules all hold them now, where they
+    differ (a count the step could not scale by a fraction: Falcon's multi-query heads group
+    also holds the key and value slots, which stay)."""
+    names = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+    values = {getattr(m, a) for m in model.modules() if m is not model for a in names
+              if type(getattr(m, a, None)) is int and getattr(m, a) > 0}
+    if len(values) != 1:
+        return []
+    value = values.pop()
+    return [(f, value) for f in names if type(getattr(config, f, None)) is int and
+            getattr(config, f) != value]
 
 
 def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str, int]]:

@@ -69,6 +69,12 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     if len(result) == 2:
         (da, xa), (db, xb) = result
         if da == db and da < no - 2:
+            if len(xa.ids) != len(xb.ids) and 1 in (len(xa.ids), len(xb.ids)):
+                # one key/value head broadcast over the query heads (multi-query attention):
+                # the single channel stays, the other operand's channels go on
+                one, many = (xa, xb) if len(xa.ids) == 1 else (xb, xa)
+                ctx.protect(one, f"{op} broadcasts one channel over the other operand's")
+                return Slots(da, many.ids)
             ctx.uf.union_all(xa.ids, xb.ids)
             return Slots(da, xa.ids)
         return protect_all(ctx, f"{op} mixes channel dims", [a, b])
