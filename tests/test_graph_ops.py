@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cleanai
+from equivalence import check_equivalence
 
 from conftest import Double, R, assert_maps_follow_dataflow, assert_well_formed, group_with, layout
 
@@ -188,44 +189,55 @@ def test_ops_that_pick_channels_by_position_protect_them(op):
     assert_well_formed(g)
 
 
-# ops that take fixed positions of the channel dim: the channels whose removal would move what
-# they take are protected (those before a bound counted from the start, those from a bound
-# counted from the end on); the part taken goes on to the consumer, whose channels it shares
+# ops that take fixed positions of the channel dim keep every channel of that dim (their
+# bounds may be computed from its size: x[:, C // 4:]), but pass the ids of the part they take
+# on to the layers that read it
 FIXED_PICKS = {
-    "narrow": (lambda s, a, b: a.narrow(1, 0, 2), [0, 1], [0, 1]),
-    "slice": (lambda s, a, b: a[:, 1:3], [1, 2], [0, 1, 2]),
-    "slice_to_the_end": (lambda s, a, b: a[:, 1:], [1, 2, 3, 4, 5], [0]),
-    "all_but_the_last": (lambda s, a, b: a[:, :-1], [0, 1, 2, 3, 4], [5]),
-    "inner_from_both_ends": (lambda s, a, b: a[:, 1:-1], [1, 2, 3, 4], [0, 5]),
-    "strided_slice": (lambda s, a, b: a[:, ::2], [0, 2, 4], [0, 1, 2, 3, 4, 5]),
-    "index_from_the_end": (lambda s, a, b: a[:, [-2]] * 2, [4], [4, 5]),
-    "index": (lambda s, a, b: a[:, [1, 0]], [1, 0], [0, 1, 2, 3, 4, 5]),  # maybe from data
+    "narrow": (lambda s, a, b: a.narrow(1, 0, 2), [0, 1]),
+    "slice": (lambda s, a, b: a[:, 1:3], [1, 2]),
+    "all_but_the_last": (lambda s, a, b: a[:, :-1], [0, 1, 2, 3, 4]),
+    "strided_slice": (lambda s, a, b: a[:, ::2], [0, 2, 4]),
+    "index_from_the_end": (lambda s, a, b: a[:, [-2]] * 2, [4]),
+    "index": (lambda s, a, b: a[:, [1, 0]], [1, 0]),
 }
 
 
 @pytest.mark.parametrize("op", sorted(FIXED_PICKS))
-def test_fixed_picks_protect_what_would_move_them_and_pass_the_rest_on(op):
-    fn, taken, fixed = FIXED_PICKS[op]
+def test_fixed_picks_keep_their_channels_and_pass_the_part_taken_on(op):
+    fn, taken = FIXED_PICKS[op]
     model = Between(fn, head_in=len(taken), ca=6)  # 6: halves are rotary's case, not this
     g = graph(model)
     grp = group_with(g, "a.out")
-    assert layout(grp)["head.in"] == taken  # the consumer reads the channels taken
-    assert torch.nonzero(grp.protected).flatten().tolist() == fixed
+    assert layout(grp)["head.in"] == taken and grp.protected.all()
     assert len(grp.reasons) == 1
     check(g, model, channels=6)
-    pruner = cleanai.StructuredPruner(model, g.x, pruning_ratio=0.5)
-    plan = pruner.plan()
-    gone = set(plan.removals.get(grp.id, torch.zeros(0, dtype=torch.long)).tolist())
-    assert len(gone) == min(3, 6 - len(fixed)) and not gone & set(fixed)
-    pruner.apply(plan)  # the check forward ran the pruned model
-    assert model.a.out_channels == 6 - len(gone)
-    assert model.head.in_channels == len([t for t in taken if t not in gone])
 
 
-def test_a_one_channel_part_stays_it_gates_the_rest():
-    # FocalNet's ctx * gates[:, l:l + 1]: emptied, the gate would break the product
-    g = graph(Between(lambda s, a, b: a[:, :4] * a[:, 5:], head_in=4, ca=6))
-    assert group_with(g, "a.out").protected.all()  # 0-4 anchor the slices, 5 is the gate
+class SliceThenLayer(nn.Module):
+    """A layer reading a slice, its output added to another branch (Falcon's attention:
+    ``dense(attention(qkv[..., :-2, :]))`` into the residual stream)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid = nn.Conv2d(3, 6, 1), nn.Conv2d(4, 8, 1)
+        self.b, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.mid(self.a(x)[:, :-2]) + self.b(x))
+
+
+def test_a_layer_reading_a_slice_keeps_its_own_channels_prunable():
+    # the slice used to cut its reader off: mid's output was protected as unfollowed, and
+    # with it the branch it is added to
+    model = SliceThenLayer()
+    g = graph(model)
+    assert group_with(g, "a.out").protected.all()
+    branch = group_with(g, "mid.out")
+    assert "b.out" in layout(branch) and not branch.protected.any()
+    check(g, model, channels=6)
+    x = torch.randn(2, 3, 4, 4)
+    check_equivalence(model, cleanai.StructuredPruner(model, x, pruning_ratio=0.5), x)
+    assert (model.mid.out_channels, model.b.out_channels, model.a.out_channels) == (4, 4, 6)
 
 
 SPATIAL_PICKS = {

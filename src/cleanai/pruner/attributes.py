@@ -80,7 +80,6 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[i
             if not candidates:
                 break
         kept = Fraction(g.size - idx.shape[0], g.size)
-        fixed = int(g.protected.sum())
         exact, multiple = _ROLES[g.kind]
         scope = scope_of(g)
         layers = {m.name.rpartition(".")[0] if m.kind == "param" else m.name for m in g.members}
@@ -94,10 +93,6 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[i
                 new = v * kept
                 if new.denominator == 1:
                     proposals.setdefault((name, attr), set()).add(int(new))
-            elif g.kind == "heads" and attr in _HEADS and v == g.size - fixed > 0:
-                # a head count that leaves out the group's fixed slots (Falcon's
-                # multi-query ``view(..., num_heads + 2, head_dim)``: the key and value slots)
-                proposals.setdefault((name, attr), set()).add(v - idx.shape[0])
     _stored_shapes(model, keeps, proposals)
     _stored_splits(model, graph, keeps, proposals)
     # what a traced split reads wins over a guess from the attribute's name (MobileViTv2

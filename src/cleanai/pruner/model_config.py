@@ -102,7 +102,6 @@ def update_config(model: nn.Module, graph: DependencyGraph,
         # would be scaled twice
         new = {f: int(v * kept) for f in fields for v in (getattr(config, f, None),)
                if type(v) is int and v > 0 and (v * kept).denominator == 1}
-        new.update(_free_counts(config, fields, groups, before) if kind == "heads" else {})
         for f, v in new.items():
             old.setdefault(f, getattr(config, f))
         for f, v in new.items():
@@ -127,19 +126,6 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             for f, v in changed] + scales
 
 
-def _free_counts(config: Any, fields: Tuple[str, ...], groups: List[Any],
-                 before: Dict[int, int]) -> Dict[str, int]:
-    """Head counts that leave out the fixed slots every heads group holds (Falcon's
-    multi-query key and value slots beside the query heads): ``v`` equal to the groups' free
-    slots before the step becomes their free slots after it."""
-    fixed = {int(g.protected.sum()) for g in groups}
-    sizes = {(before.get(g.id, g.size), g.size) for g in groups}
-    if len(fixed) != 1 or len(sizes) != 1:
-        return {}
-    p, ((was, now),) = fixed.pop(), sizes
-    return {f: now - p for f in fields if p and getattr(config, f, None) == was - p}
-
-
 def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mismatch],
               written: List[Tuple[str, int]], tried: List[Tuple[str, int]]) -> List[Mismatch]:
     """Write the fields that bring a copy built from ``config`` closer to ``model``: first
@@ -149,8 +135,7 @@ def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mi
     still differs."""
     if not any(isinstance(w[1], tuple) or w[1] is None for w in wrong):
         return wrong  # only derived floats differ: no size field sets them
-    for field, value in _derived(model, config) + _held(model, config) + \
-            _pointed(config, wrong, set(old)):
+    for field, value in _derived(model, config) + _pointed(config, wrong, set(old)):
         if any(f == field for f, _ in written):
             continue
         tried.append((field, value))
@@ -201,20 +186,6 @@ def _derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
     return out
 
 
-def _held(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
-    """The config's head counts as the model's attention modules all hold them now, where they
-    differ (a count the step could not scale by a fraction: Falcon's multi-query heads group
-    also holds the key and value slots, which stay)."""
-    names = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-    values = {getattr(m, a) for m in model.modules() if m is not model for a in names
-              if type(getattr(m, a, None)) is int and getattr(m, a) > 0}
-    if len(values) != 1:
-        return []
-    value = values.pop()
-    return [(f, value) for f in names if type(getattr(config, f, None)) is int and
-            getattr(config, f) != value]
-
-
 def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str, int]]:
     """Size fields of ``config`` that could explain a differing shape: a dim the config makes
     ``n * v`` (``v`` the field's value) where the pruned model has ``n * v'``: ``(field, v')``,
@@ -239,6 +210,29 @@ def _is_size(field: str) -> bool:
     return any(w in f for w in _SIZE_WORDS) and not any(w in f for w in _NOT_SIZES)
 
 
+def _with_values(config: Any, values: Dict[str, Any]) -> Any:
+    """A copy of ``config`` with ``values`` set (``_UNSET``: the field removed)."""
+    config = copy.deepcopy(config)
+    for f, v in values.items():
+        if v is _UNSET:
+            if f in vars(config):
+                delattr(config, f)
+        else:
+            setattr(config, f, v)
+    return config
+
+
+def _build_error(model: nn.Module, config: Any) -> str:
+    """Why ``type(model)(config)`` fails on the meta device."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            type(model)(config)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return "it builds"
+
+
 def _rebuilt(model: nn.Module, config: Any) -> Optional[nn.Module]:
     """``type(model)(config)`` on the meta device, or None when it cannot be built so."""
     try:
@@ -259,19 +253,16 @@ def config_mismatch(model: nn.Module, old: Optional[Dict[str, Any]] = None) -> L
     would not differ, or when the model cannot be built from its config."""
     fresh = _rebuilt(model, model.config)
     if fresh is None:
+        # a config the step's sizes made unbuildable (a head count that no longer divides the
+        # hidden size) is a mismatch; one that never built the model says nothing
+        if old and _rebuilt(model, _with_values(model.config, old)) is not None:
+            return [("model.config", "pruned", _build_error(model, model.config))]
         return []
     wrong = _shape_differences(model.named_parameters(), fresh.named_parameters())
     derived = _shape_differences(model.named_buffers(), fresh.named_buffers()) + \
         _float_differences(model, fresh)
     if derived and old:
-        config = copy.deepcopy(model.config)
-        for f, v in old.items():
-            if v is _UNSET:
-                if f in vars(config):
-                    delattr(config, f)
-            else:
-                setattr(config, f, v)
-        before = _rebuilt(model, config)
+        before = _rebuilt(model, _with_values(model.config, old))
         if before is not None:  # what differed with the old sizes too is not the change's
             anyway = {n for n, _, _ in _shape_differences(model.named_buffers(),
                                                             before.named_buffers())
@@ -314,7 +305,11 @@ def _warn_config(model: nn.Module, wrong: List[Mismatch], tried: List[Tuple[str,
     # a field and its alias (GPT-2's n_embd for hidden_size) are named once
     real = [f for f in changed if f in vars(model.config)]
     fields = ", ".join(real or changed)
-    if isinstance(mine, float):
+    if isinstance(built, str):
+        what = (f"a copy built from it fails ({built}): the step changed {fields}, which the "
+                f"modeling code combines with sizes that did not change, so from_pretrained "
+                f"would fail on a save_pretrained copy")
+    elif isinstance(mine, float):
         what = (f"{name} is {mine:g} in the pruned model, but a copy built from the config "
                 f"computes {built:g}{more}: the modeling code derives it from a size that "
                 f"changed ({fields}) and no config field sets it, so a save_pretrained copy "

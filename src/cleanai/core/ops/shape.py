@@ -2,7 +2,7 @@
 pixel shuffles."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -271,45 +271,22 @@ def _slice(ctx, call: OpCall):
                        "rotate_half does: it pairs dim d with d + n/2, each pair at a fixed "
                        "frequency)")
         return [None]
-    n = in_shape[dim]
+    # every channel stays: the bounds may be computed from the size (``x[:, C // 4:]``), and
+    # any channel that went would move them. The part taken carries its ids on, so the
+    # layers that read it stay connected to the rest of the graph (their own channels prune)
+    ctx.protect(x, "slice of the channel dim")
     start, end, step = (call.saved(k) for k in ("start", "end", "step"))
     if not all(isinstance(v, int) for v in (start, end, step)):
-        ctx.protect(x, "slice of the channel dim")
         return [None]
     start, end = (v - 2 ** 64 if v >= 2 ** 63 else v for v in (start, end))  # saved unsigned
-    # an end left open (``x[:, 2:]``) is saved as INT64_MAX; a written end that equals the
-    # size (``gates[:, l:l + 1]`` at the last l) is a position like any other
-    bounds = [start] + ([end] if end < 2 ** 62 else [])
-    fixed = torch.ones(n, dtype=torch.bool) if step != 1 else _anchors(n, bounds)
-    ctx.protect(x.ids[fixed], "slice of the channel dim")
-    return [_taken(ctx, x, torch.arange(n)[start:end:step], call.out_shapes[0][dim],
-                   "slice of the channel dim")]
+    return [_taken(x, torch.arange(in_shape[dim])[start:end:step], call.out_shapes[0][dim])]
 
 
-def _anchors(n: int, bounds: List[int]) -> torch.Tensor:
-    """The positions along a dim of ``n`` whose removal would move what fixed positions
-    ``bounds`` (slice bounds or indices, as written: negative ones count from the end) pick:
-    those before a bound counted from the start, and those from a bound counted from the end
-    on. ``x[..., :-2]`` keeps picking all but the last two when a channel before them goes."""
-    fixed = torch.zeros(n, dtype=torch.bool)
-    for b in bounds:
-        if b >= 0:
-            fixed[:b] = True
-        else:
-            fixed[max(n + b, 0):] = True
-    return fixed
-
-
-def _taken(ctx, x: Slots, positions: torch.Tensor, size: int, reason: str) -> Optional[Slots]:
-    """The part of the channel dim an op with fixed positions took (its fixed channels
-    protected by the caller): it carries their ids on, so the layers that read it stay
-    connected to the rest of the graph. A part of one channel stays too: it is read as a
-    gate broadcast over other channels (FocalNet's ``gates[:, l:l + 1]``), which removing it
-    would leave empty."""
+def _taken(x: Slots, positions: torch.Tensor, size: int) -> Optional[Slots]:
+    """The ids of the positions an op at fixed positions of the channel dim took (all of
+    them protected by the caller), or None where the count does not match."""
     if positions.numel() != size:
         return None
-    if size == 1:
-        ctx.protect(x.ids[positions], reason)
     return Slots(x.dim, x.ids[positions])
 
 
@@ -335,19 +312,12 @@ def _index(ctx, call: OpCall):
     used = [i for i, t in enumerate(indices) if t is not None]
     in_shape, out = call.in_shapes[0], call.out_shapes[0]
     if not used or x.dim in used or in_shape is None:
+        ctx.protect(x, "indexing of the channel dim")  # the indices may come from the data
         index = indices[x.dim] if used == [x.dim] and in_shape is not None else None
         if index is None or index.dim() != 1 or index.is_floating_point() or \
                 index.dtype == torch.bool:
-            ctx.protect(x, "indexing of the channel dim")
             return [None]
-        n = in_shape[x.dim]
-        # indices written from the end (Falcon's [..., [-2], :]) are constants: a channel
-        # before them may go; others may come from the data (topk, argsort): all stay
-        fixed = (_anchors(n, [int(index.min())]) if index.numel() and int(index.max()) < 0
-                 else torch.ones(n, dtype=torch.bool))
-        ctx.protect(x.ids[fixed], "indexing of the channel dim")
-        return [_taken(ctx, x, torch.arange(n)[index.cpu()], out[x.dim],
-                       "indexing of the channel dim")]
+        return [_taken(x, torch.arange(in_shape[x.dim])[index.cpu()], out[x.dim])]
     idx_nd = len(torch.broadcast_shapes(*(tuple(indices[i].shape) for i in used)))
     if used == list(range(used[0], used[-1] + 1)):
         d = x.dim if x.dim < used[0] else x.dim - len(used) + idx_nd
