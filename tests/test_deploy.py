@@ -209,6 +209,25 @@ def test_aoti_packages_run_back_like_the_model(tmp_path):
         assert not isinstance(load(str(tmp_path / "program.pt2")), CompiledPackage)
 
 
+def test_aoti_package_checks_nested_inputs(tmp_path):
+    class Pair(nn.Module):  # its input is a tuple: shapes keyed deeper than a position
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, pair):
+            return self.fc(pair[0]) + pair[1]
+
+    model = Pair().eval()
+    pair = (torch.randn(3, 4), torch.randn(3, 2))
+    package = load(export(model, (pair,), str(tmp_path / "pair.pt2"), "aoti").path)
+    with torch.no_grad():
+        torch.testing.assert_close(package((torch.randn(5, 4), pair[1][:1])).shape,
+                                   torch.Size([5, 2]))
+        with pytest.raises(ValueError, match=r"args\[0\]\[0\] of shape \(any, 4\), got \(5, 3\)"):
+            package((torch.randn(5, 3), pair[1]))
+
+
 def test_load_refuses_what_it_cannot_run(tmp_path):
     import zipfile
     with pytest.raises(FileNotFoundError, match="no file at"):

@@ -65,14 +65,15 @@ def export(model: nn.Module, example_inputs: Any, path: str, format: Optional[st
            check: bool = True, atol: Optional[float] = None) -> ExportResult:
     """Write ``model`` to ``path`` as ``format`` (``"onnx"``, ``"pt2"`` or ``"aoti"``; by
     default from the file's suffix, where ``.pt2`` means ``"pt2"``) and check that the file
-    runs and matches the model on ``example_inputs``: within ``atol`` (default 1e-4), or for an
-    int8 model with ``atol=None``, to a relative error of ``INT8_RTOL`` (int8 runtimes round
-    activations differently; ``relative_error`` in the result says how close it came). The model is exported in eval mode and left as it was; a
-    Hugging Face model with ``config.use_cache`` is exported without its key/value cache; a
-    static int8 result of :func:`quantize` exports its int8 graph. A dynamic int8 result goes
-    to ONNX as its float graph (the values its int8 weights stand for) quantized by
-    onnxruntime's dynamic quantization: int8 weights per output channel, activations per
-    tensor, which is coarser than torchao's per-token scales.
+    runs and matches the model on ``example_inputs``: within ``atol`` (default 1e-4), or for
+    an int8 model with ``atol=None``, to a relative error of ``INT8_RTOL`` (int8 runtimes round
+    activations differently; ``relative_error`` in the result says how close it came). The
+    model is exported in eval mode and left as it was; a Hugging Face model with
+    ``config.use_cache`` is exported without its key/value cache; a static int8 result of
+    :func:`quantize` exports its int8 graph. A dynamic int8 result goes to ONNX as its float
+    graph (the values its int8 weights stand for) quantized by onnxruntime's dynamic
+    quantization: int8 weights per output channel, activations per tensor, which is coarser
+    than torchao's per-token scales.
 
     ``"aoti"`` compiles for inference (inductor's freezing: weights folded and prepacked). Its
     batch dim stays dynamic, except for a static int8 graph, whose package runs at the batch
@@ -96,9 +97,8 @@ def export(model: nn.Module, example_inputs: Any, path: str, format: Optional[st
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     from .quantize import StaticInt8Model
-    int8 = isinstance(model, StaticInt8Model) or any(
-        type(p.data) is not torch.Tensor for p in model.parameters())
     static_int8 = isinstance(model, StaticInt8Model)
+    int8 = static_int8 or bool(_subclass_weights(model))
     if static_int8:  # its int8 graph (what compile would run) goes out
         model = model.graph
     args, kwargs = _split(example_inputs)
@@ -163,12 +163,13 @@ def _split(inputs: Any) -> Tuple[tuple, dict]:
 
 
 def _batch_dims(args: tuple, kwargs: dict) -> Any:
-    """A dynamic batch (dim 0) for every tensor input, in the exporters' structure."""
+    """A dynamic batch (dim 0) for every tensor input, in the exporters' structure (nested
+    tuples, lists and dicts of tensors too)."""
+    from torch.utils._pytree import tree_map
+
     def dims(v):
         return {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None
-    if kwargs:
-        return {k: dims(v) for k, v in kwargs.items()}
-    return tuple(dims(a) for a in args)
+    return tree_map(dims, dict(kwargs) if kwargs else tuple(args))
 
 
 def _exported(model: nn.Module, args: tuple, kwargs: dict,
@@ -241,7 +242,7 @@ def _onnx(model, args, kwargs, path, check) -> Tuple[str, Optional[List[torch.Te
         except ImportError as exc:
             raise ImportError(f"ONNX export needs the {package} package: pip install onnx "
                               f"onnxscript (or pip install cleanai[deploy])") from exc
-    subclass = [p for p in model.parameters() if type(p.data) is not torch.Tensor]
+    subclass = _subclass_weights(model)
     target = path
     if subclass:  # torchao int8 weights: the float graph goes out, onnxruntime quantizes it
         model = _dequantized(model, subclass)
@@ -270,6 +271,11 @@ def _onnx(model, args, kwargs, path, check) -> Tuple[str, Optional[List[torch.Te
     for spec, value in zip(session.get_inputs(), tensors):
         feed[spec.name] = value.detach().cpu().numpy()
     return "onnxruntime", [torch.from_numpy(o) for o in session.run(None, feed)]
+
+
+def _subclass_weights(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters held as tensor subclasses (torchao's int8 weights)."""
+    return [p for p in model.parameters() if type(p.data) is not torch.Tensor]
 
 
 def _dequantized(model: nn.Module, subclass: List[torch.Tensor]) -> nn.Module:
@@ -322,26 +328,49 @@ class CompiledPackage(nn.Module):
         metadata = runner.get_metadata() if hasattr(runner, "get_metadata") else {}
         self.input_shapes: Dict[str, List[Optional[int]]] = json.loads(
             metadata.get(SHAPES_KEY, "{}"))
+        # (positional index or keyword, shape) per input, read without flattening the call
+        # (a batch-1 call lasts a few hundred microseconds); None for nested inputs
+        top = [(_top_level(key), key) for key in self.input_shapes]
+        self._top = None if any(where is None for where, _ in top) else top
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.utils._pytree import keystr, tree_flatten_with_path
-        for path, leaf in tree_flatten_with_path((args, kwargs))[0]:
-            want = self.input_shapes.get(keystr(path))
-            if want is None or not isinstance(leaf, torch.Tensor):
-                continue
-            if leaf.dim() != len(want) or any(w is not None and w != d
-                                              for w, d in zip(want, leaf.shape)):
-                name = ("args" if path[0].idx == 0 else "kwargs") + keystr(path[1:])
-                form = tuple("any" if w is None else w for w in want)
-                hint = (" (an example batch of 1 fixes the batch at 1: export with 2 or more "
-                        "for any batch)" if want and want[0] == 1 else "")
-                raise ValueError(f"{self.path} was compiled for {name} of shape {form}, got "
-                                 f"{tuple(leaf.shape)}: export again with an example of this "
-                                 f"shape{hint}")
+        if self._top is None:
+            from torch.utils._pytree import keystr, tree_flatten_with_path
+            for path, leaf in tree_flatten_with_path((args, kwargs))[0]:
+                self._check(keystr(path), leaf)
+        else:
+            for where, key in self._top:
+                leaf = kwargs.get(where) if isinstance(where, str) else \
+                    (args[where] if where < len(args) else None)
+                self._check(key, leaf)
         return self._runner(*args, **kwargs)
+
+    def _check(self, key: str, leaf: Any) -> None:
+        """Refuse a tensor input of another shape than the one compiled for the input at
+        flattened ``key``."""
+        want = self.input_shapes.get(key)
+        if want is None or not isinstance(leaf, torch.Tensor):
+            return
+        if leaf.dim() == len(want) and all(w is None or w == d for w, d in zip(want, leaf.shape)):
+            return
+        name = ("args" if key.startswith("[0]") else "kwargs") + key[3:]
+        form = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
+        hint = (" (an example batch of 1 fixes the batch at 1: export with 2 or more for any "
+                "batch)" if want and want[0] == 1 else "")
+        raise ValueError(f"{self.path} was compiled for {name} of shape {form}, got "
+                         f"{tuple(leaf.shape)}: export again with an example of this "
+                         f"shape{hint}")
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}"
+
+
+def _top_level(key: str) -> Any:
+    """The positional index (``"[0][2]"``) or keyword (``"[1]['input_ids']"``) a flattened
+    input key names, or None for an input nested deeper."""
+    import re
+    m = re.fullmatch(r"\[0\]\[(\d+)\]|\[1\]\['([^']+)'\]", key)
+    return None if m is None else (int(m.group(1)) if m.group(1) is not None else m.group(2))
 
 
 def load(path: str) -> nn.Module:

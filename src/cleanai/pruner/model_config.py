@@ -222,26 +222,20 @@ def _with_values(config: Any, values: Dict[str, Any]) -> Any:
     return config
 
 
-def _build_error(model: nn.Module, config: Any) -> str:
-    """Why ``type(model)(config)`` fails on the meta device."""
+def _built(model: nn.Module, config: Any) -> Tuple[Optional[nn.Module], str]:
+    """``type(model)(config)`` on the meta device, or None and why it cannot be built so."""
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            type(model)(config)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return "it builds"
+            return type(model)(config), ""
+    except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
+        logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
+        return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
 def _rebuilt(model: nn.Module, config: Any) -> Optional[nn.Module]:
     """``type(model)(config)`` on the meta device, or None when it cannot be built so."""
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return type(model)(config)
-    except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
-        logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
-        return None
+    return _built(model, config)[0]
 
 
 def config_mismatch(model: nn.Module, old: Optional[Dict[str, Any]] = None) -> List[Mismatch]:
@@ -251,12 +245,12 @@ def config_mismatch(model: nn.Module, old: Optional[Dict[str, Any]] = None) -> L
     where the config's last changes made them differ (``old``: the changed fields' previous
     values; a buffer a forward grows, a float set at run time differ anyway). Empty when it
     would not differ, or when the model cannot be built from its config."""
-    fresh = _rebuilt(model, model.config)
+    fresh, error = _built(model, model.config)
     if fresh is None:
         # a config the step's sizes made unbuildable (a head count that no longer divides the
         # hidden size) is a mismatch; one that never built the model says nothing
         if old and _rebuilt(model, _with_values(model.config, old)) is not None:
-            return [("model.config", "pruned", _build_error(model, model.config))]
+            return [("model.config", "pruned", error)]
         return []
     wrong = _shape_differences(model.named_parameters(), fresh.named_parameters())
     derived = _shape_differences(model.named_buffers(), fresh.named_buffers()) + \

@@ -14,8 +14,8 @@ from .quota import positions_per_channel
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
 
-__all__ = ["global_removals", "pool_removals", "ranked_counts", "spare_members", "equal_counts", "equal_fractions",
-           "tie_fraction", "tied_removals", "group_score", "allocated_score"]
+__all__ = ["global_removals", "pool_removals", "ranked_counts", "spare_members", "equal_counts",
+           "equal_fractions", "tie_fraction", "tied_removals", "group_score", "allocated_score"]
 
 
 def global_removals(pruner: "StructuredPruner", pool: List[int],
