@@ -119,6 +119,7 @@ PASS_THROUGH = {
     "spatial_softmax": Wrap(lambda y: y.flatten(2).softmax(-1).view_as(y)),
     "contiguous_channels_last": Wrap(lambda y: y.contiguous(memory_format=torch.channels_last)),
     "spatial_cumsum": Wrap(lambda y: y.cumsum(3)),
+    "spatial_sort_topk": Wrap(lambda y: y.sort(dim=3).values.topk(2, dim=2).values),
 }
 
 
@@ -173,6 +174,8 @@ PROTECTING = {
     "unbind": (lambda s, a, b: torch.stack(a.unbind(1)[:2], 1), 2, "unbind on the channel dim"),
     "pad_channels": (lambda s, a, b: F.pad(a, (0, 0, 0, 0, 1, 0)), 5, "padding of the channel"),
     "roll_channels": (lambda s, a, b: torch.roll(a, 1, dims=1), 4, "reorders channels"),
+    "sort_channels": (lambda s, a, b: a.sort(dim=1).values, 4, "reorders channels"),
+    "topk_channels": (lambda s, a, b: a.topk(2, dim=1).values, 2, "reorders channels"),
 }
 
 
@@ -377,7 +380,7 @@ def test_view_into_heads_keeps_whole_heads():
 
 UNKNOWN = {
     "fft": (lambda y: torch.fft.fft2(y).real, "FftC2CBackward0"),
-    "sort": (lambda y: y.sort(dim=1).values, "SortBackward0"),
+    "cummax": (lambda y: y.cummax(dim=1).values, "CummaxBackward0"),
     "custom_function": (lambda y: Double.apply(y), "DoubleBackward"),
 }
 
@@ -402,10 +405,10 @@ def test_unknown_op_protects_what_it_touches_and_warns_once(op):
 
 def test_unknown_op_in_two_modules_gives_one_warning_naming_both():
     model = Between(lambda s, a, b: torch.cat([s.m1(a), s.m2(b)], 1), head_in=8)
-    model.m1, model.m2 = Wrap(UNKNOWN["sort"][0]), Wrap(UNKNOWN["sort"][0])
+    model.m1, model.m2 = Wrap(UNKNOWN["cummax"][0]), Wrap(UNKNOWN["cummax"][0])
     g = graph(model)
     assert len(g.warnings) == 1
-    assert "SortBackward0" in g.warnings[0] and "m1" in g.warnings[0] and "m2" in g.warnings[0]
+    assert "CummaxBackward0" in g.warnings[0] and "m1" in g.warnings[0] and "m2" in g.warnings[0]
     assert group_with(g, "a.out").protected.all() and group_with(g, "b.out").protected.all()
 
 

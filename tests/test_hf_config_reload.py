@@ -15,6 +15,10 @@ EXTRA = {
     "Qwen2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                      shared_expert_intermediate_size=32),
     "Gemma": dict(head_dim=8),
+    "GraniteMoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "DeepseekV2": dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       first_k_dense_replace=1, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                       v_head_dim=8, kv_lora_rank=8, q_lora_rank=8, n_group=1, topk_group=1),
 }
 
 
@@ -50,7 +54,7 @@ def reloaded(model, path):
 RELOADS = [
     ("Qwen2", None, 0.5),
     ("Qwen2", ["hidden"], 0.25),  # head_dim written down: 24 // 4 would be 6
-    ("Qwen2Moe", None, 0.5),  # experts stay (see test below); heads and shared expert go
+    ("Qwen2Moe", None, 0.5),  # routed experts, shared expert, heads and width (test below)
     ("Phi3", None, 0.5),  # qkv sliced at config-derived bounds: heads stay, hidden and MLP go
     ("Gemma", ["heads", "channels"], 0.5),
     ("Gemma", None, 0.5),  # embedding scale sqrt(hidden) follows: weights rescaled to match
@@ -59,6 +63,8 @@ RELOADS = [
     ("StableLm", None, 0.5),  # hidden and heads halve together: head_dim stays 8
     ("Olmo", None, 0.5),  # its parameter-free LayerNorm stores the hidden size
     ("Olmo", ["hidden"], 0.25),
+    ("GraniteMoe", None, 0.5),  # its MoE block views its output with a stored input_size
+    ("DeepseekV2", None, 0.5),  # the low-rank query and key/value widths: q_lora_rank...
 ]
 
 
@@ -77,17 +83,16 @@ def test_pruned_decoder_generates_and_reloads(family, kinds, ratio, tmp_path):
     assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
 
 
-def test_qwen2_moe_prunes_its_shared_expert_and_config_says_so(tmp_path):
+def test_qwen2_moe_config_follows_its_experts_and_shared_expert(tmp_path):
     model, x = tiny("Qwen2Moe")
-    experts = {n: p.shape for n, p in model.named_parameters() if ".experts." in n}
     prune(model, x, 0.5)
     cfg = model.config
-    # the shared expert has a size field of its own; the routed experts are not pruned (their
-    # grouped matmul is an op CleanAI does not follow), so neither is the hidden size
-    assert cfg.shared_expert_intermediate_size == 16 and cfg.moe_intermediate_size == 16
-    assert cfg.hidden_size == 32 and cfg.num_attention_heads == 2
-    assert {n: p.shape for n, p in model.named_parameters() if ".experts." in n} == experts
-    assert model.model.layers[0].mlp.shared_expert.up_proj.out_features == 16
+    # the shared expert and the routed experts have size fields of their own
+    assert cfg.shared_expert_intermediate_size == 16 and cfg.moe_intermediate_size == 8
+    assert cfg.hidden_size == 16 and cfg.num_attention_heads == 2
+    mlp = model.model.layers[0].mlp
+    assert mlp.experts.gate_up_proj.shape == (4, 16, 16) and mlp.experts.down_proj.shape == (4, 16, 8)
+    assert mlp.shared_expert.up_proj.out_features == 16
 
 
 def test_olmo_parameter_free_norm_follows_the_hidden_size():

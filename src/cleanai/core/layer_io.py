@@ -45,6 +45,12 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
             each = f" ({d.per_channel} positions each)" if d.per_channel > 1 else ""
             ctx.note(base, f"{type(m).__name__} {name}: its internal {d.name!r}{each}")
             ctx.kinds.append((int(base[0]), d.kind))
+        for tie in pr.equal_counts(m):
+            parts = [internal[name][i] for i in tie if internal[name][i] is not None]
+            if len(parts) > 1:
+                ctx.tie_counts((name, "internal", tuple(tie)), parts,
+                               f"{type(m).__name__} {name}: its internal dims stored in one "
+                               f"tensor")
     sets = {"in": module_in.get(name), "out": module_out.get(name)}
     for d, ids in zip(dims, internal[name]):
         if d is not None:

@@ -98,6 +98,11 @@ class LayerPruner:
         dim's id in plans and history, so keep it stable (``None`` for a switched-off dim)."""
         return []
 
+    def equal_counts(self, module: nn.Module) -> List[List[int]]:
+        """Internal dims (by index) that must keep as many channels each, their positions
+        chosen freely (experts whose weights stay one tensor)."""
+        return []
+
     def internal_weights(self, module: nn.Module, index: int) -> List[Tuple[Tensor, int]]:
         """Tensors (or views) whose ``dim`` runs over internal dim ``index``'s positions."""
         return []

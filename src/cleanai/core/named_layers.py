@@ -9,6 +9,7 @@ from typing import Dict, Optional
 from torch import nn
 
 from .layers import ConvPruner, LayerPruner, _keep
+from .layers_experts import ExpertsPruner, is_experts_class
 
 
 class TransposedLinearPruner(LayerPruner):
@@ -62,6 +63,7 @@ class StandardizedConvPruner(ConvPruner):
 
 
 _STD_CONV = StandardizedConvPruner()
+_EXPERTS = ExpertsPruner()
 _BY_NAME: Dict[str, LayerPruner] = {
     "transformers.pytorch_utils.Conv1D": TransposedLinearPruner(),
     **{f"timm.layers.std_conv.{c}": _STD_CONV
@@ -70,5 +72,9 @@ _BY_NAME: Dict[str, LayerPruner] = {
 
 
 def named_layer_pruner(cls: type) -> Optional[LayerPruner]:
-    """The pruner for exactly ``cls``, when its qualified name is known."""
-    return _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    """The pruner for exactly ``cls``, when its qualified name is known, or for a Hugging
+    Face experts class (:func:`~cleanai.core.layers_experts.is_experts_class`)."""
+    found = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    if found is None and is_experts_class(cls):
+        return _EXPERTS
+    return found

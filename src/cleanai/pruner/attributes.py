@@ -30,7 +30,7 @@ _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num
           "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
 _INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head")
-_HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim")
+_HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim", "input_size")
 _MLP = ("intermediate_size", "n_inner", "ffn_dim", "mlp_dim", "d_ff", "ffn_hidden_size")
 
 # attribute names per group kind; "exact" names must equal the group's size, the others be a

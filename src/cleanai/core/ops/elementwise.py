@@ -189,19 +189,23 @@ def _repeat(ctx, call: OpCall):
     return [None]
 
 
-@register("FlipBackward0", "RollBackward0", "CumsumBackward0", "CumprodBackward0")
+@register("FlipBackward0", "RollBackward0", "CumsumBackward0", "CumprodBackward0",
+          "TopkBackward0", "SortBackward0")
 def _dims_scrambling(ctx, call: OpCall):
+    """Ops that move values along some dims (a router's ``topk`` over its experts): channels
+    on another dim stay where they are."""
     x = call.ins[0]
     if x is None:
         return none(call)
+    rest = [None] * (len(call.out_shapes) - 1)
     ndim = len(call.out_shapes[0])
     dims = call.saved("dims", None)
     if dims is None:
         dims = [call.saved("dim", 0)]
     if x.dim in {ndim_dim(int(d), ndim) for d in dims}:
         ctx.protect(x, f"{call.name()} reorders channels")
-        return [None]
-    return [x]
+        return [None] + rest
+    return [x] + rest
 
 
 # --- element-wise ops with broadcasting ----------------------------------------------------
