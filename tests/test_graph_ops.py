@@ -129,7 +129,8 @@ def test_ops_that_keep_channels_pass_them_through(op):
     model = Between(lambda s, a, b: s.mid(a))
     model.mid = layer
     g = graph(model)
-    assert len(g.groups) == 2  # a and head; b never reaches the output, so it is not walked
+    # a and head; b's output is dropped: walked all the same, a group nobody reads
+    assert len(g.groups) == 3 and layout(group_with(g, "b.out")) == {"b.out": R(4)}
     grp = group_with(g, "a.out")
     assert layout(grp) == {"a.out": R(4), "head.in": R(4)}
     assert not grp.protected.any() and not g.warnings
@@ -309,7 +310,7 @@ def test_channels_last_linear(op):
     model = Between(LAST_DIM[op], head_in=5)
     model.lin = nn.Linear(4, 5)
     g = graph(model)
-    assert len(g.groups) == 3
+    assert len(g.groups) == 4  # with b's dropped output
     assert layout(group_with(g, "a.out")) == {"a.out": R(4), "lin.in": R(4)}
     assert layout(group_with(g, "lin.out")) == {"lin.out": R(5), "head.in": R(5)}
     assert not any(grp.protected.any() for grp in g.groups if "head.out" not in layout(grp))

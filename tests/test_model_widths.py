@@ -235,6 +235,11 @@ def test_stored_view_shape_of_a_parameter_follows_and_replays(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+def _out_group(pruner, layer):
+    return next(g for g in pruner.graph.groups
+                if any(m.name == layer and m.kind == "out" for m in g.members))
+
+
 class DetachedBranch(nn.Module):
     """A detector's region proposals: a head on shared features whose result is detached
     before it steers the output (here a gate), so no output depends on it through autograd."""
@@ -252,14 +257,44 @@ class DetachedBranch(nn.Module):
         return self.head(torch.relu(self.mid(f)) * keep)
 
 
-def test_channels_feeding_a_detached_branch_are_protected():
+def test_a_detached_branch_prunes_its_inputs_and_keeps_the_width_read_after_it():
+    """The proposals conv reads ``feat`` like any layer (its input columns follow); its own
+    output, read by ``detach()`` outside autograd, keeps its width."""
     torch.manual_seed(0)
     model, x = DetachedBranch().eval(), torch.randn(2, 3, 4, 4)
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
-    g = pruner.graph.group_of("feat")[0]
+    assert not _out_group(pruner, "feat").protected.any()
+    g = _out_group(pruner, "proposals")
     assert bool(g.protected.all()) and "detached branch" in next(iter(g.reasons))
-    pruner.step()
-    assert model(x).shape == (2, 4, 4, 4) and model.mid.out_channels == 4
+    check_equivalence(model, pruner, x)
+    assert model.feat.out_channels == model.proposals.in_channels == 4
+    assert model.proposals.out_channels == 2 and model.mid.out_channels == 4
+
+
+class DiscardedPooler(nn.Module):
+    """A pooled output computed and dropped (CLIP's vision pooler under an image-classification
+    head): its norm reads the hidden width and must be sliced with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.post_norm = nn.Linear(3, 8), nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        pooled = self.post_norm(h[:, 0])  # computed, never used
+        return self.head(h.mean(1))
+
+
+def test_a_discarded_branch_follows_the_width_it_reads():
+    torch.manual_seed(0)
+    model, x = DiscardedPooler().eval(), torch.randn(2, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no unknown op
+        pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+        assert not _out_group(pruner, "embed").protected.any()
+        check_equivalence(model, pruner, x)
+    assert model.post_norm.normalized_shape == (4,) and model.head.in_features == 4
 
 
 class ScaledConcat(nn.Module):

@@ -17,7 +17,8 @@ from torch import nn
 
 import cleanai
 from cleanai.pruner.apply import PruningError
-from equivalence import check_equivalence
+from cleanai.pruner.keeps import layer_keeps
+from equivalence import check_equivalence, zero_consumers
 
 
 class Heads(nn.Module):
@@ -257,3 +258,83 @@ def test_mobilevitv2_round_trip(tmp_path):
         model.stages[2][1].transformer[0].attn.embed_dim
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+class GatedMixer(nn.Module):
+    """A linear-attention front (Gated DeltaNet's): q, k and v projections concatenated, a
+    causal depthwise conv run on the conv layer's weight (``F.conv1d``), then split by the
+    sizes the module stores. Its block calls it with keywords only."""
+
+    def __init__(self, dim=8, key_dim=4, value_dim=6, kernel=3):
+        super().__init__()
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.q, self.k = nn.Linear(dim, key_dim), nn.Linear(dim, key_dim)
+        self.v = nn.Linear(dim, value_dim)
+        n = 2 * key_dim + value_dim
+        self.conv = nn.Conv1d(n, n, kernel, groups=n, padding=kernel - 1)
+        self.out = nn.Linear(value_dim, dim)
+
+    def forward(self, hidden_states):
+        length = hidden_states.shape[1]
+        mixed = torch.cat([self.q(hidden_states), self.k(hidden_states),
+                           self.v(hidden_states)], -1).transpose(1, 2)
+        mixed = torch.nn.functional.conv1d(mixed, self.conv.weight, self.conv.bias,
+                                           padding=self.conv.padding[0],
+                                           groups=mixed.shape[1])[..., :length]
+        q, k, v = torch.split(torch.nn.functional.silu(mixed).transpose(1, 2),
+                              [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return self.out((q @ k.transpose(1, 2)).softmax(-1) @ v)
+
+
+class MixerBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mixer, self.head = nn.Linear(5, 8), GatedMixer(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.mixer(hidden_states=h))
+
+
+def test_concatenated_layers_split_by_stored_sizes_through_a_functional_depthwise_conv():
+    torch.manual_seed(0)
+    model, x = MixerBlock(), torch.randn(2, 7, 5)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any(g.protected.any() for g in pruner.graph.groups
+                   if set(g.reasons) != {"model output"})
+    plan = pruner.plan()
+    zero_consumers(model, plan)  # the hidden width; then silence the removed q, k, v rows
+    keeps = layer_keeps(plan.graph, plan.removals)
+    mixer, gone = model.mixer, []
+    with torch.no_grad():
+        for layer in (mixer.q, mixer.k, mixer.v):
+            g = torch.ones(layer.out_features, dtype=torch.bool)
+            g[keeps[(f"mixer.{'qkv'[len(gone)]}", "out", -1)]] = False
+            layer.weight[g], layer.bias[g] = 0, 0
+            gone.append(g)
+        mixer.conv.weight[torch.cat(gone)] = 0
+        mixer.conv.bias[torch.cat(gone)] = 0
+        before = model(x)
+    pruner.apply(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-4)
+    assert mixer.key_dim == mixer.q.out_features == mixer.k.out_features == 2
+    assert mixer.value_dim == mixer.v.out_features == 3
+    assert mixer.conv.weight.shape == (7, 1, 3) and mixer.conv.in_channels == 7
+
+
+def test_a_conv_run_on_a_conv_layers_weight_prunes_like_the_layer():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.nn.functional.conv2d(x, self.a.weight, self.a.bias, padding=1)
+            return self.b(h.relu())
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 6, 6)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x)
+    assert model.a.weight.shape == (4, 3, 3, 3) and model.b.weight.shape == (4, 4, 1, 1)

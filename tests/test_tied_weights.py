@@ -139,20 +139,40 @@ def test_gemma3_hidden_size_prunes_and_generates(tied):
     assert model.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False).shape == (1, 13)
 
 
+class RunningMaxConv(nn.Conv2d):
+    """A weight through an op the tracer does not follow (``cummax``), then ``F.conv2d``."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight.cummax(dim=0).values, self.bias, self.stride, self.padding)
+
+
 class StandardizedConv(nn.Conv2d):
-    """Weight standardization, then ``F.conv2d``: an op the tracer does not follow."""
+    """Weight standardization, then ``F.conv2d`` on the result."""
 
     def forward(self, x):
         w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+def test_subclass_weight_through_a_conv_prunes_like_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), StandardizedConv(8, 16, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = _no_warnings(lambda: StructuredPruner(model, x, pruning_ratio=0.5))
+    assert not any(g.protected.any() for g in pruner.graph.groups
+                   if set(g.reasons) != {"model output"})
+    _no_warnings(pruner.step)
+    assert model[2].weight.shape == (8, 4, 3, 3) and model[2].bias.shape == (8,)
+    assert model(x).shape == (2, 4, 6, 6)
+
+
 def test_subclass_weight_through_an_unknown_op_keeps_its_channels():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), StandardizedConv(8, 16, 3, padding=1, bias=False),
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), RunningMaxConv(8, 16, 3, padding=1, bias=False),
                           nn.ReLU(), nn.Conv2d(16, 4, 1))
     x = torch.randn(2, 3, 6, 6)
-    with pytest.warns(UserWarning, match="ConvolutionBackward0"):
+    with pytest.warns(UserWarning, match="CummaxBackward0"):
         pruner = StructuredPruner(model, x, pruning_ratio=0.5)
     conv = next(g for g in pruner.graph.groups if any(m.name == "2" and m.kind == "out" for m in g.members))
     assert conv.protected.all()

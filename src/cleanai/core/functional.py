@@ -1,7 +1,7 @@
 """Known layers used through their weights instead of their forward.
 
 Some models call ``F.linear(x, layer.weight, layer.bias)`` (torchvision's swin attention) or
-``F.embedding(ids, layer.weight)``:
+``F.embedding(ids, layer.weight)``, or a depthwise conv as ``F.conv1d(x, conv.weight, groups=C)``:
 the layer never runs, so its hooks see nothing, but its channels are still the layer's.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import UnsupportedLayer
+from .layers import ConvPruner, UnsupportedLayer
 from .slots import Slots
 
 
@@ -25,6 +25,8 @@ def functional_param(ctx, var: torch.Tensor, m: nn.Module, known_entry, module_i
     keeps them. A layer without input channels (an embedding looked up with ``F.embedding``) gives its
     weight its output ids. The layer is then pruned as if it had run."""
     name, pr = known_entry
+    if isinstance(pr, ConvPruner) and pr.coupling(m) == "same":
+        return _depthwise_param(ctx, var, m, name, pr, module_in, module_out)
     if isinstance(pr, UnsupportedLayer) or pr.coupling(m) != "independent":
         return None
     n_in, n_out = pr.in_channels(m), pr.out_channels(m)
@@ -60,3 +62,18 @@ def protect_unfollowed(ctx) -> None:
         if name not in followed:
             ctx.protect(out_ids, f"output of {name}, whose weight is used outside its forward "
                                  f"where CleanAI cannot follow its outputs")
+
+
+def _depthwise_param(ctx, var: torch.Tensor, m: nn.Module, name: str, pr, module_in,
+                     module_out) -> Optional[Slots]:
+    """A depthwise conv's weight or bias used outside its forward (``F.conv1d(x,
+    conv.weight, groups=C)``): its rows are the layer's channels, in and out alike."""
+    n = pr.in_channels(m)
+    if n is None or pr.repeat(m) != 1:
+        return None
+    if name not in module_in:
+        module_in[name] = module_out[name] = ctx.fresh(n)
+    for t, dim in pr.weights(m, "out"):
+        if t is var:
+            return Slots(dim, module_in[name], True)
+    return None

@@ -121,9 +121,10 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
 
     # The hooks only read tensor attributes (grad_fn, shape): outside the operand recorder, so
     # that each read is not dispatched to it (most of its calls would be these reads).
-    def pre_hook(module, args) -> None:
-        with _NoTorchFunction():
-            open_calls[id(module)] = last_seq(args)
+    def pre_hook(module, args, kwargs) -> None:
+        with _NoTorchFunction():  # (a block called with keywords only: its inputs are there)
+            open_calls[id(module)] = last_seq(args) if args or not kwargs else \
+                last_seq((args, kwargs))
 
     def post_hook(name):
         def hook(module, args, output) -> None:
@@ -196,7 +197,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
                 continue
             if type(m).forward is _SEQUENTIAL_FORWARD:
                 continue
-            handles.append(m.register_forward_pre_hook(pre_hook))
+            handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(m.register_forward_hook(post_hook(name)))
         for m, (name, pruner) in known.items():  # an instance attribute shadows the method
             own = m.__dict__.get("forward")
@@ -294,6 +295,9 @@ class _OperandShapes(TorchFunctionMode):
         self.sized: Optional[str] = None
         #: the autograd nodes of the outputs of the calls seen
         self.made: set = set()
+        #: ``id()`` of the autograd nodes of the tensors the calls seen read (``x.detach()``
+        #: reads x); ids, not the nodes, which would keep the activations they saved alive
+        self.read: set = set()
 
     def saw(self, out) -> None:
         """Note the autograd nodes of a call's outputs (a tensor or a tuple of them)."""
@@ -305,6 +309,10 @@ class _OperandShapes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self.sized is None and not width_free(func, args, kwargs):
             self.sized = _call_name(func)
+        for a in args:
+            fn = getattr(a, "grad_fn", None) if isinstance(a, torch.Tensor) else None
+            if fn is not None:
+                self.read.add(id(fn))
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \

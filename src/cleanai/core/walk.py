@@ -241,19 +241,28 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     roots = [producer(k) for k in (tensor_key(t) for t in iter_tensors(output)) if k is not None]
     order = []
     visited = set()
-    stack = [(r, False) for r in reversed(roots)]
-    while stack:
-        p, done = stack.pop()
-        if done:
-            order.append(p)
-            continue
-        if p in visited:
-            continue
-        visited.add(p)
-        stack.append((p, True))
-        for c in children(p):
-            if c not in visited:
-                stack.append((c, False))
+
+    def visit(roots) -> None:
+        stack = [(r, False) for r in reversed(roots)]
+        while stack:
+            p, done = stack.pop()
+            if done:
+                order.append(p)
+                continue
+            if p in visited:
+                continue
+            visited.add(p)
+            stack.append((p, True))
+            for c in children(p):
+                if c not in visited:
+                    stack.append((c, False))
+
+    visit(roots)
+    # layers that ran but reach no output through autograd (a pooler whose result the task
+    # head drops, a detector's proposals detached before use) are walked too, after what
+    # they read: their inputs keep the channels of the layers that feed them
+    dead = [c for c in calls if c not in visited and not _reached_inside(c, visited)]
+    visit(dead)
 
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
     sources: Dict[Tuple[Any, int], frozenset] = {}
@@ -347,13 +356,14 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
             sources[(p, nr)] = src
 
     protect_unfollowed(ctx)
-    for c in calls:
-        if c not in visited and not _reached_inside(c, visited):
-            # it ran, but no output depends on it through autograd
-            for k in [c.input_key] + [k for k, _ in c.extras]:
-                ctx.protect(slots.get(k) if k is not None else None,
-                            f"input of {c.name}, whose result reaches no output through "
-                            f"autograd (a detached branch): its layer is not pruned")
+    read = getattr(watched, "read", None)
+    for c in dead:
+        for k, _ in c.outputs:
+            # a result read after its layer, outside autograd (``proposals.detach()``), keeps
+            # its width; one nobody reads (a pooler output the head drops) is free
+            if read is None or id(k[0]) in read:
+                ctx.protect(slots.get(k), f"output of {c.name}, which reaches no output "
+                                          f"through autograd but is read (a detached branch)")
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None

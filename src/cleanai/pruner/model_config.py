@@ -189,7 +189,8 @@ def _derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
 def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str, int]]:
     """Size fields of ``config`` that could explain a differing shape: a dim the config makes
     ``n * v`` (``v`` the field's value) where the pruned model has ``n * v'``: ``(field, v')``,
-    in the config's field order, each once; not the fields the step ``scaled`` already."""
+    in the config's field order, each once; then each size field left None with each width
+    that differs; not the fields the step ``scaled`` already."""
     ratios = set()
     for _, pruned, built in wrong:
         if isinstance(pruned, tuple) and isinstance(built, tuple) and len(pruned) == len(built):
@@ -202,6 +203,14 @@ def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str,
             new = v * r
             if new.denominator == 1 and new >= 1 and (field, int(new)) not in out:
                 out.append((field, int(new)))
+    # a size the config leaves None for the code to derive (GPT-2's ``n_inner``, else ``4 *
+    # n_embd``): each width the pruned model has where the copy differs
+    widths = sorted({p for _, pruned, built in wrong
+                     if isinstance(pruned, tuple) and isinstance(built, tuple)
+                     and len(pruned) == len(built) for p, b in zip(pruned, built) if p != b})
+    for field, v in vars(config).items():
+        if v is None and not field.startswith("_") and field not in scaled and _is_size(field):
+            out += [(field, w) for w in widths if w >= 1]
     return out
 
 

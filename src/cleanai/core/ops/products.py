@@ -87,6 +87,52 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     return Slots(od, x.ids)
 
 
+@register("ConvolutionBackward0")
+def _conv(ctx, call: OpCall):
+    """``F.conv1d/2d/3d`` outside a conv layer's forward (Mamba's and linear attention's causal
+    depthwise conv on ``conv1d.weight``): one filter per channel keeps the channel (input,
+    weight rows and bias tied); ``groups=1`` contracts the input channels against the
+    weight's columns and yields the weight's rows, like ``F.linear``."""
+    x, w = call.ins[0], call.ins[1]
+    b = call.ins[2] if len(call.ins) > 2 else None
+    sx, sw = call.in_shapes[0], call.in_shapes[1]
+    rest = [None] * (len(call.out_shapes) - 1)
+    groups = int(call.saved("groups", 1) or 1)
+    if sx is None or sw is None or bool(call.saved("transposed", False)) or len(sx) < 3:
+        protect_all(ctx, f"{call.name()} that CleanAI cannot follow", [x, w, b])
+        return none(call)
+    if x is not None and x.dim != 1:
+        ctx.protect(x, f"{call.name()} slides along channels")
+        x = None
+    if groups == sx[1] == sw[0] and sw[1] == 1:  # depthwise: channel c stays channel c
+        parts = [x] + [t for t in (w, b) if t is not None]
+        if x is None or any(t.dim != 0 or len(t.ids) != sw[0] for t in parts[1:]):
+            protect_all(ctx, f"depthwise {call.name()} on weights CleanAI does not follow",
+                        parts)
+            return none(call)
+        for t in parts[1:]:
+            ctx.uf.union_all(x.ids, t.ids)
+        return [Slots(1, x.ids)] + rest
+    if groups != 1:
+        protect_all(ctx, f"grouped {call.name()} outside a conv layer", [x, w, b])
+        return none(call)
+    partner = None
+    if w is not None and w.dim == 1 and len(w.ids) == sx[1]:
+        if x is not None:
+            ctx.uf.union_all(x.ids, w.ids)
+        else:  # the model's input: its channels stay
+            ctx.protect(w, f"{call.name()} reads a tensor without channel ids")
+        partner = _partner(ctx, w)
+    else:
+        ctx.protect(x, f"{call.name()} contracts channels against a weight without channel ids")
+    if partner is not None and len(partner) == sw[0]:
+        if b is not None and b.dim == 0 and len(b.ids) == len(partner):
+            ctx.uf.union_all(partner, b.ids)
+        return [Slots(1, partner)] + rest
+    ctx.protect(b, f"bias of a {call.name()} whose output channels are not followed")
+    return none(call)
+
+
 @register("ScaledDotProductFlashAttentionForCpuBackward0",
            "ScaledDotProductEfficientAttentionBackward0",
            "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0")

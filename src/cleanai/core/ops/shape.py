@@ -231,9 +231,13 @@ def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]
     split that reads it), a part of one channel keeps it, and pruner/attributes.py sets
     each attribute to its parts' new size. None when ``ids`` are not one layer's whole
     output, or a part of more than one channel matches no attribute, or several of equal
-    value (its size may come from the input's shape: ``split([k, C - k])``)."""
+    value (its size may come from the input's shape: ``split([k, C - k])``). The layers'
+    outputs concatenated (``cat([q(x), k(x), v(x)])``, through a depthwise conv in linear
+    attention) split where they meet are parts of one layer each, and split alike."""
     name = ctx.producer_of(ids)
-    if name is None:
+    parts = _parts(ids, sizes)
+    owners = [name] if name is not None else [ctx.producer_of(p) for p in parts]
+    if None in owners:
         return None
     found = ctx.split_attributes(call.node, sizes)
     if found is None:
@@ -241,8 +245,8 @@ def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]
     module, attrs = found
     if any(a is None and n > 1 for a, n in zip(attrs, sizes)):
         return None
-    parts = _parts(ids, sizes)
-    ctx.cut_at(name, sizes)
+    if name is not None:
+        ctx.cut_at(name, sizes)
     for part, attr, size in zip(parts, attrs, sizes):
         if attr is None:
             ctx.protect(part, f"the one-channel part of a split by {list(sizes)} in "
@@ -251,7 +255,10 @@ def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]
             ctx.tie_counts((module, attr), [part], f"split by {module}.{attr}")
             ctx.note(part, f"split by {module}.{attr}: the parts it sizes keep equal counts "
                            f"and the attribute follows")
-    ctx.attr_splits.append((name, module, list(attrs), list(sizes)))
+    if name is not None:
+        ctx.attr_splits.append((name, module, list(attrs), list(sizes)))
+    else:
+        ctx.attr_splits.extend((o, module, [a], [n]) for o, a, n in zip(owners, attrs, sizes))
     return parts
 
 
