@@ -282,7 +282,7 @@ class DiscardedPooler(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.embed(x))
-        pooled = self.post_norm(h[:, 0])  # computed, never used
+        self.post_norm(h[:, 0])  # computed, never used
         return self.head(h.mean(1))
 
 
