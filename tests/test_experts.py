@@ -111,3 +111,19 @@ class _Gate(nn.Module):
 def test_gate_layout_is_found_by_trying_never_assumed(how, expected):
     gate = type(f"Gate_{how}", (_Gate,), {})(how)
     assert gate_layout(gate, 12) == expected
+
+
+def test_widths_stay_aligned_for_the_grouped_matmul():
+    """``grouped_mm`` needs 16-byte strides: at 0.3 the hidden size (32) and each expert's
+    neurons (64) keep multiples of 4 floats instead of 22 and 44, which it refuses."""
+    model, x = tiny("Mixtral")
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.3)
+    assert all(g.multiple == 4 for g in pruner.graph.groups
+               if any(m.name.endswith("mlp.experts") for m in g.members))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.step()
+    m = experts(model)[0]
+    assert model.config.hidden_size == 24 and m.down_proj.shape == (4, 24, 44)
+    with torch.no_grad():
+        assert model(x).logits.shape == (4, 16, 100)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from .groups import Group, build_groups
+from .layers import get_layer_pruner
 from .runtime import ForwardFn, find_submodule, map_tensors
 from .trace import trace
 from .walk import resolve_edges
@@ -57,6 +59,7 @@ class DependencyGraph:
         self._modules = {n: weakref.ref(m) for n, m in result.modules.items()}
         self._edges = (result.edges, result.junctions)
         self.groups: List[Group] = build_groups(result)
+        _set_multiples(self.groups, result.modules)
         #: splits by sizes a module stores as integer attributes: (layer split, module, the
         #: attribute of each part or None, the sizes at trace time); see
         #: pruner/attributes.py, which keeps those attributes in step
@@ -236,3 +239,13 @@ def _signature(named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, tuple]:
                     buffers[dot + k] = tuple(t.shape)
     params.update(buffers)
     return params
+
+
+def _set_multiples(groups: List[Group], modules: Mapping[str, nn.Module]) -> None:
+    """Each group's ``multiple``: the least common multiple its layers ask for."""
+    for g in groups:
+        for m in g.members:
+            module = modules.get(m.name) if m.kind != "param" else None
+            pr = get_layer_pruner(module) if module is not None else None
+            if pr is not None:
+                g.multiple = math.lcm(g.multiple, max(1, int(pr.multiple(module))))

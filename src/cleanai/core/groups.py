@@ -82,6 +82,9 @@ class Group:
     #: while its heads and that width shrink together; empty when the group is free
     equal_fractions: List[int] = dataclasses.field(default_factory=list)
     fraction_base: int = 0
+    #: kept counts stay multiples of this (a member's kernel needs aligned widths: the
+    #: grouped matmul of mixture-of-experts layers); combined with ``round_to``
+    multiple: int = 1
 
     @property
     def prunable(self) -> int:

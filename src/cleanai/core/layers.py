@@ -98,6 +98,11 @@ class LayerPruner:
         dim's id in plans and history, so keep it stable (``None`` for a switched-off dim)."""
         return []
 
+    def multiple(self, module: nn.Module) -> int:
+        """Kept channel counts of every group this layer holds stay multiples of this (a
+        kernel that needs aligned widths)."""
+        return 1
+
     def equal_counts(self, module: nn.Module) -> List[List[int]]:
         """Internal dims (by index) that must keep as many channels each, their positions
         chosen freely (experts whose weights stay one tensor)."""

@@ -116,6 +116,11 @@ class ExpertsPruner(LayerPruner):
         bias = getattr(m, "down_proj_bias", None) if m.has_bias else None
         return out + ([(bias, 1)] if isinstance(bias, Tensor) else [])
 
+    def multiple(self, m) -> int:
+        """``grouped_mm`` (the default experts kernel) needs 16-byte strides: widths that are
+        multiples of 4 floats, 8 half floats."""
+        return max(1, 16 // m.down_proj.element_size())
+
     def internal_dims(self, m) -> List[Optional[InternalDim]]:
         if m.has_gate and gate_layout(m, self._inter(m)) is None:
             return []

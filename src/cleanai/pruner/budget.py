@@ -228,8 +228,8 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
                 own, loc = own[keep], loc[keep]
             for gid in torch.unique(own).tolist():
                 idx = loc[own == gid]
-                if pruner.round_to:
-                    g = by_id[gid]
+                g = by_id[gid]
+                if pruner.round_to or g.multiple > 1:
                     already = pruner.original_size[gid] - g.size
                     k = min(rounded(g, already + idx.numel(), pruner.original_size[gid],
                                     pruner.max_pruning_ratio, pruner.round_to) - already,

@@ -29,9 +29,10 @@ def cap(group: Group, size0: int, max_ratio: float) -> int:
 
 def rounded(group: Group, n: int, size0: int, max_ratio: float, round_to: int) -> int:
     """``n`` channels removed in total, adjusted so the kept count is a multiple of
-    ``round_to`` (counted in positions per channel, for flattened members), never past
-    ``max_ratio``."""
-    if not round_to or n <= 0:
+    ``round_to`` and of the group's own ``multiple`` (counted in positions per channel, for
+    flattened members), never past ``max_ratio``."""
+    round_to = math.lcm(round_to or 1, getattr(group, "multiple", 1))
+    if round_to == 1 or n <= 0:
         return n
     per = positions_per_channel(group)
     unit = round_to // math.gcd(round_to, per)

@@ -112,7 +112,8 @@ def _blocks(g: Group, size0: int, most: int, round_to: Optional[int]) -> List[Tu
     """The runs of a group's ranked channels that may leave together, at most ``most`` in all:
     single channels, or with ``round_to`` runs that leave a multiple of it (counted in
     producer positions) and at least one multiple."""
-    if not round_to:
+    round_to = math.lcm(round_to or 1, g.multiple)
+    if round_to == 1:
         return [(i, i + 1) for i in range(most)]
     unit = round_to // math.gcd(round_to, positions_per_channel(g))
     if size0 < unit:
