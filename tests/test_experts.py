@@ -115,15 +115,73 @@ def test_gate_layout_is_found_by_trying_never_assumed(how, expected):
 
 def test_widths_stay_aligned_for_the_grouped_matmul():
     """``grouped_mm`` needs 16-byte strides: at 0.3 the hidden size (32) and each expert's
-    neurons (64) keep multiples of 4 floats instead of 22 and 44, which it refuses."""
+    neurons (64) keep multiples of 8 (half precision's 16 bytes) instead of 22 and 44 (88
+    and 176 bytes in float32, which it refuses)."""
     model, x = tiny("Mixtral")
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.3)
-    assert all(g.multiple == 4 for g in pruner.graph.groups
+    assert all(g.multiple == 8 for g in pruner.graph.groups
                if any(m.name.endswith("mlp.experts") for m in g.members))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pruner.step()
     m = experts(model)[0]
-    assert model.config.hidden_size == 24 and m.down_proj.shape == (4, 24, 44)
+    assert model.config.hidden_size == 24 and m.down_proj.shape == (4, 24, 48)
     with torch.no_grad():
         assert model(x).logits.shape == (4, 16, 100)
+
+
+class _Cfg:
+    _experts_implementation = "eager"
+
+
+def _normed_experts():
+    """An experts class that normalises each expert's output (``has_post_expert_norm``, as
+    MuseSpark's), in a tiny model with a router."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    class Experts(nn.Module):
+        def __init__(self, config, e=4, h=32, i=16):
+            super().__init__()
+            self.num_experts = e
+            self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, h) / 5)
+            self.down_proj = nn.Parameter(torch.randn(e, h, i) / 5)
+            self.post_expert_norm, self.act_fn = nn.RMSNorm(h), torch.nn.functional.silu
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in range(self.num_experts):
+                tok, slot = torch.where(top_k_index == e)
+                h = self._apply_gate(torch.nn.functional.linear(hidden_states[tok],
+                                                                self.gate_up_proj[e]))
+                d = self.post_expert_norm(torch.nn.functional.linear(h, self.down_proj[e]))
+                out.index_add_(0, tok, d * top_k_weights[tok, slot, None])
+            return out
+
+    Experts.__module__ = "transformers.models.tiny.modeling_tiny"
+    Experts = use_experts_implementation(Experts, has_post_expert_norm=True)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.router = nn.Embedding(50, 32), nn.Linear(32, 4, bias=False)
+            self.experts, self.head = Experts(_Cfg()), nn.Linear(32, 50)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            w, idx = torch.topk(self.router(h).softmax(-1), 2, dim=-1)
+            flat = h.reshape(-1, h.shape[-1])
+            return self.head(h + self.experts(flat, idx.reshape(-1, 2), w.reshape(-1, 2))
+                             .reshape(h.shape))
+
+    return Model().eval()
+
+
+def test_a_norm_after_each_expert_follows_the_hidden_size():
+    torch.manual_seed(0)
+    model, x = _normed_experts(), torch.randint(0, 50, (4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert model.experts.post_expert_norm.weight.shape == (16,)
+    assert model.experts.down_proj.shape == (4, 16, 8)
+    assert model(x).shape == (4, 8, 50)

@@ -2,6 +2,7 @@
 num_attention_heads`` unless set, a shared expert's own intermediate size): after pruning,
 ``save_pretrained`` -> ``from_pretrained`` rebuilds the same model, or a warning says why it
 cannot. Tiny random configs, nothing downloaded."""
+import copy
 import warnings
 
 import pytest
@@ -249,3 +250,40 @@ def test_a_config_the_step_makes_unbuildable_is_reported():
     said = prune(model, x, 0.3, ["hidden"])
     assert any("a copy built from it fails" in w and "divisible" in w for w in said), said
     assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
+
+
+def test_per_stage_config_lists_follow_and_reload(tmp_path):
+    """A CNN config holds its widths in lists (``hidden_sizes``): scaled like the layers, so
+    the copy rebuilt from the config loads the pruned weights."""
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1],
+                                    layer_type="bottleneck", num_labels=3)
+    fresh = lambda: transformers.ResNetForImageClassification(copy.deepcopy(cfg)).eval()  # noqa: E731
+    model, x = fresh(), torch.randn(2, 3, 32, 32)
+    said = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cleanai.StructuredPruner(model, {"pixel_values": x}, pruning_ratio=0.5).step()
+        said = [str(w.message) for w in caught]
+    assert not [w for w in said if "model.config" in w], said
+    assert model.config.hidden_sizes == [8, 16] and model.config.embedding_size == 4
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    cleanai.save_pruned(model, tmp_path / "history")
+    replayed = cleanai.load_pruned(fresh, tmp_path / "history")  # the lists replayed too
+    assert replayed.config.hidden_sizes == [8, 16]
+    with torch.no_grad():
+        out = model(pixel_values=x).logits
+        torch.testing.assert_close(again(pixel_values=x).logits, out)
+        torch.testing.assert_close(replayed(pixel_values=x).logits, out)
+
+
+def test_a_config_that_derives_widths_it_cannot_hold_warns_when_nothing_was_scaled():
+    """MobileNetV2's widths come from a depth multiplier: no field CleanAI can write describes
+    the pruned model, and the step says so (it was silent when no scalar size changed)."""
+    torch.manual_seed(0)
+    cfg = transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=3)
+    model, x = transformers.MobileNetV2ForImageClassification(cfg).eval(), torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="model.config of MobileNetV2ForImageClassification "
+                                         "cannot describe the pruned shapes"):
+        cleanai.StructuredPruner(model, {"pixel_values": x}, pruning_ratio=0.5).step()

@@ -286,6 +286,47 @@ class DiscardedPooler(nn.Module):
         return self.head(h.mean(1))
 
 
+class Result:
+    """A plain object the trace cannot look into."""
+
+    def __init__(self, logits, aux):
+        self.logits, self.aux = logits, aux
+
+
+KEPT_RESULTS = {  # a branch result that reaches no output through autograd but is used or held
+    "read_in_a_list": lambda s, h: s.head(h) * torch.cat([s.side(h), s.side(h)], -1)
+    .detach().norm(dim=-1, keepdim=True),
+    "read_by_keyword": lambda s, h: s.head(h) * torch.sum(input=s.side(h), dim=-1,
+                                                           keepdim=True).detach(),
+    "stored_on_the_model": lambda s, h: (setattr(s, "features", s.side(h)), s.head(h))[1],
+}
+
+
+class SideBranch(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.inp, self.side, self.head = nn.Linear(8, 32), nn.Linear(32, 16), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        if self.how == "returned_in_an_object":
+            return Result(self.head(h), self.side(h))
+        return KEPT_RESULTS[self.how](self, h)
+
+
+@pytest.mark.parametrize("how", sorted(KEPT_RESULTS) + ["returned_in_an_object"])
+def test_a_branch_result_used_or_held_outside_autograd_keeps_its_width(how):
+    torch.manual_seed(0)
+    model, x = SideBranch(how).eval(), torch.randn(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cleanai.StructuredPruner(model, x, pruning_ratio=0.5).step()
+    assert model.side.out_features == 16
+    if how == "returned_in_an_object":
+        assert model.head.out_features == 8
+
+
 def test_a_discarded_branch_follows_the_width_it_reads():
     torch.manual_seed(0)
     model, x = DiscardedPooler().eval(), torch.randn(2, 5, 3)

@@ -9,7 +9,8 @@ built with ``use_experts_implementation``) hold all experts in two parameters, s
   the class's ``_apply_gate`` pairs them (halves for ``chunk(2)``, alternating for GPT-OSS's
   ``[..., ::2]``: found by trying both, never assumed);
 * ``down_proj`` ``[E, H, I]`` writes the hidden size back;
-* optional biases ``[E, 2I]`` and ``[E, H]``.
+* optional biases ``[E, 2I]`` and ``[E, H]``, and an optional norm of each expert's output
+  over ``H`` (``post_expert_norm``), sliced with the hidden size.
 
 The hidden size is the layer's input and output channel set (last dim). Each expert's ``I``
 neurons are an internal dim of their own, so every expert keeps its own most important
@@ -108,18 +109,33 @@ class ExpertsPruner(LayerPruner):
     def in_dim(self, m, ndim):
         return ndim - 1
 
+    def _post_norm(self, m) -> List[Tensor]:
+        """The per-channel tensors of the norm each expert's output goes through
+        (``has_post_expert_norm``: an RMSNorm over the hidden size)."""
+        norm = getattr(m, "post_expert_norm", None) if getattr(m, "has_post_expert_norm",
+                                                               False) else None
+        if norm is None:
+            return []
+        h = self.in_channels(m)
+        tensors = list(norm.parameters()) + list(norm.buffers())
+        if not all(t.dim() == 1 and t.shape[0] == h for t in tensors):
+            raise ValueError(f"{type(m).__name__}: its post_expert_norm holds tensors that are "
+                             f"not one value per channel; prune it with ignored_layers")
+        return tensors
+
     def weights(self, m, side):
         t = 1 if m.is_transposed else 2  # the hidden dim of the up projection
         if side == "in":
             return [(self._up(m), t)]
         out = [(m.down_proj, 3 - t)]
         bias = getattr(m, "down_proj_bias", None) if m.has_bias else None
-        return out + ([(bias, 1)] if isinstance(bias, Tensor) else [])
+        return out + ([(bias, 1)] if isinstance(bias, Tensor) else []) + \
+            [(p, 0) for p in self._post_norm(m)]
 
     def multiple(self, m) -> int:
         """``grouped_mm`` (the default experts kernel) needs 16-byte strides: widths that are
-        multiples of 4 floats, 8 half floats."""
-        return max(1, 16 // m.down_proj.element_size())
+        multiples of 8 in half precision, which a float32 model may be cast to later."""
+        return 16 // min(2, m.down_proj.element_size())
 
     def internal_dims(self, m) -> List[Optional[InternalDim]]:
         if m.has_gate and gate_layout(m, self._inter(m)) is None:
@@ -173,9 +189,6 @@ class ExpertsPruner(LayerPruner):
         return out
 
     def prune(self, m, in_keep, out_keep, internal: Optional[Dict[int, Tensor]] = None):
-        if getattr(m, "has_post_expert_norm", False):
-            raise ValueError(f"{type(m).__name__} normalises each expert's output "
-                             f"(has_post_expert_norm): CleanAI does not prune it yet")
         t = m.is_transposed
         up = self._up(m)
         h_up, r_up = (1, 2) if t else (2, 1)  # dims of up: hidden, rows
@@ -203,10 +216,15 @@ class ExpertsPruner(LayerPruner):
         if in_keep is not None:
             up.data = up.data.index_select(h_up, in_keep.to(up.device))
         if out_keep is not None:
+            norm = self._post_norm(m)  # (read while down_proj still holds the old width)
             m.down_proj.data = m.down_proj.data.index_select(h_down, out_keep.to(up.device))
             bias = getattr(m, "down_proj_bias", None)
             if m.has_bias and isinstance(bias, Tensor):
                 bias.data = bias.data.index_select(1, out_keep.to(bias.device))
+            for p in norm:  # (the norm then averages over the kept channels)
+                p.data = p.data.index_select(0, out_keep.to(p.device))
+            if norm and isinstance(getattr(m.post_expert_norm, "normalized_shape", None), tuple):
+                m.post_expert_norm.normalized_shape = (len(out_keep),)
             if isinstance(getattr(m, "hidden_dim", None), int):
                 m.hidden_dim = len(out_keep)
         for p in m.parameters(recurse=False):

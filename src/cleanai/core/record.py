@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -177,6 +179,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
             k = tensor_key(t)
             if k is not None and k != in_key:
                 outs.append((k, tuple(t.shape)))
+                recorder.results[(id(k[0]), k[1])] = weakref.ref(t)
         calls.append(ModuleCall(name, module, pruner, in_key,
                                 None if x is None else tuple(x.shape), outs,
                                 [(tensor_key(t), tuple(t.shape)) for t in rest]))
@@ -298,6 +301,10 @@ class _OperandShapes(TorchFunctionMode):
         #: ``id()`` of the autograd nodes of the tensors the calls seen read (``x.detach()``
         #: reads x); ids, not the nodes, which would keep the activations they saved alive
         self.read: set = set()
+        #: ``(id(grad_fn), output_nr)`` of each known layer's outputs -> a weak reference to the
+        #: tensor: one still alive after the forward is held somewhere (stored on a module,
+        #: returned inside an object the trace cannot look into)
+        self.results: Dict[Tuple[int, int], Any] = {}
 
     def saw(self, out) -> None:
         """Note the autograd nodes of a call's outputs (a tensor or a tuple of them)."""
@@ -309,10 +316,13 @@ class _OperandShapes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if self.sized is None and not width_free(func, args, kwargs):
             self.sized = _call_name(func)
-        for a in args:
-            fn = getattr(a, "grad_fn", None) if isinstance(a, torch.Tensor) else None
-            if fn is not None:
-                self.read.add(id(fn))
+        for a in itertools.chain(args, kwargs.values() if kwargs else ()):
+            if isinstance(a, torch.Tensor):
+                if a.grad_fn is not None:
+                    self.read.add(id(a.grad_fn))
+            elif type(a) in (list, tuple):  # torch.cat([...]), torch.stack
+                self.read.update(id(t.grad_fn) for t in a
+                                 if isinstance(t, torch.Tensor) and t.grad_fn is not None)
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \

@@ -261,7 +261,9 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     # layers that ran but reach no output through autograd (a pooler whose result the task
     # head drops, a detector's proposals detached before use) are walked too, after what
     # they read: their inputs keep the channels of the layers that feed them
-    dead = [c for c in calls if c not in visited and not _reached_inside(c, visited)]
+    # (an output the trace cannot look into gives no roots: then nothing is walked this way)
+    dead = [c for c in calls if c not in visited and not _reached_inside(c, visited)] \
+        if roots else []
     visit(dead)
 
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
@@ -357,13 +359,17 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
 
     protect_unfollowed(ctx)
     read = getattr(watched, "read", None)
+    results = getattr(watched, "results", {})
     for c in dead:
         for k, _ in c.outputs:
-            # a result read after its layer, outside autograd (``proposals.detach()``), keeps
-            # its width; one nobody reads (a pooler output the head drops) is free
-            if read is None or id(k[0]) in read:
+            # a result read after its layer, outside autograd (``proposals.detach()``), or
+            # still held once the forward is over (stored on a module), keeps its width; one
+            # nobody reads and nobody holds (a pooler output the head drops) is free
+            ref = results.get((id(k[0]), k[1]))
+            if read is None or id(k[0]) in read or ref is None or ref() is not None:
                 ctx.protect(slots.get(k), f"output of {c.name}, which reaches no output "
-                                          f"through autograd but is read (a detached branch)")
+                                          f"through autograd but is read or kept (a detached "
+                                          f"branch)")
     output_ids = []
     for t in iter_tensors(output):
         s = slots.get(tensor_key(t)) if tensor_key(t) is not None else None

@@ -56,12 +56,17 @@ _NOT_SIZES = ("vocab", "position", "layer", "token", "window", "bucket", "expert
 Mismatch = Tuple[str, Any, Any]  # (name, the pruned model's, a copy built from the config's)
 
 
-def set_config(model: nn.Module, fields: List[Tuple[str, int]]) -> None:
-    """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one."""
+def set_config(model: nn.Module, fields: List[Tuple[str, Any]]) -> None:
+    """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one
+    (an int, or a list of per-stage sizes)."""
     config = getattr(model, "config", None)
     if config is not None:
         for f, v in fields:
-            setattr(config, f, int(v))
+            if isinstance(v, (list, tuple)):
+                kind = type(getattr(config, f, None))
+                setattr(config, f, (kind if kind in (list, tuple) else list)(int(e) for e in v))
+            else:
+                setattr(config, f, int(v))
 
 
 def update_config(model: nn.Module, graph: DependencyGraph,
@@ -107,8 +112,10 @@ def update_config(model: nn.Module, graph: DependencyGraph,
         for f, v in new.items():
             setattr(config, f, v)
             changed.append((f, v))
-    if not changed:
+    if not changed and all(before.get(g.id, g.size) == g.size for g in graph.groups):
         return []
+    # also when no scalar size was scaled: per-stage lists (a CNN's ``hidden_sizes``) or
+    # widths the config derives may no longer describe the model
     wrong = config_mismatch(model, old)
     scales: List[Dict[str, Any]] = []
     if wrong:
@@ -119,7 +126,8 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             wrong, scales = match_scales(model, graph, wrong)
         if wrong:
             _undo(config, old, [f for f, _ in written])
-            _warn_config(model, wrong, tried, [f for f, _ in changed])
+            _warn_config(model, wrong, tried,
+                         [f for f, _ in changed] or sorted({f for f, _ in tried}))
         else:
             changed += written
     return [{"name": "config", "kind": "config", "attr": f, "value": v}
@@ -211,6 +219,15 @@ def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str,
     for field, v in vars(config).items():
         if v is None and not field.startswith("_") and field not in scaled and _is_size(field):
             out += [(field, w) for w in widths if w >= 1]
+    # per-stage sizes (``hidden_sizes = [256, 512, 1024, 2048]``): every entry by one ratio
+    for field, v in vars(config).items():
+        if type(v) not in (list, tuple) or not v or field in scaled or not _is_size(field) \
+                or not all(type(e) is int and e > 0 for e in v):
+            continue
+        for r in sorted(ratios):
+            new = [e * r for e in v]
+            if all(n.denominator == 1 and n >= 1 for n in new) and new != list(v):
+                out.append((field, type(v)(int(n) for n in new)))
     return out
 
 

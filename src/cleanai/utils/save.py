@@ -283,14 +283,14 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
 def _check_setting(model: nn.Module, modules: Dict[str, nn.Module], entry: Dict[str, Any],
                    where: str) -> None:
     """An ``attr`` entry sets an integer attribute of a module (``num_heads``...) or a shape
-    it stores (a list of ints); a ``config`` entry sets an integer field of ``model.config``.
-    Both must name something that exists."""
+    it stores (a list of ints); a ``config`` entry sets an integer field of ``model.config``
+    or a list of per-stage sizes. Both must name something that exists."""
     kind, attr, value = entry["kind"], entry.get("attr"), entry.get("value")
     here = f"{where}, {entry.get('name')!r} ({kind} {attr!r})"
-    shape = kind == "attr" and isinstance(value, list) and bool(value) and all(map(_is_int, value))
+    shape = isinstance(value, list) and bool(value) and all(map(_is_int, value))
     if not isinstance(attr, str) or not (_is_int(value) or shape):
-        raise LoadError(f"{here}: malformed entry (attr must be a string, value an int"
-                        f"{' or a list of ints' if kind == 'attr' else ''})")
+        raise LoadError(f"{here}: malformed entry (attr must be a string, value an int or a "
+                        f"list of ints)")
     if kind == "attr":
         module = modules.get(entry.get("name"))
         if module is None:

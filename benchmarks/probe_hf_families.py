@@ -1,0 +1,150 @@
+"""Probe: every causal-LM family of the installed transformers, tiny random config, pruned.
+
+For each model type ``transformers`` maps to a causal LM, the probe builds it from
+``AutoConfig.for_model(type, **TINY)`` (random weights, nothing downloaded), checks that it runs
+on token ids (with ``use_cache=False``), prunes it with ``StructuredPruner(model,
+{"input_ids": ids, "use_cache": False}, pruning_ratio=0.5).step()`` and reports:
+
+* parameters before -> after, and the share of prunable channels protected;
+* whether the pruned model runs and keeps its output shape;
+* whether CleanAI warned that ``model.config`` cannot describe the pruned model, and, when it
+  did not, whether ``save_pretrained`` -> ``from_pretrained`` gives the same logits (the
+  largest difference);
+* the fallback's and the unknown-op warnings, shortened.
+
+A type whose tiny config or plain forward fails before pruning is listed as ``skip`` with the
+reason (a config that needs other fields, a model that needs other inputs).
+
+    python benchmarks/probe_hf_families.py [--only TYPE ...] [--limit SECONDS]
+                                           [--out docs/probe_hf_families.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+import time
+import warnings
+from typing import Dict, List
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import cleanai  # noqa: E402
+
+TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=0,
+            eos_token_id=0, head_dim=8, n_embd=32, n_layer=2, n_head=4, d_model=32,
+            num_layers=2, n_positions=64, max_position_embeddings=64)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def probe(model_type: str) -> Dict[str, str]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    row = {"type": model_type, "params": "", "protected": "", "status": "", "reload": "",
+           "note": ""}
+    try:
+        config = AutoConfig.for_model(model_type, **TINY)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        ids = torch.randint(3, 100, (2, 8))
+        with torch.no_grad():
+            before = model(ids, use_cache=False).logits
+    except _Timeout:
+        raise
+    except Exception as exc:
+        row.update(status="skip", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}")
+        return row
+    n0 = sum(p.numel() for p in model.parameters())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner = cleanai.StructuredPruner(model, {"input_ids": ids, "use_cache": False},
+                                              pruning_ratio=0.5)
+            groups = [g for g in pruner.graph.groups if set(g.reasons) != {"model output"}]
+            held = sum(int(g.protected.sum()) for g in groups)
+            pruner.step()
+        with torch.no_grad():
+            after = model(ids, use_cache=False).logits
+        said = [str(w.message) for w in caught]
+        ok = after.shape == before.shape and bool(torch.isfinite(after).all())
+        row.update(params=f"{n0:,} -> {sum(p.numel() for p in model.parameters()):,}",
+                   protected=f"{100 * held / max(1, sum(g.size for g in groups)):.0f}",
+                   status="ok" if ok else "wrong output")
+        if any("model.config" in w or "unevenly" in w for w in said):
+            row["reload"] = "warned"
+        else:
+            with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save_pretrained(d)
+                again = type(model).from_pretrained(d).eval()
+                with torch.no_grad():
+                    diff = (again(ids, use_cache=False).logits - after).abs().max().item()
+            row["reload"] = f"{diff:.0e}" if diff else "exact"
+        notes = [w for w in said if "no longer runs" in w or "does not know" in w]
+        row["note"] = "; ".join(n[:110] for n in notes[:2])
+    except _Timeout:
+        raise
+    except Exception as exc:
+        row.update(status="failed", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:110]}")
+    return row
+
+
+def main() -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+")
+    ap.add_argument("--limit", type=int, default=60, help="seconds per model type")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGALRM, _alarm)
+    rows: List[Dict[str, str]] = []
+    start = time.time()
+    for t in args.only or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        signal.alarm(args.limit)
+        try:
+            row = probe(t)
+        except _Timeout:
+            row = {"type": t, "params": "", "protected": "", "status": "slow", "reload": "",
+                   "note": f"over {args.limit} s"}
+        finally:
+            signal.alarm(0)
+        rows.append(row)
+        print(" | ".join(row.values()), flush=True)
+    import transformers
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skip", "slow", "failed",
+                                                              "wrong output")}
+    reload = sum(r["reload"] not in ("", "warned") for r in rows)
+    head = (f"Produced by `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/probe_hf_families.py"
+            f"{' --out ' + args.out if args.out else ''}` (cleanai "
+            f"{getattr(cleanai, '__version__', '?')}, transformers {transformers.__version__}, "
+            f"{time.time() - start:.0f} s).\n\n"
+            f"{len(rows)} causal-LM types: {counts['ok']} pruned and ran, {reload} of them "
+            f"reloaded with `from_pretrained` (the others warned that the config cannot describe "
+            f"the pruned model), {counts['skip']} skipped (the tiny config or the plain forward "
+            f"failed before pruning), {counts['slow']} slow, {counts['failed']} failed, "
+            f"{counts['wrong output']} gave a wrong output.\n\n")
+    table = ["| type | params before -> after | protected % | status | reload (max diff) | note |",
+             "|---|---:|---:|---|---|---|"]
+    table += ["| " + " | ".join(r[k].replace("|", "/") for k in
+                                ("type", "params", "protected", "status", "reload", "note")) + " |"
+              for r in rows]
+    text = head + "\n".join(table) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text.split("\n\n")[1])
+
+
+if __name__ == "__main__":
+    main()
