@@ -13,7 +13,8 @@ on token ids (with ``use_cache=False``), prunes it with ``StructuredPruner(model
 * the fallback's and the unknown-op warnings, shortened.
 
 A type whose tiny config or plain forward fails before pruning is listed as ``skip`` with the
-reason (a config that needs other fields, a model that needs other inputs).
+reason (a config that needs other fields, a model that needs other inputs). Each type runs in
+a forked process, stopped after ``--limit`` seconds (``slow``).
 
     python benchmarks/probe_hf_families.py [--only TYPE ...] [--limit SECONDS]
                                            [--out docs/probe_hf_families.md]
@@ -46,6 +47,36 @@ class _Timeout(Exception):
 
 def _alarm(signum, frame):
     raise _Timeout()
+
+
+def _isolated(model_type: str, limit: int) -> Dict[str, str]:
+    """``probe(model_type)`` in a forked process: a model that takes all the memory (the
+    default vision towers of multimodal types) or crashes takes only its own row."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child():
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(limit)
+        try:
+            send.send(probe(model_type))
+        except _Timeout:
+            send.send(None)
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    row = receive.recv() if receive.poll(limit + 30) else None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if row is None:
+        why = f"over {limit} s" if proc.exitcode in (0, None, -9) else \
+            f"the process ended with code {proc.exitcode}"
+        row = {"type": model_type, "params": "", "protected": "", "status": "slow",
+               "reload": "", "note": why}
+    return row
 
 
 def probe(model_type: str) -> Dict[str, str]:
@@ -107,18 +138,10 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    signal.signal(signal.SIGALRM, _alarm)
     rows: List[Dict[str, str]] = []
     start = time.time()
     for t in args.only or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        signal.alarm(args.limit)
-        try:
-            row = probe(t)
-        except _Timeout:
-            row = {"type": t, "params": "", "protected": "", "status": "slow", "reload": "",
-                   "note": f"over {args.limit} s"}
-        finally:
-            signal.alarm(0)
+        row = _isolated(t, args.limit)
         rows.append(row)
         print(" | ".join(row.values()), flush=True)
     import transformers
