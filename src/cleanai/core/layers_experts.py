@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import InternalDim, LayerPruner, Tensor
+from .slicing import _keep
 
 #: (class, intermediate size) -> "chunk", "interleaved" or None: how ``_apply_gate`` pairs rows
 _LAYOUTS: Dict[Tuple[type, int], Optional[str]] = {}
@@ -199,30 +200,26 @@ class ExpertsPruner(LayerPruner):
                 raise ValueError(f"{type(m).__name__}: every expert must keep as many neurons "
                                  f"(its weights are one tensor); got {sorted(counts)}")
             keeps = [internal[e].cpu() for e in range(m.num_experts)]
+            # each expert its own rows: one gather along the rows, broadcast over the hidden dim
             rows = torch.stack([self._neuron_rows(m, k) for k in keeps]).to(up.device)
-            up.data = up.data.gather(r_up, rows.unsqueeze(h_up).expand(
-                *(rows.shape + (up.shape[h_up],) if not t else
-                  (rows.shape[0], up.shape[h_up], rows.shape[1]))))
+            up.data = torch.take_along_dim(up.data, rows.unsqueeze(h_up), dim=r_up)
             bias = getattr(m, "gate_up_proj_bias" if m.has_gate else "up_proj_bias", None)
             if m.has_bias and isinstance(bias, Tensor):
                 bias.data = bias.data.gather(1, rows.to(bias.device))
             cols = torch.stack(keeps).to(m.down_proj.device)
-            d = m.down_proj
-            d.data = d.data.gather(r_down, cols.unsqueeze(h_down).expand(
-                *((cols.shape[0], d.shape[h_down], cols.shape[1]) if not t else
-                  (cols.shape[0], cols.shape[1], d.shape[h_down]))))
+            m.down_proj.data = torch.take_along_dim(m.down_proj.data, cols.unsqueeze(h_down),
+                                                    dim=r_down)
             if isinstance(getattr(m, "intermediate_dim", None), int):
                 m.intermediate_dim = len(keeps[0])
         if in_keep is not None:
-            up.data = up.data.index_select(h_up, in_keep.to(up.device))
+            _keep(up, h_up, in_keep)
         if out_keep is not None:
             norm = self._post_norm(m)  # (read while down_proj still holds the old width)
-            m.down_proj.data = m.down_proj.data.index_select(h_down, out_keep.to(up.device))
-            bias = getattr(m, "down_proj_bias", None)
-            if m.has_bias and isinstance(bias, Tensor):
-                bias.data = bias.data.index_select(1, out_keep.to(bias.device))
+            _keep(m.down_proj, h_down, out_keep)
+            if m.has_bias:
+                _keep(getattr(m, "down_proj_bias", None), 1, out_keep)
             for p in norm:  # (the norm then averages over the kept channels)
-                p.data = p.data.index_select(0, out_keep.to(p.device))
+                _keep(p, 0, out_keep)
             if norm and isinstance(getattr(m.post_expert_norm, "normalized_shape", None), tuple):
                 m.post_expert_norm.normalized_shape = (len(out_keep),)
             if isinstance(getattr(m, "hidden_dim", None), int):

@@ -125,8 +125,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     # that each read is not dispatched to it (most of its calls would be these reads).
     def pre_hook(module, args, kwargs) -> None:
         with _NoTorchFunction():  # (a block called with keywords only: its inputs are there)
-            open_calls[id(module)] = last_seq(args) if args or not kwargs else \
-                last_seq((args, kwargs))
+            open_calls[id(module)] = last_seq((args, kwargs) if kwargs else args)
 
     def post_hook(name):
         def hook(module, args, output) -> None:

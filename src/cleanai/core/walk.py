@@ -358,15 +358,12 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
             sources[(p, nr)] = src
 
     protect_unfollowed(ctx)
-    read = getattr(watched, "read", None)
-    results = getattr(watched, "results", {})
     for c in dead:
         for k, _ in c.outputs:
             # a result read after its layer, outside autograd (``proposals.detach()``), or
             # still held once the forward is over (stored on a module), keeps its width; one
             # nobody reads and nobody holds (a pooler output the head drops) is free
-            ref = results.get((id(k[0]), k[1]))
-            if read is None or id(k[0]) in read or ref is None or ref() is not None:
+            if id(k[0]) in watched.read or watched.results[(id(k[0]), k[1])]() is not None:
                 ctx.protect(slots.get(k), f"output of {c.name}, which reaches no output "
                                           f"through autograd but is read or kept (a detached "
                                           f"branch)")

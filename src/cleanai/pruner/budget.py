@@ -24,7 +24,7 @@ import torch
 
 from .apply import PruningError
 from .plan import PruningPlan
-from .quota import rounded
+from .quota import rounded, unit_of
 from .ranking import spare_members, tied_removals
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -229,7 +229,7 @@ def budget_removals(pruner: "StructuredPruner", scores: Dict[int, torch.Tensor],
             for gid in torch.unique(own).tolist():
                 idx = loc[own == gid]
                 g = by_id[gid]
-                if pruner.round_to or g.multiple > 1:
+                if unit_of(g, pruner.round_to) > 1:
                     already = pruner.original_size[gid] - g.size
                     k = min(rounded(g, already + idx.numel(), pruner.original_size[gid],
                                     pruner.max_pruning_ratio, pruner.round_to) - already,

@@ -197,37 +197,29 @@ def _derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
 def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str, int]]:
     """Size fields of ``config`` that could explain a differing shape: a dim the config makes
     ``n * v`` (``v`` the field's value) where the pruned model has ``n * v'``: ``(field, v')``,
-    in the config's field order, each once; then each size field left None with each width
-    that differs; not the fields the step ``scaled`` already."""
-    ratios = set()
-    for _, pruned, built in wrong:
-        if isinstance(pruned, tuple) and isinstance(built, tuple) and len(pruned) == len(built):
-            ratios.update(Fraction(p, b) for p, b in zip(pruned, built) if p != b and b)
+    in the config's field order; then each size field left None with each width that differs,
+    and each list of per-stage sizes scaled by one such ratio; not the fields the step
+    ``scaled`` already."""
+    pairs = [(p, b) for _, pruned, built in wrong
+             if isinstance(pruned, tuple) and isinstance(built, tuple) and len(pruned) == len(built)
+             for p, b in zip(pruned, built) if p != b]
+    ratios = sorted({Fraction(p, b) for p, b in pairs if b})
+    widths = sorted({p for p, _ in pairs if p >= 1})
+    sizes = [(f, v) for f, v in vars(config).items()
+             if f not in scaled and not f.startswith("_") and _is_size(f)]
     out = []
-    for field, v in vars(config).items():
-        if type(v) is not int or v <= 0 or field in scaled or not _is_size(field):
-            continue
-        for r in sorted(ratios):
-            new = v * r
-            if new.denominator == 1 and new >= 1 and (field, int(new)) not in out:
-                out.append((field, int(new)))
-    # a size the config leaves None for the code to derive (GPT-2's ``n_inner``, else ``4 *
-    # n_embd``): each width the pruned model has where the copy differs
-    widths = sorted({p for _, pruned, built in wrong
-                     if isinstance(pruned, tuple) and isinstance(built, tuple)
-                     and len(pruned) == len(built) for p, b in zip(pruned, built) if p != b})
-    for field, v in vars(config).items():
-        if v is None and not field.startswith("_") and field not in scaled and _is_size(field):
-            out += [(field, w) for w in widths if w >= 1]
-    # per-stage sizes (``hidden_sizes = [256, 512, 1024, 2048]``): every entry by one ratio
-    for field, v in vars(config).items():
-        if type(v) not in (list, tuple) or not v or field in scaled or not _is_size(field) \
-                or not all(type(e) is int and e > 0 for e in v):
-            continue
-        for r in sorted(ratios):
-            new = [e * r for e in v]
-            if all(n.denominator == 1 and n >= 1 for n in new) and new != list(v):
-                out.append((field, type(v)(int(n) for n in new)))
+    for field, v in sizes:  # one size: n * v in the copy where the model has n * v'
+        if type(v) is int and v > 0:
+            out += [(field, int(v * r)) for r in ratios if (v * r).denominator == 1 and v * r >= 1]
+    for field, v in sizes:  # left None for the code to derive (GPT-2's ``n_inner``)
+        if v is None:
+            out += [(field, w) for w in widths]
+    for field, v in sizes:  # per-stage sizes (``hidden_sizes``): every entry by one ratio
+        if type(v) in (list, tuple) and v and all(type(e) is int and e > 0 for e in v):
+            for r in ratios:
+                new = [e * r for e in v]
+                if all(n.denominator == 1 and n >= 1 for n in new):
+                    out.append((field, type(v)(int(n) for n in new)))
     return out
 
 

@@ -3,12 +3,13 @@ still give, and the rounding that keeps its kept count a multiple of ``round_to`
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from ..core.graph import Group
 
-__all__ = ["target_removed", "cap", "rounded", "positions_per_channel"]
+__all__ = ["target_removed", "cap", "rounded", "unit_of", "positions_per_channel"]
 
 
 def target_removed(group: Group, ratio: float, size0: int, max_ratio: float,
@@ -31,7 +32,7 @@ def rounded(group: Group, n: int, size0: int, max_ratio: float, round_to: int) -
     """``n`` channels removed in total, adjusted so the kept count is a multiple of
     ``round_to`` and of the group's own ``multiple`` (counted in positions per channel, for
     flattened members), never past ``max_ratio``."""
-    round_to = math.lcm(round_to or 1, getattr(group, "multiple", 1))
+    round_to = unit_of(group, round_to)
     if round_to == 1 or n <= 0:
         return n
     per = positions_per_channel(group)
@@ -42,6 +43,12 @@ def rounded(group: Group, n: int, size0: int, max_ratio: float, round_to: int) -
     if size0 - keep > most:  # rounding down went past the cap: round up instead
         keep = min(size0, math.ceil((size0 - most) / unit) * unit)
     return max(0, min(size0 - keep, size0 - 1))
+
+
+def unit_of(group: Group, round_to: Optional[int]) -> int:
+    """The multiple a group's kept count must be: ``round_to`` and the group's own
+    ``multiple`` (a layer's kernel alignment) together; 1 when free."""
+    return math.lcm(round_to or 1, group.multiple)
 
 
 def positions_per_channel(group: Group) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from ..core.graph import Group
 from .quota import cap as quota_cap
-from .quota import positions_per_channel
+from .quota import positions_per_channel, unit_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .structured import StructuredPruner
@@ -112,7 +112,7 @@ def _blocks(g: Group, size0: int, most: int, round_to: Optional[int]) -> List[Tu
     """The runs of a group's ranked channels that may leave together, at most ``most`` in all:
     single channels, or with ``round_to`` runs that leave a multiple of it (counted in
     producer positions) and at least one multiple."""
-    round_to = math.lcm(round_to or 1, g.multiple)
+    round_to = unit_of(g, round_to)
     if round_to == 1:
         return [(i, i + 1) for i in range(most)]
     unit = round_to // math.gcd(round_to, positions_per_channel(g))
