@@ -12,8 +12,11 @@ on token ids (with ``use_cache=False``), prunes it with ``StructuredPruner(model
   largest difference);
 * the fallback's and the unknown-op warnings, shortened.
 
-A type whose tiny config or plain forward fails before pruning is listed as ``skip`` with the
-reason (a config that needs other fields, a model that needs other inputs). Each type runs in
+When the tiny config does not build or run, it is tried without ``head_dim``, then with the
+widths of :data:`EXTRA` (rotary dims, latent attention, experts), then with as many key/value
+heads as query heads; the "tiny config" column says which. A type none of them runs is listed
+as ``skip`` with the first reason (a config that needs other fields, a model that needs other
+inputs). Each type runs in
 a forked process, stopped after ``--limit`` seconds (``slow``).
 
     python benchmarks/probe_hf_families.py [--only TYPE ...] [--limit SECONDS]
@@ -39,6 +42,18 @@ TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_h
             num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=0,
             eos_token_id=0, head_dim=8, n_embd=32, n_layer=2, n_head=4, d_model=32,
             num_layers=2, n_positions=64, max_position_embeddings=64)
+
+
+# widths some families need besides TINY: rotary dims (GPT-J, CodeGen), multi-head latent
+# attention (DeepSeek-V2/V3 and their kin) and routed experts; distinct values, so that each
+# split's sizes name one attribute
+EXTRA = dict(rotary_dim=4, qk_rope_head_dim=6, qk_nope_head_dim=8, v_head_dim=8,
+             kv_lora_rank=20, q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=16, n_group=1, topk_group=1)
+# tried in turn until the model builds and runs: TINY; without head_dim (a derived property
+# in some configs); with EXTRA; with one key/value head per query head as well
+VARIANTS = [((), False), (("head_dim",), False), (("head_dim",), True),
+            (("head_dim", "num_key_value_heads"), True)]
 
 
 class _Timeout(Exception):
@@ -75,26 +90,34 @@ def _isolated(model_type: str, limit: int) -> Dict[str, str]:
         why = f"over {limit} s" if proc.exitcode in (0, None, -9) else \
             f"the process ended with code {proc.exitcode}"
         row = {"type": model_type, "params": "", "protected": "", "status": "slow",
-               "reload": "", "note": why}
+               "reload": "", "note": why, "config": ""}
     return row
 
 
 def probe(model_type: str) -> Dict[str, str]:
     from transformers import AutoConfig, AutoModelForCausalLM
     row = {"type": model_type, "params": "", "protected": "", "status": "", "reload": "",
-           "note": ""}
-    try:
-        config = AutoConfig.for_model(model_type, **TINY)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
-        ids = torch.randint(3, 100, (2, 8))
-        with torch.no_grad():
-            before = model(ids, use_cache=False).logits
-    except _Timeout:
-        raise
-    except Exception as exc:
-        row.update(status="skip", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}")
+           "note": "", "config": ""}
+    first = None
+    for drop, extra in VARIANTS:
+        try:
+            kwargs = {k: v for k, v in TINY.items() if k not in drop}
+            config = AutoConfig.for_model(model_type, **kwargs, **(EXTRA if extra else {}))
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config).eval()
+            ids = torch.randint(3, 100, (2, 8))
+            with torch.no_grad():
+                before = model(ids, use_cache=False).logits
+            break
+        except _Timeout:
+            raise
+        except Exception as exc:
+            first = first or f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+    else:
+        row.update(status="skip", note=first)
         return row
+    tried = [f"no {'/'.join(drop)}" if drop else ""] + (["EXTRA widths"] if extra else [])
+    row["config"] = ", ".join(t for t in tried if t)
     n0 = sum(p.numel() for p in model.parameters())
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -162,10 +185,11 @@ def main() -> None:
             f"warned that the config cannot describe the pruned model), {counts['skip']} skipped (the tiny config or the plain forward "
             f"failed before pruning), {counts['slow']} slow, {counts['failed']} failed, "
             f"{counts['wrong output']} gave a wrong output.\n\n")
-    table = ["| type | params before -> after | protected % | status | reload (max diff) | note |",
-             "|---|---:|---:|---|---|---|"]
+    table = ["| type | tiny config | params before -> after | protected % | status | "
+             "reload (max diff) | note |", "|---|---|---:|---:|---|---|---|"]
     table += ["| " + " | ".join(r[k].replace("|", "/") for k in
-                                ("type", "params", "protected", "status", "reload", "note")) + " |"
+                                ("type", "config", "params", "protected", "status", "reload",
+                                 "note")) + " |"
               for r in rows]
     text = head + "\n".join(table) + "\n"
     if args.out:

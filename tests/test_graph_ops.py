@@ -538,6 +538,41 @@ def test_inplace_op_on_a_view_is_followed(op):
     assert layout(grp) == {"a.out": R(4), "head.in": R(4)} and not grp.protected.any()
 
 
+def _written_in_slices(s, a, b):
+    """A fresh tensor filled in two slices of the channel dim, one by ``x[...] = a``, one by
+    ``copy_`` (how MLA attention assembles its keys): the same as ``torch.cat([a, b], 1)``."""
+    out = a.new_empty(a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
+    out[:, :a.shape[1]] = a
+    out[:, a.shape[1]:].copy_(b)
+    return out
+
+
+def test_a_tensor_written_in_slices_is_a_concatenation():
+    model = Between(_written_in_slices, head_in=7, ca=4, cb=3)
+    g = graph(model)
+    check(g, model)
+    assert not g.warnings
+    ga, gb = group_with(g, "a.out"), group_with(g, "b.out")
+    assert layout(ga) == {"a.out": R(4), "head.in": R(4) + [None] * 3}
+    assert layout(gb) == {"b.out": R(3), "head.in": [None] * 4 + R(3)}
+    assert not ga.protected.any() and not gb.protected.any()
+    pruner = cleanai.StructuredPruner(model, g.x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, g.x)
+    assert (model.a.out_channels, model.b.out_channels, model.head.in_channels) == (2, 2, 4)
+
+
+def test_a_slice_written_over_another_dim_keeps_the_part_written():
+    """``out[..., :2] = a`` on the width dim, channels on dim 1: the channels pass through,
+    the written range stays where it is."""
+    def fn(s, a, b):
+        out = b.clone()
+        out[..., :2] = a[..., :2]
+        return out
+    g = graph(Between(fn))
+    grp = group_with(g, "a.out")
+    assert "b.out" in layout(grp) and not grp.protected.any()
+
+
 def test_layer_norm_over_channels_and_space_is_not_silently_prunable():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm([4, 4, 4]), nn.Conv2d(4, 2, 1))
     g = graph(model)

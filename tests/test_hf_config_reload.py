@@ -20,15 +20,20 @@ EXTRA = {
     "DeepseekV2": dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
                        first_k_dense_replace=1, qk_rope_head_dim=4, qk_nope_head_dim=4,
                        v_head_dim=8, kv_lora_rank=8, q_lora_rank=8, n_group=1, topk_group=1),
+    # distinct widths, so that each split's sizes name one attribute each
+    "DeepseekV3": dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       first_k_dense_replace=1, qk_rope_head_dim=6, qk_nope_head_dim=8,
+                       v_head_dim=8, kv_lora_rank=20, q_lora_rank=16, n_group=1, topk_group=1,
+                       num_key_value_heads=4),
 }
 
 
 def tiny(family):
     torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=0,
-        eos_token_id=0, **EXTRA.get(family, {}))
+    config = getattr(transformers, f"{family}Config")(**{
+        **dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=64, pad_token_id=0, bos_token_id=0,
+               eos_token_id=0), **EXTRA.get(family, {})})
     cls = getattr(transformers, f"{family}ForCausalLM")
     return cls(config).eval(), torch.randint(1, 100, (2, 8))
 
@@ -66,6 +71,7 @@ RELOADS = [
     ("Olmo", ["hidden"], 0.25),
     ("GraniteMoe", None, 0.5),  # its MoE block views its output with a stored input_size
     ("DeepseekV2", None, 0.5),  # the low-rank query and key/value widths: q_lora_rank...
+    ("DeepseekV3", None, 0.5),  # keys written into two slices of a fresh tensor (below)
 ]
 
 
@@ -94,6 +100,24 @@ def test_qwen2_moe_config_follows_its_experts_and_shared_expert(tmp_path):
     mlp = model.model.layers[0].mlp
     assert mlp.experts.gate_up_proj.shape == (4, 16, 16) and mlp.experts.down_proj.shape == (4, 16, 8)
     assert mlp.shared_expert.up_proj.out_features == 16
+
+
+def test_mla_heads_and_latent_ranks_prune(tmp_path):
+    """DeepSeek-V3's multi-head latent attention: keys are the per-head part and a rotary part
+    shared by all heads, copied into two slices of a new tensor. Heads, the latent ranks and
+    the MoE widths prune; only the rotary channels stay."""
+    model, x = tiny("DeepseekV3")
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    held = {tuple(g.reasons) for g in pruner.graph.groups if g.protected.any()}
+    assert held <= {("model output",), ("slice of the channel dim",)}, held
+    pruner.step()
+    cfg = model.config
+    assert (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank) == (2, 10, 8)
+    attn = model.model.layers[0].self_attn
+    assert attn.kv_a_proj_with_mqa.out_features == 10 + 6  # the rotary part keeps its 6
+    assert attn.o_proj.in_features == 2 * 8
+    again = reloaded(model, tmp_path)
+    assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
 
 
 def test_olmo_parameter_free_norm_follows_the_hidden_size():

@@ -283,7 +283,11 @@ class _OperandShapes(TorchFunctionMode):
     subtractions (``x + 3`` and ``x + constant`` look alike there), and which splits were
     given their sizes (``x.split(64)``, sizes written in the model's code that will not follow
     a pruned width) rather than a number of parts (``x.chunk(2)``): both leave a
-    ``SplitBackward0``. A split is recorded under the key ``("split", grad_fn)``."""
+    ``SplitBackward0``. A split is recorded under the key ``("split", grad_fn)``. A tensor
+    written into a slice of another (``out[..., :d].copy_(a)``, ``out[:, 2:] = b``) leaves a
+    ``CopySlices`` that forgets where: the slice is recorded under ``("write", grad_fn)`` as
+    ``(dim, start, length, storage pointer of the tensor written into)``, or None when it is
+    not one range of one dim."""
 
     _OPS = ("AddBackward0", "SubBackward0")
     _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
@@ -322,8 +326,14 @@ class _OperandShapes(TorchFunctionMode):
             elif type(a) in (list, tuple):  # torch.cat([...]), torch.stack
                 self.read.update(id(t.grad_fn) for t in a
                                  if isinstance(t, torch.Tensor) and t.grad_fn is not None)
+        written = _written_slice(func, args)
         out = func(*args, **(kwargs or {}))
         self.saw(out)
+        if written is not None:
+            base, where = written
+            if base.grad_fn is not None and base.grad_fn.name().endswith("CopySlices"):
+                self.shapes[("write", base.grad_fn)] = where and where + (
+                    base.untyped_storage().data_ptr(),)
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
                 and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
             self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]
@@ -338,6 +348,40 @@ class _OperandShapes(TorchFunctionMode):
             self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
                                for a in operands]
         return out
+
+
+def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]:
+    """For ``view.copy_(src)`` and ``x[index] = src`` where the target is a view: the tensor
+    written into and the slice ``(dim, start, length)`` of it written (None when the view is
+    not one range of one dim of it: a step, an integer index, several dims)."""
+    name = getattr(func, "__name__", "")
+    if name not in ("copy_", "__setitem__") or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    target = args[0]
+    if name == "copy_":
+        view = target
+    else:
+        if len(args) < 3 or not isinstance(args[2], torch.Tensor):
+            return None
+        try:
+            view = target.detach()[args[1]]
+        except Exception:  # the write itself will raise
+            return None
+        if view.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
+            return None  # advanced indexing: an index_put, not a slice
+    base = target._base if target._base is not None else target
+    if view is base or view.dim() != base.dim():
+        return (base, None) if view is not base else None
+    diff = [i for i, (a, b) in enumerate(zip(view.shape, base.shape)) if a != b]
+    offset = view.storage_offset() - base.storage_offset()
+    if len(diff) != 1 or any(u != t for u, t, n in zip(view.stride(), base.stride(), view.shape)
+                             if n > 1):
+        return base, None
+    d = diff[0]
+    step = base.stride(d)
+    if step <= 0 or offset % step or not 0 <= offset // step <= base.shape[d] - view.shape[d]:
+        return base, None
+    return base, (d, offset // step, view.shape[d])
 
 
 def _call_name(func) -> str:

@@ -177,12 +177,14 @@ class _Tracer:
                 self.protected.setdefault(i, fixed_reason)
         return ids
 
-    def is_model_state(self, t: torch.Tensor) -> bool:
-        """True when ``t`` shares memory with one of the model's parameters or buffers."""
+    def is_model_state(self, t) -> bool:
+        """True when ``t`` (a tensor, or its storage's ``data_ptr()``) shares memory with one
+        of the model's parameters or buffers."""
         if self._storages is None:
             self._storages = {x.untyped_storage().data_ptr()
                               for x in self._scan.params + self._scan.buffers}
-        return t.untyped_storage().data_ptr() in self._storages
+        ptr = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else t
+        return ptr in self._storages
 
     def protect(self, x, reason: str) -> None:
         if x is None:

@@ -169,10 +169,49 @@ def _copy_slices(ctx, call: OpCall):
     if written and all(s is not None and tuple(s) == out
                        for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
         return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
+    where = ctx.operand_shapes.get(("write", call.node))
+    if written and where is not None and len(call.ins) == 2:
+        return [_write_as_concat(ctx, call, where)]
     if written:
         protect_all(ctx, "a tensor written into part of another", [base] + written)
         return [None]
     return [base]
+
+
+def _write_as_concat(ctx, call: OpCall, where) -> Optional[Slots]:
+    """``out[..., a:b] = src`` (recorded by core/record.py as ``(dim, a, b - a, storage)``):
+    the result is the base's part before the slice, ``src``, and the base's part after it,
+    concatenated on ``dim`` (MLA attention builds its keys so: a fresh tensor written in two
+    slices). A base without channel ids made during the forward (``new_empty``) pins no
+    channels on other dims; one the model holds does."""
+    from .shape import concat
+    base, src = call.ins
+    out = tuple(call.out_shapes[0])
+    dim, start, length, storage = where
+    made = base is None and not ctx.is_model_state(storage)
+    src_shape = call.in_shapes[1]
+    if src is not None and src_shape is not None:
+        src = src.moved(src.dim + len(out) - len(src_shape))
+        if src.dim == dim and len(src.ids) != length:
+            return protect_all(ctx, "a tensor broadcast into part of another", [base, src])
+        if src.dim == dim and base is not None and base.dim != dim:
+            # MLA's keys: per-head parts (heads on dim 1) and a rotary part shared by every
+            # head (its channels on the last dim) written side by side. The result keeps the
+            # heads; the written channels keep their size and place. Should the part written
+            # not follow a pruned head count, the copy fails and the forward check protects
+            ctx.protect(src, f"{call.name()}: written into part of a tensor whose channels "
+                             f"are on another dim")
+            return base
+    ins, shapes, fresh = [], [], []
+    for a, b, x in ((0, start, base), (start, start + length, src),
+                    (start + length, out[dim], base)):
+        if b > a:
+            if x is base and x is not None and x.dim == dim:
+                x = Slots(dim, x.ids[a:b])
+            ins.append(x)
+            shapes.append(out[:dim] + (b - a,) + out[dim + 1:])
+            fresh.append(made and x is None)
+    return concat(ctx, f"{call.name()} (a slice written)", ins, shapes, out, dim, fresh)
 
 
 @register("RepeatBackward0")

@@ -2,7 +2,7 @@
 pixel shuffles."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -99,6 +99,20 @@ def _expand(ctx, call: OpCall):
     return [None]
 
 
+@register("ViewAsComplexBackward0", "ViewAsRealBackward0")
+def _view_as_complex(ctx, call: OpCall):
+    """``torch.view_as_complex(x)`` reads the last dim (of 2) as the real and imaginary
+    parts of one number (rotary embeddings as complex products); ``view_as_real`` undoes it.
+    Channels on the other dims keep their place; a channel dim of the 2 parts is protected."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    if call.name() == "ViewAsComplexBackward0" and x.dim == len(call.in_shapes[0]) - 1:
+        ctx.protect(x, "view_as_complex over the channel dim")
+        return [None]
+    return [x]
+
+
 @register("PermuteBackward0")
 def _permute(ctx, call: OpCall):
     x = call.ins[0]
@@ -131,15 +145,17 @@ def _cat(ctx, call: OpCall):
     return [concat(ctx, call.name(), call.ins, call.in_shapes, out, dim)]
 
 
-def concat(ctx, op: str, ins, shapes, out: Shape, dim: int) -> Optional[Slots]:
-    """Concatenation on ``dim``: ranges of the result are the inputs' channels in order."""
+def concat(ctx, op: str, ins, shapes, out: Shape, dim: int,
+           made_at_run_time: Optional[Sequence[bool]] = None) -> Optional[Slots]:
+    """Concatenation on ``dim``: ranges of the result are the inputs' channels in order
+    (``made_at_run_time``: as for :func:`broadcast`, inputs without ids that pin nothing)."""
     if all(x is None for x in ins):
         return None
     on_dim = [x is not None and x.dim == dim for x in ins]
     if not any(on_dim):
         # channels sit on another dim: the inputs are tied there, as in an element-wise op
         flat = [s if s is None else s[:dim] + (1,) + s[dim + 1:] for s in shapes]
-        return broadcast(ctx, op, ins, flat, out[:dim] + (1,) + out[dim + 1:])
+        return broadcast(ctx, op, ins, flat, out[:dim] + (1,) + out[dim + 1:], made_at_run_time)
     if any(x is not None and not d for x, d in zip(ins, on_dim)):
         return protect_all(ctx, f"{op} mixes channel dims", ins)
     sizes = [s[dim] if s is not None else None for s in shapes]
