@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai import StructuredPruner
+from conftest import layout
 from equivalence import check_equivalence
 
 
@@ -112,3 +113,61 @@ def test_layer_weight_used_reshaped_is_pruned_as_the_layer():
     check_equivalence(model, pruner, x)
     assert model.fc.weight.shape == (5, 4) and model.tied.weight.shape == (6, 5)
     assert model(x).shape == (4, 3)
+
+
+class BareMatrices(nn.Module):
+    """Projections held as bare parameters: ``h @ W`` ([in, out]) and ``F.linear(h, V, bv)``
+    ([out, in])."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(8, 12), nn.Linear(10, 4)
+        self.W = nn.Parameter(torch.randn(12, 16) / 4)
+        self.V, self.bv = nn.Parameter(torch.randn(10, 16) / 4), nn.Parameter(torch.randn(10))
+
+    def forward(self, x):
+        h = torch.sigmoid(F.relu(self.a(x)) @ self.W)  # sigmoid(0) != 0: consumers must ignore
+        return self.o(F.relu(F.linear(h, self.V, self.bv)))
+
+
+class BmmExperts(nn.Module):
+    """Experts held as 3-D parameters and run with ``bmm`` on every token (Llama 4's text
+    MoE): ``[E, H, 2I]`` gate/up and ``[E, I, H]`` down, the hidden size read from an
+    attribute."""
+
+    def __init__(self, experts=3, hidden=12, inter=6):
+        super().__init__()
+        self.num_experts, self.hidden_size = experts, hidden
+        self.inp, self.out = nn.Linear(8, hidden), nn.Linear(hidden, 4)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, hidden, 2 * inter) / 4)
+        self.down_proj = nn.Parameter(torch.randn(experts, inter, hidden) / 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        routed = h.repeat(self.num_experts, 1).view(self.num_experts, -1, self.hidden_size)
+        gate, up = torch.bmm(routed, self.gate_up_proj).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_proj)
+        h = h + y.view(self.num_experts, -1, self.hidden_size).sum(0)  # a residual stream
+        return self.out(h)
+
+
+def test_bare_matrices_prune_as_layers_on_both_dims():
+    torch.manual_seed(0)
+    model, x = BareMatrices(), torch.randn(5, 8)
+    pruner = _prune(model, x)
+    groups = {frozenset(layout(g)): g for g in pruner.graph.groups}
+    assert frozenset({"a.out", "W[0]"}) in groups  # W reads a's channels...
+    assert frozenset({"W[1]", "V[1]"}) in groups  # ...and makes channels V reads
+    assert frozenset({"V[0]", "bv[0]", "o.in"}) in groups
+    assert not any(g.protected.any() for g in pruner.graph.groups if "o.out" not in layout(g))
+    check_equivalence(model, pruner, x)
+    assert model.W.shape == (6, 8) and model.V.shape == (5, 8) and model.bv.shape == (5,)
+
+
+def test_bmm_experts_prune_the_hidden_size_and_their_neurons():
+    torch.manual_seed(0)
+    model, x = BmmExperts(), torch.randn(5, 8)
+    pruner = _prune(model, x)
+    check_equivalence(model, pruner, x)
+    assert model.gate_up_proj.shape == (3, 6, 6) and model.down_proj.shape == (3, 3, 6)
+    assert model.hidden_size == 6 and model(x).shape == (5, 4)

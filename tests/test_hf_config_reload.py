@@ -108,14 +108,40 @@ def test_mla_heads_and_latent_ranks_prune(tmp_path):
     the MoE widths prune; only the rotary channels stay."""
     model, x = tiny("DeepseekV3")
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
-    held = {tuple(g.reasons) for g in pruner.graph.groups if g.protected.any()}
-    assert held <= {("model output",), ("slice of the channel dim",)}, held
+    held = {tuple(g.reasons): g.size for g in pruner.graph.groups if g.protected.any()}
+    # besides the logits and the rotary channels, only the router's scores (one per expert,
+    # gathered by the top-k group choice) stay
+    assert set(held) <= {("model output",), ("slice of the channel dim",),
+                         ("gather along the channel dim",)}, held
+    assert held.get(("gather along the channel dim",), 4) == 4
     pruner.step()
     cfg = model.config
     assert (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.q_lora_rank) == (2, 10, 8)
     attn = model.model.layers[0].self_attn
     assert attn.kv_a_proj_with_mqa.out_features == 10 + 6  # the rotary part keeps its 6
     assert attn.o_proj.in_features == 2 * 8
+    again = reloaded(model, tmp_path)
+    assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
+
+
+def test_llama4_bmm_experts_prune_and_reload(tmp_path):
+    """Llama 4's text MoE keeps its experts as bare 3-D parameters run with ``bmm``: the hidden
+    size and each expert's neurons prune (only the router's expert scores stay)."""
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=16, intermediate_size_mlp=64,
+        num_local_experts=4, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = transformers.Llama4ForCausalLM(config).eval()
+    x = torch.randint(1, 100, (2, 8))
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    held = {r for g in pruner.graph.groups if g.protected.any() for r in g.reasons}
+    assert held <= {"model output", "TopkBackward0 reorders channels"}, held
+    said = prune(model, x, 0.5)
+    assert not [w for w in said if "model.config" in w], said
+    experts = model.model.layers[0].feed_forward.experts
+    assert experts.gate_up_proj.shape == (4, 16, 16) and experts.down_proj.shape == (4, 8, 16)
+    assert model.generate(x, max_new_tokens=3, do_sample=False).shape == (2, 11)
     again = reloaded(model, tmp_path)
     assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
 

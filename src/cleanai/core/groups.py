@@ -206,6 +206,7 @@ def _assign(r: TraceResult):
     made = [p for name in r.producers for p in r.module_out[name].split(r.cuts.get(name) or
                                                                        len(r.module_out[name]))]
     made += [ids for dims in r.internal.values() for ids in dims if ids is not None]
+    made += list(r.param_made.values())
 
     # producers that share a unit share a group; channels keep their first-appearance order
     group_of = torch.full((n_units,), -1, dtype=torch.long)  # unit id -> group
@@ -267,6 +268,8 @@ def _finish(r: TraceResult, roots: torch.Tensor, group_of: torch.Tensor,
             entries.append((name, "in", -1, inp))
     for name, slots in r.params.items():
         entries.append((name, "param", slots.dim, slots.ids))
+    for (name, dim), ids in r.param_dims.items():
+        entries.append((name, "param", dim, ids))
     for name, dims in r.internal.items():
         for index, ids in enumerate(dims):
             if ids is not None:
@@ -281,7 +284,12 @@ def _finish(r: TraceResult, roots: torch.Tensor, group_of: torch.Tensor,
     for g in groups:
         # several producers added together and read by several layers: a residual stream
         # (two producers read by one layer are a gate, e.g. a gated MLP's up and gate)
-        if sum(m.kind == "out" for m in g.members) > 1 and sum(m.kind == "in" for m in g.members) > 1:
+        # (a bare parameter's dim counts as a layer's output where a product makes channels
+        # of it, as an input where a product contracts it: ``x @ W``)
+        role = [m.kind if m.kind != "param" else
+                "out" if f"{m.name}[{m.dim}]" in r.param_made else
+                "in" if f"{m.name}[{m.dim}]" in r.param_read else "param" for m in g.members]
+        if role.count("out") > 1 and role.count("in") > 1:
             g.kind = "hidden"
     for i, kind in r.kinds:
         gi = int(group_of[roots[i]])

@@ -68,6 +68,14 @@ class TraceResult:
     #: a split's sizes may be attributes of the module that ran it: walk again with module
     #: ranges (see core/trace.py)
     wants_location: bool = False
+    #: (parameter, dim) -> ids of a bare parameter's dims besides the one ``params`` holds
+    #: (a matrix used as ``x @ W`` has an input and an output dim: see ops/products.py)
+    param_dims: Dict[Tuple[str, int], torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: ``"name[dim]"`` -> ids a bare parameter produces, as a layer's output does (the
+    #: columns of ``x @ W``)
+    param_made: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: ``"name[dim]"`` of bare parameter dims a product contracts, as a layer's input
+    param_read: set = dataclasses.field(default_factory=set)
 
 
 class _Tracer:
@@ -98,6 +106,11 @@ class _Tracer:
         self.module_out: Dict[str, torch.Tensor] = {}  # the walk's, once it starts
         self.producers: List[str] = []  # likewise
         self.intervals: list = []  # module autograd ranges, when the recording located them
+        # first id of a bare parameter's slots -> (its name, shape, the dim those ids are on)
+        self.bare: Dict[int, Tuple[str, Tuple[int, ...], int]] = {}
+        self.param_dims: Dict[Tuple[str, int], torch.Tensor] = {}
+        self.param_made: Dict[str, torch.Tensor] = {}
+        self.param_read: set = set()
         # (module, attribute) or a split's own key -> the parts that must keep equal counts
         self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
@@ -175,6 +188,34 @@ class _Tracer:
         if fixed_reason:
             for i in ids.tolist():
                 self.protected.setdefault(i, fixed_reason)
+        return ids
+
+    def bare_dims(self, x: Slots, shape) -> Optional[Tuple[str, List[int]]]:
+        """For ``x``, a bare parameter used as it is or with its last two dims swapped
+        (``W.t()``, ``F.linear(x, W)``): its name and, per dim of ``x``, the parameter's dim.
+        None for anything else (a reshape, a layer's weight, an activation)."""
+        entry = self.bare.get(int(x.ids[0])) if x.weight and len(x.ids) else None
+        if entry is None or shape is None:
+            return None
+        name, pshape, pdim = entry
+        shape, n = tuple(shape), len(pshape)
+        order = list(range(n))
+        if shape == pshape and x.dim == pdim:
+            return name, order
+        if n >= 2:
+            order[-2:] = [n - 1, n - 2]
+            if shape == tuple(pshape[d] for d in order) and order[x.dim] == pdim:
+                return name, order
+        return None
+
+    def param_dim_ids(self, name: str, dim: int, n: int, made: bool = False) -> torch.Tensor:
+        """Ids of dim ``dim`` of bare parameter ``name`` (fresh the first time; ``made``:
+        the parameter produces them, like a layer's output channels)."""
+        ids = self.param_dims.get((name, dim))
+        if ids is None:
+            ids = self.param_dims[(name, dim)] = self.uf.new(n)
+        if made:
+            self.param_made.setdefault(f"{name}[{dim}]", ids)
         return ids
 
     def is_model_state(self, t) -> bool:
@@ -311,6 +352,8 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
                     if dims:
                         params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]), True)
+                        ctx.bare[int(params[pname].ids[0])] = (pname, tuple(var.shape),
+                                                               dims[-1])
                 s = params.get(pname)
                 sources[(p, 0)] = frozenset((pname,))
             if id(var) in names_of_params:
@@ -383,7 +426,9 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                              for n, b in ctx.cut_bounds.items()},
                        unwatched=unwatched,
                        count_ties=[t for t in ctx.count_ties.values() if len(t[0]) > 1],
-                       attr_splits=ctx.attr_splits, wants_location=ctx.wants_location)
+                       attr_splits=ctx.attr_splits, wants_location=ctx.wants_location,
+                       param_dims=ctx.param_dims, param_made=ctx.param_made,
+                       param_read=ctx.param_read)
 
 
 def _reached_inside(call: ModuleCall, visited: set) -> bool:

@@ -325,6 +325,22 @@ def _select(ctx, call: OpCall):
     return [x.moved(x.dim - (x.dim > dim))]
 
 
+@register("GatherBackward0")
+def _gather(ctx, call: OpCall):
+    """``torch.gather(x, dim, index)``: along ``dim`` the values come from positions the index
+    holds (data, often a ``topk``'s): channels there are protected. Along any other dim,
+    position i reads position i, so channels pass where the output keeps their count."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    in_shape, out = call.in_shapes[0], call.out_shapes[0]
+    dim = ndim_dim(int(call.saved("dim")), len(out))
+    if in_shape is None or x.dim == dim or out[x.dim] != len(x.ids):
+        ctx.protect(x, "gather along the channel dim")
+        return [None]
+    return [x]
+
+
 @register("IndexBackward0")
 def _index(ctx, call: OpCall):
     """Advanced indexing on dims other than the channel dim moves the channel dim."""
