@@ -150,14 +150,19 @@ def batched(tokenizer, texts, batch_size, max_length=128):
             for i in range(0, len(texts), batch_size)]
 
 
-def minilm_data(calib_sentences: int = 512, eval_sentences: int = 512):
+def minilm_data(calib_sentences: int = 512, eval_sentences: int = 512, wide: bool = False):
     """``(tokenizer, dense, calib_batches, eval_batches, evals)``: the pretrained encoder,
-    ``calib_sentences`` pydoc sentences spread over the text in batches of 8, and the first
-    ``eval_sentences`` stdlib docstring sentences not in the calibration text (batches of 32)."""
+    ``calib_sentences`` pydoc sentences spread over the text in batches of 8 (``wide``: the
+    first of the shuffled pydoc and :data:`EXTRA_MODULES` sentences of :func:`distill_text`),
+    and the first ``eval_sentences`` stdlib docstring sentences not in the calibration text
+    (batches of 32)."""
     tokenizer, dense = load_minilm()
     calib = calibration_text()
     evals = [s for s in held_out_text() if s not in set(calib)][:eval_sentences]
-    chosen = calib[::max(1, len(calib) // calib_sentences)][:calib_sentences]
+    if wide:
+        chosen = distill_text(True)[:calib_sentences]
+    else:
+        chosen = calib[::max(1, len(calib) // calib_sentences)][:calib_sentences]
     return tokenizer, dense, batched(tokenizer, chosen, 8), batched(tokenizer, evals, 32), evals
 
 
@@ -217,12 +222,17 @@ def main() -> None:
     ap.add_argument("--sensitivity-only", action="store_true",
                     help="only the rows with per-layer ratios from output sensitivity")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calib-text", choices=("pydoc", "wide"), default="pydoc",
+                    help="calibration sentences: pydoc topics, or pydoc topics and the "
+                         "docstrings of EXTRA_MODULES shuffled (no evaluation sentence)")
+    ap.add_argument("--no-distill", action="store_true",
+                    help="stop after reconstruction (no distillation rows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    tokenizer, dense, calib_batches, eval_batches, evals = minilm_data(args.calib_sentences,
-                                                                        args.eval_sentences)
+    tokenizer, dense, calib_batches, eval_batches, evals = minilm_data(
+        args.calib_sentences, args.eval_sentences, args.calib_text == "wide")
     example = calib_batches[0]
     # latency input: 8 sequences of exactly 128 tokens
     long_text = " ".join(evals)
@@ -283,9 +293,11 @@ def main() -> None:
         for i, row in enumerate(rows):
             lat[i] = min(lat[i], measure_latency(row[-1], lat_in, warmup=1, repeats=5))
 
+    what = "pydoc topic" if args.calib_text == "pydoc" else \
+        "pydoc topic and other stdlib docstring"
     print(f"MiniLM-L6 fidelity ({cleanai_revision()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s)); calibration: {len(calib_batches)} batches of 8 pydoc "
-          f"topic sentences (reconstruction: the first {args.reconstruct_batches}, "
+          f"{args.threads} thread(s)); calibration: {len(calib_batches)} batches of 8 {what} "
+          f"sentences (reconstruction: the first {args.reconstruct_batches}, "
           f"{args.reconstruct_steps} steps per block); "
           f"evaluation: {len(evals)} stdlib docstring sentences\n")
     print("| setting | heads/layer | mean cosine vs dense | same nearest neighbour | params "
@@ -313,6 +325,8 @@ def sensitivity_rows(dense, example, calib_batches, ratio, tag, ref, eval_batche
                                 steps=args.reconstruct_steps)
     rows.append(_row(f"... + reconstruct (block), {tag}", rebuilt, ref, eval_batches,
                      f"{time.perf_counter() - start:.0f} s"))
+    if args.no_distill:
+        return rows
     return rows + wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts, wider)
 
 

@@ -24,10 +24,10 @@ def zero_consumers(model: nn.Module, plan) -> None:
             module = model.get_submodule(owner)
             pruner = get_layer_pruner(module, inherited=True)
             tensor = getattr(module, pname)
-            # a bare parameter (``x @ W``): its slice for a removed channel is zeroed,
-            # whether it reads the channel or makes it (its readers are zeroed as well)
-            if pruner is None or any(t is tensor and d == dim
-                                     for t, d in pruner.weights(module, "in")):
+            # a bare parameter's dim a product contracts (``x @ W`` reads through ``W[0]``)
+            reads = f"{name}[{dim}]" in plan.graph.parameter_reads
+            if reads or (pruner is not None and any(t is tensor and d == dim
+                                                    for t, d in pruner.weights(module, "in"))):
                 removed = torch.ones(tensor.shape[dim], dtype=torch.bool)
                 removed[keep] = False
                 tensor.index_fill_(dim, torch.nonzero(removed).flatten(), 0.0)

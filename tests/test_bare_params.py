@@ -171,3 +171,41 @@ def test_bmm_experts_prune_the_hidden_size_and_their_neurons():
     check_equivalence(model, pruner, x)
     assert model.gate_up_proj.shape == (3, 6, 6) and model.down_proj.shape == (3, 3, 6)
     assert model.hidden_size == 6 and model(x).shape == (5, 4)
+
+
+class OtherUses(nn.Module):
+    """``W`` read by a product and, besides, by something that is not ``W`` itself going into
+    one: the dim such a product would make prunable must keep its size."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.a, self.o = nn.Linear(3, 8), nn.Linear(6, 2)
+        self.W = nn.Parameter(torch.randn(8, 6) / 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.use == "flipped":  # rows reversed: row i is not W's row i
+            return self.o(h @ self.W.flip(0))
+        if self.use == "mixed":  # a softmax over W's rows mixes them
+            return self.o(h @ self.W.softmax(0))
+        y = h @ self.W  # W as a Linear from 8 to 6 ...
+        return self.o(y) + (self.W.t() @ h.t()).sum(0)[:, None]  # ... and read the other way
+
+
+@pytest.mark.parametrize("use", ["flipped", "mixed", "left_too"])
+def test_a_bare_parameter_read_otherwise_keeps_its_other_dim(use):
+    torch.manual_seed(0)
+    model, x = OtherUses(use), torch.randn(6, 3)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "nothing to prune"
+        pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+        held = [g for g in pruner.graph.groups if "W[1]" in layout(g) or "W[0]" in layout(g)]
+        assert all(g.protected.all() for g in held), [layout(g) for g in held]
+        pruner.step()
+    assert model.W.shape == (8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)

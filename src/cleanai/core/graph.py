@@ -65,6 +65,9 @@ class DependencyGraph:
         #: pruner/attributes.py, which keeps those attributes in step
         self.split_attributes = result.attr_splits
         self.check_reason: Optional[str] = result.check_reason
+        #: ``"name[dim]"`` of each bare parameter dim a matrix product contracts (``x @ W``
+        #: reads its group's channels through ``W[0]``, as a layer's input does)
+        self.parameter_reads = frozenset(result.param_read)
         self._code = result.code  # hooks and instance forwards the trace saw
         self.signature = module_signature(model)
 

@@ -285,9 +285,9 @@ class _OperandShapes(TorchFunctionMode):
     a pruned width) rather than a number of parts (``x.chunk(2)``): both leave a
     ``SplitBackward0``. A split is recorded under the key ``("split", grad_fn)``. A tensor
     written into a slice of another (``out[..., :d].copy_(a)``, ``out[:, 2:] = b``) leaves a
-    ``CopySlices`` that forgets where: the slice is recorded under ``("write", grad_fn)`` as
-    ``(dim, start, length, storage pointer of the tensor written into)``, or None when it is
-    not one range of one dim."""
+    ``CopySlices`` that forgets where (so does an in-place op on a view): the slice is recorded
+    under ``("write", grad_fn)`` as ``(dim, start, length, storage pointer of the tensor
+    written into, whether it replaced the values there)``, or ``"not one range"``."""
 
     _OPS = ("AddBackward0", "SubBackward0")
     _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
@@ -327,13 +327,17 @@ class _OperandShapes(TorchFunctionMode):
                 self.read.update(id(t.grad_fn) for t in a
                                  if isinstance(t, torch.Tensor) and t.grad_fn is not None)
         written = _written_slice(func, args)
+        before = written[0].grad_fn if written is not None else None
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if written is not None:
             base, where = written
-            if base.grad_fn is not None and base.grad_fn.name().endswith("CopySlices"):
-                self.shapes[("write", base.grad_fn)] = where and where + (
-                    base.untyped_storage().data_ptr(),)
+            fn = base.grad_fn  # a new node only when autograd recorded this write
+            if fn is not None and fn is not before and fn.name().endswith("CopySlices"):
+                self.shapes[("write", fn)] = where + (
+                    base.untyped_storage().data_ptr(),
+                    getattr(func, "__name__", "") in ("copy_", "__setitem__")) \
+                    if where else "not one range"
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
                 and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
             self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]
@@ -351,17 +355,17 @@ class _OperandShapes(TorchFunctionMode):
 
 
 def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]:
-    """For ``view.copy_(src)`` and ``x[index] = src`` where the target is a view: the tensor
-    written into and the slice ``(dim, start, length)`` of it written (None when the view is
-    not one range of one dim of it: a step, an integer index, several dims)."""
+    """For a write into part of a tensor (``x[index] = v``, or an in-place method on a view:
+    ``view.copy_(src)``, ``x[:, :2].relu_()``): the tensor written into and the slice
+    ``(dim, start, length)`` of it written, None when the view is not one range of one dim
+    (a step, an integer index, several dims). None for anything else, and for a view that
+    covers all of its base (an element-wise op on it)."""
     name = getattr(func, "__name__", "")
-    if name not in ("copy_", "__setitem__") or not args or not isinstance(args[0], torch.Tensor):
+    if not args or not isinstance(args[0], torch.Tensor):
         return None
     target = args[0]
-    if name == "copy_":
-        view = target
-    else:
-        if len(args) < 3 or not isinstance(args[2], torch.Tensor):
+    if name == "__setitem__":
+        if len(args) < 2:
             return None
         try:
             view = target.detach()[args[1]]
@@ -369,9 +373,18 @@ def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[in
             return None
         if view.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
             return None  # advanced indexing: an index_put, not a slice
+        value = args[2] if len(args) > 2 else None
+        if isinstance(value, torch.Tensor) and _same_memory(value, view):
+            return None  # ``x[:, :4] += y`` stores the updated view back into itself
+    elif name.endswith("_") and not name.endswith("__") and target._base is not None:
+        view = target
+    else:
+        return None
     base = target._base if target._base is not None else target
-    if view is base or view.dim() != base.dim():
-        return (base, None) if view is not base else None
+    if view.numel() == base.numel():
+        return None
+    if view.dim() != base.dim():
+        return base, None
     diff = [i for i, (a, b) in enumerate(zip(view.shape, base.shape)) if a != b]
     offset = view.storage_offset() - base.storage_offset()
     if len(diff) != 1 or any(u != t for u, t, n in zip(view.stride(), base.stride(), view.shape)
@@ -382,6 +395,12 @@ def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[in
     if step <= 0 or offset % step or not 0 <= offset // step <= base.shape[d] - view.shape[d]:
         return base, None
     return base, (d, offset // step, view.shape[d])
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape
+            and a.stride() == b.stride())
 
 
 def _call_name(func) -> str:

@@ -111,6 +111,11 @@ class _Tracer:
         self.param_dims: Dict[Tuple[str, int], torch.Tensor] = {}
         self.param_made: Dict[str, torch.Tensor] = {}
         self.param_read: set = set()
+        # id() of each bare parameter -> its name; name -> id() of every autograd node (or
+        # module call) reading it directly, and of the readers a product followed
+        self.bare_names: Dict[int, str] = {}
+        self.bare_readers: Dict[str, set] = {}
+        self.bare_followed: Dict[str, set] = {}
         # (module, attribute) or a split's own key -> the parts that must keep equal counts
         self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
@@ -207,6 +212,44 @@ class _Tracer:
             if shape == tuple(pshape[d] for d in order) and order[x.dim] == pdim:
                 return name, order
         return None
+
+    #: ops a bare parameter may pass through on its way into a product and stay itself
+    _AS_IS = frozenset({"TBackward0", "TransposeBackward0", "TransposeBackward1",
+                        "ToCopyBackward0", "AliasBackward0", "CloneBackward0"})
+
+    def bare_use(self, name: str, product, node) -> bool:
+        """True when ``node`` (an operand of ``product``) is bare parameter ``name`` itself,
+        reached through transposes, casts and copies only; that use is then noted as one
+        the product follows (see :meth:`protect_other_uses`)."""
+        reader = product
+        for _ in range(8):
+            if node is None:
+                return False
+            if node.name().endswith("AccumulateGrad"):
+                if self.bare_names.get(id(node.variable)) != name:
+                    return False
+                self.bare_followed.setdefault(name, set()).add(id(reader))
+                return True
+            fns = [f for f, _ in node.next_functions if f is not None]
+            if node.name() not in self._AS_IS or len(fns) != 1:
+                return False
+            reader, node = node, fns[0]
+        return False
+
+    def protect_other_uses(self) -> None:
+        """A bare parameter whose second dim a product made prunable but that something else
+        also reads (an element-wise op, a product the other way round) keeps that dim."""
+        for name, readers in self.bare_readers.items():
+            if not readers - self.bare_followed.get(name, set()):
+                continue
+            for (pname, _), ids in self.param_dims.items():
+                if pname == name:
+                    self.protect(ids, f"a dim of {name}, which is also read outside a matrix "
+                                      f"product")
+            for key, ids in self.param_made.items():
+                if key.startswith(name + "["):
+                    self.protect(ids, f"a dim of {name}, which is also read outside a "
+                                      f"matrix product")
 
     def param_dim_ids(self, name: str, dim: int, n: int, made: bool = False) -> torch.Tensor:
         """Ids of dim ``dim`` of bare parameter ``name`` (fresh the first time; ``made``:
@@ -330,6 +373,9 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
             for k in [p.input_key] + [k for k, _ in p.extras]:
                 for src in sources.get(k, empty):
                     edges.add((src, p.name))
+                var = getattr(k[0], "variable", None) if k is not None else None
+                if id(var) in ctx.bare_names:  # a known layer fed a bare parameter
+                    ctx.bare_readers.setdefault(ctx.bare_names[id(var)], set()).add(id(p))
             outs = module_call(ctx, p, x, module_in, module_out, producers)
             outs = layer_extras(ctx, p, outs, [slots.get(k) if k is not None else None
                                                for k, _ in p.extras], module_in, module_out, internal)
@@ -354,6 +400,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                         params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]), True)
                         ctx.bare[int(params[pname].ids[0])] = (pname, tuple(var.shape),
                                                                dims[-1])
+                        ctx.bare_names[id(var)] = pname
                 s = params.get(pname)
                 sources[(p, 0)] = frozenset((pname,))
             if id(var) in names_of_params:
@@ -363,6 +410,9 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
         if unwatched is None and p not in made:
             unwatched = name
         in_keys = [(fn, nr) if fn is not None else None for fn, nr in p.next_functions]
+        for fn, _ in p.next_functions:
+            if fn is not None and id(getattr(fn, "variable", None)) in ctx.bare_names:
+                ctx.bare_readers.setdefault(ctx.bare_names[id(fn.variable)], set()).add(id(p))
         ins = [slots.get(k) if k is not None else None for k in in_keys]
         in_shapes = [_shape(k, by_out) if k is not None else None for k in in_keys]
         out_shapes = [tuple(m.shape) for m in p._input_metadata]
@@ -403,6 +453,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
             sources[(p, nr)] = src
 
     protect_unfollowed(ctx)
+    ctx.protect_other_uses()
     for c in dead:
         for k, _ in c.outputs:
             # a result read after its layer, outside autograd (``proposals.detach()``), or

@@ -159,10 +159,12 @@ def _masked(ctx, call: OpCall):
 
 @register("torch::autograd::CopySlices")
 def _copy_slices(ctx, call: OpCall):
-    """An in-place op on a view (``x[:, :2].relu_()``): the base keeps its channels; a tensor
-    written into a region of it cannot be followed. Operands of the base's full shape were
-    written over a view of all of it (GhostNet's ``out[:, :n] += shortcut`` with ``n`` all
-    the channels): an element-wise op on the base."""
+    """A write into part of a tensor: an in-place op on a view (``x[:, :2].relu_()``),
+    ``x[..., a:b] = y``, ``view.copy_(y)``. Operands of the base's full shape were written over
+    a view of all of it (GhostNet's ``out[:, :n] += shortcut`` with ``n`` all the channels):
+    an element-wise op on the base. A range of one dim (core/record.py notes which) is
+    followed where that dim holds no channel ids; any other write keeps the channels it
+    touches."""
     base = call.ins[0]
     written = [x for x in call.ins[1:] if x is not None]
     out = tuple(call.out_shapes[0])
@@ -170,44 +172,59 @@ def _copy_slices(ctx, call: OpCall):
                        for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
         return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
     where = ctx.operand_shapes.get(("write", call.node))
-    if written and where is not None and len(call.ins) == 2:
-        return [_write_as_concat(ctx, call, where)]
-    if written:
+    if isinstance(where, tuple) and len(call.ins) <= 2:
+        return [_write_into_range(ctx, call, where)]
+    if written or (where is not None and base is not None):
         protect_all(ctx, "a tensor written into part of another", [base] + written)
         return [None]
     return [base]
 
 
-def _write_as_concat(ctx, call: OpCall, where) -> Optional[Slots]:
-    """``out[..., a:b] = src`` (recorded by core/record.py as ``(dim, a, b - a, storage)``):
-    the result is the base's part before the slice, ``src``, and the base's part after it,
-    concatenated on ``dim`` (MLA attention builds its keys so: a fresh tensor written in two
-    slices). A base without channel ids made during the forward (``new_empty``) pins no
-    channels on other dims; one the model holds does."""
+def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
+    """``out[..., a:b] = src`` or an in-place op on that view, recorded by core/record.py as
+    ``(dim, a, b - a, storage, replaced)``. The range is fixed by the code (as a slice's bounds are), so
+    channel ids on ``dim`` keep their channels, and pass on so that their readers stay
+    connected. Channels on other dims go through the write as through an element-wise op:
+    MLA attention builds its keys by writing per-head parts and a rotary part shared by all
+    heads into a fresh tensor, so its heads prune. A fresh base (``new_empty``) pins no
+    channels; one the model holds does."""
     from .shape import concat
-    base, src = call.ins
+    base, src = (list(call.ins) + [None])[:2]
     out = tuple(call.out_shapes[0])
-    dim, start, length, storage = where
-    made = base is None and not ctx.is_model_state(storage)
-    src_shape = call.in_shapes[1]
-    if src is not None and src_shape is not None:
+    dim, start, length, storage, replaced = where
+    if src is not None:
+        src_shape = call.in_shapes[1]
+        if src_shape is None:
+            return protect_all(ctx, "a write of unknown shape into part of a tensor",
+                               [base, src])
         src = src.moved(src.dim + len(out) - len(src_shape))
-        if src.dim == dim and len(src.ids) != length:
-            return protect_all(ctx, "a tensor broadcast into part of another", [base, src])
-        if src.dim == dim and base is not None and base.dim != dim:
-            # MLA's keys: per-head parts (heads on dim 1) and a rotary part shared by every
-            # head (its channels on the last dim) written side by side. The result keeps the
-            # heads; the written channels keep their size and place. Should the part written
-            # not follow a pruned head count, the copy fails and the forward check protects
-            ctx.protect(src, f"{call.name()}: written into part of a tensor whose channels "
-                             f"are on another dim")
-            return base
+    fixed = [x for x in (base, src) if x is not None and x.dim == dim]
+    if fixed:
+        for x in fixed:
+            ctx.protect(x, "a write into a fixed range of the channel dim")
+        if base is not None and base.dim != dim:
+            return base  # the rotary part of MLA's keys: the heads go on
+        if src is not None and src.dim != dim:
+            ctx.protect(src, "a write into a fixed range of the channel dim")
+        if src is not None and src.dim == dim and len(src.ids) != length:
+            return None
+        ids = base.ids.clone() if base is not None else ctx.fresh(
+            out[dim], "a write into a fixed range of the channel dim")
+        if src is not None and src.dim == dim and not replaced:  # ``y[:, :4] += b``
+            ctx.uf.union_all(ids[start:start + length], src.ids)
+        elif src is not None and src.dim == dim:
+            ids[start:start + length] = src.ids
+        elif len(call.ins) > 1 and replaced:  # values from a tensor without ids there (a constant)
+            ids[start:start + length] = ctx.fresh(
+                length, "a write into a fixed range of the channel dim")
+        return Slots(dim, ids)
+    if len(call.ins) < 2:
+        return base  # an in-place op on the view (``x[:, :, :2].relu_()``): values only
+    made = base is None and not ctx.is_model_state(storage)
     ins, shapes, fresh = [], [], []
     for a, b, x in ((0, start, base), (start, start + length, src),
                     (start + length, out[dim], base)):
         if b > a:
-            if x is base and x is not None and x.dim == dim:
-                x = Slots(dim, x.ids[a:b])
             ins.append(x)
             shapes.append(out[:dim] + (b - a,) + out[dim + 1:])
             fresh.append(made and x is None)

@@ -25,30 +25,38 @@ def _partner(ctx, b: Slots) -> Optional[torch.Tensor]:
     return entry[1]
 
 
+def _operand(call: OpCall, i: int):
+    """The autograd node that made input ``i`` of ``call`` (None for a constant)."""
+    fns = call.node.next_functions
+    return fns[i][0] if i < len(fns) else None
+
+
 @register("MmBackward0", "BmmBackward0")
 def _mm(ctx, call: OpCall):
     return [matmul(ctx, call.name(), call.ins[0], call.ins[1], call.in_shapes[0],
-                   call.in_shapes[1], call.out_shapes[0])]
+                   call.in_shapes[1], call.out_shapes[0], (call.node, _operand(call, 1)))]
 
 
 @register("AddmmBackward0", "BaddbmmBackward0")
 def _addmm(ctx, call: OpCall):
     out = call.out_shapes[0]
     prod = matmul(ctx, call.name(), call.ins[1], call.ins[2], call.in_shapes[1],
-                  call.in_shapes[2], out)
+                  call.in_shapes[2], out, (call.node, _operand(call, 2)))
     bias_shape = call.in_shapes[0]
     return [broadcast(ctx, call.name(), [call.ins[0], prod], [bias_shape, out], out)]
 
 
 def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Shape],
-           sb: Optional[Shape], out: Shape) -> Optional[Slots]:
-    """``a @ b`` with ``a: [..., n, k]`` and ``b: [..., k, m]``: the k channels of both are tied."""
+           sb: Optional[Shape], out: Shape, nodes=None) -> Optional[Slots]:
+    """``a @ b`` with ``a: [..., n, k]`` and ``b: [..., k, m]``: the k channels of both are tied.
+    ``nodes``: the product's autograd node and ``b``'s, when ``b`` may be a bare parameter."""
     if sa is None or sb is None:
         return protect_all(ctx, f"{op} with an operand of unknown shape", [a, b])
     na, nb, no = len(sa), len(sb), len(out)
     ka, kb = na - 1, nb - 2
-    bare = ctx.bare_dims(b, sb) if b is not None and nb >= 2 else None
-    if bare is not None and (a is None or a.dim == ka) and b.dim in (kb, nb - 1):
+    bare = ctx.bare_dims(b, sb) if b is not None and nb >= 2 and nodes else None
+    if bare is not None and (a is None or a.dim == ka) and b.dim in (kb, nb - 1) and \
+            ctx.bare_use(bare[0], *nodes):
         return _bare_matmul(ctx, a, b, sb, len(out), bare)
     a_k = a is not None and a.dim == ka
     b_k = b is not None and b.dim == kb

@@ -107,6 +107,9 @@ def _view_as_complex(ctx, call: OpCall):
     x = call.ins[0]
     if x is None:
         return [None]
+    if call.in_shapes[0] is None:
+        ctx.protect(x, f"{call.name()} of unknown input shape")
+        return [None]
     if call.name() == "ViewAsComplexBackward0" and x.dim == len(call.in_shapes[0]) - 1:
         ctx.protect(x, "view_as_complex over the channel dim")
         return [None]
