@@ -23,6 +23,10 @@ picks which; then compensation, block reconstruction and the two layer-matched d
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py --ratios 0.25 --recipe-only
     HF_HUB_OFFLINE=1 PYTHONPATH=src python benchmarks/minilm_fidelity.py --ratios 0.25 --sensitivity-only
+
+``--calib-text wide`` calibrates (scores, allocation, compensation, reconstruction) on the
+pydoc sentences and the docstrings of ``EXTRA_MODULES``, shuffled, instead of pydoc alone;
+``--no-distill`` stops after reconstruction (docs/accuracy.md, "Calibration on wider text").
 """
 from __future__ import annotations
 
