@@ -198,6 +198,11 @@ def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
             return protect_all(ctx, "a write of unknown shape into part of a tensor",
                                [base, src])
         src = src.moved(src.dim + len(out) - len(src_shape))
+    if src is None and not replaced and base is not None and base.weight:
+        # an in-place op with no other tensor on part of a tensor computed from parameters
+        # alone: torchvision's Swin V2 zeroes the key part of its qkv bias
+        # (``b[n // 3:2 * n // 3].zero_()``, bounds from the size): followed as before
+        return base
     fixed = [x for x in (base, src) if x is not None and x.dim == dim]
     if fixed:
         for x in fixed:
