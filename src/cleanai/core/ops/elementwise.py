@@ -182,9 +182,9 @@ def _copy_slices(ctx, call: OpCall):
 
 def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
     """``out[..., a:b] = src`` or an in-place op on that view, recorded by core/record.py as
-    ``(dim, a, b - a, storage, replaced)``. The range is fixed by the code (as a slice's bounds are), so
-    channel ids on ``dim`` keep their channels, and pass on so that their readers stay
-    connected. Channels on other dims go through the write as through an element-wise op:
+    ``(dim, a, b - a, storage, replaced)``. The range is fixed by the code (as a slice's
+    bounds are), so channel ids on ``dim`` keep their channels, and pass on so that their
+    readers stay connected. Channels on other dims go through the write as through an element-wise op:
     MLA attention builds its keys by writing per-head parts and a rotary part shared by all
     heads into a fresh tensor, so its heads prune. A fresh base (``new_empty``) pins no
     channels; one the model holds does."""
