@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .layers import LayerPruner, get_layer_pruner
 from .runtime import ForwardFn, LeanRecordingError, iter_tensors, run_forward
 from .tied import is_subclass_layer
-from .widths import width_free
+from .operands import NoTorchFunction, OperandRecorder, step_aside, step_back
 
 
 @dataclasses.dataclass(eq=False)
@@ -106,7 +104,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     """
     if named is None:
         named = list(model.named_modules())
-    recorder = _OperandShapes()
+    recorder = OperandRecorder()
     calls: List[ModuleCall] = []
     intervals: List[Tuple[int, int, str]] = []
     open_calls: Dict[int, int] = {}
@@ -124,12 +122,12 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     # The hooks only read tensor attributes (grad_fn, shape): outside the operand recorder, so
     # that each read is not dispatched to it (most of its calls would be these reads).
     def pre_hook(module, args, kwargs) -> None:
-        with _NoTorchFunction():  # (a block called with keywords only: its inputs are there)
+        with NoTorchFunction():  # (a block called with keywords only: its inputs are there)
             open_calls[id(module)] = last_seq((args, kwargs) if kwargs else args)
 
     def post_hook(name):
         def hook(module, args, output) -> None:
-            with _NoTorchFunction():
+            with NoTorchFunction():
                 intervals.append((open_calls.pop(id(module), -1) + 1, last_seq(output), name))
         return hook
 
@@ -142,12 +140,12 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     # ``after(args, kwargs, output)`` then notes the call and returns the output.
     def stepping_aside(forward, after):
         def forward_aside(*args, **kwargs):
-            aside = _step_aside(recorder)
+            aside = step_aside(recorder)
             try:
                 output = forward(*args, **kwargs)
             finally:
-                _step_back(aside)
-            with _NoTorchFunction():
+                step_back(aside)
+            with NoTorchFunction():
                 return after(args, kwargs, output)
         return forward_aside
 
@@ -253,163 +251,6 @@ def _dropped(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None:
         raise LeanRecordingError("a lean recording keeps no activations for backward")
     return t
-
-# torch's own switch for "no __torch_function__ handling here" (modes and subclasses)
-_NoTorchFunction = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
-
-
-def _step_aside(mode: "_OperandShapes") -> Optional["_OperandShapes"]:
-    """Take ``mode`` off torch's function-mode stack if it is on top; returns it if taken."""
-    if _POP is None or torch._C._len_torch_function_stack() == 0:
-        return None
-    top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
-    return _POP() if top is mode else None
-
-
-def _step_back(mode: Optional["_OperandShapes"]) -> None:
-    if mode is not None:
-        _PUSH(mode)
-
-
-# torch's function-mode stack (what ``with mode:`` pushes and pops), where this torch has it
-_POP = getattr(torch._C, "_pop_torch_function_stack", None)
-_PUSH = getattr(torch._C, "_push_on_torch_function_stack", None)
-if _PUSH is None or not hasattr(torch._C, "_get_function_stack_at"):
-    _POP = None
-
-
-class _OperandShapes(TorchFunctionMode):
-    """Records what the autograd graph forgets: the operand shapes of additions and
-    subtractions (``x + 3`` and ``x + constant`` look alike there), and which splits were
-    given their sizes (``x.split(64)``, sizes written in the model's code that will not follow
-    a pruned width) rather than a number of parts (``x.chunk(2)``): both leave a
-    ``SplitBackward0``. A split is recorded under the key ``("split", grad_fn)``. A tensor
-    written into a slice of another (``out[..., :d].copy_(a)``, ``out[:, 2:] = b``) leaves a
-    ``CopySlices`` that forgets where (so does an in-place op on a view): the slice is recorded
-    under ``("write", grad_fn)`` as ``(dim, start, length, storage pointer of the tensor
-    written into, whether it replaced the values there)``, or ``"not one range"``."""
-
-    _OPS = ("AddBackward0", "SubBackward0")
-    _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
-              "__isub__", "__rsub__", "rsub", "subtract"}
-    _SPLITS = {"split", "split_with_sizes"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
-        #: the first call that may hold a channel count of its own (see core/widths.py)
-        self.sized: Optional[str] = None
-        #: the autograd nodes of the outputs of the calls seen
-        self.made: set = set()
-        #: ``id()`` of the autograd nodes of the tensors the calls seen read (``x.detach()``
-        #: reads x); ids, not the nodes, which would keep the activations they saved alive
-        self.read: set = set()
-        #: ``(id(grad_fn), output_nr)`` of each known layer's outputs -> a weak reference to the
-        #: tensor: one still alive after the forward is held somewhere (stored on a module,
-        #: returned inside an object the trace cannot look into)
-        self.results: Dict[Tuple[int, int], Any] = {}
-
-    def saw(self, out) -> None:
-        """Note the autograd nodes of a call's outputs (a tensor or a tuple of them)."""
-        for t in (out,) if isinstance(out, torch.Tensor) else \
-                out if isinstance(out, (tuple, list)) else ():
-            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-                self.made.add(t.grad_fn)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if self.sized is None and not width_free(func, args, kwargs):
-            self.sized = _call_name(func)
-        for a in itertools.chain(args, kwargs.values() if kwargs else ()):
-            if isinstance(a, torch.Tensor):
-                if a.grad_fn is not None:
-                    self.read.add(id(a.grad_fn))
-            elif type(a) in (list, tuple):  # torch.cat([...]), torch.stack
-                self.read.update(id(t.grad_fn) for t in a
-                                 if isinstance(t, torch.Tensor) and t.grad_fn is not None)
-        written = _written_slice(func, args)
-        before = written[0].grad_fn if written is not None else None
-        out = func(*args, **(kwargs or {}))
-        self.saw(out)
-        if written is not None:
-            base, where = written
-            fn = base.grad_fn  # a new node only when autograd recorded this write
-            if fn is not None and fn is not before and fn.name().endswith("CopySlices"):
-                self.shapes[("write", fn)] = where + (
-                    base.untyped_storage().data_ptr(),
-                    getattr(func, "__name__", "") in ("copy_", "__setitem__")) \
-                    if where else "not one range"
-        if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
-                and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
-            self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]
-            return out
-        if getattr(func, "__name__", "") not in self._FUNCS:
-            return out
-        fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
-        if fn is not None and fn.name() in self._OPS and fn not in self.shapes:
-            operands = list(args[:2])
-            if getattr(func, "__name__", "") in ("__radd__", "__rsub__", "rsub"):
-                operands.reverse()
-            self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
-                               for a in operands]
-        return out
-
-
-def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]:
-    """For a write into part of a tensor (``x[index] = v``, or an in-place method on a view:
-    ``view.copy_(src)``, ``x[:, :2].relu_()``): the tensor written into and the slice
-    ``(dim, start, length)`` of it written, None when the view is not one range of one dim
-    (a step, an integer index, several dims). None for anything else, and for a view that
-    covers all of its base (an element-wise op on it)."""
-    name = getattr(func, "__name__", "")
-    if not args or not isinstance(args[0], torch.Tensor):
-        return None
-    target = args[0]
-    if name == "__setitem__":
-        if len(args) < 2:
-            return None
-        try:
-            view = target.detach()[args[1]]
-        except Exception:  # the write itself will raise
-            return None
-        if view.untyped_storage().data_ptr() != target.untyped_storage().data_ptr():
-            return None  # advanced indexing: an index_put, not a slice
-        value = args[2] if len(args) > 2 else None
-        if isinstance(value, torch.Tensor) and _same_memory(value, view):
-            return None  # ``x[:, :4] += y`` stores the updated view back into itself
-    elif name.endswith("_") and not name.endswith("__") and target._base is not None:
-        view = target
-    else:
-        return None
-    base = target._base if target._base is not None else target
-    if view.numel() == base.numel():
-        return None
-    if view.dim() != base.dim():
-        return base, None
-    diff = [i for i, (a, b) in enumerate(zip(view.shape, base.shape)) if a != b]
-    offset = view.storage_offset() - base.storage_offset()
-    if len(diff) != 1 or any(u != t for u, t, n in zip(view.stride(), base.stride(), view.shape)
-                             if n > 1):
-        return base, None
-    d = diff[0]
-    step = base.stride(d)
-    if step <= 0 or offset % step or not 0 <= offset // step <= base.shape[d] - view.shape[d]:
-        return base, None
-    return base, (d, offset // step, view.shape[d])
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() == b.storage_offset() and a.shape == b.shape
-            and a.stride() == b.stride())
-
-
-def _call_name(func) -> str:
-    """``view()``, or ``Tensor.shape`` for an attribute read."""
-    name = getattr(func, "__name__", repr(func))
-    if name == "__get__":
-        return "Tensor." + getattr(getattr(func, "__self__", None), "__name__", "attribute")
-    return name + "()"
-
 
 def _missed(known, calls: List[ModuleCall]) -> List[str]:
     """Names of the known layers with parameters that no call in ``calls`` ran."""

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .bare import BareParams
 from .functional import functional_param, protect_unfollowed
 from .known_calls import module_call
 from .layer_io import layer_extras
@@ -106,16 +107,7 @@ class _Tracer:
         self.module_out: Dict[str, torch.Tensor] = {}  # the walk's, once it starts
         self.producers: List[str] = []  # likewise
         self.intervals: list = []  # module autograd ranges, when the recording located them
-        # first id of a bare parameter's slots -> (its name, shape, the dim those ids are on)
-        self.bare: Dict[int, Tuple[str, Tuple[int, ...], int]] = {}
-        self.param_dims: Dict[Tuple[str, int], torch.Tensor] = {}
-        self.param_made: Dict[str, torch.Tensor] = {}
-        self.param_read: set = set()
-        # id() of each bare parameter -> its name; name -> id() of every autograd node (or
-        # module call) reading it directly, and of the readers a product followed
-        self.bare_names: Dict[int, str] = {}
-        self.bare_readers: Dict[str, set] = {}
-        self.bare_followed: Dict[str, set] = {}
+        self.bare = BareParams(self.uf)  # bare parameters used as matrices
         # (module, attribute) or a split's own key -> the parts that must keep equal counts
         self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
@@ -193,72 +185,6 @@ class _Tracer:
         if fixed_reason:
             for i in ids.tolist():
                 self.protected.setdefault(i, fixed_reason)
-        return ids
-
-    def bare_dims(self, x: Slots, shape) -> Optional[Tuple[str, List[int]]]:
-        """For ``x``, a bare parameter used as it is or with its last two dims swapped
-        (``W.t()``, ``F.linear(x, W)``): its name and, per dim of ``x``, the parameter's dim.
-        None for anything else (a reshape, a layer's weight, an activation)."""
-        entry = self.bare.get(int(x.ids[0])) if x.weight and len(x.ids) else None
-        if entry is None or shape is None:
-            return None
-        name, pshape, pdim = entry
-        shape, n = tuple(shape), len(pshape)
-        order = list(range(n))
-        if shape == pshape and x.dim == pdim:
-            return name, order
-        if n >= 2:
-            order[-2:] = [n - 1, n - 2]
-            if shape == tuple(pshape[d] for d in order) and order[x.dim] == pdim:
-                return name, order
-        return None
-
-    #: ops a bare parameter may pass through on its way into a product and stay itself
-    _AS_IS = frozenset({"TBackward0", "TransposeBackward0", "TransposeBackward1",
-                        "ToCopyBackward0", "AliasBackward0", "CloneBackward0"})
-
-    def bare_use(self, name: str, product, node) -> bool:
-        """True when ``node`` (an operand of ``product``) is bare parameter ``name`` itself,
-        reached through transposes, casts and copies only; that use is then noted as one
-        the product follows (see :meth:`protect_other_uses`)."""
-        reader = product
-        for _ in range(8):
-            if node is None:
-                return False
-            if node.name().endswith("AccumulateGrad"):
-                if self.bare_names.get(id(node.variable)) != name:
-                    return False
-                self.bare_followed.setdefault(name, set()).add(id(reader))
-                return True
-            fns = [f for f, _ in node.next_functions if f is not None]
-            if node.name() not in self._AS_IS or len(fns) != 1:
-                return False
-            reader, node = node, fns[0]
-        return False
-
-    def protect_other_uses(self) -> None:
-        """A bare parameter whose second dim a product made prunable but that something else
-        also reads (an element-wise op, a product the other way round) keeps that dim."""
-        for name, readers in self.bare_readers.items():
-            if not readers - self.bare_followed.get(name, set()):
-                continue
-            for (pname, _), ids in self.param_dims.items():
-                if pname == name:
-                    self.protect(ids, f"a dim of {name}, which is also read outside a matrix "
-                                      f"product")
-            for key, ids in self.param_made.items():
-                if key.startswith(name + "["):
-                    self.protect(ids, f"a dim of {name}, which is also read outside a "
-                                      f"matrix product")
-
-    def param_dim_ids(self, name: str, dim: int, n: int, made: bool = False) -> torch.Tensor:
-        """Ids of dim ``dim`` of bare parameter ``name`` (fresh the first time; ``made``:
-        the parameter produces them, like a layer's output channels)."""
-        ids = self.param_dims.get((name, dim))
-        if ids is None:
-            ids = self.param_dims[(name, dim)] = self.uf.new(n)
-        if made:
-            self.param_made.setdefault(f"{name}[{dim}]", ids)
         return ids
 
     def is_model_state(self, t) -> bool:
@@ -370,12 +296,11 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     for p in order:
         if isinstance(p, ModuleCall):
             x = slots.get(p.input_key) if p.input_key is not None else None
-            for k in [p.input_key] + [k for k, _ in p.extras]:
+            keys = [p.input_key] + [k for k, _ in p.extras]
+            for k in keys:
                 for src in sources.get(k, empty):
                     edges.add((src, p.name))
-                var = getattr(k[0], "variable", None) if k is not None else None
-                if id(var) in ctx.bare_names:  # a known layer fed a bare parameter
-                    ctx.bare_readers.setdefault(ctx.bare_names[id(var)], set()).add(id(p))
+            ctx.bare.note_readers(id(p), (k[0] for k in keys if k is not None))
             outs = module_call(ctx, p, x, module_in, module_out, producers)
             outs = layer_extras(ctx, p, outs, [slots.get(k) if k is not None else None
                                                for k, _ in p.extras], module_in, module_out, internal)
@@ -398,10 +323,9 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                     dims = [d for d in range(var.dim()) if var.shape[d] > 1]
                     if dims:
                         params[pname] = Slots(dims[-1], ctx.fresh(var.shape[dims[-1]]), True)
-                        ctx.bare[int(params[pname].ids[0])] = (pname, tuple(var.shape),
-                                                               dims[-1])
-                        ctx.bare_names[id(var)] = pname
                 s = params.get(pname)
+                if s is not None:
+                    ctx.bare.register(pname, var, p, s)
                 sources[(p, 0)] = frozenset((pname,))
             if id(var) in names_of_params:
                 weights.add((p, 0))
@@ -410,9 +334,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
         if unwatched is None and p not in made:
             unwatched = name
         in_keys = [(fn, nr) if fn is not None else None for fn, nr in p.next_functions]
-        for fn, _ in p.next_functions:
-            if fn is not None and id(getattr(fn, "variable", None)) in ctx.bare_names:
-                ctx.bare_readers.setdefault(ctx.bare_names[id(fn.variable)], set()).add(id(p))
+        ctx.bare.note_readers(id(p), (fn for fn, _ in p.next_functions if fn is not None))
         ins = [slots.get(k) if k is not None else None for k in in_keys]
         in_shapes = [_shape(k, by_out) if k is not None else None for k in in_keys]
         out_shapes = [tuple(m.shape) for m in p._input_metadata]
@@ -453,7 +375,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
             sources[(p, nr)] = src
 
     protect_unfollowed(ctx)
-    ctx.protect_other_uses()
+    ctx.bare.protect_other_uses(ctx.protect)
     for c in dead:
         for k, _ in c.outputs:
             # a result read after its layer, outside autograd (``proposals.detach()``), or
@@ -478,8 +400,8 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                        unwatched=unwatched,
                        count_ties=[t for t in ctx.count_ties.values() if len(t[0]) > 1],
                        attr_splits=ctx.attr_splits, wants_location=ctx.wants_location,
-                       param_dims=ctx.param_dims, param_made=ctx.param_made,
-                       param_read=ctx.param_read)
+                       param_dims=ctx.bare.dims, param_made=ctx.bare.made,
+                       param_read=ctx.bare.read)
 
 
 def _reached_inside(call: ModuleCall, visited: set) -> bool:

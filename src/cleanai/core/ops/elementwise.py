@@ -162,7 +162,7 @@ def _copy_slices(ctx, call: OpCall):
     """A write into part of a tensor: an in-place op on a view (``x[:, :2].relu_()``),
     ``x[..., a:b] = y``, ``view.copy_(y)``. Operands of the base's full shape were written over
     a view of all of it (GhostNet's ``out[:, :n] += shortcut`` with ``n`` all the channels):
-    an element-wise op on the base. A range of one dim (core/record.py notes which) is
+    an element-wise op on the base. A range of one dim (core/operands.py notes which) is
     followed where that dim holds no channel ids; any other write keeps the channels it
     touches."""
     base = call.ins[0]
@@ -181,7 +181,7 @@ def _copy_slices(ctx, call: OpCall):
 
 
 def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
-    """``out[..., a:b] = src`` or an in-place op on that view, recorded by core/record.py as
+    """``out[..., a:b] = src`` or an in-place op on that view, recorded by core/operands.py as
     ``(dim, a, b - a, storage, replaced)``. The range is fixed by the code (as a slice's
     bounds are), so channel ids on ``dim`` keep their channels, and pass on so that their
     readers stay connected. Channels on other dims go through the write as through an element-wise op:

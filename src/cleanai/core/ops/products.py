@@ -54,10 +54,10 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
         return protect_all(ctx, f"{op} with an operand of unknown shape", [a, b])
     na, nb, no = len(sa), len(sb), len(out)
     ka, kb = na - 1, nb - 2
-    bare = ctx.bare_dims(b, sb) if b is not None and nb >= 2 and nodes else None
+    bare = ctx.bare.operand(b, sb) if b is not None and nb >= 2 and nodes else None
     if bare is not None and (a is None or a.dim == ka) and b.dim in (kb, nb - 1) and \
-            ctx.bare_use(bare[0], *nodes):
-        return _bare_matmul(ctx, a, b, sb, len(out), bare)
+            ctx.bare.used_as_is(bare[0], *nodes):  # ``x @ W``: see core/bare.py
+        return ctx.bare.product(a, b, sb, no, *bare)
     a_k = a is not None and a.dim == ka
     b_k = b is not None and b.dim == kb
     partner = None
@@ -96,26 +96,6 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
         if 0 <= k < so - 2 and other[k] != 1:
             ctx.protect(x, f"{op} with a batch dim that has no channel ids")
     return Slots(od, x.ids)
-
-
-def _bare_matmul(ctx, a: Optional[Slots], b: Slots, sb: Shape, no: int, bare) -> Slots:
-    """``x @ W`` (or ``x @ W.t()``, ``F.linear(x, W)``) with ``W`` a bare parameter: like a
-    Linear layer, ``W``'s contracted dim is tied to the input's channels and its other dim
-    produces the output's channels, which can be pruned as a layer's are."""
-    name, order = bare
-    nb = len(sb)
-    kb, nd = nb - 2, nb - 1
-    if b.dim == nd:  # the ids the parameter was given are its output dim's
-        k_ids = ctx.param_dim_ids(name, order[kb], sb[kb]) if a is not None else None
-        out_ids = b.ids
-        ctx.param_made.setdefault(f"{name}[{order[nd]}]", out_ids)
-    else:  # they are its contracted dim's
-        k_ids = b.ids
-        out_ids = ctx.param_dim_ids(name, order[nd], sb[nd], made=True)
-    if a is not None:
-        ctx.uf.union_all(a.ids, k_ids)
-        ctx.param_read.add(f"{name}[{order[kb]}]")
-    return Slots(no - 1, out_ids)
 
 
 @register("ConvolutionBackward0")

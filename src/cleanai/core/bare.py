@@ -1,0 +1,131 @@
+"""Bare parameters used as matrices: ``x @ W``, ``F.linear(x, W)``, ``torch.bmm(x, W)``.
+
+A parameter no layer owns gets channel ids on one dim (its last of size > 1) when the walk
+meets it. A matrix product that reads it as it is, or through transposes, casts and copies
+only, makes it a Linear: the dim the product contracts is tied to the input's channels, the
+other dim produces channels of its own (a producer, like a layer's output). Anything else
+that reads the same parameter (``W.flip(0)``, a product the other way round) leaves the
+second dim protected, since its channels would be pruned under that reader's feet.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .slots import Shape, Slots, UnionFind
+
+#: ops a bare parameter may pass through on its way into a product and stay itself
+_AS_IS = frozenset({"TBackward0", "TransposeBackward0", "TransposeBackward1",
+                    "ToCopyBackward0", "AliasBackward0", "CloneBackward0"})
+
+
+class BareParams:
+    """What the walk learns about bare parameters; :class:`~cleanai.core.walk.TraceResult`
+    keeps ``dims``, ``made`` and ``read``."""
+
+    def __init__(self, uf: UnionFind) -> None:
+        self._uf = uf
+        # first id of a parameter's slots -> (its name, shape, the dim those ids are on)
+        self._entries: Dict[int, Tuple[str, Tuple[int, ...], int]] = {}
+        # id() of each parameter's AccumulateGrad node -> the parameter's name
+        self._nodes: Dict[int, str] = {}
+        # name -> id() of every autograd node (or module call) reading it directly, and of
+        # those a product followed
+        self._readers: Dict[str, set] = {}
+        self._followed: Dict[str, set] = {}
+        #: (name, dim) -> ids of a dim besides the one the walk gave it
+        self.dims: Dict[Tuple[str, int], torch.Tensor] = {}
+        #: ``"name[dim]"`` -> ids a parameter produces (the columns of ``x @ W``)
+        self.made: Dict[str, torch.Tensor] = {}
+        #: ``"name[dim]"`` of the dims a product contracts, as a layer's input
+        self.read: set = set()
+
+    def register(self, name: str, var: torch.Tensor, node, slots: Slots) -> None:
+        """``node`` is the AccumulateGrad of parameter ``name``, whose ids are ``slots``."""
+        self._entries[int(slots.ids[0])] = (name, tuple(var.shape), slots.dim)
+        self._nodes[id(node)] = name
+
+    def note_readers(self, reader: int, nodes) -> None:
+        """``reader`` (an ``id()``) takes the outputs of ``nodes`` as its inputs."""
+        for node in nodes:
+            name = self._nodes.get(id(node))
+            if name is not None:
+                self._readers.setdefault(name, set()).add(reader)
+
+    def operand(self, x: Slots, shape) -> Optional[Tuple[str, List[int]]]:
+        """For ``x``, a bare parameter used as it is or with its last two dims swapped
+        (``W.t()``): its name and, per dim of ``x``, the parameter's dim. None for anything
+        else (a reshape, a layer's weight, an activation)."""
+        entry = self._entries.get(int(x.ids[0])) if x.weight and len(x.ids) else None
+        if entry is None or shape is None:
+            return None
+        name, pshape, pdim = entry
+        shape, n = tuple(shape), len(pshape)
+        order = list(range(n))
+        if shape == pshape and x.dim == pdim:
+            return name, order
+        if n >= 2:
+            order[-2:] = [n - 1, n - 2]
+            if shape == tuple(pshape[d] for d in order) and order[x.dim] == pdim:
+                return name, order
+        return None
+
+    def used_as_is(self, name: str, product, node) -> bool:
+        """True when ``node`` (an operand of ``product``) is parameter ``name`` itself,
+        reached through transposes, casts and copies only; that use is noted as followed."""
+        reader = product
+        for _ in range(8):
+            if node is None:
+                return False
+            found = self._nodes.get(id(node))
+            if found is not None:
+                if found != name:
+                    return False
+                self._followed.setdefault(name, set()).add(id(reader))
+                return True
+            fns = [f for f, _ in node.next_functions if f is not None]
+            if node.name() not in _AS_IS or len(fns) != 1:
+                return False
+            reader, node = node, fns[0]
+        return False
+
+    def product(self, a: Optional[Slots], b: Slots, sb: Shape, no: int, name: str,
+                order: List[int]) -> Slots:
+        """``a @ b`` with ``b`` parameter ``name`` (``order``: its dim per dim of ``b``) and
+        ``no`` output dims: the contracted dim joins ``a``'s channels, the other makes the
+        output's."""
+        nb = len(sb)
+        kb, nd = nb - 2, nb - 1
+        if b.dim == nd:  # the ids the parameter was given are its output dim's
+            k_ids = self._dim_ids(name, order[kb], sb[kb]) if a is not None else None
+            out_ids = b.ids
+            self.made.setdefault(f"{name}[{order[nd]}]", out_ids)
+        else:  # they are its contracted dim's
+            k_ids = b.ids
+            out_ids = self._dim_ids(name, order[nd], sb[nd])
+            self.made.setdefault(f"{name}[{order[nd]}]", out_ids)
+        if a is not None:
+            self._uf.union_all(a.ids, k_ids)
+            self.read.add(f"{name}[{order[kb]}]")
+        return Slots(no - 1, out_ids)
+
+    def _dim_ids(self, name: str, dim: int, n: int) -> torch.Tensor:
+        ids = self.dims.get((name, dim))
+        if ids is None:
+            ids = self.dims[(name, dim)] = self._uf.new(n)
+        return ids
+
+    def protect_other_uses(self, protect: Callable[[torch.Tensor, str], None]) -> None:
+        """A parameter whose second dim a product made prunable but that something else also
+        reads keeps that dim (and the dims it produces)."""
+        for name, readers in self._readers.items():
+            if not readers - self._followed.get(name, set()):
+                continue
+            why = f"a dim of {name}, which is also read outside a matrix product"
+            for (pname, _), ids in self.dims.items():
+                if pname == name:
+                    protect(ids, why)
+            for key, ids in self.made.items():
+                if key.startswith(name + "["):
+                    protect(ids, why)
