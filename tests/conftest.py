@@ -57,6 +57,8 @@ def assert_well_formed(graph) -> None:
     """Invariants every graph must satisfy, stricter than ``graph.check()``."""
     graph.check()
     made = {n for g in graph.groups for n in producers(graph, g)}
+    # layers whose output the trace cut into parts (slices of it, splits by stored sizes)
+    made -= {s[0] for s in graph.slices} | {s[0] for s in graph.split_attributes}
     owned = {}  # (name, kind) -> positions claimed so far
     for i, g in enumerate(graph.groups):
         assert g.id == i and g.size > 0 and g.protected.dtype == torch.bool

@@ -61,7 +61,9 @@ RELOADS = [
     ("Qwen2", None, 0.5),
     ("Qwen2", ["hidden"], 0.25),  # head_dim written down: 24 // 4 would be 6
     ("Qwen2Moe", None, 0.5),  # routed experts, shared expert, heads and width (test below)
-    ("Phi3", None, 0.5),  # qkv sliced at config-derived bounds: heads stay, hidden and MLP go
+    ("Phi3", None, 0.5),  # qkv sliced at config-derived bounds: those follow (test below)
+    ("Persimmon", None, 0.5),  # [..., heads, 3, head_dim] read by select; per-head norms
+    ("GPTBigCode", None, 0.5),  # split by attributes the split's code names; one kv head
     ("Gemma", ["heads", "channels"], 0.5),
     ("Gemma", None, 0.5),  # embedding scale sqrt(hidden) follows: weights rescaled to match
     ("Gemma", ["hidden"], 0.25),
@@ -100,6 +102,28 @@ def test_qwen2_moe_config_follows_its_experts_and_shared_expert(tmp_path):
     mlp = model.model.layers[0].mlp
     assert mlp.experts.gate_up_proj.shape == (4, 16, 16) and mlp.experts.down_proj.shape == (4, 16, 8)
     assert mlp.shared_expert.up_proj.out_features == 16
+
+
+def test_phi3_fused_qkv_heads_prune_where_the_slice_bounds_follow(tmp_path):
+    """Phi-3 slices its fused qkv_proj at ``config.num_attention_heads * head_dim``: the q, k
+    and v parts lose whole heads, the config follows, and the checked bounds with it."""
+    model, x = tiny("Phi3")
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    assert not any(g.protected.any() for g in pruner.graph.groups if g.kind == "heads")
+    said = prune_with(pruner)
+    assert not [w for w in said if "no longer runs" in w or "model.config" in w], said
+    attn = model.model.layers[0].self_attn
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+    assert attn.qkv_proj.out_features == (2 + 2 * 1) * 8 and attn.o_proj.in_features == 16
+    again = reloaded(model, tmp_path)
+    assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
+
+
+def prune_with(pruner):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.step()
+    return [str(w.message) for w in caught]
 
 
 def test_mla_heads_and_latent_ranks_prune(tmp_path):
@@ -337,3 +361,39 @@ def test_a_config_that_derives_widths_it_cannot_hold_warns_when_nothing_was_scal
     with pytest.warns(UserWarning, match="model.config of MobileNetV2ForImageClassification "
                                          "cannot describe the pruned shapes"):
         cleanai.StructuredPruner(model, {"pixel_values": x}, pruning_ratio=0.5).step()
+
+
+def test_a_derived_scalar_buffer_that_cannot_follow_is_warned_about():
+    # RecurrentGemma multiplies its embeddings by a 0-dim buffer, sqrt(hidden_size), made in
+    # __init__ and never saved: a copy built from the smaller config computes another value
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "recurrent_gemma", vocab_size=100, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    x = {"input_ids": torch.randint(1, 100, (2, 8)), "use_cache": False}
+    said = prune(model, x, 0.5, ["hidden"])
+    hit = [w for w in said if "model.normalizer" in w]
+    assert hit and "different outputs" in hit[0], said
+    assert float(model.model.normalizer) == pytest.approx(32 ** 0.5, rel=1e-2)  # kept
+
+
+def test_a_scale_the_config_class_derives_from_a_size_keeps_its_value(tmp_path):
+    # MiniCPM3 divides its hidden states by config.logits_scaling = hidden_size /
+    # dim_model_base before the head, read in its forward: dim_model_base halves with the
+    # hidden size, so the pruned model computes what it did, and a reloaded copy too
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        "minicpm3", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, qk_rope_head_dim=6, qk_nope_head_dim=8, v_head_dim=8,
+        kv_lora_rank=20, q_lora_rank=16, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    x = torch.randint(1, 100, (2, 8))
+    scaling = model.config.logits_scaling
+    said = prune(model, x, 0.5)
+    assert not [w for w in said if "model.config" in w], said
+    assert model.config.hidden_size == 16 and model.config.dim_model_base == 128
+    assert model.config.logits_scaling == scaling
+    again = reloaded(model, tmp_path)
+    assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)

@@ -64,7 +64,13 @@ class DependencyGraph:
         #: attribute of each part or None, the sizes at trace time); see
         #: pruner/attributes.py, which keeps those attributes in step
         self.split_attributes = result.attr_splits
+        #: ``[layer, dim, start, end]`` of each slice taken of a layer's whole output, at the
+        #: model's present widths: every pruned forward checks that they follow
+        #: (pruner/slices.py)
+        self.slices: List[List[Any]] = [list(s) for s in result.slices]
         self.check_reason: Optional[str] = result.check_reason
+        if self.slices and self.check_reason is None:
+            self.check_reason = "a slice of a layer's output at bounds the code computes"
         #: ``"name[dim]"`` of each bare parameter dim a matrix product contracts (``x @ W``
         #: reads its group's channels through ``W[0]``, as a layer's input does)
         self.parameter_reads = frozenset(result.param_read)

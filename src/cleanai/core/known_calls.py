@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from torch import nn
 
-from .layers import LayerPruner, LinearPruner, UnsupportedLayer
+from .layers import LayerNormPruner, LayerPruner, LinearPruner, UnsupportedLayer
 from .record import ModuleCall
 from .slots import Slots
 
@@ -29,10 +29,12 @@ def _slides_along_channels(m: nn.Module, pr: LayerPruner, x: Optional[Slots], ca
 def _maps_another_dim(pr: LayerPruner, x: Optional[Slots], call: ModuleCall,
                       in_dim: Optional[int]) -> bool:
     """A Linear applied along a dim without channel ids while another dim carries them
-    (MLP-Mixer's token mixing on ``x.transpose(1, 2)``): that dim is one of the Linear's batch
-    dims, each of its rows mapped alone, so its channels pass through unchanged. The
-    Linear's own dim (tokens) is left as it is."""
-    if x is None or in_dim is None or x.dim >= in_dim or not isinstance(pr, LinearPruner):
+    (MLP-Mixer's token mixing on ``x.transpose(1, 2)``), or a LayerNorm over the last dim
+    (Persimmon's per-head ``k_layernorm`` on ``[..., heads, head_dim]``): that dim is one of
+    the layer's batch dims, each of its rows mapped alone, so its channels pass through
+    unchanged. The layer's own dim (tokens, head_dim) is left as it is."""
+    if x is None or in_dim is None or x.dim >= in_dim or \
+            not isinstance(pr, (LinearPruner, LayerNormPruner)):
         return False
     shape = call.outputs[0][1] if len(call.outputs) == 1 else None
     return shape is not None and len(shape) == len(call.input_shape) and \

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import linecache
+import os
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -100,6 +103,7 @@ class OperandRecorder(TorchFunctionMode):
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
                 and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
             self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]
+            self.shapes[("split line", out[0].grad_fn)] = _calling_code()
             return out
         if getattr(func, "__name__", "") not in self._FUNCS:
             return out
@@ -111,6 +115,31 @@ class OperandRecorder(TorchFunctionMode):
             self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
                                for a in operands]
         return out
+
+
+# PyTorch's and CleanAI's own files: the code that called a split is the first frame outside
+_LIBRARIES = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                   for m in (torch, sys.modules[__name__.rpartition(".core")[0]]))
+
+
+def _calling_code() -> str:
+    """The source text of the call being run by the innermost frame outside PyTorch and
+    CleanAI (all its lines, for a call written over several), or "" where there is none."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    code = frame.f_code
+    first = last = frame.f_lineno
+    try:
+        pos = next(itertools.islice(code.co_positions(), frame.f_lasti // 2, None), None)
+        if pos and pos[0] is not None and pos[1] is not None:
+            first, last = pos[0], pos[1]
+    except (AttributeError, ValueError):  # before Python 3.11: the current line alone
+        pass
+    return " ".join(linecache.getline(code.co_filename, n).strip()
+                    for n in range(first, last + 1))
 
 
 def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]:

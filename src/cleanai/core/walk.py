@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -77,6 +78,9 @@ class TraceResult:
     param_made: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     #: ``"name[dim]"`` of bare parameter dims a product contracts, as a layer's input
     param_read: set = dataclasses.field(default_factory=set)
+    #: ``(layer, dim, start, end)`` of each slice taken of a layer's whole output
+    #: (``qkv[..., :q_size]``): the part is channels of its own (see ops/shape.py)
+    slices: List[Tuple[str, int, int, int]] = dataclasses.field(default_factory=list)
 
 
 class _Tracer:
@@ -111,6 +115,11 @@ class _Tracer:
         # (module, attribute) or a split's own key -> the parts that must keep equal counts
         self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
+        self.slices: List[Tuple[str, int, int, int]] = []
+        # autograd key of each output of a known layer's call -> the layer (the walk's)
+        self.output_of: Dict[Tuple[Any, int], str] = {}
+        # autograd node -> the nodes that read its outputs (filled by walk())
+        self.readers: Dict[Any, List[Any]] = {}
         self.wants_location = False
 
     def producer_of(self, ids: torch.Tensor) -> Optional[str]:
@@ -123,6 +132,22 @@ class _Tracer:
             name = next((n for n in self.producers if len(self.module_out[n]) == len(ids)
                          and torch.equal(self.uf.canonical(self.module_out[n]), canon)), None)
         return name
+
+    def picked_dims(self, node, ndim: int) -> set:
+        """The dims of ``node``'s output (of ``ndim`` dims) that every op reading it takes
+        single positions or equal parts of (``select``, ``unbind``, a split into equal
+        parts): q, k and v of a fused projection viewed as ``[..., heads, 3, head_dim]``.
+        Empty when any reader does something else."""
+        dims = set()
+        for r in self.readers.get(node, ()):
+            if r.name() not in ("SelectBackward0", "UnbindBackward0", "SplitBackward0"):
+                return set()
+            try:
+                d = int(getattr(r, "_saved_dim"))
+            except (AttributeError, RuntimeError, TypeError):
+                return set()
+            dims.add(d + ndim if d < 0 else d)
+        return dims
 
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
         """``parts`` (channel ids of equal length) must lose as many channels each; parts
@@ -138,7 +163,8 @@ class _Tracer:
     def split_attributes(self, node, sizes: List[int]) -> Optional[Tuple[str, List[Optional[str]]]]:
         """The module that ran split ``node`` (or its parent) and, per part, the integer
         attribute of it that equals the part's size (None where none or several do, or the
-        part is one channel): ``qkv.split([self.key_dim, self.key_dim, self.d])``. None when
+        part is one channel): ``qkv.split([self.key_dim, self.key_dim, self.d])``; of several
+        equal ones, the one the split's code names (``embed_dim``, not ``split_size``). None when
         no part's size is such an attribute, or the recording did not locate modules."""
         if not self.intervals:
             self.wants_location = True
@@ -151,9 +177,13 @@ class _Tracer:
                 continue
             ints = [(a, v) for a, v in module.__dict__.items()
                     if type(v) is int and v > 1 and not a.startswith("_")]
+            # where several attributes hold a size, the one the split's own code names
+            line = self.operand_shapes.get(("split line", node)) or ""
             names: List[Optional[str]] = []
             for s in sizes:
                 hits = [a for a, v in ints if v == s]
+                if len(hits) > 1:
+                    hits = [a for a in hits if re.search(rf"\.{a}\b", line)]
                 names.append(hits[0] if len(hits) == 1 else None)
             if any(n is not None for n in names):
                 return owner, names
@@ -240,6 +270,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     for c in calls:
         for k, _ in c.outputs:
             by_out[k] = c
+            ctx.output_of[k] = c.name
 
     def producer(key):
         return by_out.get(key, key[0])
@@ -278,6 +309,11 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
         if roots else []
     visit(dead)
 
+    for p in order:
+        if not isinstance(p, ModuleCall):
+            for fn, _ in p.next_functions:
+                if fn is not None:
+                    ctx.readers.setdefault(fn, []).append(p)
     slots: Dict[Tuple[Any, int], Optional[Slots]] = {}
     sources: Dict[Tuple[Any, int], frozenset] = {}
     module_in: Dict[str, torch.Tensor] = {}
@@ -401,7 +437,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                        count_ties=[t for t in ctx.count_ties.values() if len(t[0]) > 1],
                        attr_splits=ctx.attr_splits, wants_location=ctx.wants_location,
                        param_dims=ctx.bare.dims, param_made=ctx.bare.made,
-                       param_read=ctx.bare.read)
+                       param_read=ctx.bare.read, slices=ctx.slices)
 
 
 def _reached_inside(call: ModuleCall, visited: set) -> bool:

@@ -14,10 +14,12 @@ from ..core.slicing import _keep, drop_grad_accumulator
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
 from .attributes import attribute_updates, set_attributes, set_config
+from .model_config import provisional_config
 from .derived_scales import replay_scales
 from .failure import Failure, describe_failure
 from .history import record_step
 from .keeps import Key, _kept_channels, layer_keeps, renumber
+from .slices import renumber_slices, watched_slices
 
 
 class PruningError(RuntimeError):
@@ -283,7 +285,9 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         set_attributes(model, updates)
         if check:
             try:
-                with preserved_state(model, same_modes=True), torch.no_grad():
+                with preserved_state(model, same_modes=True), torch.no_grad(), \
+                        provisional_config(model, graph, removals), \
+                        watched_slices(model, graph, keeps):
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)
             except Exception as exc:
                 guard.restore()
@@ -297,6 +301,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
                     f"probably keeps a channel count of its own: register a LayerPruner for it "
                     f"or list it in ignored_layers.", layer, failure) from exc
     renumber(graph, removals, keeps, kept)
+    renumber_slices(graph, keeps)
     graph.signature = module_signature(model)
     lists: Dict[int, List[int]] = {}  # the dims of one group share its kept channels' tensor
     return ([{"name": n, "kind": k, "dim": d, "keep": _as_list(keep, lists)}
@@ -326,7 +331,9 @@ def try_removals(model: nn.Module, graph: DependencyGraph,
     try:
         slice_model(model, keeps, containers)
         set_attributes(model, updates)
-        with preserved_state(model, same_modes=True), torch.no_grad():
+        with preserved_state(model, same_modes=True), torch.no_grad(), \
+                provisional_config(model, graph, removals), \
+                watched_slices(model, graph, keeps):
             run_forward(model, graph.example_inputs, graph.forward_fn)
     except Exception as exc:
         return describe_failure(exc, model)

@@ -96,7 +96,12 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[i
     _stored_shapes(model, keeps, proposals)
     _stored_splits(model, graph, keeps, proposals)
     # what a traced split reads wins over a guess from the attribute's name (MobileViTv2
-    # names the width of its keys and values ``embed_dim``)
+    # names the width of its keys and values ``embed_dim``), and an attribute a split reads
+    # changes only with the parts it sizes (GPTBigCode's ``embed_dim`` sizes its queries,
+    # not the hidden size it is named after)
+    for _, owner, attrs, _ in getattr(graph, "split_attributes", ()):
+        for a in attrs:
+            proposals.pop((owner, a), None)
     proposals.update(_attribute_splits(model, graph, keeps))
     _shapes_with_heads(model, proposals)
     _parameter_free_norms(model, graph, removals, proposals)

@@ -64,6 +64,9 @@ def match_scales(model: nn.Module, graph: Optional[DependencyGraph],
             logger.info("%s keeps its scale %s: %s", scales[0].name, scales[0].attr, exc)
             continue
         fixed.update(f"{s.name}.{s.attr}" for s in scales)
+        # and the 0-dim buffers that hold the scale (Gemma's ``embed_scale``)
+        fixed.update(f"{s.name}.{b}" for s in scales for b, t in s.module._buffers.items()
+                     if t is not None and t.dim() == 0)
     return [w for w in wrong if w[0] not in fixed], entries
 
 
@@ -86,6 +89,8 @@ def _scale_of(model: nn.Module, name: str, mine: Any, built: Any) -> Optional[_S
     except AttributeError:
         return None
     w = getattr(module, "weight", None)
+    if type(module.__dict__.get(attr)) is not float:
+        return None  # a 0-dim buffer holding the scale: set with its float attribute
     if not isinstance(module, nn.Embedding) or not isinstance(w, nn.Parameter) or \
             w.dim() != 2 or not w.is_floating_point():
         return None

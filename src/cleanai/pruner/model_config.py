@@ -16,6 +16,7 @@ fields are taken back and a warning says what a copy rebuilt from the config wou
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.graph import DependencyGraph
 from .derived_scales import match_scales
@@ -69,6 +71,68 @@ def set_config(model: nn.Module, fields: List[Tuple[str, Any]]) -> None:
                 setattr(config, f, int(v))
 
 
+def scaled_fields(model: nn.Module, graph: DependencyGraph, before: Dict[int, int],
+                  after: Dict[int, int], warn: bool = False) -> Dict[str, int]:
+    """The size fields of ``model.config`` scaled by the fraction each kind of group keeps
+    (group id -> size, ``before`` and ``after`` a step), where every group of the kind that
+    could lose channels keeps the same fraction: field -> new value. ``warn``: say where a
+    kind was pruned unevenly, or inside the attention heads."""
+    config = model.config
+    new: Dict[str, int] = {}
+    for kind, fields in CONFIG_FIELDS.items():
+        # a group of one channel never loses it (a gate's single output): it says nothing
+        groups = [g for g in graph.groups if g.kind == kind and not bool(g.protected.all())
+                  and before.get(g.id, g.size) > 1]
+        fractions = {Fraction(after.get(g.id, g.size), before.get(g.id, g.size))
+                     for g in groups}
+        if not fractions or fractions == {Fraction(1)}:
+            continue
+        if len(fractions) > 1:
+            if warn:
+                warnings.warn(f"the {kind} of {type(model).__name__} were pruned unevenly "
+                              f"across layers; model.config keeps the original sizes and "
+                              f"cannot rebuild this model: save it with its pruning history "
+                              f"instead of save_pretrained (or prune every layer by the same "
+                              f"ratio)", stacklevel=4)
+            continue
+        kept = fractions.pop()
+        if kind == "head_dims" and warn:
+            warnings.warn(f"{type(model).__name__} lost dims inside its attention heads: its "
+                          f"modules keep the original attention scale 1/sqrt(head_dim), but a "
+                          f"copy rebuilt from model.config computes it from the smaller head_dim "
+                          f"and gives different outputs; save it with its pruning history",
+                          stacklevel=4)
+        # read every field before writing any: aliases (GPT-2's n_head is num_attention_heads)
+        # would be scaled twice
+        new.update((f, int(v * kept)) for f in fields for v in (getattr(config, f, None),)
+                   if type(v) is int and v > 0 and (v * kept).denominator == 1)
+    return new
+
+
+@contextlib.contextmanager
+def provisional_config(model: nn.Module, graph: DependencyGraph,
+                       removals: Dict[int, torch.Tensor]):
+    """Within the block, ``model.config`` holds the sizes it will hold once ``removals`` are
+    applied (:func:`update_config` writes them for good): for a check forward of modeling
+    code that reads them (Phi-3 slices its fused projection at
+    ``config.num_attention_heads * head_dim``). Put back on leaving."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        yield
+        return
+    before = {g.id: g.size for g in graph.groups}
+    after = {gid: before[gid] - idx.shape[0] for gid, idx in removals.items() if gid in before}
+    new = scaled_fields(model, graph, before, after)
+    old = {f: getattr(config, f) for f in new}
+    try:
+        for f, v in new.items():
+            setattr(config, f, v)
+        yield
+    finally:
+        for f, v in old.items():
+            setattr(config, f, v)
+
+
 def update_config(model: nn.Module, graph: DependencyGraph,
                   before: Dict[int, int]) -> List[Dict[str, Any]]:
     """Scale the sizes in ``model.config`` by the fraction each kind of group kept in the last
@@ -81,39 +145,14 @@ def update_config(model: nn.Module, graph: DependencyGraph,
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return []
-    changed: List[Tuple[str, int]] = []
-    old: Dict[str, Any] = {}  # field -> its value before this step (absent: not set)
-    for kind, fields in CONFIG_FIELDS.items():
-        # a group of one channel never loses it (a gate's single output): it says nothing
-        groups = [g for g in graph.groups if g.kind == kind and not bool(g.protected.all())
-                  and before.get(g.id, g.size) > 1]
-        fractions = {Fraction(g.size, before.get(g.id, g.size)) for g in groups}
-        if not fractions or fractions == {Fraction(1)}:
-            continue
-        if len(fractions) > 1:
-            warnings.warn(f"the {kind} of {type(model).__name__} were pruned unevenly across "
-                          f"layers; model.config keeps the original sizes and cannot rebuild "
-                          f"this model: save it with its pruning history instead of "
-                          f"save_pretrained (or prune every layer by the same ratio)", stacklevel=3)
-            continue
-        kept = fractions.pop()
-        if kind == "head_dims":
-            warnings.warn(f"{type(model).__name__} lost dims inside its attention heads: its "
-                          f"modules keep the original attention scale 1/sqrt(head_dim), but a "
-                          f"copy rebuilt from model.config computes it from the smaller head_dim "
-                          f"and gives different outputs; save it with its pruning history",
-                          stacklevel=3)
-        # read every field before writing any: aliases (GPT-2's n_head is num_attention_heads)
-        # would be scaled twice
-        new = {f: int(v * kept) for f in fields for v in (getattr(config, f, None),)
-               if type(v) is int and v > 0 and (v * kept).denominator == 1}
-        for f, v in new.items():
-            old.setdefault(f, getattr(config, f))
-        for f, v in new.items():
-            setattr(config, f, v)
-            changed.append((f, v))
+    new = scaled_fields(model, graph, before, {g.id: g.size for g in graph.groups}, warn=True)
+    old: Dict[str, Any] = {f: getattr(config, f) for f in new}  # their values before the step
+    changed: List[Tuple[str, int]] = list(new.items())
+    for f, v in changed:
+        setattr(config, f, v)
     if not changed and all(before.get(g.id, g.size) == g.size for g in graph.groups):
         return []
+    changed += _keep_derived_scales(model, config, old)
     # also when no scalar size was scaled: per-stage lists (a CNN's ``hidden_sizes``) or
     # widths the config derives may no longer describe the model
     wrong = config_mismatch(model, old)
@@ -132,6 +171,54 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             changed += written
     return [{"name": "config", "kind": "config", "attr": f, "value": v}
             for f, v in changed] + scales
+
+
+def _keep_derived_scales(model: nn.Module, config: Any, old: Dict[str, Any]
+                         ) -> List[Tuple[str, Any]]:
+    """A float the config's class derives from a size the step changed, which the modeling
+    code may read in its forward (MiniCPM3 divides its hidden states by ``logits_scaling =
+    hidden_size / dim_model_base`` before the head): the pruned model must compute what it
+    did, so the other field it derives from is scaled with the size (``dim_model_base``), when
+    exactly that gives the float its value back and a copy built from the config has no more
+    differing shapes. Returns the fields written (their old values go into ``old``)."""
+    before = _with_values(config, old)
+    derived = []
+    for name in dir(type(config)):
+        if name.startswith("_") or not isinstance(getattr(type(config), name, None), property):
+            continue
+        try:
+            was, now = getattr(before, name), getattr(config, name)
+        except Exception:  # a property that needs what a tiny config lacks
+            continue
+        if type(was) is float and type(now) is float and math.isfinite(was) and \
+                not math.isclose(was, now, rel_tol=1e-9):
+            derived.append((name, was))
+    if not derived:
+        return []
+    ratios = {Fraction(getattr(config, f), v) for f, v in old.items()
+              if type(v) is int and v > 0 and type(getattr(config, f, None)) is int}
+    restores = lambda: all(math.isclose(getattr(config, n), was, rel_tol=1e-9)  # noqa: E731
+                           for n, was in derived)
+    shapes = {w[0] for w in config_mismatch(model, old)}
+    for field, value in list(vars(config).items()):
+        if field in old or type(value) not in (int, float) or not value:
+            continue
+        for r in ratios:
+            new = value * r
+            new = int(new) if type(value) is int and new.denominator == 1 else float(new)
+            try:
+                setattr(config, field, new)
+            except Exception:  # a config that validates its fields (an int that must stay one)
+                continue
+            if restores() and {w[0] for w in config_mismatch(model, {**old, field: value})} <= shapes:
+                old[field] = value
+                logger.info("model.config.%s scaled to %s with the sizes, keeping %s", field,
+                            new, ", ".join(n for n, _ in derived))
+                return [(field, new)]
+            setattr(config, field, value)
+    logger.info("model.config's %s changed with the sizes, and no field keeps it",
+                ", ".join(n for n, _ in derived))
+    return []
 
 
 def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mismatch],
@@ -240,10 +327,24 @@ def _with_values(config: Any, values: Dict[str, Any]) -> Any:
     return config
 
 
+class _ScalarsOnCpu(TorchFunctionMode):
+    """Under ``torch.device("meta")``: ``torch.tensor(3.5)`` (a module's 0-dim scale, as
+    RecurrentGemma's ``normalizer = sqrt(hidden_size)``) is made on the CPU, so that a
+    rebuilt copy's derived scalars can be compared; every other tensor stays on meta."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.tensor and args and isinstance(args[0], (int, float)) and \
+                kwargs.get("device") is None:
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
 def _built(model: nn.Module, config: Any) -> Tuple[Optional[nn.Module], str]:
-    """``type(model)(config)`` on the meta device, or None and why it cannot be built so."""
+    """``type(model)(config)`` on the meta device (its 0-dim scalars on the CPU), or None and
+    why it cannot be built so."""
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with torch.device("meta"), _ScalarsOnCpu(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return type(model)(config), ""
     except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
@@ -293,10 +394,11 @@ def _shape_differences(mine, built) -> List[Mismatch]:
 
 
 def _float_differences(model: nn.Module, fresh: nn.Module) -> List[Mismatch]:
-    """Float attributes (``embed_scale = hidden_size ** 0.5``) that differ between the modules
-    of ``model`` and those of ``fresh``, by qualified name."""
+    """Float attributes (``embed_scale = hidden_size ** 0.5``) and 0-dim float buffers built
+    on the CPU (RecurrentGemma's ``normalizer``, see :class:`_ScalarsOnCpu`) that differ between
+    the modules of ``model`` and those of ``fresh``, by qualified name."""
     built = dict(fresh.named_modules())
-    out = []
+    out, held = [], []  # the attributes first: a warning names the scale, not its buffer
     for name, m in model.named_modules():
         other = built.get(name)
         if other is None:
@@ -306,7 +408,15 @@ def _float_differences(model: nn.Module, fresh: nn.Module) -> List[Mismatch]:
             if type(v) is float and type(w) is float and math.isfinite(v) and \
                     not math.isclose(v, w, rel_tol=1e-6):
                 out.append((f"{name}.{attr}" if name else attr, v, w))
-    return out
+        for b, w in other._buffers.items():
+            v = m._buffers.get(b)
+            if w is None or w.dim() != 0 or not w.is_floating_point() or \
+                    w.device.type == "meta" or v is None or v.dim() != 0 or \
+                    v.device.type == "meta":
+                continue
+            if not math.isclose(float(v), float(w), rel_tol=1e-6):
+                held.append((f"{name}.{b}" if name else b, float(v), float(w)))
+    return out + held
 
 
 def _warn_config(model: nn.Module, wrong: List[Mismatch], tried: List[Tuple[str, int]],

@@ -88,7 +88,16 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
                 return Slots(da, many.ids)
             ctx.uf.union_all(xa.ids, xb.ids)
             return Slots(da, xa.ids)
-        return protect_all(ctx, f"{op} mixes channel dims", [a, b])
+        batch = [(d, x) for d, x in result if d < no - 2]
+        if len(batch) != 1:
+            return protect_all(ctx, f"{op} mixes channel dims", [a, b])
+        # one operand's channels on a batch dim (the query heads), the other's on the
+        # product's own dim (the single key/value head's dims in multi-query attention,
+        # broadcast over the heads): the heads go on, the other's channels stay
+        other = next(x for d, x in result if d >= no - 2)
+        ctx.protect(other, f"{op} gives channels on a dim of their own beside the other "
+                           f"operand's on a batch dim")
+        result = batch
     od, x = result[0]
     if od < no - 2:  # a batch dim: the other operand must broadcast over it
         other, so = (sb, nb) if x is a else (sa, na)

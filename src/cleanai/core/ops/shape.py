@@ -2,7 +2,7 @@
 pixel shuffles."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -24,10 +24,11 @@ def _reshape_op(ctx, call: OpCall):
     if in_shape is None:
         ctx.protect(x, f"{call.name()} of unknown input shape")
         return [None]
-    return [reshape(ctx, call.name(), x, in_shape, call.out_shapes[0])]
+    return [reshape(ctx, call.name(), x, in_shape, call.out_shapes[0],
+                    ctx.picked_dims(call.node, len(call.out_shapes[0])))]
 
 
-def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
+def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset()) -> Optional[Slots]:
     """Follow channel ids through a reshape from shape ``a`` to shape ``b``.
 
     Merging dims repeats ids (flatten: channel c covers features ``[c*s, (c+1)*s)``); splitting
@@ -54,7 +55,10 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
     if len(varying) > 1:
         inner = varying[-1]
         if ctx.attention == "heads" and x.dim == len(a) - 1:
-            varying = [_whole_heads(ctx, op, grid, varying[-2], inner)]
+            # the heads are the innermost dim above head_dim that the readers do not pick
+            # from: ``[..., heads, 3, head_dim]`` read as q, k, v by ``select`` on the 3
+            outer = [d for d in varying[:-1] if j0 + d not in picked] or varying[:-1]
+            varying = [_whole_heads(ctx, op, grid, outer[-1], inner)]
         else:
             moved = grid.movedim(inner, -1).reshape(-1, grid.size(inner))
             for row in moved[1:]:
@@ -292,6 +296,9 @@ def _slice(ctx, call: OpCall):
         return [x]
     if call.out_shapes[0][dim] == in_shape[dim]:
         return [x]
+    part = _layer_part(ctx, call, x, in_shape[dim])
+    if part is not None:
+        return [part]
     if 2 * call.out_shapes[0][dim] == in_shape[dim] and call.saved("step", 1) == 1:
         ctx.protect(x, "slice of the channel dim into halves (as rotary embeddings' "
                        "rotate_half does: it pairs dim d with d + n/2, each pair at a fixed "
@@ -301,11 +308,44 @@ def _slice(ctx, call: OpCall):
     # any channel that went would move them. The part taken carries its ids on, so the
     # layers that read it stay connected to the rest of the graph (their own channels prune)
     ctx.protect(x, "slice of the channel dim")
+    bounds = _bounds(call)
+    if bounds is None:
+        return [None]
+    start, end, step = bounds
+    return [_taken(x, torch.arange(in_shape[dim])[start:end:step], call.out_shapes[0][dim])]
+
+
+def _bounds(call: OpCall) -> Optional[Tuple[int, int, int]]:
+    """A slice's saved start, end and step, as Python would write them."""
     start, end, step = (call.saved(k) for k in ("start", "end", "step"))
     if not all(isinstance(v, int) for v in (start, end, step)):
-        return [None]
+        return None
     start, end = (v - 2 ** 64 if v >= 2 ** 63 else v for v in (start, end))  # saved unsigned
-    return [_taken(x, torch.arange(in_shape[dim])[start:end:step], call.out_shapes[0][dim])]
+    return start, end, step
+
+
+def _layer_part(ctx, call: OpCall, x: Slots, size: int) -> Optional[Slots]:
+    """A slice of a layer's whole output, taken from the output itself (Phi-3's
+    ``qkv[..., :q_pos]``, ``qkv[..., q_pos:q_pos + kv_size]``, with bounds the attention
+    computes from its head counts): the part becomes channels of its own, cut from the rest
+    of the layer's output, and its bounds must follow the counts each part keeps. Nothing
+    here can see whether they will (``x[:, :16]`` written in the code would not), so every
+    pruned forward checks them (pruner/slices.py): a slice whose bounds stayed fails it, and
+    the groups whose removal moved them are protected. None for any other slice."""
+    bounds = _bounds(call)
+    fn, nr = call.node.next_functions[0]
+    name = ctx.output_of.get((fn, nr))
+    if bounds is None or bounds[2] != 1 or name is None or ctx.producer_of(x.ids) != name:
+        return None
+    start, end = (min(max(v + size if v < 0 else v, 0), size) for v in bounds[:2])
+    if end <= start:
+        return None
+    ctx.cut_bounds.setdefault(name, {0}).update((start, end, size))
+    ctx.slices.append((name, x.dim, start, end))
+    part = x.ids[start:end].clone()
+    ctx.note(part, f"slice [{start}:{end}] of {name}'s output: channels of their own; each "
+                   f"pruned forward checks that the slice's bounds follow the kept counts")
+    return Slots(x.dim, part)
 
 
 def _taken(x: Slots, positions: torch.Tensor, size: int) -> Optional[Slots]:
