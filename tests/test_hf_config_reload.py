@@ -397,3 +397,38 @@ def test_a_scale_the_config_class_derives_from_a_size_keeps_its_value(tmp_path):
     assert model.config.logits_scaling == scaling
     again = reloaded(model, tmp_path)
     assert torch.allclose(logits(again, x), logits(model, x), atol=1e-5)
+
+
+class _ScaleConfig(transformers.PretrainedConfig):
+    """A derived scale that two fields could each keep: CleanAI cannot tell which is read."""
+
+    model_type = "cleanai_toy_scale"
+
+    def __init__(self, intermediate_size=16, residual_multiplier=0.5, dim_model_base=4, **kw):
+        self.intermediate_size = intermediate_size
+        self.residual_multiplier, self.dim_model_base = residual_multiplier, dim_model_base
+        super().__init__(**kw)
+
+    @property
+    def act_scaling(self):
+        return self.intermediate_size / (self.residual_multiplier * self.dim_model_base)
+
+
+class _ScaledMLP(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.up = torch.nn.Linear(8, config.intermediate_size)
+        self.down = torch.nn.Linear(config.intermediate_size, 8)
+
+    def forward(self, x):
+        m = torch.relu(self.up(x)) / self.config.act_scaling
+        return x + self.down(m) * self.config.residual_multiplier
+
+
+def test_a_derived_scale_two_fields_could_keep_is_left_with_a_warning():
+    torch.manual_seed(0)
+    model = _ScaledMLP(_ScaleConfig())
+    said = prune(model, torch.randn(3, 8), 0.5, ["channels"])
+    assert any("act_scaling" in w and "cannot tell which" in w for w in said), said
+    assert (model.config.residual_multiplier, model.config.dim_model_base) == (0.5, 4)

@@ -4,6 +4,7 @@ code computes follow the counts the parts kept; bounds written in the code are c
 their groups kept."""
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,10 +73,13 @@ class LiteralSlices(nn.Module):
         return self.mid(h[:, 4:12]) + self.ends(torch.cat([h[:, :4], h[:, 12:]], 1))
 
 
-def test_literal_bounds_are_caught_and_their_groups_kept():
+@pytest.mark.parametrize("check_forward", ["auto", False])
+def test_literal_bounds_are_caught_and_their_groups_kept(check_forward):
+    # a step that prunes a sliced layer is checked even with check_forward=False: the slice
+    # would read the wrong channels without failing
     torch.manual_seed(0)
     model, x = LiteralSlices(), torch.randn(3, 6)
-    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5, check_forward=check_forward)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_equivalence(model, pruner, x)  # the output of the model as pruned is exact
@@ -90,9 +94,9 @@ class InterleavedAttention(nn.Module):
     """One fused projection viewed as ``[..., heads, 3, head_dim]`` and read as q, k and v by
     ``select`` on the 3 (Persimmon, BLOOM), with a LayerNorm over each head's dims."""
 
-    def __init__(self, dim=32, heads=4, head_dim=8):
+    def __init__(self, dim=32, heads=4, head_dim=8, unbind=False):
         super().__init__()
-        self.num_heads, self.head_dim = heads, head_dim
+        self.num_heads, self.head_dim, self.unbind = heads, head_dim, unbind
         self.query_key_value = nn.Linear(dim, 3 * heads * head_dim)
         self.q_layernorm, self.k_layernorm = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
         self.dense = nn.Linear(heads * head_dim, dim)
@@ -100,15 +104,19 @@ class InterleavedAttention(nn.Module):
     def forward(self, x):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3, self.head_dim)
-        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        if self.unbind:
+            q, k, v = qkv.unbind(-2)
+        else:
+            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q, k = self.q_layernorm(q).transpose(1, 2), self.k_layernorm(k).transpose(1, 2)
         out = torch.softmax(q @ k.transpose(-1, -2), -1) @ v.transpose(1, 2)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
-def test_heads_of_a_projection_read_by_select_prune():
+@pytest.mark.parametrize("unbind", [False, True], ids=["select", "unbind(-2)"])
+def test_heads_of_a_projection_read_by_select_prune(unbind):
     torch.manual_seed(0)
-    model, x = Net(InterleavedAttention()), torch.randn(2, 5, 6)
+    model, x = Net(InterleavedAttention(unbind=unbind)), torch.randn(2, 5, 6)
     pruner = cleanai.StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
     heads = [g for g in pruner.graph.groups if g.kind == "heads"]
     assert [g.size for g in heads] == [4] and not heads[0].protected.any()
@@ -116,3 +124,28 @@ def test_heads_of_a_projection_read_by_select_prune():
     attn = model.attn
     assert attn.num_heads == 2 and attn.query_key_value.out_features == 3 * 2 * 8
     assert attn.q_layernorm.normalized_shape == (8,)  # each head's dims stay
+
+
+class RotaryOnOutput(nn.Module):
+    """rotate_half on a layer's output itself, its frequencies computed from the width: the
+    two halves are paired position by position, each pair at a fixed frequency."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.out = nn.Linear(6, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        q = self.q(x)
+        d, s = q.shape[-1], q.shape[-2]
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+        emb = torch.outer(torch.arange(s).float(), inv).repeat(1, 2)
+        half = torch.cat([-q[..., d // 2:], q[..., :d // 2]], -1)
+        return self.out(q * emb.cos() + half * emb.sin())
+
+
+def test_rotate_half_on_a_layer_output_keeps_its_channels():
+    g = cleanai.DependencyGraph(RotaryOnOutput(), torch.randn(2, 7, 6))
+    assert g.slices == []
+    q = next(grp for grp in g.groups if any(m.name == "q" and m.kind == "out"
+                                            for m in grp.members))
+    assert q.protected.all() and "rotate_half" in next(iter(q.reasons))

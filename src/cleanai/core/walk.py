@@ -146,6 +146,7 @@ class _Tracer:
                 d = int(getattr(r, "_saved_dim"))
             except (AttributeError, RuntimeError, TypeError):
                 return set()
+            d = d - 2 ** 64 if d >= 2 ** 63 else d  # a negative dim is saved unsigned
             dims.add(d + ndim if d < 0 else d)
         return dims
 

@@ -19,7 +19,7 @@ from .derived_scales import replay_scales
 from .failure import Failure, describe_failure
 from .history import record_step
 from .keeps import Key, _kept_channels, layer_keeps, renumber
-from .slices import renumber_slices, watched_slices
+from .slices import new_bounds, renumber_slices, watched_slices
 
 
 class PruningError(RuntimeError):
@@ -276,6 +276,8 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
     check = check_forward is True or (check_forward == "auto" and (
         getattr(graph, "check_reason", "") is not None
         or code_fingerprint(model.modules()) != getattr(graph, "_code", None)))
+    # a sliced layer that loses channels: only the check can tell whether the bounds followed
+    check = check or bool(new_bounds(graph, keeps))
     with atomic(owners) as guard:
         try:
             slice_model(model, keeps, containers)

@@ -60,15 +60,15 @@ Mismatch = Tuple[str, Any, Any]  # (name, the pruned model's, a copy built from 
 
 def set_config(model: nn.Module, fields: List[Tuple[str, Any]]) -> None:
     """Write recorded ``(field, value)`` pairs into ``model.config``, if the model has one
-    (an int, or a list of per-stage sizes)."""
+    (an int, a float, or a list of per-stage sizes)."""
     config = getattr(model, "config", None)
     if config is not None:
         for f, v in fields:
             if isinstance(v, (list, tuple)):
                 kind = type(getattr(config, f, None))
                 setattr(config, f, (kind if kind in (list, tuple) else list)(int(e) for e in v))
-            else:
-                setattr(config, f, int(v))
+            else:  # a float: a companion of a derived scale (see _keep_derived_scales)
+                setattr(config, f, v if isinstance(v, float) else int(v))
 
 
 def scaled_fields(model: nn.Module, graph: DependencyGraph, before: Dict[int, int],
@@ -200,6 +200,7 @@ def _keep_derived_scales(model: nn.Module, config: Any, old: Dict[str, Any]
     restores = lambda: all(math.isclose(getattr(config, n), was, rel_tol=1e-9)  # noqa: E731
                            for n, was in derived)
     shapes = {w[0] for w in config_mismatch(model, old)}
+    found: List[Tuple[str, Any, Any]] = []  # (field, its value, the value that restores)
     for field, value in list(vars(config).items()):
         if field in old or type(value) not in (int, float) or not value:
             continue
@@ -210,14 +211,27 @@ def _keep_derived_scales(model: nn.Module, config: Any, old: Dict[str, Any]
                 setattr(config, field, new)
             except Exception:  # a config that validates its fields (an int that must stay one)
                 continue
-            if restores() and {w[0] for w in config_mismatch(model, {**old, field: value})} <= shapes:
-                old[field] = value
-                logger.info("model.config.%s scaled to %s with the sizes, keeping %s", field,
-                            new, ", ".join(n for n, _ in derived))
-                return [(field, new)]
-            setattr(config, field, value)
-    logger.info("model.config's %s changed with the sizes, and no field keeps it",
-                ", ".join(n for n, _ in derived))
+            try:
+                if restores() and {w[0] for w in config_mismatch(
+                        model, {**old, field: value})} <= shapes:
+                    found.append((field, value, new))
+                    break
+            finally:
+                setattr(config, field, value)
+    names = ", ".join(f"{n} ({was:g} -> {getattr(config, n):g})" for n, was in derived)
+    if len(found) == 1:
+        field, value, new = found[0]
+        setattr(config, field, new)
+        old[field] = value
+        logger.info("model.config.%s scaled to %s with the sizes, keeping %s", field, new,
+                    names)
+        return [(field, new)]
+    why = (f"{' and '.join(f for f, _, _ in found)} would each give it back its value, and "
+           f"CleanAI cannot tell which one the modeling code reads" if found else
+           "no other field gives it back its value")
+    warnings.warn(f"model.config of {type(model).__name__} derives {names} from the sizes "
+                  f"this step changed; {why}. If the modeling code reads it, the pruned model's "
+                  f"outputs changed: check them, or set the field that keeps it", stacklevel=4)
     return []
 
 

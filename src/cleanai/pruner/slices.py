@@ -94,8 +94,10 @@ class watched_slices(TorchFunctionMode):
 
     def _hook(self, name: str):
         def record(module, args, output):
-            if isinstance(output, torch.Tensor):
-                self.outputs.append((name, output))
+            for t in (output,) if isinstance(output, torch.Tensor) else \
+                    output if isinstance(output, (tuple, list)) else ():
+                if isinstance(t, torch.Tensor):  # a recurrent layer's (output, state)
+                    self.outputs.append((name, t))
         return record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

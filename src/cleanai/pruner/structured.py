@@ -79,8 +79,11 @@ class StructuredPruner:
             hold a channel count of its own: every torch call outside the known layers was
             width-free (no ``x.shape``, ``view``, hook or custom layer; see
             ``DependencyGraph.check_reason`` and :mod:`cleanai.core.widths`), as in most CNNs. ``True`` always runs it;
-            ``False`` never does (about half a forward of the pruned model per step saved): a
-            layer that keeps a channel count of its own then fails in your next call.
+            ``False`` skips it (about half a forward of the pruned model per step saved): a
+            layer that keeps a channel count of its own then fails in your next call. A step
+            that prunes a layer whose output the code slices (``graph.slices``) is always
+            checked: a slice at bounds written in the code would read the wrong channels
+            without failing.
         compensate: ``None`` (default), ``"bias"`` or ``"lstsq"``: when a step removes
             channels, the layers that read them take over what those channels contributed,
             computed from :meth:`calibrate`'s statistics (see :mod:`cleanai.pruner.compensate`).

@@ -89,12 +89,14 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
             ctx.uf.union_all(xa.ids, xb.ids)
             return Slots(da, xa.ids)
         batch = [(d, x) for d, x in result if d < no - 2]
-        if len(batch) != 1:
+        other = next((x for d, x in result if d >= no - 2), None)
+        so = sb if other is b else sa
+        k = batch[0][0] - (no - len(so)) if len(batch) == 1 else -1
+        if len(batch) != 1 or (0 <= k < len(so) and so[k] != 1):
             return protect_all(ctx, f"{op} mixes channel dims", [a, b])
         # one operand's channels on a batch dim (the query heads), the other's on the
-        # product's own dim (the single key/value head's dims in multi-query attention,
-        # broadcast over the heads): the heads go on, the other's channels stay
-        other = next(x for d, x in result if d >= no - 2)
+        # product's own dim and broadcast over that batch dim (the single key/value head's
+        # dims in multi-query attention): the heads go on, the other's channels stay
         ctx.protect(other, f"{op} gives channels on a dim of their own beside the other "
                            f"operand's on a batch dim")
         result = batch

@@ -324,6 +324,28 @@ def _bounds(call: OpCall) -> Optional[Tuple[int, int, int]]:
     return start, end, step
 
 
+def _clamped(bounds: Tuple[int, int, int], size: int) -> Tuple[int, int]:
+    """A slice's ``(start, end)`` within ``[0, size]``, as Python resolves them."""
+    return tuple(min(max(v + size if v < 0 else v, 0), size) for v in bounds[:2])
+
+
+def _sliced_at(ctx, fn, dim: int, ndim: int, size: int) -> set:
+    """The ``(start, end)`` of every step-1 slice along ``dim`` (of ``ndim``) of node
+    ``fn``'s output."""
+    out = set()
+    for r in ctx.readers.get(fn, ()):
+        if r.name() != "SliceBackward0":
+            continue
+        call = OpCall(r, [], [], [])
+        d, bounds = call.saved("dim"), _bounds(call)
+        if d is None or bounds is None or bounds[2] != 1:
+            continue
+        d = int(d) - 2 ** 64 if int(d) >= 2 ** 63 else int(d)
+        if (d + ndim if d < 0 else d) == dim:
+            out.add(_clamped(bounds, size))
+    return out
+
+
 def _layer_part(ctx, call: OpCall, x: Slots, size: int) -> Optional[Slots]:
     """A slice of a layer's whole output, taken from the output itself (Phi-3's
     ``qkv[..., :q_pos]``, ``qkv[..., q_pos:q_pos + kv_size]``, with bounds the attention
@@ -337,9 +359,13 @@ def _layer_part(ctx, call: OpCall, x: Slots, size: int) -> Optional[Slots]:
     name = ctx.output_of.get((fn, nr))
     if bounds is None or bounds[2] != 1 or name is None or ctx.producer_of(x.ids) != name:
         return None
-    start, end = (min(max(v + size if v < 0 else v, 0), size) for v in bounds[:2])
+    start, end = _clamped(bounds, size)
     if end <= start:
         return None
+    halves = {(0, size // 2), (size // 2, size)}
+    if size % 2 == 0 and (start, end) in halves and \
+            halves <= _sliced_at(ctx, fn, x.dim, len(call.in_shapes[0]), size):
+        return None  # rotate_half on the output itself: each pair at a fixed frequency
     ctx.cut_bounds.setdefault(name, {0}).update((start, end, size))
     ctx.slices.append((name, x.dim, start, end))
     part = x.ids[start:end].clone()
