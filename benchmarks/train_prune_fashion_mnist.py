@@ -13,6 +13,10 @@ test images:
                (``reg.target(pruner.plan())``, re-planned every ``--replan`` iterations; the
                penalty grows linearly over the first epochs), one prune, then the same
                fine-tuning epoch: 8 epochs
+    sparse --cut-epoch E
+               the same penalty inside one one-cycle schedule over the 8 epochs, the cut at
+               epoch E (the optimizer's momentum sliced), the pruned model trained on to the end
+               without the penalty: 8 epochs (cut at 7: 91.47%, against 91.62% for 7 + 1)
     gradual    8 epochs with ``GradualPruner`` (cubic schedule from ``--gradual-start`` to
                ``--gradual-end`` epochs, a step every ``--every`` iterations), the optimizer's
                momentum sliced at every step: 8 epochs
@@ -45,7 +49,7 @@ from accuracy_fashion_mnist import (BATCH, CACHE_DIR, DATA_DIR, EXAMPLE, FT_LR, 
                                     accuracy, fit, load_average, load_data, log, machine,
                                     sample_batches, trained_model)
 from cleanai.importance import OutputSensitivity, WeightActivationImportance, WeightImportance
-from cleanai.train import GradualPruner, GroupSparsity
+from cleanai.train import GradualPruner, GroupSparsity, slice_optimizer_state
 from cleanai.utils import count_macs, count_params
 
 EPOCHS = 8
@@ -85,7 +89,11 @@ def one_shot(dense: nn.Module, data, macs: float, seed: int) -> Dict[str, float]
 
 
 def sparse(data, macs: float, seed: int, epochs: int, lam: float, ramp_epochs: float,
-           replan: int, importance: str, aim_epoch: float, calib) -> Dict[str, float]:
+           replan: int, importance: str, aim_epoch: float, calib,
+           cut_epoch: Optional[float] = None) -> Dict[str, float]:
+    if cut_epoch is not None:
+        return sparse_in_schedule(data, macs, seed, epochs, lam, ramp_epochs, replan,
+                                  importance, aim_epoch, calib, cut_epoch)
     torch.manual_seed(seed)
     model = SmallResNet()
     pruner = pruner_for(model, macs, importance)
@@ -116,6 +124,51 @@ def sparse(data, macs: float, seed: int, epochs: int, lam: float, ramp_epochs: f
     return {"before_prune": before, "pruned": pruned, "widths": widths(model),
             "final": accuracy(model, data.test_x, data.test_y), "macs": count_macs(model, EXAMPLE),
             "params": count_params(model), "epochs": epochs, "train_s": time.perf_counter() - start}
+
+
+def sparse_in_schedule(data, macs: float, seed: int, epochs: int, lam: float,
+                       ramp_epochs: float, replan: int, importance: str, aim_epoch: float,
+                       calib, cut_epoch: float) -> Dict[str, float]:
+    """The same aimed penalty, but one one-cycle schedule over all ``epochs``: the cut comes
+    at ``cut_epoch``, inside it (the optimizer's momentum sliced with
+    ``slice_optimizer_state``), and the rest of the schedule trains the pruned model without
+    the penalty; no separate fine-tuning."""
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    pruner = pruner_for(model, macs, importance)
+    per_epoch = math.ceil(len(data.train_x) / BATCH)
+    first, cut = int(aim_epoch * per_epoch), int(cut_epoch * per_epoch)
+    ramp = max(1, int(ramp_epochs * per_epoch))
+    reg = GroupSparsity(pruner, lam, schedule=lambda t: min(1.0, max(0, t - first) / ramp))
+    state: Dict[str, float] = {}
+
+    def aim() -> None:
+        if importance != "weight":
+            pruner.calibrate(calib)
+        reg.target(pruner.plan())
+
+    def penalty() -> torch.Tensor:
+        return reg() if "pruned" not in state else torch.zeros(())
+
+    def step(it: int, opt) -> None:
+        if it == cut:
+            state["before_prune"] = accuracy(model, data.test_x, data.test_y)
+            if importance != "weight":
+                pruner.calibrate(calib)
+            with slice_optimizer_state(opt, model):
+                pruner.step()
+            state["pruned"] = accuracy(model, data.test_x, data.test_y)
+            model.train()
+        elif it < cut and it >= first and (it - first) % replan == 0:
+            aim()
+
+    if first == 0:
+        aim()
+    start = time.perf_counter()
+    train(model, data.train_x, data.train_y, epochs, seed, penalty, step)
+    return {**state, "widths": widths(model), "final": accuracy(model, data.test_x, data.test_y),
+            "macs": count_macs(model, EXAMPLE), "params": count_params(model), "epochs": epochs,
+            "cut_epoch": cut_epoch, "train_s": time.perf_counter() - start}
 
 
 def gradual(data, macs: float, seed: int, epochs: int, start_epoch: float, end_epoch: float,
@@ -192,6 +245,9 @@ def main() -> None:
                          "allocation=OutputSensitivity())")
     ap.add_argument("--aim-epoch", type=float, default=0.0,
                     help="sparse: the epoch at which the penalty is first aimed and starts")
+    ap.add_argument("--cut-epoch", type=float, default=None,
+                    help="sparse: cut at this epoch inside one schedule over all epochs, the "
+                         "rest training the pruned model (no separate fine-tuning)")
     ap.add_argument("--overhead-steps", type=int, default=5)
     ap.add_argument("--only", choices=["one-shot", "sparse", "gradual", "overhead"], nargs="+")
     ap.add_argument("--seed", type=int, default=0)
@@ -219,10 +275,14 @@ def main() -> None:
     if "sparse" in only:
         log(f"sparse training, lam {args.lam} ...")
         key = (f"sparse/{args.importance}/aim{args.aim_epoch:g}/lam{args.lam:g}/"
-               f"ramp{args.ramp_epochs:g}" + (f"/seed{args.seed}" if args.seed else ""))
+               f"ramp{args.ramp_epochs:g}"
+               + (f"/cut{args.cut_epoch:g}" if args.cut_epoch is not None else "")
+               + (f"/seed{args.seed}" if args.seed else ""))
         results[key] = sparse(data, args.macs, args.seed, epochs, args.lam,
                               args.ramp_epochs if not args.quick else 0.5, args.replan,
-                              args.importance, args.aim_epoch, calib)
+                              args.importance, args.aim_epoch, calib,
+                              args.cut_epoch if not args.quick or args.cut_epoch is None
+                              else 1.5)
         results[key].update(lam=args.lam, ramp_epochs=args.ramp_epochs, replan=args.replan,
                             importance=args.importance, aim_epoch=args.aim_epoch)
         log(f"{key}: {results[key]}")
@@ -261,6 +321,9 @@ def write_report(results: dict, info: dict, args, dense: nn.Module, minutes: str
         variant, importance = (key.split("/") + ["weight"])[:2]
         pruned = f"{r['pruned']:.2f}" if "pruned" in r else "-"
         label = labels[variant]
+        if variant == "sparse" and "cut_epoch" in r:
+            label = (f"aimed sparse training, cut at epoch {r['cut_epoch']:g} inside one "
+                     f"schedule, the pruned model trained on to epoch {r['epochs']}")
         if variant == "sparse":
             label += (f"; aimed from epoch {r['aim_epoch']:g}, lam {r['lam']:g} reached over "
                       f"{r['ramp_epochs']:g} epochs")
