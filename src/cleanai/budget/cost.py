@@ -121,8 +121,10 @@ class CostModel:
         for i, key in enumerate(self.keys):
             name, kind, dim = key
             if kind == "param":
-                owner = model.get_parameter(name)
-                by_id[id(owner)].dims[dim].laws.append((i, 1.0, 0.0))
+                owner_name, _, leaf = name.rpartition(".")
+                if leaf in model.get_submodule(owner_name)._parameters:  # a buffer costs none
+                    owner = model.get_parameter(name)
+                    by_id[id(owner)].dims[dim].laws.append((i, 1.0, 0.0))
             else:
                 layers.setdefault(name, []).append((i, key))
         for name, keys in layers.items():

@@ -56,9 +56,24 @@ class OperandRecorder(TorchFunctionMode):
               "__isub__", "__rsub__", "rsub", "subtract"}
     _SPLITS = {"split", "split_with_sizes"}
 
-    def __init__(self) -> None:
+    # calls that only view a buffer (its values reach an op unchanged)
+    _VIEWS = {"__getitem__", "narrow", "view", "reshape", "unsqueeze", "squeeze", "expand",
+              "expand_as", "transpose", "permute", "t", "contiguous", "detach", "to", "type_as",
+              "size", "dim", "__len__", "numel", "__get__"}
+    _ELEMENTWISE = _FUNCS | {"mul", "mul_", "__mul__", "__imul__", "__rmul__", "multiply",
+                             "div", "div_", "__truediv__", "__itruediv__", "divide"}
+
+    def __init__(self, buffers: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
         self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
+        #: the model's buffers outside known layers, by storage pointer
+        self._buffers = {b.untyped_storage().data_ptr(): n for n, b in (buffers or {}).items()}
+        self._buffers.pop(0, None)
+        #: ``grad_fn`` of an element-wise op -> ``{operand index: (buffer name, the operand)}``
+        #: for operands that view one of those buffers (``x + self.pe[:n]``)
+        self.buffer_operands: Dict[Any, Dict[int, Tuple[str, torch.Tensor]]] = {}
+        #: buffers some other call read (``pe.sum()``, a matrix product): never sliced
+        self.buffer_reads: set = set()
         #: the first call that may hold a channel count of its own (see core/widths.py)
         self.sized: Optional[str] = None
         #: the autograd nodes of the outputs of the calls seen
@@ -92,6 +107,8 @@ class OperandRecorder(TorchFunctionMode):
         before = written[0].grad_fn if written is not None else None
         out = func(*args, **(kwargs or {}))
         self.saw(out)
+        if self._buffers:
+            self._buffer_use(func, args, kwargs, out)
         if written is not None:
             base, where = written
             fn = base.grad_fn  # a new node only when autograd recorded this write
@@ -115,6 +132,22 @@ class OperandRecorder(TorchFunctionMode):
             self.shapes[fn] = [tuple(a.shape) if isinstance(a, torch.Tensor) else ()
                                for a in operands]
         return out
+
+
+    def _buffer_use(self, func, args, kwargs, out) -> None:
+        """Note how a call used the buffers (see ``buffer_operands``, ``buffer_reads``)."""
+        name = getattr(func, "__name__", "")
+        for i, a in enumerate(itertools.chain(args, kwargs.values() if kwargs else ())):
+            if not isinstance(a, torch.Tensor) or a.grad_fn is not None or a.requires_grad:
+                continue
+            held = self._buffers.get(a.untyped_storage().data_ptr())
+            if held is None or name in self._VIEWS:
+                continue
+            fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+            if name in self._ELEMENTWISE and i < 2 and fn is not None and not kwargs:
+                self.buffer_operands.setdefault(fn, {})[i] = (held, a)
+            else:
+                self.buffer_reads.add(held)
 
 
 # PyTorch's and CleanAI's own files: the code that called a split is the first frame outside

@@ -54,6 +54,9 @@ class ModelScan:
         self.owned: Dict[int, nn.Module] = {}
         self.params: List[torch.Tensor] = []
         self.buffers: List[torch.Tensor] = []
+        #: buffers outside the known layers, by qualified name (a position table added to
+        #: the hidden states: see OperandRecorder's ``buffer_operands``)
+        self.free_buffers: Dict[str, torch.Tensor] = {}
         inside: Dict[str, nn.Module] = {}  # name -> the known layer it is (or is inside)
         seen_buffers = set()
         for name, m in self.named:
@@ -76,15 +79,17 @@ class ModelScan:
                     self.params.append(p)
                 if owner is not None:  # a weight tied across known layers: the last one
                     self.owned[id(p)] = owner
-            for b in m._buffers.values():
+            for k, b in m._buffers.items():
                 if b is not None and id(b) not in seen_buffers:
                     seen_buffers.add(id(b))
                     self.buffers.append(b)
+                    if owner is None and b.dim() > 0 and b.device.type != "meta":
+                        self.free_buffers[dot + k] = b
 
 
 def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn], known, train,
                    named: Optional[List[Tuple[str, nn.Module]]] = None, locate: bool = False,
-                   lean: bool = True):
+                   lean: bool = True, buffers: Optional[Dict[str, torch.Tensor]] = None):
     """One recorded forward: known-layer calls and, with ``locate=True``, each module's
     autograd sequence range (only needed to say where an op ran; a hook on every module
     costs time, so the tracer asks for it only when it has something to report).
@@ -92,7 +97,8 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     Returns ``(calls, intervals, output, watched)``: ``watched`` is the function mode that
     saw the torch calls outside the known layers (``shapes``: add/sub operand shapes and
     splits; ``sized``: the first call that may hold a width of its own, see core/widths.py;
-    ``made``: the autograd nodes those calls made).
+    ``made``: the autograd nodes those calls made; ``buffer_operands``: see
+    :class:`~cleanai.core.operands.OperandRecorder`, for the ``buffers`` given by name).
 
     ``train=True`` runs in train mode, ``None`` in the modes the caller left the model in.
     ``named`` is ``list(model.named_modules())`` when the caller has it already.
@@ -104,7 +110,7 @@ def record_forward(model: nn.Module, inputs: Any, forward_fn: Optional[ForwardFn
     """
     if named is None:
         named = list(model.named_modules())
-    recorder = OperandRecorder()
+    recorder = OperandRecorder(buffers)
     calls: List[ModuleCall] = []
     intervals: List[Tuple[int, int, str]] = []
     open_calls: Dict[int, int] = {}

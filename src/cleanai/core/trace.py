@@ -79,13 +79,15 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
             try:
                 try:
                     recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                               scan.named, lean=lean)
+                                               scan.named, lean=lean,
+                                               buffers=scan.free_buffers)
                 except Exception as exc:
                     if not (lean and _lean_failure(exc)):
                         raise
                     lean = False  # the forward backpropagates: it needs the whole graph
                     recording = record_forward(model, attempt_inputs, forward_fn, known, train,
-                                               scan.named, lean=False)
+                                               scan.named, lean=False,
+                                               buffers=scan.free_buffers)
             except Exception as exc:  # the user's forward: reported below if all attempts fail
                 errors.append(exc)
                 continue
@@ -131,7 +133,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_fn: Optional[ForwardFn]
                 save_all()
             calls, intervals, output, watched = record_forward(
                 model, best[2], forward_fn, known, best[3], scan.named, locate=True,
-                lean=best[4])
+                lean=best[4], buffers=scan.free_buffers)
             result = walk(model, calls, output, layers, names_of_params,
                                 with_subclasses, intervals, with_inputs(watched, best[2]),
                                 attention, scan)

@@ -116,6 +116,10 @@ class _Tracer:
         self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
         self.slices: List[Tuple[str, int, int, int]] = []
+        # buffers an element-wise op applies along the channels (see buffer_member)
+        self.buffer_operands: Dict[Any, Dict[int, Tuple[str, torch.Tensor]]] = {}
+        self.buffer_reads: set = set()
+        self.buffer_slots: Dict[str, Slots] = {}
         # autograd key of each output of a known layer's call -> the layer (the walk's)
         self.output_of: Dict[Tuple[Any, int], str] = {}
         # autograd node -> the nodes that read its outputs (filled by walk())
@@ -149,6 +153,29 @@ class _Tracer:
             d = d - 2 ** 64 if d >= 2 ** 63 else d  # a negative dim is saved unsigned
             dims.add(d + ndim if d < 0 else d)
         return dims
+
+    def buffer_member(self, name: str, view: torch.Tensor, k: int, ids: torch.Tensor) -> bool:
+        """An element-wise op applies buffer ``name`` (through ``view``, its dim ``k`` along
+        the channels ``ids``) to a tensor's channels: a sinusoidal position table added to
+        the hidden states (``x + self.pe[:n]``), a fixed per-channel multiplier. The buffer's
+        dim that ``k`` traverses whole (same size and stride) joins those channels and is
+        sliced with them, as a bare parameter's is. False (the caller protects) when no single
+        dim does, the buffer is read anywhere else, or another op ties another of its dims."""
+        buf = self._scan.free_buffers.get(name)
+        if buf is None or name in self.buffer_reads or k >= view.dim() or \
+                view.shape[k] != len(ids):
+            return False
+        hits = [j for j in range(buf.dim()) if buf.shape[j] == view.shape[k] > 1
+                and buf.stride(j) == view.stride(k)]
+        if len(hits) != 1:
+            return False
+        held = self.buffer_slots.get(name)
+        if held is None:
+            held = self.buffer_slots[name] = Slots(hits[0], self.fresh(buf.shape[hits[0]]), True)
+        elif held.dim != hits[0]:
+            return False
+        self.uf.union_all(held.ids, ids)
+        return True
 
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
         """``parts`` (channel ids of equal length) must lose as many channels each; parts
@@ -266,6 +293,8 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     ctx = _Tracer(model, attention, scan)
     ctx.intervals = intervals
     ctx.operand_shapes.update(watched.shapes)
+    ctx.buffer_operands = getattr(watched, "buffer_operands", {})
+    ctx.buffer_reads = getattr(watched, "buffer_reads", set())
     made, unwatched = watched.made, None
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
@@ -413,6 +442,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
 
     protect_unfollowed(ctx)
     ctx.bare.protect_other_uses(ctx.protect)
+    params.update(ctx.buffer_slots)  # sliced as bare parameters are (pruner/apply.py)
     for c in dead:
         for k, _ in c.outputs:
             # a result read after its layer, outside autograd (``proposals.detach()``), or

@@ -103,7 +103,9 @@ def member_weights(group: Group, model: nn.Module, sides=("out", "in", "same", "
         if m.kind not in sides:
             continue
         if m.kind == "param":
-            out.append((m, model.get_parameter(m.name), m.dim))
+            owner, _, leaf = m.name.rpartition(".")
+            if leaf in model.get_submodule(owner)._parameters:  # not a buffer
+                out.append((m, model.get_parameter(m.name), m.dim))
             continue
         module = find_submodule(model, m.name)
         pruner = get_layer_pruner(module)

@@ -145,8 +145,8 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],
                 pruner.coupling(owner) == "same":
             # a norm subclass with its own forward: its pruner also updates its attributes
             per_layer[owner_name] = {"in": keep, "out": keep}
-        else:
-            p = model.get_parameter(name)
+        else:  # a bare parameter, or a buffer applied along the channels
+            p = model.get_parameter(name) if _is_parameter(model, name) else model.get_buffer(name)
             originals.setdefault(id(p), p.data)
             _keep(p, dim, keep)
     for name, sides in per_layer.items():
@@ -175,6 +175,11 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],
                                    f"other channels ({tuple(stand_in.shape)} vs "
                                    f"{tuple(p.shape)})", name)
     sync_container_attributes(model, containers)
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in find_submodule(model, owner)._parameters
 
 
 class atomic:

@@ -65,7 +65,8 @@ class watched_slices(TorchFunctionMode):
         super().__init__()
         self.bounds = new_bounds(graph, keeps)
         self.layers = {n: model.get_submodule(n) for n in self.bounds}
-        self.outputs: List[Tuple[str, torch.Tensor]] = []
+        # per watched layer, the tensors of every call (a slice may read an earlier one)
+        self.outputs: Dict[str, List[torch.Tensor]] = {}
         self.seen: set = set()
         self.handles: List[Any] = []
 
@@ -94,10 +95,11 @@ class watched_slices(TorchFunctionMode):
 
     def _hook(self, name: str):
         def record(module, args, output):
-            for t in (output,) if isinstance(output, torch.Tensor) else \
-                    output if isinstance(output, (tuple, list)) else ():
-                if isinstance(t, torch.Tensor):  # a recurrent layer's (output, state)
-                    self.outputs.append((name, t))
+            tensors = (output,) if isinstance(output, torch.Tensor) else \
+                output if isinstance(output, (tuple, list)) else ()
+            # a recurrent layer's (output, state)
+            self.outputs.setdefault(name, []).extend(
+                t for t in tensors if isinstance(t, torch.Tensor))
         return record
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -107,7 +109,7 @@ class watched_slices(TorchFunctionMode):
         return result
 
     def _check(self, func, view: torch.Tensor) -> None:
-        for name, out in self.outputs:
+        for name, out in ((n, t) for n, ts in self.outputs.items() for t in ts):
             if view._base is not out and (out._base is None or view._base is not out._base):
                 continue
             dim, parts = self.bounds[name]

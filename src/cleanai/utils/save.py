@@ -235,7 +235,8 @@ def _check_steps(model: nn.Module, steps: List[Any], where: Path) -> None:
 
     lengths: Dict[tuple, int] = {}
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
+    # a buffer applied along the channels is sliced as a bare parameter is
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for i, step in enumerate(steps, 1):
         if not isinstance(step, dict) or not isinstance(step.get("layers"), list):
             raise LoadError(f"{where}: step {i} has no list of layers")

@@ -357,8 +357,10 @@ def _layer_part(ctx, call: OpCall, x: Slots, size: int) -> Optional[Slots]:
     bounds = _bounds(call)
     fn, nr = call.node.next_functions[0]
     name = ctx.output_of.get((fn, nr))
-    if bounds is None or bounds[2] != 1 or name is None or ctx.producer_of(x.ids) != name:
-        return None
+    out = ctx.module_out.get(name) if name is not None else None
+    if bounds is None or bounds[2] != 1 or out is None or len(out) != len(x.ids) or not (
+            out is x.ids or torch.equal(ctx.uf.canonical(out), ctx.uf.canonical(x.ids))):
+        return None  # (the layer's whole output, its ids as the layer made them)
     start, end = _clamped(bounds, size)
     if end <= start:
         return None
