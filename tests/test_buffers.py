@@ -92,3 +92,36 @@ def test_the_pytorch_tutorial_transformer_prunes_its_model_width(train):
     pruner.step()
     assert model.pos.pe.shape == (64, 1, 16) and model.emb.embedding_dim == 16
     assert model(x).shape == (10, 2, 50)
+
+
+OTHER_USES = {  # each adds a use of ``gain`` that slicing it along the channels would change
+    "scalar product": lambda s, h: (s.alpha * s.gain).sum(),
+    "a copy": lambda s, h: s.gain.to(torch.float64).sum().float(),
+    "in a list": lambda s, h: torch.cat([s.gain, s.gain]).sum(),
+    "along another dim": lambda s, h: (h.sum(-1, keepdim=True) * s.gain[:4]).sum(),
+    "its size": lambda s, h: float(s.gain.shape[0]),
+}
+
+
+class GainUsedTwice(nn.Module):
+    def __init__(self, use):
+        super().__init__()
+        self.use = use
+        self.fc = nn.Linear(6, 16)
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 16))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc(x) * self.gain
+        return self.out(h) + self.use(self, h)
+
+
+@pytest.mark.parametrize("use", sorted(OTHER_USES))
+def test_a_buffer_used_otherwise_is_never_sliced(use):
+    torch.manual_seed(0)
+    model, x = GainUsedTwice(OTHER_USES[use]), torch.randn(3, 6)
+    dense = model(x).detach()
+    cleanai.StructuredPruner(model, x, pruning_ratio=0.5, kinds=["channels"]).step()
+    assert model.gain.shape == (16,) and model.fc.out_features == 16
+    torch.testing.assert_close(model(x), dense)

@@ -14,14 +14,15 @@ from cleanai import StructuredPruner
 
 class CaughtError(nn.Module):
     """A probe layer raises on the wrong width and the forward goes on; then a constant
-    per-channel offset is added, which pins the conv's channels."""
+    per-channel offset is added (a plain tensor attribute, not a buffer CleanAI could slice),
+    which pins the conv's channels."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 1)
         self.probe = nn.Linear(5, 2)
         self.b = nn.Conv2d(8, 4, 1)
-        self.register_buffer("offset", torch.arange(8.0).view(8, 1, 1))
+        self.offset = torch.arange(8.0).view(8, 1, 1)
 
     def forward(self, x):
         y = self.a(x)

@@ -4,6 +4,7 @@ write into part of a tensor landed (see :class:`OperandRecorder`). Used by
 :func:`cleanai.core.record.record_forward`; the walk reads it as ``operand_shapes``."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import linecache
@@ -59,7 +60,7 @@ class OperandRecorder(TorchFunctionMode):
     # calls that only view a buffer (its values reach an op unchanged)
     _VIEWS = {"__getitem__", "narrow", "view", "reshape", "unsqueeze", "squeeze", "expand",
               "expand_as", "transpose", "permute", "t", "contiguous", "detach", "to", "type_as",
-              "size", "dim", "__len__", "numel", "__get__"}
+              "__get__"}
     _ELEMENTWISE = _FUNCS | {"mul", "mul_", "__mul__", "__imul__", "__rmul__", "multiply",
                              "div", "div_", "__truediv__", "__itruediv__", "divide"}
 
@@ -67,8 +68,11 @@ class OperandRecorder(TorchFunctionMode):
         super().__init__()
         self.shapes: Dict[Any, List[Optional[Tuple[int, ...]]]] = {}
         #: the model's buffers outside known layers, by storage pointer
-        self._buffers = {b.untyped_storage().data_ptr(): n for n, b in (buffers or {}).items()}
-        self._buffers.pop(0, None)
+        ptrs = [(b.untyped_storage().data_ptr(), n) for n, b in (buffers or {}).items()]
+        counts = collections.Counter(p for p, _ in ptrs)
+        shared = {p for p, c in counts.items() if c > 1}
+        # (two buffers on one storage, or none on meta: neither is told apart)
+        self._buffers = {p: n for p, n in ptrs if p and p not in shared}
         #: ``grad_fn`` of an element-wise op -> ``{operand index: (buffer name, the operand)}``
         #: for operands that view one of those buffers (``x + self.pe[:n]``)
         self.buffer_operands: Dict[Any, Dict[int, Tuple[str, torch.Tensor]]] = {}
@@ -135,18 +139,31 @@ class OperandRecorder(TorchFunctionMode):
 
 
     def _buffer_use(self, func, args, kwargs, out) -> None:
-        """Note how a call used the buffers (see ``buffer_operands``, ``buffer_reads``)."""
+        """Note how a call used the buffers (see ``buffer_operands``, ``buffer_reads``): a
+        view of one (sharing its storage) is no use yet; an element-wise op with it as one of
+        its two operands is recorded; anything else reads it (a copy, a size, a reduction,
+        a list holding it)."""
         name = getattr(func, "__name__", "")
         for i, a in enumerate(itertools.chain(args, kwargs.values() if kwargs else ())):
+            if type(a) in (list, tuple):  # torch.cat([pe, x]): never sliced
+                self.buffer_reads.update(self._buffers[p] for p in (
+                    t.untyped_storage().data_ptr() for t in a if isinstance(t, torch.Tensor))
+                    if p in self._buffers)
+                continue
             if not isinstance(a, torch.Tensor) or a.grad_fn is not None or a.requires_grad:
                 continue
             held = self._buffers.get(a.untyped_storage().data_ptr())
-            if held is None or name in self._VIEWS:
+            if held is None:
                 continue
+            if name in self._VIEWS and isinstance(out, torch.Tensor) and \
+                    out.untyped_storage().data_ptr() == a.untyped_storage().data_ptr():
+                continue  # a view: its own uses are what count
             fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
-            if name in self._ELEMENTWISE and i < 2 and fn is not None and not kwargs:
+            in_place = i == 0 and (name.endswith("_") or name.startswith("__i"))
+            if name in self._ELEMENTWISE and i < 2 and fn is not None and not kwargs and \
+                    not in_place:  # (a buffer updated in place is state, not a table)
                 self.buffer_operands.setdefault(fn, {})[i] = (held, a)
-            else:
+            elif name != "dim":  # a copy, a size, a reduction...: the buffer keeps its shape
                 self.buffer_reads.add(held)
 
 

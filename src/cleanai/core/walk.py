@@ -120,6 +120,7 @@ class _Tracer:
         self.buffer_operands: Dict[Any, Dict[int, Tuple[str, torch.Tensor]]] = {}
         self.buffer_reads: set = set()
         self.buffer_slots: Dict[str, Slots] = {}
+        self.buffer_hits: Dict[str, int] = {}  # uses buffer_member followed, per buffer
         # autograd key of each output of a known layer's call -> the layer (the walk's)
         self.output_of: Dict[Tuple[Any, int], str] = {}
         # autograd node -> the nodes that read its outputs (filled by walk())
@@ -175,7 +176,25 @@ class _Tracer:
         elif held.dim != hits[0]:
             return False
         self.uf.union_all(held.ids, ids)
+        self.buffer_hits[name] = self.buffer_hits.get(name, 0) + 1
         return True
+
+    def settle_buffers(self) -> Dict[str, Slots]:
+        """The buffers that join the groups: those every recorded use of which
+        :meth:`buffer_member` followed on one dim, read nowhere else. Any other buffer keeps
+        the channels it was tied to (protected), and is never sliced."""
+        uses: Dict[str, int] = {}
+        for operands in self.buffer_operands.values():
+            for name, _ in operands.values():
+                uses[name] = uses.get(name, 0) + 1
+        kept = {}
+        for name, held in self.buffer_slots.items():
+            if name in self.buffer_reads or self.buffer_hits.get(name) != uses.get(name):
+                self.protect(held.ids, f"buffer {name}, also used where it cannot be sliced "
+                                       f"with these channels")
+            else:
+                kept[name] = held
+        return kept
 
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
         """``parts`` (channel ids of equal length) must lose as many channels each; parts
@@ -442,7 +461,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
 
     protect_unfollowed(ctx)
     ctx.bare.protect_other_uses(ctx.protect)
-    params.update(ctx.buffer_slots)  # sliced as bare parameters are (pruner/apply.py)
+    params.update(ctx.settle_buffers())  # sliced as bare parameters are (pruner/apply.py)
     for c in dead:
         for k, _ in c.outputs:
             # a result read after its layer, outside autograd (``proposals.detach()``), or
