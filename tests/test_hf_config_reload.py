@@ -432,3 +432,34 @@ def test_a_derived_scale_two_fields_could_keep_is_left_with_a_warning():
     said = prune(model, torch.randn(3, 8), 0.5, ["channels"])
     assert any("act_scaling" in w and "cannot tell which" in w for w in said), said
     assert (model.config.residual_multiplier, model.config.dim_model_base) == (0.5, 4)
+
+
+class _GainConfig(transformers.PretrainedConfig):
+    model_type = "cleanai_toy_gain"
+
+    def __init__(self, intermediate_size=16, **kw):
+        self.intermediate_size = intermediate_size
+        super().__init__(**kw)
+
+
+class _GainMLP(torch.nn.Module):
+    """A per-channel gain made from the config in ``__init__`` and never saved."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.up = torch.nn.Linear(8, config.intermediate_size)
+        self.down = torch.nn.Linear(config.intermediate_size, 8)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, config.intermediate_size),
+                             persistent=False)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)) * self.gain)
+
+
+def test_a_sliced_buffer_the_model_does_not_save_is_warned_about():
+    torch.manual_seed(0)
+    model = _GainMLP(_GainConfig())
+    said = prune(model, torch.randn(3, 8), 0.5, ["channels"])
+    assert model.gain.shape == (8,) and model.config.intermediate_size == 8
+    assert any("gain, a buffer it does not save" in w for w in said), said

@@ -169,8 +169,31 @@ def update_config(model: nn.Module, graph: DependencyGraph,
                          [f for f, _ in changed] or sorted({f for f, _ in tried}))
         else:
             changed += written
+    _warn_rebuilt_tables(model, graph, before)
     return [{"name": "config", "kind": "config", "attr": f, "value": v}
             for f, v in changed] + scales
+
+
+def _warn_rebuilt_tables(model: nn.Module, graph: DependencyGraph,
+                         before: Dict[int, int]) -> None:
+    """A buffer the step sliced with its channels (a position table, see
+    ``core/walk.py`` ``buffer_member``) that the model does not save: a copy built from the
+    config computes it afresh, at the smaller width, and may hold other values."""
+    tables = []
+    for g in graph.groups:
+        if before.get(g.id, g.size) == g.size:
+            continue
+        for m in g.members:
+            owner, _, leaf = m.name.rpartition(".")
+            module = model.get_submodule(owner) if m.kind == "param" else None
+            if module is not None and leaf in module._non_persistent_buffers_set:
+                tables.append(m.name)
+    if tables:
+        warnings.warn(f"{type(model).__name__} holds {', '.join(sorted(set(tables)))}, a buffer "
+                      f"it does not save, sliced with the channels it is applied to: a copy "
+                      f"built from model.config computes it afresh at the smaller width, and "
+                      f"its values may differ. Save the model with its pruning history "
+                      f"(cleanai.save_pruned) to keep them", stacklevel=4)
 
 
 def _keep_derived_scales(model: nn.Module, config: Any, old: Dict[str, Any]
