@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from .bare import BareParams
+from .buffers import BufferTables
 from .functional import functional_param, protect_unfollowed
 from .known_calls import module_call
 from .layer_io import layer_extras
 from .ops import OP_HANDLERS, OpCall
+from .ops.base import ndim_dim
 from .record import ModelScan, ModuleCall, tensor_key
 from .runtime import iter_tensors
 from .slots import Slots, UnionFind
@@ -116,11 +118,8 @@ class _Tracer:
         self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
         self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
         self.slices: List[Tuple[str, int, int, int]] = []
-        # buffers an element-wise op applies along the channels (see buffer_member)
-        self.buffer_operands: Dict[Any, Dict[int, Tuple[str, torch.Tensor]]] = {}
-        self.buffer_reads: set = set()
-        self.buffer_slots: Dict[str, Slots] = {}
-        self.buffer_hits: Dict[str, int] = {}  # uses buffer_member followed, per buffer
+        # buffers an element-wise op applies along the channels
+        self.buffers = BufferTables(self.uf, self._scan.free_buffers, self.fresh)
         # autograd key of each output of a known layer's call -> the layer (the walk's)
         self.output_of: Dict[Tuple[Any, int], str] = {}
         # autograd node -> the nodes that read its outputs (filled by walk())
@@ -148,53 +147,10 @@ class _Tracer:
             if r.name() not in ("SelectBackward0", "UnbindBackward0", "SplitBackward0"):
                 return set()
             try:
-                d = int(getattr(r, "_saved_dim"))
+                dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
             except (AttributeError, RuntimeError, TypeError):
                 return set()
-            d = d - 2 ** 64 if d >= 2 ** 63 else d  # a negative dim is saved unsigned
-            dims.add(d + ndim if d < 0 else d)
         return dims
-
-    def buffer_member(self, name: str, view: torch.Tensor, k: int, ids: torch.Tensor) -> bool:
-        """An element-wise op applies buffer ``name`` (through ``view``, its dim ``k`` along
-        the channels ``ids``) to a tensor's channels: a sinusoidal position table added to
-        the hidden states (``x + self.pe[:n]``), a fixed per-channel multiplier. The buffer's
-        dim that ``k`` traverses whole (same size and stride) joins those channels and is
-        sliced with them, as a bare parameter's is. False (the caller protects) when no single
-        dim does, the buffer is read anywhere else, or another op ties another of its dims."""
-        buf = self._scan.free_buffers.get(name)
-        if buf is None or name in self.buffer_reads or k >= view.dim() or \
-                view.shape[k] != len(ids):
-            return False
-        hits = [j for j in range(buf.dim()) if buf.shape[j] == view.shape[k] > 1
-                and buf.stride(j) == view.stride(k)]
-        if len(hits) != 1:
-            return False
-        held = self.buffer_slots.get(name)
-        if held is None:
-            held = self.buffer_slots[name] = Slots(hits[0], self.fresh(buf.shape[hits[0]]), True)
-        elif held.dim != hits[0]:
-            return False
-        self.uf.union_all(held.ids, ids)
-        self.buffer_hits[name] = self.buffer_hits.get(name, 0) + 1
-        return True
-
-    def settle_buffers(self) -> Dict[str, Slots]:
-        """The buffers that join the groups: those every recorded use of which
-        :meth:`buffer_member` followed on one dim, read nowhere else. Any other buffer keeps
-        the channels it was tied to (protected), and is never sliced."""
-        uses: Dict[str, int] = {}
-        for operands in self.buffer_operands.values():
-            for name, _ in operands.values():
-                uses[name] = uses.get(name, 0) + 1
-        kept = {}
-        for name, held in self.buffer_slots.items():
-            if name in self.buffer_reads or self.buffer_hits.get(name) != uses.get(name):
-                self.protect(held.ids, f"buffer {name}, also used where it cannot be sliced "
-                                       f"with these channels")
-            else:
-                kept[name] = held
-        return kept
 
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
         """``parts`` (channel ids of equal length) must lose as many channels each; parts
@@ -312,8 +268,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
     ctx = _Tracer(model, attention, scan)
     ctx.intervals = intervals
     ctx.operand_shapes.update(watched.shapes)
-    ctx.buffer_operands = getattr(watched, "buffer_operands", {})
-    ctx.buffer_reads = getattr(watched, "buffer_reads", set())
+    ctx.buffers.recorded(watched)
     made, unwatched = watched.made, None
     by_out: Dict[Tuple[Any, int], ModuleCall] = {}
     for c in calls:
@@ -461,7 +416,7 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
 
     protect_unfollowed(ctx)
     ctx.bare.protect_other_uses(ctx.protect)
-    params.update(ctx.settle_buffers())  # sliced as bare parameters are (pruner/apply.py)
+    params.update(ctx.buffers.settle(ctx.protect))  # sliced as bare parameters are
     for c in dead:
         for k, _ in c.outputs:
             # a result read after its layer, outside autograd (``proposals.detach()``), or

@@ -12,12 +12,18 @@ output: each of its parameters ``p`` becomes ``(p + o) / c - o``, with ``o = 0``
 One forward before and one after must agree; otherwise everything is put back and the
 config warning stays. The history records the new scale (a ``"scale"`` entry); the rescaled
 values come with the weights, as compensation's do.
+
+A float the config class itself derives from a pruned size (MiniCPM3's ``logits_scaling =
+hidden_size / dim_model_base``, read in the forward) keeps its value instead: the one other
+field that gives it back is scaled with the size (:func:`keep_config_scales`).
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import warnings
+from fractions import Fraction
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -250,3 +256,66 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _same(before: List[torch.Tensor], after: List[torch.Tensor]) -> bool:
     return len(before) == len(after) and all(_close(a, b) for a, b in zip(before, after))
+
+
+def keep_config_scales(model: nn.Module, config: Any, old: Dict[str, Any]
+                       ) -> List[Tuple[str, Any]]:
+    """A float the config's class derives from a size the step changed, which the modeling
+    code may read in its forward (MiniCPM3 divides its hidden states by ``logits_scaling =
+    hidden_size / dim_model_base`` before the head): the pruned model must compute what it
+    did, so the other field it derives from is scaled with the size (``dim_model_base``), when
+    exactly that gives the float its value back and a copy built from the config has no more
+    differing shapes. Returns the fields written (their old values go into ``old``)."""
+    from .model_config import _with_values, config_mismatch  # it imports this module
+    before = _with_values(config, old)
+    derived = []
+    for name in dir(type(config)):
+        if name.startswith("_") or not isinstance(getattr(type(config), name, None), property):
+            continue
+        try:
+            was, now = getattr(before, name), getattr(config, name)
+        except Exception:  # a property that needs what a tiny config lacks
+            continue
+        if type(was) is float and type(now) is float and math.isfinite(was) and \
+                not math.isclose(was, now, rel_tol=1e-9):
+            derived.append((name, was))
+    if not derived:
+        return []
+    ratios = {Fraction(getattr(config, f), v) for f, v in old.items()
+              if type(v) is int and v > 0 and type(getattr(config, f, None)) is int}
+    restores = lambda: all(math.isclose(getattr(config, n), was, rel_tol=1e-9)  # noqa: E731
+                           for n, was in derived)
+    shapes = {w[0] for w in config_mismatch(model, old)}
+    found: List[Tuple[str, Any, Any]] = []  # (field, its value, the value that restores)
+    for field, value in list(vars(config).items()):
+        if field in old or type(value) not in (int, float) or not value:
+            continue
+        for r in ratios:
+            new = value * r
+            new = int(new) if type(value) is int and new.denominator == 1 else float(new)
+            try:
+                setattr(config, field, new)
+            except Exception:  # a config that validates its fields (an int that must stay one)
+                continue
+            try:
+                if restores() and {w[0] for w in config_mismatch(
+                        model, {**old, field: value})} <= shapes:
+                    found.append((field, value, new))
+                    break
+            finally:
+                setattr(config, field, value)
+    names = ", ".join(f"{n} ({was:g} -> {getattr(config, n):g})" for n, was in derived)
+    if len(found) == 1:
+        field, value, new = found[0]
+        setattr(config, field, new)
+        old[field] = value
+        logger.info("model.config.%s scaled to %s with the sizes, keeping %s", field, new,
+                    names)
+        return [(field, new)]
+    why = (f"{' and '.join(f for f, _, _ in found)} would each give it back its value, and "
+           f"CleanAI cannot tell which one the modeling code reads" if found else
+           "no other field gives it back its value")
+    warnings.warn(f"model.config of {type(model).__name__} derives {names} from the sizes "
+                  f"this step changed; {why}. If the modeling code reads it, the pruned model's "
+                  f"outputs changed: check them, or set the field that keeps it", stacklevel=4)
+    return []

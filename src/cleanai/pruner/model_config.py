@@ -11,7 +11,9 @@ down, then other size fields the differing shapes point to (``shared_expert_inte
 for a Qwen2-MoE shared expert), each kept only if the rebuilt copy then differs in fewer
 places. An embedding scale the config derives from a pruned size (Gemma's
 ``sqrt(hidden_size)``) is given the rebuilt copy's value, the model's outputs kept by
-rescaling weights (:mod:`cleanai.pruner.derived_scales`). If differences remain, the extra
+rescaling weights; a float the config class derives from one (MiniCPM3's
+``logits_scaling``) keeps its value through the one field that gives it back (both in
+:mod:`cleanai.pruner.derived_scales`). If differences remain, the extra
 fields are taken back and a warning says what a copy rebuilt from the config would get wrong.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.graph import DependencyGraph
-from .derived_scales import match_scales
+from .derived_scales import keep_config_scales, match_scales
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def update_config(model: nn.Module, graph: DependencyGraph,
         setattr(config, f, v)
     if not changed and all(before.get(g.id, g.size) == g.size for g in graph.groups):
         return []
-    changed += _keep_derived_scales(model, config, old)
+    changed += keep_config_scales(model, config, old)
     # also when no scalar size was scaled: per-stage lists (a CNN's ``hidden_sizes``) or
     # widths the config derives may no longer describe the model
     wrong = config_mismatch(model, old)
@@ -177,7 +179,7 @@ def update_config(model: nn.Module, graph: DependencyGraph,
 def _warn_rebuilt_tables(model: nn.Module, graph: DependencyGraph,
                          before: Dict[int, int]) -> None:
     """A buffer the step sliced with its channels (a position table, see
-    ``core/walk.py`` ``buffer_member``) that the model does not save: a copy built from the
+    :mod:`cleanai.core.buffers`) that the model does not save: a copy built from the
     config computes it afresh, at the smaller width, and may hold other values."""
     tables = []
     for g in graph.groups:
@@ -194,68 +196,6 @@ def _warn_rebuilt_tables(model: nn.Module, graph: DependencyGraph,
                       f"built from model.config computes it afresh at the smaller width, and "
                       f"its values may differ. Save the model with its pruning history "
                       f"(cleanai.save_pruned) to keep them", stacklevel=4)
-
-
-def _keep_derived_scales(model: nn.Module, config: Any, old: Dict[str, Any]
-                         ) -> List[Tuple[str, Any]]:
-    """A float the config's class derives from a size the step changed, which the modeling
-    code may read in its forward (MiniCPM3 divides its hidden states by ``logits_scaling =
-    hidden_size / dim_model_base`` before the head): the pruned model must compute what it
-    did, so the other field it derives from is scaled with the size (``dim_model_base``), when
-    exactly that gives the float its value back and a copy built from the config has no more
-    differing shapes. Returns the fields written (their old values go into ``old``)."""
-    before = _with_values(config, old)
-    derived = []
-    for name in dir(type(config)):
-        if name.startswith("_") or not isinstance(getattr(type(config), name, None), property):
-            continue
-        try:
-            was, now = getattr(before, name), getattr(config, name)
-        except Exception:  # a property that needs what a tiny config lacks
-            continue
-        if type(was) is float and type(now) is float and math.isfinite(was) and \
-                not math.isclose(was, now, rel_tol=1e-9):
-            derived.append((name, was))
-    if not derived:
-        return []
-    ratios = {Fraction(getattr(config, f), v) for f, v in old.items()
-              if type(v) is int and v > 0 and type(getattr(config, f, None)) is int}
-    restores = lambda: all(math.isclose(getattr(config, n), was, rel_tol=1e-9)  # noqa: E731
-                           for n, was in derived)
-    shapes = {w[0] for w in config_mismatch(model, old)}
-    found: List[Tuple[str, Any, Any]] = []  # (field, its value, the value that restores)
-    for field, value in list(vars(config).items()):
-        if field in old or type(value) not in (int, float) or not value:
-            continue
-        for r in ratios:
-            new = value * r
-            new = int(new) if type(value) is int and new.denominator == 1 else float(new)
-            try:
-                setattr(config, field, new)
-            except Exception:  # a config that validates its fields (an int that must stay one)
-                continue
-            try:
-                if restores() and {w[0] for w in config_mismatch(
-                        model, {**old, field: value})} <= shapes:
-                    found.append((field, value, new))
-                    break
-            finally:
-                setattr(config, field, value)
-    names = ", ".join(f"{n} ({was:g} -> {getattr(config, n):g})" for n, was in derived)
-    if len(found) == 1:
-        field, value, new = found[0]
-        setattr(config, field, new)
-        old[field] = value
-        logger.info("model.config.%s scaled to %s with the sizes, keeping %s", field, new,
-                    names)
-        return [(field, new)]
-    why = (f"{' and '.join(f for f, _, _ in found)} would each give it back its value, and "
-           f"CleanAI cannot tell which one the modeling code reads" if found else
-           "no other field gives it back its value")
-    warnings.warn(f"model.config of {type(model).__name__} derives {names} from the sizes "
-                  f"this step changed; {why}. If the modeling code reads it, the pruned model's "
-                  f"outputs changed: check them, or set the field that keeps it", stacklevel=4)
-    return []
 
 
 def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mismatch],

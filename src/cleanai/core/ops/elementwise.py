@@ -295,7 +295,7 @@ def _elementwise(ctx, call: OpCall):
                 shapes[i] = tuple(t.shape)
                 made_at_run_time[i] = not ctx.is_model_state(t)
     return [broadcast(ctx, call.name(), call.ins, shapes, call.out_shapes[0], made_at_run_time,
-                      ctx.buffer_operands.get(call.node))]
+                      ctx.buffers.operands.get(call.node))]
 
 
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
@@ -306,7 +306,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     An operand without channel ids that spans the channel dim pins those channels, unless it
     was made during the forward (a dropout mask): such a tensor follows the input's shape; or
     it is a model buffer read nowhere else (``buffers``: operand index -> (name, the view
-    used)), which is sliced with the channels (``ctx.buffer_member``).
+    used)), which is sliced with the channels (core/buffers.py).
     """
     out_nd = len(out)
     tracked = []
@@ -362,7 +362,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         k = od - (out_nd - len(s))
         if 0 <= k < len(s) and s[k] != 1:
             held = (buffers or {}).get(i)
-            if held is not None and ctx.buffer_member(held[0], held[1], k, first.ids):
+            if held is not None and ctx.buffers.member(held[0], held[1], k, first.ids):
                 continue  # a model buffer along the channels: sliced with them
             ctx.protect(first, f"{op} with a tensor that has no channel ids")
     return Slots(od, first.ids)
