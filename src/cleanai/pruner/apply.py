@@ -19,7 +19,7 @@ from .derived_scales import replay_scales
 from .failure import Failure, describe_failure
 from .history import record_step
 from .keeps import Key, _kept_channels, layer_keeps, renumber
-from .slices import new_bounds, renumber_slices, watched_slices
+from .slices import renumber_slices, watched_slices
 
 
 class PruningError(RuntimeError):
@@ -282,7 +282,8 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
         getattr(graph, "check_reason", "") is not None
         or code_fingerprint(model.modules()) != getattr(graph, "_code", None)))
     # a sliced layer that loses channels: only the check can tell whether the bounds followed
-    check = check or bool(new_bounds(graph, keeps))
+    watch = watched_slices(model, graph, keeps)
+    check = check or bool(watch.bounds)
     with atomic(owners) as guard:
         try:
             slice_model(model, keeps, containers)
@@ -294,7 +295,7 @@ def apply_removals(model: nn.Module, graph: DependencyGraph, removals: Dict[int,
             try:
                 with preserved_state(model, same_modes=True), torch.no_grad(), \
                         provisional_config(model, graph, removals), \
-                        watched_slices(model, graph, keeps):
+                        watch:
                     forward_with_location(model, graph.example_inputs, graph.forward_fn)
             except Exception as exc:
                 guard.restore()
