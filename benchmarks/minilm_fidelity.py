@@ -191,7 +191,8 @@ def pooled_embedding(outputs, inputs):
 
 def prune(dense, example, calib, ratio, importance, compensate=None, allocation=None):
     """A pruned copy of ``dense`` (heads and FFN neurons), the seconds calibration and the
-    step took, and the MB of second moments compensation held (their peak, before the step)."""
+    step took, and the MB of statistics compensation held (their peak, before the step: sums,
+    second moments and their held-out half)."""
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -202,7 +203,7 @@ def prune(dense, example, calib, ratio, importance, compensate=None, allocation=
                                           allocation=allocation)
         pruner.calibrate(calib)
         stats = pruner.input_stats  # measured before the step slices them
-        held = sum(t.numel() * t.element_size() for t in stats.grams.values()) if stats else 0
+        held = stats.nbytes() if stats else 0
         pruner.step()
     return model, time.perf_counter() - start, held / 2 ** 20
 

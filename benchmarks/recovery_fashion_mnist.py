@@ -74,8 +74,7 @@ def prune(dense, ratio: float, calib, mode, importance=WeightActivationImportanc
     pruner.calibrate(calib)
     calibrated = time.perf_counter()
     stats = pruner.input_stats
-    held = sum(t.numel() * t.element_size()
-               for t in (list(stats.grams.values()) + list(stats.sums.values()) if stats else []))
+    held = stats.nbytes() if stats else 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner.step()
@@ -205,7 +204,8 @@ Cost (mean over seeds; one CPU thread):
 
 "statistics held": the per-channel sums and input second moments that calibration keeps for
 the hybrid score and compensation (float64; one C x C matrix per consumer, summed in place, so
-this is also their peak). The calibration pass is one pass for both.
+this is also their peak), and the float32 second moments of the odd-numbered batches that
+compensation chooses its damping on. The calibration pass is one pass for both.
 """
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

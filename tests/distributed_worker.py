@@ -85,7 +85,8 @@ def stats_of(pruner):
         return None
     s = stats[0]
     return {"count": dict(s.count), "sums": {k: v.clone() for k, v in s.sums.items()},
-            "grams": {k: v.clone() for k, v in s.grams.items()}, "batches": s.batches}
+            "grams": {k: v.clone() for k, v in s.grams.items()}, "batches": s.batches,
+            "halves": {k: s.held_out(k) for k in s.grams}}
 
 
 def grads_of(pruner):

@@ -1,6 +1,7 @@
 """Closed-form compensation (``StructuredPruner(compensate=...)``): exact where the removed
 channels are linear in the kept ones, least squares otherwise, atomic, saved and replayed."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -409,3 +410,75 @@ def test_padded_token_positions_do_not_count_in_the_statistics():
     assert count == 13
     torch.testing.assert_close(mean, real.mean(0))
     torch.testing.assert_close(second, real.T @ real / 13)
+
+
+def _independent(n, width=48, seed=0):
+    """Four batches of ``n`` rows whose ``width`` channels are independent (not centred)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, width, generator=g) * 2 for _ in range(4)]
+
+
+def _wide_head(seed=0, independent=False):
+    """48 hidden channels read by a 5-output layer; ``independent``: the hidden layer passes
+    its input through, so no kept channel says anything about a removed one."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(48, 48), nn.Linear(48, 5))
+    if independent:
+        with torch.no_grad():
+            m[0].weight.copy_(torch.eye(48))
+            m[0].bias.zero_()
+    return m
+
+
+def test_statistics_keep_two_halves_of_the_batches_that_add_up_to_the_whole():
+    m = _wide_head()
+    data = _independent(5)
+    pruner = cleanai.StructuredPruner(m, data[0][:1], compensate="lstsq", pruning_ratio=0.25)
+    pruner.calibrate(data)
+    stats = pruner.input_stats
+    key = next(k for k in stats.grams if k.startswith("1"))
+    (m_even, s_even, n_even), (m_odd, s_odd, n_odd) = stats.held_out(key)
+    x_even, x_odd = torch.cat(data[0::2]).double(), torch.cat(data[1::2]).double()
+    h_even, h_odd = (m[0].double()(x) for x in (x_even, x_odd))
+    assert (n_even, n_odd) == (10, 10)
+    torch.testing.assert_close(s_even, h_even.T @ h_even / 10, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m_odd, h_odd.mean(0), rtol=1e-5, atol=1e-6)
+    # one batch: nothing to hold out
+    pruner = cleanai.StructuredPruner(_wide_head(), data[0][:1], compensate="lstsq")
+    pruner.calibrate(data[:1])
+    assert pruner.input_stats.held_out(key) is None
+
+
+def _fresh_error(dense, data, mode):
+    """Mean squared output error on new rows after pruning 25% of the hidden channels with
+    compensation ``mode``, calibrated on ``data``; and the step's compensation report."""
+    m = copy.deepcopy(dense)
+    pruner = cleanai.StructuredPruner(m, data[0][:1], compensate=mode, pruning_ratio=0.25,
+                                      importance=WeightActivationImportance())
+    pruner.calibrate(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()
+    fresh = torch.rand(512, 48, generator=torch.Generator().manual_seed(9)) * 2
+    with torch.no_grad():
+        return float((m(fresh) - dense(fresh)).pow(2).mean()), \
+            pruner.compensation[-1] if pruner.compensation else None
+
+
+def test_lstsq_damping_is_chosen_on_held_out_batches():
+    """20 rows for 36 kept channels that say nothing about the removed ones: a fit with a
+    light damping learns noise; the held-out halves see it and choose a strong damping or the
+    constant alone. One batch (no halves) falls back to a fixed damping and is worse."""
+    dense, data = _wide_head(independent=True), _independent(5)
+    plain, _ = _fresh_error(dense, data, None)
+    chosen, report = _fresh_error(dense, data, "lstsq")
+    fixed, fixed_report = _fresh_error(dense, [torch.cat(data)], "lstsq")
+    assert report.chosen and all(c in ("mean only", "none") or float(c) >= 0.5
+                                 for c in report.chosen.values())
+    assert "chosen on held-out batches" in str(report) and not fixed_report.chosen
+    assert chosen < 0.5 * plain and chosen < 0.7 * fixed
+    # where kept channels do predict the removed ones, the choice is a real fit
+    dense = _wide_head()
+    plain, _ = _fresh_error(dense, _independent(20), None)
+    fitted, report = _fresh_error(dense, _independent(20), "lstsq")
+    assert set(report.chosen.values()) - {"mean only", "none"} and fitted < 0.5 * plain

@@ -60,6 +60,12 @@ def test_two_ranks_equal_one_process_on_all_data(ranks, name, wrapped):
             assert set(got["stats"]["grams"]) == set(want["grams"])
             for key in want["grams"]:
                 assert _rel(got["stats"]["grams"][key], want["grams"][key]) <= 1e-6, key
+            # the halves compensation chooses its damping on: the same batches as one process
+            for key, halves in want["halves"].items():
+                assert halves is not None and got["stats"]["halves"][key] is not None, key
+                for have, expect in zip(got["stats"]["halves"][key], halves):
+                    assert have[2] == expect[2], key
+                    assert _rel(have[1], expect[1]) <= 1e-5, key
         if single["grads"] is not None:
             assert set(got["grads"]) == set(single["grads"])
             for key in single["grads"]:

@@ -244,7 +244,7 @@ def test_conv1d_and_conv3d_closed_form_error_is_the_real_one(make, shape):
     the refit layer: the unfolding matches the conv (dilation, stride, padding modes)."""
     model, teacher = pruned_pair(make, torch.randn(1, *shape[1:]))
     calib = batches(shape, 4, seed=1)
-    report = reconstruct(model, teacher, calib, progress=False)
+    report = reconstruct(model, teacher, calib, damping=1e-3, progress=False)
     assert [u["name"] for u in report.units] == [n for n, m in model.named_modules()
                                                  if isinstance(m, nn.modules.conv._ConvNd)]
     pruned_inputs = [u for u in report.units if u["name"] != "0"]
@@ -252,6 +252,62 @@ def test_conv1d_and_conv3d_closed_form_error_is_the_real_one(make, shape):
     for u in report.units:
         assert direct_error(model, teacher, u["name"], calib) == \
             pytest.approx(u["error_after"], rel=1e-3, abs=1e-9)
+
+
+def test_damping_chosen_on_held_out_batches_beats_a_fixed_one_on_new_inputs():
+    """96 rows per half for 45 unknowns: a lightly damped refit fits noise. Cross-validation
+    over the even and odd batches pulls the refit towards the present weights as much as the
+    held-out half asks, and does better on new inputs than both the fixed damping and no
+    refit."""
+    model, teacher = pruned_pair(conv3d_net, torch.randn(1, 2, 3, 6, 6))
+    calib, fresh = batches((4, 2, 3, 6, 6), 4, seed=1), batches((4, 2, 3, 6, 6), 8, seed=2)
+    plain = rel_err(model, teacher, fresh)
+    fixed = copy.deepcopy(model)
+    reconstruct(fixed, teacher, calib, damping=1e-3, progress=False)
+    reconstruct(model, teacher, calib, progress=False)
+    assert rel_err(model, teacher, fresh) < 0.9 * min(plain, rel_err(fixed, teacher, fresh))
+
+
+def test_weights_that_already_fit_are_kept_when_a_refit_only_learns_noise():
+    """Targets that are the present weights' output plus noise: the held-out halves keep the
+    weights (``None``) or pull the refit all the way back to them."""
+    from cleanai.recover.least_squares import choose_damping, squared_error
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(1, 30, 3, generator=g, dtype=torch.float64)
+    sums = []
+    for _ in range(2):
+        x = torch.randn(40, 30, generator=g, dtype=torch.float64)
+        y = x @ w0[0] + torch.randn(40, 3, generator=g, dtype=torch.float64)
+        sums.append(((x.T @ x)[None], (x.T @ y)[None], (y * y).sum()))
+    grams, xtys, yys = zip(*sums)
+    kept = choose_damping(grams, xtys, yys, w0)
+    assert kept is None or kept >= 10
+    # a poor w0 is refit: the chosen damping's solve beats it on both halves together
+    worse = w0 + 0.5 * torch.randn(w0.shape, generator=g, dtype=torch.float64)
+    assert choose_damping(grams, xtys, yys, worse) < 1
+    assert squared_error(w0, grams[0], xtys[0], yys[0]) < \
+        squared_error(worse, grams[0], xtys[0], yys[0])
+
+
+class _OwnLinear(nn.Linear):
+    """A Linear subclass with a forward of its own (as timm's ``Linear``)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_reconstructed_as_a_linear():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                            _OwnLinear(16, 3)).eval()
+    model = copy.deepcopy(teacher)
+    cleanai.StructuredPruner(model, torch.randn(1, 6), pruning_ratio=0.5).step()
+    assert model[4].in_features == 8
+    calib = batches((64, 6), 4, seed=1)
+    before = rel_err(model, teacher, calib)
+    report = reconstruct(model, teacher, calib, progress=False)
+    assert "4" in [u["name"] for u in report.units]
+    assert rel_err(model, teacher, calib) < before
 
 
 # --- blocks -----------------------------------------------------------------------------------

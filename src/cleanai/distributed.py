@@ -56,6 +56,12 @@ def active_group(process_group: Any = None) -> Any:
     return group if dist.get_world_size(group) > 1 else None
 
 
+def rank_and_world(group: Any) -> Tuple[int, int]:
+    """This process's rank in ``group`` and the group's size."""
+    dist = _dist()
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` (or ``DataParallel``) wrapper; any other
     model as it is."""
@@ -74,8 +80,7 @@ def shard(data: Iterable, process_group: Any = None) -> Iterator[Any]:
     if group is None:
         yield from data
         return
-    dist = _dist()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = rank_and_world(group)
     for i, batch in enumerate(data):
         if i % world == rank:
             yield batch
@@ -167,11 +172,31 @@ def all_reduce_stats(stats: "ActivationStats", group: Any) -> None:
                 gram = torch.zeros(keys[k][1], dtype=torch.float64, device=dev)
             _sum_(gram, group)
             stats.grams[k] = gram
+            _sum_half(stats, k, keys[k][1], dev, group)
     cross = set().union(*(set(v[1]) for v in views))
     stats._cross = cross
     stats.self_attention = set().union(*(set(v[2]) for v in views)) - cross
     stats.batches = sum(v[3] for v in views)
     stats.reduced_over = group
+
+
+def _sum_half(stats: "ActivationStats", key: str, shape: Tuple[int, int], device: Any,
+              group: Any) -> None:
+    """Sum the odd-batch half of ``key``'s second moments (see ``ActivationStats.held_out``)
+    across ranks; a rank that saw no odd batch adds zeros."""
+    width = shape[0]
+    flat = torch.zeros(1 + width, dtype=torch.float64, device=device)
+    gram = torch.zeros(shape, dtype=torch.float32, device=device)
+    if key in stats.half_grams:
+        flat[0] = float(stats.half_count[key])
+        flat[1:] = stats.half_sums[key].to(flat)
+        gram = stats.half_grams[key].to(gram)
+    _sum_(flat, group)
+    _sum_(gram, group)
+    if float(flat[0]) > 0:
+        stats.half_count[key] = float(flat[0])
+        stats.half_sums[key] = flat[1:].clone()
+        stats.half_grams[key] = gram
 
 
 def all_reduce_tensors(tensors: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor],

@@ -32,7 +32,8 @@ class ActivationStats:
     so a channel that every consumer sees as zero scores zero.
     """
 
-    def __init__(self, grams: Iterable[str] = (), moments: Iterable[str] = MOMENTS) -> None:
+    def __init__(self, grams: Iterable[str] = (), moments: Iterable[str] = MOMENTS,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
         #: the sums kept (rows of :attr:`sums` not kept stay zero): a score that reads one
         #: statistic lets calibration skip the others
         self.kept = tuple(m for m in MOMENTS if m in set(moments))
@@ -47,6 +48,15 @@ class ActivationStats:
         #: compensation reads them); memory O(channels^2) per key, never O(tokens)
         self.gram_keys = frozenset(grams)
         self.grams: Dict[str, torch.Tensor] = {}
+        #: the same sums over the odd-numbered batches only (count, ``sum x`` [channels] and
+        #: ``sum x x^T`` in float32): a half of the data a fit can leave out, so that
+        #: compensation chooses its damping on data it did not fit. Batches are numbered as
+        #: :func:`cleanai.distributed.shard` deals them: ``(rank, world)`` = ``shard``, so the
+        #: ranks' halves, summed, are those of one process reading every batch
+        self.shard = shard
+        self.half_count: Dict[str, Any] = {}
+        self.half_sums: Dict[str, torch.Tensor] = {}
+        self.half_grams: Dict[str, torch.Tensor] = {}
         self.batches = 0
         #: ``nn.MultiheadAttention`` layers seen only as self-attention (query, key and value
         #: the same tensor on every batch): their input statistics hold for all three
@@ -90,6 +100,8 @@ class ActivationStats:
         if fresh:
             self.sums[name] = torch.zeros(3, channels, dtype=wide, device=x.device)
             self.count[name] = positions if real is not None else float(positions)
+            for held in (self.half_count, self.half_sums, self.half_grams):
+                held.pop(name, None)
         else:
             self.count[name] += positions
         sums = self.sums[name]
@@ -100,11 +112,25 @@ class ActivationStats:
             # summed across batches in float64; channels last is a free view
             if dim != x.dim() - 1:
                 rows = x.movedim(dim, -1).reshape(-1, channels)
-            gram = (rows.T @ rows).to(wide)
+            product = rows.T @ rows
+            gram = product.to(wide)
             if fresh or name not in self.grams:
                 self.grams[name] = gram
             else:
                 self.grams[name] += gram
+            if (self.batches * self.shard[1] + self.shard[0]) % 2 == 1:
+                self._add_half(name, positions, rows.sum(0).to(wide), product)
+
+    def _add_half(self, name: str, positions: Any, total: torch.Tensor,
+                  product: torch.Tensor) -> None:
+        if name in self.half_grams:
+            self.half_count[name] += positions
+            self.half_sums[name] += total
+            self.half_grams[name] += product
+        else:
+            self.half_count[name] = positions
+            self.half_sums[name] = total
+            self.half_grams[name] = product.clone()
 
     def note_attention_call(self, name: str, args: tuple, kwargs: dict) -> None:
         """Record whether an attention layer was called with one tensor as query, key and
@@ -126,6 +152,33 @@ class ActivationStats:
         n = max(self.positions(name), 1.0)
         return (self.sums[name][0].cpu().double() / n, self.grams[name].cpu().double() / n,
                 self.positions(name))
+
+    def held_out(self, name: str) -> Optional[Tuple[Tuple[torch.Tensor, torch.Tensor, float],
+                                                     Tuple[torch.Tensor, torch.Tensor, float]]]:
+        """The :meth:`moments` of the even- and of the odd-numbered calibration batches of
+        ``name``'s input, two disjoint halves of the data (float64, CPU); ``None`` when one
+        of them is empty (a single batch)."""
+        full = self.moments(name)
+        if full is None or name not in self.half_grams:
+            return None
+        n_odd = self.half_count[name]
+        if isinstance(n_odd, torch.Tensor):
+            n_odd = self.half_count[name] = float(n_odd)
+        n_all = full[2]
+        n_even = n_all - n_odd
+        if n_odd < 1 or n_even < 1:
+            return None
+        s_odd = self.half_sums[name].cpu().double()
+        g_odd = self.half_grams[name].cpu().double()
+        s_all = self.sums[name][0].cpu().double()
+        g_all = self.grams[name].cpu().double()
+        return ((s_all - s_odd) / n_even, (g_all - g_odd) / n_even, n_even), \
+               (s_odd / n_odd, g_odd / n_odd, n_odd)
+
+    def nbytes(self) -> int:
+        """The memory these statistics hold: sums, second moments and their held-out half."""
+        held = [self.sums, self.grams, self.half_sums, self.half_grams]
+        return sum(t.numel() * t.element_size() for d in held for t in d.values())
 
     def positions(self, name: str) -> float:
         """How many positions (tokens, pixels, samples) of the input of ``name`` were seen."""
@@ -158,6 +211,9 @@ class ActivationStats:
             self.sums[name] = self.sums[name][:, keep]
             if name in self.grams:
                 self.grams[name] = self.grams[name][keep][:, keep]
+            if name in self.half_grams:
+                self.half_sums[name] = self.half_sums[name][keep]
+                self.half_grams[name] = self.half_grams[name][keep][:, keep]
 
     def group_scores(self, group: Group, statistic: str) -> Optional[torch.Tensor]:
         """Per group channel, the statistic aggregated (averaged) over every consumer position
@@ -303,11 +359,13 @@ def model_inputs(batch: Any) -> Any:
 def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
             max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
             progress: bool = False, grams: Iterable[str] = (),
-            moments: Iterable[str] = MOMENTS) -> ActivationStats:
+            moments: Iterable[str] = MOMENTS, shard: Tuple[int, int] = (0, 1)
+            ) -> ActivationStats:
     """Run calibration batches in eval mode under ``no_grad`` and return the statistics;
     ``grams``: the keys (:func:`stats_key`) whose second moments are summed too;
-    ``moments``: the per-channel sums kept (see :data:`NEEDS`)."""
-    stats = ActivationStats(grams, moments)
+    ``moments``: the per-channel sums kept (see :data:`NEEDS`); ``shard``: this process's
+    ``(rank, world)`` when the batches are its share of the data."""
+    stats = ActivationStats(grams, moments, shard)
     fn = forward_fn or graph.forward_fn
     with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
         model.eval()

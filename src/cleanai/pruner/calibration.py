@@ -4,7 +4,7 @@ over the data as they allow."""
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -19,10 +19,12 @@ __all__ = ["calibrate_here", "follow_step"]
 
 
 def calibrate_here(pruner: "StructuredPruner", data: Iterable, max_batches: Optional[int],
-                   forward_fn: Optional[ForwardFn], progress: bool) -> None:
+                   forward_fn: Optional[ForwardFn], progress: bool,
+                   shard: Tuple[int, int] = (0, 1)) -> None:
     """:meth:`StructuredPruner.calibrate` on this process: compensation's statistics (which a
     data-dependent importance adopts when it can, sparing its own pass), then the
-    importance's and the allocation's; a one-shot iterator is read once for all of them."""
+    importance's and the allocation's; a one-shot iterator is read once for all of them.
+    ``shard``: ``(rank, world)`` when ``data`` is this rank's share."""
     passes = (pruner.compensate is not None or
               getattr(pruner.importance, "requires_data", False)) + \
         getattr(pruner.allocation, "requires_data", False)
@@ -33,7 +35,7 @@ def calibrate_here(pruner: "StructuredPruner", data: Iterable, max_batches: Opti
         grams = compensable_keys(pruner.model, pruner.graph) \
             if pruner.compensate == "lstsq" else ()
         pruner.input_stats = collect(pruner.model, pruner.graph, data, max_batches, forward_fn,
-                                     progress, grams=grams)
+                                     progress, grams=grams, shard=shard)
         adopted = getattr(pruner.importance, "requires_data", False) and \
             pruner.importance.adopt(pruner.input_stats)
     for scorer in ((pruner.allocation,) if adopted else (pruner.importance, pruner.allocation)):

@@ -17,7 +17,15 @@ in kept ones it is exact, except that with zero padding the constant part is wro
 image borders. ``"bias"`` keeps only the constant: ``t_r = E[x_r]``, ``T = 0``.
 
 A consumer whose bias cannot take the constant (an RNN or attention layer built without one)
-is refit without it: ``T = E[x_r x_K^T] E[x_K x_K^T]^-1``. A consumer whose weight another
+is refit without it: ``T = E[x_r x_K^T] E[x_K x_K^T]^-1``.
+
+The estimate is ridge-damped. With the statistics of at least two calibration batches, the
+damping is chosen per consumer by two-fold cross-validation over the even- and odd-numbered
+batches: each candidate in :data:`DAMPINGS` (and the constant alone, and nothing at all) is fit
+on one half and scored on the other by the error it leaves in the consumer's output,
+``tr(W_r E[e e^T] W_r^T)`` with ``e`` the estimate's residual; the best is refit on all the
+data. Few samples next to many channels would otherwise fit noise that other inputs do not
+share. A consumer whose weight another
 layer shares (tied embeddings) is left as it is: refitting it would change that layer too.
 """
 from __future__ import annotations
@@ -36,8 +44,12 @@ from ..core.runtime import find_submodule
 from ..importance.stats import MAX_GRAM_CHANNELS, ActivationStats, stats_key
 
 MODES = ("bias", "lstsq")
-#: ridge damping of the kept channels' second moment, relative to its mean diagonal
+#: ridge damping of the kept channels' second moment, relative to its mean diagonal, when the
+#: statistics hold a single batch (nothing to choose a damping on)
 DAMPING = 1e-6
+#: the dampings cross-validation chooses from (relative, as :data:`DAMPING`)
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+_MEAN_ONLY, _NOTHING = float("inf"), -1.0  # two more choices: the constant alone; no estimate
 
 
 @dataclasses.dataclass
@@ -120,6 +132,9 @@ class CompensationReport:
     added_bias: List[str] = dataclasses.field(default_factory=list)
     #: layers whose singular second moment needed more damping: the factor over the default
     damped: Dict[str, float] = dataclasses.field(default_factory=dict)
+    #: per consumer, the estimate cross-validation chose: a damping (``"1e-06"``...), ``"mean
+    #: only"`` or ``"none"`` (its removed inputs best left out); absent without held-out data
+    chosen: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,6 +145,12 @@ class CompensationReport:
             lines.append(f"  bias added to: {', '.join(self.added_bias)}")
         if self.damped:
             lines.append(f"  damped more (singular statistics): {', '.join(self.damped)}")
+        if self.chosen:
+            counts: Dict[str, int] = {}
+            for c in self.chosen.values():
+                counts[c] = counts.get(c, 0) + 1
+            lines.append("  chosen on held-out batches: " + ", ".join(
+                f"{c} ({n})" for c, n in sorted(counts.items())))
         for name, why in self.skipped.items():
             lines.append(f"  not compensated: {name}: {why}")
         return "\n".join(lines)
@@ -224,9 +245,9 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
             comp.report.skipped[name] = "no calibration statistics for its input (not reached " \
                                         "by the calibration data)"
             continue
-        mean, second, count = found
+        halves = stats.held_out(key) if found[1] is not None and not mean_only else None
         for target in targets:
-            _compensate(comp, name, target, keep, removed, mean, second, count,
+            _compensate(comp, name, target, keep, removed, found, halves,
                         "bias" if mean_only else mode)
         if name not in comp.report.skipped:
             comp.report.compensated.append(name)
@@ -253,9 +274,12 @@ def _complement(keep: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tensor,
-                removed: torch.Tensor, mean: torch.Tensor, second: Optional[torch.Tensor],
-                count: float, mode: str) -> None:
-    """Fold the removed channels' estimate into ``target``'s kept weights and bias."""
+                removed: torch.Tensor, found: Tuple[torch.Tensor, Optional[torch.Tensor], float],
+                halves: Optional[tuple], mode: str) -> None:
+    """Fold the removed channels' estimate into ``target``'s kept weights and bias;
+    ``found`` is the input's ``(mean, second moment, count)``, ``halves`` those of two
+    disjoint halves of the batches (:meth:`ActivationStats.held_out`) or ``None``."""
+    mean = found[0]
     full = target.weight.detach()
     w = full[target.rows] if target.rows is not None else full
     g = target.groups
@@ -277,13 +301,13 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
         r_j = removed[(removed >= lo) & (removed < hi)]
         if r_j.numel() == 0:
             continue
-        if mode == "lstsq" and k_j.numel():
-            coef, const = _regress(second, mean, count, r_j, k_j, name, comp.report, constant)
-        else:
-            coef, const = None, mean[r_j]
         rows = slice(j * per_out, (j + 1) * per_out)
         block = wm.narrow(out_axis, j * per_out, per_out)  # [per_in, per_out(, ...), *kernel]
         w_r = block.index_select(0, r_j - lo)
+        if mode == "lstsq" and k_j.numel():
+            coef, const = _regress(found, halves, r_j, k_j, w_r, name, comp.report, constant)
+        else:
+            coef, const = None, mean[r_j]
         if coef is not None:
             delta = torch.einsum("r...,rk->k...", w_r, coef)
             idx = k_j - lo
@@ -309,40 +333,97 @@ def _compensate(comp: Compensation, name: str, target: _Target, keep: torch.Tens
         comp.new_bias[name] = (target.owner, bias_delta)
 
 
-def _regress(second: torch.Tensor, mean: torch.Tensor, count: float, removed: torch.Tensor,
-             kept: torch.Tensor, name: str, report: "CompensationReport", constant: bool = True
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[T | t]`` of the removed channels' least-squares estimate from the kept ones and a
-    constant (``t = 0`` and no constant in the fit when ``constant`` is False), with ridge
-    damping: ``DAMPING`` times the mean diagonal, 10^4 times more when ``count`` (the samples
-    seen) is below the unknowns, raised tenfold until the Cholesky factorisation holds."""
-    kk = second[kept][:, kept]
-    if constant:
-        a = torch.cat([torch.cat([kk, mean[kept, None]], 1),
-                       torch.cat([mean[None, kept], torch.ones(1, 1, dtype=kk.dtype)], 1)], 0)
-        b = torch.cat([second[kept][:, removed], mean[None, removed]], 0)  # [k + 1, r]
-    else:
-        a, b = kk, second[kept][:, removed]
-    scale = float(kk.diagonal().mean()) if kk.numel() else 1.0
-    damp = DAMPING * max(scale, 1e-12)
+Moments = Tuple[torch.Tensor, torch.Tensor, float]  # (E[x], E[x x^T], samples), float64
+
+
+def _regress(found: Moments, halves: Optional[Tuple[Moments, Moments]], removed: torch.Tensor,
+             kept: torch.Tensor, w_r: torch.Tensor, name: str, report: "CompensationReport",
+             constant: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``(T, t)`` of the removed channels' estimate ``x_r ~ T x_K + t`` (``t = 0`` when
+    ``constant`` is False; ``T`` is ``None`` for the constant alone), ridge-damped by the
+    choice :func:`_choose` makes on ``halves`` (``w_r``: the consumer's weights that read
+    the removed channels, ``[r, ...]``; the damping halved for the whole data, as a damping
+    per sample), else by :data:`DAMPING`."""
+    choice = _choose(halves, removed, kept, w_r, constant) if halves is not None else None
+    if choice is not None:
+        if choice not in (_NOTHING, _MEAN_ONLY):
+            choice /= 2  # a damping per sample: the whole data (twice a half) wants half
+        report.chosen[name] = ("none" if choice == _NOTHING else "mean only"
+                               if choice == _MEAN_ONLY else f"{choice:g}")
+        if choice == _NOTHING:
+            return None, torch.zeros(len(removed), dtype=torch.float64)
+        if choice == _MEAN_ONLY:
+            return None, found[0][removed] if constant else torch.zeros(len(removed),
+                                                                         dtype=torch.float64)
+    mean, second, count = found
+    kk, kr = _blocks(mean, second, removed, kept, constant)
     start = 0
-    if count < a.shape[0]:  # fewer samples than unknowns: the fit is not determined
-        start = 4
-        damp *= 10 ** start
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
-    if constant:
-        eye[-1, -1] = 0  # the constant is not damped
+    if choice is not None:
+        damping = choice
+    else:
+        damping = DAMPING
+        if count < len(kept) + constant:  # fewer samples than unknowns: not determined
+            start = 4
+            damping *= 10 ** start
+    damp = damping * max(float(kk.diagonal().mean()), 1e-12)
+    eye = torch.eye(kk.shape[0], dtype=kk.dtype)
     for attempt in range(start, start + 8):
-        chol, info = torch.linalg.cholesky_ex(a + damp * eye)
+        chol, info = torch.linalg.cholesky_ex(kk + damp * eye)
         if int(info) == 0:
             break
         damp *= 10
     else:
         raise RuntimeError(f"{name}: the second moment of its input is not positive definite "
                            f"even with damping {damp:g}")
-    if attempt:
+    if attempt > start or (choice is None and attempt):
         report.damped[name] = max(report.damped.get(name, 0.0), float(10 ** attempt))
-    sol = torch.cholesky_solve(b, chol)  # [k (+ 1), r]
+    coef = torch.cholesky_solve(kr, chol).T.contiguous()  # [r, k]
     if not constant:
-        return sol.T.contiguous(), torch.zeros(sol.shape[1], dtype=sol.dtype)
-    return sol[:-1].T.contiguous(), sol[-1]
+        return coef, torch.zeros(len(removed), dtype=torch.float64)
+    return coef, mean[removed] - coef @ mean[kept]
+
+
+def _blocks(mean: torch.Tensor, second: torch.Tensor, removed: torch.Tensor,
+            kept: torch.Tensor, constant: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kept x kept and kept x removed blocks of the input's covariance (``constant``:
+    the fit has an undamped constant, which is ridge regression on centred inputs) or of its
+    second moment."""
+    kk, kr = second[kept][:, kept], second[kept][:, removed]
+    if constant:
+        kk = kk - mean[kept, None] * mean[None, kept]
+        kr = kr - mean[kept, None] * mean[None, removed]
+    return kk, kr
+
+
+def _choose(halves: Tuple[Moments, Moments], removed: torch.Tensor, kept: torch.Tensor,
+            w_r: torch.Tensor, constant: bool) -> float:
+    """The damping in :data:`DAMPINGS`, or ``_MEAN_ONLY`` / ``_NOTHING``, whose estimate fit on
+    one half of the batches leaves the least error in the consumer's output on the other
+    (summed over both ways round): ``tr(M E[e e^T])``, ``M = W_r W_r^T`` over the consumer's
+    outputs (and kernel positions), ``e = x_r - T x_K - t``."""
+    flat = w_r.reshape(len(removed), -1)
+    weight = flat @ flat.T  # [r, r]
+    choices = list(DAMPINGS) + [_MEAN_ONLY, _NOTHING]
+    total = torch.zeros(len(choices), dtype=torch.float64)
+    for (fit, held) in (halves, halves[::-1]):
+        kk, kr = _blocks(fit[0], fit[1], removed, kept, constant)
+        values, vectors = torch.linalg.eigh(kk)
+        values = values.clamp_min(0)
+        projected = vectors.T @ kr  # [k, r]
+        scale = max(float(values.mean()), 1e-12)
+        m, s = held[0], held[1]
+        s_rr, s_kr, s_kk = s[removed][:, removed], s[kept][:, removed], s[kept][:, kept]
+        for i, choice in enumerate(choices):
+            if choice in (_MEAN_ONLY, _NOTHING):
+                coef = torch.zeros(len(removed), len(kept), dtype=torch.float64)
+            else:
+                coef = (vectors @ (projected / (values + choice * scale)[:, None])).T
+            t = torch.zeros(len(removed), dtype=torch.float64)
+            if constant and choice != _NOTHING:
+                t = fit[0][removed] - coef @ fit[0][kept]
+            cross = coef @ s_kr  # [r, r]
+            u = m[removed] - coef @ m[kept]
+            err = (s_rr - cross - cross.T + coef @ s_kk @ coef.T
+                   - u[:, None] * t[None] - t[:, None] * u[None] + t[:, None] * t[None])
+            total[i] += (weight * err).sum()
+    return choices[int(torch.argmin(total))]

@@ -5,7 +5,7 @@ import copy
 import datetime
 import logging
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -253,12 +253,14 @@ class StructuredPruner:
         group = distributed.active_group(self.process_group)
         if group is None:
             return self._calibrate_here(data, max_batches, forward_fn, progress)
-        calibrate_together(self, group,
-                           lambda: self._calibrate_here(data, max_batches, forward_fn, progress))
+        shard = distributed.rank_and_world(group)
+        calibrate_together(self, group, lambda: self._calibrate_here(
+            data, max_batches, forward_fn, progress, shard))
 
     def _calibrate_here(self, data: Iterable, max_batches: Optional[int],
-                        forward_fn: Optional[ForwardFn], progress: bool) -> None:
-        calibrate_here(self, data, max_batches, forward_fn, progress)
+                        forward_fn: Optional[ForwardFn], progress: bool,
+                        shard: Tuple[int, int] = (0, 1)) -> None:
+        calibrate_here(self, data, max_batches, forward_fn, progress, shard)
 
     def apply(self, plan: PruningPlan) -> None:
         """Apply ``plan`` to the model, all or nothing, and record it in :attr:`history`.

@@ -1,10 +1,11 @@
 """The closed-form half of layer reconstruction: a Linear's or conv's input as regression
-rows, its weights in the layout of the solve, and the ridge least-squares solve itself."""
+rows, its weights in the layout of the solve, the ridge least-squares solve itself, and the
+choice of its damping on held-out batches."""
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -51,8 +52,9 @@ def solve_layout(m: nn.Module) -> torch.Tensor:
 
 
 def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, damping: float, name: str,
-           w0: torch.Tensor) -> torch.Tensor:
-    """Solve ``(G + lam I) W = X^T Y`` per group by Cholesky, lam = damping * mean(diag G),
+                w0: torch.Tensor) -> torch.Tensor:
+    """Solve ``(G + lam I) W = X^T Y + lam W0`` per group by Cholesky: least squares pulled
+    towards the present weights ``w0`` (not towards zero), lam = damping * mean(diag G),
     raised x10 (with a warning) until the factorisation succeeds. Groups whose input was all
     zero keep ``w0``: the data says nothing about them."""
     diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
@@ -62,7 +64,7 @@ def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, damping: float, name: str
     for _ in range(20):
         chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
         if not bool((info != 0).any()):
-            w = torch.cholesky_solve(xty, chol)
+            w = torch.cholesky_solve(xty + lam[:, None, None] * w0, chol)
             return torch.where(empty[:, None, None], w0, w)
         lam = torch.where(lam > 0, lam * 10, diag * 1e-10)
         warnings.warn(f"reconstruct: the input Gram matrix of {name} is singular; damping "
@@ -70,3 +72,38 @@ def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, damping: float, name: str
                       f"mean(diag)", RuntimeWarning, stacklevel=3)
     raise RecoveryError(f"reconstruct: cannot solve the least squares of {name} (its input "
                         f"Gram matrix stays singular); try a larger damping")
+
+
+#: the dampings :func:`choose_damping` tries, relative to the mean diagonal of ``X^T X``
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+
+
+def squared_error(w: torch.Tensor, gram: torch.Tensor, xty: torch.Tensor,
+                  yy: torch.Tensor) -> torch.Tensor:
+    """``||X W - Y||^2`` from the sums ``X^T X``, ``X^T Y`` and ``||Y||^2`` (all groups)."""
+    return (w * (gram @ w)).sum() - 2 * (w * xty).sum() + yy
+
+
+def choose_damping(grams: Sequence[torch.Tensor], xtys: Sequence[torch.Tensor],
+                   yys: Sequence[torch.Tensor], w0: torch.Tensor) -> Optional[float]:
+    """Two-fold cross-validation of :func:`ridge_solve` over two disjoint halves of the data
+    (``grams[h]``, ``xtys[h]``, ``yys[h]``: the sums of half ``h``): the damping in
+    :data:`DAMPINGS` whose solve on one half leaves the least squared error on the other
+    (both ways round), halved for the whole data (a damping per sample: twice the samples
+    want half of it); ``None`` when the present weights ``w0`` do better on the halves than
+    any refit."""
+    total = torch.zeros(len(DAMPINGS), dtype=torch.float64)
+    for fit, held in ((0, 1), (1, 0)):
+        values, vectors = torch.linalg.eigh(grams[fit])  # per group: [g, d], [g, d, d]
+        values = values.clamp_min(0)
+        scale = values.mean(-1)
+        empty = scale <= 0
+        for i, damping in enumerate(DAMPINGS):
+            lam = (damping * scale).clamp_min(1e-300)
+            rhs = vectors.transpose(1, 2) @ (xtys[fit] + lam[:, None, None] * w0)
+            w = vectors @ (rhs / (values + lam[:, None])[..., None])
+            w = torch.where(empty[:, None, None], w0, w)
+            total[i] += squared_error(w, grams[held], xtys[held], yys[held])
+    best = int(torch.argmin(total))
+    unchanged = sum(squared_error(w0, g, c, y) for g, c, y in zip(grams, xtys, yys))
+    return None if float(unchanged) <= float(total[best]) else DAMPINGS[best] / 2

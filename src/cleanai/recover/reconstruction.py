@@ -7,14 +7,15 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..core.runtime import ForwardFn, iter_tensors, map_tensors, run_forward
 from ..importance.stats import drop_padding, padding_mask
-from .least_squares import closed_form_dim, regression_rows, ridge_solve, solve_layout
+from .least_squares import (choose_damping, closed_form_dim, regression_rows, ridge_solve,
+                            solve_layout)
 from .units import Unit, plan_units
 from .common import (RecoveryError, all_or_nothing, check_finite, check_pair, materialize,
                      model_device, relative_error, to_device)
@@ -73,7 +74,7 @@ class _Run:
     forward_fn: Optional[ForwardFn]
     steps: int
     lr: float
-    damping: float
+    damping: Union[float, str]
     offload: bool
     notes: List[str]
 
@@ -86,7 +87,7 @@ class _Stop(BaseException):
 def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
                 granularity: str = "layer", steps: int = 200, lr: float = 1e-3,
                 max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
-                damping: float = 1e-3, offload: bool = False,
+                damping: Union[float, str] = "auto", offload: bool = False,
                 progress: bool = True) -> ReconstructionReport:
     """Refit the pruned ``model``'s weights so that, unit by unit in forward order, each unit
     fed its own inputs reproduces the dense ``teacher``'s output at the same module (the
@@ -95,7 +96,12 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     ``granularity="layer"``: every Linear and Conv1d/2d/3d (grouped, depthwise) is solved in
     closed form, ridge least squares of ``[W, b]`` on its (unfolded) input, streamed as float64
     ``X^T X`` / ``X^T Y`` (memory O(d^2) with d = C_in/groups * prod(kernel), + 1 for a bias);
-    ``damping * mean(diag)`` is added to the diagonal, x10 while Cholesky fails. Layers with
+    ``damping * mean(diag)`` is added to the diagonal, x10 while Cholesky fails. With
+    ``damping="auto"`` and at least two batches, each layer's damping is chosen by two-fold
+    cross-validation over the even- and odd-numbered batches
+    (:data:`~cleanai.recover.least_squares.DAMPINGS`), and a layer
+    whose refit does worse on the held-out half than its weights as they are is left alone
+    (few rows next to many unknowns would fit noise); one batch: 1e-3. Layers with
     d > :data:`MAX_CLOSED_FORM_DIM` are trained with Adam instead.
     ``granularity="block"``: the non-leaf children of ``nn.Sequential`` / ``nn.ModuleList``
     holding a Linear or conv (residual blocks, transformer layers) are trained with Adam
@@ -120,12 +126,15 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
         raise RecoveryError(f"reconstruct: steps must be a positive int, got {steps!r}")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise RecoveryError(f"reconstruct: lr must be a positive number, got {lr!r}")
-    if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
-        raise RecoveryError(f"reconstruct: damping must be >= 0, got {damping!r}")
+    if damping != "auto" if isinstance(damping, str) else not (
+            isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
+        raise RecoveryError(f"reconstruct: damping must be 'auto' or a number >= 0, "
+                            f"got {damping!r}")
     check_pair(model, teacher, "reconstruct")
     batches = materialize(data, max_batches, "reconstruct")
     report = ReconstructionReport(batches=len(batches))
-    run = _Run(model, teacher, batches, forward_fn, steps, float(lr), float(damping), offload,
+    run = _Run(model, teacher, batches, forward_fn, steps, float(lr),
+               damping if damping == "auto" else float(damping), offload,
                report.notes)
     modes = [(m, m.training) for m in list(model.modules()) + list(teacher.modules())]
     try:
@@ -271,6 +280,7 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
     bias = m.bias is not None
     gram = xty = None
     yy = torch.zeros((), dtype=torch.float64)
+    halves: List[List[torch.Tensor]] = []  # per half of the batches (even, odd): its three sums
     for i in range(len(run.batches)):
         args, kwargs, y = _capture(run, unit, i)
         x = args[0] if args else kwargs["input"]
@@ -280,19 +290,22 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
             x, y = drop_padding(x, x.dim() - 1, mask)[0], drop_padding(y, y.dim() - 1, mask)[0]
         rows = regression_rows(m, x)
         y = y.reshape(rows.shape[0], g, -1)
-        if gram is None:
+        if not halves:
             d = rows.shape[-1] + bias
-            gram = torch.zeros(g, d, d, dtype=torch.float64, device=rows.device)
-            xty = torch.zeros(g, d, y.shape[-1], dtype=torch.float64, device=rows.device)
-            yy = yy.to(rows.device)
+            halves = [[torch.zeros(g, d, d, dtype=torch.float64, device=rows.device),
+                       torch.zeros(g, d, y.shape[-1], dtype=torch.float64, device=rows.device),
+                       torch.zeros((), dtype=torch.float64, device=rows.device)]
+                      for _ in range(2)]
+        half = halves[i % 2]
         for s in range(0, rows.shape[0], _ROWS_PER_CHUNK):
             xc = rows[s:s + _ROWS_PER_CHUNK].double()
             if bias:
                 xc = torch.cat([xc, xc.new_ones(xc.shape[:2] + (1,))], -1)
             yc = y[s:s + _ROWS_PER_CHUNK].double()
-            gram += torch.einsum("rgi,rgj->gij", xc, xc)
-            xty += torch.einsum("rgi,rgo->gio", xc, yc)
-            yy += (yc * yc).sum()
+            half[0] += torch.einsum("rgi,rgj->gij", xc, xc)
+            half[1] += torch.einsum("rgi,rgo->gio", xc, yc)
+            half[2] += (yc * yc).sum()
+    gram, xty, yy = (a + b for a, b in zip(*halves))
     ref = float(yy)
 
     def error(w: torch.Tensor) -> float:
@@ -303,7 +316,15 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
     before = error(w0)
     if not unit.pruned and before < _SKIP_BELOW:
         return _row(unit, "skipped", before, before)
-    w = ridge_solve(gram, xty, run.damping, unit.name, w0)
+    damping = run.damping
+    if damping == "auto":
+        damping = choose_damping(*zip(*halves), w0) if len(run.batches) > 1 else 1e-3
+        if damping is None:  # the held-out halves say the weights are better as they are
+            if before >= _SKIP_BELOW:
+                run.notes.append(f"{unit.name}: a refit did worse on held-out batches; "
+                                 f"weights kept")
+            return _row(unit, "closed form", before, before)
+    w = ridge_solve(gram, xty, damping, unit.name, w0)
     after = error(w)
     if after <= before:
         d = w.shape[1] - bias

@@ -93,7 +93,7 @@ def _layer_unit(teacher: nn.Module, name: str, m: nn.Module, s_shape, t_shape,
     if s_shape is None or t_shape is None or len(s_shape) != len(t_shape):
         notes.append(f"{name}: its output does not line up with the teacher's; skipped")
         return None
-    dim = get_layer_pruner(m).out_dim(m, len(s_shape)) - len(s_shape)
+    dim = _out_dim(m, len(s_shape))
     kept = keep.get((name, "out", -1))
     want = list(t_shape)
     if kept is not None:
@@ -103,6 +103,16 @@ def _layer_unit(teacher: nn.Module, name: str, m: nn.Module, s_shape, t_shape,
                          f"{tuple(t_shape)} after its kept channels; skipped")
         return None
     return Unit(name, "layer", m, find_submodule(teacher, name), kept, dim, name in touched)
+
+
+def _out_dim(m: nn.Module, ndim: int) -> int:
+    """The (negative) dim of ``m``'s ``ndim``-dim output that holds its output channels; a
+    subclass of Linear or conv with a ``forward`` of its own (timm's ``Linear``) is read as
+    its base class."""
+    pruner = get_layer_pruner(m, inherited=True)
+    if pruner is not None:
+        return pruner.out_dim(m, ndim) - ndim
+    return -1 if isinstance(m, nn.Linear) else -len(m.kernel_size) - 1
 
 
 def _block_unit(model: nn.Module, teacher: nn.Module, b: str, order: List[str], s_shape,
