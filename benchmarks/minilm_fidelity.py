@@ -280,14 +280,16 @@ def main() -> None:
                                         steps=args.reconstruct_steps)
             rows.append(_row(f"OBS + lstsq + reconstruct ({granularity}), {tag}", rebuilt,
                              ref, eval_batches, f"{time.perf_counter() - start:.0f} s"))
-        student = copy.deepcopy(rebuilt)
-        start = time.perf_counter()
-        cleanai.recover.distill(student, dense, calib_batches, steps=args.distill_steps,
-                                lr=5e-5, train_mode=False, progress=False)
-        rows.append(_row(f"... + distill {args.distill_steps} steps, {tag}", student, ref,
-                         eval_batches, f"{time.perf_counter() - start:.0f} s"))
-        # distillation on more unlabeled text, every encoder layer's output matched too
-        rows += wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts, wider)
+        if not args.no_distill:
+            student = copy.deepcopy(rebuilt)
+            start = time.perf_counter()
+            cleanai.recover.distill(student, dense, calib_batches, steps=args.distill_steps,
+                                    lr=5e-5, train_mode=False, progress=False)
+            rows.append(_row(f"... + distill {args.distill_steps} steps, {tag}", student, ref,
+                             eval_batches, f"{time.perf_counter() - start:.0f} s"))
+            # distillation on more unlabeled text, every encoder layer's output matched too
+            rows += wide_distill_rows(dense, rebuilt, tag, ref, eval_batches, args, texts,
+                                      wider)
         rows += sensitivity_rows(dense, example, calib_batches, ratio, tag, ref, eval_batches,
                                  args, texts, wider)
 

@@ -482,3 +482,28 @@ def test_lstsq_damping_is_chosen_on_held_out_batches():
     plain, _ = _fresh_error(dense, _independent(20), None)
     fitted, report = _fresh_error(dense, _independent(20), "lstsq")
     assert set(report.chosen.values()) - {"mean only", "none"} and fitted < 0.5 * plain
+
+
+def test_channels_whose_mean_dwarfs_their_spread_are_compensated_without_failing():
+    """Centring such inputs leaves rounding noise larger than their variance (pooled features
+    of a few images): the damping never goes below that noise, so the step works."""
+    dense = _wide_head(independent=True)
+    for seed in range(6):  # rows that differ by 1e-7: the centred second moment is rounding
+        g = torch.Generator().manual_seed(seed)
+        row = torch.rand(1, 48, generator=g)
+        data = [row.repeat(4, 1) + 1e-7 * torch.rand(4, 48, generator=g) for _ in range(4)]
+        _step_with(dense, data)
+        _step_with(dense, [torch.cat(data)])
+
+
+def _step_with(dense, batches):
+    """Prune a copy of ``dense`` with lstsq compensation calibrated on ``batches``."""
+    model = copy.deepcopy(dense)
+    step = cleanai.StructuredPruner(model, batches[0][:1], compensate="lstsq",
+                                    pruning_ratio=0.25)
+    step.calibrate(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step.step()
+    assert torch.isfinite(model(batches[0])).all()
+    assert bool(step.compensation[-1].chosen) == (len(batches) > 1)

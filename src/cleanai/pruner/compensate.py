@@ -356,16 +356,16 @@ def _regress(found: Moments, halves: Optional[Tuple[Moments, Moments]], removed:
             return None, found[0][removed] if constant else torch.zeros(len(removed),
                                                                          dtype=torch.float64)
     mean, second, count = found
-    kk, kr = _blocks(mean, second, removed, kept, constant)
+    kk, kr, floor = _blocks(mean, second, removed, kept, constant)
     start = 0
-    if choice is not None:
-        damping = choice
-    else:
+    if choice is not None:  # relative to the kept channels' mean variance
+        damp = max(choice * float(kk.diagonal().mean()), floor)
+    else:  # relative to their mean second moment
         damping = DAMPING
         if count < len(kept) + constant:  # fewer samples than unknowns: not determined
             start = 4
             damping *= 10 ** start
-    damp = damping * max(float(kk.diagonal().mean()), 1e-12)
+        damp = damping * max(float(second[kept, kept].mean()), 1e-12)
     eye = torch.eye(kk.shape[0], dtype=kk.dtype)
     for attempt in range(start, start + 8):
         chol, info = torch.linalg.cholesky_ex(kk + damp * eye)
@@ -384,15 +384,19 @@ def _regress(found: Moments, halves: Optional[Tuple[Moments, Moments]], removed:
 
 
 def _blocks(mean: torch.Tensor, second: torch.Tensor, removed: torch.Tensor,
-            kept: torch.Tensor, constant: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            kept: torch.Tensor, constant: bool) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """The kept x kept and kept x removed blocks of the input's covariance (``constant``:
     the fit has an undamped constant, which is ridge regression on centred inputs) or of its
-    second moment."""
+    second moment, and the least damping they take: :data:`DAMPING` of the kept channels'
+    mean second moment (centring channels whose mean dwarfs their spread leaves rounding
+    noise of about that size, which a damping relative to the spread alone would not
+    cover)."""
     kk, kr = second[kept][:, kept], second[kept][:, removed]
+    floor = DAMPING * max(float(kk.diagonal().mean()), 1e-12)
     if constant:
         kk = kk - mean[kept, None] * mean[None, kept]
         kr = kr - mean[kept, None] * mean[None, removed]
-    return kk, kr
+    return kk, kr, floor
 
 
 def _choose(halves: Tuple[Moments, Moments], removed: torch.Tensor, kept: torch.Tensor,
@@ -406,18 +410,19 @@ def _choose(halves: Tuple[Moments, Moments], removed: torch.Tensor, kept: torch.
     choices = list(DAMPINGS) + [_MEAN_ONLY, _NOTHING]
     total = torch.zeros(len(choices), dtype=torch.float64)
     for (fit, held) in (halves, halves[::-1]):
-        kk, kr = _blocks(fit[0], fit[1], removed, kept, constant)
+        kk, kr, floor = _blocks(fit[0], fit[1], removed, kept, constant)
         values, vectors = torch.linalg.eigh(kk)
         values = values.clamp_min(0)
         projected = vectors.T @ kr  # [k, r]
-        scale = max(float(values.mean()), 1e-12)
+        scale = float(kk.diagonal().mean())
         m, s = held[0], held[1]
         s_rr, s_kr, s_kk = s[removed][:, removed], s[kept][:, removed], s[kept][:, kept]
         for i, choice in enumerate(choices):
             if choice in (_MEAN_ONLY, _NOTHING):
                 coef = torch.zeros(len(removed), len(kept), dtype=torch.float64)
             else:
-                coef = (vectors @ (projected / (values + choice * scale)[:, None])).T
+                lam = max(choice * scale, floor)
+                coef = (vectors @ (projected / (values + lam)[:, None])).T
             t = torch.zeros(len(removed), dtype=torch.float64)
             if constant and choice != _NOTHING:
                 t = fit[0][removed] - coef @ fit[0][kept]
@@ -426,4 +431,5 @@ def _choose(halves: Tuple[Moments, Moments], removed: torch.Tensor, kept: torch.
             err = (s_rr - cross - cross.T + coef @ s_kk @ coef.T
                    - u[:, None] * t[None] - t[:, None] * u[None] + t[:, None] * t[None])
             total[i] += (weight * err).sum()
+    total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
     return choices[int(torch.argmin(total))]
