@@ -507,3 +507,25 @@ def _step_with(dense, batches):
         step.step()
     assert torch.isfinite(model(batches[0])).all()
     assert bool(step.compensation[-1].chosen) == (len(batches) > 1)
+
+
+def test_padded_batches_count_their_real_tokens_in_both_halves():
+    """Counts of padded batches are tensors on the device: the odd half's count is its own,
+    not the total's, whichever batch reached a layer first."""
+    from cleanai.importance.stats import ActivationStats
+    for shard in ((0, 1), (1, 2)):  # one process; the second rank of two (odd batches first)
+        stats = ActivationStats(grams=["L"], shard=shard, halves=True)
+        g = torch.Generator().manual_seed(0)
+        real = []
+        for b in range(4):
+            mask = torch.ones(2, 5, dtype=torch.bool)
+            mask[1, 3:] = False
+            stats.mask = mask
+            stats.update("L", torch.randn(2, 5, 3, generator=g), 2)
+            stats.batches += 1
+            real.append(int(mask.sum()))
+        odd = sum(n for i, n in enumerate(real) if (i * shard[1] + shard[0]) % 2)
+        assert stats.positions("L") == sum(real)
+        assert float(stats.half_count["L"]) == odd
+        if odd < sum(real):
+            assert stats.held_out("L")[0][2] == sum(real) - odd

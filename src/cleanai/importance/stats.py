@@ -33,7 +33,7 @@ class ActivationStats:
     """
 
     def __init__(self, grams: Iterable[str] = (), moments: Iterable[str] = MOMENTS,
-                 shard: Tuple[int, int] = (0, 1)) -> None:
+                 shard: Tuple[int, int] = (0, 1), halves: bool = False) -> None:
         #: the sums kept (rows of :attr:`sums` not kept stay zero): a score that reads one
         #: statistic lets calibration skip the others
         self.kept = tuple(m for m in MOMENTS if m in set(moments))
@@ -52,8 +52,10 @@ class ActivationStats:
         #: ``sum x x^T`` in float32): a half of the data a fit can leave out, so that
         #: compensation chooses its damping on data it did not fit. Batches are numbered as
         #: :func:`cleanai.distributed.shard` deals them: ``(rank, world)`` = ``shard``, so the
-        #: ranks' halves, summed, are those of one process reading every batch
+        #: ranks' halves, summed, are those of one process reading every batch. Kept only
+        #: with ``halves``
         self.shard = shard
+        self.keep_halves = halves
         self.half_count: Dict[str, Any] = {}
         self.half_sums: Dict[str, torch.Tensor] = {}
         self.half_grams: Dict[str, torch.Tensor] = {}
@@ -118,7 +120,7 @@ class ActivationStats:
                 self.grams[name] = gram
             else:
                 self.grams[name] += gram
-            if (self.batches * self.shard[1] + self.shard[0]) % 2 == 1:
+            if self.keep_halves and (self.batches * self.shard[1] + self.shard[0]) % 2 == 1:
                 self._add_half(name, positions, rows.sum(0).to(wide), product)
 
     def _add_half(self, name: str, positions: Any, total: torch.Tensor,
@@ -127,8 +129,9 @@ class ActivationStats:
             self.half_count[name] += positions
             self.half_sums[name] += total
             self.half_grams[name] += product
-        else:
-            self.half_count[name] = positions
+        else:  # a count on the device is a tensor: a copy, not the total's own
+            self.half_count[name] = positions.clone() if isinstance(positions, torch.Tensor) \
+                else positions
             self.half_sums[name] = total
             self.half_grams[name] = product.clone()
 
@@ -359,13 +362,14 @@ def model_inputs(batch: Any) -> Any:
 def collect(model: nn.Module, graph: DependencyGraph, data: Iterable,
             max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
             progress: bool = False, grams: Iterable[str] = (),
-            moments: Iterable[str] = MOMENTS, shard: Tuple[int, int] = (0, 1)
-            ) -> ActivationStats:
+            moments: Iterable[str] = MOMENTS, shard: Tuple[int, int] = (0, 1),
+            halves: bool = False) -> ActivationStats:
     """Run calibration batches in eval mode under ``no_grad`` and return the statistics;
     ``grams``: the keys (:func:`stats_key`) whose second moments are summed too;
     ``moments``: the per-channel sums kept (see :data:`NEEDS`); ``shard``: this process's
-    ``(rank, world)`` when the batches are its share of the data."""
-    stats = ActivationStats(grams, moments, shard)
+    ``(rank, world)`` when the batches are its share of the data; ``halves``: keep the odd
+    batches' second moments apart too (:meth:`ActivationStats.held_out`)."""
+    stats = ActivationStats(grams, moments, shard, halves)
     fn = forward_fn or graph.forward_fn
     with preserved_state(model), torch.no_grad(), consumer_hooks(model, graph, stats):
         model.eval()

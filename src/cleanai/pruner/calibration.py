@@ -35,7 +35,7 @@ def calibrate_here(pruner: "StructuredPruner", data: Iterable, max_batches: Opti
         grams = compensable_keys(pruner.model, pruner.graph) \
             if pruner.compensate == "lstsq" else ()
         pruner.input_stats = collect(pruner.model, pruner.graph, data, max_batches, forward_fn,
-                                     progress, grams=grams, shard=shard)
+                                     progress, grams=grams, shard=shard, halves=True)
         adopted = getattr(pruner.importance, "requires_data", False) and \
             pruner.importance.adopt(pruner.input_stats)
     for scorer in ((pruner.allocation,) if adopted else (pruner.importance, pruner.allocation)):

@@ -348,8 +348,9 @@ def _regress(found: Moments, halves: Optional[Tuple[Moments, Moments]], removed:
     if choice is not None:
         if choice not in (_NOTHING, _MEAN_ONLY):
             choice /= 2  # a damping per sample: the whole data (twice a half) wants half
-        report.chosen[name] = ("none" if choice == _NOTHING else "mean only"
-                               if choice == _MEAN_ONLY else f"{choice:g}")
+        report.chosen[name] = ("none" if choice == _NOTHING or not constant and choice ==
+                               _MEAN_ONLY else "mean only" if choice == _MEAN_ONLY
+                               else f"{choice:g}")
         if choice == _NOTHING:
             return None, torch.zeros(len(removed), dtype=torch.float64)
         if choice == _MEAN_ONLY:
@@ -400,36 +401,44 @@ def _blocks(mean: torch.Tensor, second: torch.Tensor, removed: torch.Tensor,
 
 
 def _choose(halves: Tuple[Moments, Moments], removed: torch.Tensor, kept: torch.Tensor,
-            w_r: torch.Tensor, constant: bool) -> float:
+            w_r: torch.Tensor, constant: bool) -> Optional[float]:
     """The damping in :data:`DAMPINGS`, or ``_MEAN_ONLY`` / ``_NOTHING``, whose estimate fit on
     one half of the batches leaves the least error in the consumer's output on the other
     (summed over both ways round): ``tr(M E[e e^T])``, ``M = W_r W_r^T`` over the consumer's
-    outputs (and kernel positions), ``e = x_r - T x_K - t``."""
+    outputs (and kernel positions), ``e = x_r - T x_K - t``; ``None`` when no choice gives a
+    finite error (the default damping then).
+
+    In the eigenbasis ``V`` of the fit half's kept block (``T = P^T D V^T``, ``P = V^T
+    C_Kr``, ``D = diag(1 / (eig + lam))``) every candidate's error is a few products of
+    vectors with matrices computed once per half, O(k^2) per candidate."""
     flat = w_r.reshape(len(removed), -1)
-    weight = flat @ flat.T  # [r, r]
+    weight = flat @ flat.T  # M, [r, r]
     choices = list(DAMPINGS) + [_MEAN_ONLY, _NOTHING]
     total = torch.zeros(len(choices), dtype=torch.float64)
     for (fit, held) in (halves, halves[::-1]):
         kk, kr, floor = _blocks(fit[0], fit[1], removed, kept, constant)
         values, vectors = torch.linalg.eigh(kk)
         values = values.clamp_min(0)
-        projected = vectors.T @ kr  # [k, r]
         scale = float(kk.diagonal().mean())
+        p = vectors.T @ kr  # [k, r]
         m, s = held[0], held[1]
-        s_rr, s_kr, s_kk = s[removed][:, removed], s[kept][:, removed], s[kept][:, kept]
+        s_kk = vectors.T @ s[kept][:, kept] @ vectors
+        s_kr = vectors.T @ s[kept][:, removed]
+        cross = ((s_kr @ weight) * p).sum(1)  # tr(M T S_Kr) = cross . d
+        quad = (p @ weight @ p.T) * s_kk  # tr(M T S_KK T^T) = d^T quad d
+        base = float((weight * s[removed][:, removed]).sum())
+        fit_k, held_k = vectors.T @ fit[0][kept], vectors.T @ m[kept]
         for i, choice in enumerate(choices):
-            if choice in (_MEAN_ONLY, _NOTHING):
-                coef = torch.zeros(len(removed), len(kept), dtype=torch.float64)
-            else:
-                lam = max(choice * scale, floor)
-                coef = (vectors @ (projected / (values + lam)[:, None])).T
+            d = torch.zeros_like(values)
+            if choice not in (_MEAN_ONLY, _NOTHING):
+                d = 1 / (values + max(choice * scale, floor))
             t = torch.zeros(len(removed), dtype=torch.float64)
             if constant and choice != _NOTHING:
-                t = fit[0][removed] - coef @ fit[0][kept]
-            cross = coef @ s_kr  # [r, r]
-            u = m[removed] - coef @ m[kept]
-            err = (s_rr - cross - cross.T + coef @ s_kk @ coef.T
-                   - u[:, None] * t[None] - t[:, None] * u[None] + t[:, None] * t[None])
-            total[i] += (weight * err).sum()
+                t = fit[0][removed] - p.T @ (d * fit_k)
+            u = m[removed] - p.T @ (d * held_k)
+            total[i] += (base - 2 * (cross @ d) + d @ quad @ d
+                         - 2 * (u @ weight @ t) + t @ weight @ t)
+    if not bool(torch.isfinite(total).any()):
+        return None
     total = torch.where(torch.isfinite(total), total, torch.full_like(total, float("inf")))
     return choices[int(torch.argmin(total))]

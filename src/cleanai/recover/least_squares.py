@@ -13,12 +13,20 @@ from torch import nn
 from .common import RecoveryError
 
 
+_SOLVABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def closed_form_dim(m: nn.Module) -> Optional[int]:
-    """Unknowns per output channel of the ridge solve, or ``None`` when not solvable here."""
+    """Unknowns per output channel of the ridge solve, or ``None`` when not solvable here:
+    only a Linear or conv that computes exactly what PyTorch's does (a subclass with a
+    ``forward`` of its own, a weight-standardised conv, is not the plain product the solve
+    assumes)."""
+    base = next((b for b in _SOLVABLE if isinstance(m, b)), None)
+    if base is None or type(m).forward is not base.forward or \
+            getattr(type(m), "_conv_forward", None) is not getattr(base, "_conv_forward", None):
+        return None
     if isinstance(m, nn.Linear):
         return m.in_features + (m.bias is not None)
-    if not hasattr(m, "_reversed_padding_repeated_twice"):
-        return None
     return m.in_channels // m.groups * math.prod(m.kernel_size) + (m.bias is not None)
 
 
@@ -92,7 +100,7 @@ def choose_damping(grams: Sequence[torch.Tensor], xtys: Sequence[torch.Tensor],
     (both ways round), halved for the whole data (a damping per sample: twice the samples
     want half of it); ``None`` when the present weights ``w0`` do better on the halves than
     any refit."""
-    total = torch.zeros(len(DAMPINGS), dtype=torch.float64)
+    total = [0.0] * len(DAMPINGS)
     for fit, held in ((0, 1), (1, 0)):
         values, vectors = torch.linalg.eigh(grams[fit])  # per group: [g, d], [g, d, d]
         values = values.clamp_min(0)
@@ -103,7 +111,8 @@ def choose_damping(grams: Sequence[torch.Tensor], xtys: Sequence[torch.Tensor],
             rhs = vectors.transpose(1, 2) @ (xtys[fit] + lam[:, None, None] * w0)
             w = vectors @ (rhs / (values + lam[:, None])[..., None])
             w = torch.where(empty[:, None, None], w0, w)
-            total[i] += squared_error(w, grams[held], xtys[held], yys[held])
-    best = int(torch.argmin(total))
-    unchanged = sum(squared_error(w0, g, c, y) for g, c, y in zip(grams, xtys, yys))
-    return None if float(unchanged) <= float(total[best]) else DAMPINGS[best] / 2
+            total[i] += float(squared_error(w, grams[held], xtys[held], yys[held]))
+    total = [t if math.isfinite(t) else math.inf for t in total]
+    best = min(range(len(total)), key=total.__getitem__)
+    unchanged = sum(float(squared_error(w0, g, c, y)) for g, c, y in zip(grams, xtys, yys))
+    return None if not unchanged > total[best] else DAMPINGS[best] / 2

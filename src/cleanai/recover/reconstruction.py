@@ -278,8 +278,6 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
     m = unit.module
     g = getattr(m, "groups", 1)
     bias = m.bias is not None
-    gram = xty = None
-    yy = torch.zeros((), dtype=torch.float64)
     halves: List[List[torch.Tensor]] = []  # per half of the batches (even, odd): its three sums
     for i in range(len(run.batches)):
         args, kwargs, y = _capture(run, unit, i)
