@@ -466,3 +466,30 @@ def test_singular_gram_raises_damping_with_a_warning():
         report = reconstruct(model, teacher, xs, damping=0.0, progress=False)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert report.units[-1]["error_after"] < report.units[-1]["error_before"]
+
+
+def test_a_layer_whose_weight_is_rebuilt_or_whose_output_is_hooked_is_trained_not_solved():
+    """A parametrized weight is recomputed on every call (a solve written into it is lost) and
+    a forward hook changes what the layer returns: both go to Adam, through the real call,
+    and the model's own error drops."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    for change in ("parametrized", "hooked"):
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                                nn.Linear(16, 3)).eval()
+        if change == "parametrized":
+            parametrize.register_parametrization(teacher[4], "weight", Doubled())
+        else:
+            teacher[4].register_forward_hook(lambda m, a, out: 2 * out)
+        model = copy.deepcopy(teacher)
+        cleanai.StructuredPruner(model, torch.randn(1, 6), pruning_ratio=0.5).step()
+        calib = batches((64, 6), 4, seed=1)
+        before = rel_err(model, teacher, calib)
+        report = reconstruct(model, teacher, calib, progress=False)
+        assert {u["name"]: u["method"] for u in report.units}["4"] == "adam", change
+        assert rel_err(model, teacher, calib) < before, change

@@ -81,7 +81,7 @@ def opaque_code(known: Dict[nn.Module, Any], modules: Iterable[nn.Module]) -> Op
     """Code whose torch calls the trace's function mode does not see, or ``None``: a forward
     hook on a known layer, a forward set on a known layer's instance, a scripted or compiled
     module, a known layer whose class is not PyTorch's own (see the module doc)."""
-    if _global_hooks():
+    if global_hooks():
         return "a global forward hook"
     for m in modules:
         if isinstance(m, torch.jit.ScriptModule) or type(m).__name__ == "OptimizedModule":
@@ -100,11 +100,12 @@ def opaque_code(known: Dict[nn.Module, Any], modules: Iterable[nn.Module]) -> Op
 def code_fingerprint(modules: Iterable[nn.Module]) -> tuple:
     """The forward hooks and instance forwards of ``modules`` (and the global hooks): a
     change after the trace is code the trace never saw."""
-    return (_global_hooks(),) + tuple(
+    return (global_hooks(),) + tuple(
         (id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), id(m.__dict__.get("forward")))
         for m in modules if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
 
 
-def _global_hooks() -> tuple:
+def global_hooks() -> tuple:
+    """The forward hooks and pre-hooks registered for every module."""
     from torch.nn.modules import module as torch_module
     return tuple(torch_module._global_forward_hooks) + tuple(torch_module._global_forward_pre_hooks)

@@ -9,7 +9,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ..core.widths import global_hooks
 from .common import RecoveryError
 
 
@@ -18,12 +20,18 @@ _SOLVABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def closed_form_dim(m: nn.Module) -> Optional[int]:
     """Unknowns per output channel of the ridge solve, or ``None`` when not solvable here:
-    only a Linear or conv that computes exactly what PyTorch's does (a subclass with a
-    ``forward`` of its own, a weight-standardised conv, is not the plain product the solve
-    assumes)."""
+    only a Linear or conv that computes exactly what PyTorch's does with the ``weight`` it
+    holds. A subclass with a ``forward`` of its own (a weight-standardised conv), a forward
+    hook or instance ``forward``, a parametrized or weight-normed weight (rebuilt from other
+    tensors on every call, so a written solve would be lost) is not the plain product the
+    solve assumes; Adam trains those through their real call."""
     base = next((b for b in _SOLVABLE if isinstance(m, b)), None)
     if base is None or type(m).forward is not base.forward or \
             getattr(type(m), "_conv_forward", None) is not getattr(base, "_conv_forward", None):
+        return None
+    if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ or \
+            global_hooks() or parametrize.is_parametrized(m) or \
+            not isinstance(m._parameters.get("weight"), nn.Parameter):
         return None
     if isinstance(m, nn.Linear):
         return m.in_features + (m.bias is not None)
