@@ -21,7 +21,7 @@ _AS_IS = frozenset({"TBackward0", "TransposeBackward0", "TransposeBackward1",
 
 
 class BareParams:
-    """What the walk learns about bare parameters; :class:`~cleanai.core.walk.TraceResult`
+    """What the walk learns about bare parameters; :class:`~cleanai.core.trace_result.TraceResult`
     keeps ``dims``, ``made`` and ``read``."""
 
     def __init__(self, uf: UnionFind) -> None:

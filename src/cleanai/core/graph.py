@@ -14,7 +14,7 @@ from .groups import Group, build_groups
 from .layers import get_layer_pruner
 from .runtime import ForwardFn, find_submodule, map_tensors
 from .trace import trace
-from .walk import resolve_edges
+from .trace_result import resolve_edges
 
 
 class DependencyGraph:

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .slots import UnionFind
-from .walk import TraceResult
+from .trace_result import TraceResult
 
 
 @dataclasses.dataclass(eq=False)

@@ -35,7 +35,7 @@ def is_subclass_layer(m: nn.Module) -> bool:
 
 def tie_shared_weights(known: Dict[nn.Module, tuple], subclasses: Dict[nn.Module, tuple],
                        result) -> None:
-    """Complete a :class:`~cleanai.core.walk.TraceResult` for tied weights:
+    """Complete a :class:`~cleanai.core.trace_result.TraceResult` for tied weights:
 
     - layers that share a parameter have their channel ids tied along its dims;
     - a layer that did not run but holds exactly the parameters of one that did ran through

@@ -22,7 +22,8 @@ from .record import (ModelScan, as_leaf, describe_inputs, doubled, record_forwar
                      unreached_count, warn_unreached)
 from .runtime import ForwardFn, LeanRecordingError, map_tensors, preserved_state
 from .tied import tie_shared_weights
-from .walk import TraceResult, walk, with_inputs
+from .trace_result import TraceResult
+from .walk import walk, with_inputs
 from .widths import code_fingerprint, opaque_code
 
 logger = logging.getLogger(__name__)

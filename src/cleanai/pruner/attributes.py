@@ -144,7 +144,7 @@ def _stored_splits(model: nn.Module, graph: DependencyGraph,
     """A module that keeps the sizes it splits a child layer's output into (timm's parallel
     block: ``torch.split(self.in_proj(x), self.in_split, -1)`` with ``self.in_split = [mlp,
     d, d, d]``): each size becomes the number of positions its part keeps. The trace made
-    each part channels of its own (``_Tracer.cut``): the layer's output is held by several
+    each part channels of its own (``WalkContext.cut``): the layer's output is held by several
     groups, each over whole parts (q, k and v share the heads), so every group begins and
     ends where a part does."""
     for (name, kind, _), keep in keeps.items():

@@ -1,0 +1,192 @@
+"""The state the walk and the op handlers of :mod:`cleanai.core.ops` share while channel ids
+are propagated: the union-find, protections, notes, splits and slices found so far, and the
+helpers that record them."""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .bare import BareParams
+from .buffers import BufferTables
+from .ops.base import ndim_dim
+from .record import ModelScan
+from .slots import Slots, UnionFind
+
+
+class WalkContext:
+    """Holds the union-find and the protected ids while channel ids are propagated."""
+
+    def __init__(self, model: nn.Module, attention: str = "heads",
+                 scan: Optional["ModelScan"] = None) -> None:
+        self.attention = attention
+        self.kinds: List[Tuple[int, str]] = []  # (id, "heads" | "head_dims"): attention units
+        # first input id of a known layer's weight used functionally -> (its input ids, its
+        # output ids, its name): a product that contracts the weight's input channels yields
+        # its outputs
+        self.partners: Dict[int, Tuple[torch.Tensor, torch.Tensor, str]] = {}
+        self.partners_used: set = set()
+        # name of a known layer whose weight the walk met carrying input ids -> its output ids
+        self.weights_read: Dict[str, torch.Tensor] = {}
+        self._scan = scan or ModelScan(model)
+        self._storages: Optional[set] = None  # filled on first use: most models never ask
+        self.uf = UnionFind()
+        self.protected: Dict[int, str] = {}
+        self.notes: List[Tuple[int, str]] = []
+        self.unknown: Dict[str, List[str]] = {}
+        self.operand_shapes: Dict[Any, list] = {}
+        # (ids, grad_fn) of splits into equal parts whose sizes the model's code wrote down
+        self.fixed_splits: List[Tuple[torch.Tensor, Any]] = []
+        # layer -> where splits by a list its parent module stores cut its output (see cut())
+        self.cut_bounds: Dict[str, set] = {}
+        self.module_out: Dict[str, torch.Tensor] = {}  # the walk's, once it starts
+        self.producers: List[str] = []  # likewise
+        self.intervals: list = []  # module autograd ranges, when the recording located them
+        self.bare = BareParams(self.uf)  # bare parameters used as matrices
+        # (module, attribute) or a split's own key -> the parts that must keep equal counts
+        self.count_ties: Dict[Any, Tuple[List[torch.Tensor], str, int]] = {}
+        self.attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = []
+        self.slices: List[Tuple[str, int, int, int]] = []
+        # buffers an element-wise op applies along the channels
+        self.buffers = BufferTables(self.uf, self._scan.free_buffers, self.fresh)
+        # autograd key of each output of a known layer's call -> the layer (the walk's)
+        self.output_of: Dict[Tuple[Any, int], str] = {}
+        # autograd node -> the nodes that read its outputs (filled by walk())
+        self.readers: Dict[Any, List[Any]] = {}
+        self.wants_location = False
+
+    def producer_of(self, ids: torch.Tensor) -> Optional[str]:
+        """The layer whose whole output ``ids`` are (through element-wise ops), or None."""
+        if len(ids) == 0:
+            return None
+        name = next((n for n in self.producers if self.module_out[n] is ids), None)
+        if name is None:  # the same ids through an element-wise op: compare representatives
+            canon = self.uf.canonical(ids)
+            name = next((n for n in self.producers if len(self.module_out[n]) == len(ids)
+                         and torch.equal(self.uf.canonical(self.module_out[n]), canon)), None)
+        return name
+
+    def picked_dims(self, node, ndim: int) -> set:
+        """The dims of ``node``'s output (of ``ndim`` dims) that every op reading it takes
+        single positions or equal parts of (``select``, ``unbind``, a split into equal
+        parts): q, k and v of a fused projection viewed as ``[..., heads, 3, head_dim]``.
+        Empty when any reader does something else."""
+        dims = set()
+        for r in self.readers.get(node, ()):
+            if r.name() not in ("SelectBackward0", "UnbindBackward0", "SplitBackward0"):
+                return set()
+            try:
+                dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
+            except (AttributeError, RuntimeError, TypeError):
+                return set()
+        return dims
+
+    def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
+        """``parts`` (channel ids of equal length) must lose as many channels each; parts
+        under one ``key`` (the attribute that sizes them) are tied across calls."""
+        held = self.count_ties.setdefault(key, ([], what, len(self.notes)))[0]
+        held.extend(parts)
+
+    def cut_at(self, name: str, sizes: List[int]) -> None:
+        """Let the parts of ``sizes`` of layer ``name``'s output be groups of their own."""
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        self.cut_bounds.setdefault(name, {0}).update(ends)
+
+    def split_attributes(self, node, sizes: List[int]) -> Optional[Tuple[str, List[Optional[str]]]]:
+        """The module that ran split ``node`` (or its parent) and, per part, the integer
+        attribute of it that equals the part's size (None where none or several do, or the
+        part is one channel): ``qkv.split([self.key_dim, self.key_dim, self.d])``; of several
+        equal ones, the one the split's code names (``embed_dim``, not ``split_size``). None when
+        no part's size is such an attribute, or the recording did not locate modules."""
+        if not self.intervals:
+            self.wants_location = True
+            return None
+        where = innermost(self.intervals, node._sequence_nr())  # "" for the model itself
+        modules = dict(self._scan.named)
+        for owner in ((where, where.rpartition(".")[0]) if where else ("",)):
+            module = modules.get(owner)
+            if module is None:
+                continue
+            ints = [(a, v) for a, v in module.__dict__.items()
+                    if type(v) is int and v > 1 and not a.startswith("_")]
+            # where several attributes hold a size, the one the split's own code names
+            line = self.operand_shapes.get(("split line", node)) or ""
+            names: List[Optional[str]] = []
+            for s in sizes:
+                hits = [a for a, v in ints if v == s]
+                if len(hits) > 1:
+                    hits = [a for a in hits if re.search(rf"\.{a}\b", line)]
+                names.append(hits[0] if len(hits) == 1 else None)
+            if any(n is not None for n in names):
+                return owner, names
+        return None
+
+    def cut(self, ids: torch.Tensor, sizes: List[int]) -> bool:
+        """A split of ``ids`` into parts of ``sizes`` (a list): when ``ids`` are a producing
+        layer's whole output and the layer's parent module stores ``sizes`` as a list or tuple
+        (``torch.split(self.in_proj(x), self.in_split)``), each part becomes a group of its own
+        (build_groups reads the cuts; pruner/attributes.py updates the list): True. False for
+        sizes no such module stores, which would not follow a slice."""
+        name = self.producer_of(ids)
+        if name is None:
+            return False
+        owner = name.rpartition(".")[0]
+        parent = next((m for n, m in self._scan.named if n == owner), None)
+        if parent is None or not any(type(v) in (list, tuple) and list(v) == list(sizes)
+                                     for v in parent.__dict__.values()):
+            return False
+        self.cut_at(name, sizes)
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        for a in [0] + ends[:-1]:
+            self.note(ids[a:a + 1], f"split by {list(sizes)} (stored beside {name}): each part "
+                                    f"loses channels of its own")
+        return True
+
+    def fresh(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
+        ids = self.uf.new(n)
+        if fixed_reason:
+            for i in ids.tolist():
+                self.protected.setdefault(i, fixed_reason)
+        return ids
+
+    def is_model_state(self, t) -> bool:
+        """True when ``t`` (a tensor, or its storage's ``data_ptr()``) shares memory with one
+        of the model's parameters or buffers."""
+        if self._storages is None:
+            self._storages = {x.untyped_storage().data_ptr()
+                              for x in self._scan.params + self._scan.buffers}
+        ptr = t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else t
+        return ptr in self._storages
+
+    def protect(self, x, reason: str) -> None:
+        if x is None:
+            return
+        ids = x.ids if isinstance(x, Slots) else x
+        for i in ids.tolist():
+            self.protected.setdefault(i, reason)
+
+    def note(self, ids: torch.Tensor, text: str) -> None:
+        """Describe a tie for the group that will hold ``ids`` (shown by ``print(graph)``)."""
+        if len(ids):
+            self.notes.append((int(ids.reshape(-1)[0]), text))
+
+    def tie_blocks(self, ids: torch.Tensor, blocks: int, what: str) -> None:
+        """Tie position j of every block to position j of the first (equal-size blocks)."""
+        if blocks <= 1 or len(ids) % blocks:
+            return
+        rows = ids.reshape(blocks, -1)
+        for r in rows[1:]:
+            self.uf.union_all(rows[0], r)
+        self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
+
+
+def innermost(intervals, s: int) -> str:
+    """The innermost module whose autograd range ``(start, end, name)`` holds node number
+    ``s``; "" for none (the model itself)."""
+    best = None
+    for start, end, name in intervals:
+        if start <= s <= end and (best is None or end - start < best[1] - best[0]):
+            best = (start, end, name)
+    return best[2] if best else ""
