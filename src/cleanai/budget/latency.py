@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core.layers import get_layer_pruner
+from ..core.parametrized import slicing_originals
 from ..core.runtime import find_submodule, preserved_state, run_forward
 from .cost import CostModel
 
@@ -261,7 +262,8 @@ def _pruned(module: nn.Module, pruner: Any, k_in: Optional[torch.Tensor],
             k_out: Optional[torch.Tensor], same: bool) -> nn.Module:
     clone = copy.deepcopy(module).eval()
     if k_in is not None or k_out is not None:
-        pruner.prune(clone, k_out if same else k_in, k_out)
+        with slicing_originals(clone):
+            pruner.prune(clone, k_out if same else k_in, k_out)
     return clone
 
 

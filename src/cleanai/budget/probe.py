@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..core.parametrized import slicing_originals
+
 __all__ = ["size_laws"]
 
 
@@ -85,14 +87,15 @@ def _pruned_shapes(module: nn.Module, pruner, kind: str, dim: int, keep: torch.T
     for meta in (True, False):
         clone = _clone(module, meta)
         try:
-            if internal:
-                pruner.prune(clone, None, None, internal={dim: keep})
-            elif kind == "in":
-                pruner.prune(clone, keep, None)
-            elif kind == "out" and pruner.coupling(module) == "same":
-                pruner.prune(clone, keep, keep)
-            else:
-                pruner.prune(clone, None, keep)
+            with slicing_originals(clone):
+                if internal:
+                    pruner.prune(clone, None, None, internal={dim: keep})
+                elif kind == "in":
+                    pruner.prune(clone, keep, None)
+                elif kind == "out" and pruner.coupling(module) == "same":
+                    pruner.prune(clone, keep, keep)
+                else:
+                    pruner.prune(clone, None, keep)
         except Exception:
             continue
         return {n: tuple(p.shape) for n, p in clone.named_parameters()}

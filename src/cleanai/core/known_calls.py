@@ -8,6 +8,7 @@ from typing import List, Optional
 from torch import nn
 
 from .layers import LayerNormPruner, LayerPruner, LinearPruner, UnsupportedLayer
+from .parametrized import unsliceable
 from .record import ModuleCall
 from .slots import Slots
 
@@ -54,6 +55,7 @@ def module_call(ctx, call: ModuleCall, x: Optional[Slots], module_in, module_out
         return [None] * n_out
     n_in = pr.in_channels(m)
     same = pr.coupling(m) == "same"
+    computed = unsliceable(m)  # a spectral-normed or orthogonal weight: its channels stay
     in_ids = None
     if n_in is not None:
         in_dim = pr.in_dim(m, len(call.input_shape)) if call.input_shape is not None else None
@@ -68,10 +70,14 @@ def module_call(ctx, call: ModuleCall, x: Optional[Slots], module_in, module_out
             ctx.tie_blocks(in_ids, pr.in_blocks(m), f"{type(m).__name__} {name} (in)")
         if fits:
             ctx.uf.union_all(x.ids, in_ids)
+            if computed is not None:
+                ctx.protect(in_ids, computed)
         else:
             ctx.protect(x, f"input of {name} does not carry its channels on dim {in_dim}")
             ctx.protect(in_ids, f"input of {name} has no channel ids")
     elif same and n_out:
+        if computed is not None:
+            ctx.protect(x, computed)
         if pr.passes_through(m):
             return [x] + [None] * (n_out - 1)
         ctx.protect(x, f"{type(m).__name__} {name} holds per-channel weights CleanAI cannot slice")
@@ -89,6 +95,8 @@ def module_call(ctx, call: ModuleCall, x: Optional[Slots], module_in, module_out
             ctx.tie_blocks(out_ids, pr.blocks(m), f"{type(m).__name__} {name} (out)")
             producers.append(name)
         module_out[name] = out_ids
+    if computed is not None:
+        ctx.protect(out_ids, computed)
     key, shape = call.outputs[0]
     out_dim = pr.out_dim(m, len(shape))
     if shape[out_dim] != n_o:

@@ -10,6 +10,7 @@ from torch import nn
 from ..core.graph import DependencyGraph, Group, module_signature
 from ..core.runtime import find_submodule, preserved_state, run_forward
 from ..core.layers import get_layer_pruner
+from ..core.parametrized import slicing_originals
 from ..core.slicing import _keep, drop_grad_accumulator
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
@@ -163,10 +164,11 @@ def slice_model(model: nn.Module, keeps: Dict[Key, torch.Tensor],
                 module._parameters[pname] = nn.Parameter(originals[id(p)], p.requires_grad)
             else:
                 originals[id(p)] = p.data
-        if name in internal:
-            pruner.prune(module, sides.get("in"), sides.get("out"), internal=internal[name])
-        else:
-            pruner.prune(module, sides.get("in"), sides.get("out"))
+        with slicing_originals(module):  # a weight-normed layer: g and v are cut
+            if name in internal:
+                pruner.prune(module, sides.get("in"), sides.get("out"), internal=internal[name])
+            else:
+                pruner.prune(module, sides.get("in"), sides.get("out"))
         for pname, p in shared.items():
             stand_in = module._parameters[pname]
             module._parameters[pname] = p
@@ -188,6 +190,9 @@ class atomic:
 
     def __init__(self, modules: List[nn.Module]) -> None:
         self.saved = []
+        # a parametrized layer's weight lives in its parametrizations (weight norm's g and v)
+        modules = list(modules) + [chain for m in modules
+                                   for chain in getattr(m, "parametrizations", {}).values()]
         for m in modules:
             params, buffers = dict(m._parameters), dict(m._buffers)
             tensors = [(t, t.data, t.grad if isinstance(t, nn.Parameter) else None)

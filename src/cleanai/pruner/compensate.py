@@ -40,6 +40,7 @@ from torch import nn
 from ..core.graph import DependencyGraph
 from ..core.layers import get_layer_pruner
 from ..core.named_layers import TransposedLinearPruner
+from ..core.parametrized import computed_weight
 from ..core.runtime import find_submodule
 from ..importance.stats import MAX_GRAM_CHANNELS, ActivationStats, stats_key
 
@@ -217,6 +218,10 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
             continue
         done.add((name, kind))
         targets = _targets(module, kind, stats is not None and name in stats.self_attention)
+        if targets is not None and computed_weight(module):
+            comp.report.skipped[name] = ("its weight is computed (weight norm, "
+                                         "torch.nn.utils.parametrize): a refit would be lost")
+            continue
         if targets is None:
             if kind == "in" and getattr(get_layer_pruner(module), "coupling",
                                         lambda m: "")(module) == "same":

@@ -1,0 +1,108 @@
+"""Layers whose weight is computed from other tensors: ``torch.nn.utils.parametrize``
+(``parametrizations.weight_norm``, ``spectral_norm``, ``orthogonal``) and the older hook-based
+``torch.nn.utils.weight_norm``. A slice must cut the tensors the weight is computed from.
+
+Weight normalisation, ``w = g * v / ||v||`` with the norm over every dim but ``dim``, is cut
+exactly: along ``dim`` both ``g`` and ``v`` are sliced; along another dim ``v`` is sliced and
+``g`` rescaled by the norm it lost, so the kept weights are unchanged. Any other
+parametrization (a spectral norm divides by the whole matrix's largest singular value, an
+orthogonal map has no sliced form) keeps the layer's channels: :func:`unsliceable` says why,
+and the trace protects them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .slicing import _SLICE_LOG, _keep
+
+
+def _weight_norms(module: nn.Module) -> Optional[Dict[str, Tuple[Tensor, Tensor, int]]]:
+    """Per computed tensor name: ``(g, v, dim)`` of its weight normalisation (``dim`` -1: the
+    norm over the whole tensor). ``{}`` for a plain layer; None when a computed tensor is
+    anything else."""
+    found: Dict[str, Tuple[Tensor, Tensor, int]] = {}
+    if parametrize.is_parametrized(module):
+        for name, chain in module.parametrizations.items():
+            if len(chain) != 1 or type(chain[0]).__name__ != "_WeightNorm" or \
+                    not hasattr(chain, "original1"):
+                return None
+            found[name] = (chain.original0, chain.original1, int(chain[0].dim))
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__name__ == "WeightNorm" and hasattr(hook, "name"):
+            g = getattr(module, hook.name + "_g", None)
+            v = getattr(module, hook.name + "_v", None)
+            if g is None or v is None:
+                return None
+            found[hook.name] = (g, v, -1 if hook.dim is None else int(hook.dim))
+    return found
+
+
+def computed_weight(module: nn.Module) -> bool:
+    """True when ``module``'s weights are computed from other tensors on every call (a write
+    into ``module.weight`` would be lost)."""
+    return _weight_norms(module) != {}
+
+
+def unsliceable(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s computed weight cannot be sliced, or None (none, or weight norm)."""
+    if _weight_norms(module) is not None:
+        return None
+    chains = getattr(module, "parametrizations", {})
+    kinds = sorted({type(p).__name__.lstrip("_") for chain in chains.values() for p in chain})
+    kinds = kinds or ["a weight-norm hook without its tensors"]
+    return (f"{type(module).__name__}'s weight is computed by {', '.join(kinds)} "
+            f"(torch.nn.utils.parametrize), which a slice cannot keep")
+
+
+@contextlib.contextmanager
+def slicing_originals(module: nn.Module) -> Iterator[None]:
+    """Inside the block a layer pruner slices ``module.weight`` as if it were a parameter; on
+    leaving, each of those slices is made on the tensors the weight is computed from."""
+    norms = _weight_norms(module)
+    if not norms:
+        yield
+        return
+    outer = _SLICE_LOG.get()
+    log: list = []
+    token = _SLICE_LOG.set(log)
+    try:
+        with parametrize.cached():
+            computed = {name: getattr(module, name) for name in norms}
+            yield
+    finally:
+        _SLICE_LOG.reset(token)
+    for t, dim, idx in log:
+        name = next((n for n, c in computed.items() if c is t), None)
+        if name is None:  # a plain tensor (the bias): already sliced
+            if outer is not None:
+                outer.append((t, dim, idx))
+            continue
+        g, v, norm_dim = norms[name]
+        norm_dim = norm_dim % v.dim() if norm_dim >= 0 else -1
+        if outer is not None and dim != norm_dim:
+            # the log replays slices only (cleanai.prune_checkpoint, on a weightless copy)
+            raise RuntimeError(
+                f"{type(module).__name__}.{name} is weight-normed over dim {norm_dim}: cutting "
+                f"dim {dim} rescales its gain from the values, which a checkpoint pruned "
+                f"slice by slice does not have; load the model and prune it instead")
+        _slice_weight_norm(g, v, norm_dim, dim, idx)
+
+
+@torch.no_grad()
+def _slice_weight_norm(g: Tensor, v: Tensor, norm_dim: int, dim: int, idx: Tensor) -> None:
+    if dim == norm_dim:  # whole rows (columns) with their own norms
+        _keep(g, dim, idx)
+        _keep(v, dim, idx)
+        return
+    before = torch.norm_except_dim(v, 2, norm_dim)
+    _keep(v, dim, idx)
+    after = torch.norm_except_dim(v, 2, norm_dim)
+    # g * v[idx] / ||v|| is the weight kept: the new norm ||v[idx]|| moves into g
+    scale = torch.where(before > 0, after / before.clamp_min(torch.finfo(before.dtype).tiny),
+                        torch.ones_like(before))
+    g.data = (g.data * scale.to(g.dtype)).reshape(g.shape)
