@@ -110,6 +110,46 @@ class BareParams:
             self.read.add(f"{name}[{order[kb]}]")
         return Slots(no - 1, out_ids)
 
+    def bind(self, x: Slots, shape: Shape, k: int, ids: torch.Tensor, reader, node,
+             through: frozenset) -> bool:
+        """Tie dim ``k`` of ``x`` (of shape ``shape``), a bare parameter's value, to channels
+        ``ids`` of the op ``reader`` it meets there (Mamba's ``A[None, :, None, :] * dt[..., None]``
+        ties ``A_log``'s first dim to ``dt``'s channels); True when done.
+
+        ``node`` is the operand's autograd node: the parameter must be reached from it through
+        ops in ``through`` only (element by element, size-1 dims added or dropped), so the
+        operand's dims of size > 1 are the parameter's, in order. The parameter is then sliced
+        along that dim with the channels; another reader keeps the dim whole
+        (:meth:`protect_other_uses`)."""
+        entry = self._entries.get(int(x.ids[0])) if x.weight and len(x.ids) else None
+        if entry is None or shape is None:
+            return False
+        name, pshape, pdim = entry
+        xs = [d for d, n in enumerate(shape) if n != 1]
+        ps = [d for d, n in enumerate(pshape) if n != 1]
+        if [shape[d] for d in xs] != [pshape[d] for d in ps] or k not in xs or x.dim not in xs:
+            return False
+        dim = ps[xs.index(k)]
+        if ps[xs.index(x.dim)] != pdim or dim == pdim or pshape[dim] != len(ids):
+            return False
+        for _ in range(16):
+            if node is None:
+                return False
+            found = self._nodes.get(id(node))
+            if found is not None:
+                if found != name:
+                    return False
+                break
+            fns = [f for f, _ in node.next_functions if f is not None]
+            if node.name() not in through or len(fns) != 1:
+                return False
+            reader, node = node, fns[0]
+        else:
+            return False
+        self._followed.setdefault(name, set()).add(id(reader))
+        self._uf.union_all(ids, self._dim_ids(name, dim, len(ids)))
+        return True
+
     def _dim_ids(self, name: str, dim: int, n: int) -> torch.Tensor:
         ids = self.dims.get((name, dim))
         if ids is None:

@@ -27,10 +27,11 @@ _UNARY = (
     "NanToNumBackward0 LiftFreshBackward0 SafeSoftmaxBackward0 "
     # in-place activations (``nn.LeakyReLU(inplace=True)``, ``F.elu_``) have their own nodes
     "LeakyReluBackward1 EluBackward1 CeluBackward1 RreluWithNoiseBackward1 ThresholdBackward1 "
-    # activations written as torch.autograd.Function, known by name: BLOOM's GeLU and timm's
-    # memory-efficient activations (any other custom Function stays an unknown op)
+    # element-wise functions written as torch.autograd.Function, known by name: BLOOM's GeLU,
+    # timm's memory-efficient activations, RecurrentGemma's square root with a clipped
+    # gradient (any other custom Function stays an unknown op)
     "GeLUFunctionBackward SwishAutoFnBackward MishAutoFnBackward HardSigmoidAutoFnBackward "
-    "HardSwishAutoFnBackward HardMishAutoFnBackward"
+    "HardSwishAutoFnBackward HardMishAutoFnBackward SqrtBoundDerivativeBackward"
 ).split()
 
 
@@ -295,23 +296,38 @@ def _elementwise(ctx, call: OpCall):
                 shapes[i] = tuple(t.shape)
                 made_at_run_time[i] = not ctx.is_model_state(t)
     return [broadcast(ctx, call.name(), call.ins, shapes, call.out_shapes[0], made_at_run_time,
-                      ctx.buffers.operands.get(call.node))]
+                      ctx.buffers.operands.get(call.node), call.node)]
+
+
+#: single-input ops through which a bare parameter keeps its dims in order, element by
+#: element (softmax-like ops mix a dim's positions, so a slice would change the kept values)
+_IN_ORDER = frozenset(set(_UNARY) - {"SoftmaxBackward0", "LogSoftmaxBackward0",
+                                     "SafeSoftmaxBackward0"}
+                      | {"UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                         "SqueezeBackward2"})
 
 
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
               out: Shape, made_at_run_time: Optional[Sequence[bool]] = None,
-              buffers: Optional[dict] = None) -> Optional[Slots]:
+              buffers: Optional[dict] = None, node=None) -> Optional[Slots]:
     """Slots of an element-wise result: operands tracked on the same output dim are tied.
 
     An operand without channel ids that spans the channel dim pins those channels, unless it
     was made during the forward (a dropout mask): such a tensor follows the input's shape; or
     it is a model buffer read nowhere else (``buffers``: operand index -> (name, the view
     used)), which is sliced with the channels (core/buffers.py).
+
+    Operands tracked on different dims (an outer product by broadcasting, Mamba's
+    ``dt[..., None] * B[:, None]``) keep the dim with the most channels; the others are
+    protected. A bare parameter's value that spans the kept dim (``A[None, :, None, :]``)
+    is sliced along it too where ``node``, the op's autograd node, shows how it was read.
     """
     out_nd = len(out)
     tracked = []
     spans = {}  # id(slots) -> the operand's shape
-    for x, s in zip(ins, shapes):
+    operand_nodes = {}  # id(slots) -> the operand's autograd node
+    fns = node.next_functions if node is not None else ()
+    for i, (x, s) in enumerate(zip(ins, shapes)):
         if x is None:
             continue
         nd = len(s) if s is not None else out_nd
@@ -319,6 +335,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         if len(x.ids) == out[od]:
             tracked.append((od, x))
             spans[id(x)] = s
+            operand_nodes[id(x)] = fns[i][0] if i < len(fns) else None
         # a size-1 channel dim broadcast over a larger one (a gate) ties nothing
     if not tracked:
         return None
@@ -326,27 +343,33 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     tracked.sort(key=lambda t: t[1].weight)
     dims = {od for od, _ in tracked}
     if len(dims) > 1:
-        # a parameter over a dim that carries no channel ids here (a norm weight over
-        # head_dim, applied where whole heads are the units) is kept; the activation goes on
         acts = [(od, x) for od, x in tracked if not x.weight]
-        if acts and len({od for od, _ in acts}) == 1 and len(acts) < len(tracked):
-            od = acts[0][0]
-            for _, x in tracked:
-                if x.weight:
-                    ctx.protect(x, f"a weight that {op} applies along a dim without channel "
-                                   f"ids (e.g. a norm over head_dim when heads are the units)")
-                    s = spans[id(x)]
-                    k = od - (out_nd - len(s)) if s is not None else -1
-                    if 0 <= k < len(s) and s[k] != 1:
-                        # it also spans the channels (a [1, C, H, W] position embedding
-                        # whose ids went to W): they cannot be sliced out of it
-                        for _, a in acts:
-                            ctx.protect(a, f"{op} with a weight that spans the channel dim")
-            tracked = acts
-        else:
-            for _, x in tracked:
-                ctx.protect(x, f"{op} mixes channel dims")
-            return None
+        # the dim kept: the activations' where they agree (a parameter over a dim that carries
+        # no channel ids here, e.g. a norm weight over head_dim when whole heads are the
+        # units, is kept whole), else the one with the most channels (an outer product)
+        pick = acts if acts and len({od for od, _ in acts}) == 1 else acts or tracked
+        od = max(pick, key=lambda t: (len(t[1].ids), -t[0]))[0]
+        kept = [(d, x) for d, x in pick if d == od]
+        for d, x in tracked:
+            if d == od:
+                continue
+            s = spans[id(x)]
+            k = od - (out_nd - len(s)) if s is not None else -1
+            if x.weight:
+                ctx.protect(x, f"a weight that {op} applies along a dim without channel "
+                               f"ids (e.g. a norm over head_dim when heads are the units)")
+            else:
+                ctx.protect(x, f"{op} multiplies it by channels on another dim (an outer "
+                               f"product); those keep theirs")
+            if (s is None and not x.weight) or (s is not None and 0 <= k < len(s) and
+                                                s[k] != 1 and not (
+                    x.weight and ctx.bare.bind(x, s, k, kept[0][1].ids, node,
+                                               operand_nodes.get(id(x)), _IN_ORDER))):
+                # it also spans the kept dim without ids there (a [1, C, H, W] position
+                # embedding whose ids went to W): those channels cannot be sliced out of it
+                for _, a in kept:
+                    ctx.protect(a, f"{op} with an operand that spans the channel dim")
+        tracked = kept
     od = tracked[0][0]
     first = tracked[0][1]
     for _, x in tracked[1:]:

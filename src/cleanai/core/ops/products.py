@@ -109,6 +109,35 @@ def matmul(ctx, op: str, a: Optional[Slots], b: Optional[Slots], sa: Optional[Sh
     return Slots(od, x.ids)
 
 
+@register("LinalgSolveTriangularBackward0")
+def _solve_triangular(ctx, call: OpCall):
+    """``torch.linalg.solve_triangular(A, B)``: X solves ``A X = B`` (``X A = B`` with
+    ``left=False``) over the last two dims (the chunked delta rule of Gated DeltaNet solves over
+    positions in a chunk). Each column of B (row, with ``left=False``) is solved on its own, so
+    channels there go on; channels on a dim the system mixes stay; the other dims are batch
+    dims, element-wise."""
+    a, b = call.ins[0], call.ins[1]
+    sa, sb = call.in_shapes[0], call.in_shapes[1]
+    if sa is None:  # a constant matrix (the solve saved it)
+        saved = call.saved("self")
+        sa = tuple(saved.shape) if isinstance(saved, torch.Tensor) else None
+    if sb is None:  # a constant right-hand side: the solution has its shape
+        sb = call.out_shapes[0]
+    if sa is None or len(sa) < 2 or len(sb) < 2:
+        protect_all(ctx, f"{call.name()} with an operand of unknown shape", [a, b])
+        return none(call)
+    free = len(sb) - 1 if call.saved("left", True) else len(sb) - 2
+    if a is not None and a.dim >= len(sa) - 2:
+        ctx.protect(a, f"{call.name()} mixes the channels of its matrix")
+        a = None
+    if b is not None and b.dim >= len(sb) - 2 and b.dim != free:
+        ctx.protect(b, f"{call.name()} mixes the channels it solves along")
+        b = None
+    # the matrix is the same for every column (row) of the solution: size 1 there
+    return [broadcast(ctx, call.name(), [a, b], [tuple(sa[:-2]) + (1, 1), sb],
+                      call.out_shapes[0])]
+
+
 @register("ConvolutionBackward0")
 def _conv(ctx, call: OpCall):
     """``F.conv1d/2d/3d`` outside a conv layer's forward (Mamba's and linear attention's causal

@@ -1,0 +1,149 @@
+"""Outer products by broadcasting (a state-space layer's ``dt[..., None] * B[:, None]``) and a
+2-D parameter that spans two channel dims (Mamba's ``A_log``, ``d_inner x state``): the larger
+dim stays prunable, the parameter is sliced along it, the other dim is kept."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai import PruningPlan, StructuredPruner
+from equivalence import check_equivalence, zero_consumers
+
+
+class SelectiveScan(nn.Module):
+    """A Mamba mixer written in plain torch, the sequential scan of HF's reference path."""
+
+    def __init__(self, hidden=12, inner=24, state=4, rank=2, a_use="once"):
+        super().__init__()
+        self.state, self.rank, self.a_use = state, rank, a_use
+        self.in_proj = nn.Linear(hidden, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
+        self.x_proj = nn.Linear(inner, rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(rank, inner)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, state + 1.0)).repeat(inner, 1)
+                                  + 0.1 * torch.randn(inner, state))
+        self.D = nn.Parameter(torch.randn(inner))
+        self.out_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):  # x: [B, L, hidden]
+        seq = x.shape[1]
+        u, gate = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # [B, inner, L] each
+        u = F.silu(self.conv1d(u)[..., :seq])
+        dt, B, C = torch.split(self.x_proj(u.transpose(1, 2)), [self.rank, self.state, self.state],
+                               dim=-1)
+        dt = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # [B, inner, L]
+        A = -torch.exp(self.A_log.float())
+        if self.a_use == "transposed":
+            A = A.t().t().contiguous()
+        discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])  # [B, inner, L, state]
+        deltaB_u = dt[:, :, :, None] * B[:, None, :, :] * u[:, :, :, None]
+        h = torch.zeros(x.shape[0], u.shape[1], self.state)
+        ys = []
+        for i in range(seq):
+            h = discrete_A[:, :, i] * h + deltaB_u[:, :, i]
+            ys.append(torch.matmul(h, C[:, i, :].unsqueeze(-1))[:, :, 0])
+        y = torch.stack(ys, dim=-1) + u * self.D[None, :, None]
+        y = y * F.silu(gate)
+        if self.a_use == "twice":  # the parameter read a second time, outside the scan
+            y = y + self.A_log.mean()
+        return self.out_proj(y.transpose(1, 2))
+
+
+def test_selective_scan_prunes_its_inner_channels_exactly():
+    torch.manual_seed(0)
+    model, x = SelectiveScan(), torch.randn(2, 5, 12)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    inner = next(g for g in pruner.graph.groups if any(m.name == "A_log" for m in g.members))
+    assert inner.size == 24 and not inner.protected.any()
+    check_equivalence(model, pruner, x)
+    assert model.A_log.shape == (12, 4) and model.D.shape == (12,)
+    # B and C keep their 4 state channels each; the time-step rank is a group of its own
+    assert model.x_proj.weight.shape == (model.dt_proj.in_features + 8, 12)
+    assert model.dt_proj.weight.shape[0] == 12
+    assert model(x).shape == (2, 5, 12)
+
+
+@pytest.mark.parametrize("a_use", ["transposed", "twice"])
+def test_a_state_matrix_read_otherwise_keeps_the_inner_channels(a_use):
+    """Through a transpose the parameter's dims are not known to be in order; read a second
+    time, its other reader would see a different tensor: the inner channels stay."""
+    torch.manual_seed(0)
+    model, x = SelectiveScan(a_use=a_use), torch.randn(2, 5, 12)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    inner = [g for g in pruner.graph.groups if g.size == 24]
+    assert inner and all(g.protected.all() for g in inner)
+    pruner.step()
+    assert model.A_log.shape == (24, 4) and model(x).shape == (2, 5, 12)
+
+
+def test_hf_mamba_prunes_its_inner_channels_exactly_and_reloads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    def config():  # a fresh one each time: pruning updates the model's config
+        return transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4,
+                                        num_hidden_layers=2, expand=2, time_step_rank=2,
+                                        conv_kernel=3)
+
+    ids = torch.randint(0, 64, (2, 6))
+    inputs = {"input_ids": ids, "use_cache": False}
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config()).eval()
+    pruner = StructuredPruner(model, inputs, pruning_ratio=0.5)
+    # the inner channels alone (the hidden size feeds RMSNorms: not exact by zeroing)
+    inner = {g.id for g in pruner.graph.groups if any(m.name.endswith("A_log") for m in g.members)}
+    assert len(inner) == 2
+    full = pruner.plan()
+    plan = PruningPlan(pruner.graph, {g: idx for g, idx in full.removals.items() if g in inner})
+    zero_consumers(model, plan)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    pruner.apply(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=1e-4)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.A_log.shape == (16, 4) and mixer.conv1d.weight.shape[0] == mixer.D.shape[0] == 16
+
+    # the hidden size and the inner width both halved: the config (expand = 2) describes it
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config()).eval()
+    StructuredPruner(model, inputs, pruning_ratio=0.5).step()
+    assert model.backbone.layers[1].mixer.A_log.shape == (16, 4)
+    model.save_pretrained(tmp_path)
+    again = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits)
+
+
+class TriangularSolve(nn.Module):
+    """Values solved against a lower-triangular matrix over positions (the chunked delta rule
+    of Gated DeltaNet); ``along="channels"`` makes the system mix the channels instead."""
+
+    def __init__(self, along="positions"):
+        super().__init__()
+        self.along = along
+        self.v, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [B, T, 6]
+        v = self.v(x)
+        n = v.shape[1] if self.along == "positions" else v.shape[2]
+        system = torch.eye(n) + 0.1 * torch.ones(n, n).tril(-1)
+        if self.along == "positions":
+            solved = torch.linalg.solve_triangular(system, v, upper=False)
+        else:  # v @ system^-1: the rows of v solved, its channels mixed
+            solved = torch.linalg.solve_triangular(system, v, upper=False, left=False)
+        return self.head(solved)
+
+
+def test_triangular_solve_over_positions_keeps_channels_prunable():
+    torch.manual_seed(0)
+    model, x = TriangularSolve(), torch.randn(2, 5, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    check_equivalence(model, pruner, x)
+    assert model.v.out_features == 4 and model.head.in_features == 4
+
+
+def test_triangular_solve_over_channels_protects_them():
+    torch.manual_seed(0)
+    model, x = TriangularSolve(along="channels"), torch.randn(2, 5, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    (group,) = [g for g in pruner.graph.groups if g.size == 8]
+    assert group.protected.all() and any("solve" in why.lower() for why in group.reasons)
