@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, weight_norm
 
-from cleanai import StructuredPruner
+from cleanai import PruningPlan, StructuredPruner
+from cleanai.pruner.apply import PruningError
 from cleanai.pruner.apply import layer_keeps
 
 
@@ -94,3 +95,104 @@ def test_compensation_skips_a_weight_normed_consumer_and_says_why():
     (report,) = pruner.compensation
     assert "computed" in report.skipped["2"] and "4" in report.compensated
     assert model(x).shape == (64, 3)
+
+
+def test_a_row_whose_kept_part_is_zero_stays_zero_not_nan():
+    """Weight norm of a row whose only non-zero inputs are removed: 0 / 0 must not appear."""
+    torch.manual_seed(0)
+    model = _mlp(parametrizations.weight_norm(nn.Linear(16, 16))).eval()
+    with torch.no_grad():
+        model[2].parametrizations.weight.original1[0, 8:] = 0.0
+    x = torch.randn(5, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    first = next(g for g in pruner.graph.groups if any(m.name == "0" for m in g.members))
+    plan = PruningPlan(pruner.graph, {first.id: torch.arange(8)})  # inputs 0..7 of layer 2
+    hook = model[1].register_forward_hook(lambda mod, inp, out: out.index_fill(-1, torch.arange(8), 0.0))
+    with torch.no_grad():
+        expected = model(x)
+    hook.remove()
+    pruner.apply(plan)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+class _KeepsItsWidth(nn.Module):
+    """A width of its own after the layer: pruning it fails the check and is rolled back."""
+
+    def forward(self, x):
+        return x * torch.linspace(0, 1, 16)
+
+
+def test_a_rolled_back_step_restores_the_hook_based_weight():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), weight_norm(nn.Linear(16, 16)), nn.ReLU(),
+                              _KeepsItsWidth(), nn.Linear(16, 3)).eval()
+    x = torch.randn(5, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    plan = pruner.plan()
+    with pytest.raises(PruningError):
+        pruner.apply(plan)
+    assert model[2].weight.shape == model[2].weight_v.shape == (16, 16)
+    assert torch.equal(pruner.plan().removals[0], plan.removals[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.step()  # the fallback keeps the group that breaks it, prunes the rest
+    assert model(x).shape == (5, 3)
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm"])
+def test_attention_with_a_parametrized_out_proj(how):
+    """The layer pruned is the attention module; its out_proj holds the computed weight."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, batch_first=True)
+    getattr(parametrizations, how)(attn.out_proj)
+    model = nn.ModuleDict({"inp": nn.Linear(8, 16), "attn": attn, "head": nn.Linear(16, 3)})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            h = self.m["inp"](x)
+            return self.m["head"](self.m["attn"](h, h, h, need_weights=False)[0])
+
+    net, x = Net().eval(), torch.randn(2, 5, 8)
+    pruner = StructuredPruner(net, x, pruning_ratio=0.5)
+    pruner.step()
+    width = attn.out_proj.weight.shape
+    if how == "spectral_norm":
+        assert width == (16, 16) and attn.in_proj_weight.shape == (48, 16)
+    else:
+        assert width[0] == 8 and width[1] < 16
+    assert net(x).shape == (2, 5, 3)
+
+
+def test_budgets_copy_a_hook_based_weight_normed_layer():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = _mlp(weight_norm(nn.Linear(16, 16))).eval()
+    x = torch.randn(5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StructuredPruner(model, x, target_params=0.5).step()
+    assert sum(p.numel() for p in model.parameters()) < 0.55 * (8 * 16 + 16 + 16 * 16 + 16 + 16 + 16 * 4 + 4 + 4 * 3 + 3)
+    assert model(x).shape == (5, 3)
+
+
+def test_prune_checkpoint_refuses_a_weight_normed_layer(tmp_path):
+    pytest.importorskip("safetensors")
+    from cleanai import prune_checkpoint
+
+    def build():
+        return _mlp(parametrizations.weight_norm(nn.Linear(16, 16)))
+
+    torch.save(build().state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="weight is computed"):
+        prune_checkpoint(build, tmp_path, tmp_path / "out", torch.randn(2, 8), pruning_ratio=0.5)
+    assert not (tmp_path / "out").exists()

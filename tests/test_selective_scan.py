@@ -46,6 +46,8 @@ class SelectiveScan(nn.Module):
         y = y * F.silu(gate)
         if self.a_use == "twice":  # the parameter read a second time, outside the scan
             y = y + self.A_log.mean()
+        if self.a_use == "shared":  # -exp(A_log) itself read a second time, across inner
+            y = y + A.sum(0).mean()
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -63,10 +65,11 @@ def test_selective_scan_prunes_its_inner_channels_exactly():
     assert model(x).shape == (2, 5, 12)
 
 
-@pytest.mark.parametrize("a_use", ["transposed", "twice"])
+@pytest.mark.parametrize("a_use", ["transposed", "twice", "shared"])
 def test_a_state_matrix_read_otherwise_keeps_the_inner_channels(a_use):
     """Through a transpose the parameter's dims are not known to be in order; read a second
-    time, its other reader would see a different tensor: the inner channels stay."""
+    time (itself, or a value made from it on the way to the scan), its other reader would see
+    a different tensor: the inner channels stay."""
     torch.manual_seed(0)
     model, x = SelectiveScan(a_use=a_use), torch.randn(2, 5, 12)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
@@ -147,3 +150,32 @@ def test_triangular_solve_over_channels_protects_them():
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
     (group,) = [g for g in pruner.graph.groups if g.size == 8]
     assert group.protected.all() and any("solve" in why.lower() for why in group.reasons)
+
+
+class ResidualScans(nn.Module):
+    """Two mixers on a residual stream, as in a Mamba backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 12)
+        self.mixers = nn.ModuleList([SelectiveScan(), SelectiveScan()])
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for mixer in self.mixers:
+            h = h + mixer(F.layer_norm(h, (12,)))
+        return self.head(h)
+
+
+def test_the_inner_width_is_channels_and_the_stream_hidden():
+    """Joined by products only, the inner width is no residual stream: kinds=["channels"]
+    prunes it and keeps the stream."""
+    torch.manual_seed(0)
+    model, x = ResidualScans(), torch.randn(2, 5, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["channels"])
+    kinds = {g.size: g.kind for g in pruner.graph.groups if g.size in (12, 24)}
+    assert kinds == {12: "hidden", 24: "channels"}
+    pruner.step()
+    assert [m.A_log.shape for m in model.mixers] == [(12, 4), (12, 4)]
+    assert model.embed.out_features == 12 and model(x).shape == (2, 5, 3)

@@ -22,7 +22,6 @@ the budget only times the plan it picks, to check it and to refit.
 from __future__ import annotations
 
 import bisect
-import copy
 import logging
 import statistics
 import time
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core.layers import get_layer_pruner
-from ..core.parametrized import slicing_originals
+from ..core.parametrized import deepcopy_module, slicing_originals
 from ..core.runtime import find_submodule, preserved_state, run_forward
 from .cost import CostModel
 
@@ -260,7 +259,7 @@ def _keeps(length: int, blocks: int) -> List[Tuple[float, Optional[torch.Tensor]
 
 def _pruned(module: nn.Module, pruner: Any, k_in: Optional[torch.Tensor],
             k_out: Optional[torch.Tensor], same: bool) -> nn.Module:
-    clone = copy.deepcopy(module).eval()
+    clone = deepcopy_module(module).eval()
     if k_in is not None or k_out is not None:
         with slicing_originals(clone):
             pruner.prune(clone, k_out if same else k_in, k_out)

@@ -3,13 +3,12 @@
 layer with a registered pruner is covered like a built-in one."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..core.parametrized import slicing_originals
+from ..core.parametrized import deepcopy_module, slicing_originals
 
 __all__ = ["size_laws"]
 
@@ -105,10 +104,10 @@ def _pruned_shapes(module: nn.Module, pruner, kind: str, dim: int, keep: torch.T
 def _clone(module: nn.Module, meta: bool) -> nn.Module:
     """A deep copy of ``module``; with ``meta``, its tensors on the meta device (no data)."""
     if not meta:
-        return copy.deepcopy(module)
+        return deepcopy_module(module)
     memo: Dict[int, Any] = {}
     for t in list(module.parameters()) + list(module.buffers()):
         empty = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) \
             else empty
-    return copy.deepcopy(module, memo)
+    return deepcopy_module(module, memo)

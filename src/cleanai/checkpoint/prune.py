@@ -12,7 +12,6 @@ holds about one tensor at a time, never a whole shard or the model.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..core.graph import is_meta_model, module_signature
 from .meta import build_on_meta
+from ..core.parametrized import computed_weight, deepcopy_module
 from ..core.slicing import recorded_slices
 from ..importance import WeightImportance
 from ..importance.base import member_weights, slice_norms
@@ -118,11 +118,18 @@ def prune_checkpoint(model_factory: Callable[[], nn.Module], checkpoint: PathLik
                      if not t.is_meta)
         raise ValueError(f"model_factory built {where} outside the meta device; build every "
                          f"tensor on the default device so that no weight is allocated")
+    computed = next((n for n, m in model.named_modules()
+                     if m is not model and computed_weight(m) and not any(
+                         computed_weight(c) for c in m.children())), None)
+    if computed is not None:
+        raise ValueError(f"prune_checkpoint does not support {computed}, whose weight is "
+                         f"computed (weight norm, torch.nn.utils.parametrize): its norms and "
+                         f"gain need the values; load the model and prune it instead")
     names, aliases = _match(model, reader)
     original = module_signature(model)
     heads_before = {n: m.head_dim for n, m in model.named_modules()
                     if isinstance(m, nn.MultiheadAttention)}
-    shadow = copy.deepcopy(model)  # replays each step with its slices logged
+    shadow = deepcopy_module(model)  # replays each step with its slices logged
     shadow_tensors = dict(shadow.state_dict(keep_vars=True))
     pruner = StructuredPruner(model, example_inputs, importance=importance, **pruner_options)
     chains: Dict[str, Dict[int, torch.Tensor]] = {}  # name -> {dim: kept indices}

@@ -34,6 +34,11 @@ class BareParams:
         # those a product followed
         self._readers: Dict[str, set] = {}
         self._followed: Dict[str, set] = {}
+        # name -> id() of the nodes between it and a product or op that followed it
+        # (``W.t()``, ``-exp(A_log)``), and id() of each node -> its readers' id()s: a chain
+        # node read by something else is another use of the parameter
+        self._chains: Dict[str, set] = {}
+        self._node_readers: Dict[int, set] = {}
         #: (name, dim) -> ids of a dim besides the one the walk gave it
         self.dims: Dict[Tuple[str, int], torch.Tensor] = {}
         #: ``"name[dim]"`` -> ids a parameter produces (the columns of ``x @ W``)
@@ -49,6 +54,7 @@ class BareParams:
     def note_readers(self, reader: int, nodes) -> None:
         """``reader`` (an ``id()``) takes the outputs of ``nodes`` as its inputs."""
         for node in nodes:
+            self._node_readers.setdefault(id(node), set()).add(reader)
             name = self._nodes.get(id(node))
             if name is not None:
                 self._readers.setdefault(name, set()).add(reader)
@@ -74,8 +80,14 @@ class BareParams:
     def used_as_is(self, name: str, product, node) -> bool:
         """True when ``node`` (an operand of ``product``) is parameter ``name`` itself,
         reached through transposes, casts and copies only; that use is noted as followed."""
-        reader = product
-        for _ in range(8):
+        return self._follow(name, product, node, _AS_IS)
+
+    def _follow(self, name: str, reader, node, through: frozenset) -> bool:
+        """Walk from ``node`` (read by ``reader``) to parameter ``name`` through ops in
+        ``through`` with one input each; True when it gets there, and the way is noted as
+        followed (:meth:`protect_other_uses` checks that nothing else reads it)."""
+        chain = []
+        for _ in range(16):
             if node is None:
                 return False
             found = self._nodes.get(id(node))
@@ -83,10 +95,13 @@ class BareParams:
                 if found != name:
                     return False
                 self._followed.setdefault(name, set()).add(id(reader))
+                self._chains.setdefault(name, set()).update(
+                    (id(n), id(r)) for n, r in chain)
                 return True
             fns = [f for f, _ in node.next_functions if f is not None]
-            if node.name() not in _AS_IS or len(fns) != 1:
+            if node.name() not in through or len(fns) != 1:
                 return False
+            chain.append((node, reader))
             reader, node = node, fns[0]
         return False
 
@@ -132,21 +147,8 @@ class BareParams:
         dim = ps[xs.index(k)]
         if ps[xs.index(x.dim)] != pdim or dim == pdim or pshape[dim] != len(ids):
             return False
-        for _ in range(16):
-            if node is None:
-                return False
-            found = self._nodes.get(id(node))
-            if found is not None:
-                if found != name:
-                    return False
-                break
-            fns = [f for f, _ in node.next_functions if f is not None]
-            if node.name() not in through or len(fns) != 1:
-                return False
-            reader, node = node, fns[0]
-        else:
+        if not self._follow(name, reader, node, through):
             return False
-        self._followed.setdefault(name, set()).add(id(reader))
         self._uf.union_all(ids, self._dim_ids(name, dim, len(ids)))
         return True
 
@@ -160,7 +162,9 @@ class BareParams:
         """A parameter whose second dim a product made prunable but that something else also
         reads keeps that dim (and the dims it produces)."""
         for name, readers in self._readers.items():
-            if not readers - self._followed.get(name, set()):
+            shared = any(self._node_readers.get(n, set()) - {r}
+                         for n, r in self._chains.get(name, ()))
+            if not shared and not readers - self._followed.get(name, set()):
                 continue
             why = f"a dim of {name}, which is also read outside a matrix product"
             for (pname, _), ids in self.dims.items():

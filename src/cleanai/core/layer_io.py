@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .layers import UnsupportedLayer
+from .parametrized import unsliceable
 from .slots import Slots
 
 
@@ -45,6 +46,10 @@ def layer_extras(ctx, call, outs: List[Optional[Slots]],
             each = f" ({d.per_channel} positions each)" if d.per_channel > 1 else ""
             ctx.note(base, f"{type(m).__name__} {name}: its internal {d.name!r}{each}")
             ctx.kinds.append((int(base[0]), d.kind))
+        computed = unsliceable(m)  # a spectral-normed out_proj: the heads stay too
+        if computed is not None:
+            for ids in internal[name]:
+                ctx.protect(ids, computed)
         for tie in pr.equal_counts(m):
             parts = [internal[name][i] for i in tie if internal[name][i] is not None]
             if len(parts) > 1:

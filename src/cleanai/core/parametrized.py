@@ -12,7 +12,8 @@ and the trace protects them.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional, Tuple
+import copy
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,42 +22,59 @@ from torch.nn.utils import parametrize
 from .slicing import _SLICE_LOG, _keep
 
 
-def _weight_norms(module: nn.Module) -> Optional[Dict[str, Tuple[Tensor, Tensor, int]]]:
-    """Per computed tensor name: ``(g, v, dim)`` of its weight normalisation (``dim`` -1: the
-    norm over the whole tensor). ``{}`` for a plain layer; None when a computed tensor is
-    anything else."""
-    found: Dict[str, Tuple[Tensor, Tensor, int]] = {}
-    if parametrize.is_parametrized(module):
-        for name, chain in module.parametrizations.items():
-            if len(chain) != 1 or type(chain[0]).__name__ != "_WeightNorm" or \
-                    not hasattr(chain, "original1"):
-                return None
-            found[name] = (chain.original0, chain.original1, int(chain[0].dim))
-    for hook in module._forward_pre_hooks.values():
-        if type(hook).__name__ == "WeightNorm" and hasattr(hook, "name"):
-            g = getattr(module, hook.name + "_g", None)
-            v = getattr(module, hook.name + "_v", None)
-            if g is None or v is None:
-                return None
-            found[hook.name] = (g, v, -1 if hook.dim is None else int(hook.dim))
+Norms = Dict[Tuple[nn.Module, str], Tuple[Tensor, Tensor, int]]
+
+
+def _weight_norms(module: nn.Module) -> Optional[Norms]:
+    """Per ``(layer, tensor name)`` in ``module`` (itself or a layer inside it, such as an
+    ``nn.MultiheadAttention``'s ``out_proj``): ``(g, v, dim)`` of its weight normalisation
+    (``dim`` -1: the norm over the whole tensor). ``{}`` when nothing is computed; None when a
+    computed tensor is anything else."""
+    found: Norms = {}
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name, chain in sub.parametrizations.items():
+                if len(chain) != 1 or type(chain[0]).__name__ != "_WeightNorm" or \
+                        not hasattr(chain, "original1"):
+                    return None
+                found[(sub, name)] = (chain.original0, chain.original1, int(chain[0].dim))
+        for hook in sub._forward_pre_hooks.values():
+            if type(hook).__name__ == "WeightNorm" and hasattr(hook, "name"):
+                g = getattr(sub, hook.name + "_g", None)
+                v = getattr(sub, hook.name + "_v", None)
+                if g is None or v is None:
+                    return None
+                found[(sub, hook.name)] = (g, v, -1 if hook.dim is None else int(hook.dim))
     return found
 
 
 def computed_weight(module: nn.Module) -> bool:
-    """True when ``module``'s weights are computed from other tensors on every call (a write
-    into ``module.weight`` would be lost)."""
+    """True when some weight of ``module`` is computed from other tensors on every call (a
+    write into it would be lost)."""
     return _weight_norms(module) != {}
 
 
 def unsliceable(module: nn.Module) -> Optional[str]:
-    """Why ``module``'s computed weight cannot be sliced, or None (none, or weight norm)."""
+    """Why ``module``'s computed weights cannot be sliced, or None (none, or weight norm)."""
     if _weight_norms(module) is not None:
         return None
-    chains = getattr(module, "parametrizations", {})
-    kinds = sorted({type(p).__name__.lstrip("_") for chain in chains.values() for p in chain})
+    kinds = sorted({type(p).__name__.lstrip("_") for sub in module.modules()
+                    for chain in getattr(sub, "parametrizations", {}).values() for p in chain})
     kinds = kinds or ["a weight-norm hook without its tensors"]
     return (f"{type(module).__name__}'s weight is computed by {', '.join(kinds)} "
             f"(torch.nn.utils.parametrize), which a slice cannot keep")
+
+
+def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
+    """``copy.deepcopy(module, memo)`` that also copies a layer under the hook-based
+    ``torch.nn.utils.weight_norm``, whose computed weight (a result of autograd, which
+    ``deepcopy`` refuses) is copied as a plain tensor: the hook recomputes it on the next call."""
+    memo = {} if memo is None else memo
+    for sub in module.modules():
+        for t in sub.__dict__.values():
+            if isinstance(t, Tensor) and not t.is_leaf and id(t) not in memo:
+                memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(module, memo)
 
 
 @contextlib.contextmanager
@@ -72,24 +90,24 @@ def slicing_originals(module: nn.Module) -> Iterator[None]:
     token = _SLICE_LOG.set(log)
     try:
         with parametrize.cached():
-            computed = {name: getattr(module, name) for name in norms}
+            computed = {key: getattr(key[0], key[1]) for key in norms}
             yield
     finally:
         _SLICE_LOG.reset(token)
     for t, dim, idx in log:
-        name = next((n for n, c in computed.items() if c is t), None)
-        if name is None:  # a plain tensor (the bias): already sliced
+        key = next((k for k, c in computed.items() if c is t), None)
+        if key is None:  # a plain tensor (the bias): already sliced
             if outer is not None:
                 outer.append((t, dim, idx))
             continue
-        g, v, norm_dim = norms[name]
-        norm_dim = norm_dim % v.dim() if norm_dim >= 0 else -1
+        g, v, norm_dim = norms[key]
+        norm_dim = -1 if norm_dim == -1 else norm_dim % v.dim()
         if outer is not None and dim != norm_dim:
             # the log replays slices only (cleanai.prune_checkpoint, on a weightless copy)
             raise RuntimeError(
-                f"{type(module).__name__}.{name} is weight-normed over dim {norm_dim}: cutting "
-                f"dim {dim} rescales its gain from the values, which a checkpoint pruned "
-                f"slice by slice does not have; load the model and prune it instead")
+                f"{type(key[0]).__name__}.{key[1]} is weight-normed over dim {norm_dim}: "
+                f"cutting dim {dim} rescales its gain from the values, which a checkpoint "
+                f"pruned slice by slice does not have; load the model and prune it instead")
         _slice_weight_norm(g, v, norm_dim, dim, idx)
 
 
@@ -103,6 +121,9 @@ def _slice_weight_norm(g: Tensor, v: Tensor, norm_dim: int, dim: int, idx: Tenso
     _keep(v, dim, idx)
     after = torch.norm_except_dim(v, 2, norm_dim)
     # g * v[idx] / ||v|| is the weight kept: the new norm ||v[idx]|| moves into g
-    scale = torch.where(before > 0, after / before.clamp_min(torch.finfo(before.dtype).tiny),
-                        torch.ones_like(before))
+    scale = after / before.clamp_min(torch.finfo(before.dtype).tiny)
     g.data = (g.data * scale.to(g.dtype)).reshape(g.shape)
+    empty = (after == 0).reshape(g.shape)
+    if bool(empty.any()):  # all that is kept of a row is zero: so is its weight, never 0 / 0
+        g.data = g.data.masked_fill(empty, 0.0)
+        v.data = v.data.masked_fill(empty.expand_as(v) if empty.dim() else empty, 1.0)

@@ -66,6 +66,9 @@ class TraceResult:
     #: ``(layer, dim, start, end)`` of each slice taken of a layer's whole output
     #: (``qkv[..., :q_size]``): the part is channels of its own (see ops/shape.py)
     slices: List[Tuple[str, int, int, int]] = dataclasses.field(default_factory=list)
+    #: an id of each addition that joined two activations' separate channels (a residual
+    #: stream); a width joined by products only (a gate, Mamba's inner width) is no stream
+    added: List[int] = dataclasses.field(default_factory=list)
 
 
 def resolve_edges(edges: List[Tuple[Any, str]], junctions: List[frozenset]) -> List[Tuple[str, str]]:

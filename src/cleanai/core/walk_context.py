@@ -35,6 +35,9 @@ class WalkContext:
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
+        # an id of each sum of two activations that carried channels of different units
+        # (``x + f(x)``): what makes a width shared through residual additions
+        self.added: List[int] = []
         self.unknown: Dict[str, List[str]] = {}
         self.operand_shapes: Dict[Any, list] = {}
         # (ids, grad_fn) of splits into equal parts whose sizes the model's code wrote down

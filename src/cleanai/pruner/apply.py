@@ -1,7 +1,6 @@
 """Applying a plan: validate, slice every affected tensor, roll back on any failure."""
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 from ..core.graph import DependencyGraph, Group, module_signature
 from ..core.runtime import find_submodule, preserved_state, run_forward
 from ..core.layers import get_layer_pruner
-from ..core.parametrized import slicing_originals
+from ..core.parametrized import deepcopy_module, slicing_originals
 from ..core.slicing import _keep, drop_grad_accumulator
 from ..core.layers_attention import sync_container_attributes, synced_containers
 from ..core.widths import code_fingerprint
@@ -195,8 +194,11 @@ class atomic:
                                    for chain in getattr(m, "parametrizations", {}).values()]
         for m in modules:
             params, buffers = dict(m._parameters), dict(m._buffers)
+            # plain tensor attributes too: the hook-based weight_norm's computed ``weight``
+            plain = {k: t for k, t in m.__dict__.items() if isinstance(t, torch.Tensor)}
             tensors = [(t, t.data, t.grad if isinstance(t, nn.Parameter) else None)
-                       for store in (params, buffers) for t in store.values() if t is not None]
+                       for store in (params, buffers, plain) for t in store.values()
+                       if t is not None]
             self.saved.append((m, tensors, params, buffers, m.__dict__.copy(), type(m)))
 
     def __enter__(self) -> "atomic":
@@ -416,4 +418,4 @@ def add_zero_bias(module: nn.Module) -> None:
 
 def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy, for previewing a plan's impact without touching the model."""
-    return copy.deepcopy(model)
+    return deepcopy_module(model)

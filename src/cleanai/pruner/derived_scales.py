@@ -19,7 +19,6 @@ field that gives it back is scaled with the size (:func:`keep_config_scales`).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import warnings
@@ -31,6 +30,7 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, is_meta_model
 from ..core.runtime import find_submodule, iter_tensors, preserved_state, run_forward
+from ..core.parametrized import deepcopy_module
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _form(graph: DependencyGraph, head: Tuple[str, nn.Linear], feeds: Dict[str, 
     if not params or any(p is module.weight for p in params):
         raise _Unmatched(f"{norm_name}, which feeds its tied head, has no parameters to rescale")
     for offset in _OFFSETS:
-        trial = copy.deepcopy(feed.module).eval()
+        trial = deepcopy_module(feed.module).eval()
         for p in trial.parameters(recurse=False):
             if p.is_floating_point():
                 p.data = _rescaled(p.data, 1.0 / c, offset)

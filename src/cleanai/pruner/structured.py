@@ -1,7 +1,6 @@
 """StructuredPruner: turns importance scores into plans and applies them, step by step."""
 from __future__ import annotations
 
-import copy
 import datetime
 import logging
 import warnings
@@ -28,6 +27,7 @@ from .outputs import free_outputs
 from .plan import PruningPlan
 from .planning import RATIO_KINDS, inside, plan_step
 from .references import LayerNames, infer_example_inputs
+from ..core.parametrized import deepcopy_module
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class StructuredPruner:
         #: what each step's compensation did, one report per step applied
         self.compensation: List[CompensationReport] = []
         #: the model as it was when the pruner was built (``keep_teacher=True``), else None
-        self.teacher: Optional[nn.Module] = copy.deepcopy(model) if keep_teacher else None
+        self.teacher: Optional[nn.Module] = deepcopy_module(model) if keep_teacher else None
         #: the budgets (``target_macs`` / ``target_params`` / ``target_latency``)
         self.targets: List[Target] = targets
         #: params and MACs of any plan, when a budget is set (:class:`cleanai.budget.CostModel`)

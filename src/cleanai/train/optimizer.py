@@ -12,7 +12,6 @@ statistics) is sliced along the others; scalars (``step``) are kept.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -23,6 +22,7 @@ from torch import nn
 from ..core.graph import module_signature
 from ..pruner.apply import replay
 from ..pruner.history import get_history
+from ..core.parametrized import deepcopy_module
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def position_probe(model: nn.Module) -> nn.Module:
         n = p.numel()
         dtype = torch.float32 if n <= EXACT_FLOAT32 else torch.float64
         memo[id(p)] = nn.Parameter(torch.arange(n, dtype=dtype).view(p.shape), requires_grad=False)
-    return copy.deepcopy(model, memo)
+    return deepcopy_module(model, memo)
 
 
 def follow(optimizer: torch.optim.Optimizer, model: nn.Module, probe: nn.Module,
