@@ -85,16 +85,29 @@ def test_other_parametrizations_keep_their_channels_with_a_reason(how):
     assert model(x).shape == (5, 3)
 
 
-def test_compensation_skips_a_weight_normed_consumer_and_says_why():
+@pytest.mark.parametrize("form", ["parametrization", "hook"])
+def test_compensation_refits_a_weight_normed_consumer_as_a_plain_one(form):
+    """The refit is written into g and v: the same numbers as on a plain layer."""
     torch.manual_seed(0)
-    model = _mlp(parametrizations.weight_norm(nn.Linear(16, 16))).eval()
-    x = torch.randn(64, 8)
-    pruner = StructuredPruner(model, x, pruning_ratio=0.5, compensate="lstsq")
-    pruner.calibrate([torch.randn(64, 8) for _ in range(4)])
-    pruner.step()
-    (report,) = pruner.compensation
-    assert "computed" in report.skipped["2"] and "4" in report.compensated
-    assert model(x).shape == (64, 3)
+    plain = _mlp(nn.Linear(16, 16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = _mlp(nn.Linear(16, 16)).eval()
+        normed.load_state_dict(plain.state_dict())
+        normed[2] = parametrizations.weight_norm(normed[2]) if form == "parametrization" \
+            else weight_norm(normed[2])
+    x, batches = torch.randn(64, 8), [torch.randn(64, 8) for _ in range(4)]
+    outs = []
+    for model in (plain, normed):
+        pruner = StructuredPruner(model, x, pruning_ratio=0.5, compensate="lstsq")
+        pruner.calibrate(batches)
+        pruner.step()
+        (report,) = pruner.compensation
+        assert "2" in report.compensated and not report.skipped
+        with torch.no_grad():
+            outs.append(model(x))
+    assert normed[2].weight.shape == (8, 8)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
 def test_a_row_whose_kept_part_is_zero_stays_zero_not_nan():

@@ -65,6 +65,41 @@ def unsliceable(module: nn.Module) -> Optional[str]:
             f"(torch.nn.utils.parametrize), which a slice cannot keep")
 
 
+def computed_writer(owner: nn.Module, tensor: Tensor):
+    """How to write ``tensor``, a weight of ``owner`` (not of a layer inside it): False when it
+    is a plain tensor (write into it); for a weight-normed one, a function
+    ``write(value) -> undo`` that makes it equal ``value`` (``v = value``, ``g = ||value||``:
+    exact) and returns a function putting the old ``g`` and ``v`` back; None when it is
+    computed otherwise (a write would be lost)."""
+    own = list(getattr(owner, "parametrizations", {}).keys()) + [
+        h.name for h in owner._forward_pre_hooks.values()
+        if type(h).__name__ == "WeightNorm" and hasattr(h, "name")]
+    name = next((n for n in own if getattr(owner, n).shape == tensor.shape and
+                 torch.equal(getattr(owner, n), tensor)), None)
+    if name is None:
+        return False
+    entry = (_weight_norms(owner) or {}).get((owner, name))
+    if entry is None:
+        return None
+    g, v, norm_dim = entry
+
+    @torch.no_grad()
+    def write(value: Tensor):
+        old = g.detach().clone(), v.detach().clone()
+        value = value.to(v.dtype)
+        norm = torch.norm_except_dim(value, 2, norm_dim).reshape(g.shape)
+        empty = norm == 0  # a zero row: g 0, any v (never 0 / 0)
+        v.copy_(value.masked_fill(empty.expand_as(v) if empty.dim() else empty, 1.0))
+        g.copy_(norm)
+
+        def undo() -> None:
+            with torch.no_grad():
+                g.copy_(old[0])
+                v.copy_(old[1])
+        return undo
+    return write
+
+
 def deepcopy_module(module: nn.Module, memo: Optional[Dict[int, Any]] = None) -> nn.Module:
     """``copy.deepcopy(module, memo)`` that also copies a layer under the hook-based
     ``torch.nn.utils.weight_norm``, whose computed weight (a result of autograd, which

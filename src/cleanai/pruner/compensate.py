@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from torch import nn
 from ..core.graph import DependencyGraph
 from ..core.layers import get_layer_pruner
 from ..core.named_layers import TransposedLinearPruner
-from ..core.parametrized import computed_weight
+from ..core.parametrized import computed_weight, computed_writer
 from ..core.runtime import find_submodule
 from ..importance.stats import MAX_GRAM_CHANNELS, ActivationStats, stats_key
 
@@ -168,18 +168,27 @@ class Compensation:
         self.report = report
         self.updates: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, new full value)
         self.new_bias: Dict[str, Tuple[nn.Module, torch.Tensor]] = {}  # layer -> (module, bias)
-        self._saved: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        # id() of a computed weight (weight norm) in ``updates`` -> what writes its g and v
+        self.writers: Dict[int, Any] = {}
+        self._saved: List[Any] = []  # (tensor, old value), or a function that undoes a write
 
     def write(self) -> None:
         with torch.no_grad():
             for t, value in self.updates:
+                writer = self.writers.get(id(t))
+                if writer is not None:
+                    self._saved.append(writer(value))
+                    continue
                 self._saved.append((t, t.detach().clone()))
                 t.copy_(value.to(t.dtype))
 
     def undo(self) -> None:
         with torch.no_grad():
-            for t, old in reversed(self._saved):
-                t.copy_(old)
+            for saved in reversed(self._saved):
+                if callable(saved):
+                    saved()
+                else:
+                    saved[0].copy_(saved[1])
         self._saved.clear()
 
     def finish(self, keeps: Dict[Tuple[str, str, int], torch.Tensor]) -> List[dict]:
@@ -219,9 +228,13 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
         done.add((name, kind))
         targets = _targets(module, kind, stats is not None and name in stats.self_attention)
         if targets is not None and computed_weight(module):
-            comp.report.skipped[name] = ("its weight is computed (weight norm, "
-                                         "torch.nn.utils.parametrize): a refit would be lost")
-            continue
+            writers = [computed_writer(t.owner, t.weight) for t in targets]
+            if any(w is None for w in writers):
+                comp.report.skipped[name] = (
+                    "its weight is computed (torch.nn.utils.parametrize) by something other "
+                    "than weight norm: a refit would be lost")
+                continue
+            comp.writers.update((id(t.weight), w) for t, w in zip(targets, writers) if w)
         if targets is None:
             if kind == "in" and getattr(get_layer_pruner(module), "coupling",
                                         lambda m: "")(module) == "same":
