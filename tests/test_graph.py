@@ -670,3 +670,40 @@ def test_union_all_ties_the_same_sets_as_pair_by_pair_unions():
             for x, y in zip(a.tolist(), b.tolist()):
                 slow.union(x, y)
         assert partition(fast) == partition(slow), seed
+
+
+class _Stream(nn.Module):
+    """Two blocks joined to a 16-wide stream by ``join``: a residual written in several ways,
+    or a product (a gate)."""
+
+    JOINS = {
+        "add": lambda x, y: x + y,
+        "stack and sum": lambda x, y: torch.stack([x, y]).sum(0),
+        "F.linear bias": None,  # the residual passed as the bias of the block's last layer
+        "where": lambda x, y: torch.where(x > 0, x, y),
+        "product": lambda x, y: x * y,
+    }
+
+    def __init__(self, join):
+        super().__init__()
+        self.join = join
+        self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.fc1 = nn.ModuleList([nn.Linear(16, 32) for _ in range(2)])
+        self.fc2 = nn.ModuleList([nn.Linear(32, 16) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.inp(x)
+        for fc1, fc2 in zip(self.fc1, self.fc2):
+            h = torch.relu(fc1(x))
+            if self.join == "F.linear bias":
+                x = torch.nn.functional.linear(h, fc2.weight, x)
+            else:
+                x = self.JOINS[self.join](x, fc2(h))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("join", sorted(_Stream.JOINS))
+def test_a_width_shared_by_additions_is_hidden_and_by_products_channels(join):
+    graph = cleanai.DependencyGraph(_Stream(join).eval(), torch.randn(3, 8))
+    (stream,) = [g for g in graph.groups if g.size == 16]
+    assert stream.kind == ("channels" if join == "product" else "hidden")

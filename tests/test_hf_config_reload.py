@@ -25,6 +25,10 @@ EXTRA = {
                        first_k_dense_replace=1, qk_rope_head_dim=6, qk_nope_head_dim=8,
                        v_head_dim=8, kv_lora_rank=20, q_lora_rank=16, n_group=1, topk_group=1,
                        num_key_value_heads=4),
+    # a Mamba layer, an attention layer; the inner width is mamba_expand * hidden_size
+    "Jamba": dict(mamba_d_state=8, mamba_expand=2, num_experts=1, attn_layer_period=2,
+                  attn_layer_offset=1, expert_layer_period=2, use_mamba_kernels=False),
+    "Mamba": dict(state_size=8, expand=2, time_step_rank=4),
 }
 
 
@@ -74,6 +78,12 @@ RELOADS = [
     ("GraniteMoe", None, 0.5),  # its MoE block views its output with a stored input_size
     ("DeepseekV2", None, 0.5),  # the low-rank query and key/value widths: q_lora_rank...
     ("DeepseekV3", None, 0.5),  # keys written into two slices of a fresh tensor (below)
+    # the Mamba inner width is "channels" (joined by products): with the hidden size kept or
+    # pruned alone, the expand factor follows
+    ("Jamba", ["hidden"], 0.5),
+    ("Jamba", ["channels"], 0.5),
+    ("Mamba", ["channels"], 0.5),
+    ("Mamba", None, 0.5),
 ]
 
 

@@ -35,9 +35,11 @@ class BareParams:
         self._readers: Dict[str, set] = {}
         self._followed: Dict[str, set] = {}
         # name -> id() of the nodes between it and a product or op that followed it
-        # (``W.t()``, ``-exp(A_log)``), and id() of each node -> its readers' id()s: a chain
-        # node read by something else is another use of the parameter
+        # (``W.t()``, ``-exp(A_log)``); id() of such a node -> the readers of it that were
+        # followed, and id() of every node -> all its readers: a chain node read by anything
+        # not followed is another use of the parameter
         self._chains: Dict[str, set] = {}
+        self._chain_readers: Dict[int, set] = {}
         self._node_readers: Dict[int, set] = {}
         #: (name, dim) -> ids of a dim besides the one the walk gave it
         self.dims: Dict[Tuple[str, int], torch.Tensor] = {}
@@ -95,8 +97,9 @@ class BareParams:
                 if found != name:
                     return False
                 self._followed.setdefault(name, set()).add(id(reader))
-                self._chains.setdefault(name, set()).update(
-                    (id(n), id(r)) for n, r in chain)
+                for n, r in chain:
+                    self._chains.setdefault(name, set()).add(id(n))
+                    self._chain_readers.setdefault(id(n), set()).add(id(r))
                 return True
             fns = [f for f, _ in node.next_functions if f is not None]
             if node.name() not in through or len(fns) != 1:
@@ -162,8 +165,8 @@ class BareParams:
         """A parameter whose second dim a product made prunable but that something else also
         reads keeps that dim (and the dims it produces)."""
         for name, readers in self._readers.items():
-            shared = any(self._node_readers.get(n, set()) - {r}
-                         for n, r in self._chains.get(name, ()))
+            shared = any(self._node_readers.get(n, set()) - self._chain_readers[n]
+                         for n in self._chains.get(name, ()))
             if not shared and not readers - self._followed.get(name, set()):
                 continue
             why = f"a dim of {name}, which is also read outside a matrix product"

@@ -282,16 +282,17 @@ def _finish(r: TraceResult, roots: torch.Tensor, group_of: torch.Tensor,
             groups[gi].fixed_splits.append(where)
     _mark_protected(groups, r, roots, group_of, channel_of)
     summed = {int(group_of[roots[i]]) for i in r.added}
+    gated = {int(group_of[roots[i]]) for i in r.multiplied} - summed
     for g in groups:
         # several producers added together and read by several layers: a residual stream
         # (two producers read by one layer are a gate, e.g. a gated MLP's up and gate; joined
-        # by products only, as Mamba's inner width, they are no stream either)
+        # by products alone, as Mamba's inner width, they are no stream either)
         # (a bare parameter's dim counts as a layer's output where a product makes channels
         # of it, as an input where a product contracts it: ``x @ W``)
         role = [m.kind if m.kind != "param" else
                 "out" if f"{m.name}[{m.dim}]" in r.param_made else
                 "in" if f"{m.name}[{m.dim}]" in r.param_read else "param" for m in g.members]
-        if role.count("out") > 1 and role.count("in") > 1 and g.id in summed:
+        if role.count("out") > 1 and role.count("in") > 1 and g.id not in gated:
             g.kind = "hidden"
     for i, kind in r.kinds:
         gi = int(group_of[roots[i]])

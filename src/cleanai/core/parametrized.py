@@ -65,23 +65,26 @@ def unsliceable(module: nn.Module) -> Optional[str]:
             f"(torch.nn.utils.parametrize), which a slice cannot keep")
 
 
-def computed_writer(owner: nn.Module, tensor: Tensor):
-    """How to write ``tensor``, a weight of ``owner`` (not of a layer inside it): False when it
-    is a plain tensor (write into it); for a weight-normed one, a function
+def computed_writer(owner: nn.Module, name: str):
+    """How to write ``owner.<name>`` (a weight of ``owner`` itself, not of a layer inside it):
+    False when it is a plain tensor (write into it); for a weight-normed one, a function
     ``write(value) -> undo`` that makes it equal ``value`` (``v = value``, ``g = ||value||``:
     exact) and returns a function putting the old ``g`` and ``v`` back; None when it is
     computed otherwise (a write would be lost)."""
-    own = list(getattr(owner, "parametrizations", {}).keys()) + [
-        h.name for h in owner._forward_pre_hooks.values()
-        if type(h).__name__ == "WeightNorm" and hasattr(h, "name")]
-    name = next((n for n in own if getattr(owner, n).shape == tensor.shape and
-                 torch.equal(getattr(owner, n), tensor)), None)
-    if name is None:
+    hook = next((h for h in owner._forward_pre_hooks.values()
+                 if type(h).__name__ == "WeightNorm" and getattr(h, "name", None) == name), None)
+    if not parametrize.is_parametrized(owner, name) and hook is None:
         return False
     entry = (_weight_norms(owner) or {}).get((owner, name))
     if entry is None:
         return None
     g, v, norm_dim = entry
+
+    def refresh() -> None:
+        # the hook-based form keeps the weight as an attribute, recomputed only when the layer
+        # itself is called: a reader of the attribute (an attention's out_proj) sees it now
+        if hook is not None:
+            setattr(owner, name, hook.compute_weight(owner).detach())
 
     @torch.no_grad()
     def write(value: Tensor):
@@ -91,11 +94,13 @@ def computed_writer(owner: nn.Module, tensor: Tensor):
         empty = norm == 0  # a zero row: g 0, any v (never 0 / 0)
         v.copy_(value.masked_fill(empty.expand_as(v) if empty.dim() else empty, 1.0))
         g.copy_(norm)
+        refresh()
 
         def undo() -> None:
             with torch.no_grad():
                 g.copy_(old[0])
                 v.copy_(old[1])
+                refresh()
         return undo
     return write
 

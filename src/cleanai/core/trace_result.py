@@ -66,8 +66,10 @@ class TraceResult:
     #: ``(layer, dim, start, end)`` of each slice taken of a layer's whole output
     #: (``qkv[..., :q_size]``): the part is channels of its own (see ops/shape.py)
     slices: List[Tuple[str, int, int, int]] = dataclasses.field(default_factory=list)
-    #: an id of each addition that joined two activations' separate channels (a residual
-    #: stream); a width joined by products only (a gate, Mamba's inner width) is no stream
+    #: an id of each element-wise op that joined two activations' separate channels, by a
+    #: product (``multiplied``) or otherwise (``added``): a width joined by products alone
+    #: (a gate, Mamba's inner width) is no residual stream
+    multiplied: List[int] = dataclasses.field(default_factory=list)
     added: List[int] = dataclasses.field(default_factory=list)
 
 

@@ -215,7 +215,8 @@ def walk(model, calls, output, known, names_of_params, owned, intervals,
                        count_ties=[t for t in ctx.count_ties.values() if len(t[0]) > 1],
                        attr_splits=ctx.attr_splits, wants_location=ctx.wants_location,
                        param_dims=ctx.bare.dims, param_made=ctx.bare.made,
-                       param_read=ctx.bare.read, slices=ctx.slices, added=ctx.added)
+                       param_read=ctx.bare.read, slices=ctx.slices,
+                       multiplied=ctx.multiplied, added=ctx.added)
 
 
 def _reached_inside(call: ModuleCall, visited: set) -> bool:

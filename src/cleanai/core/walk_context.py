@@ -35,8 +35,9 @@ class WalkContext:
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.notes: List[Tuple[int, str]] = []
-        # an id of each sum of two activations that carried channels of different units
-        # (``x + f(x)``): what makes a width shared through residual additions
+        # an id of each element-wise op that joined two activations' separate channels: by
+        # a product (``x * gate(x)``), or otherwise (``x + f(x)``, ``torch.where``...)
+        self.multiplied: List[int] = []
         self.added: List[int] = []
         self.unknown: Dict[str, List[str]] = {}
         self.operand_shapes: Dict[Any, list] = {}

@@ -67,6 +67,7 @@ class _Target:
     bias: Optional[str]  # the owner's attribute that holds the bias
     can_add_bias: bool
     rows: Optional[slice] = None  # only these rows (of dim 0) read the input
+    name: str = "weight"  # the owner's attribute that holds ``weight``
 
 
 def _targets(module: nn.Module, kind: str, self_attention: bool = False
@@ -82,9 +83,10 @@ def _targets(module: nn.Module, kind: str, self_attention: bool = False
         e = module.embed_dim
         if module.in_proj_weight is not None:
             rows = slice(0, 3 * e if self_attention else e)
-            return [_Target(module.in_proj_weight, 1, 0, 1, module, "in_proj_bias", False, rows)]
+            return [_Target(module.in_proj_weight, 1, 0, 1, module, "in_proj_bias", False, rows,
+                            name="in_proj_weight")]
         return [_Target(module.q_proj_weight, 1, 0, 1, module, "in_proj_bias", False,
-                        slice(0, e))]
+                        slice(0, e), name="q_proj_weight")]
     if kind == "internal":
         return None
     if isinstance(module, nn.Linear):
@@ -99,11 +101,11 @@ def _targets(module: nn.Module, kind: str, self_attention: bool = False
     if isinstance(module, nn.RNNBase):
         names = ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if module.bidirectional else [])
         return [_Target(getattr(module, n), 1, 0, 1, module,
-                        n.replace("weight", "bias") if module.bias else None, False)
+                        n.replace("weight", "bias") if module.bias else None, False, name=n)
                 for n in names]
     if isinstance(module, nn.RNNCellBase):
         return [_Target(module.weight_ih, 1, 0, 1, module,
-                        "bias_ih" if module.bias else None, False)]
+                        "bias_ih" if module.bias else None, False, name="weight_ih")]
     return None
 
 
@@ -175,9 +177,9 @@ class Compensation:
     def write(self) -> None:
         with torch.no_grad():
             for t, value in self.updates:
-                writer = self.writers.get(id(t))
-                if writer is not None:
-                    self._saved.append(writer(value))
+                held = self.writers.get(id(t))
+                if held is not None:
+                    self._saved.append(held[1](value))
                     continue
                 self._saved.append((t, t.detach().clone()))
                 t.copy_(value.to(t.dtype))
@@ -228,13 +230,15 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
         done.add((name, kind))
         targets = _targets(module, kind, stats is not None and name in stats.self_attention)
         if targets is not None and computed_weight(module):
-            writers = [computed_writer(t.owner, t.weight) for t in targets]
+            writers = [computed_writer(t.owner, t.name) for t in targets]
             if any(w is None for w in writers):
                 comp.report.skipped[name] = (
                     "its weight is computed (torch.nn.utils.parametrize) by something other "
                     "than weight norm: a refit would be lost")
                 continue
-            comp.writers.update((id(t.weight), w) for t, w in zip(targets, writers) if w)
+            # the tensor is held with its writer: its id() stays its own
+            comp.writers.update((id(t.weight), (t.weight, w)) for t, w in zip(targets, writers)
+                                if w)
         if targets is None:
             if kind == "in" and getattr(get_layer_pruner(module), "coupling",
                                         lambda m: "")(module) == "same":

@@ -307,8 +307,9 @@ _IN_ORDER = frozenset(set(_UNARY) - {"SoftmaxBackward0", "LogSoftmaxBackward0",
                          "SqueezeBackward2"})
 
 
-#: ops that sum their operands (``x + f(x)``, ``x += f(x)``, ``out[:, :n] += shortcut``)
-_ADDITIONS = frozenset({"AddBackward0", "SubBackward0", "torch::autograd::CopySlices"})
+#: ops that join their operands by a product: a width joined by these alone is a gate
+#: (squeeze-and-excitation, Mamba's inner width), not a residual stream
+_PRODUCTS = frozenset({"MulBackward0", "DivBackward0"})
 
 
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
@@ -377,9 +378,10 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     od = tracked[0][0]
     first = tracked[0][1]
     for _, x in tracked[1:]:
-        if op in _ADDITIONS and not first.weight and not x.weight and \
+        if not first.weight and not x.weight and \
                 ctx.uf.find(int(first.ids[0])) != ctx.uf.find(int(x.ids[0])):
-            ctx.added.append(int(first.ids[0]))
+            # two activations' separate channels meet: by a product (a gate) or otherwise
+            (ctx.multiplied if op in _PRODUCTS else ctx.added).append(int(first.ids[0]))
         ctx.uf.union_all(first.ids, x.ids)
     for i, (x, s) in enumerate(zip(ins, shapes)):
         if x is not None or (made_at_run_time and made_at_run_time[i]):
