@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import cleanai
@@ -529,3 +530,36 @@ def test_padded_batches_count_their_real_tokens_in_both_halves():
         assert float(stats.half_count["L"]) == odd
         if odd < sum(real):
             assert stats.held_out("L")[0][2] == sum(real) - odd
+
+
+def test_timm_linear_is_compensated_as_a_linear_and_a_custom_subclass_says_why():
+    """timm's Linear (its own forward, the same product) is known by name; a Linear subclass
+    with a forward of its own is left alone, with what to do about it."""
+    timm_layers = pytest.importorskip("timm.layers")
+
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
+    torch.manual_seed(0)
+    outs, reports = {}, {}
+    for cls in (nn.Linear, timm_layers.Linear, Custom):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                              nn.Linear(16, 4)).eval()
+        head = cls(16, 4)
+        head.load_state_dict(model[4].state_dict())
+        model[4] = head
+        batches = [torch.randn(32, 8) for _ in range(4)]
+        pruner = cleanai.StructuredPruner(model, batches[0], pruning_ratio=0.5,
+                                          compensate="lstsq")
+        pruner.calibrate(batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner.step()
+        (reports[cls],) = pruner.compensation
+        with torch.no_grad():
+            outs[cls] = model(batches[0])
+    assert "4" in reports[timm_layers.Linear].compensated
+    torch.testing.assert_close(outs[timm_layers.Linear], outs[nn.Linear])
+    assert "overrides forward" in reports[Custom].skipped["4"]

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 from torch import nn
 
-from .layers import ConvPruner, LayerPruner, _keep
+from .layers import ConvPruner, LayerPruner, LinearPruner, _keep
 from .layers_experts import ExpertsPruner, is_experts_class
 
 
@@ -66,6 +66,9 @@ _STD_CONV = StandardizedConvPruner()
 _EXPERTS = ExpertsPruner()
 _BY_NAME: Dict[str, LayerPruner] = {
     "transformers.pytorch_utils.Conv1D": TransposedLinearPruner(),
+    # ``F.linear(x, self.weight, self.bias)`` in a forward of its own (a cast under
+    # TorchScript): an nn.Linear, so its input statistics and compensation work as for one
+    "timm.layers.linear.Linear": LinearPruner(),
     **{f"timm.layers.std_conv.{c}": _STD_CONV
        for c in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")},
 }

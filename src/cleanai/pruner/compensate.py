@@ -264,8 +264,14 @@ def plan_compensation(model: nn.Module, graph: DependencyGraph,
             n = max(stats.positions(key), 1.0)
             found = (stats.sums[key][0].cpu().double() / n, None, n)
         if found is None or found[0].shape[0] != length:
-            comp.report.skipped[name] = "no calibration statistics for its input (not reached " \
-                                        "by the calibration data)"
+            if get_layer_pruner(module) is None:  # its class has a forward of its own
+                comp.report.skipped[name] = (
+                    f"{type(module).__name__} overrides forward, so calibration does not "
+                    f"record its input as a layer's (register its class with "
+                    f"cleanai.register_layer_pruner when it computes what its base class does)")
+            else:
+                comp.report.skipped[name] = "no calibration statistics for its input (not " \
+                                            "reached by the calibration data)"
             continue
         halves = stats.held_out(key) if found[1] is not None and not mean_only else None
         for target in targets:
