@@ -119,8 +119,7 @@ def prune_checkpoint(model_factory: Callable[[], nn.Module], checkpoint: PathLik
         raise ValueError(f"model_factory built {where} outside the meta device; build every "
                          f"tensor on the default device so that no weight is allocated")
     computed = next((n for n, m in model.named_modules()
-                     if m is not model and computed_weight(m) and not any(
-                         computed_weight(c) for c in m.children())), None)
+                     if computed_weight(m, recurse=False)), None)
     if computed is not None:
         raise ValueError(f"prune_checkpoint does not support {computed}, whose weight is "
                          f"computed (weight norm, torch.nn.utils.parametrize): its norms and "

@@ -30,14 +30,10 @@ class BareParams:
         self._entries: Dict[int, Tuple[str, Tuple[int, ...], int]] = {}
         # id() of each parameter's AccumulateGrad node -> the parameter's name
         self._nodes: Dict[int, str] = {}
-        # name -> id() of every autograd node (or module call) reading it directly, and of
-        # those a product followed
-        self._readers: Dict[str, set] = {}
-        self._followed: Dict[str, set] = {}
-        # name -> id() of the nodes between it and a product or op that followed it
-        # (``W.t()``, ``-exp(A_log)``); id() of such a node -> the readers of it that were
-        # followed, and id() of every node -> all its readers: a chain node read by anything
-        # not followed is another use of the parameter
+        # name -> id() of its own node and of the nodes between it and a product or op that
+        # followed it (``W.t()``, ``-exp(A_log)``); id() of such a node -> the readers of it
+        # that were followed; id() of every node (or module call) -> all its readers: a chain
+        # node read by anything not followed is another use of the parameter
         self._chains: Dict[str, set] = {}
         self._chain_readers: Dict[int, set] = {}
         self._node_readers: Dict[int, set] = {}
@@ -57,9 +53,6 @@ class BareParams:
         """``reader`` (an ``id()``) takes the outputs of ``nodes`` as its inputs."""
         for node in nodes:
             self._node_readers.setdefault(id(node), set()).add(reader)
-            name = self._nodes.get(id(node))
-            if name is not None:
-                self._readers.setdefault(name, set()).add(reader)
 
     def operand(self, x: Slots, shape) -> Optional[Tuple[str, List[int]]]:
         """For ``x``, a bare parameter used as it is or with its last two dims swapped
@@ -96,8 +89,7 @@ class BareParams:
             if found is not None:
                 if found != name:
                     return False
-                self._followed.setdefault(name, set()).add(id(reader))
-                for n, r in chain:
+                for n, r in chain + [(node, reader)]:
                     self._chains.setdefault(name, set()).add(id(n))
                     self._chain_readers.setdefault(id(n), set()).add(id(r))
                 return True
@@ -164,10 +156,9 @@ class BareParams:
     def protect_other_uses(self, protect: Callable[[torch.Tensor, str], None]) -> None:
         """A parameter whose second dim a product made prunable but that something else also
         reads keeps that dim (and the dims it produces)."""
-        for name, readers in self._readers.items():
-            shared = any(self._node_readers.get(n, set()) - self._chain_readers[n]
-                         for n in self._chains.get(name, ()))
-            if not shared and not readers - self._followed.get(name, set()):
+        for name, chain in self._chains.items():
+            if not any(self._node_readers.get(n, set()) - self._chain_readers[n]
+                       for n in chain):
                 continue
             why = f"a dim of {name}, which is also read outside a matrix product"
             for (pname, _), ids in self.dims.items():

@@ -25,13 +25,13 @@ from .slicing import _SLICE_LOG, _keep
 Norms = Dict[Tuple[nn.Module, str], Tuple[Tensor, Tensor, int]]
 
 
-def _weight_norms(module: nn.Module) -> Optional[Norms]:
-    """Per ``(layer, tensor name)`` in ``module`` (itself or a layer inside it, such as an
-    ``nn.MultiheadAttention``'s ``out_proj``): ``(g, v, dim)`` of its weight normalisation
-    (``dim`` -1: the norm over the whole tensor). ``{}`` when nothing is computed; None when a
-    computed tensor is anything else."""
+def _weight_norms(module: nn.Module, recurse: bool = True) -> Optional[Norms]:
+    """Per ``(layer, tensor name)`` in ``module`` (itself or, with ``recurse``, a layer inside
+    it, such as an ``nn.MultiheadAttention``'s ``out_proj``): ``(g, v, dim)`` of its weight
+    normalisation (``dim`` -1: the norm over the whole tensor). ``{}`` when nothing is
+    computed; None when a computed tensor is anything else."""
     found: Norms = {}
-    for sub in module.modules():
+    for sub in module.modules() if recurse else (module,):
         if parametrize.is_parametrized(sub):
             for name, chain in sub.parametrizations.items():
                 if len(chain) != 1 or type(chain[0]).__name__ != "_WeightNorm" or \
@@ -48,10 +48,10 @@ def _weight_norms(module: nn.Module) -> Optional[Norms]:
     return found
 
 
-def computed_weight(module: nn.Module) -> bool:
-    """True when some weight of ``module`` is computed from other tensors on every call (a
-    write into it would be lost)."""
-    return _weight_norms(module) != {}
+def computed_weight(module: nn.Module, recurse: bool = True) -> bool:
+    """True when some weight of ``module`` (or, with ``recurse``, of a layer inside it) is
+    computed from other tensors on every call (a write into it would be lost)."""
+    return _weight_norms(module, recurse) != {}
 
 
 def unsliceable(module: nn.Module) -> Optional[str]:
@@ -75,7 +75,7 @@ def computed_writer(owner: nn.Module, name: str):
                  if type(h).__name__ == "WeightNorm" and getattr(h, "name", None) == name), None)
     if not parametrize.is_parametrized(owner, name) and hook is None:
         return False
-    entry = (_weight_norms(owner) or {}).get((owner, name))
+    entry = (_weight_norms(owner, recurse=False) or {}).get((owner, name))
     if entry is None:
         return None
     g, v, norm_dim = entry

@@ -312,6 +312,12 @@ _IN_ORDER = frozenset(set(_UNARY) - {"SoftmaxBackward0", "LogSoftmaxBackward0",
 _PRODUCTS = frozenset({"MulBackward0", "DivBackward0"})
 
 
+def _operand_node(node, i: int):
+    """The autograd node that made input ``i`` of ``node`` (None where unknown)."""
+    fns = node.next_functions if node is not None else ()
+    return fns[i][0] if i < len(fns) else None
+
+
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
               out: Shape, made_at_run_time: Optional[Sequence[bool]] = None,
               buffers: Optional[dict] = None, node=None) -> Optional[Slots]:
@@ -330,8 +336,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
     out_nd = len(out)
     tracked = []
     spans = {}  # id(slots) -> the operand's shape
-    operand_nodes = {}  # id(slots) -> the operand's autograd node
-    fns = node.next_functions if node is not None else ()
+    position = {}  # id(slots) -> the operand's index (its autograd node: node.next_functions)
     for i, (x, s) in enumerate(zip(ins, shapes)):
         if x is None:
             continue
@@ -340,7 +345,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         if len(x.ids) == out[od]:
             tracked.append((od, x))
             spans[id(x)] = s
-            operand_nodes[id(x)] = fns[i][0] if i < len(fns) else None
+            position[id(x)] = i
         # a size-1 channel dim broadcast over a larger one (a gate) ties nothing
     if not tracked:
         return None
@@ -352,7 +357,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         # the dim kept: the activations' where they agree (a parameter over a dim that carries
         # no channel ids here, e.g. a norm weight over head_dim when whole heads are the
         # units, is kept whole), else the one with the most channels (an outer product)
-        pick = acts if acts and len({od for od, _ in acts}) == 1 else acts or tracked
+        pick = acts or tracked
         od = max(pick, key=lambda t: (len(t[1].ids), -t[0]))[0]
         kept = [(d, x) for d, x in pick if d == od]
         for d, x in tracked:
@@ -366,10 +371,11 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
             else:
                 ctx.protect(x, f"{op} multiplies it by channels on another dim (an outer "
                                f"product); those keep theirs")
-            if (s is None and not x.weight) or (s is not None and 0 <= k < len(s) and
-                                                s[k] != 1 and not (
-                    x.weight and ctx.bare.bind(x, s, k, kept[0][1].ids, node,
-                                               operand_nodes.get(id(x)), _IN_ORDER))):
+            spans_kept = (s is not None and 0 <= k < len(s) and s[k] != 1) or \
+                (s is None and not x.weight)
+            if spans_kept and not (x.weight and ctx.bare.bind(
+                    x, s, k, kept[0][1].ids, node, _operand_node(node, position[id(x)]),
+                    _IN_ORDER)):
                 # it also spans the kept dim without ids there (a [1, C, H, W] position
                 # embedding whose ids went to W): those channels cannot be sliced out of it
                 for _, a in kept:
