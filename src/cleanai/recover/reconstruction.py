@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: closed form above this many unknowns per output (C_in/groups * prod(kernel)) uses Adam
 MAX_CLOSED_FORM_DIM = 4096
+#: with this many batches or more, every such batch is held out of a block's Adam run
+HELD_OUT_EVERY = 4
 _SKIP_BELOW = 1e-10  # relative error under which an unpruned unit is left alone
 _ROWS_PER_CHUNK = 16384  # rows of the unfolded input converted to float64 at once
 
@@ -105,10 +107,14 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     d > :data:`MAX_CLOSED_FORM_DIM` are trained with Adam instead.
     ``granularity="block"``: the non-leaf children of ``nn.Sequential`` / ``nn.ModuleList``
     holding a Linear or conv (residual blocks, transformer layers) are trained with Adam
-    (``steps`` steps, ``lr``, in eval mode) on the normalised mean squared error of their first
-    output tensor; Linear/conv layers outside blocks are solved in closed form.
+    (``steps`` steps, ``lr``, in eval mode) on the normalised mean squared error of their output
+    tensors (a block with an output tensor that does not line up with the teacher's is
+    reconstructed layer by layer instead); Linear/conv layers outside blocks are solved in
+    closed form. With :data:`HELD_OUT_EVERY` batches or more, every ``HELD_OUT_EVERY``-th
+    batch is held out of a block's training and picks its step count.
 
-    A unit never gets worse: if refitting did not lower its error, its weights are put back.
+    A unit never gets worse: if refitting did not lower its error (a block with held-out
+    batches: on them), its weights are put back.
     Any error leaves ``model`` exactly as it was; every hook is removed; train/eval modes and
     ``requires_grad`` flags come back as they were. ``data`` yields model inputs (or
     ``(inputs, target)`` pairs), read once; ``offload=True`` keeps a block's captured inputs
@@ -158,11 +164,11 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
 # --- finding the units ------------------------------------------------------------------------
 
 def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
-           who: str) -> Tuple[List[str], Dict[str, Optional[torch.Size]]]:
-    """Module names in first-call order and each one's first output tensor shape, from one
-    forward of ``batch``."""
+           who: str) -> Tuple[List[str], Dict[str, Optional[List[torch.Size]]]]:
+    """Module names in first-call order and the shapes of each one's output tensors (first
+    call), from one forward of ``batch``."""
     order: List[str] = []
-    shapes: Dict[str, Optional[torch.Size]] = {}
+    shapes: Dict[str, Optional[List[torch.Size]]] = {}
     handles = []
 
     def pre(name):
@@ -174,9 +180,8 @@ def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
 
     def post(name):
         def hook(mod, args, out):
-            t = _first_tensor(out)
-            if shapes.get(name) is None and t is not None:
-                shapes[name] = t.shape
+            if shapes.get(name) is None:
+                shapes[name] = [t.shape for t in iter_tensors(out)] or None
         return hook
 
     try:
@@ -203,9 +208,10 @@ def _forward(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn], i: i
                             f"{type(exc).__name__}: {exc}") from exc
 
 
-def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
-    """The unit's (args, kwargs) in the model (detached) and the teacher's target at it (kept
-    channels only) on batch ``i``; both forwards stop once the unit has been seen."""
+def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, List[torch.Tensor]]:
+    """The unit's (args, kwargs) in the model (detached) and the teacher's targets at it, one
+    per output tensor (kept channels only), on batch ``i``; both forwards stop once the unit
+    has been seen."""
     got: Dict[str, Any] = {}
 
     def pre(mod, args, kwargs):
@@ -213,7 +219,7 @@ def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
         raise _Stop
 
     def post(mod, args, out):
-        got["out"] = _first_tensor(out)
+        got["out"] = list(iter_tensors(out))
         raise _Stop
 
     for model, module, hook, who in ((run.model, unit.module, pre, "model"),
@@ -224,7 +230,7 @@ def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
             _forward(model, run.batches[i], run.forward_fn, i, who)
         finally:
             h.remove()
-    if "args" not in got or got.get("out") is None:
+    if "args" not in got or len(got.get("out") or ()) != len(unit.outputs):
         raise RecoveryError(f"reconstruct: {unit.name} was not called (or returned no tensor) "
                             f"on batch {i}; are all batches alike?")
     args, kwargs = map_tensors((got["args"], got["kwargs"]), lambda t: t.detach())
@@ -234,20 +240,19 @@ def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, torch.Tensor]:
               for k, v in kwargs.items()}
     for t in iter_tensors((args, kwargs)):
         check_finite(t, f"the input of {unit.name} on batch {i}")
-    target = got["out"].detach()
-    if unit.keep is not None:
-        target = target.index_select(unit.dim, unit.keep.to(target.device))
-    check_finite(target, f"the teacher's output at {unit.name} on batch {i}")
-    return args, kwargs, target.to(model_device(run.model))
+    targets = []
+    for t, (keep, dim) in zip(got["out"], unit.outputs):
+        t = t.detach()
+        if keep is not None:
+            t = t.index_select(dim, keep.to(t.device))
+        check_finite(t, f"the teacher's output at {unit.name} on batch {i}")
+        targets.append(t.to(model_device(run.model)))
+    return args, kwargs, targets
 
 
 def _is_cache(value: Any) -> bool:
     """A key/value cache object handed to a block (Hugging Face's ``*Cache`` classes)."""
     return not isinstance(value, torch.Tensor) and type(value).__name__.endswith("Cache")
-
-
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
-    return next(iter_tensors(out), None)
 
 
 def _progress(units: Sequence[Unit], progress: bool) -> Iterator[Unit]:
@@ -280,7 +285,7 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
     bias = m.bias is not None
     halves: List[List[torch.Tensor]] = []  # per half of the batches (even, odd): its three sums
     for i in range(len(run.batches)):
-        args, kwargs, y = _capture(run, unit, i)
+        args, kwargs, (y,) = _capture(run, unit, i)
         x = args[0] if args else kwargs["input"]
         y = y.movedim(unit.dim, -1)
         if isinstance(m, nn.Linear):  # padded token positions do not count
@@ -340,45 +345,71 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
 # --- Adam -------------------------------------------------------------------------------------
 
 def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
-    """Train the unit's parameters with Adam on ``||out - target||^2 / ||target||^2``."""
+    """Train the unit's parameters with Adam on ``||out - target||^2 / ||target||^2``.
+
+    With at least :data:`HELD_OUT_EVERY` batches, every ``HELD_OUT_EVERY``-th one is held out
+    of training: it picks the step count (the parameters of the checkpoint with the lowest
+    held-out error are kept) and whether the unit is refit at all."""
     m = unit.module
     dev = model_device(run.model)
     store = torch.device("cpu") if run.offload else dev
     data = [map_tensors(_capture(run, unit, i) + (padding_mask(run.batches[i]),),
                         lambda t: t.to(store)) for i in range(len(run.batches))]
+    every = HELD_OUT_EVERY
+    held = [i for i in range(len(data)) if len(data) >= every and i % every == every - 1]
+    train = [i for i in range(len(data)) if i not in held]
 
-    def error() -> float:
+    def error(which: Sequence[int]) -> float:
         diff = ref = 0.0
-        for args, kwargs, y, mask in data:
-            out = _first_tensor(m(*to_device(args, dev), **to_device(kwargs, dev)))
-            out, y = _real_tokens(out.double(), y.to(dev).double(), mask)
-            diff += float(((out - y) ** 2).sum())
-            ref += float((y * y).sum())
+        for i in which:
+            args, kwargs, ys, mask = data[i]
+            outs = iter_tensors(m(*to_device(args, dev), **to_device(kwargs, dev)))
+            for out, y in zip(outs, ys):
+                out, y = _real_tokens(out.double(), y.to(dev).double(), mask)
+                diff += float(((out - y) ** 2).sum())
+                ref += float((y * y).sum())
         return relative_error(diff, ref)
 
-    before = error()
+    everything = range(len(data))
+    before = error(everything)
     params = [p for p in m.parameters() if p.is_floating_point()]
     if (not unit.pruned and before < _SKIP_BELOW) or not params:
         return _row(unit, "skipped", before, before)
     saved = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
+    best = error(held) if held else None
+    best_params = saved
+    check = max(1, run.steps // 10)
     try:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=run.lr)
         with torch.enable_grad():
             for step in range(run.steps):
-                args, kwargs, y, mask = to_device(data[step % len(data)], dev)
-                out, y = _real_tokens(_first_tensor(m(*args, **kwargs)), y, mask)
-                loss = ((out - y) ** 2).mean() / (y * y).mean().clamp_min(1e-30)
+                args, kwargs, ys, mask = to_device(data[train[step % len(train)]], dev)
+                loss = sum(_relative_mse(*_real_tokens(out, y, mask))
+                           for out, y in zip(iter_tensors(m(*args, **kwargs)), ys))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if held and ((step + 1) % check == 0 or step + 1 == run.steps):
+                    with torch.no_grad():
+                        now = error(held)
+                    if now < best:
+                        best, best_params = now, [p.detach().clone() for p in params]
         opt.zero_grad(set_to_none=True)
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    after = error()
+    if held:
+        with torch.no_grad():
+            for p, s in zip(params, best_params):
+                p.copy_(s)
+        if best_params is saved:
+            run.notes.append(f"{unit.name}: Adam did not lower the error on held-out batches "
+                             f"(lr {run.lr:g}); weights kept")
+            return _row(unit, "adam", before, before)
+    after = error(everything)
     if not after <= before:  # also NaN
         with torch.no_grad():
             for p, s in zip(params, saved):
@@ -387,6 +418,10 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
                          f"weights kept")
         after = before
     return _row(unit, "adam", before, after)
+
+
+def _relative_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean() / (y * y).mean().clamp_min(1e-30)
 
 
 def _real_tokens(out: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]
