@@ -50,10 +50,20 @@ TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_h
 EXTRA = dict(rotary_dim=4, qk_rope_head_dim=6, qk_nope_head_dim=8, v_head_dim=8,
              kv_lora_rank=20, q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2,
              moe_intermediate_size=16, n_group=1, topk_group=1)
+# state-space mixers (Mamba-2 and its hybrids) under each family's names: 8 heads of 8 =
+# expand x hidden, one group of B and C, a state of 8, chunks of 4
+SSM = dict(num_heads=8, expand=2, n_groups=1, state_size=8, chunk_size=4, time_step_rank=4,
+           mamba_n_heads=8, mamba_num_heads=8, mamba_d_head=8, mamba_head_dim=8,
+           mamba_headdim=8, mamba_n_groups=1, mamba_ngroups=1, mamba_d_state=8,
+           ssm_state_size=8, mamba_expand=2, mamba_chunk_size=4, mamba_d_ssm=64,
+           n_mamba_heads=8)
+# Zamba's layer types name a shared attention block "hybrid"
+HYBRID = dict(SSM, layers_block_type=["mamba", "hybrid"])
 # tried in turn until the model builds and runs: TINY; without head_dim (a derived property
-# in some configs); with EXTRA; with one key/value head per query head as well
+# in some configs); with EXTRA; with one key/value head per query head as well; with SSM
+# (and HYBRID)
 VARIANTS = [((), False), (("head_dim",), False), (("head_dim",), True),
-            (("head_dim", "num_key_value_heads"), True)]
+            (("head_dim", "num_key_value_heads"), True), ((), "ssm"), ((), "hybrid")]
 
 
 class _Timeout(Exception):
@@ -102,7 +112,8 @@ def probe(model_type: str) -> Dict[str, str]:
     for drop, extra in VARIANTS:
         try:
             kwargs = {k: v for k, v in TINY.items() if k not in drop}
-            config = AutoConfig.for_model(model_type, **kwargs, **(EXTRA if extra else {}))
+            widths = {"ssm": SSM, "hybrid": HYBRID}.get(extra, EXTRA if extra else {})
+            config = AutoConfig.for_model(model_type, **{**kwargs, **widths})
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config).eval()
             ids = torch.randint(3, 100, (2, 8))
@@ -116,7 +127,8 @@ def probe(model_type: str) -> Dict[str, str]:
     else:
         row.update(status="skip", note=first)
         return row
-    tried = [f"no {'/'.join(drop)}" if drop else ""] + (["EXTRA widths"] if extra else [])
+    tried = [f"no {'/'.join(drop)}" if drop else ""] + (
+        ["SSM widths"] if extra in ("ssm", "hybrid") else ["EXTRA widths"] if extra else [])
     row["config"] = ", ".join(t for t in tried if t)
     n0 = sum(p.numel() for p in model.parameters())
     try:

@@ -179,3 +179,81 @@ def test_the_inner_width_is_channels_and_the_stream_hidden():
     pruner.step()
     assert [m.A_log.shape for m in model.mixers] == [(12, 4), (12, 4)]
     assert model.embed.out_features == 12 and model(x).shape == (2, 5, 3)
+
+
+def _mamba2(groups):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(vocab_size=64, hidden_size=16, num_heads=8, head_dim=4,
+                                       expand=2, n_groups=groups, state_size=4, chunk_size=4,
+                                       num_hidden_layers=2, time_step_rank=2, conv_kernel=3)
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hf_mamba2_heads_prune_exactly_within_their_groups(groups, monkeypatch):
+    """Mamba-2 splits its projection by ``[d, conv_dim, heads]``, the convolved part again by
+    ``[d, g * state, g * state]``, repeats B and C once per head and normalises the heads'
+    output in groups. Heads prune (as many in every group), B and C keep their width, and
+    with the norm's group statistics left out (they are the one inexact part) removing the
+    heads whose output projection columns are zero changes nothing."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    def gated(self, hidden_states, gate=None):  # the norm without its group statistics
+        return self.weight * hidden_states * F.silu(gate)
+    monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", gated)
+    model = _mamba2(groups)
+    inputs = {"input_ids": torch.randint(0, 64, (2, 7)), "use_cache": False}
+    pruner = StructuredPruner(model, inputs, pruning_ratio=0.5, kinds=["heads"])
+    heads = [g for g in pruner.graph.groups if any(m.name.endswith("A_log") for m in g.members)]
+    assert len(heads) == 2 and not any(g.protected.any() for g in heads)
+    fixed = [g for g in pruner.graph.groups if g.protected.any() and "model output" not in
+             g.reasons]
+    assert fixed and all(any("no attribute of it sizes" in r for r in g.reasons) for g in fixed)
+    plan = pruner.plan()
+    zero_consumers(model, plan)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    pruner.apply(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=1e-4)
+    mixer = model.backbone.layers[0].mixer
+    assert (mixer.num_heads, mixer.intermediate_size, mixer.conv_dim) == (
+        4, 16, 16 + 2 * groups * 4)
+    assert mixer.norm.group_size == 16 // groups and mixer.A_log.shape == (4,)
+
+
+def test_hf_mamba2_pruned_generates_and_reloads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _mamba2(2)
+    ids = torch.randint(0, 64, (2, 7))
+    StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5).step()
+    assert (model.config.num_heads, model.config.hidden_size) == (4, 8)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)
+    model.save_pretrained(tmp_path)
+    again = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_falcon_h1_mamba_heads_prune_and_its_config_follows(tmp_path):
+    """A hybrid (attention and a Mamba-2 mixer side by side) that names its SSM width
+    ``mamba_d_ssm``: the head count and that width follow into the config, so
+    ``from_pretrained`` rebuilds the pruned model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.FalconH1Config(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, intermediate_size=32, mamba_n_heads=8,
+        mamba_d_head=4, mamba_d_ssm=32, mamba_n_groups=1, mamba_d_state=4, mamba_chunk_size=4)
+    model = transformers.FalconH1ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.warns(UserWarning, match="mup_vector"):  # a buffer the model recomputes
+        StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5,
+                         kinds=["heads"]).step()
+    assert (model.config.mamba_n_heads, model.config.mamba_d_ssm) == (4, 16)
+    assert model.model.layers[0].mamba.in_proj.out_features < 32 + 32 + 8 + 8
+    model.save_pretrained(tmp_path)
+    again = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)

@@ -34,6 +34,7 @@ class WalkContext:
         self._storages: Optional[set] = None  # filled on first use: most models never ask
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
+        self.fixed_parts: set = set()  # ids of split parts no attribute sizes (they keep all)
         self.notes: List[Tuple[int, str]] = []
         # an id of each element-wise op that joined two activations' separate channels: by
         # a product (``x * gate(x)``), or otherwise (``x + f(x)``, ``torch.where``...)
@@ -72,6 +73,22 @@ class WalkContext:
                          and torch.equal(self.uf.canonical(self.module_out[n]), canon)), None)
         return name
 
+    def range_of(self, ids: torch.Tensor) -> Optional[Tuple[str, int, int]]:
+        """The layer whose output holds ``ids`` as one run of positions (an earlier split
+        took them out of it), with the run's start and the output's length; None where none
+        does."""
+        if len(ids) == 0:
+            return None
+        canon = self.uf.canonical(ids)
+        for n in self.producers:
+            out = self.uf.canonical(self.module_out[n])
+            if len(out) <= len(ids):
+                continue
+            for start in (out == canon[0]).nonzero().flatten().tolist():
+                if torch.equal(out[start:start + len(ids)], canon):
+                    return n, start, len(out)
+        return None
+
     def picked_dims(self, node, ndim: int) -> set:
         """The dims of ``node``'s output (of ``ndim`` dims) that every op reading it takes
         single positions or equal parts of (``select``, ``unbind``, a split into equal
@@ -98,12 +115,22 @@ class WalkContext:
         ends = torch.tensor(sizes).cumsum(0).tolist()
         self.cut_bounds.setdefault(name, {0}).update(ends)
 
-    def split_attributes(self, node, sizes: List[int]) -> Optional[Tuple[str, List[Optional[str]]]]:
+    def module_at(self, node):
+        """The innermost module whose forward ran autograd node ``node`` (the model for none);
+        None when the recording did not locate modules."""
+        if not self.intervals:
+            return None
+        return dict(self._scan.named).get(innermost(self.intervals, node._sequence_nr()))
+
+    def split_attributes(self, node, sizes: List[int]
+                         ) -> Optional[Tuple[str, List[Optional[str]], bool]]:
         """The module that ran split ``node`` (or its parent) and, per part, the integer
         attribute of it that equals the part's size (None where none or several do, or the
         part is one channel): ``qkv.split([self.key_dim, self.key_dim, self.d])``; of several
-        equal ones, the one the split's code names (``embed_dim``, not ``split_size``). None when
-        no part's size is such an attribute, or the recording did not locate modules."""
+        equal ones, the one the split's code names (``embed_dim``, not ``split_size``); and
+        whether the call names any of the module's attributes (then only a named one sizes a
+        part). None when no part's size is such an attribute, or the recording did not locate
+        modules."""
         if not self.intervals:
             self.wants_location = True
             return None
@@ -117,14 +144,17 @@ class WalkContext:
                     if type(v) is int and v > 1 and not a.startswith("_")]
             # where several attributes hold a size, the one the split's own code names
             line = self.operand_shapes.get(("split line", node)) or ""
+            # sizes written out in the call (``[self.d, self.g * self.n]``): only an
+            # attribute it names sizes a part, not one that happens to hold the same value
+            written = any(re.search(rf"\.{a}\b", line) for a, _ in ints)
             names: List[Optional[str]] = []
             for s in sizes:
                 hits = [a for a, v in ints if v == s]
-                if len(hits) > 1:
-                    hits = [a for a in hits if re.search(rf"\.{a}\b", line)]
+                if len(hits) > 1 or written:
+                    hits = [a for a in hits if _named_alone(a, line)]
                 names.append(hits[0] if len(hits) == 1 else None)
             if any(n is not None for n in names):
-                return owner, names
+                return owner, names, written
         return None
 
     def cut(self, ids: torch.Tensor, sizes: List[int]) -> bool:
@@ -184,6 +214,17 @@ class WalkContext:
         for r in rows[1:]:
             self.uf.union_all(rows[0], r)
         self.notes.append((int(ids[0]), f"{what}: {blocks} blocks keep the same positions"))
+
+
+def _named_alone(attr: str, line: str) -> bool:
+    """True when ``line`` names attribute ``attr`` (``x.attr``) somewhere outside a product
+    or quotient: ``self.n_groups * self.state`` sizes a part by both factors, and with one
+    group its value is the state size by chance."""
+    for m in re.finditer(rf"\b[\w.]*\.{attr}\b", line):
+        before, after = line[:m.start()].rstrip(), line[m.end():].lstrip()
+        if not before.endswith(("*", "/")) and not after.startswith(("*", "/")):
+            return True
+    return False
 
 
 def innermost(intervals, s: int) -> str:

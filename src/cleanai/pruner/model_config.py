@@ -53,7 +53,7 @@ DERIVED_CONFIG = ("head_dim",)
 
 # words of the config fields that may hold a width (the fields a differing shape may point to)
 _SIZE_WORDS = ("size", "dim", "head", "embd", "inner", "model", "ff", "kv", "channels",
-               "width", "hidden", "intermediate", "rank", "expand")
+               "width", "hidden", "intermediate", "rank", "expand", "ssm")
 _NOT_SIZES = ("vocab", "position", "layer", "token", "window", "bucket", "experts", "max_",
               "num_labels", "seq", "length", "group_size", "chunk", "sparse_step")
 

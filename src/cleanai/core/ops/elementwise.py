@@ -318,6 +318,10 @@ def _operand_node(node, i: int):
     return fns[i][0] if i < len(fns) else None
 
 
+def _all_protected(ctx, ids: torch.Tensor) -> bool:
+    return all(i in ctx.protected for i in ids.tolist())
+
+
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
               out: Shape, made_at_run_time: Optional[Sequence[bool]] = None,
               buffers: Optional[dict] = None, node=None) -> Optional[Slots]:
@@ -358,6 +362,8 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
         # no channel ids here, e.g. a norm weight over head_dim when whole heads are the
         # units, is kept whole), else the one with the most channels (an outer product)
         pick = acts or tracked
+        # channels already protected (Mamba-2's state, a fixed part) gain nothing by keeping
+        pick = [t for t in pick if not _all_protected(ctx, t[1].ids)] or pick
         od = max(pick, key=lambda t: (len(t[1].ids), -t[0]))[0]
         kept = [(d, x) for d, x in pick if d == od]
         for d, x in tracked:

@@ -71,38 +71,50 @@ def _parts(ids: torch.Tensor, sizes) -> list:
 
 
 def by_attributes(ctx, call: OpCall, ids: torch.Tensor, sizes) -> Optional[list]:
-    """A split of a layer's whole output into sizes the module running it stores as integer
+    """A split of a layer's output into sizes the module running it stores as integer
     attributes (``qkv(x).split([self.key_dim, self.key_dim, self.d])``): each part becomes
-    channels of its own, the parts one attribute sizes keep equal counts (across every
-    split that reads it), a part of one channel keeps it, and pruner/attributes.py sets
-    each attribute to its parts' new size. None when ``ids`` are not one layer's whole
-    output, or a part of more than one channel matches no attribute, or several of equal
-    value (its size may come from the input's shape: ``split([k, C - k])``). The layers'
-    outputs concatenated (``cat([q(x), k(x), v(x)])``, through a depthwise conv in linear
-    attention) split where they meet are parts of one layer each, and split alike."""
+    channels of its own, the parts one attribute sizes keep equal counts (across every split
+    that reads it), a part the call writes without a single attribute keeps its channels
+    (``[self.d, self.g * self.n]``), and pruner/attributes.py sets each attribute to its
+    parts' new size. ``ids`` may be the layer's whole output or one run of it that an
+    earlier split took (Mamba-2 splits its projection by ``[d, conv_dim, heads]``, then the
+    convolved middle part by ``[d, g * n, g * n]``). None when ``ids`` are no layer's
+    output, or no part matches an attribute, or the call names none and a part of more than
+    one channel matches none (``split([k, C - k])``: its size may come from the input's
+    shape). The layers' outputs concatenated (``cat([q(x), k(x), v(x)])``, through a
+    depthwise conv in linear attention) split where they meet are parts of one layer each,
+    and split alike."""
     name = ctx.producer_of(ids)
     parts = _parts(ids, sizes)
-    owners = [name] if name is not None else [ctx.producer_of(p) for p in parts]
+    run = ctx.range_of(ids) if name is None else None
+    owners = [name] if name is not None else [run[0]] if run is not None else \
+        [ctx.producer_of(p) for p in parts]
     if None in owners:
         return None
     found = ctx.split_attributes(call.node, sizes)
     if found is None:
         return None
-    module, attrs = found
-    if any(a is None and n > 1 for a, n in zip(attrs, sizes)):
-        return None
-    if name is not None:
-        ctx.cut_at(name, sizes)
+    module, attrs, written = found
+    if not written and any(a is None and n > 1 for a, n in zip(attrs, sizes)):
+        return None  # matched by value alone: the rest may come from the input's shape
+    layer = name or (run[0] if run else None)
+    # the layer's whole output in parts; what lies before and after the run keeps its size
+    before, after = (run[1], run[2] - run[1] - sum(sizes)) if run else (0, 0)
+    whole = [(None, before)] * (before > 0) + list(zip(attrs, sizes)) + \
+        [(None, after)] * (after > 0)
+    if layer is not None:
+        ctx.cut_at(layer, [n for _, n in whole])
     for part, attr, size in zip(parts, attrs, sizes):
         if attr is None:
-            ctx.protect(part, f"the one-channel part of a split by {list(sizes)} in "
-                              f"{module}: it keeps its size")
+            ctx.protect(part, f"a part of a split by {list(sizes)} in {module} that no "
+                              f"attribute of it sizes: it keeps its size")
+            ctx.fixed_parts.update(part.tolist())
         else:
             ctx.tie_counts((module, attr), [part], f"split by {module}.{attr}")
             ctx.note(part, f"split by {module}.{attr}: the parts it sizes keep equal counts "
                            f"and the attribute follows")
-    if name is not None:
-        ctx.attr_splits.append((name, module, list(attrs), list(sizes)))
+    if layer is not None:
+        ctx.attr_splits.append((layer, module, [a for a, _ in whole], [n for _, n in whole]))
     else:
         ctx.attr_splits.extend((o, module, [a], [n]) for o, a, n in zip(owners, attrs, sizes))
     return parts

@@ -25,11 +25,51 @@ def _reshape_op(ctx, call: OpCall):
     if in_shape is None:
         ctx.protect(x, f"{call.name()} of unknown input shape")
         return [None]
-    return [reshape(ctx, call.name(), x, in_shape, call.out_shapes[0],
-                    ctx.picked_dims(call.node, len(call.out_shapes[0])))]
+    out = call.out_shapes[0]
+    copied = _copies(ctx, call, x, in_shape, out)
+    if copied is not None:
+        return [copied]
+    return [reshape(ctx, call.name(), x, in_shape, out, ctx.picked_dims(call.node, len(out)),
+                    call.node)]
 
 
-def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset()) -> Optional[Slots]:
+def _copies(ctx, call: OpCall, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
+    """``t.repeat_interleave(r, dim)`` of a split part that keeps its size (autograd's
+    unsqueeze, expand and merge): Mamba-2's B and C, ``n_groups * state`` wide, repeated
+    once per head. Each copy becomes a channel of its own, so the heads that read them prune as long
+    as the repeat count follows them; with several groups (``x`` on the repeated dim), every
+    group keeps as many copies. With one group the fixed channels on another dim are left
+    behind (they never prune). None for anything else: grouped-query attention's key/value
+    heads, which prune, tie their query heads to them whole."""
+    fn = call.node.next_functions[0][0] if call.node.next_functions else None
+    while fn is not None and fn.name() == "CloneBackward0":
+        fn = fn.next_functions[0][0]
+    if fn is None or fn.name() != "ExpandBackward0" or len(b) != len(a) - 1:
+        return None
+    sizes = OpCall(fn, [], [], []).saved("self_sym_sizes")
+    if sizes is None or len(sizes) != len(a):
+        return None
+    # the one merge: dims d and d + 1 of ``a`` into dim d of ``b``, d + 1 expanded from 1
+    d = next((i for i in range(len(b)) if b[i] != a[i]), None)
+    if d is None or d + 1 >= len(a) or int(sizes[d + 1]) != 1 or a[d + 1] < 2 or \
+            tuple(b) != tuple(a[:d]) + (a[d] * a[d + 1],) + tuple(a[d + 2:]) or \
+            not (x.dim == d or a[d] == 1) or \
+            not ctx.fixed_parts.issuperset(x.ids.tolist()):
+        return None
+    r = a[d + 1]
+    sources = len(x.ids) if x.dim == d else 1
+    ids = ctx.fresh(sources * r)
+    if sources > 1:
+        ctx.tie_counts(("copies", call.node), list(ids.reshape(-1, r)),
+                       f"{call.name()}: {r} copies of each of {sources} fixed channels "
+                       f"(repeat_interleave); each keeps as many")
+    ctx.note(ids, f"{r} copies of each of {sources} fixed channel(s) (repeat_interleave): "
+                  f"each copy prunes, every channel keeps as many copies")
+    return Slots(d, ids)
+
+
+def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
+            node=None) -> Optional[Slots]:
     """Follow channel ids through a reshape from shape ``a`` to shape ``b``.
 
     Merging dims repeats ids (flatten: channel c covers features ``[c*s, (c+1)*s)``); splitting
@@ -55,7 +95,9 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset()) -> O
         return None
     if len(varying) > 1:
         inner = varying[-1]
-        if ctx.attention == "heads" and x.dim == len(a) - 1:
+        norm = ctx.attention == "heads" and x.dim == len(a) - 1 and \
+            _norm_groups(ctx, node, a[x.dim])
+        if ctx.attention == "heads" and x.dim == len(a) - 1 and not norm:
             # the heads are the innermost dim above head_dim that the readers do not pick
             # from: ``[..., heads, 3, head_dim]`` read as q, k, v by ``select`` on the 3
             outer = [d for d in varying[:-1] if j0 + d not in picked] or varying[:-1]
@@ -66,12 +108,40 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset()) -> O
                 ctx.uf.union_all(moved[0], row)
             ctx.note(moved[0], f"{op} into {list(grid.shape)}: every block keeps the same "
                                f"positions of its last dim")
-            ctx.kinds.append((int(moved[0][0]), "head_dims"))
+            if not norm:  # a norm's groups hold whatever its input's channels are
+                ctx.kinds.append((int(moved[0][0]), "head_dims"))
             varying = [inner]
         grid = ctx.uf.canonical(grid)
     d = varying[0]
     ids = grid.movedim(d, 0).reshape(grid.size(d), -1)[:, 0].clone()
     return Slots(j0 + d, ids)
+
+
+_REDUCTIONS = ("MeanBackward1", "SumBackward1", "VarBackward0", "StdBackward0",
+               "LinalgVectorNormBackward0")
+
+
+def _norm_groups(ctx, node, width: int) -> bool:
+    """True for a view of the channel dim (``width`` wide) into groups that a normalisation
+    module's own forward reduces over, with a weight as wide as the channel dim (a grouped
+    RMSNorm written by hand: Mamba-2's ``view(..., -1, self.group_size)``, then
+    ``pow(2).mean(-1)``): its groups are not heads, each keeps the same positions (a
+    group's size follows them), and the heads read elsewhere stay whole. A norm per head
+    (a query/key norm, its weight ``head_dim`` wide) is not one. Asks for module locations
+    (a second recording) the first time it needs them."""
+    if node is None:
+        return False
+    near = list(ctx.readers.get(node, ()))
+    near += [r2 for r in near if r.name() in ("PowBackward0", "ToCopyBackward0")
+             for r2 in ctx.readers.get(r, ())]
+    if not any(r.name() in _REDUCTIONS for r in near):
+        return False
+    if not ctx.intervals:
+        ctx.wants_location = True
+        return False
+    module = ctx.module_at(node)
+    return module is not None and "norm" in type(module).__name__.lower() and \
+        any(p.numel() == width for p in module.parameters(recurse=False))
 
 
 def _whole_heads(ctx, op: str, grid: torch.Tensor, head: int, inner: int) -> int:
