@@ -319,7 +319,8 @@ def _operand_node(node, i: int):
 
 
 def _all_protected(ctx, ids: torch.Tensor) -> bool:
-    return all(i in ctx.protected for i in ids.tolist())
+    """True when ``ids`` hold channels and every one is protected."""
+    return len(ids) > 0 and all(i in ctx.protected for i in ids.tolist())
 
 
 def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Optional[Shape]],
@@ -346,7 +347,7 @@ def broadcast(ctx, op: str, ins: Sequence[Optional[Slots]], shapes: Sequence[Opt
             continue
         nd = len(s) if s is not None else out_nd
         od = x.dim + out_nd - nd
-        if len(x.ids) == out[od]:
+        if len(x.ids) == out[od] > 0:  # an empty dim (no boxes found) ties nothing
             tracked.append((od, x))
             spans[id(x)] = s
             position[id(x)] = i

@@ -54,7 +54,7 @@ def _copies(ctx, call: OpCall, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
     if d is None or d + 1 >= len(a) or int(sizes[d + 1]) != 1 or a[d + 1] < 2 or \
             tuple(b) != tuple(a[:d]) + (a[d] * a[d + 1],) + tuple(a[d + 2:]) or \
             not (x.dim == d or a[d] == 1) or \
-            not ctx.fixed_parts.issuperset(x.ids.tolist()):
+            not len(x.ids) or not ctx.fixed_parts.issuperset(x.ids.tolist()):
         return None
     r = a[d + 1]
     sources = len(x.ids) if x.dim == d else 1
