@@ -609,3 +609,40 @@ def test_block_refit_is_judged_on_held_out_batches(monkeypatch):
             errors.append(direct_error(model, teacher, "1.0", new) / before)
     assert sum(r > 2 for r in fit_all) >= 2
     assert max(held_out) < 1.05
+
+
+class Extra(nn.Module):
+    """A block that also returns a mask, the indices it kept and its own input: none of them
+    is a target (nothing to fit, or nothing the block computes)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 64), nn.Linear(64, d)
+
+    def forward(self, x, bias):
+        h = x + self.fc2(torch.relu(self.fc1(x)))
+        return h, h[..., 0] > 0, torch.arange(x.shape[0]), bias
+
+
+class ExtraNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList([Extra(), Extra()])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, bias = self.inp(x), torch.ones(3, 5)  # bias: a [heads-like, ...] tensor handed on
+        for b in self.blocks:
+            h, _, _, bias = b(h, bias[:2] if bias.shape[0] == 3 else bias)
+        return self.head(h)
+
+
+def test_block_outputs_that_are_not_targets_are_left_out():
+    model, teacher = pruned_pair(ExtraNet, torch.randn(1, 6))
+    calib = batches((32, 6), 4, seed=1)
+    report = reconstruct(model, teacher, calib, granularity="block", steps=50, lr=3e-3,
+                         progress=False)
+    assert [(u["name"], u["kind"]) for u in report.units] == [
+        ("inp", "layer"), ("blocks.0", "block"), ("blocks.1", "block"), ("head", "layer")]
+    assert report.units[1]["error_after"] < report.units[1]["error_before"]

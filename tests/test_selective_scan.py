@@ -198,10 +198,10 @@ def _mamba2(groups):
 @pytest.mark.parametrize("groups", [1, 2])
 def test_hf_mamba2_heads_prune_exactly_within_their_groups(groups, monkeypatch):
     """Mamba-2 splits its projection by ``[d, conv_dim, heads]``, the convolved part again by
-    ``[d, g * state, g * state]``, repeats B and C once per head and normalises the heads'
-    output in groups. Heads prune (as many in every group), B and C keep their width, and
-    with the norm's group statistics left out (they are the one inexact part) removing the
-    heads whose output projection columns are zero changes nothing."""
+    ``[d, g * state, g * state]`` and repeats B and C once per head. Heads prune (as many
+    in every group), B and C keep their width, and with the gated norm's group statistics
+    left out (they are the one inexact part; the reload test below checks its group size)
+    removing the heads whose output projection columns are zero changes nothing."""
     from transformers.models.mamba2 import modeling_mamba2
 
     def gated(self, hidden_states, gate=None):  # the norm without its group statistics
@@ -219,15 +219,18 @@ def test_hf_mamba2_heads_prune_exactly_within_their_groups(groups, monkeypatch):
     mixer = model.backbone.layers[0].mixer
     assert (mixer.num_heads, mixer.intermediate_size, mixer.conv_dim) == (
         4, 16, 16 + 2 * groups * 4)
-    assert mixer.norm.group_size == 16 // groups and mixer.A_log.shape == (4,)
+    assert mixer.A_log.shape == (4,)
 
 
-def test_hf_mamba2_pruned_generates_and_reloads(tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hf_mamba2_pruned_generates_and_reloads(groups, tmp_path):
     transformers = pytest.importorskip("transformers")
-    model = _mamba2(2)
+    model = _mamba2(groups)
     ids = torch.randint(0, 64, (2, 7))
     StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5).step()
     assert (model.config.num_heads, model.config.hidden_size) == (4, 8)
+    # the gated norm's groups keep 4 // groups heads of 4 each
+    assert model.backbone.layers[0].mixer.norm.group_size == 16 // groups
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)
     model.save_pretrained(tmp_path)
     again = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
@@ -256,3 +259,38 @@ def test_falcon_h1_mamba_heads_prune_and_its_config_follows(tmp_path):
     again = transformers.FalconH1ForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+class GroupRMSNorm(nn.Module):
+    """An RMSNorm over groups of plain channels, written by hand."""
+
+    def __init__(self, c, group_size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5)
+        self.group_size = group_size
+
+    def forward(self, x):
+        g = x.view(*x.shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * g.view(*x.shape)
+
+
+class GroupNormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(16, 64), GroupRMSNorm(64, 16), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return x + self.fc2(self.norm(self.fc1(x)))
+
+
+def test_a_grouped_norm_over_plain_channels_loses_whole_groups_exactly():
+    """Only over heads (Mamba-2) do a grouped norm's groups keep the same positions; over an
+    MLP's channels each group goes whole, and the norm's output does not move."""
+    torch.manual_seed(0)
+    model, x = GroupNormMLP().eval(), torch.randn(2, 5, 16)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    inner = next(g for g in pruner.graph.groups if any(m.name == "fc1" for m in g.members))
+    assert (inner.kind, inner.size) == ("heads", 4)
+    check_equivalence(model, pruner, x)
+    assert model.fc1.out_features == 32 and model.norm.group_size == 16

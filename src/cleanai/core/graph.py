@@ -64,6 +64,7 @@ class DependencyGraph:
         #: attribute of each part or None, the sizes at trace time); see
         #: pruner/attributes.py, which keeps those attributes in step
         self.split_attributes = result.attr_splits
+        self.norm_groups = result.norm_groups
         #: ``[layer, dim, start, end]`` of each slice taken of a layer's whole output, at the
         #: model's present widths: every pruned forward checks that they follow
         #: (pruner/slices.py)

@@ -52,6 +52,8 @@ class TraceResult:
     #: the attribute each part's size is, None for a part that keeps its size, those sizes)
     attr_splits: List[Tuple[str, str, List[Optional[str]], List[int]]] = dataclasses.field(
         default_factory=list)
+    # (norm module, its int attribute): a grouped norm over heads whose group size follows
+    norm_groups: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     #: a split's sizes may be attributes of the module that ran it: walk again with module
     #: ranges (see core/trace.py)
     wants_location: bool = False

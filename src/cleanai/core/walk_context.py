@@ -35,6 +35,8 @@ class WalkContext:
         self.uf = UnionFind()
         self.protected: Dict[int, str] = {}
         self.fixed_parts: set = set()  # ids of split parts no attribute sizes (they keep all)
+        self._norm_widths: Optional[set] = None
+        self.norm_groups: List[Tuple[str, str]] = []  # (norm module, attribute it groups by)
         self.notes: List[Tuple[int, str]] = []
         # an id of each element-wise op that joined two activations' separate channels: by
         # a product (``x * gate(x)``), or otherwise (``x + f(x)``, ``torch.where``...)
@@ -80,10 +82,10 @@ class WalkContext:
         if len(ids) == 0:
             return None
         canon = self.uf.canonical(ids)
-        for n in self.producers:
-            out = self.uf.canonical(self.module_out[n])
-            if len(out) <= len(ids):
+        for n in reversed(self.producers):  # the owner is usually the latest layer
+            if len(self.module_out[n]) <= len(ids):
                 continue
+            out = self.uf.canonical(self.module_out[n])
             for start in (out == canon[0]).nonzero().flatten().tolist():
                 if torch.equal(out[start:start + len(ids)], canon):
                     return n, start, len(out)
@@ -115,12 +117,26 @@ class WalkContext:
         ends = torch.tensor(sizes).cumsum(0).tolist()
         self.cut_bounds.setdefault(name, {0}).update(ends)
 
-    def module_at(self, node):
-        """The innermost module whose forward ran autograd node ``node`` (the model for none);
-        None when the recording did not locate modules."""
+    def norm_widths(self) -> set:
+        """The sizes of the parameters that modules named like a norm hold themselves."""
+        if self._norm_widths is None:
+            self._norm_widths = {p.numel() for n, m in self._scan.named
+                                 if "norm" in type(m).__name__.lower()
+                                 for p in m.parameters(recurse=False)}
+        return self._norm_widths
+
+    def heads_in(self, ids: torch.Tensor) -> bool:
+        """True when some of ``ids`` belong to channels a view made whole heads so far."""
+        heads = {self.uf.find(i) for i, kind in self.kinds if kind == "heads"}
+        return any(self.uf.find(int(i)) in heads for i in ids.tolist())
+
+    def module_at(self, node) -> Tuple[str, Any]:
+        """The innermost module whose forward ran autograd node ``node`` (the model for none)
+        and its name; ``("", None)`` when the recording did not locate modules."""
         if not self.intervals:
-            return None
-        return dict(self._scan.named).get(innermost(self.intervals, node._sequence_nr()))
+            return "", None
+        name = innermost(self.intervals, node._sequence_nr())
+        return name, dict(self._scan.named).get(name)
 
     def split_attributes(self, node, sizes: List[int]
                          ) -> Optional[Tuple[str, List[Optional[str]], bool]]:

@@ -28,7 +28,7 @@ from .model_config import DERIVED_CONFIG, set_config, update_config  # noqa: F40
 
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads",
           "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
-_INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim", "group_size")
+_INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head")
 _HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim", "input_size")
 _MLP = ("intermediate_size", "n_inner", "ffn_dim", "mlp_dim", "d_ff", "ffn_hidden_size")
@@ -103,6 +103,7 @@ def attribute_updates(model: nn.Module, graph: DependencyGraph, removals: Dict[i
         for a in attrs:
             proposals.pop((owner, a), None)
     proposals.update(_attribute_splits(model, graph, keeps))
+    _norm_group_sizes(model, graph, keeps, proposals)
     _shapes_with_heads(model, proposals)
     _parameter_free_norms(model, graph, removals, proposals)
     updates = []
@@ -198,6 +199,23 @@ def _attribute_splits(model: nn.Module, graph: DependencyGraph,
             if attr:
                 out.setdefault((owner, attr), set()).add(int(n))
     return out
+
+
+def _norm_group_sizes(model: nn.Module, graph: DependencyGraph,
+                      keeps: Dict[Tuple[str, str, int], torch.Tensor],
+                      proposals: Dict[Tuple[str, str], set]) -> None:
+    """A grouped norm written by hand over heads (Mamba-2's gated RMSNorm, ``view(...,
+    -1, self.group_size)``): every group keeps the same positions, so the group size
+    becomes the kept width of its weight over the number of groups
+    (``DependencyGraph.norm_groups``)."""
+    for owner, attr in getattr(graph, "norm_groups", ()):
+        module = model.get_submodule(owner)
+        size = getattr(module, attr)
+        for pname, p in module._parameters.items():
+            keep = keeps.get((f"{owner}.{pname}", "param", 0))
+            if p is not None and keep is not None and p.dim() == 1 and p.numel() % size == 0:
+                proposals.setdefault((owner, attr), set()).add(
+                    keep.shape[0] // (p.numel() // size))
 
 
 def _shapes_with_heads(model: nn.Module, proposals: Dict[Tuple[str, str], set]) -> None:

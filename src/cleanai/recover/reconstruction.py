@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 #: closed form above this many unknowns per output (C_in/groups * prod(kernel)) uses Adam
 MAX_CLOSED_FORM_DIM = 4096
-#: with this many batches or more, every such batch is held out of a block's Adam run
+#: with this many batches or more, every such batch is held out of a unit's Adam run
 HELD_OUT_EVERY = 4
 _SKIP_BELOW = 1e-10  # relative error under which an unpruned unit is left alone
 _ROWS_PER_CHUNK = 16384  # rows of the unfolded input converted to float64 at once
@@ -107,11 +107,12 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     d > :data:`MAX_CLOSED_FORM_DIM` are trained with Adam instead.
     ``granularity="block"``: the non-leaf children of ``nn.Sequential`` / ``nn.ModuleList``
     holding a Linear or conv (residual blocks, transformer layers) are trained with Adam
-    (``steps`` steps, ``lr``, in eval mode) on the normalised mean squared error of their output
-    tensors (a block with an output tensor that does not line up with the teacher's is
+    (``steps`` steps, ``lr``, in eval mode) on the normalised mean squared error of their
+    floating-point output tensors, except inputs handed back (a block with an output tensor that does not line up with the teacher's is
     reconstructed layer by layer instead); Linear/conv layers outside blocks are solved in
     closed form. With :data:`HELD_OUT_EVERY` batches or more, every ``HELD_OUT_EVERY``-th
-    batch is held out of a block's training and picks its step count.
+    batch is held out of a block's (or an Adam-trained layer's) training and picks its step
+    count.
 
     A unit never gets worse: if refitting did not lower its error (a block with held-out
     batches: on them), its weights are put back.
@@ -179,15 +180,15 @@ def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
         return hook
 
     def post(name):
-        def hook(mod, args, out):
+        def hook(mod, args, kwargs, out):
             if shapes.get(name) is None:
-                shapes[name] = [t.shape for t in iter_tensors(out)] or None
+                shapes[name] = [t.shape for t in _outputs(out, args, kwargs)] or None
         return hook
 
     try:
         for name, m in model.named_modules():
             handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post(name)))
+            handles.append(m.register_forward_hook(post(name), with_kwargs=True))
         _forward(model, batch, forward_fn, 0, who)
     finally:
         for h in handles:
@@ -218,14 +219,14 @@ def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, List[torch.Ten
         got["args"], got["kwargs"] = args, kwargs
         raise _Stop
 
-    def post(mod, args, out):
-        got["out"] = list(iter_tensors(out))
+    def post(mod, args, kwargs, out):
+        got["out"] = _outputs(out, args, kwargs)
         raise _Stop
 
     for model, module, hook, who in ((run.model, unit.module, pre, "model"),
                                      (run.teacher, unit.target, post, "teacher")):
         h = (module.register_forward_pre_hook(hook, with_kwargs=True) if who == "model"
-             else module.register_forward_hook(hook))
+             else module.register_forward_hook(hook, with_kwargs=True))
         try:
             _forward(model, run.batches[i], run.forward_fn, i, who)
         finally:
@@ -248,6 +249,14 @@ def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, List[torch.Ten
         check_finite(t, f"the teacher's output at {unit.name} on batch {i}")
         targets.append(t.to(model_device(run.model)))
     return args, kwargs, targets
+
+
+def _outputs(out: Any, args: tuple, kwargs: dict) -> List[torch.Tensor]:
+    """The tensors of a unit's output that reconstruction matches: floating-point ones (not
+    a mask or the indices of kept tokens) that are not one of its inputs handed back (T5's
+    blocks return the ``position_bias`` they were given)."""
+    given = {id(t) for t in iter_tensors((args, kwargs))}
+    return [t for t in iter_tensors(out) if t.is_floating_point() and id(t) not in given]
 
 
 def _is_cache(value: Any) -> bool:
@@ -363,7 +372,8 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
         diff = ref = 0.0
         for i in which:
             args, kwargs, ys, mask = data[i]
-            outs = iter_tensors(m(*to_device(args, dev), **to_device(kwargs, dev)))
+            args, kwargs = to_device(args, dev), to_device(kwargs, dev)
+            outs = _outputs(m(*args, **kwargs), args, kwargs)
             for out, y in zip(outs, ys):
                 out, y = _real_tokens(out.double(), y.to(dev).double(), mask)
                 diff += float(((out - y) ** 2).sum())
@@ -388,7 +398,7 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
             for step in range(run.steps):
                 args, kwargs, ys, mask = to_device(data[train[step % len(train)]], dev)
                 loss = sum(_relative_mse(*_real_tokens(out, y, mask))
-                           for out, y in zip(iter_tensors(m(*args, **kwargs)), ys))
+                           for out, y in zip(_outputs(m(*args, **kwargs), args, kwargs), ys))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

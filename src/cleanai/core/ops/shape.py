@@ -93,10 +93,11 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
     if not varying:
         ctx.protect(x, f"{op} collapsed the channel dim")
         return None
+    # a grouped norm's view (one group too: its size must follow all the same)
+    norm = ctx.attention == "heads" and x.dim == len(a) - 1 and j1 - j0 > i1 - i0 and \
+        _norm_groups(ctx, node, a[x.dim], grid.size(-1), x.ids)
     if len(varying) > 1:
         inner = varying[-1]
-        norm = ctx.attention == "heads" and x.dim == len(a) - 1 and \
-            _norm_groups(ctx, node, a[x.dim])
         if ctx.attention == "heads" and x.dim == len(a) - 1 and not norm:
             # the heads are the innermost dim above head_dim that the readers do not pick
             # from: ``[..., heads, 3, head_dim]`` read as q, k, v by ``select`` on the 3
@@ -121,27 +122,37 @@ _REDUCTIONS = ("MeanBackward1", "SumBackward1", "VarBackward0", "StdBackward0",
                "LinalgVectorNormBackward0")
 
 
-def _norm_groups(ctx, node, width: int) -> bool:
-    """True for a view of the channel dim (``width`` wide) into groups that a normalisation
-    module's own forward reduces over, with a weight as wide as the channel dim (a grouped
-    RMSNorm written by hand: Mamba-2's ``view(..., -1, self.group_size)``, then
-    ``pow(2).mean(-1)``): its groups are not heads, each keeps the same positions (a
-    group's size follows them), and the heads read elsewhere stay whole. A norm per head
-    (a query/key norm, its weight ``head_dim`` wide) is not one. Asks for module locations
-    (a second recording) the first time it needs them."""
+def _norm_groups(ctx, node, width: int, group: int, ids: torch.Tensor) -> bool:
+    """True for a view of the channel dim (``width`` wide, channels ``ids``) into groups
+    that a normalisation module's own forward reduces over, with a weight as wide as the
+    channel dim, where the channels are heads already (a grouped RMSNorm written by hand
+    over Mamba-2's heads: ``view(..., -1, self.group_size)``, then ``pow(2).mean(-1)``,
+    the group size ``group`` one int attribute of the module): its groups are not heads,
+    each keeps the same positions, the heads stay whole, and the attribute is recorded to
+    follow the positions kept (pruner/attributes.py). A norm per head (a query/key norm,
+    its weight ``head_dim`` wide) is not one; nor is a grouped norm over plain channels,
+    whose groups go whole as heads. Asks for module locations (a second recording) the
+    first time it needs them."""
     if node is None:
         return False
     near = list(ctx.readers.get(node, ()))
     near += [r2 for r in near if r.name() in ("PowBackward0", "ToCopyBackward0")
              for r2 in ctx.readers.get(r, ())]
-    if not any(r.name() in _REDUCTIONS for r in near):
+    if not any(r.name() in _REDUCTIONS for r in near) or width not in ctx.norm_widths() or \
+            not ctx.heads_in(ids):
         return False
     if not ctx.intervals:
         ctx.wants_location = True
         return False
-    module = ctx.module_at(node)
-    return module is not None and "norm" in type(module).__name__.lower() and \
-        any(p.numel() == width for p in module.parameters(recurse=False))
+    name, module = ctx.module_at(node)
+    if module is None or "norm" not in type(module).__name__.lower() or \
+            not any(p.numel() == width for p in module.parameters(recurse=False)):
+        return False
+    sizes = [a for a, v in vars(module).items() if type(v) is int and v == group]
+    if len(sizes) != 1:
+        return False  # the group size is not one stored attribute: nothing could follow
+    ctx.norm_groups.append((name, sizes[0]))
+    return True
 
 
 def _whole_heads(ctx, op: str, grid: torch.Tensor, head: int, inner: int) -> int:
