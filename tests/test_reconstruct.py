@@ -612,8 +612,9 @@ def test_block_refit_is_judged_on_held_out_batches(monkeypatch):
 
 
 class Extra(nn.Module):
-    """A block that also returns a mask, the indices it kept and its own input: none of them
-    is a target (nothing to fit, or nothing the block computes)."""
+    """A block that also returns a mask, the indices it kept and an input it hands on (as T5
+    hands on its position bias): none of them is a target (nothing to fit, or nothing the
+    block computes)."""
 
     def __init__(self, d=16):
         super().__init__()
@@ -632,9 +633,12 @@ class ExtraNet(nn.Module):
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        h, bias = self.inp(x), torch.ones(3, 5)  # bias: a [heads-like, ...] tensor handed on
+        h = self.inp(x)
+        # as wide as nothing the pruned model has: were it a target, no layer's kept
+        # channels would map it to the teacher's, and the blocks would go layer by layer
+        bias = torch.ones(h.shape[-1] + 1, 5)
         for b in self.blocks:
-            h, _, _, bias = b(h, bias[:2] if bias.shape[0] == 3 else bias)
+            h, _, _, bias = b(h, bias)
         return self.head(h)
 
 

@@ -36,6 +36,7 @@ class WalkContext:
         self.protected: Dict[int, str] = {}
         self.fixed_parts: set = set()  # ids of split parts no attribute sizes (they keep all)
         self._norm_widths: Optional[set] = None
+        self._modules: Optional[Dict[str, Any]] = None  # name -> module, on first use
         self.norm_groups: List[Tuple[str, str]] = []  # (norm module, attribute it groups by)
         self.notes: List[Tuple[int, str]] = []
         # an id of each element-wise op that joined two activations' separate channels: by
@@ -136,7 +137,13 @@ class WalkContext:
         if not self.intervals:
             return "", None
         name = innermost(self.intervals, node._sequence_nr())
-        return name, dict(self._scan.named).get(name)
+        return name, self.modules().get(name)
+
+    def modules(self) -> Dict[str, Any]:
+        """The model's modules by name."""
+        if self._modules is None:
+            self._modules = dict(self._scan.named)
+        return self._modules
 
     def split_attributes(self, node, sizes: List[int]
                          ) -> Optional[Tuple[str, List[Optional[str]], bool]]:
@@ -151,7 +158,7 @@ class WalkContext:
             self.wants_location = True
             return None
         where = innermost(self.intervals, node._sequence_nr())  # "" for the model itself
-        modules = dict(self._scan.named)
+        modules = self.modules()
         for owner in ((where, where.rpartition(".")[0]) if where else ("",)):
             module = modules.get(owner)
             if module is None:

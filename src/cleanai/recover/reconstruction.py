@@ -108,14 +108,14 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     ``granularity="block"``: the non-leaf children of ``nn.Sequential`` / ``nn.ModuleList``
     holding a Linear or conv (residual blocks, transformer layers) are trained with Adam
     (``steps`` steps, ``lr``, in eval mode) on the normalised mean squared error of their
-    floating-point output tensors, except inputs handed back (a block with an output tensor that does not line up with the teacher's is
-    reconstructed layer by layer instead); Linear/conv layers outside blocks are solved in
-    closed form. With :data:`HELD_OUT_EVERY` batches or more, every ``HELD_OUT_EVERY``-th
-    batch is held out of a block's (or an Adam-trained layer's) training and picks its step
-    count.
+    floating-point output tensors, except inputs handed back (a block with an output tensor
+    that does not line up with the teacher's is reconstructed layer by layer instead);
+    Linear/conv layers outside blocks are solved in closed form. With
+    :data:`HELD_OUT_EVERY` batches or more, every ``HELD_OUT_EVERY``-th batch is held out of
+    every Adam run (a block, or a layer trained with Adam) and picks its step count.
 
-    A unit never gets worse: if refitting did not lower its error (a block with held-out
-    batches: on them), its weights are put back.
+    A unit never gets worse: if refitting did not lower its error (with held-out batches: on
+    them), its weights are put back.
     Any error leaves ``model`` exactly as it was; every hook is removed; train/eval modes and
     ``requires_grad`` flags come back as they were. ``data`` yields model inputs (or
     ``(inputs, target)`` pairs), read once; ``offload=True`` keeps a block's captured inputs

@@ -36,9 +36,9 @@ def _reshape_op(ctx, call: OpCall):
 def _copies(ctx, call: OpCall, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
     """``t.repeat_interleave(r, dim)`` of a split part that keeps its size (autograd's
     unsqueeze, expand and merge): Mamba-2's B and C, ``n_groups * state`` wide, repeated
-    once per head. Each copy becomes a channel of its own, so the heads that read them prune as long
-    as the repeat count follows them; with several groups (``x`` on the repeated dim), every
-    group keeps as many copies. With one group the fixed channels on another dim are left
+    once per head. Each copy becomes a channel of its own, so the heads that read them
+    prune as long as the repeat count follows them; with several groups (``x`` on the
+    repeated dim), every group keeps as many copies. With one group the fixed channels on another dim are left
     behind (they never prune). None for anything else: grouped-query attention's key/value
     heads, which prune, tie their query heads to them whole."""
     fn = call.node.next_functions[0][0] if call.node.next_functions else None
