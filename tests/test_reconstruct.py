@@ -328,6 +328,13 @@ def test_block_mode_on_modulelist_blocks():
     for u in report.units[1:3]:
         assert u["error_after"] < 0.7 * u["error_before"]
     assert rel_err(model, teacher, held_out) < before
+    # the whole model's output, on the held-out batch (the 4th), as one measures it
+    assert report.output_error_before == pytest.approx(rel_err(
+        pruned_pair(Tiny, torch.randn(1, 5, 6))[0], teacher, calib[3:]), rel=1e-5)
+    assert report.output_error_after == pytest.approx(rel_err(model, teacher, calib[3:]),
+                                                      rel=1e-5)
+    assert report.output_error_after < 0.7 * report.output_error_before
+    assert not report.reverted and "model output error" in str(report)
     assert all(p.requires_grad for p in model.parameters())  # flags back as they were
     assert all(p.grad is None for p in model.parameters())
 
@@ -650,3 +657,29 @@ def test_block_outputs_that_are_not_targets_are_left_out():
     assert [(u["name"], u["kind"]) for u in report.units] == [
         ("inp", "layer"), ("blocks.0", "block"), ("blocks.1", "block"), ("head", "layer")]
     assert report.units[1]["error_after"] < report.units[1]["error_before"]
+
+
+def test_units_that_fit_but_spoil_the_output_are_all_put_back(monkeypatch):
+    """Each unit is judged alone; when the refit units together leave the model's output
+    further from the teacher's on held-out batches, every unit gets its weights back."""
+    import cleanai.recover.reconstruction as rec
+    real = rec._reconstruct_unit
+
+    def spoil(run, unit):  # a refit as reported, then the unit's weights scaled up
+        row = real(run, unit)
+        with torch.no_grad():
+            for p in unit.module.parameters():
+                p.mul_(3.0)
+        return row
+
+    monkeypatch.setattr(rec, "_reconstruct_unit", spoil)
+    model, teacher = pruned_pair(Tiny, torch.randn(1, 5, 6))
+    state = copy.deepcopy(model.state_dict())
+    report = reconstruct(model, teacher, batches((16, 5, 6), 4, seed=1), progress=False)
+    assert report.reverted
+    assert report.output_error_after > report.output_error_before
+    assert any("every unit was put back" in n for n in report.notes)
+    assert "every unit put back" in str(report)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert json.loads(json.dumps(report.to_dict()))["reverted"] is True

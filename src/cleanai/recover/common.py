@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -122,17 +122,17 @@ def check_finite(t: torch.Tensor, where: str) -> None:
 
 
 @contextmanager
-def all_or_nothing(model: nn.Module) -> Iterator[None]:
+def all_or_nothing(model: nn.Module) -> Iterator[Callable[[], None]]:
     """On an exception (also KeyboardInterrupt), every parameter and buffer of ``model`` gets
-    its values back, and every module its train/eval flag and ``requires_grad`` flags."""
+    its values back, and every module its train/eval flag and ``requires_grad`` flags. Yields
+    the function that does so, for a caller that decides to undo its work without raising."""
     modules = list(model.modules())
     params, buffers = state_tensors(modules)
     saved = [(t, t.detach().clone()) for t in params + buffers]
     modes = [(m, m.training) for m in modules]
     flags = [(p, p.requires_grad) for p in params]
-    try:
-        yield
-    except BaseException:
+
+    def restore() -> None:
         with torch.no_grad():
             for t, copy in saved:
                 if t.shape == copy.shape:
@@ -144,6 +144,11 @@ def all_or_nothing(model: nn.Module) -> Iterator[None]:
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+    try:
+        yield restore
+    except BaseException:
+        restore()
         raise
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..core.runtime import ForwardFn, iter_tensors, map_tensors, run_forward
 from ..importance.stats import drop_padding, padding_mask
+from ..utils.fidelity import output_tensor
 from .least_squares import (choose_damping, closed_form_dim, regression_rows, ridge_solve,
                             solve_layout)
 from .units import Unit, plan_units
@@ -37,21 +38,31 @@ class ReconstructionReport:
     Each unit is ``{"name", "kind": "layer"|"block", "method": "closed form"|"adam"|"skipped",
     "error_before", "error_after"}``: the relative squared error ``||out - target||^2 /
     ||target||^2`` of the unit on the calibration data, fed its own (already reconstructed)
-    inputs, before and after it was refit. ``notes`` says where the plan had to deviate."""
+    inputs, before and after it was refit. ``notes`` says where the plan had to deviate.
+
+    ``output_error_before`` / ``output_error_after``: the same error for the whole model's
+    output (its logits or last hidden state, padded tokens left out) on the held-out batches
+    (every :data:`HELD_OUT_EVERY`-th; all batches when there are fewer), before and after
+    reconstruction; ``None`` where the outputs cannot be compared. ``reverted``: the output
+    moved further from the teacher's, so every unit got its weights back."""
 
     units: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     batches: int = 0
     notes: List[str] = dataclasses.field(default_factory=list)
+    output_error_before: Optional[float] = None
+    output_error_after: Optional[float] = None
+    reverted: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-able copy (non-finite errors become ``None``)."""
-        def num(x: float) -> Optional[float]:
-            return float(x) if math.isfinite(x) else None
+        def num(x: Optional[float]) -> Optional[float]:
+            return float(x) if x is not None and math.isfinite(x) else None
         units = [{**u, "error_before": num(u["error_before"]), "error_after": num(u["error_after"])}
                  for u in self.units]
         return {"units": units, "seconds": self.seconds, "batches": self.batches,
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "output_error_before": num(self.output_error_before),
+                "output_error_after": num(self.output_error_after), "reverted": self.reverted}
 
     def __str__(self) -> str:
         """An aligned table: one line per unit, then totals and notes."""
@@ -64,6 +75,10 @@ class ReconstructionReport:
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"reconstruction: {len(self.units)} units, {self.batches} batches, "
                      f"{self.seconds:.2f} s")
+        if self.output_error_before is not None and self.output_error_after is not None:
+            lines.append(f"model output error: {self.output_error_before:.3e} -> "
+                         f"{self.output_error_after:.3e}"
+                         + (" (worse: every unit put back)" if self.reverted else ""))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -115,7 +130,10 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     every Adam run (a block, or a layer trained with Adam) and picks its step count.
 
     A unit never gets worse: if refitting did not lower its error (with held-out batches: on
-    them), its weights are put back.
+    them), its weights are put back. Nor does the model: when its output (logits or last
+    hidden state) ends further from the teacher's on the held-out batches than it started
+    (units fit well on their own can add up badly, e.g. blocks fit on every token for a head
+    that reads one), every unit is put back and the report says so (``reverted``).
     Any error leaves ``model`` exactly as it was; every hook is removed; train/eval modes and
     ``requires_grad`` flags come back as they were. ``data`` yields model inputs (or
     ``(inputs, target)`` pairs), read once; ``offload=True`` keeps a block's captured inputs
@@ -145,15 +163,30 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
                report.notes)
     modes = [(m, m.training) for m in list(model.modules()) + list(teacher.modules())]
     try:
-        with all_or_nothing(model), torch.no_grad():
+        with all_or_nothing(model) as restore, torch.no_grad():
             model.eval()
             teacher.eval()
             order, s_shapes = _probe(model, batches[0], forward_fn, "model")
             _, t_shapes = _probe(teacher, batches[0], forward_fn, "teacher")
             units = plan_units(model, teacher, granularity, order, s_shapes, t_shapes,
                                report.notes)
+            check = _held_out(len(batches)) or list(range(len(batches)))
+            before = _output_error(run, check)
             for unit in _progress(units, progress):
                 report.units.append(_reconstruct_unit(run, unit))
+            if before is None:
+                report.notes.append("the model's output does not line up with the teacher's: "
+                                    "the whole model was not checked")
+            else:
+                after = _output_error(run, check)
+                report.output_error_before, report.output_error_after = before, after
+                if not after <= before:  # also NaN
+                    restore()
+                    report.reverted = True
+                    report.notes.append(
+                        f"the model's output moved further from the teacher's on "
+                        f"{len(check)} held-out batch(es) ({before:.3e} -> {after:.3e}), though "
+                        f"units fit their own targets: every unit was put back")
     finally:
         for m, mode in modes:
             if m.training != mode:
@@ -199,11 +232,11 @@ def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
 # --- running and capturing --------------------------------------------------------------------
 
 def _forward(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn], i: int,
-             who: str) -> None:
+             who: str) -> Any:
     try:
-        run_forward(model, to_device(batch, model_device(model)), forward_fn)
+        return run_forward(model, to_device(batch, model_device(model)), forward_fn)
     except _Stop:
-        pass
+        return None
     except Exception as exc:
         raise RecoveryError(f"batch {i} does not run through the {who}: "
                             f"{type(exc).__name__}: {exc}") from exc
@@ -249,6 +282,34 @@ def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, List[torch.Ten
         check_finite(t, f"the teacher's output at {unit.name} on batch {i}")
         targets.append(t.to(model_device(run.model)))
     return args, kwargs, targets
+
+
+def _held_out(n: int) -> List[int]:
+    """The batches (of ``n``) held out of every fit: every :data:`HELD_OUT_EVERY`-th, none
+    when there are fewer."""
+    every = HELD_OUT_EVERY
+    return [i for i in range(n) if n >= every and i % every == every - 1]
+
+
+def _output_error(run: _Run, which: Sequence[int]) -> Optional[float]:
+    """The relative squared error of the model's output (:func:`output_tensor`) against the
+    teacher's on batches ``which``, padded tokens left out; ``None`` where the two cannot be
+    compared (no floating-point tensor, other shapes)."""
+    diff = ref = 0.0
+    for i in which:
+        try:
+            out = output_tensor(_forward(run.model, run.batches[i], run.forward_fn, i, "model"))
+            y = output_tensor(_forward(run.teacher, run.batches[i], run.forward_fn, i,
+                                       "teacher"))
+        except ValueError:  # an output that holds no tensor
+            return None
+        if out.shape != y.shape or not out.is_floating_point():
+            return None
+        out, y = _real_tokens(out.double(), y.to(out.device).double(),
+                              padding_mask(run.batches[i]))
+        diff += float(((out - y) ** 2).sum())
+        ref += float((y * y).sum())
+    return relative_error(diff, ref)
 
 
 def _outputs(out: Any, args: tuple, kwargs: dict) -> List[torch.Tensor]:
@@ -364,8 +425,7 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
     store = torch.device("cpu") if run.offload else dev
     data = [map_tensors(_capture(run, unit, i) + (padding_mask(run.batches[i]),),
                         lambda t: t.to(store)) for i in range(len(run.batches))]
-    every = HELD_OUT_EVERY
-    held = [i for i in range(len(data)) if len(data) >= every and i % every == every - 1]
+    held = _held_out(len(data))
     train = [i for i in range(len(data)) if i not in held]
 
     def error(which: Sequence[int]) -> float:
