@@ -49,8 +49,9 @@ class OperandRecorder(TorchFunctionMode):
     ``SplitBackward0``. A split is recorded under the key ``("split", grad_fn)``. A tensor
     written into a slice of another (``out[..., :d].copy_(a)``, ``out[:, 2:] = b``) leaves a
     ``CopySlices`` that forgets where (so does an in-place op on a view): the slice is recorded
-    under ``("write", grad_fn)`` as ``(dim, start, length, storage pointer of the tensor
-    written into, whether it replaced the values there)``, or ``"not one range"``."""
+    under ``("write", grad_fn)`` as ``(dim, start, length, whether the view selected one
+    index of dim, which the tensor written lacks, storage pointer of the tensor written into,
+    whether it replaced the values there)``, or ``"not one range"``."""
 
     _OPS = ("AddBackward0", "SubBackward0")
     _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
@@ -192,12 +193,14 @@ def _calling_code() -> str:
                     for n in range(first, last + 1))
 
 
-def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int]]]]:
+def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int,
+                                                                               bool]]]]:
     """For a write into part of a tensor (``x[index] = v``, or an in-place method on a view:
     ``view.copy_(src)``, ``x[:, :2].relu_()``): the tensor written into and the slice
-    ``(dim, start, length)`` of it written, None when the view is not one range of one dim
-    (a step, an integer index, several dims). None for anything else, and for a view that
-    covers all of its base (an element-wise op on it)."""
+    ``(dim, start, length, selected)`` of it written: one range of one dim, or one index of
+    one dim (``out[:, :, i] = v``, ``selected``: the view lacks that dim); None when the view
+    is neither (a step, several dims). None for anything else, and for a view that covers
+    all of its base (an element-wise op on it)."""
     name = getattr(func, "__name__", "")
     if not args or not isinstance(args[0], torch.Tensor):
         return None
@@ -221,6 +224,8 @@ def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[in
     base = target._base if target._base is not None else target
     if view.numel() == base.numel():
         return None
+    if view.dim() == base.dim() - 1:
+        return base, _selected_index(view, base)
     if view.dim() != base.dim():
         return base, None
     diff = [i for i, (a, b) in enumerate(zip(view.shape, base.shape)) if a != b]
@@ -232,7 +237,25 @@ def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[in
     step = base.stride(d)
     if step <= 0 or offset % step or not 0 <= offset // step <= base.shape[d] - view.shape[d]:
         return base, None
-    return base, (d, offset // step, view.shape[d])
+    return base, (d, offset // step, view.shape[d], False)
+
+
+def _selected_index(view: torch.Tensor, base: torch.Tensor) -> Optional[Tuple[int, int, int,
+                                                                              bool]]:
+    """``(d, i, 1, True)`` when ``view`` is ``base.select(d, i)`` (the same strides on the
+    other dims), None when no single dim, or more than one, explains it."""
+    offset = view.storage_offset() - base.storage_offset()
+    found = []
+    for d in range(base.dim()):
+        shape = base.shape[:d] + base.shape[d + 1:]
+        stride = base.stride()[:d] + base.stride()[d + 1:]
+        step = base.stride(d)
+        if tuple(view.shape) != tuple(shape) or step <= 0 or offset % step or \
+                not 0 <= offset // step < base.shape[d] or \
+                any(u != t for u, t, n in zip(view.stride(), stride, view.shape) if n > 1):
+            continue
+        found.append((d, offset // step, 1, True))
+    return found[0] if len(found) == 1 else None
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -27,7 +27,8 @@ from .model_config import DERIVED_CONFIG, set_config, update_config  # noqa: F40
 
 
 _HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads",
-          "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+          "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads",
+          "num_k_heads", "num_v_heads")  # the last two: Gated DeltaNet's key and value heads
 _INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head")
 _HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim", "input_size")

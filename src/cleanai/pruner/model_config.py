@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import warnings
@@ -40,7 +41,8 @@ _MLP = ("intermediate_size", "n_inner", "ffn_dim", "mlp_dim", "d_ff", "ffn_hidde
 #: config fields scaled by the fraction each kind of group kept
 CONFIG_FIELDS = {
     "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads", "num_key_value_heads",
-              "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
+              "n_kv_heads", "num_kv_heads", "multi_query_group_num",
+              "linear_num_key_heads", "linear_num_value_heads"),  # Gated DeltaNet's heads
     "head_dims": ("head_dim",),
     "hidden": _HIDDEN,
     "channels": _MLP,
@@ -158,6 +160,8 @@ def update_config(model: nn.Module, graph: DependencyGraph,
     # also when no scalar size was scaled: per-stage lists (a CNN's ``hidden_sizes``) or
     # widths the config derives may no longer describe the model
     wrong = config_mismatch(model, old)
+    if wrong and len(new) > 1:
+        wrong = _take_back(model, config, old, changed, wrong)
     scales: List[Dict[str, Any]] = []
     if wrong:
         written: List[Tuple[str, int]] = []
@@ -226,6 +230,40 @@ def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mi
         else:
             delattr(config, field)
     return wrong
+
+
+def _take_back(model: nn.Module, config: Any, old: Dict[str, Any],
+               changed: List[Tuple[str, Any]], wrong: List[Mismatch]) -> List[Mismatch]:
+    """Give scaled fields their values back, one or two at a time, while a copy built from
+    ``config`` then differs in a strict subset of the places it did, and keep that only if
+    the copy ends up matching: fields of a kind whose groups they size all kept their width
+    while other groups of the kind were pruned (Qwen3-Next's linear-attention key and value
+    heads, protected, beside its attention heads). Removes them from ``changed``; returns
+    what still differs. Where the config cannot describe the model either way, the scaled
+    values stay (BERT's head count, though it derives its head size from it)."""
+    start, now, back = wrong, wrong, {}
+    progress = True
+    while now and progress:  # again from the start after each field taken back
+        progress = False
+        names = [f for f, _ in changed if f in old and f not in back]
+        for fields in itertools.chain(itertools.combinations(names, 1),
+                                      itertools.combinations(names, 2)):
+            values = {f: getattr(config, f) for f in fields}
+            for f in fields:
+                setattr(config, f, old[f])
+            after = config_mismatch(model, old)
+            if {w[0] for w in after} < {w[0] for w in now}:
+                back.update(values)
+                now, progress = after, True
+                break
+            for f, v in values.items():
+                setattr(config, f, v)
+    if now:
+        for f, v in back.items():
+            setattr(config, f, v)
+        return start
+    changed[:] = [(f, v) for f, v in changed if f not in back]
+    return now
 
 
 class _Unset:

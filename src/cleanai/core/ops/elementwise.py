@@ -173,6 +173,11 @@ def _copy_slices(ctx, call: OpCall):
                        for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
         return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
     where = ctx.operand_shapes.get(("write", call.node))
+    whole = _whole_write(call, out) if where is None else None
+    if whole is not None:
+        # a base without ids (``zeros_like``) takes the new width: the forward check after
+        # slicing catches one that cannot (a stored buffer)
+        return [broadcast(ctx, call.name(), [base, whole], [out, out], out, [base is None, False])]
     if isinstance(where, tuple) and len(call.ins) <= 2:
         return [_write_into_range(ctx, call, where)]
     if written or (where is not None and base is not None):
@@ -181,9 +186,24 @@ def _copy_slices(ctx, call: OpCall):
     return [base]
 
 
+def _whole_write(call: OpCall, out: Shape) -> Optional[Slots]:
+    """The written tensor's slots on the base's dims when the view it fills is all of the
+    base but for size-1 dims (``out[:, :, i] = v`` where that dim has one index: a chunked
+    scan over one chunk), else None."""
+    if len(call.ins) != 2 or call.ins[1] is None or call.in_shapes[1] is None:
+        return None
+    src, shape = call.ins[1], tuple(call.in_shapes[1])
+    sizes = [n for n in shape if n != 1]
+    if shape == out or sizes != [n for n in out if n != 1] or shape[src.dim] == 1:
+        return None
+    rank = sum(1 for n in shape[:src.dim] if n != 1)
+    return src.moved([d for d, n in enumerate(out) if n != 1][rank])
+
+
 def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
     """``out[..., a:b] = src`` or an in-place op on that view, recorded by core/operands.py as
-    ``(dim, a, b - a, storage, replaced)``. The range is fixed by the code (as a slice's
+    ``(dim, a, b - a, selected, storage, replaced)`` (``selected``: ``out[:, i] = src``, one
+    index of ``dim``, which ``src`` lacks). The range is fixed by the code (as a slice's
     bounds are), so channel ids on ``dim`` keep their channels, and pass on so that their
     readers stay connected. Channels on other dims go through the write as through an element-wise op:
     MLA attention builds its keys by writing per-head parts and a rotary part shared by all
@@ -192,12 +212,19 @@ def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
     from .shape import concat
     base, src = (list(call.ins) + [None])[:2]
     out = tuple(call.out_shapes[0])
-    dim, start, length, storage, replaced = where
+    dim, start, length, selected, storage, replaced = where
     if src is not None:
         src_shape = call.in_shapes[1]
         if src_shape is None:
             return protect_all(ctx, "a write of unknown shape into part of a tensor",
                                [base, src])
+        if selected:  # the written tensor as the view it fills: size 1 at ``dim``
+            k = dim - (len(out) - 1 - len(src_shape))
+            if k < 0:
+                return protect_all(ctx, "a write into one index of a dim it broadcasts over",
+                                   [base, src])
+            src_shape = tuple(src_shape[:k]) + (1,) + tuple(src_shape[k:])
+            src = src.moved(src.dim + (src.dim >= k))
         src = src.moved(src.dim + len(out) - len(src_shape))
     if src is None and not replaced and base is not None and base.weight:
         # an in-place op with no other tensor on part of a tensor computed from parameters

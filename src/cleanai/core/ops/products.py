@@ -33,8 +33,28 @@ def _operand(call: OpCall, i: int):
 
 @register("MmBackward0", "BmmBackward0")
 def _mm(ctx, call: OpCall):
-    return [matmul(ctx, call.name(), call.ins[0], call.ins[1], call.in_shapes[0],
-                   call.in_shapes[1], call.out_shapes[0], (call.node, _operand(call, 1)))]
+    shapes = [s if s is not None or x is not None else _constant_shape(ctx, call, i)
+              for i, (x, s) in enumerate(zip(call.ins, call.in_shapes))]
+    return [matmul(ctx, call.name(), call.ins[0], call.ins[1], shapes[0], shapes[1],
+                   call.out_shapes[0], (call.node, _operand(call, 1)))]
+
+
+def _constant_shape(ctx, call: OpCall, i: int) -> Optional[Shape]:
+    """The shape of operand ``i`` of a product when it is a constant made during the
+    forward (autograd has no node for it: the zero initial state of a recurrence), read from
+    the tensor the op saved. A batch dim its values do not vary along counts as 1: any number
+    of channels there reads the same values (a state made from the input's shape follows a
+    pruned head count; the forward check after slicing catches one that does not)."""
+    t = call.saved(("self", "mat2")[i]) if i < 2 else None
+    if not isinstance(t, torch.Tensor):
+        return None
+    shape = list(t.shape)
+    if t.is_meta or ctx.is_model_state(t):
+        return tuple(shape)
+    for d in range(t.dim() - 2):
+        if shape[d] > 1 and bool((t == t.narrow(d, 0, 1)).all()):
+            shape[d] = 1
+    return tuple(shape)
 
 
 @register("AddmmBackward0", "BaddbmmBackward0")

@@ -1,0 +1,133 @@
+"""Gated DeltaNet (the linear attention of Qwen3.5, Qwen3-Next and OLMo-Hybrid): its heads prune
+through the chunked delta rule, whose recurrent state starts as a constant and whose output is
+written chunk by chunk into a fresh tensor."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai import PruningPlan, StructuredPruner
+from equivalence import check_equivalence, zero_consumers
+
+
+class StateRead(nn.Module):
+    """Heads read a state made during the forward, ``q @ state`` per head, then written
+    into a fresh output one position at a time (``out[:, :, t] = ...``)."""
+
+    def __init__(self, per_head_state: bool):
+        super().__init__()
+        self.per_head_state = per_head_state
+        self.q = nn.Linear(8, 4 * 3)
+        self.o = nn.Linear(4 * 3, 8)
+
+    def forward(self, x):  # x: [B, T, 8]
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, 3).transpose(1, 2)  # [B, heads, T, 3]
+        heads = q.shape[1]
+        state = torch.eye(3).expand(b, heads, 3, 3) + 0.5  # made from the input's shape
+        if self.per_head_state:  # values that differ per head: they cannot follow a cut
+            state = state * torch.arange(1.0, heads + 1.0).view(1, heads, 1, 1)
+        out = torch.zeros_like(q)
+        for i in range(t):
+            out[:, :, i] = (q[:, :, i, None] @ state)[:, :, 0]
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_constant_state_alike_for_every_head_lets_the_heads_prune_exactly():
+    torch.manual_seed(0)
+    model, x = StateRead(per_head_state=False), torch.randn(2, 5, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
+    heads = next(g for g in pruner.graph.groups if any(m.name == "o" and m.kind == "in"
+                                                       for m in g.members))
+    assert heads.size == 4 and not heads.protected.any()
+    check_equivalence(model, pruner, x)
+    assert model.q.out_features == model.o.in_features == 6
+
+
+def test_a_constant_state_that_differs_per_head_keeps_the_heads():
+    torch.manual_seed(0)
+    model, x = StateRead(per_head_state=True), torch.randn(2, 5, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
+    heads = next(g for g in pruner.graph.groups if any(m.name == "o" and m.kind == "in"
+                                                       for m in g.members))
+    assert heads.protected.all()
+
+
+def _tiny(model_type, layer_types=("linear_attention", "full_attention")):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=64, hidden_size=32, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=6, layer_types=list(layer_types), max_position_embeddings=128,
+        pad_token_id=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _linear_heads(pruner):
+    return [g for g in pruner.graph.groups
+            if any(m.name.endswith("linear_attn.A_log") for m in g.members)]
+
+
+@pytest.mark.parametrize("model_type,seq", [("qwen3_5_text", 7), ("qwen3_5_text", 70),
+                                            ("olmo_hybrid", 7)])
+def test_gated_deltanet_heads_prune_exactly(model_type, seq):
+    """Each key head goes with the value heads it serves (two here), in every projection,
+    the depthwise conv, ``A_log`` and ``dt_bias``; removing the heads whose output columns
+    are zero changes nothing, over one chunk of the delta rule or several (64 positions
+    each)."""
+    model = _tiny(model_type)
+    inputs = {"input_ids": torch.randint(1, 64, (2, seq)), "use_cache": False}
+    pruner = StructuredPruner(model, inputs, pruning_ratio=0.5, kinds=["heads"])
+    heads = _linear_heads(pruner)
+    assert len(heads) == 1 and heads[0].size == 2 and not heads[0].protected.any()
+    full = pruner.plan()
+    plan = PruningPlan(pruner.graph, {heads[0].id: full.removals[heads[0].id]})
+    zero_consumers(model, plan)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    pruner.apply(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=1e-4)
+    mixer = model.model.layers[0].linear_attn
+    assert (mixer.num_k_heads, mixer.num_v_heads, mixer.key_dim, mixer.value_dim) == (1, 2, 8, 12)
+    assert mixer.A_log.shape == mixer.dt_bias.shape == (2,)
+    assert mixer.conv1d.weight.shape[0] == 2 * 8 + 12
+
+
+def test_qwen3_5_pruned_generates_and_reloads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _tiny("qwen3_5_text")
+    ids = torch.randint(1, 64, (2, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the config describes the pruned model
+        StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5).step()
+    assert (model.config.linear_num_key_heads, model.config.linear_num_value_heads) == (1, 2)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_config_fields_of_heads_that_stayed_keep_their_values(tmp_path):
+    """Qwen3-Next fuses its linear attention's projections per key head, which keeps those
+    heads whole; its attention heads prune. The config's linear head counts, scaled with the
+    other head counts at first, are taken back, so the config rebuilds the pruned model."""
+    transformers = pytest.importorskip("transformers")
+    model = _tiny("qwen3_next")
+    ids = torch.randint(1, 64, (2, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5,
+                         kinds=["heads"]).step()
+    assert model.config.num_attention_heads == 2
+    assert (model.config.linear_num_key_heads, model.config.linear_num_value_heads) == (2, 4)
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
