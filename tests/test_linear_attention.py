@@ -1,6 +1,7 @@
 """Gated DeltaNet (the linear attention of Qwen3.5, Qwen3-Next and OLMo-Hybrid): its heads prune
 through the chunked delta rule, whose recurrent state starts as a constant and whose output is
-written chunk by chunk into a fresh tensor."""
+written chunk by chunk into a fresh tensor. And inputs held per decoder layer in one table
+(Gemma 4), whose width prunes alike in every layer."""
 import warnings
 
 import pytest
@@ -129,5 +130,69 @@ def test_config_fields_of_heads_that_stayed_keep_their_values(tmp_path):
     assert (model.config.linear_num_key_heads, model.config.linear_num_value_heads) == (2, 4)
     model.save_pretrained(tmp_path)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+# --- inputs per decoder layer ---------------------------------------------------------------
+
+class PerLayerInputs(nn.Module):
+    """One table holds a slice for each of 3 layers (Gemma 4's per-layer inputs): viewed as
+    ``[..., layers, width]``, shifted, then layer ``i`` takes slice ``i``."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Linear(8, 3 * 6)
+        self.gates = nn.ModuleList(nn.Linear(8, 6) for _ in range(3))
+        self.outs = nn.ModuleList(nn.Linear(6, 8) for _ in range(3))
+
+    def forward(self, x):
+        per = self.table(x).view(*x.shape[:-1], 3, -1) * 0.5 + 1.0
+        for i in range(3):
+            x = x + self.outs[i](torch.relu(self.gates[i](x)) * per[..., i, :])
+        return x
+
+
+def test_slices_read_one_per_layer_prune_alike_exactly():
+    """Every slice is read on its own, so the slices are not heads: each loses the same
+    positions, with the gates and projections of every layer."""
+    torch.manual_seed(0)
+    model, x = PerLayerInputs(), torch.randn(4, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["channels"])
+    width = next(g for g in pruner.graph.groups if any(m.name == "table" and m.kind == "out"
+                                                       for m in g.members))
+    assert width.size == 6 and not width.protected.any()
+    assert {m.name for m in width.members} >= {"gates.0", "gates.2", "outs.1"}
+    check_equivalence(model, pruner, x)
+    assert model.table.out_features == 3 * 3 and model.gates[1].out_features == 3
+
+
+def test_gemma4_per_layer_inputs_prune_and_reload(tmp_path):
+    """Gemma 4's per-layer embedding table (``num_layers x hidden_size_per_layer_input``
+    wide), its projection, their norm and each layer's gate and projection lose the same
+    positions; the width follows in the modules and the config."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        hidden_size_per_layer_input=12, vocab_size_per_layer_input=64,
+        max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(1, 64, (2, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the config describes the pruned model
+        StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5,
+                         kinds=["channels", "heads"]).step()
+    assert model.model.embed_tokens_per_layer.weight.shape == (64, 2 * 6)
+    assert model.model.hidden_size_per_layer_input == model.config.hidden_size_per_layer_input == 6
+    assert model.model.layers[1].per_layer_input_gate.out_features == 6
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)

@@ -12,8 +12,17 @@ from torch import nn
 from .bare import BareParams
 from .buffers import BufferTables
 from .ops.base import ndim_dim
+from .ops.elementwise import _UNARY
 from .record import ModelScan
 from .slots import Slots, UnionFind
+
+
+#: readers that take single positions or equal parts of a dim
+_PICKS = ("SelectBackward0", "UnbindBackward0", "SplitBackward0")
+#: element-wise ops through which :meth:`WalkContext.picked_dims` looks for such readers
+_KEEP_DIMS = frozenset(_UNARY) | {"AddBackward0", "SubBackward0", "MulBackward0",
+                                  "DivBackward0", "MeanBackward1", "SumBackward1"}
+_MAX_LOOKAHEAD = 64  # nodes: the search stays local, the walk linear
 
 
 class WalkContext:
@@ -95,16 +104,28 @@ class WalkContext:
     def picked_dims(self, node, ndim: int) -> set:
         """The dims of ``node``'s output (of ``ndim`` dims) that every op reading it takes
         single positions or equal parts of (``select``, ``unbind``, a split into equal
-        parts): q, k and v of a fused projection viewed as ``[..., heads, 3, head_dim]``.
-        Empty when any reader does something else."""
-        dims = set()
-        for r in self.readers.get(node, ()):
-            if r.name() not in ("SelectBackward0", "UnbindBackward0", "SplitBackward0"):
-                return set()
-            try:
-                dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
-            except (AttributeError, RuntimeError, TypeError):
-                return set()
+        parts), directly (q, k and v of a fused projection viewed as ``[..., heads, 3,
+        head_dim]``) or through element-wise ops that keep its dims (Gemma 4's per-layer
+        inputs, ``[..., layers, width]``, normalised and summed, then one layer's taken by
+        each decoder layer). Empty when any path ends in something else."""
+        dims: set = set()
+        seen, todo = {node}, [node]
+        while todo:
+            for r in self.readers.get(todo.pop(), ()):
+                name = r.name()
+                if name in _PICKS:
+                    try:
+                        dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
+                    except (AttributeError, RuntimeError, TypeError):
+                        return set()
+                    continue
+                out = r._input_metadata
+                if name not in _KEEP_DIMS or len(out) != 1 or len(out[0].shape) != ndim or \
+                        len(seen) >= _MAX_LOOKAHEAD:
+                    return set()
+                if r not in seen:
+                    seen.add(r)
+                    todo.append(r)
         return dims
 
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:

@@ -33,14 +33,16 @@ _INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head")
 _HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim", "input_size")
 _MLP = ("intermediate_size", "n_inner", "ffn_dim", "mlp_dim", "d_ff", "ffn_hidden_size")
+# the width of Gemma 3n's and Gemma 4's per-layer inputs, one slice per decoder layer
+_PER_LAYER = ("hidden_size_per_layer_input",)
 
 # attribute names per group kind; "exact" names must equal the group's size, the others be a
 # multiple of it (a head count is a multiple of the key/value head count a group holds)
 _ROLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "heads": ((), _HEADS + _INNER),
     "head_dims": (_HEAD_DIM, _INNER),
-    "hidden": (_HIDDEN, ()),
-    "channels": (_MLP, ()),
+    "hidden": (_HIDDEN + _PER_LAYER, ()),
+    "channels": (_MLP + _PER_LAYER, ()),
 }
 _NAMES = frozenset(a for exact, multiple in _ROLES.values() for a in exact + multiple)
 

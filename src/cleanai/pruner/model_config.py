@@ -56,10 +56,19 @@ DERIVED_CONFIG = ("head_dim",)
 # words of the config fields that may hold a width (the fields a differing shape may point to)
 _SIZE_WORDS = ("size", "dim", "head", "embd", "inner", "model", "ff", "kv", "channels",
                "width", "hidden", "intermediate", "rank", "expand", "ssm")
-_NOT_SIZES = ("vocab", "position", "layer", "token", "window", "bucket", "experts", "max_",
+_NOT_SIZES = ("vocab", "position", "layers", "n_layer", "token", "window", "bucket", "experts", "max_",
               "num_labels", "seq", "length", "group_size", "chunk", "sparse_step")
 
 Mismatch = Tuple[str, Any, Any]  # (name, the pruned model's, a copy built from the config's)
+
+
+def config_value(config: Any, field: str) -> Any:
+    """``config.<field>``, or None where the config has no such field or no single value for
+    it (a per-layer field of a config whose layers differ raises on access)."""
+    try:
+        return getattr(config, field, None)
+    except Exception:  # noqa: BLE001 - any error means "no single value"
+        return None
 
 
 def set_config(model: nn.Module, fields: List[Tuple[str, Any]]) -> None:
@@ -69,7 +78,7 @@ def set_config(model: nn.Module, fields: List[Tuple[str, Any]]) -> None:
     if config is not None:
         for f, v in fields:
             if isinstance(v, (list, tuple)):
-                kind = type(getattr(config, f, None))
+                kind = type(config_value(config, f))
                 setattr(config, f, (kind if kind in (list, tuple) else list)(int(e) for e in v))
             else:  # a float: a companion of a derived scale (see _keep_derived_scales)
                 setattr(config, f, v if isinstance(v, float) else int(v))
@@ -108,7 +117,7 @@ def scaled_fields(model: nn.Module, graph: DependencyGraph, before: Dict[int, in
                           stacklevel=4)
         # read every field before writing any: aliases (GPT-2's n_head is num_attention_heads)
         # would be scaled twice
-        new.update((f, int(v * kept)) for f in fields for v in (getattr(config, f, None),)
+        new.update((f, int(v * kept)) for f in fields for v in (config_value(config, f),)
                    if type(v) is int and v > 0 and (v * kept).denominator == 1)
     return new
 
@@ -216,10 +225,13 @@ def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mi
             continue
         tried.append((field, value))
         had = field in vars(config)
-        previous = getattr(config, field, None)
+        previous = vars(config)[field] if had else None
         setattr(config, field, value)
         now = config_mismatch(model, {**old, field: previous if had else _UNSET})
-        if {w[0] for w in now} < {w[0] for w in wrong}:
+        # a scale the field derives may differ now (Gemma's per-layer embedding scale, the
+        # square root of the width written): matched afterwards, as for the scaled fields
+        if _not_scales(now) < _not_scales(wrong) or \
+                ({w[0] for w in now} < {w[0] for w in wrong}):
             old.setdefault(field, previous if had else _UNSET)
             written.append((field, value))
             wrong = now
@@ -230,6 +242,12 @@ def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mi
         else:
             delattr(config, field)
     return wrong
+
+
+def _not_scales(wrong: List[Mismatch]) -> set:
+    """The names of the differences that are not derived floats (shapes, a missing tensor,
+    a config that does not build)."""
+    return {w[0] for w in wrong if not isinstance(w[1], float)}
 
 
 def _take_back(model: nn.Module, config: Any, old: Dict[str, Any],
@@ -287,7 +305,10 @@ def _derived(model: nn.Module, config: Any) -> List[Tuple[str, int]]:
     """Each derived size the config leaves unset, as the model's modules all hold it."""
     out = []
     for field in DERIVED_CONFIG:
-        if getattr(config, field, None) is not None:
+        try:
+            if getattr(config, field, None) is not None:
+                continue
+        except Exception:  # noqa: BLE001 - no single value (per-layer fields that differ)
             continue
         values = {getattr(m, field) for m in model.modules()
                   if type(getattr(m, field, None)) is int and getattr(m, field) > 0}

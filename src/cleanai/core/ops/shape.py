@@ -96,9 +96,11 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
     # a grouped norm's view (one group too: its size must follow all the same)
     norm = ctx.attention == "heads" and x.dim == len(a) - 1 and j1 - j0 > i1 - i0 and \
         _norm_groups(ctx, node, a[x.dim], grid.size(-1), x.ids)
+    # every outer block read on its own (one per decoder layer): positions, not heads
+    alone = bool(picked) and all(j0 + d in picked for d in varying[:-1])
     if len(varying) > 1:
         inner = varying[-1]
-        if ctx.attention == "heads" and x.dim == len(a) - 1 and not norm:
+        if ctx.attention == "heads" and x.dim == len(a) - 1 and not norm and not alone:
             # the heads are the innermost dim above head_dim that the readers do not pick
             # from: ``[..., heads, 3, head_dim]`` read as q, k, v by ``select`` on the 3
             outer = [d for d in varying[:-1] if j0 + d not in picked] or varying[:-1]
@@ -109,7 +111,7 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
                 ctx.uf.union_all(moved[0], row)
             ctx.note(moved[0], f"{op} into {list(grid.shape)}: every block keeps the same "
                                f"positions of its last dim")
-            if not norm:  # a norm's groups hold whatever its input's channels are
+            if not norm and not alone:  # a norm's groups hold whatever its input's channels are
                 ctx.kinds.append((int(moved[0][0]), "head_dims"))
             varying = [inner]
         grid = ctx.uf.canonical(grid)
