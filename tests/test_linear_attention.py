@@ -167,10 +167,13 @@ def test_slices_read_one_per_layer_prune_alike_exactly():
     assert model.table.out_features == 3 * 3 and model.gates[1].out_features == 3
 
 
-def test_gemma4_per_layer_inputs_prune_and_reload(tmp_path):
+@pytest.mark.parametrize("kinds", [["channels", "heads"], None])
+def test_gemma4_per_layer_inputs_prune_and_reload(kinds, tmp_path):
     """Gemma 4's per-layer embedding table (``num_layers x hidden_size_per_layer_input``
     wide), its projection, their norm and each layer's gate and projection lose the same
-    positions; the width follows in the modules and the config."""
+    positions; the width follows in the modules and the config. With the hidden size pruned
+    too, the projection's scale ``hidden_size ** -0.5`` takes the config's new value and the
+    projection's weight makes up for it."""
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(
         "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2,
@@ -185,8 +188,9 @@ def test_gemma4_per_layer_inputs_prune_and_reload(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the config describes the pruned model
         StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5,
-                         kinds=["channels", "heads"]).step()
+                         kinds=kinds).step()
     assert model.model.embed_tokens_per_layer.weight.shape == (64, 2 * 6)
+    assert model.config.hidden_size == (32 if kinds else 16)
     assert model.model.hidden_size_per_layer_input == model.config.hidden_size_per_layer_input == 6
     assert model.model.layers[1].per_layer_input_gate.out_features == 6
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 10)

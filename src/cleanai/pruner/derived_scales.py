@@ -13,6 +13,11 @@ One forward before and one after must agree; otherwise everything is put back an
 config warning stays. The history records the new scale (a ``"scale"`` entry); the rescaled
 values come with the weights, as compensation's do.
 
+A float attribute of another module that multiplies one of its own Linear layers' output
+(Gemma 4's ``per_layer_model_projection_scale = hidden_size ** -0.5``) likewise takes the
+config's value, that layer's weight and bias multiplied by ``old / new``; the layer is the
+one child Linear for which one forward gives back the model's outputs.
+
 A float the config class itself derives from a pruned size (MiniCPM3's ``logits_scaling =
 hidden_size / dim_model_base``, read in the forward) keeps its value instead: the one other
 field that gives it back is scaled with the size (:func:`keep_config_scales`).
@@ -58,11 +63,16 @@ def match_scales(model: nn.Module, graph: Optional[DependencyGraph],
     if graph is None or is_meta_model(model):
         return wrong, []
     by_weight: Dict[int, List[_Scale]] = {}
+    fixed, entries = set(), []
     for name, mine, built in wrong:
         scale = _scale_of(model, name, mine, built)
         if scale is not None:
             by_weight.setdefault(id(scale.module.weight), []).append(scale)
-    fixed, entries = set(), []
+            continue
+        done = _match_child(model, graph, name, mine, built)
+        if done:
+            entries += done
+            fixed.add(name)
     for scales in by_weight.values():
         try:
             entries += _match(model, graph, scales)
@@ -130,6 +140,53 @@ def _match(model: nn.Module, graph: DependencyGraph,
         if not _same(before, after):
             raise _Unmatched("the model's outputs changed when it was rescaled")
     return entries
+
+
+def _match_child(model: nn.Module, graph: DependencyGraph, name: str, mine: Any,
+                 built: Any) -> List[Dict[str, Any]]:
+    """A float attribute of a module that multiplies the output of one of its own Linear
+    layers (Gemma 4's ``per_layer_model_projection_scale = hidden_size ** -0.5``): it takes
+    the value ``built`` that the config derives, and that layer's weight and bias are
+    multiplied by ``mine / built``, so the product stays. Each Linear child is tried with one
+    forward; the first that gives back the model's outputs is kept. Empty when none does
+    (the model as it was)."""
+    from .apply import atomic  # apply imports this module
+
+    if type(mine) is not float or type(built) is not float or \
+            not (math.isfinite(built) and mine > 0 and built > 0):
+        return []
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = find_submodule(model, owner)
+    except AttributeError:
+        return []
+    if isinstance(module, nn.Embedding) or type(module.__dict__.get(attr)) is not float:
+        return []
+    shared = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                shared[id(p)] = shared.get(id(p), 0) + 1
+    children = [c for c in module.children() if isinstance(c, nn.Linear) and
+                all(shared.get(id(p)) == 1 for p in c.parameters(recurse=False))]
+    if not children:
+        return []
+    before, _ = _run(model, graph, [])
+    entries = [{"name": owner, "kind": "scale", "attr": attr, "value": built}]
+    for child in children:
+        try:
+            with atomic([module, child]):
+                replay_scales(model, entries)
+                for p in child.parameters(recurse=False):
+                    if p.is_floating_point():
+                        p.data = p.data * (mine / built)
+                after, _ = _run(model, graph, [])
+                if not _same(before, after):
+                    raise _Unmatched("another layer's output carries the scale")
+        except Exception:  # _Unmatched, or a forward that failed: as it was
+            continue
+        return entries
+    return []
 
 
 def _tied_heads(model: nn.Module, weight: nn.Parameter,
