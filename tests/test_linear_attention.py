@@ -55,6 +55,45 @@ def test_a_constant_state_that_differs_per_head_keeps_the_heads():
     assert heads.protected.all()
 
 
+class WriteInto(nn.Module):
+    """Channels written into one position of a tensor made in the forward: a fresh zero
+    tensor (it holds nothing per channel), or one whose values differ per channel (they would
+    be made again at the smaller width), or moved by ``index_add_``."""
+
+    def __init__(self, base: str):
+        super().__init__()
+        self.base = base
+        self.a = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [B, 6]
+        v = self.a(x)  # [B, C]
+        c = v.shape[1]
+        if self.base == "zeros":
+            out = torch.zeros(x.shape[0], c, 2)
+        else:
+            out = torch.arange(float(c)).view(1, c, 1).repeat(x.shape[0], 1, 2)
+        if self.base == "index_add":
+            out[:, :, 0].index_add_(1, torch.arange(c - 1, -1, -1), v)
+        else:
+            out[:, :, 0] = v
+        return self.head(out.sum(-1))
+
+
+@pytest.mark.parametrize("base,prunes", [("zeros", True), ("per_channel", False),
+                                         ("index_add", False)])
+def test_a_write_into_a_tensor_made_in_the_forward(base, prunes):
+    torch.manual_seed(0)
+    model, x = WriteInto(base), torch.randn(4, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    group = next(g for g in pruner.graph.groups if any(m.name == "a" and m.kind == "out"
+                                                       for m in g.members))
+    assert bool(group.protected.any()) is not prunes
+    if prunes:
+        check_equivalence(model, pruner, x)
+        assert model.a.out_features == 4
+
+
 def _tiny(model_type, layer_types=("linear_attention", "full_attention")):
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(
@@ -115,7 +154,8 @@ def test_qwen3_5_pruned_generates_and_reloads(tmp_path):
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
-def test_config_fields_of_heads_that_stayed_keep_their_values(tmp_path):
+@pytest.mark.parametrize("kinds", [["heads"], None])
+def test_config_fields_of_heads_that_stayed_keep_their_values(kinds, tmp_path):
     """Qwen3-Next fuses its linear attention's projections per key head, which keeps those
     heads whole; its attention heads prune. The config's linear head counts, scaled with the
     other head counts at first, are taken back, so the config rebuilds the pruned model."""
@@ -125,7 +165,7 @@ def test_config_fields_of_heads_that_stayed_keep_their_values(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5,
-                         kinds=["heads"]).step()
+                         kinds=kinds).step()
     assert model.config.num_attention_heads == 2
     assert (model.config.linear_num_key_heads, model.config.linear_num_value_heads) == (2, 4)
     model.save_pretrained(tmp_path)

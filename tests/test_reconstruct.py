@@ -659,6 +659,33 @@ def test_block_outputs_that_are_not_targets_are_left_out():
     assert report.units[1]["error_after"] < report.units[1]["error_before"]
 
 
+@pytest.mark.parametrize("fail_at", ["first", "last"])
+def test_a_forward_failing_in_the_output_check_raises_and_leaves_the_model(fail_at):
+    """The whole-model check runs the model and the teacher on held-out batches before and
+    after the units: a forward failing there is a RecoveryError, the model as it was."""
+    model, teacher = pruned_pair(Tiny, torch.randn(1, 5, 6))
+    state = copy.deepcopy(model.state_dict())
+    calib = batches((16, 5, 6), 4, seed=1)
+    calls = []
+
+    def count(m, x):
+        calls.append(1)
+        return m(x)
+    reconstruct(copy.deepcopy(model), teacher, calib, forward_fn=count, progress=False)
+    fail = {"first": 3, "last": len(calls)}[fail_at]  # after the model's and teacher's probe
+    calls.clear()
+
+    def flaky(m, x):
+        calls.append(1)
+        if len(calls) == fail:
+            raise RuntimeError("device lost")
+        return m(x)
+    with pytest.raises(RecoveryError, match="does not run through"):
+        reconstruct(model, teacher, calib, forward_fn=flaky, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def test_units_that_fit_but_spoil_the_output_are_all_put_back(monkeypatch):
     """Each unit is judged alone; when the refit units together leave the model's output
     further from the teacher's on held-out batches, every unit gets its weights back."""

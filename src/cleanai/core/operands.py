@@ -10,6 +10,7 @@ import itertools
 import linecache
 import os
 import sys
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -51,7 +52,11 @@ class OperandRecorder(TorchFunctionMode):
     ``CopySlices`` that forgets where (so does an in-place op on a view): the slice is recorded
     under ``("write", grad_fn)`` as ``(dim, start, length, whether the view selected one
     index of dim, which the tensor written lacks, storage pointer of the tensor written into,
-    whether it replaced the values there)``, or ``"not one range"``."""
+    whether it replaced the values there)``, or ``"not one range"``. Every write also
+    records the call that made it (``("write op", grad_fn)``: ``copy_``, ``add_``,
+    ``index_add_``...) and, under ``("write fresh", grad_fn)``, whether it wrote into a tensor
+    a factory made in the forward and nothing changed since (``zeros_like``, ``new_empty``...):
+    only such a tensor holds no values of its own per channel."""
 
     _OPS = ("AddBackward0", "SubBackward0")
     _FUNCS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__sub__",
@@ -64,6 +69,10 @@ class OperandRecorder(TorchFunctionMode):
               "__get__"}
     _ELEMENTWISE = _FUNCS | {"mul", "mul_", "__mul__", "__imul__", "__rmul__", "multiply",
                              "div", "div_", "__truediv__", "__itruediv__", "divide"}
+    # factories of one value everywhere, and of values about to be written over
+    _FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros",
+              "new_ones", "new_full"}
+    _EMPTY = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
     def __init__(self, buffers: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
@@ -81,6 +90,8 @@ class OperandRecorder(TorchFunctionMode):
         self.buffer_reads: set = set()
         #: the first call that may hold a channel count of its own (see core/widths.py)
         self.sized: Optional[str] = None
+        #: ``id()`` of each tensor a factory made -> (a weak reference to it, "fill"|"empty")
+        self._fresh: Dict[int, Tuple[Any, str]] = {}
         #: the autograd nodes of the outputs of the calls seen
         self.made: set = set()
         #: ``id()`` of the autograd nodes of the tensors the calls seen read (``x.detach()``
@@ -108,20 +119,29 @@ class OperandRecorder(TorchFunctionMode):
             elif type(a) in (list, tuple):  # torch.cat([...]), torch.stack
                 self.read.update(id(t.grad_fn) for t in a
                                  if isinstance(t, torch.Tensor) and t.grad_fn is not None)
-        written = _written_slice(func, args)
-        before = written[0].grad_fn if written is not None else None
+        name = getattr(func, "__name__", "")
+        target = _write_base(func, args)
+        written = _written_slice(func, args) if target is not None else None
+        before = target.grad_fn if target is not None else None
+        fresh = target is not None and before is None and self._is_fresh(target)
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if self._buffers:
             self._buffer_use(func, args, kwargs, out)
-        if written is not None:
-            base, where = written
-            fn = base.grad_fn  # a new node only when autograd recorded this write
+        if name in self._FILLS or name in self._EMPTY:
+            if isinstance(out, torch.Tensor):
+                self._fresh[id(out)] = (weakref.ref(out),
+                                        "fill" if name in self._FILLS else "empty")
+        if target is not None:
+            fn = target.grad_fn  # a new node only when autograd recorded this write
             if fn is not None and fn is not before and fn.name().endswith("CopySlices"):
-                self.shapes[("write", fn)] = where + (
-                    base.untyped_storage().data_ptr(),
-                    getattr(func, "__name__", "") in ("copy_", "__setitem__")) \
-                    if where else "not one range"
+                self.shapes[("write op", fn)] = name
+                self.shapes[("write fresh", fn)] = fresh
+                if written is not None:
+                    where = written[1]
+                    self.shapes[("write", fn)] = where + (
+                        target.untyped_storage().data_ptr(),
+                        name in ("copy_", "__setitem__")) if where else "not one range"
         if getattr(func, "__name__", "") in self._SPLITS and isinstance(out, (tuple, list)) \
                 and out and isinstance(out[0], torch.Tensor) and out[0].grad_fn is not None:
             self.shapes[("split", out[0].grad_fn)] = [tuple(t.shape) for t in out]
@@ -138,6 +158,17 @@ class OperandRecorder(TorchFunctionMode):
                                for a in operands]
         return out
 
+
+    def _is_fresh(self, t: torch.Tensor) -> bool:
+        """True when ``t`` is a tensor a factory made in this forward, still one value
+        everywhere (``zeros_like``) or never read (``new_empty``, written over)."""
+        entry = self._fresh.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return False
+        if entry[1] == "empty" or t.is_meta or t.numel() == 0:
+            return True
+        with torch.no_grad(), NoTorchFunction():
+            return bool((t == t.reshape(-1)[0]).all())
 
     def _buffer_use(self, func, args, kwargs, out) -> None:
         """Note how a call used the buffers (see ``buffer_operands``, ``buffer_reads``): a
@@ -191,6 +222,20 @@ def _calling_code() -> str:
         pass
     return " ".join(linecache.getline(code.co_filename, n).strip()
                     for n in range(first, last + 1))
+
+
+def _write_base(func, args) -> Optional[torch.Tensor]:
+    """The tensor a call writes into part or all of: ``x`` for ``x[index] = v``, the base of
+    the view an in-place method runs on; None for any other call."""
+    name = getattr(func, "__name__", "")
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    target = args[0]
+    if name == "__setitem__":
+        return target._base if target._base is not None else target
+    if name.endswith("_") and not name.endswith("__") and target._base is not None:
+        return target._base
+    return None
 
 
 def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[int, int, int,

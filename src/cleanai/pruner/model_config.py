@@ -169,8 +169,9 @@ def update_config(model: nn.Module, graph: DependencyGraph,
     # also when no scalar size was scaled: per-stage lists (a CNN's ``hidden_sizes``) or
     # widths the config derives may no longer describe the model
     wrong = config_mismatch(model, old)
+    back: Dict[str, Any] = {}  # scaled fields given their old values: field -> scaled value
     if wrong and len(new) > 1:
-        wrong = _take_back(model, config, old, changed, wrong)
+        wrong = _take_back(model, config, old, [f for f, _ in changed], wrong, back)
     scales: List[Dict[str, Any]] = []
     if wrong:
         written: List[Tuple[str, int]] = []
@@ -180,10 +181,16 @@ def update_config(model: nn.Module, graph: DependencyGraph,
             wrong, scales = match_scales(model, graph, wrong)
         if wrong:
             _undo(config, old, [f for f, _ in written])
+            if back:  # the scaled values say more than the old ones, right or not
+                for f, v in back.items():
+                    setattr(config, f, v)
+                back = {}
+                wrong = config_mismatch(model, old) or wrong
             _warn_config(model, wrong, tried,
                          [f for f, _ in changed] or sorted({f for f, _ in tried}))
         else:
             changed += written
+    changed = [(f, v) for f, v in changed if f not in back]
     _warn_rebuilt_tables(model, graph, before)
     return [{"name": "config", "kind": "config", "attr": f, "value": v}
             for f, v in changed] + scales
@@ -250,38 +257,31 @@ def _not_scales(wrong: List[Mismatch]) -> set:
     return {w[0] for w in wrong if not isinstance(w[1], float)}
 
 
-def _take_back(model: nn.Module, config: Any, old: Dict[str, Any],
-               changed: List[Tuple[str, Any]], wrong: List[Mismatch]) -> List[Mismatch]:
-    """Give scaled fields their values back, one or two at a time, while a copy built from
-    ``config`` then differs in a strict subset of the places it did, and keep that only if
-    the copy ends up matching: fields of a kind whose groups they size all kept their width
-    while other groups of the kind were pruned (Qwen3-Next's linear-attention key and value
-    heads, protected, beside its attention heads). Removes them from ``changed``; returns
-    what still differs. Where the config cannot describe the model either way, the scaled
-    values stay (BERT's head count, though it derives its head size from it)."""
-    start, now, back = wrong, wrong, {}
+def _take_back(model: nn.Module, config: Any, old: Dict[str, Any], scaled: List[str],
+               wrong: List[Mismatch], back: Dict[str, Any]) -> List[Mismatch]:
+    """Give ``scaled`` fields their values back, one or two at a time, while a copy built
+    from ``config`` then differs in a strict subset of the places it did: fields of a kind
+    whose groups they size all kept their width while other groups of the kind were pruned
+    (Qwen3-Next's linear-attention key and value heads, protected, beside its attention
+    heads). Records each field taken back in ``back`` (field -> its scaled value), for the
+    caller to keep or undo; returns what still differs."""
     progress = True
-    while now and progress:  # again from the start after each field taken back
+    while wrong and progress:  # again from the start after each field taken back
         progress = False
-        names = [f for f, _ in changed if f in old and f not in back]
+        names = [f for f in scaled if f in old and f not in back]
         for fields in itertools.chain(itertools.combinations(names, 1),
                                       itertools.combinations(names, 2)):
             values = {f: getattr(config, f) for f in fields}
             for f in fields:
                 setattr(config, f, old[f])
-            after = config_mismatch(model, old)
-            if {w[0] for w in after} < {w[0] for w in now}:
+            now = config_mismatch(model, old)
+            if {w[0] for w in now} < {w[0] for w in wrong}:
                 back.update(values)
-                now, progress = after, True
+                wrong, progress = now, True
                 break
             for f, v in values.items():
                 setattr(config, f, v)
-    if now:
-        for f, v in back.items():
-            setattr(config, f, v)
-        return start
-    changed[:] = [(f, v) for f, v in changed if f not in back]
-    return now
+    return wrong
 
 
 class _Unset:

@@ -297,18 +297,23 @@ def _output_error(run: _Run, which: Sequence[int]) -> Optional[float]:
     compared (no floating-point tensor, other shapes)."""
     diff = ref = 0.0
     for i in which:
+        got = [_forward(m, run.batches[i], run.forward_fn, i, who)
+               for m, who in ((run.model, "model"), (run.teacher, "teacher"))]
         try:
-            out = output_tensor(_forward(run.model, run.batches[i], run.forward_fn, i, "model"))
-            y = output_tensor(_forward(run.teacher, run.batches[i], run.forward_fn, i,
-                                       "teacher"))
-        except ValueError:  # an output that holds no tensor
+            out, y = (output_tensor(g) for g in got)
+        except (ValueError, AttributeError):  # an output that holds no tensor
             return None
         if out.shape != y.shape or not out.is_floating_point():
             return None
-        out, y = _real_tokens(out.double(), y.to(out.device).double(),
-                              padding_mask(run.batches[i]))
-        diff += float(((out - y) ** 2).sum())
-        ref += float((y * y).sum())
+        out, y = _real_tokens(out, y.to(out.device), padding_mask(run.batches[i]))
+        out = out.reshape(-1, out.shape[-1] if out.dim() else 1)
+        y = y.reshape(out.shape)
+        # in float64 a slice at a time: an LLM's logits would not fit whole
+        step = max(1, _ROWS_PER_CHUNK * 64 // max(1, out.shape[1]))
+        for s in range(0, out.shape[0], step):
+            o, t = out[s:s + step].double(), y[s:s + step].double()
+            diff += float(((o - t) ** 2).sum())
+            ref += float((t * t).sum())
     return relative_error(diff, ref)
 
 

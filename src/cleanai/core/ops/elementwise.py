@@ -169,21 +169,33 @@ def _copy_slices(ctx, call: OpCall):
     base = call.ins[0]
     written = [x for x in call.ins[1:] if x is not None]
     out = tuple(call.out_shapes[0])
+    op = ctx.operand_shapes.get(("write op", call.node))
+    if op is not None and op not in _FOLLOWED_WRITES:  # ``index_add_``, ``scatter_``...
+        protect_all(ctx, f"{op} on part of a tensor", [base] + written)
+        return [None]
     if written and all(s is not None and tuple(s) == out
                        for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
         return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
     where = ctx.operand_shapes.get(("write", call.node))
     whole = _whole_write(call, out) if where is None else None
     if whole is not None:
-        # a base without ids (``zeros_like``) takes the new width: the forward check after
-        # slicing catches one that cannot (a stored buffer)
-        return [broadcast(ctx, call.name(), [base, whole], [out, out], out, [base is None, False])]
+        # a base a factory made in the forward (``zeros_like``) takes the new width
+        fresh = base is None and ctx.operand_shapes.get(("write fresh", call.node), False)
+        return [broadcast(ctx, call.name(), [base, whole], [out, out], out, [fresh, False])]
     if isinstance(where, tuple) and len(call.ins) <= 2:
         return [_write_into_range(ctx, call, where)]
     if written or (where is not None and base is not None):
         protect_all(ctx, "a tensor written into part of another", [base] + written)
         return [None]
     return [base]
+
+
+#: in-place calls on a view that act element by element (the rest move values: ``index_add_``)
+_FOLLOWED_WRITES = frozenset(
+    "__setitem__ copy_ add_ sub_ mul_ div_ addcmul_ addcdiv_ lerp_ clamp_ clamp_min_ "
+    "clamp_max_ relu_ sigmoid_ tanh_ exp_ neg_ abs_ sqrt_ pow_ zero_ fill_ masked_fill_ "
+    "uniform_ normal_ bernoulli_ dropout_ hardtanh_ leaky_relu_ elu_ gelu_ silu_ "
+    "hardswish_ hardsigmoid_ threshold_ nan_to_num_ floor_ ceil_ round_ trunc_".split())
 
 
 def _whole_write(call: OpCall, out: Shape) -> Optional[Slots]:
@@ -253,7 +265,10 @@ def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
         return Slots(dim, ids)
     if len(call.ins) < 2:
         return base  # an in-place op on the view (``x[:, :, :2].relu_()``): values only
-    made = base is None and not ctx.is_model_state(storage)
+    # a base a factory made in the forward (``zeros_like``, ``new_empty``): no values of its
+    # own per channel, so the parts not written take the new width
+    made = base is None and not ctx.is_model_state(storage) and \
+        ctx.operand_shapes.get(("write fresh", call.node), False)
     ins, shapes, fresh = [], [], []
     for a, b, x in ((0, start, base), (start, start + length, src),
                     (start + length, out[dim], base)):
