@@ -170,22 +170,32 @@ def update_config(model: nn.Module, graph: DependencyGraph,
     # widths the config derives may no longer describe the model
     wrong = config_mismatch(model, old)
     back: Dict[str, Any] = {}  # scaled fields given their old values: field -> scaled value
-    if wrong and len(new) > 1:
-        wrong = _take_back(model, config, old, [f for f, _ in changed], wrong, back)
     scales: List[Dict[str, Any]] = []
     if wrong:
         written: List[Tuple[str, int]] = []
         tried: List[Tuple[str, int]] = []
         wrong = _complete(model, config, old, wrong, written, tried)
+        if _not_scales(wrong) and len(new) > 1:
+            # then with scaled fields taken back (a kind whose groups here all stayed)
+            _undo(config, old, [f for f, _ in written])
+            written.clear()
+            again = _take_back(model, config, old, [f for f, _ in changed],
+                               config_mismatch(model, old), back)
+            if back:
+                again = _complete(model, config, old, again, written, tried)
+            if again:  # no better: as the first try left it
+                _undo(config, old, [f for f, _ in written])
+                written.clear()
+                for f, v in back.items():
+                    setattr(config, f, v)
+                back.clear()
+                again = _complete(model, config, old, config_mismatch(model, old), written,
+                                  tried)
+            wrong = again
         if wrong and all(isinstance(w[1], float) for w in wrong):
             wrong, scales = match_scales(model, graph, wrong)
         if wrong:
             _undo(config, old, [f for f, _ in written])
-            if back:  # the scaled values say more than the old ones, right or not
-                for f, v in back.items():
-                    setattr(config, f, v)
-                back = {}
-                wrong = config_mismatch(model, old) or wrong
             _warn_config(model, wrong, tried,
                          [f for f, _ in changed] or sorted({f for f, _ in tried}))
         else:
