@@ -240,3 +240,89 @@ def test_gemma4_per_layer_inputs_prune_and_reload(kinds, tmp_path):
         again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+class HeadsRead(nn.Module):
+    """Attention over a view into heads, read in parts of two heads (``how="pairs"``) or one
+    head at a time by a module that counts its heads (``how="each"``)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.num_heads = how, 4
+        self.q, self.k, self.v = (nn.Linear(8, 16) for _ in range(3))
+        self.o = nn.Linear(16, 8)
+
+    def forward(self, x):  # x: [B, T, 8]
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, self.num_heads, -1) for f in (self.q, self.k, self.v))
+        if self.how == "pairs":
+            y = torch.cat([nn.functional.scaled_dot_product_attention(
+                a.transpose(1, 2), c.transpose(1, 2), d.transpose(1, 2)).transpose(1, 2)
+                for a, c, d in zip(q.split(2, 2), k.split(2, 2), v.split(2, 2))], 2)
+        else:
+            y = torch.stack([torch.softmax(q[:, :, h] @ k[:, :, h].transpose(1, 2), -1)
+                             @ v[:, :, h] for h in range(self.num_heads)], 2)
+        return self.o(y.reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("how", ["pairs", "each"])
+def test_heads_read_in_parts_or_one_by_one_stay_heads(how):
+    """Not blocks read on their own (the per-layer inputs above): a split into parts of
+    several heads, or a module that counts the heads it reads one by one, keeps heads as
+    the units."""
+    torch.manual_seed(0)
+    model, x = HeadsRead(how), torch.randn(2, 5, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
+    assert all(g.kind != "channels" for g in pruner.graph.groups
+               if any(m.name == "q" and m.kind == "out" for m in g.members))
+    if how == "pairs":
+        check_equivalence(model, pruner, x)
+        assert model.q.out_features == 8
+
+
+def test_a_factory_tensor_handed_on_stays_fresh_and_one_written_into_does_not():
+    """``zeros(...).to(dtype)`` still holds one value everywhere; ``new_empty`` filled in part
+    without autograd holds values of its own."""
+    class Write(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how, self.a, self.head = how, nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            v = self.a(x)
+            if self.how == "to":
+                out = torch.zeros(v.shape[0], v.shape[1], 2, dtype=torch.float64).to(v.dtype)
+            else:
+                out = v.new_empty(v.shape[0], v.shape[1], 2)
+                out[:, :, 1] = torch.arange(float(v.shape[1]))
+            out[:, :, 0] = v
+            return self.head(out.sum(-1))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    for how, prunes in (("to", True), ("filled", False)):
+        model = Write(how)
+        pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+        group = next(g for g in pruner.graph.groups if any(m.name == "a" and m.kind == "out"
+                                                           for m in g.members))
+        assert bool(group.protected.any()) is not prunes, how
+
+
+def test_gemma4_hidden_size_prunes_when_the_per_layer_width_equals_it():
+    """The per-layer width is a name of the channels kind only: a hidden size of the same
+    value leaves it as it is."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        hidden_size_per_layer_input=32, vocab_size_per_layer_input=64,
+        max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        ids = torch.randint(1, 64, (2, 7))
+        StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5).step()
+    assert model.model.embed_tokens.weight.shape == (64, 16)
+    assert model.model.hidden_size_per_layer_input == 16  # its own group, pruned alike
+    assert model(ids).logits.shape == (2, 7, 64)

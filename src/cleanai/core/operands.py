@@ -73,6 +73,13 @@ class OperandRecorder(TorchFunctionMode):
     _FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros",
               "new_ones", "new_full"}
     _EMPTY = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
+    # calls that hand a factory's tensor on with its values as they were (another dtype,
+    # device, layout, or repeated)
+    _KEEP_FRESH = {"to", "type_as", "clone", "contiguous", "repeat", "expand", "expand_as",
+                   "float", "half", "bfloat16", "double", "detach", "view", "reshape",
+                   "unsqueeze", "squeeze", "transpose", "permute", "t", "cuda", "cpu"}
+    # in-place calls that leave one value everywhere
+    _REFILLS = {"fill_", "zero_"}
 
     def __init__(self, buffers: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
@@ -124,14 +131,25 @@ class OperandRecorder(TorchFunctionMode):
         written = _written_slice(func, args) if target is not None else None
         before = target.grad_fn if target is not None else None
         fresh = target is not None and before is None and self._is_fresh(target)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        kept = self._fresh_kind(first) if name in self._KEEP_FRESH else None
+        if first is not None and (name == "__setitem__" or name.startswith("__i") or
+                                  (name.endswith("_") and not name.endswith("__"))):
+            # written into (this write was judged above): its values are its own now
+            for t in (first, first._base, target):
+                if t is not None:
+                    self._fresh.pop(id(t), None)
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if self._buffers:
             self._buffer_use(func, args, kwargs, out)
-        if name in self._FILLS or name in self._EMPTY:
-            if isinstance(out, torch.Tensor):
-                self._fresh[id(out)] = (weakref.ref(out),
-                                        "fill" if name in self._FILLS else "empty")
+        made = "fill" if name in self._FILLS else "empty" if name in self._EMPTY else kept
+        if name in self._REFILLS and first is not None and first._base is None and \
+                first.grad_fn is None and not kwargs and (len(args) == 1 or not isinstance(
+                    args[1], torch.Tensor)):
+            made, out = "fill", first
+        if made is not None and isinstance(out, torch.Tensor):
+            self._fresh[id(out)] = (weakref.ref(out), made)
         if target is not None:
             fn = target.grad_fn  # a new node only when autograd recorded this write
             if fn is not None and fn is not before and fn.name().endswith("CopySlices"):
@@ -159,16 +177,24 @@ class OperandRecorder(TorchFunctionMode):
         return out
 
 
+    def _fresh_kind(self, t: Optional[torch.Tensor]) -> Optional[str]:
+        """"fill" or "empty" for a tensor a factory made in this forward (or a call handed on
+        as it was, ``.to(dtype)``) and nothing wrote into since; None for any other."""
+        entry = self._fresh.get(id(t)) if t is not None else None
+        return entry[1] if entry is not None and entry[0]() is t else None
+
     def _is_fresh(self, t: torch.Tensor) -> bool:
-        """True when ``t`` is a tensor a factory made in this forward, still one value
-        everywhere (``zeros_like``) or never read (``new_empty``, written over)."""
-        entry = self._fresh.get(id(t))
-        if entry is None or entry[0]() is not t:
+        """True when ``t`` is a tensor a factory made in this forward, nothing wrote into
+        since, still one value everywhere (``zeros_like``) or never read (``new_empty``,
+        written over)."""
+        kind = self._fresh_kind(t)
+        if kind is None:
             return False
-        if entry[1] == "empty" or t.is_meta or t.numel() == 0:
+        if kind == "empty" or t.is_meta or t.numel() == 0:
             return True
         with torch.no_grad(), NoTorchFunction():
-            return bool((t == t.reshape(-1)[0]).all())
+            first = t.reshape(-1)[0]
+            return bool((t == first).all()) or bool(t.isnan().all())
 
     def _buffer_use(self, func, args, kwargs, out) -> None:
         """Note how a call used the buffers (see ``buffer_operands``, ``buffer_reads``): a

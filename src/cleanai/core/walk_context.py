@@ -23,6 +23,10 @@ _PICKS = ("SelectBackward0", "UnbindBackward0", "SplitBackward0")
 _KEEP_DIMS = frozenset(_UNARY) | {"AddBackward0", "SubBackward0", "MulBackward0",
                                   "DivBackward0", "MeanBackward1", "SumBackward1"}
 _MAX_LOOKAHEAD = 64  # nodes: the search stays local, the walk linear
+#: attribute names of a head count (see pruner/attributes.py for the full list)
+_HEAD_COUNTS = frozenset({"num_heads", "num_attention_heads", "n_head", "n_heads", "heads",
+                          "num_q_heads", "num_key_value_heads", "num_kv_heads", "n_kv_heads",
+                          "num_k_heads", "num_v_heads"})
 
 
 class WalkContext:
@@ -101,19 +105,22 @@ class WalkContext:
                     return n, start, len(out)
         return None
 
-    def picked_dims(self, node, ndim: int) -> set:
+    def picked_dims(self, node, ndim: int, single: bool = False) -> set:
         """The dims of ``node``'s output (of ``ndim`` dims) that every op reading it takes
         single positions or equal parts of (``select``, ``unbind``, a split into equal
         parts), directly (q, k and v of a fused projection viewed as ``[..., heads, 3,
         head_dim]``) or through element-wise ops that keep its dims (Gemma 4's per-layer
         inputs, ``[..., layers, width]``, normalised and summed, then one layer's taken by
-        each decoder layer). Empty when any path ends in something else."""
+        each decoder layer). ``single``: single positions only (a split into parts of several
+        heads does not count). Empty when any path ends in something else."""
         dims: set = set()
         seen, todo = {node}, [node]
         while todo:
             for r in self.readers.get(todo.pop(), ()):
                 name = r.name()
                 if name in _PICKS:
+                    if single and name == "SplitBackward0":
+                        return set()
                     try:
                         dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
                     except (AttributeError, RuntimeError, TypeError):
@@ -151,6 +158,17 @@ class WalkContext:
         """True when some of ``ids`` belong to channels a view made whole heads so far."""
         heads = {self.uf.find(i) for i, kind in self.kinds if kind == "heads"}
         return any(self.uf.find(int(i)) in heads for i in ids.tolist())
+
+    def counts_heads(self, node, n: int) -> Optional[bool]:
+        """Whether the module whose forward ran ``node`` holds ``n`` as its head count (an
+        int attribute named like one): a view into ``n`` blocks there is into heads. None
+        until the recording located modules (then asks for a second one)."""
+        if not self.intervals:
+            self.wants_location = True
+            return None
+        _, module = self.module_at(node)
+        return module is not None and any(
+            type(v) is int and v == n for a, v in vars(module).items() if a in _HEAD_COUNTS)
 
     def module_at(self, node) -> Tuple[str, Any]:
         """The innermost module whose forward ran autograd node ``node`` (the model for none)

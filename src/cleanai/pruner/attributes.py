@@ -41,7 +41,7 @@ _PER_LAYER = ("hidden_size_per_layer_input",)
 _ROLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     "heads": ((), _HEADS + _INNER),
     "head_dims": (_HEAD_DIM, _INNER),
-    "hidden": (_HIDDEN + _PER_LAYER, ()),
+    "hidden": (_HIDDEN, ()),
     "channels": (_MLP + _PER_LAYER, ()),
 }
 _NAMES = frozenset(a for exact, multiple in _ROLES.values() for a in exact + multiple)

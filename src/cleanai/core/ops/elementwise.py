@@ -192,10 +192,14 @@ def _copy_slices(ctx, call: OpCall):
 
 #: in-place calls on a view that act element by element (the rest move values: ``index_add_``)
 _FOLLOWED_WRITES = frozenset(
-    "__setitem__ copy_ add_ sub_ mul_ div_ addcmul_ addcdiv_ lerp_ clamp_ clamp_min_ "
-    "clamp_max_ relu_ sigmoid_ tanh_ exp_ neg_ abs_ sqrt_ pow_ zero_ fill_ masked_fill_ "
-    "uniform_ normal_ bernoulli_ dropout_ hardtanh_ leaky_relu_ elu_ gelu_ silu_ "
-    "hardswish_ hardsigmoid_ threshold_ nan_to_num_ floor_ ceil_ round_ trunc_".split())
+    "__setitem__ copy_ add_ sub_ mul_ div_ true_divide_ multiply_ subtract_ addcmul_ addcdiv_ "
+    "lerp_ clamp_ clip_ clamp_min_ clamp_max_ relu_ sigmoid_ tanh_ exp_ exp2_ expm1_ log_ "
+    "log1p_ log2_ log10_ neg_ abs_ sqrt_ rsqrt_ reciprocal_ square_ pow_ sign_ sgn_ erf_ "
+    "erfc_ erfinv_ sin_ cos_ tan_ sinh_ cosh_ asin_ acos_ atan_ atan2_ hypot_ logit_ "
+    "frac_ fmod_ remainder_ copysign_ zero_ fill_ masked_fill_ uniform_ normal_ bernoulli_ "
+    "dropout_ hardtanh_ leaky_relu_ elu_ celu_ selu_ gelu_ silu_ mish_ rrelu_ hardswish_ "
+    "hardsigmoid_ threshold_ nan_to_num_ floor_ ceil_ round_ trunc_ __iadd__ __isub__ "
+    "__imul__ __itruediv__".split())
 
 
 def _whole_write(call: OpCall, out: Shape) -> Optional[Slots]:

@@ -96,8 +96,14 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
     # a grouped norm's view (one group too: its size must follow all the same)
     norm = ctx.attention == "heads" and x.dim == len(a) - 1 and j1 - j0 > i1 - i0 and \
         _norm_groups(ctx, node, a[x.dim], grid.size(-1), x.ids)
-    # every outer block read on its own (one per decoder layer): positions, not heads
-    alone = bool(picked) and all(j0 + d in picked for d in varying[:-1])
+    # every outer block read on its own, one position at a time (one per decoder layer):
+    # positions, not heads, unless the module viewing it counts that many heads (attention
+    # computed head by head)
+    alone = False
+    if len(varying) > 1 and node is not None:
+        single = ctx.picked_dims(node, len(b), single=True)
+        alone = bool(single) and all(j0 + d in single for d in varying[:-1]) and \
+            ctx.counts_heads(node, grid.size(varying[-2])) is False
     if len(varying) > 1:
         inner = varying[-1]
         if ctx.attention == "heads" and x.dim == len(a) - 1 and not norm and not alone:
