@@ -326,3 +326,44 @@ def test_gemma4_hidden_size_prunes_when_the_per_layer_width_equals_it():
     assert model.model.embed_tokens.weight.shape == (64, 16)
     assert model.model.hidden_size_per_layer_input == 16  # its own group, pruned alike
     assert model(ids).logits.shape == (2, 7, 64)
+
+
+class ForwardSubstitution(nn.Module):
+    """A per-head matrix over positions solved by forward substitution in place
+    (``attn[..., i, :i] = ...``, the chunked delta rule written without a triangular solve);
+    ``narrow_heads`` also writes into part of the heads."""
+
+    def __init__(self, narrow_heads: bool = False):
+        super().__init__()
+        self.narrow_heads = narrow_heads
+        self.k = nn.Linear(8, 4 * 3)
+        self.v = nn.Linear(8, 4 * 3)
+        self.o = nn.Linear(4 * 3, 8)
+
+    def forward(self, x):  # x: [B, T, 8]
+        b, t, _ = x.shape
+        k = self.k(x).view(b, t, -1, 3).transpose(1, 2)  # [B, heads, T, 3]
+        v = self.v(x).view(b, t, -1, 3).transpose(1, 2)
+        attn = -(k @ k.transpose(-1, -2)).tril(-1) * 0.1  # [B, heads, T, T]
+        for i in range(1, t):
+            row = attn[..., i, :i].clone()
+            sub = attn[..., :i, :i].clone()
+            if self.narrow_heads:
+                attn[:, :1, i, :i] = (row + (row.unsqueeze(-1) * sub).sum(-2))[:, :1]
+            else:
+                attn[..., i, :i] = row + (row.unsqueeze(-1) * sub).sum(-2)
+        y = (attn + torch.eye(t)) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("narrow_heads", [False, True])
+def test_a_write_into_a_block_of_position_dims_keeps_heads_prunable(narrow_heads):
+    torch.manual_seed(0)
+    model, x = ForwardSubstitution(narrow_heads), torch.randn(2, 5, 8)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
+    heads = next(g for g in pruner.graph.groups if any(m.name == "k" and m.kind == "out"
+                                                       for m in g.members))
+    assert bool(heads.protected.any()) is narrow_heads
+    if not narrow_heads:
+        check_equivalence(model, pruner, x)
+        assert model.k.out_features == model.o.in_features == 6

@@ -296,19 +296,40 @@ def _written_slice(func, args) -> Optional[Tuple[torch.Tensor, Optional[Tuple[in
     if view.numel() == base.numel():
         return None
     if view.dim() == base.dim() - 1:
-        return base, _selected_index(view, base)
+        where = _selected_index(view, base)
+        return base, where if where is not None else _block(view, base)
     if view.dim() != base.dim():
-        return base, None
+        return base, _block(view, base)
     diff = [i for i, (a, b) in enumerate(zip(view.shape, base.shape)) if a != b]
     offset = view.storage_offset() - base.storage_offset()
     if len(diff) != 1 or any(u != t for u, t, n in zip(view.stride(), base.stride(), view.shape)
                              if n > 1):
-        return base, None
+        return base, _block(view, base)
     d = diff[0]
     step = base.stride(d)
     if step <= 0 or offset % step or not 0 <= offset // step <= base.shape[d] - view.shape[d]:
         return base, None
     return base, (d, offset // step, view.shape[d], False)
+
+
+def _block(view: torch.Tensor, base: torch.Tensor) -> Optional[tuple]:
+    """``("block", dims, whole)`` for a view into several dims of ``base`` at once
+    (``attn[..., i, :i]``): for each dim of ``view`` the dim of ``base`` it runs along (the
+    one of the same stride; -1 for a dim of size 1), and the dims of ``base`` it covers
+    whole. None when the strides do not say."""
+    dims, used = [], set()
+    for n, stride in zip(view.shape, view.stride()):
+        if n == 1:
+            dims.append(-1)
+            continue
+        found = [d for d in range(base.dim()) if base.stride(d) == stride and
+                 base.shape[d] >= n and d not in used]
+        if len(found) != 1:
+            return None
+        used.add(found[0])
+        dims.append(found[0])
+    whole = tuple(d for n, d in zip(view.shape, dims) if d >= 0 and n == base.shape[d])
+    return ("block", tuple(dims), whole)
 
 
 def _selected_index(view: torch.Tensor, base: torch.Tensor) -> Optional[Tuple[int, int, int,

@@ -177,6 +177,8 @@ def _copy_slices(ctx, call: OpCall):
                        for x, s in zip(call.ins[1:], call.in_shapes[1:]) if x is not None):
         return [broadcast(ctx, call.name(), call.ins, call.in_shapes, out)]
     where = ctx.operand_shapes.get(("write", call.node))
+    if isinstance(where, tuple) and where[0] == "block" and len(call.ins) <= 2:
+        return [_write_into_block(ctx, call, where)]
     whole = _whole_write(call, out) if where is None else None
     if whole is not None:
         # a base a factory made in the forward (``zeros_like``) takes the new width
@@ -214,6 +216,33 @@ def _whole_write(call: OpCall, out: Shape) -> Optional[Slots]:
         return None
     rank = sum(1 for n in shape[:src.dim] if n != 1)
     return src.moved([d for d, n in enumerate(out) if n != 1][rank])
+
+
+def _write_into_block(ctx, call: OpCall, where) -> Optional[Slots]:
+    """A write into a block of several dims (``attn[..., i, :i] = row``: the forward
+    substitution of a chunked linear attention), recorded by core/operands.py as
+    ``("block", dims, whole, storage, replaced)``: channels on a dim the block covers whole
+    go through it as through an element-wise op; any on another dim keep theirs."""
+    _, dims, whole, _, _ = where
+    base, src = (list(call.ins) + [None])[:2]
+    out = tuple(call.out_shapes[0])
+    shape = None
+    if src is not None:
+        src_shape = call.in_shapes[1]
+        lead = len(dims) - len(src_shape) if src_shape is not None else -1
+        d = dims[src.dim + lead] if src_shape is not None and src.dim + lead >= 0 else -1
+        if d not in whole:
+            return protect_all(ctx, "a write of channels into part of a tensor", [base, src])
+        shape = [1] * len(out)
+        for v, bd in enumerate(dims):
+            if bd in whole and v - lead >= 0:
+                shape[bd] = src_shape[v - lead]
+        src = src.moved(d)
+    if base is not None and base.dim not in whole:
+        return protect_all(ctx, "a write into part of a tensor's channels", [base, src])
+    fresh = base is None and ctx.operand_shapes.get(("write fresh", call.node), False)
+    return broadcast(ctx, call.name(), [base, src], [out, tuple(shape) if shape else None],
+                     out, [fresh, False])
 
 
 def _write_into_range(ctx, call: OpCall, where) -> Optional[Slots]:
@@ -295,6 +324,19 @@ def _repeat(ctx, call: OpCall):
         return [Slots(od, x.ids)]
     ctx.protect(x, "repeat along the channel dim")
     return [None]
+
+
+@register("TrilBackward0", "TriuBackward0")
+def _triangle(ctx, call: OpCall):
+    """``tril`` / ``triu``: zeroes by position over the last two dims (a causal mask over
+    positions); channels on another dim go on, channels on those two keep theirs."""
+    x = call.ins[0]
+    if x is None:
+        return [None]
+    if x.dim >= len(call.out_shapes[0]) - 2:
+        ctx.protect(x, f"{call.name()} zeroes by position along the channel dim")
+        return [None]
+    return [x]
 
 
 @register("FlipBackward0", "RollBackward0", "CumsumBackward0", "CumprodBackward0",
