@@ -180,24 +180,29 @@ class PerLayerInputs(nn.Module):
     """One table holds a slice for each of 3 layers (Gemma 4's per-layer inputs): viewed as
     ``[..., layers, width]``, shifted, then layer ``i`` takes slice ``i``."""
 
-    def __init__(self):
+    def __init__(self, read: str = "select"):
         super().__init__()
+        self.read = read
         self.table = nn.Linear(8, 3 * 6)
         self.gates = nn.ModuleList(nn.Linear(8, 6) for _ in range(3))
         self.outs = nn.ModuleList(nn.Linear(6, 8) for _ in range(3))
 
     def forward(self, x):
         per = self.table(x).view(*x.shape[:-1], 3, -1) * 0.5 + 1.0
+        parts = [per[..., i, :] for i in range(3)] if self.read == "select" else \
+            [p.squeeze(-2) for p in per.split(1, dim=-2)]
         for i in range(3):
-            x = x + self.outs[i](torch.relu(self.gates[i](x)) * per[..., i, :])
+            x = x + self.outs[i](torch.relu(self.gates[i](x)) * parts[i])
         return x
 
 
-def test_slices_read_one_per_layer_prune_alike_exactly():
-    """Every slice is read on its own, so the slices are not heads: each loses the same
-    positions, with the gates and projections of every layer."""
+@pytest.mark.parametrize("read", ["select", "split"])
+def test_slices_read_one_per_layer_prune_alike_exactly(read):
+    """Every slice is read on its own (``select``, or a split into single positions), so the
+    slices are not heads: each loses the same positions, with the gates and projections of
+    every layer."""
     torch.manual_seed(0)
-    model, x = PerLayerInputs(), torch.randn(4, 8)
+    model, x = PerLayerInputs(read), torch.randn(4, 8)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["channels"])
     width = next(g for g in pruner.graph.groups if any(m.name == "table" and m.kind == "out"
                                                        for m in g.members))
@@ -367,3 +372,39 @@ def test_a_write_into_a_block_of_position_dims_keeps_heads_prunable(narrow_heads
     if not narrow_heads:
         check_equivalence(model, pruner, x)
         assert model.k.out_features == model.o.in_features == 6
+
+
+class WriteKept(nn.Module):
+    """Writes whose unwritten positions or written values hold something per channel."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.a, self.head = how, nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        v = self.a(x)
+        b, c = v.shape
+        if self.how == "alias":  # filled through another alias, without autograd
+            e = torch.empty(b, c, 2)
+            out = e.detach()
+            e.copy_(torch.arange(float(c)).view(1, c, 1).expand(b, c, 2))
+            out[:, :, 0] = v
+        elif self.how == "wrap":  # a flat view whose range runs into the next row
+            out = torch.zeros(b, 3, c)
+            out.view(b, 3 * c)[:, 1:1 + c] = v
+            out = out.sum(1).unsqueeze(-1)
+        else:  # a constant, one value per channel, written into a block
+            out = v.view(b, c, 1, 1).expand(b, c, 2, 2).clone()
+            out[:, :, 1, :1] = torch.arange(float(c)).view(1, c, 1)
+            out = out.flatten(2)
+        return self.head(out.sum(-1))
+
+
+@pytest.mark.parametrize("how", ["alias", "wrap", "block"])
+def test_writes_that_would_not_follow_a_cut_keep_the_channels(how):
+    torch.manual_seed(0)
+    model, x = WriteKept(how), torch.randn(4, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    group = next(g for g in pruner.graph.groups if any(m.name == "a" and m.kind == "out"
+                                                       for m in g.members))
+    assert group.protected.all()

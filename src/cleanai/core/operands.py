@@ -97,8 +97,10 @@ class OperandRecorder(TorchFunctionMode):
         self.buffer_reads: set = set()
         #: the first call that may hold a channel count of its own (see core/widths.py)
         self.sized: Optional[str] = None
-        #: ``id()`` of each tensor a factory made -> (a weak reference to it, "fill"|"empty")
-        self._fresh: Dict[int, Tuple[Any, str]] = {}
+        #: the storage of each tensor a factory made (see :func:`_storage_key`) -> (a weak
+        #: reference to the latest tensor handed on with it, "fill" | "empty"); a write
+        #: through any alias of that storage ends it
+        self._fresh: Dict[Any, Tuple[Any, str]] = {}
         #: the autograd nodes of the outputs of the calls seen
         self.made: set = set()
         #: ``id()`` of the autograd nodes of the tensors the calls seen read (``x.detach()``
@@ -133,23 +135,22 @@ class OperandRecorder(TorchFunctionMode):
         fresh = target is not None and before is None and self._is_fresh(target)
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
         kept = self._fresh_kind(first) if name in self._KEEP_FRESH else None
+        refill = name in self._REFILLS and first is not None and \
+            self._fresh_kind(first) is not None and not kwargs and \
+            (len(args) == 1 or not isinstance(args[1], torch.Tensor))
         if first is not None and (name == "__setitem__" or name.startswith("__i") or
                                   (name.endswith("_") and not name.endswith("__"))):
             # written into (this write was judged above): its values are its own now
-            for t in (first, first._base, target):
-                if t is not None:
-                    self._fresh.pop(id(t), None)
+            self._fresh.pop(_storage_key(first), None)
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if self._buffers:
             self._buffer_use(func, args, kwargs, out)
         made = "fill" if name in self._FILLS else "empty" if name in self._EMPTY else kept
-        if name in self._REFILLS and first is not None and first._base is None and \
-                first.grad_fn is None and not kwargs and (len(args) == 1 or not isinstance(
-                    args[1], torch.Tensor)):
+        if refill and first._base is None:  # ``new_empty(...).fill_(0)``: one value again
             made, out = "fill", first
         if made is not None and isinstance(out, torch.Tensor):
-            self._fresh[id(out)] = (weakref.ref(out), made)
+            self._fresh[_storage_key(out)] = (weakref.ref(out), made)
         if target is not None:
             fn = target.grad_fn  # a new node only when autograd recorded this write
             if fn is not None and fn is not before and fn.name().endswith("CopySlices"):
@@ -180,8 +181,12 @@ class OperandRecorder(TorchFunctionMode):
     def _fresh_kind(self, t: Optional[torch.Tensor]) -> Optional[str]:
         """"fill" or "empty" for a tensor a factory made in this forward (or a call handed on
         as it was, ``.to(dtype)``) and nothing wrote into since; None for any other."""
-        entry = self._fresh.get(id(t)) if t is not None else None
-        return entry[1] if entry is not None and entry[0]() is t else None
+        if t is None:
+            return None
+        entry = self._fresh.get(_storage_key(t))
+        alias = entry[0]() if entry is not None else None
+        return entry[1] if alias is not None and _storage_key(alias) == _storage_key(t) \
+            else None
 
     def _is_fresh(self, t: torch.Tensor) -> bool:
         """True when ``t`` is a tensor a factory made in this forward, nothing wrote into
@@ -250,6 +255,13 @@ def _calling_code() -> str:
                     for n in range(first, last + 1))
 
 
+def _storage_key(t: torch.Tensor) -> Any:
+    """What ties a tensor to its aliases (views, ``detach``): its storage; a meta tensor,
+    which has none, by itself."""
+    ptr = t.untyped_storage().data_ptr()
+    return ptr if ptr else ("object", id(t))
+
+
 def _write_base(func, args) -> Optional[torch.Tensor]:
     """The tensor a call writes into part or all of: ``x`` for ``x[index] = v``, the base of
     the view an in-place method runs on; None for any other call."""
@@ -316,7 +328,8 @@ def _block(view: torch.Tensor, base: torch.Tensor) -> Optional[tuple]:
     """``("block", dims, whole)`` for a view into several dims of ``base`` at once
     (``attn[..., i, :i]``): for each dim of ``view`` the dim of ``base`` it runs along (the
     one of the same stride; -1 for a dim of size 1), and the dims of ``base`` it covers
-    whole. None when the strides do not say."""
+    whole. None when the strides or the offset do not say (a view that wraps across a dim
+    of the base)."""
     dims, used = [], set()
     for n, stride in zip(view.shape, view.stride()):
         if n == 1:
@@ -328,6 +341,17 @@ def _block(view: torch.Tensor, base: torch.Tensor) -> Optional[tuple]:
             return None
         used.add(found[0])
         dims.append(found[0])
+    # where the view starts, dim by dim of the base (largest stride first): it must lie
+    # inside the base along every dim it runs along
+    rest = view.storage_offset() - base.storage_offset()
+    start = [0] * base.dim()
+    for d in sorted(range(base.dim()), key=lambda d: -base.stride(d)):
+        if base.stride(d) > 0 and base.shape[d] > 1:
+            start[d], rest = divmod(rest, base.stride(d))
+    if rest or any(start[d] < 0 or start[d] >= max(1, base.shape[d]) for d in range(base.dim())):
+        return None
+    if any(d >= 0 and start[d] + n > base.shape[d] for n, d in zip(view.shape, dims)):
+        return None
     whole = tuple(d for n, d in zip(view.shape, dims) if d >= 0 and n == base.shape[d])
     return ("block", tuple(dims), whole)
 

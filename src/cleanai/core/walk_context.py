@@ -119,8 +119,9 @@ class WalkContext:
             for r in self.readers.get(todo.pop(), ()):
                 name = r.name()
                 if name in _PICKS:
-                    if single and name == "SplitBackward0":
-                        return set()
+                    if single and name == "SplitBackward0" and \
+                            getattr(r, "_saved_split_size", None) != 1:
+                        return set()  # parts of several positions (heads read in pairs)
                     try:
                         dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
                     except (AttributeError, RuntimeError, TypeError):

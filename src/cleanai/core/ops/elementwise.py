@@ -226,6 +226,9 @@ def _write_into_block(ctx, call: OpCall, where) -> Optional[Slots]:
     _, dims, whole, _, _ = where
     base, src = (list(call.ins) + [None])[:2]
     out = tuple(call.out_shapes[0])
+    if src is None and len(call.ins) > 1:  # a tensor without channel ids: values unknown
+        return protect_all(ctx, "a tensor without channel ids written into part of another",
+                           [base])
     shape = None
     if src is not None:
         src_shape = call.in_shapes[1]
