@@ -77,3 +77,14 @@ def check_equivalence(model: nn.Module, pruner, x, atol: float = 1e-5) -> None:
         after = model(x)
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, atol=atol, rtol=1e-4)
+
+
+def apply_unchanged(model: nn.Module, pruner, inputs: dict, plan) -> None:
+    """Zero the consumers of what ``plan`` removes and apply it: a Hugging Face model's
+    logits on ``inputs`` (keywords) must not move."""
+    zero_consumers(model, plan)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    pruner.apply(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=1e-4)

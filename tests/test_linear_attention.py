@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from cleanai import PruningPlan, StructuredPruner
-from equivalence import check_equivalence, zero_consumers
+from equivalence import apply_unchanged, check_equivalence
+
+
+def _group(pruner, layer: str, kind: str):
+    """The group that holds ``layer``'s ``kind`` ("in" / "out") channels."""
+    return next(g for g in pruner.graph.groups
+                if any(m.name == layer and m.kind == kind for m in g.members))
 
 
 class StateRead(nn.Module):
@@ -35,24 +41,16 @@ class StateRead(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
-def test_a_constant_state_alike_for_every_head_lets_the_heads_prune_exactly():
+@pytest.mark.parametrize("per_head_state", [False, True])
+def test_a_constant_state_prunes_heads_only_when_alike_for_every_head(per_head_state):
     torch.manual_seed(0)
-    model, x = StateRead(per_head_state=False), torch.randn(2, 5, 8)
+    model, x = StateRead(per_head_state), torch.randn(2, 5, 8)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
-    heads = next(g for g in pruner.graph.groups if any(m.name == "o" and m.kind == "in"
-                                                       for m in g.members))
-    assert heads.size == 4 and not heads.protected.any()
-    check_equivalence(model, pruner, x)
-    assert model.q.out_features == model.o.in_features == 6
-
-
-def test_a_constant_state_that_differs_per_head_keeps_the_heads():
-    torch.manual_seed(0)
-    model, x = StateRead(per_head_state=True), torch.randn(2, 5, 8)
-    pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
-    heads = next(g for g in pruner.graph.groups if any(m.name == "o" and m.kind == "in"
-                                                       for m in g.members))
-    assert heads.protected.all()
+    heads = _group(pruner, "o", "in")
+    assert heads.size == 4 and bool(heads.protected.all()) is per_head_state
+    if not per_head_state:
+        check_equivalence(model, pruner, x)
+        assert model.q.out_features == model.o.in_features == 6
 
 
 class WriteInto(nn.Module):
@@ -86,8 +84,7 @@ def test_a_write_into_a_tensor_made_in_the_forward(base, prunes):
     torch.manual_seed(0)
     model, x = WriteInto(base), torch.randn(4, 6)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-    group = next(g for g in pruner.graph.groups if any(m.name == "a" and m.kind == "out"
-                                                       for m in g.members))
+    group = _group(pruner, "a", "out")
     assert bool(group.protected.any()) is not prunes
     if prunes:
         check_equivalence(model, pruner, x)
@@ -126,13 +123,8 @@ def test_gated_deltanet_heads_prune_exactly(model_type, seq):
     heads = _linear_heads(pruner)
     assert len(heads) == 1 and heads[0].size == 2 and not heads[0].protected.any()
     full = pruner.plan()
-    plan = PruningPlan(pruner.graph, {heads[0].id: full.removals[heads[0].id]})
-    zero_consumers(model, plan)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    pruner.apply(plan)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=1e-4)
+    apply_unchanged(model, pruner, inputs,
+                    PruningPlan(pruner.graph, {heads[0].id: full.removals[heads[0].id]}))
     mixer = model.model.layers[0].linear_attn
     assert (mixer.num_k_heads, mixer.num_v_heads, mixer.key_dim, mixer.value_dim) == (1, 2, 8, 12)
     assert mixer.A_log.shape == mixer.dt_bias.shape == (2,)
@@ -204,12 +196,24 @@ def test_slices_read_one_per_layer_prune_alike_exactly(read):
     torch.manual_seed(0)
     model, x = PerLayerInputs(read), torch.randn(4, 8)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["channels"])
-    width = next(g for g in pruner.graph.groups if any(m.name == "table" and m.kind == "out"
-                                                       for m in g.members))
+    width = _group(pruner, "table", "out")
     assert width.size == 6 and not width.protected.any()
     assert {m.name for m in width.members} >= {"gates.0", "gates.2", "outs.1"}
     check_equivalence(model, pruner, x)
     assert model.table.out_features == 3 * 3 and model.gates[1].out_features == 3
+
+
+def _gemma4(per_layer: int):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(
+        "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+        hidden_size_per_layer_input=per_layer, vocab_size_per_layer_input=64,
+        max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.mark.parametrize("kinds", [["channels", "heads"], None])
@@ -220,15 +224,7 @@ def test_gemma4_per_layer_inputs_prune_and_reload(kinds, tmp_path):
     too, the projection's scale ``hidden_size ** -0.5`` takes the config's new value and the
     projection's weight makes up for it."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(
-        "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-        hidden_size_per_layer_input=12, vocab_size_per_layer_input=64,
-        max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _gemma4(per_layer=12)
     ids = torch.randint(1, 64, (2, 7))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the config describes the pruned model
@@ -308,25 +304,17 @@ def test_a_factory_tensor_handed_on_stays_fresh_and_one_written_into_does_not():
     for how, prunes in (("to", True), ("filled", False)):
         model = Write(how)
         pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-        group = next(g for g in pruner.graph.groups if any(m.name == "a" and m.kind == "out"
-                                                           for m in g.members))
+        group = _group(pruner, "a", "out")
         assert bool(group.protected.any()) is not prunes, how
 
 
 def test_gemma4_hidden_size_prunes_when_the_per_layer_width_equals_it():
     """The per-layer width is a name of the channels kind only: a hidden size of the same
     value leaves it as it is."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(
-        "gemma4_text", vocab_size=64, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
-        hidden_size_per_layer_input=32, vocab_size_per_layer_input=64,
-        max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(0)
+    model = _gemma4(per_layer=32)
+    ids = torch.randint(1, 64, (2, 7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-        ids = torch.randint(1, 64, (2, 7))
         StructuredPruner(model, {"input_ids": ids, "use_cache": False}, pruning_ratio=0.5).step()
     assert model.model.embed_tokens.weight.shape == (64, 16)
     assert model.model.hidden_size_per_layer_input == 16  # its own group, pruned alike
@@ -366,8 +354,7 @@ def test_a_write_into_a_block_of_position_dims_keeps_heads_prunable(narrow_heads
     torch.manual_seed(0)
     model, x = ForwardSubstitution(narrow_heads), torch.randn(2, 5, 8)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
-    heads = next(g for g in pruner.graph.groups if any(m.name == "k" and m.kind == "out"
-                                                       for m in g.members))
+    heads = _group(pruner, "k", "out")
     assert bool(heads.protected.any()) is narrow_heads
     if not narrow_heads:
         check_equivalence(model, pruner, x)
@@ -405,6 +392,5 @@ def test_writes_that_would_not_follow_a_cut_keep_the_channels(how):
     torch.manual_seed(0)
     model, x = WriteKept(how), torch.randn(4, 6)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
-    group = next(g for g in pruner.graph.groups if any(m.name == "a" and m.kind == "out"
-                                                       for m in g.members))
+    group = _group(pruner, "a", "out")
     assert group.protected.all()

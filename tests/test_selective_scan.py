@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai import PruningPlan, StructuredPruner
-from equivalence import check_equivalence, zero_consumers
+from equivalence import apply_unchanged, check_equivalence
 
 
 class SelectiveScan(nn.Module):
@@ -79,16 +79,6 @@ def test_a_state_matrix_read_otherwise_keeps_the_inner_channels(a_use):
     assert model.A_log.shape == (24, 4) and model(x).shape == (2, 5, 12)
 
 
-def _apply_unchanged(model, pruner, inputs, plan):
-    """Zero the consumers of what ``plan`` removes, apply it: the logits must not move."""
-    zero_consumers(model, plan)
-    with torch.no_grad():
-        before = model(**inputs).logits
-    pruner.apply(plan)
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, before, atol=1e-5, rtol=1e-4)
-
-
 def test_hf_mamba_prunes_its_inner_channels_exactly_and_reloads(tmp_path):
     transformers = pytest.importorskip("transformers")
     def config():  # a fresh one each time: pruning updates the model's config
@@ -105,7 +95,7 @@ def test_hf_mamba_prunes_its_inner_channels_exactly_and_reloads(tmp_path):
     inner = {g.id for g in pruner.graph.groups if any(m.name.endswith("A_log") for m in g.members)}
     assert len(inner) == 2
     full = pruner.plan()
-    _apply_unchanged(model, pruner, inputs, PruningPlan(
+    apply_unchanged(model, pruner, inputs, PruningPlan(
         pruner.graph, {g: idx for g, idx in full.removals.items() if g in inner}))
     mixer = model.backbone.layers[0].mixer
     assert mixer.A_log.shape == (16, 4) and mixer.conv1d.weight.shape[0] == mixer.D.shape[0] == 16
@@ -215,7 +205,7 @@ def test_hf_mamba2_heads_prune_exactly_within_their_groups(groups, monkeypatch):
     fixed = [g for g in pruner.graph.groups if g.protected.any() and "model output" not in
              g.reasons]
     assert fixed and all(any("no attribute of it sizes" in r for r in g.reasons) for g in fixed)
-    _apply_unchanged(model, pruner, inputs, pruner.plan())
+    apply_unchanged(model, pruner, inputs, pruner.plan())
     mixer = model.backbone.layers[0].mixer
     assert (mixer.num_heads, mixer.intermediate_size, mixer.conv_dim) == (
         4, 16, 16 + 2 * groups * 4)
