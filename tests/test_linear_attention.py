@@ -371,7 +371,11 @@ class WriteKept(nn.Module):
     def forward(self, x):
         v = self.a(x)
         b, c = v.shape
-        if self.how == "alias":  # filled through another alias, without autograd
+        if self.how == "out":  # filled by a call's ``out=``
+            out = torch.empty(b, c, 2)
+            torch.mul(torch.arange(float(c)).view(1, c, 1).expand(b, c, 2), 1.0, out=out)
+            out[:, :, 0] = v
+        elif self.how == "alias":  # filled through another alias, without autograd
             e = torch.empty(b, c, 2)
             out = e.detach()
             e.copy_(torch.arange(float(c)).view(1, c, 1).expand(b, c, 2))
@@ -387,10 +391,30 @@ class WriteKept(nn.Module):
         return self.head(out.sum(-1))
 
 
-@pytest.mark.parametrize("how", ["alias", "wrap", "block"])
+@pytest.mark.parametrize("how", ["out", "alias", "wrap", "block"])
 def test_writes_that_would_not_follow_a_cut_keep_the_channels(how):
     torch.manual_seed(0)
     model, x = WriteKept(how), torch.randn(4, 6)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5)
     group = _group(pruner, "a", "out")
     assert group.protected.all()
+
+
+def test_a_sparse_tensor_in_the_forward_traces():
+    """A sparse tensor has no storage to tie its aliases by: tracing goes on (the sparse
+    product is an op CleanAI does not know, so its channels stay)."""
+    class Graph(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):  # x: [nodes, 6]
+            adj = torch.eye(x.shape[0]).to_sparse().to(x.dtype).detach()
+            return self.head(torch.sparse.mm(adj, torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    model, x = Graph(), torch.randn(5, 6)
+    with pytest.warns(UserWarning, match="SparseAddmm"):
+        pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    assert _group(pruner, "a", "out").protected.all()
+    assert model(x).shape == (5, 3)

@@ -142,6 +142,10 @@ class OperandRecorder(TorchFunctionMode):
                                   (name.endswith("_") and not name.endswith("__"))):
             # written into (this write was judged above): its values are its own now
             self._fresh.pop(_storage_key(first), None)
+        outs = kwargs.get("out") if kwargs else None
+        for t in (outs if isinstance(outs, (tuple, list)) else (outs,)):
+            if isinstance(t, torch.Tensor):  # ``torch.mul(a, b, out=t)`` writes into t
+                self._fresh.pop(_storage_key(t), None)
         out = func(*args, **(kwargs or {}))
         self.saw(out)
         if self._buffers:
@@ -256,9 +260,12 @@ def _calling_code() -> str:
 
 
 def _storage_key(t: torch.Tensor) -> Any:
-    """What ties a tensor to its aliases (views, ``detach``): its storage; a meta tensor,
-    which has none, by itself."""
-    ptr = t.untyped_storage().data_ptr()
+    """What ties a tensor to its aliases (views, ``detach``): its storage; a tensor without
+    one (meta, sparse), by itself."""
+    try:
+        ptr = t.untyped_storage().data_ptr() if t.layout == torch.strided else 0
+    except (NotImplementedError, RuntimeError):
+        ptr = 0
     return ptr if ptr else ("object", id(t))
 
 
