@@ -274,8 +274,10 @@ def test_heads_read_in_parts_or_one_by_one_stay_heads(how):
     torch.manual_seed(0)
     model, x = HeadsRead(how), torch.randn(2, 5, 8)
     pruner = StructuredPruner(model, x, pruning_ratio=0.5, kinds=["heads"])
-    assert all(g.kind != "channels" for g in pruner.graph.groups
-               if any(m.name == "q" and m.kind == "out" for m in g.members))
+    heads = _group(pruner, "q", "out")
+    # in pairs: 2 units of two heads each; one by one: 4 heads, which the selects keep
+    assert (heads.kind, heads.size, bool(heads.protected.all())) == (
+        "heads", 2 if how == "pairs" else 4, how == "each")
     if how == "pairs":
         check_equivalence(model, pruner, x)
         assert model.q.out_features == 8

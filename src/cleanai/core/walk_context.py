@@ -23,10 +23,10 @@ _PICKS = ("SelectBackward0", "UnbindBackward0", "SplitBackward0")
 _KEEP_DIMS = frozenset(_UNARY) | {"AddBackward0", "SubBackward0", "MulBackward0",
                                   "DivBackward0", "MeanBackward1", "SumBackward1"}
 _MAX_LOOKAHEAD = 64  # nodes: the search stays local, the walk linear
-#: attribute names of a head count (see pruner/attributes.py for the full list)
-_HEAD_COUNTS = frozenset({"num_heads", "num_attention_heads", "n_head", "n_heads", "heads",
-                          "num_q_heads", "num_key_value_heads", "num_kv_heads", "n_kv_heads",
-                          "num_k_heads", "num_v_heads"})
+#: attribute names of a head count (pruner/attributes.py updates them too)
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads",
+               "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads",
+               "num_k_heads", "num_v_heads")  # the last two: Gated DeltaNet's
 
 
 class WalkContext:
@@ -105,36 +105,36 @@ class WalkContext:
                     return n, start, len(out)
         return None
 
-    def picked_dims(self, node, ndim: int, single: bool = False) -> set:
+    def picked_dims(self, node, ndim: int) -> Tuple[set, bool]:
         """The dims of ``node``'s output (of ``ndim`` dims) that every op reading it takes
         single positions or equal parts of (``select``, ``unbind``, a split into equal
         parts), directly (q, k and v of a fused projection viewed as ``[..., heads, 3,
         head_dim]``) or through element-wise ops that keep its dims (Gemma 4's per-layer
         inputs, ``[..., layers, width]``, normalised and summed, then one layer's taken by
-        each decoder layer). ``single``: single positions only (a split into parts of several
-        heads does not count). Empty when any path ends in something else."""
+        each decoder layer); and whether every reader takes single positions (a split into
+        parts of several heads does not). Empty when any path ends in something else."""
         dims: set = set()
+        single = True
         seen, todo = {node}, [node]
         while todo:
             for r in self.readers.get(todo.pop(), ()):
                 name = r.name()
                 if name in _PICKS:
-                    if single and name == "SplitBackward0" and \
-                            getattr(r, "_saved_split_size", None) != 1:
-                        return set()  # parts of several positions (heads read in pairs)
+                    single = single and (name != "SplitBackward0" or
+                                         getattr(r, "_saved_split_size", None) == 1)
                     try:
                         dims.add(ndim_dim(getattr(r, "_saved_dim"), ndim))
                     except (AttributeError, RuntimeError, TypeError):
-                        return set()
+                        return set(), False
                     continue
                 out = r._input_metadata
                 if name not in _KEEP_DIMS or len(out) != 1 or len(out[0].shape) != ndim or \
                         len(seen) >= _MAX_LOOKAHEAD:
-                    return set()
+                    return set(), False
                 if r not in seen:
                     seen.add(r)
                     todo.append(r)
-        return dims
+        return dims, single
 
     def tie_counts(self, key: Any, parts: List[torch.Tensor], what: str) -> None:
         """``parts`` (channel ids of equal length) must lose as many channels each; parts
@@ -169,7 +169,7 @@ class WalkContext:
             return None
         _, module = self.module_at(node)
         return module is not None and any(
-            type(v) is int and v == n for a, v in vars(module).items() if a in _HEAD_COUNTS)
+            type(v) is int and v == n for a, v in vars(module).items() if a in HEAD_COUNTS)
 
     def module_at(self, node) -> Tuple[str, Any]:
         """The innermost module whose forward ran autograd node ``node`` (the model for none)

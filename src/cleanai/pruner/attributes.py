@@ -23,12 +23,11 @@ from torch import nn
 
 from ..core.graph import DependencyGraph, Group
 from ..core.layers import get_layer_pruner
+from ..core.walk_context import HEAD_COUNTS
 from .model_config import DERIVED_CONFIG, set_config, update_config  # noqa: F401 (re-exported)
 
 
-_HEADS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "num_q_heads",
-          "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads",
-          "num_k_heads", "num_v_heads")  # the last two: Gated DeltaNet's key and value heads
+_HEADS = HEAD_COUNTS
 _INNER = ("all_head_size", "inner_dim", "split_size", "attn_dim", "qkv_dim")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head")
 _HIDDEN = ("hidden_size", "embed_dim", "n_embd", "d_model", "model_dim", "hidden_dim", "input_size")

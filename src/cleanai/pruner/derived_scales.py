@@ -36,10 +36,10 @@ from torch import nn
 from ..core.graph import DependencyGraph, is_meta_model
 from ..core.runtime import find_submodule, iter_tensors, preserved_state, run_forward
 from ..core.parametrized import deepcopy_module
+from .config_rebuild import Mismatch, config_mismatch, with_values
 
 logger = logging.getLogger(__name__)
 
-Mismatch = Tuple[str, Any, Any]  # (name, the pruned model's, a copy built from the config's)
 _OFFSETS = (0.0, 1.0)  # the parameter forms tried: x * w + b, then x * (1 + w)
 
 
@@ -323,8 +323,7 @@ def keep_config_scales(model: nn.Module, config: Any, old: Dict[str, Any]
     did, so the other field it derives from is scaled with the size (``dim_model_base``), when
     exactly that gives the float its value back and a copy built from the config has no more
     differing shapes. Returns the fields written (their old values go into ``old``)."""
-    from .model_config import _with_values, config_mismatch  # it imports this module
-    before = _with_values(config, old)
+    before = with_values(config, old)
     derived = []
     for name in dir(type(config)):
         if name.startswith("_") or not isinstance(getattr(type(config), name, None), property):

@@ -9,7 +9,8 @@ Where they differ, sizes the modeling code derives when the config leaves them u
 (``head_dim = getattr(config, "head_dim", hidden_size // num_attention_heads)``) are written
 down, then other size fields the differing shapes point to (``shared_expert_intermediate_size``
 for a Qwen2-MoE shared expert), each kept only if the rebuilt copy then differs in fewer
-places. An embedding scale the config derives from a pruned size (Gemma's
+places (the rebuild and comparison: :mod:`cleanai.pruner.config_rebuild`).
+An embedding scale the config derives from a pruned size (Gemma's
 ``sqrt(hidden_size)``) is given the rebuilt copy's value, the model's outputs kept by
 rescaling weights; a float the config class derives from one (MiniCPM3's
 ``logits_scaling``) keeps its value through the one field that gives it back (both in
@@ -19,19 +20,17 @@ fields are taken back and a warning says what a copy rebuilt from the config wou
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import logging
-import math
 import warnings
 from fractions import Fraction
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..core.graph import DependencyGraph
+from .config_rebuild import UNSET, Mismatch, config_mismatch
 from .derived_scales import keep_config_scales, match_scales
 
 logger = logging.getLogger(__name__)
@@ -56,11 +55,8 @@ DERIVED_CONFIG = ("head_dim",)
 # words of the config fields that may hold a width (the fields a differing shape may point to)
 _SIZE_WORDS = ("size", "dim", "head", "embd", "inner", "model", "ff", "kv", "channels",
                "width", "hidden", "intermediate", "rank", "expand", "ssm")
-_NOT_SIZES = ("vocab", "position", "layers", "n_layer", "token", "window", "bucket", "experts", "max_",
-              "num_labels", "seq", "length", "group_size", "chunk", "sparse_step")
-
-Mismatch = Tuple[str, Any, Any]  # (name, the pruned model's, a copy built from the config's)
-
+_NOT_SIZES = ("vocab", "position", "layers", "n_layer", "token", "window", "bucket", "experts",
+              "max_", "num_labels", "seq", "length", "group_size", "chunk", "sparse_step")
 
 def config_value(config: Any, field: str) -> Any:
     """``config.<field>``, or None where the config has no such field or no single value for
@@ -176,22 +172,8 @@ def update_config(model: nn.Module, graph: DependencyGraph,
         tried: List[Tuple[str, int]] = []
         wrong = _complete(model, config, old, wrong, written, tried)
         if _not_scales(wrong) and len(new) > 1:
-            # then with scaled fields taken back (a kind whose groups here all stayed)
-            _undo(config, old, [f for f, _ in written])
-            written.clear()
-            again = _take_back(model, config, old, [f for f, _ in changed],
-                               config_mismatch(model, old), back)
-            if back:
-                again = _complete(model, config, old, again, written, tried)
-            if again:  # no better: as the first try left it
-                _undo(config, old, [f for f, _ in written])
-                written.clear()
-                for f, v in back.items():
-                    setattr(config, f, v)
-                back.clear()
-                again = _complete(model, config, old, config_mismatch(model, old), written,
-                                  tried)
-            wrong = again
+            wrong = _with_fields_taken_back(model, config, old, [f for f, _ in changed],
+                                            written, tried, back)
         if wrong and all(isinstance(w[1], float) for w in wrong):
             wrong, scales = match_scales(model, graph, wrong)
         if wrong:
@@ -244,12 +226,12 @@ def _complete(model: nn.Module, config: Any, old: Dict[str, Any], wrong: List[Mi
         had = field in vars(config)
         previous = vars(config)[field] if had else None
         setattr(config, field, value)
-        now = config_mismatch(model, {**old, field: previous if had else _UNSET})
+        now = config_mismatch(model, {**old, field: previous if had else UNSET})
         # a scale the field derives may differ now (Gemma's per-layer embedding scale, the
         # square root of the width written): matched afterwards, as for the scaled fields
         if _not_scales(now) < _not_scales(wrong) or \
                 ({w[0] for w in now} < {w[0] for w in wrong}):
-            old.setdefault(field, previous if had else _UNSET)
+            old.setdefault(field, previous if had else UNSET)
             written.append((field, value))
             wrong = now
             if not wrong:
@@ -265,6 +247,28 @@ def _not_scales(wrong: List[Mismatch]) -> set:
     """The names of the differences that are not derived floats (shapes, a missing tensor,
     a config that does not build)."""
     return {w[0] for w in wrong if not isinstance(w[1], float)}
+
+
+def _with_fields_taken_back(model: nn.Module, config: Any, old: Dict[str, Any],
+                            scaled: List[str], written: List[Tuple[str, int]],
+                            tried: List[Tuple[str, int]], back: Dict[str, Any]
+                            ) -> List[Mismatch]:
+    """Complete the config again, with scaled fields taken back first (:func:`_take_back`);
+    if that does not rebuild the model either, complete it as it was (``back`` emptied).
+    ``written`` holds the fields the final completion wrote; returns what still differs."""
+    _undo(config, old, [f for f, _ in written])
+    written.clear()
+    wrong = _take_back(model, config, old, scaled, config_mismatch(model, old), back)
+    if back:
+        wrong = _complete(model, config, old, wrong, written, tried)
+    if not wrong:
+        return wrong
+    _undo(config, old, [f for f, _ in written])  # no better: as the first try left it
+    written.clear()
+    for f, v in back.items():
+        setattr(config, f, v)
+    back.clear()
+    return _complete(model, config, old, config_mismatch(model, old), written, tried)
 
 
 def _take_back(model: nn.Module, config: Any, old: Dict[str, Any], scaled: List[str],
@@ -294,17 +298,10 @@ def _take_back(model: nn.Module, config: Any, old: Dict[str, Any], scaled: List[
     return wrong
 
 
-class _Unset:
-    """A config field that did not exist before CleanAI wrote it."""
-
-
-_UNSET = _Unset()
-
-
 def _undo(config: Any, old: Dict[str, Any], fields: List[str]) -> None:
     """Give ``fields`` of ``config`` back their values from before (or remove them)."""
     for f in fields:
-        if old.get(f) is _UNSET:
+        if old.get(f) is UNSET:
             delattr(config, f)
         else:
             setattr(config, f, old[f])
@@ -359,110 +356,6 @@ def _pointed(config: Any, wrong: List[Mismatch], scaled: set) -> List[Tuple[str,
 def _is_size(field: str) -> bool:
     f = field.lower()
     return any(w in f for w in _SIZE_WORDS) and not any(w in f for w in _NOT_SIZES)
-
-
-def _with_values(config: Any, values: Dict[str, Any]) -> Any:
-    """A copy of ``config`` with ``values`` set (``_UNSET``: the field removed)."""
-    config = copy.deepcopy(config)
-    for f, v in values.items():
-        if v is _UNSET:
-            if f in vars(config):
-                delattr(config, f)
-        else:
-            setattr(config, f, v)
-    return config
-
-
-class _ScalarsOnCpu(TorchFunctionMode):
-    """Under ``torch.device("meta")``: ``torch.tensor(3.5)`` (a module's 0-dim scale, as
-    RecurrentGemma's ``normalizer = sqrt(hidden_size)``) is made on the CPU, so that a
-    rebuilt copy's derived scalars can be compared; every other tensor stays on meta."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.tensor and args and isinstance(args[0], (int, float)) and \
-                kwargs.get("device") is None:
-            kwargs = {**kwargs, "device": "cpu"}
-        return func(*args, **kwargs)
-
-
-def _built(model: nn.Module, config: Any) -> Tuple[Optional[nn.Module], str]:
-    """``type(model)(config)`` on the meta device (its 0-dim scalars on the CPU), or None and
-    why it cannot be built so."""
-    try:
-        with torch.device("meta"), _ScalarsOnCpu(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return type(model)(config), ""
-    except Exception as exc:  # a model that cannot be rebuilt from its config: nothing to check
-        logger.debug("could not rebuild %s from its config: %s", type(model).__name__, exc)
-        return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-
-
-def _rebuilt(model: nn.Module, config: Any) -> Optional[nn.Module]:
-    """``type(model)(config)`` on the meta device, or None when it cannot be built so."""
-    return _built(model, config)[0]
-
-
-def config_mismatch(model: nn.Module, old: Optional[Dict[str, Any]] = None) -> List[Mismatch]:
-    """Where ``type(model)(model.config)`` would differ from ``model``: parameters of another
-    shape (or missing on one side); buffers of another shape (``inv_freq`` follows the rotary
-    dims) and float attributes of its modules (a scale computed from a size), those two only
-    where the config's last changes made them differ (``old``: the changed fields' previous
-    values; a buffer a forward grows, a float set at run time differ anyway). Empty when it
-    would not differ, or when the model cannot be built from its config."""
-    fresh, error = _built(model, model.config)
-    if fresh is None:
-        # a config the step's sizes made unbuildable (a head count that no longer divides the
-        # hidden size) is a mismatch; one that never built the model says nothing
-        if old and _rebuilt(model, _with_values(model.config, old)) is not None:
-            return [("model.config", "pruned", error)]
-        return []
-    wrong = _shape_differences(model.named_parameters(), fresh.named_parameters())
-    derived = _shape_differences(model.named_buffers(), fresh.named_buffers()) + \
-        _float_differences(model, fresh)
-    if derived and old:
-        before = _rebuilt(model, _with_values(model.config, old))
-        if before is not None:  # what differed with the old sizes too is not the change's
-            anyway = {n for n, _, _ in _shape_differences(model.named_buffers(),
-                                                            before.named_buffers())
-                      + _float_differences(model, before)}
-            derived = [w for w in derived if w[0] not in anyway]
-    return wrong + derived
-
-
-def _shape_differences(mine, built) -> List[Mismatch]:
-    """``(name, shape, built shape)`` for each named tensor whose shape differs, or that one
-    side lacks (``None``)."""
-    mine = {n: tuple(t.shape) for n, t in mine}
-    built = {n: tuple(t.shape) for n, t in built}
-    return [(n, mine.get(n), built.get(n)) for n in list(mine) + [n for n in built if n not in mine]
-            if mine.get(n) != built.get(n)]
-
-
-def _float_differences(model: nn.Module, fresh: nn.Module) -> List[Mismatch]:
-    """Float attributes (``embed_scale = hidden_size ** 0.5``) and 0-dim float buffers built
-    on the CPU (RecurrentGemma's ``normalizer``, see :class:`_ScalarsOnCpu`) that differ between
-    the modules of ``model`` and those of ``fresh``, by qualified name."""
-    built = dict(fresh.named_modules())
-    out, held = [], []  # the attributes first: a warning names the scale, not its buffer
-    for name, m in model.named_modules():
-        other = built.get(name)
-        if other is None:
-            continue
-        for attr, v in m.__dict__.items():
-            w = other.__dict__.get(attr)
-            if type(v) is float and type(w) is float and math.isfinite(v) and \
-                    not math.isclose(v, w, rel_tol=1e-6):
-                out.append((f"{name}.{attr}" if name else attr, v, w))
-        for b, w in other._buffers.items():
-            v = m._buffers.get(b)
-            if w is None or w.dim() != 0 or not w.is_floating_point() or \
-                    w.device.type == "meta" or v is None or v.dim() != 0 or \
-                    v.device.type == "meta":
-                continue
-            if not math.isclose(float(v), float(w), rel_tol=1e-6):
-                held.append((f"{name}.{b}" if name else b, float(v), float(w)))
-    return out + held
 
 
 def _warn_config(model: nn.Module, wrong: List[Mismatch], tried: List[Tuple[str, int]],

@@ -7,18 +7,19 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..core.runtime import ForwardFn, iter_tensors, map_tensors, run_forward
+from ..core.runtime import ForwardFn, map_tensors
 from ..importance.stats import drop_padding, padding_mask
 from ..utils.fidelity import output_tensor
 from .least_squares import (choose_damping, closed_form_dim, regression_rows, ridge_solve,
                             solve_layout)
+from .capture import Run, capture, probe, real_tokens, run_batch, unit_outputs
 from .units import Unit, plan_units
-from .common import (RecoveryError, all_or_nothing, check_finite, check_pair, materialize,
+from .common import (RecoveryError, all_or_nothing, check_pair, materialize,
                      model_device, relative_error, to_device)
 
 logger = logging.getLogger(__name__)
@@ -83,24 +84,6 @@ class ReconstructionReport:
         return "\n".join(lines)
 
 
-@dataclasses.dataclass
-class _Run:
-    model: nn.Module
-    teacher: nn.Module
-    batches: List[Any]
-    forward_fn: Optional[ForwardFn]
-    steps: int
-    lr: float
-    damping: Union[float, str]
-    offload: bool
-    notes: List[str]
-
-
-class _Stop(BaseException):
-    """Raised by a capturing hook to end a forward early (BaseException: a model's own
-    ``except Exception`` must not swallow it)."""
-
-
 def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
                 granularity: str = "layer", steps: int = 200, lr: float = 1e-3,
                 max_batches: Optional[int] = None, forward_fn: Optional[ForwardFn] = None,
@@ -158,7 +141,7 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     check_pair(model, teacher, "reconstruct")
     batches = materialize(data, max_batches, "reconstruct")
     report = ReconstructionReport(batches=len(batches))
-    run = _Run(model, teacher, batches, forward_fn, steps, float(lr),
+    run = Run(model, teacher, batches, forward_fn, steps, float(lr),
                damping if damping == "auto" else float(damping), offload,
                report.notes)
     modes = [(m, m.training) for m in list(model.modules()) + list(teacher.modules())]
@@ -166,8 +149,8 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
         with all_or_nothing(model) as restore, torch.no_grad():
             model.eval()
             teacher.eval()
-            order, s_shapes = _probe(model, batches[0], forward_fn, "model")
-            _, t_shapes = _probe(teacher, batches[0], forward_fn, "teacher")
+            order, s_shapes = probe(model, batches[0], forward_fn, "model")
+            _, t_shapes = probe(teacher, batches[0], forward_fn, "teacher")
             units = plan_units(model, teacher, granularity, order, s_shapes, t_shapes,
                                report.notes)
             check = _held_out(len(batches)) or list(range(len(batches)))
@@ -195,95 +178,6 @@ def reconstruct(model: nn.Module, teacher: nn.Module, data: Iterable, *,
     return report
 
 
-# --- finding the units ------------------------------------------------------------------------
-
-def _probe(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn],
-           who: str) -> Tuple[List[str], Dict[str, Optional[List[torch.Size]]]]:
-    """Module names in first-call order and the shapes of each one's output tensors (first
-    call), from one forward of ``batch``."""
-    order: List[str] = []
-    shapes: Dict[str, Optional[List[torch.Size]]] = {}
-    handles = []
-
-    def pre(name):
-        def hook(mod, args):
-            if name not in shapes:
-                shapes[name] = None
-                order.append(name)
-        return hook
-
-    def post(name):
-        def hook(mod, args, kwargs, out):
-            if shapes.get(name) is None:
-                shapes[name] = [t.shape for t in _outputs(out, args, kwargs)] or None
-        return hook
-
-    try:
-        for name, m in model.named_modules():
-            handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post(name), with_kwargs=True))
-        _forward(model, batch, forward_fn, 0, who)
-    finally:
-        for h in handles:
-            h.remove()
-    return order, shapes
-
-
-# --- running and capturing --------------------------------------------------------------------
-
-def _forward(model: nn.Module, batch: Any, forward_fn: Optional[ForwardFn], i: int,
-             who: str) -> Any:
-    try:
-        return run_forward(model, to_device(batch, model_device(model)), forward_fn)
-    except _Stop:
-        return None
-    except Exception as exc:
-        raise RecoveryError(f"batch {i} does not run through the {who}: "
-                            f"{type(exc).__name__}: {exc}") from exc
-
-
-def _capture(run: _Run, unit: Unit, i: int) -> Tuple[tuple, dict, List[torch.Tensor]]:
-    """The unit's (args, kwargs) in the model (detached) and the teacher's targets at it, one
-    per output tensor (kept channels only), on batch ``i``; both forwards stop once the unit
-    has been seen."""
-    got: Dict[str, Any] = {}
-
-    def pre(mod, args, kwargs):
-        got["args"], got["kwargs"] = args, kwargs
-        raise _Stop
-
-    def post(mod, args, kwargs, out):
-        got["out"] = _outputs(out, args, kwargs)
-        raise _Stop
-
-    for model, module, hook, who in ((run.model, unit.module, pre, "model"),
-                                     (run.teacher, unit.target, post, "teacher")):
-        h = (module.register_forward_pre_hook(hook, with_kwargs=True) if who == "model"
-             else module.register_forward_hook(hook, with_kwargs=True))
-        try:
-            _forward(model, run.batches[i], run.forward_fn, i, who)
-        finally:
-            h.remove()
-    if "args" not in got or len(got.get("out") or ()) != len(unit.outputs):
-        raise RecoveryError(f"reconstruct: {unit.name} was not called (or returned no tensor) "
-                            f"on batch {i}; are all batches alike?")
-    args, kwargs = map_tensors((got["args"], got["kwargs"]), lambda t: t.detach())
-    # a key/value cache (a Hugging Face ``DynamicCache``...) would grow with every replay
-    args = tuple(None if _is_cache(a) else a for a in args)
-    kwargs = {k: None if _is_cache(v) else False if k == "use_cache" else v
-              for k, v in kwargs.items()}
-    for t in iter_tensors((args, kwargs)):
-        check_finite(t, f"the input of {unit.name} on batch {i}")
-    targets = []
-    for t, (keep, dim) in zip(got["out"], unit.outputs):
-        t = t.detach()
-        if keep is not None:
-            t = t.index_select(dim, keep.to(t.device))
-        check_finite(t, f"the teacher's output at {unit.name} on batch {i}")
-        targets.append(t.to(model_device(run.model)))
-    return args, kwargs, targets
-
-
 def _held_out(n: int) -> List[int]:
     """The batches (of ``n``) held out of every fit: every :data:`HELD_OUT_EVERY`-th, none
     when there are fewer."""
@@ -291,13 +185,13 @@ def _held_out(n: int) -> List[int]:
     return [i for i in range(n) if n >= every and i % every == every - 1]
 
 
-def _output_error(run: _Run, which: Sequence[int]) -> Optional[float]:
+def _output_error(run: Run, which: Sequence[int]) -> Optional[float]:
     """The relative squared error of the model's output (:func:`output_tensor`) against the
     teacher's on batches ``which``, padded tokens left out; ``None`` where the two cannot be
     compared (no floating-point tensor, other shapes)."""
     diff = ref = 0.0
     for i in which:
-        got = [_forward(m, run.batches[i], run.forward_fn, i, who)
+        got = [run_batch(m, run.batches[i], run.forward_fn, i, who)
                for m, who in ((run.model, "model"), (run.teacher, "teacher"))]
         try:
             out, y = (output_tensor(g) for g in got)
@@ -305,7 +199,7 @@ def _output_error(run: _Run, which: Sequence[int]) -> Optional[float]:
             return None
         if out.shape != y.shape or not out.is_floating_point():
             return None
-        out, y = _real_tokens(out, y.to(out.device), padding_mask(run.batches[i]))
+        out, y = real_tokens(out, y.to(out.device), padding_mask(run.batches[i]))
         out = out.reshape(-1, out.shape[-1] if out.dim() else 1)
         y = y.reshape(out.shape)
         # in float64 a slice at a time: an LLM's logits would not fit whole
@@ -315,19 +209,6 @@ def _output_error(run: _Run, which: Sequence[int]) -> Optional[float]:
             diff += float(((o - t) ** 2).sum())
             ref += float((t * t).sum())
     return relative_error(diff, ref)
-
-
-def _outputs(out: Any, args: tuple, kwargs: dict) -> List[torch.Tensor]:
-    """The tensors of a unit's output that reconstruction matches: floating-point ones (not
-    a mask or the indices of kept tokens) that are not one of its inputs handed back (T5's
-    blocks return the ``position_bias`` they were given)."""
-    given = {id(t) for t in iter_tensors((args, kwargs))}
-    return [t for t in iter_tensors(out) if t.is_floating_point() and id(t) not in given]
-
-
-def _is_cache(value: Any) -> bool:
-    """A key/value cache object handed to a block (Hugging Face's ``*Cache`` classes)."""
-    return not isinstance(value, torch.Tensor) and type(value).__name__.endswith("Cache")
 
 
 def _progress(units: Sequence[Unit], progress: bool) -> Iterator[Unit]:
@@ -344,7 +225,7 @@ def _progress(units: Sequence[Unit], progress: bool) -> Iterator[Unit]:
     yield from tqdm(units, desc="reconstruct", unit="unit")
 
 
-def _reconstruct_unit(run: _Run, unit: Unit) -> Dict[str, Any]:
+def _reconstruct_unit(run: Run, unit: Unit) -> Dict[str, Any]:
     if unit.kind == "layer":
         d = closed_form_dim(unit.module)
         if d is not None and d <= MAX_CLOSED_FORM_DIM:
@@ -354,13 +235,13 @@ def _reconstruct_unit(run: _Run, unit: Unit) -> Dict[str, Any]:
 
 # --- closed form ------------------------------------------------------------------------------
 
-def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
+def _closed_form(run: Run, unit: Unit) -> Dict[str, Any]:
     m = unit.module
     g = getattr(m, "groups", 1)
     bias = m.bias is not None
     halves: List[List[torch.Tensor]] = []  # per half of the batches (even, odd): its three sums
     for i in range(len(run.batches)):
-        args, kwargs, (y,) = _capture(run, unit, i)
+        args, kwargs, (y,) = capture(run, unit, i)
         x = args[0] if args else kwargs["input"]
         y = y.movedim(unit.dim, -1)
         if isinstance(m, nn.Linear):  # padded token positions do not count
@@ -419,7 +300,7 @@ def _closed_form(run: _Run, unit: Unit) -> Dict[str, Any]:
 
 # --- Adam -------------------------------------------------------------------------------------
 
-def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
+def _adam(run: Run, unit: Unit) -> Dict[str, Any]:
     """Train the unit's parameters with Adam on ``||out - target||^2 / ||target||^2``.
 
     With at least :data:`HELD_OUT_EVERY` batches, every ``HELD_OUT_EVERY``-th one is held out
@@ -428,7 +309,7 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
     m = unit.module
     dev = model_device(run.model)
     store = torch.device("cpu") if run.offload else dev
-    data = [map_tensors(_capture(run, unit, i) + (padding_mask(run.batches[i]),),
+    data = [map_tensors(capture(run, unit, i) + (padding_mask(run.batches[i]),),
                         lambda t: t.to(store)) for i in range(len(run.batches))]
     held = _held_out(len(data))
     train = [i for i in range(len(data)) if i not in held]
@@ -438,9 +319,9 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
         for i in which:
             args, kwargs, ys, mask = data[i]
             args, kwargs = to_device(args, dev), to_device(kwargs, dev)
-            outs = _outputs(m(*args, **kwargs), args, kwargs)
+            outs = unit_outputs(m(*args, **kwargs), args, kwargs)
             for out, y in zip(outs, ys):
-                out, y = _real_tokens(out.double(), y.to(dev).double(), mask)
+                out, y = real_tokens(out.double(), y.to(dev).double(), mask)
                 diff += float(((out - y) ** 2).sum())
                 ref += float((y * y).sum())
         return relative_error(diff, ref)
@@ -462,8 +343,8 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
         with torch.enable_grad():
             for step in range(run.steps):
                 args, kwargs, ys, mask = to_device(data[train[step % len(train)]], dev)
-                loss = sum(_relative_mse(*_real_tokens(out, y, mask))
-                           for out, y in zip(_outputs(m(*args, **kwargs), args, kwargs), ys))
+                loss = sum(_relative_mse(*real_tokens(out, y, mask))
+                           for out, y in zip(unit_outputs(m(*args, **kwargs), args, kwargs), ys))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -497,15 +378,6 @@ def _adam(run: _Run, unit: Unit) -> Dict[str, Any]:
 
 def _relative_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((out - y) ** 2).mean() / (y * y).mean().clamp_min(1e-30)
-
-
-def _real_tokens(out: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``out`` and ``y`` without padded token positions (see
-    :func:`~cleanai.importance.stats.drop_padding`); unchanged when their shapes differ."""
-    if y.shape != out.shape:
-        return out, y
-    return drop_padding(out, out.dim() - 1, mask)[0], drop_padding(y, y.dim() - 1, mask)[0]
 
 
 def _row(unit: Unit, method: str, before: float, after: float) -> Dict[str, Any]:

@@ -6,9 +6,9 @@ each output. A handler ties ids together through ``ctx.uf`` and calls ``ctx.prot
 channels whose positions the op bakes in. Ops missing from :data:`OP_HANDLERS` are unknown: the
 tracer protects every channel they touch and warns once.
 """
-from . import elementwise, parts, products, shape
+from . import elementwise, parts, products, shape, writes
 from .base import OP_HANDLERS, OpCall
 
-_HANDLER_MODULES = (elementwise, parts, products, shape)  # importing them fills the registry
+_HANDLER_MODULES = (elementwise, parts, products, shape, writes)  # importing them fills the registry
 
 __all__ = ["OP_HANDLERS", "OpCall"]

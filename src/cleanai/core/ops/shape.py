@@ -29,8 +29,8 @@ def _reshape_op(ctx, call: OpCall):
     copied = _copies(ctx, call, x, in_shape, out)
     if copied is not None:
         return [copied]
-    return [reshape(ctx, call.name(), x, in_shape, out, ctx.picked_dims(call.node, len(out)),
-                    call.node)]
+    picked, single = ctx.picked_dims(call.node, len(out))
+    return [reshape(ctx, call.name(), x, in_shape, out, picked, call.node, single)]
 
 
 def _copies(ctx, call: OpCall, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
@@ -69,7 +69,7 @@ def _copies(ctx, call: OpCall, x: Slots, a: Shape, b: Shape) -> Optional[Slots]:
 
 
 def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
-            node=None) -> Optional[Slots]:
+            node=None, single: bool = False) -> Optional[Slots]:
     """Follow channel ids through a reshape from shape ``a`` to shape ``b``.
 
     Merging dims repeats ids (flatten: channel c covers features ``[c*s, (c+1)*s)``); splitting
@@ -99,11 +99,9 @@ def reshape(ctx, op: str, x: Slots, a: Shape, b: Shape, picked=frozenset(),
     # every outer block read on its own, one position at a time (one per decoder layer):
     # positions, not heads, unless the module viewing it counts that many heads (attention
     # computed head by head)
-    alone = False
-    if len(varying) > 1 and node is not None:
-        single = ctx.picked_dims(node, len(b), single=True)
-        alone = bool(single) and all(j0 + d in single for d in varying[:-1]) and \
-            ctx.counts_heads(node, grid.size(varying[-2])) is False
+    alone = single and bool(picked) and len(varying) > 1 and node is not None and \
+        all(j0 + d in picked for d in varying[:-1]) and \
+        ctx.counts_heads(node, grid.size(varying[-2])) is False
     if len(varying) > 1:
         inner = varying[-1]
         if ctx.attention == "heads" and x.dim == len(a) - 1 and not norm and not alone:
